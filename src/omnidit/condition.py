@@ -1,0 +1,99 @@
+"""The conditioning that travels with a batch: text tokens, pooled vector, class labels, guidance.
+
+Every field is optional; a model uses the ones its config asks for. Batch helpers (``cat``,
+``where``, ``repeat``) exist so that CFG batching and condition dropout are one line each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Condition:
+    """Per-sample conditioning.
+
+    txt: (B, L, C) text token features; txt_mask: (B, L) bool, True for real tokens;
+    pooled: (B, P) pooled text vector; labels: (B,) int64 class ids; guidance: (B,) guidance scale
+    (for guidance-distilled models).
+    """
+
+    txt: Tensor | None = None
+    txt_mask: Tensor | None = None
+    pooled: Tensor | None = None
+    labels: Tensor | None = None
+    guidance: Tensor | None = None
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @property
+    def batch_size(self) -> int:
+        tensors = self._tensors()
+        if not tensors:
+            raise ValueError("an empty Condition has no batch size")
+        return next(iter(tensors.values())).shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
+        """Move to ``device``; floating fields (not masks or labels) also cast to ``dtype``."""
+        out = {}
+        for name, t in self._tensors().items():
+            cast = dtype if (dtype is not None and t.is_floating_point()) else None
+            out[name] = t.to(device=device, dtype=cast)
+        return replace(self, **out)
+
+    def pad_text(self, length: int) -> Condition:
+        """Right-pad txt with zeros and txt_mask with False up to ``length`` tokens."""
+        if self.txt is None or self.txt.shape[1] >= length:
+            return self
+        extra = length - self.txt.shape[1]
+        txt = torch.nn.functional.pad(self.txt, (0, 0, 0, extra))
+        mask = self.txt_mask
+        if mask is None:
+            mask = torch.ones(self.txt.shape[:2], dtype=torch.bool, device=self.txt.device)
+        mask = torch.nn.functional.pad(mask, (0, extra), value=False)
+        return replace(self, txt=txt, txt_mask=mask)
+
+    @staticmethod
+    def cat(conds: list[Condition]) -> Condition:
+        """Concatenate along the batch, padding text to the longest sequence."""
+        if any(c.txt is not None for c in conds):
+            length = max(c.txt.shape[1] for c in conds)
+            conds = [c.pad_text(length) for c in conds]
+        out = {}
+        for f in fields(Condition):
+            parts = [getattr(c, f.name) for c in conds]
+            if all(p is None for p in parts):
+                continue
+            if any(p is None for p in parts):
+                raise ValueError(f"cannot concatenate conditions where only some have '{f.name}'")
+            out[f.name] = torch.cat(parts, dim=0)
+        return Condition(**out)
+
+    def repeat(self, n: int) -> Condition:
+        """Repeat every row ``n`` times (row i becomes rows i*n .. i*n+n-1)."""
+        return Condition(**{k: t.repeat_interleave(n, dim=0) for k, t in self._tensors().items()})
+
+    def where(self, keep: Tensor, other: Condition) -> Condition:
+        """Row-wise choice: self where ``keep`` (B,) is True, else ``other`` (batch B or 1).
+
+        Used for condition dropout: ``cond.where(keep, null_cond)``.
+        """
+        batch = keep.shape[0]
+        if other.batch_size == 1 and batch != 1:
+            other = other.repeat(batch)
+        a, b = self, other
+        if a.txt is not None:
+            length = max(a.txt.shape[1], b.txt.shape[1])
+            a, b = a.pad_text(length), b.pad_text(length)
+        out = {}
+        for name, t in a._tensors().items():
+            o = getattr(b, name)
+            if o is None:
+                raise ValueError(f"the replacement condition lacks '{name}'")
+            k = keep.view(-1, *([1] * (t.dim() - 1)))
+            out[name] = torch.where(k, t, o.to(t.dtype))
+        return Condition(**out)
