@@ -37,6 +37,13 @@ class Condition:
             raise ValueError("an empty Condition has no batch size")
         return next(iter(tensors.values())).shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        tensors = self._tensors()
+        if not tensors:
+            raise ValueError("an empty Condition has no device")
+        return next(iter(tensors.values())).device
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
         """Move to ``device``; floating fields (not masks or labels) also cast to ``dtype``."""
         out = {}

@@ -1,0 +1,105 @@
+"""Datasets with one interface: ``ds[i] -> {"image": (C, H, W) in [-1, 1], "caption": str, "label": int}``.
+
+Every dataset also exposes ``num_samples`` (None = infinite), ``channels``, ``height``, ``width`` and
+``num_classes`` (0 = no classes; then ``label`` is -1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from omnidit.data.digits import DIGIT_NAMES, DigitsDataset
+from omnidit.data.imagefolder import ImageFolderDataset
+from omnidit.data.shapes import (
+    COLOURS,
+    DEFAULT_HELD_OUT,
+    RELATIONS,
+    SCENE_KINDS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    ShapesDataset,
+    parse_held_out,
+    render_scene,
+)
+from omnidit.errors import OmniditError
+
+DATASETS = ("shapes", "digits", "imagefolder")
+SPLITS = ("train", "test", "all")
+
+
+class ImageDataset(Protocol):
+    """What training and evaluation code may rely on."""
+
+    num_samples: int | None
+    channels: int
+    height: int
+    width: int
+    num_classes: int
+
+    def __getitem__(self, index: int) -> dict: ...
+
+
+def build_dataset(
+    name: str,
+    width: int,
+    height: int,
+    seed: int = 0,
+    path: str = "",
+    held_out: Sequence[str] | str = (),
+    split: str = "train",
+) -> ImageDataset:
+    """Build a dataset by name.
+
+    ``held_out`` ("red triangle", ...) is validated for every dataset but only shapes uses it;
+    ``split`` selects the digits split ("train" | "test" | "all"); ``path`` is the imagefolder root.
+    """
+    if name not in DATASETS:
+        raise OmniditError(f"unknown dataset {name!r}", hint=f"choose one of: {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise OmniditError(f"unknown split {split!r}", hint=f"choose one of: {', '.join(SPLITS)}")
+    parse_held_out(held_out)  # validate even where unused, so a typo never passes silently
+    if name == "shapes":
+        return ShapesDataset(width, height, seed=seed, held_out=held_out)
+    if name == "digits":
+        return DigitsDataset(width, height, split=split, seed=seed)
+    if not path:
+        raise OmniditError("the imagefolder dataset needs a path", hint="set data.path=/path/to/images")
+    return ImageFolderDataset(path, width, height)
+
+
+def batch_from_indices(ds: ImageDataset, indices: Iterable[int]) -> tuple[Tensor, list[str], Tensor]:
+    """Collate ``ds[i]`` for ``indices`` -> (images (B, C, H, W), captions [B], labels (B,) int64)."""
+    items = [ds[int(i)] for i in indices]
+    if not items:
+        raise ValueError("batch_from_indices needs at least one index")
+    images = torch.stack([it["image"] for it in items])
+    labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    return images, [it["caption"] for it in items], labels
+
+
+__all__ = [
+    "COLOURS",
+    "DATASETS",
+    "DEFAULT_HELD_OUT",
+    "DIGIT_NAMES",
+    "RELATIONS",
+    "SCENE_KINDS",
+    "SHAPES",
+    "SIZES",
+    "DigitsDataset",
+    "ImageDataset",
+    "ImageFolderDataset",
+    "Scene",
+    "ShapeObject",
+    "ShapesDataset",
+    "batch_from_indices",
+    "build_dataset",
+    "parse_held_out",
+    "render_scene",
+]

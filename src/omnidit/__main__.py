@@ -1,0 +1,5 @@
+import sys
+
+from omnidit.cli import main
+
+sys.exit(main())

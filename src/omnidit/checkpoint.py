@@ -1,0 +1,182 @@
+"""The checkpoint folder: ``config.json``, ``model.safetensors``, ``ema.safetensors`` and, for
+resuming, ``training_state/`` (``state.safetensors`` + ``state.json``). Nothing is ever pickled.
+
+A training run writes ``OUT_DIR/checkpoint-000500/`` folders; anywhere a model folder is expected,
+the run folder works too and means its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from omnidit import __version__
+from omnidit.config import Config, config_from_dict, read_json
+from omnidit.errors import OmniditError
+from omnidit.model.mmdit import MMDiT
+
+FORMAT = "omnidit-checkpoint/1"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def _cpu_contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_checkpoint(directory: str | Path, config: Config, model_state: dict[str, Tensor],
+                    ema_state: dict[str, Tensor] | None = None, state_tensors: dict[str, Tensor] | None = None,
+                    state_meta: dict | None = None) -> Path:
+    """Write a checkpoint folder atomically: into ``NAME.tmp`` first, then renamed into place.
+
+    A crash while writing leaves any earlier checkpoint untouched. Returns the folder.
+    """
+    final = Path(directory)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {"format": FORMAT, "omnidit_version": __version__, **config.to_dict()}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_file(_cpu_contiguous(model_state), str(tmp / "model.safetensors"))
+    if ema_state is not None:
+        save_file(_cpu_contiguous(ema_state), str(tmp / "ema.safetensors"))
+    if state_tensors is not None or state_meta is not None:
+        (tmp / "training_state").mkdir()
+        save_file(_cpu_contiguous(state_tensors or {}), str(tmp / "training_state" / "state.safetensors"))
+        (tmp / "training_state" / "state.json").write_text(json.dumps(state_meta or {}, indent=2) + "\n")
+    _fsync_tree(tmp)
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first (half-written ``.tmp`` ones are ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir()
+             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()
+             and (p / "config.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints of a run."""
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (meaning its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise OmniditError(f"model folder not found: {path}",
+                           hint="pass a folder written by 'omnidit train' (or one of its checkpoint-* folders)")
+    if (path / "config.json").is_file():
+        return path
+    checkpoints = list_checkpoints(path)
+    if checkpoints:
+        return checkpoints[-1]
+    raise OmniditError(f"{path} is not an omnidit model folder (no config.json and no checkpoint-* inside)",
+                       hint="pass a folder written by 'omnidit train'")
+
+
+def read_config(model_dir: str | Path) -> Config:
+    """The Config stored in a checkpoint folder's config.json."""
+    d = read_json(Path(model_dir) / "config.json", "checkpoint config")
+    if d.pop("format", None) != FORMAT:
+        raise OmniditError(f"{model_dir}/config.json is not an omnidit checkpoint config (format {FORMAT} expected)")
+    d.pop("omnidit_version", None)
+    return config_from_dict(d)
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Load a safetensors file with a one-line error for a missing or corrupt file."""
+    if not path.is_file():
+        raise OmniditError(f"missing checkpoint file: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise OmniditError(f"checkpoint file {path} is corrupt or not a safetensors file ({e})",
+                           hint="re-save the checkpoint or pick an earlier one") from None
+
+
+def load_state_into(model: torch.nn.Module, state: dict[str, Tensor], source: Path) -> None:
+    """Strict load with errors that name the file and the first offending key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        first = f"missing key '{missing[0]}'" if missing else f"unexpected key '{unexpected[0]}'"
+        raise OmniditError(f"{source} does not match the model in config.json: {first} "
+                           f"({len(missing)} missing, {len(unexpected)} unexpected)")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise OmniditError(f"{source}: key '{k}' has shape {tuple(v.shape)}, the model expects "
+                               f"{tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[MMDiT, Config]:
+    """Build the model from a checkpoint folder and load its (EMA, if present) weights; eval mode."""
+    directory = resolve_model_dir(path)
+    config = read_config(directory)
+    model = MMDiT(config.model)
+    file = directory / "ema.safetensors"
+    if not use_ema or not file.exists():
+        file = directory / "model.safetensors"
+    load_state_into(model, read_safetensors(file), file)
+    return model.to(device).eval().requires_grad_(False), config
+
+
+def load_training_state(directory: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """The resume state of a checkpoint folder: (tensors, JSON metadata)."""
+    state_dir = Path(directory) / "training_state"
+    tensors = read_safetensors(state_dir / "state.safetensors")
+    meta = read_json(state_dir / "state.json", "training state")
+    return tensors, meta
+
+
+def optimizer_state_to_flat(state_dict: dict) -> tuple[dict[str, Tensor], dict]:
+    """Split a torch optimizer state_dict into safetensors-able tensors and JSON-able metadata."""
+    tensors, scalars = {}, {}
+    for pid, per_param in state_dict["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{pid}.{name}"] = value
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_from_flat(tensors: dict[str, Tensor], meta: dict) -> dict:
+    """Inverse of ``optimizer_state_to_flat``."""
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for key, value in meta.get("scalars", {}).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,156 @@
+"""The ``omnidit`` command line: train | generate | info.
+
+User mistakes (missing files, bad sizes, unknown config keys, corrupt checkpoints) print one line
+``omnidit: error: ... (hint: ...)`` and exit with code 2; there is no traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from omnidit.errors import OmniditError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other user error
+        raise OmniditError(f"{self.prog}: {message}", hint=f"run '{self.prog} --help'")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'64x32' -> (width=64, height=32)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) <= 0:
+        raise OmniditError(f"malformed size '{text}'", hint="use WIDTHxHEIGHT, e.g. --size 64x32")
+    return int(parts[0]), int(parts[1])
+
+
+def _keys_epilog() -> str:
+    from omnidit.config import all_keys
+
+    return "config keys (override with section.key=value):\n  " + "\n  ".join(all_keys())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="omnidit", description="Train, sample and inspect multimodal diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model from a JSON config",
+                       description="Train a model. Checkpoints go to train.out_dir; an interrupted run resumes "
+                                   "from its latest checkpoint when started again.",
+                       epilog=_keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="JSON config file, e.g. configs/shapes.json")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+    p = sub.add_parser("generate", help="generate images from a prompt",
+                       description="Generate images; several images are tiled into one grid PNG whose text "
+                                   "metadata holds the prompt, seed and settings.")
+    p.add_argument("prompt", help='what to draw, e.g. "a red circle above a blue square" (a class-conditional '
+                                  "model takes a label such as '7')")
+    p.add_argument("--model", required=True, help="checkpoint folder or training run folder")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 disables it "
+                                                          "(default: the model's sample.cfg)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same image on any device")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels (default: the training size)")
+    p.add_argument("-n", "--num-images", type=int, default=1, help="number of images (tiled into one grid)")
+    p.add_argument("-o", "--output", default="out.png", help="output PNG path (default: out.png)")
+    p.add_argument("--sampler", default=None, help="euler or heun (default: the model's sample.sampler)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift toward noise (default: sample.shift)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("info", help="describe a checkpoint folder")
+    p.add_argument("model", help="checkpoint folder or training run folder")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from omnidit.config import load_config
+    from omnidit.train import train
+
+    config = load_config(args.config, args.overrides)
+    final = train(config, progress=not args.no_progress)
+    print(f"saved {final}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from omnidit.images import make_grid, save_png, to_pil
+    from omnidit.pipeline import load_pipeline
+
+    if not args.prompt.strip():
+        raise OmniditError("the prompt is empty", hint='pass a description, e.g. "a red circle"')
+    if args.num_images < 1:
+        raise OmniditError(f"-n must be at least 1, got {args.num_images}")
+    if args.steps is not None and args.steps < 1:
+        raise OmniditError(f"--steps must be at least 1, got {args.steps}")
+    width, height = parse_size(args.size) if args.size else (None, None)
+    if not args.output.lower().endswith(".png"):
+        raise OmniditError(f"output file must end in .png, got {args.output}")
+    pipe = load_pipeline(args.model, device=args.device, use_ema=not args.no_ema)
+    images = pipe.generate([args.prompt] * args.num_images, width=width, height=height, steps=args.steps,
+                           cfg=args.cfg, seed=args.seed, sampler=args.sampler, shift=args.shift,
+                           progress=not args.no_progress)
+    s = pipe.config.sample
+    settings = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps or s.steps,
+                "cfg": s.cfg if args.cfg is None else args.cfg, "sampler": args.sampler or s.sampler,
+                "shift": s.shift if args.shift is None else args.shift, "size": f"{images.shape[3]}x{images.shape[2]}",
+                "num_images": args.num_images, "model": str(Path(args.model).resolve()), "ema": not args.no_ema,
+                "software": "omnidit"}
+    pil = [to_pil(img) for img in images]
+    out = save_png(pil[0] if len(pil) == 1 else make_grid(pil), args.output, settings)
+    print(f"wrote {out}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import json
+
+    from omnidit.checkpoint import list_checkpoints, read_config, read_safetensors, resolve_model_dir
+
+    directory = resolve_model_dir(args.model)
+    config = read_config(directory)
+    weights = read_safetensors(directory / "model.safetensors")
+    n_params = sum(t.numel() for t in weights.values())
+    state = directory / "training_state" / "state.json"
+    step = json.loads(state.read_text()).get("step") if state.is_file() else None
+    mc = config.model
+    lines = [
+        f"checkpoint    {directory}",
+        f"parameters    {n_params:,} ({n_params / 1e6:.2f}M)",
+        f"step          {step if step is not None else 'unknown'}",
+        f"ema weights   {'yes' if (directory / 'ema.safetensors').is_file() else 'no'}",
+        f"architecture  width {mc.hidden_size}, {mc.num_heads} heads, {mc.depth} double + {mc.depth_single} single "
+        f"blocks, patch {mc.patch_size}, {mc.in_channels} channels",
+        f"conditioning  text={config.text.encoder} (context {mc.context_dim}, pooled {mc.pooled_dim}), "
+        f"classes={mc.num_classes}, guidance_embed={mc.guidance_embed}",
+        f"data          {config.data.name} {config.data.width}x{config.data.height}",
+        f"sampling      {config.sample.sampler}, {config.sample.steps} steps, cfg {config.sample.cfg}, "
+        f"shift {config.sample.shift}",
+    ]
+    others = list_checkpoints(directory.parent)
+    if len(others) > 1:
+        lines.append(f"run           {len(others)} checkpoints in {directory.parent}")
+    print("\n".join(lines))
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+    except OmniditError as e:
+        print(f"omnidit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("omnidit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Typed configuration: nested dataclasses, JSON files, presets and dotted overrides.
+
+A config file is JSON with the sections below; ``model`` may name a ``preset`` whose values the
+other model keys override. Unknown keys anywhere are an error that names the closest valid key
+(no silent typos), and values are checked against the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omnidit.errors import OmniditError
+from omnidit.model.mmdit import PRESETS, MMDiTConfig
+
+DEFAULT_HELD_OUT = ["red triangle", "blue circle", "green square", "yellow diamond"]
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"  # shapes | digits | imagefolder
+    width: int = 32
+    height: int = 32
+    path: str = ""  # imagefolder root
+    seed: int = 0
+    held_out: list[str] = field(default_factory=lambda: list(DEFAULT_HELD_OUT))  # "colour shape" never rendered
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "minilm"  # "minilm" (packaged), a local Hugging Face encoder folder, or "none"
+    max_length: int = 32
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/shapes"
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1  # probability of training a row unconditionally (for CFG)
+    timesteps: str = "logit_normal"  # uniform | logit_normal
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    t_shift: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    log_every: int = 25
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    resume: bool = True  # continue from out_dir's latest checkpoint when there is one
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 30
+    cfg: float = 4.0
+    sampler: str = "euler"  # euler | heun
+    shift: float = 1.0
+
+
+@dataclass
+class Config:
+    model: MMDiTConfig = field(default_factory=MMDiTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return {s.name: _section_dict(getattr(self, s.name)) for s in dataclasses.fields(self)}
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in dataclasses.fields(Config)}
+
+
+def _section_dict(obj: Any) -> dict:
+    return obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. 'train.lr' (plus 'model.preset')."""
+    keys = ["model.preset"]
+    for name, cls in SECTIONS.items():
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _unknown_key(key: str) -> OmniditError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'?" if close else "run 'omnidit train --help' for the list of keys"
+    return OmniditError(f"unknown config key '{key}'", hint=hint)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation, converting the harmless cases (int -> float...)."""
+    origin = typing.get_origin(annotation)
+    bad = OmniditError(f"config key '{key}' expects {getattr(annotation, '__name__', annotation)}, got {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin in (list, tuple):
+        item = typing.get_args(annotation)[0]
+        if isinstance(value, str):  # "a,b" on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        items = [_coerce(key, v, item) for v in value]
+        return tuple(items) if origin is tuple else items
+    return value
+
+
+def _build_section(name: str, values: dict) -> Any:
+    cls = SECTIONS[name]
+    values = dict(values)
+    base: dict = {}
+    if name == "model" and "preset" in values:
+        preset = values.pop("preset")
+        if preset not in PRESETS:
+            raise OmniditError(f"unknown model preset '{preset}'", hint=f"choose one of {', '.join(PRESETS)}")
+        base = PRESETS[preset].to_dict()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(f"{name}.{key}")
+        base[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**base)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Build a validated Config from nested dicts (a JSON file's content)."""
+    if not isinstance(d, dict):
+        raise OmniditError("a config must be a JSON object with sections " + ", ".join(SECTIONS))
+    for name, values in d.items():
+        if name not in SECTIONS:
+            raise _unknown_key(name)
+        if not isinstance(values, dict):
+            raise OmniditError(f"config section '{name}' must be an object, got {values!r}")
+    return Config(**{name: _build_section(name, d.get(name, {})) for name in SECTIONS})
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-4' -> ('train.lr', 0.0001); values are JSON when they parse, else strings."""
+    if "=" not in text:
+        raise OmniditError(f"override '{text}' is not of the form section.key=value", hint="e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise _unknown_key(key)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Return a copy of the nested dict ``d`` with dotted overrides applied (not yet validated)."""
+    d = json.loads(json.dumps(d))
+    for text in overrides:
+        key, value = parse_override(text)
+        section, name = key.split(".")
+        if section not in SECTIONS:
+            raise _unknown_key(key)
+        d.setdefault(section, {})[name] = value
+    return d
+
+
+def read_json(path: str | Path, what: str = "config") -> dict:
+    """Read a JSON file with one-line errors for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise OmniditError(f"{what} file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OmniditError(f"{what} file {path} is not valid JSON: {e}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a JSON config file and apply ``section.key=value`` overrides."""
+    return config_from_dict(apply_overrides(read_json(path), list(overrides)))

@@ -1,0 +1,321 @@
+"""Procedural captioned shapes: the project's main toy text-to-image domain.
+
+Each scene is a few flat-coloured shapes on a white canvas with a caption that names exactly what is
+drawn ("a red circle to the left of a green triangle"). Scenes are deterministic in (seed, index) and
+cost O(1) to produce, so the dataset is infinite. Layout is stored in normalised [0, 1] box
+coordinates, so a scene renders at any resolution; the renderer draws each shape as a square of side
+min(box width, box height) in pixels, centred in its box, so shapes never distort.
+
+Renders are crisp (no anti-aliasing) so that an exact detector can recover every object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from omnidit.errors import OmniditError
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+# Saturated, pairwise far-apart colours (min RGB distance ~90), none close to the white background.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 25),
+    "orange": (250, 135, 0),
+    "yellow": (245, 225, 0),
+    "green": (20, 165, 40),
+    "cyan": (0, 205, 225),
+    "blue": (30, 60, 230),
+    "purple": (135, 35, 190),
+    "pink": (250, 120, 200),
+}
+BACKGROUND = (255, 255, 255)
+SIZES = ("small", "large")
+RELATIONS = ("left of", "right of", "above", "below")
+SCENE_KINDS: dict[str, float] = {"single": 0.25, "count": 0.25, "pair": 0.2, "relation": 0.3}
+DEFAULT_HELD_OUT = ("red triangle", "blue circle", "green square", "yellow diamond")
+
+# Object side as a fraction of min(H, W): at 32 px small is 8-9 px and large 14-16 px, so a size
+# classifier can threshold at ~0.36 with a wide gap on both sides.
+SIZE_RANGE = {"small": (0.25, 0.28), "large": (0.44, 0.50)}
+BORDER = 0.03  # gap to the canvas edge, fraction of min(H, W)
+GAP = 0.06  # gap between any two object boxes, fraction of min(H, W)
+# In a relation scene the off-axis centre offset is at most this fraction of the on-axis offset,
+# so "left of" is never also arguably "above".
+OFF_AXIS_RATIO = 0.5
+SIZE_MENTION_P = 0.3
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+_RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above",
+                     "below": "below"}
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One shape; box = (x0, y0, x1, y1) in normalised [0, 1] canvas coordinates (y grows down)."""
+
+    shape: str
+    colour: str
+    size: str
+    box: tuple[float, float, float, float]
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return ((x0 + x1) / 2, (y0 + y1) / 2)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A captioned scene. For kind "relation", ``objects[0] <relation> objects[1]`` holds."""
+
+    objects: tuple[ShapeObject, ...]
+    caption: str
+    kind: str
+    relation: str | None = None
+
+
+def parse_held_out(items: Sequence[str] | str) -> frozenset[tuple[str, str]]:
+    """Parse strings like "red triangle" into (colour, shape) pairs; a single str may list several
+    separated by commas ("red triangle,blue circle")."""
+    if isinstance(items, str):
+        items = [s for s in items.split(",") if s.strip()]
+    pairs = set()
+    for item in items:
+        words = str(item).lower().split()
+        if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
+            raise OmniditError(
+                f"bad held-out pair {item!r}: expected 'colour shape'",
+                hint=f"colours: {', '.join(COLOURS)}; shapes: {', '.join(SHAPES)}; e.g. 'red triangle'",
+            )
+        pairs.add((words[0], words[1]))
+    return frozenset(pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout (pixel-space floats, converted to normalised boxes at the end)
+
+
+def _sides(rng: np.random.Generator, sizes: Sequence[str], unit: float) -> list[float]:
+    return [float(rng.uniform(*SIZE_RANGE[s])) * unit for s in sizes]
+
+
+def _separated(a: tuple[float, ...], b: tuple[float, ...], gap: float) -> bool:
+    """True when boxes a and b (x0, y0, x1, y1) are at least ``gap`` apart along x or y."""
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
+def _scatter(rng: np.random.Generator, sides: list[float], w: int, h: int) -> list[tuple] | None:
+    """Rejection-sample non-overlapping square boxes; None if this attempt got stuck."""
+    unit = min(w, h)
+    border, gap = BORDER * unit, GAP * unit
+    boxes: list[tuple] = []
+    for side in sides:
+        for _ in range(50):
+            x0 = rng.uniform(border, w - border - side)
+            y0 = rng.uniform(border, h - border - side)
+            box = (x0, y0, x0 + side, y0 + side)
+            if all(_separated(box, b, gap) for b in boxes):
+                boxes.append(box)
+                break
+        else:
+            return None
+    return boxes
+
+
+def _relation_layout(rng: np.random.Generator, sides: list[float], relation: str, w: int, h: int) -> list:
+    """Place two boxes so that box 0 <relation> box 1 holds with a clear margin.
+
+    Samples the main axis directly (first box's start, then the second's start after it) and the
+    off axis within OFF_AXIS_RATIO of the main-axis centre offset, so no rejection is needed.
+    """
+    unit = min(w, h)
+    border, gap = BORDER * unit, GAP * unit
+    horizontal = relation in ("left of", "right of")
+    # "low" is the object with the smaller coordinate on the main axis (left, or higher up).
+    low_first = relation in ("left of", "above")
+    s_low, s_high = (sides[0], sides[1]) if low_first else (sides[1], sides[0])
+    extent, other = (w, h) if horizontal else (h, w)
+    lo0 = rng.uniform(border, extent - border - s_low - gap - s_high)
+    hi0 = rng.uniform(lo0 + s_low + gap, extent - border - s_high)
+    offset = (hi0 + s_high / 2) - (lo0 + s_low / 2)
+    # Off axis: centre of "low" uniform, centre of "high" uniform in the allowed window around it.
+    c_low = rng.uniform(border + s_low / 2, other - border - s_low / 2)
+    lo_c = max(border + s_high / 2, c_low - OFF_AXIS_RATIO * offset)
+    hi_c = min(other - border - s_high / 2, c_low + OFF_AXIS_RATIO * offset)
+    c_high = rng.uniform(lo_c, hi_c) if hi_c > lo_c else (lo_c + hi_c) / 2
+    boxes = []
+    for start, centre, side in ((lo0, c_low, s_low), (hi0, c_high, s_high)):
+        a0, b0 = start, centre - side / 2
+        boxes.append((a0, b0, a0 + side, b0 + side) if horizontal else (b0, a0, b0 + side, a0 + side))
+    return boxes if low_first else boxes[::-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _plural(word: str) -> str:
+    return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def _phrase(obj: ShapeObject, with_size: bool) -> str:
+    words = f"{obj.size} {obj.colour} {obj.shape}" if with_size else f"{obj.colour} {obj.shape}"
+    return f"{_article(words)} {words}"
+
+
+def _caption(rng: np.random.Generator, kind: str, objects: list[ShapeObject], relation: str | None) -> str:
+    with_size = bool(rng.random() < SIZE_MENTION_P)
+    first = objects[0]
+    if kind == "single":
+        if rng.random() < 0.2:  # "one red circle" as an alternative to the article
+            return "one " + _phrase(first, with_size).split(" ", 1)[1]
+        return _phrase(first, with_size)
+    if kind == "count":
+        adj = f"{first.size} {first.colour}" if with_size else first.colour
+        return f"{COUNT_WORDS[len(objects)]} {adj} {_plural(first.shape)}"
+    a, b = _phrase(objects[0], with_size), _phrase(objects[1], with_size)
+    if kind == "pair":
+        return f"{a} and {b}"
+    return f"{a} {_RELATION_PHRASES[relation]} {b}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Scene sampling
+
+
+def make_scene(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    allowed: Sequence[tuple[str, str]],
+    kinds: Mapping[str, float] = SCENE_KINDS,
+) -> Scene:
+    """Sample one scene for a ``width`` x ``height`` canvas from (colour, shape) pairs ``allowed``."""
+    names = list(kinds)
+    p = np.array([kinds[k] for k in names], dtype=np.float64)
+    kind = names[int(rng.choice(len(names), p=p / p.sum()))]
+    unit = min(width, height)
+    relation = None
+    while True:  # retry with fresh draws from the same rng: deterministic, and rarely loops
+        if kind == "single":
+            pairs = [allowed[rng.integers(len(allowed))]]
+            sizes = [SIZES[rng.integers(2)]]
+        elif kind == "count":
+            n = int(rng.integers(2, 5))
+            pairs = [allowed[rng.integers(len(allowed))]] * n
+            sizes = ["small"] * n  # two large objects do not fit side by side at 32 px
+        else:
+            i, j = rng.choice(len(allowed), size=2, replace=False)
+            pairs = [allowed[i], allowed[j]]
+            # At most one large object so the pair always fits with room to move.
+            sizes = [("small", "small"), ("small", "large"), ("large", "small")][rng.integers(3)]
+        sides = _sides(rng, sizes, unit)
+        if kind == "relation":
+            relation = RELATIONS[rng.integers(len(RELATIONS))]
+            boxes = _relation_layout(rng, sides, relation, width, height)
+        else:
+            boxes = _scatter(rng, sides, width, height)
+        if boxes is not None:
+            break
+    scale = (width, height, width, height)
+    objects = [
+        ShapeObject(shape=s, colour=c, size=z, box=tuple(float(v) / k for v, k in zip(b, scale, strict=True)))
+        for (c, s), z, b in zip(pairs, sizes, boxes, strict=True)
+    ]
+    return Scene(tuple(objects), _caption(rng, kind, objects, relation), kind, relation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Boolean mask from pixel-centre offsets (dx, dy) to the shape centre; r = half the side."""
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= r
+    if shape == "triangle":  # apex up at dy = -r, base at dy = +r; half-width grows linearly
+        return (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render_scene(scene: Scene, width: int, height: int) -> np.ndarray:
+    """Render ``scene`` to a uint8 array (height, width, 3) on a white background."""
+    img = np.empty((height, width, 3), dtype=np.uint8)
+    img[:] = BACKGROUND
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box[0] * width, obj.box[1] * height, obj.box[2] * width, obj.box[3] * height
+        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, min(x1 - x0, y1 - y0) / 2
+        # Only the pixels whose centres can fall inside the box.
+        i0, i1 = max(int(np.floor(cy - r)), 0), min(int(np.ceil(cy + r)) + 1, height)
+        j0, j1 = max(int(np.floor(cx - r)), 0), min(int(np.ceil(cx + r)) + 1, width)
+        dy = (np.arange(i0, i1) + 0.5 - cy)[:, None]
+        dx = (np.arange(j0, j1) + 0.5 - cx)[None, :]
+        mask = _shape_mask(obj.shape, dx, dy, r)
+        img[i0:i1, j0:j1][mask] = COLOURS[obj.colour]
+    return img
+
+
+def to_tensor(img: np.ndarray) -> Tensor:
+    """uint8 (H, W, C) -> float32 (C, H, W) in [-1, 1]."""
+    return torch.from_numpy(img).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class ShapesDataset(Dataset):
+    """Infinite captioned shapes: ``ds[i]`` -> {"image": (3, H, W) in [-1, 1], "caption", "label": -1}.
+
+    Scene ``i`` depends only on (seed, i). Held-out (colour, shape) pairs are never drawn.
+    """
+
+    channels = 3
+    num_classes = 0
+    num_samples = None
+
+    def __init__(
+        self,
+        width: int = 32,
+        height: int = 32,
+        seed: int = 0,
+        held_out: Sequence[str] | str = DEFAULT_HELD_OUT,
+        kinds: Mapping[str, float] | None = None,
+    ) -> None:
+        if int(width) < 8 or int(height) < 8:  # below ~24 px shapes are barely recognisable
+            raise OmniditError(f"shapes images must be at least 8x8, got {width}x{height}",
+                               hint="use width=32 height=32 or larger")
+        if int(seed) < 0:
+            raise OmniditError(f"seed must be >= 0, got {seed}")
+        kinds = dict(SCENE_KINDS if kinds is None else kinds)
+        bad = [k for k in kinds if k not in SCENE_KINDS]
+        if bad or not kinds or any(v < 0 for v in kinds.values()) or sum(kinds.values()) <= 0:
+            raise OmniditError(f"bad scene kinds {kinds}",
+                               hint=f"non-negative weights over {', '.join(SCENE_KINDS)}")
+        self.width, self.height, self.seed = int(width), int(height), int(seed)
+        self.held_out = parse_held_out(held_out)
+        self.allowed = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in self.held_out]
+        if len(self.allowed) < 2:
+            raise OmniditError("held_out leaves fewer than two (colour, shape) pairs to draw",
+                               hint="hold out fewer pairs")
+        self.kinds = kinds
+
+    def scene(self, index: int) -> Scene:
+        """The scene at ``index`` (any non-negative int)."""
+        if index < 0:
+            raise IndexError(f"shapes index must be >= 0, got {index}")
+        rng = np.random.default_rng([self.seed, int(index)])
+        return make_scene(rng, self.width, self.height, self.allowed, self.kinds)
+
+    def __getitem__(self, index: int) -> dict:
+        scene = self.scene(index)
+        image = to_tensor(render_scene(scene, self.width, self.height))  # (3, H, W)
+        return {"image": image, "caption": scene.caption, "label": -1}

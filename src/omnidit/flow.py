@@ -1,0 +1,87 @@
+"""Rectified flow: the training objective and its timestep distributions.
+
+Convention used everywhere in omnidit: t = 1 is pure noise, t = 0 is data,
+x_t = (1 - t) * x0 + t * eps, and the network predicts the velocity v = eps - x0 (so that
+dx/dt = v and integrating from t = 1 down to t = 0 turns noise into data).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from omnidit.condition import Condition
+from omnidit.errors import OmniditError
+
+VelocityModel = Callable[[Tensor, Tensor, Condition], Tensor]  # (x_t, t, cond) -> v
+
+
+def uniform_timesteps(n: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> Tensor:
+    """t ~ U(0, 1): (n,)."""
+    return torch.rand(n, generator=generator, device=device)
+
+
+def logit_normal_timesteps(n: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None,
+                           device: str | torch.device = "cpu") -> Tensor:
+    """t = sigmoid(u), u ~ N(mean, std^2) (SD3's default for rectified flow): (n,)."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+
+
+def shift_timesteps(t: Tensor, shift: float) -> Tensor:
+    """Move time toward noise by ``shift`` = alpha: t' = alpha t / (1 + (alpha - 1) t) (SD3 eq. 23)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def resolution_shift(num_tokens: int, base_tokens: int) -> float:
+    """SD3's resolution-dependent shift alpha = sqrt(tokens / base_tokens)."""
+    return math.sqrt(num_tokens / base_tokens)
+
+
+def sample_timesteps(n: int, distribution: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
+                     shift: float = 1.0, generator: torch.Generator | None = None,
+                     device: str | torch.device = "cpu") -> Tensor:
+    """Training times: ``distribution`` in {"uniform", "logit_normal"}, then shifted. (n,)."""
+    if distribution == "uniform":
+        t = uniform_timesteps(n, generator, device)
+    elif distribution == "logit_normal":
+        t = logit_normal_timesteps(n, mean, std, generator, device)
+    else:
+        raise OmniditError(f"unknown timestep distribution '{distribution}'", hint="use 'uniform' or 'logit_normal'")
+    return shift_timesteps(t, shift) if shift != 1.0 else t
+
+
+def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) x0 + t eps; t: (B,) broadcast over the other dims of x0."""
+    t = t.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - t) * x0 + t * noise
+
+
+def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
+    """d x_t / dt = eps - x0."""
+    return noise - x0
+
+
+def drop_condition(cond: Condition, null_cond: Condition, p: float, generator: torch.Generator | None = None
+                   ) -> Condition:
+    """Replace each row of ``cond`` by ``null_cond`` with probability ``p`` (for classifier-free guidance).
+
+    null_cond: batch 1 (or B), e.g. the empty prompt's embedding or the null class label.
+    """
+    if p <= 0:
+        return cond
+    keep = torch.rand(cond.batch_size, generator=generator) >= p
+    return cond.where(keep.to(cond.device), null_cond.to(cond.device))
+
+
+def training_loss(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, noise: Tensor) -> Tensor:
+    """Mean squared error between the predicted and the true velocity.
+
+    x0: (B, ...) clean data (tokens or pixels); t: (B,) times; noise: like x0. Randomness is
+    drawn by the caller so that it can be seeded and resumed exactly.
+    """
+    x_t = interpolate(x0, noise, t)
+    v = model(x_t, t, cond)
+    return (v.float() - velocity_target(x0, noise).float()).pow(2).mean()

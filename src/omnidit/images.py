@@ -1,0 +1,48 @@
+"""Tensor <-> PIL conversion, image grids, and PNGs that carry their generation settings."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torch import Tensor
+
+from omnidit.errors import OmniditError
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """(C, H, W) in [-1, 1] with C = 1 or 3 -> PIL image (L or RGB)."""
+    array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = array.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0], "L") if array.shape[-1] == 1 else Image.fromarray(array, "RGB")
+
+
+def make_grid(images: list[Image.Image], columns: int | None = None, padding: int = 2,
+              background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Tile same-sized images into one RGB image, ``columns`` per row (default: near-square)."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w + (columns + 1) * padding, rows * h + (rows + 1) * padding), background)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        grid.paste(img.convert("RGB"), (padding + c * (w + padding), padding + r * (h + padding)))
+    return grid
+
+
+def save_png(image: Image.Image, path: str | Path, metadata: dict[str, object]) -> Path:
+    """Save a PNG whose text chunks hold ``metadata`` (prompt, seed, settings) for reproduction."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise OmniditError(f"output file must end in .png, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(str(key), str(value))
+    image.save(path, pnginfo=info)
+    return path

@@ -1,0 +1,87 @@
+"""Building blocks of the MM-DiT: modulation, norms, MLPs and the output layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation with a learnable per-channel scale, computed in float32. x: (..., D)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.scale.float()).type_as(x)
+
+
+def layer_norm(dim: int) -> nn.LayerNorm:
+    """The affine-free LayerNorm that adaLN modulates (eps as in DiT/SD3/Flux)."""
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+class Modulation(nn.Module):
+    """adaLN: the conditioning vector -> ``chunks`` vectors of size D (shift, scale, gate, ...).
+
+    vec: (B, D) -> tuple of ``chunks`` tensors (B, 1, D). Zero-initialised by the model so that
+    every block starts as the identity (adaLN-Zero).
+    """
+
+    def __init__(self, dim: int, chunks: int) -> None:
+        super().__init__()
+        self.chunks = chunks
+        self.lin = nn.Linear(dim, chunks * dim)
+
+    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
+        return self.lin(nn.functional.silu(vec))[:, None, :].chunk(self.chunks, dim=-1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """x: (B, N, D); shift, scale: (B, 1, D)."""
+    return x * (1 + scale) + shift
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear, used for the timestep, pooled-text and guidance embeddings."""
+
+    def __init__(self, in_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(nn.functional.silu(self.in_layer(x)))
+
+
+class MLP(nn.Module):
+    """The transformer feed-forward: Linear -> GELU(tanh) -> Linear. x: (B, N, D)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(x), approximate="tanh"))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm then a projection to the token's output features.
+
+    x: (B, N, D), vec: (B, D) -> (B, N, out_dim). Zero-initialised so the model outputs 0 at init.
+    """
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = layer_norm(dim)
+        self.mod = Modulation(dim, 2)
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.mod(vec)
+        return self.linear(modulate(self.norm(x), shift, scale))

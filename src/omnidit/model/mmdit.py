@@ -1,0 +1,310 @@
+"""The multimodal diffusion transformer: SD3-style double-stream blocks, Flux-style single blocks.
+
+The network sees token sequences and integer position ids only; patchify/unpatchify and the ids
+live in ``omnidit.tokens``. Streams: ``img`` (the tokens being denoised) and, when the config has
+a text context, ``txt``. Parameter names follow Flux's layout (img_in, time_in, vector_in,
+guidance_in, txt_in, double_blocks, single_blocks, final_layer) so key maps to SD3 / Flux / DiT
+checkpoints stay one-to-one renames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from omnidit.condition import Condition
+from omnidit.errors import OmniditError
+from omnidit.model.layers import MLP, FinalLayer, MLPEmbedder, Modulation, RMSNorm, layer_norm, modulate
+from omnidit.model.math import attention, rope_cos_sin, sincos_position_embedding, timestep_embedding
+
+TIME_EMBED_DIM = 256  # sinusoidal frequency channels fed to the timestep / guidance MLPs
+
+
+@dataclass
+class MMDiTConfig:
+    """Architecture of an MMDiT. Validated on construction.
+
+    in_channels / patch_size describe the image tokens (token features = in_channels * patch**2);
+    context_dim = 0 means no text stream, pooled_dim = 0 no pooled vector, num_classes = 0 no
+    class labels. axes_dim gives the rotary dims per position axis and must sum to the head dim.
+    """
+
+    in_channels: int = 3
+    patch_size: int = 2
+    hidden_size: int = 128
+    num_heads: int = 4
+    depth: int = 2  # double-stream (joint attention) blocks
+    depth_single: int = 2  # single-stream parallel blocks after them
+    mlp_ratio: float = 4.0
+    context_dim: int = 384
+    pooled_dim: int = 384
+    num_classes: int = 0
+    guidance_embed: bool = False
+    axes_dim: tuple[int, ...] = (8, 12, 12)
+    rope_theta: float = 10000.0
+    abs_pos_embed: bool = False
+    qk_norm: bool = True
+    qkv_bias: bool = True
+
+    def __post_init__(self) -> None:
+        self.axes_dim = tuple(int(a) for a in self.axes_dim)
+        checks = [
+            (self.hidden_size > 0 and self.num_heads > 0, "hidden_size and num_heads must be positive"),
+            (self.hidden_size % max(self.num_heads, 1) == 0,
+             f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"),
+            (self.depth >= 1, "depth (double-stream blocks) must be at least 1"),
+            (self.depth_single >= 0, "depth_single must be >= 0"),
+            (self.in_channels > 0 and self.patch_size > 0, "in_channels and patch_size must be positive"),
+            (all(a > 0 and a % 2 == 0 for a in self.axes_dim), f"axes_dim {self.axes_dim} must be positive and even"),
+            (self.context_dim >= 0 and self.pooled_dim >= 0 and self.num_classes >= 0,
+             "context_dim, pooled_dim and num_classes must be >= 0"),
+            (self.mlp_ratio > 0, "mlp_ratio must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise OmniditError(f"invalid model config: {message}")
+        if sum(self.axes_dim) != self.head_dim:
+            raise OmniditError(
+                f"invalid model config: axes_dim {self.axes_dim} sums to {sum(self.axes_dim)}, "
+                f"but the head dim is {self.head_dim} (hidden_size / num_heads)",
+                hint="make the rotary axes add up to hidden_size // num_heads",
+            )
+        if self.abs_pos_embed and self.hidden_size % (2 * len(self.axes_dim)):
+            raise OmniditError(
+                f"invalid model config: abs_pos_embed needs hidden_size divisible by {2 * len(self.axes_dim)}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def token_dim(self) -> int:
+        """Features per image token (and per output token): in_channels * patch_size**2."""
+        return self.in_channels * self.patch_size**2
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["axes_dim"] = list(self.axes_dim)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MMDiTConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise OmniditError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def _preset(hidden: int, heads: int, depth: int, single: int, axes: tuple[int, ...]) -> MMDiTConfig:
+    return MMDiTConfig(hidden_size=hidden, num_heads=heads, depth=depth, depth_single=single, axes_dim=axes)
+
+
+# Size presets. S/B/L/XL follow DiT's widths and depths (XL: 1152 wide, 28 blocks, 16 heads of 72).
+PRESETS: dict[str, MMDiTConfig] = {
+    "tiny": _preset(128, 4, 2, 2, (8, 12, 12)),
+    "S": _preset(384, 6, 12, 0, (16, 24, 24)),
+    "B": _preset(768, 12, 12, 0, (16, 24, 24)),
+    "L": _preset(1024, 16, 24, 0, (16, 24, 24)),
+    "XL": _preset(1152, 16, 28, 0, (8, 32, 32)),
+}
+
+
+class StreamBranch(nn.Module):
+    """One stream's weights inside a joint-attention block (SD3: x_block / context_block).
+
+    ``pre_only``: the stream only contributes keys and values (its output is never read), as
+    SD3's last block does for text; it then has no output projection or MLP.
+    """
+
+    def __init__(self, cfg: MMDiTConfig, pre_only: bool = False) -> None:
+        super().__init__()
+        dim = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.pre_only = pre_only
+        self.mod = Modulation(dim, 2 if pre_only else 6)
+        self.norm1 = layer_norm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
+        self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        if not pre_only:
+            self.proj = nn.Linear(dim, dim)
+            self.norm2 = layer_norm(dim)
+            self.mlp = MLP(dim, cfg.mlp_hidden)
+
+    def qkv_heads(self, x: Tensor, mods: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, N, D) -> q, k, v each (B, H, N, D / H), q and k normalised."""
+        q, k, v = self.qkv(modulate(self.norm1(x), mods[0], mods[1])).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+        return self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+
+    def finish(self, x: Tensor, attn: Tensor, mods: tuple[Tensor, ...]) -> Tensor | None:
+        """Add the attention branch and then the MLP branch to the residual. attn: (B, N, D)."""
+        if self.pre_only:
+            return None
+        _, _, gate1, shift2, scale2, gate2 = mods
+        x = x + gate1 * self.proj(attn)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DoubleStreamBlock(nn.Module):
+    """Joint attention over all streams, each stream with its own modulation, QKV, norms and MLP.
+
+    streams: list of (B, N_i, D) in the order of ``names``; attention runs once over their
+    concatenation; both the attention and the MLP branch add to each stream's residual.
+    """
+
+    def __init__(self, cfg: MMDiTConfig, names: tuple[str, ...], pre_only: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.names = names
+        self.streams = nn.ModuleDict({n: StreamBranch(cfg, pre_only=n in pre_only) for n in names})
+
+    def forward(self, streams: list[Tensor], vec: Tensor, pe: tuple[Tensor, Tensor] | None,
+                mask: Tensor | None) -> list[Tensor | None]:
+        branches = [self.streams[n] for n in self.names]
+        mods = [b.mod(vec) for b in branches]
+        qkv = [b.qkv_heads(x, m) for b, x, m in zip(branches, streams, mods)]
+        q, k, v = (torch.cat([t[i] for t in qkv], dim=2) for i in range(3))  # (B, H, sum N_i, Dh)
+        attn = attention(q, k, v, pe, mask).split([x.shape[1] for x in streams], dim=1)
+        return [b.finish(x, a, m) for b, x, a, m in zip(branches, streams, attn, mods)]
+
+
+class SingleStreamBlock(nn.Module):
+    """Flux's parallel block: one modulated norm feeds attention and MLP in a single matmul.
+
+    x: (B, N, D) joint sequence of all streams.
+    """
+
+    def __init__(self, cfg: MMDiTConfig) -> None:
+        super().__init__()
+        dim, self.num_heads, self.mlp_hidden = cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden
+        self.mod = Modulation(dim, 3)
+        self.pre_norm = layer_norm(dim)
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor] | None, mask: Tensor | None) -> Tensor:
+        shift, scale, gate = self.mod(vec)
+        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
+            [3 * x.shape[-1], self.mlp_hidden], dim=-1)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+        q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+        attn = attention(q, k, v, pe, mask)
+        out = self.linear2(torch.cat([attn, nn.functional.gelu(mlp, approximate="tanh")], dim=-1))
+        return x + gate * out
+
+
+class MMDiT(nn.Module):
+    """Velocity network: ``model(x, x_ids, t, cond) -> v``.
+
+    x: (B, N, token_dim) image tokens; x_ids: (B or 1, N, A) integer positions; t: (B,) or scalar
+    time in [0, 1] (1 = noise); cond: text tokens / mask / pooled / labels / guidance as the config
+    needs. Returns (B, N, token_dim).
+    """
+
+    def __init__(self, cfg: MMDiTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        dim = cfg.hidden_size
+        self.has_text = cfg.context_dim > 0
+        names = ("img", "txt") if self.has_text else ("img",)
+        self.img_in = nn.Linear(cfg.token_dim, dim)
+        self.time_in = MLPEmbedder(TIME_EMBED_DIM, dim)
+        self.vector_in = MLPEmbedder(cfg.pooled_dim, dim) if cfg.pooled_dim else None
+        self.label_in = nn.Embedding(cfg.num_classes + 1, dim) if cfg.num_classes else None  # +1: null class
+        self.guidance_in = MLPEmbedder(TIME_EMBED_DIM, dim) if cfg.guidance_embed else None
+        self.txt_in = nn.Linear(cfg.context_dim, dim) if self.has_text else None
+        # With no single blocks after it, the last double block's text output is never read.
+        last_pre_only = ("txt",) if cfg.depth_single == 0 else ()
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(cfg, names, last_pre_only if i == cfg.depth - 1 else ()) for i in range(cfg.depth)
+        )
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
+        self.final_layer = FinalLayer(dim, cfg.token_dim)
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    @property
+    def null_label(self) -> int:
+        """The class id used for the unconditional branch of classifier-free guidance."""
+        return self.config.num_classes
+
+    def initialize_weights(self) -> None:
+        """Xavier linears, N(0, 0.02) embedders, and adaLN-Zero: modulations and output zeroed."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for emb in (self.time_in, self.vector_in, self.guidance_in):
+            if emb is not None:
+                nn.init.normal_(emb.in_layer.weight, std=0.02)
+                nn.init.normal_(emb.out_layer.weight, std=0.02)
+        if self.label_in is not None:
+            nn.init.normal_(self.label_in.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, Modulation):
+                nn.init.zeros_(m.lin.weight)
+                nn.init.zeros_(m.lin.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def conditioning_vector(self, t: Tensor, cond: Condition) -> Tensor:
+        """Timestep embedding (+ pooled text, + class label, + guidance). t: (B,) -> (B, D)."""
+        vec = self.time_in(timestep_embedding(t, TIME_EMBED_DIM).to(self.img_in.weight.dtype))
+        if self.vector_in is not None:
+            vec = vec + self.vector_in(_required(cond.pooled, "pooled", "a pooled text vector"))
+        if self.label_in is not None:
+            vec = vec + self.label_in(_required(cond.labels, "labels", "class labels"))
+        if self.guidance_in is not None:
+            g = _required(cond.guidance, "guidance", "a guidance scale")
+            vec = vec + self.guidance_in(timestep_embedding(g, TIME_EMBED_DIM).to(vec.dtype))
+        return vec
+
+    def forward(self, x: Tensor, x_ids: Tensor, t: Tensor, cond: Condition) -> Tensor:
+        batch, n_img = x.shape[:2]
+        t = t.expand(batch) if t.dim() == 0 else t
+        vec = self.conditioning_vector(t, cond)  # (B, D)
+        img = self.img_in(x)  # (B, N, D)
+        x_ids = x_ids.expand(batch, -1, -1)
+        if self.config.abs_pos_embed:
+            img = img + sincos_position_embedding(x_ids, img.shape[-1]).to(img.dtype)
+        streams, ids, mask = [img], [x_ids], None
+        if self.has_text:
+            txt = self.txt_in(_required(cond.txt, "txt", "text tokens"))  # (B, L, D)
+            streams.append(txt)
+            # Text tokens share position 0 on every axis: the text encoder already ordered them.
+            ids.append(torch.zeros(batch, txt.shape[1], x_ids.shape[-1], dtype=x_ids.dtype, device=x_ids.device))
+            if cond.txt_mask is not None:
+                mask = torch.cat([torch.ones(batch, n_img, dtype=torch.bool, device=x.device), cond.txt_mask], 1)
+        pe = rope_cos_sin(torch.cat(ids, dim=1), self.config.axes_dim, self.config.rope_theta)
+        for block in self.double_blocks:
+            streams = self._run(block, streams, vec, pe, mask)
+        if self.single_blocks:
+            joint = torch.cat(streams, dim=1)  # (B, N + L, D)
+            for block in self.single_blocks:
+                joint = self._run(block, joint, vec, pe, mask)
+            img = joint[:, :n_img]
+        else:
+            img = streams[0]
+        return self.final_layer(img, vec)  # (B, N, token_dim)
+
+    def _run(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+def _required(value: Tensor | None, field: str, what: str) -> Tensor:
+    if value is None:
+        raise OmniditError(f"this model is conditioned on {what}, but cond.{field} is None")
+    return value

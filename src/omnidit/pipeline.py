@@ -1,0 +1,127 @@
+"""From prompts (or class labels) to images: text encoding, guidance, sampling, unpatchify.
+
+``Pipeline`` bundles a model with its config and text encoder so that the CLI, the trainer's
+sample grids and the evaluators share one path from prompt to pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from omnidit.condition import Condition
+from omnidit.config import Config
+from omnidit.errors import OmniditError
+from omnidit.model.mmdit import MMDiT
+from omnidit.sampling import classifier_free_guidance, initial_noise, sample
+from omnidit.tokens import check_image_size, image_position_ids, patchify, unpatchify
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU; anything else must be available or it is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise OmniditError(f"unknown device '{name}'", hint="use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OmniditError("device 'cuda' requested but CUDA is not available", hint="use --device cpu")
+    return device
+
+
+def labels_from_prompts(prompts: list[str], num_classes: int) -> Tensor:
+    """Class ids from prompts: '7', 'seven' or 'the digit seven' (digit words map to 0-9)."""
+    labels = []
+    for prompt in prompts:
+        words = prompt.lower().replace(",", " ").split()
+        found = [int(w) for w in words if w.isdigit()] + [DIGIT_WORDS.index(w) for w in words if w in DIGIT_WORDS]
+        if len(found) != 1 or not 0 <= found[0] < num_classes:
+            raise OmniditError(f"cannot read a class label in 0..{num_classes - 1} from the prompt '{prompt}'",
+                               hint="this model is class-conditional: pass e.g. '7' or 'the digit seven'")
+        labels.append(found[0])
+    return torch.tensor(labels, dtype=torch.long)
+
+
+@dataclass
+class Pipeline:
+    model: MMDiT
+    config: Config
+    text_encoder: object | None = None  # omnidit.text.TextEncoder when the model reads text
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def channels(self) -> int:
+        return self.config.model.in_channels
+
+    def conditions(self, prompts: list[str]) -> tuple[Condition, Condition]:
+        """(cond, null_cond) for a batch of prompts; null_cond has batch 1."""
+        for p in prompts:
+            if not isinstance(p, str) or (self.text_encoder is not None and not p.strip()):
+                raise OmniditError("the prompt is empty", hint='pass a description, e.g. "a red circle"')
+        mc = self.model.config
+        cond, null = Condition(), Condition()
+        if self.text_encoder is not None:
+            cond, null = self.text_encoder.encode(prompts), self.text_encoder.encode([""])
+        if mc.num_classes:
+            cond.labels = labels_from_prompts(prompts, mc.num_classes)
+            null.labels = torch.tensor([self.model.null_label])
+        if mc.pooled_dim and cond.pooled is None or mc.context_dim and cond.txt is None:
+            raise OmniditError("this model reads text but the pipeline has no text encoder")
+        return cond.to(self.device), null.to(self.device)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], width: int | None = None, height: int | None = None,
+                 steps: int | None = None, cfg: float | None = None, seed: int = 0, sampler: str | None = None,
+                 shift: float | None = None, progress: bool = False) -> Tensor:
+        """One image per prompt: (B, C, H, W) in [-1, 1]. Unset settings come from the config."""
+        s, mc = self.config.sample, self.model.config
+        width, height = width or self.config.data.width, height or self.config.data.height
+        steps, cfg = steps or s.steps, s.cfg if cfg is None else cfg
+        check_image_size(height, width, mc.patch_size)
+        cond, null = self.conditions(prompts)
+        if cond.txt_mask is not None and bool(cond.txt_mask.all()):
+            cond.txt_mask = None  # no padding: skip masking (one check here, none per step)
+        grid_h, grid_w = height // mc.patch_size, width // mc.patch_size
+        ids = image_position_ids(grid_h, grid_w, len(mc.axes_dim), device=self.device)
+
+        def model_fn(x: Tensor, t: Tensor, c: Condition) -> Tensor:
+            return self.model(x, ids, t, c)
+
+        if cfg == 1.0:
+            velocity = lambda x, t: model_fn(x, t, cond)  # noqa: E731
+        else:
+            velocity = classifier_free_guidance(model_fn, cond, null, cfg)
+        noise = initial_noise((len(prompts), mc.in_channels, height, width), seed).to(self.device)
+        x = sample(velocity, patchify(noise, mc.patch_size), steps, sampler or s.sampler,
+                   s.shift if shift is None else shift, progress=progress)
+        return unpatchify(x, height, width, mc.patch_size).clamp(-1, 1).float().cpu()
+
+
+def build_pipeline(model: MMDiT, config: Config, device: torch.device | str = "cpu") -> Pipeline:
+    """Attach the text encoder named by the config to a model."""
+    from omnidit.text import load_text_encoder
+
+    device = torch.device(device)
+    encoder = None
+    if config.text.encoder != "none":
+        encoder = load_text_encoder(config.text.encoder, config.text.max_length, device=device)
+    return Pipeline(model=model, config=config, text_encoder=encoder, device=device)
+
+
+def load_pipeline(model_dir: str | Path, device: str = "auto", use_ema: bool = True) -> Pipeline:
+    """Load a checkpoint folder (or run folder) for sampling."""
+    from omnidit.checkpoint import load_model
+
+    dev = resolve_device(device)
+    model, config = load_model(model_dir, use_ema=use_ema, device=dev)
+    return build_pipeline(model, config, dev)
