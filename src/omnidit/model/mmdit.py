@@ -133,7 +133,9 @@ class StreamBranch(nn.Module):
         self.mod = Modulation(dim, 2 if pre_only else 6)
         self.norm1 = layer_norm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
-        self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        # A pre-only stream's queries only shape outputs that are discarded, so they need no norm
+        # (and a norm there would be a weight without gradient).
+        self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm and not pre_only else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
         if not pre_only:
             self.proj = nn.Linear(dim, dim)

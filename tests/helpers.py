@@ -1,0 +1,47 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omnidit.condition import Condition
+from omnidit.model.mmdit import MMDiT, MMDiTConfig
+
+
+def tiny_config(**overrides) -> MMDiTConfig:
+    base = dict(hidden_size=64, num_heads=2, axes_dim=(8, 12, 12), depth=2, depth_single=1,
+                context_dim=24, pooled_dim=16)
+    base.update(overrides)
+    return MMDiTConfig(**base)
+
+
+def randomize(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
+    """Replace the zero init (adaLN-Zero, final layer) by random weights so outputs are non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if p.dim() == 1 and p.numel() < 100 and
+                                                                 torch.all(p == 1) else 0.0))
+    return model
+
+
+def random_condition(cfg: MMDiTConfig, batch: int, length: int = 5, seed: int = 0) -> Condition:
+    g = torch.Generator().manual_seed(seed)
+    cond = Condition()
+    if cfg.context_dim:
+        cond.txt = torch.randn(batch, length, cfg.context_dim, generator=g)
+        cond.txt_mask = torch.ones(batch, length, dtype=torch.bool)
+    if cfg.pooled_dim:
+        cond.pooled = torch.randn(batch, cfg.pooled_dim, generator=g)
+    if cfg.num_classes:
+        cond.labels = torch.randint(0, cfg.num_classes, (batch,), generator=g)
+    if cfg.guidance_embed:
+        cond.guidance = torch.rand(batch, generator=g) * 5
+    return cond
+
+
+def build(cfg: MMDiTConfig, seed: int = 0, random_weights: bool = True) -> MMDiT:
+    torch.manual_seed(seed)
+    model = MMDiT(cfg).eval()
+    return randomize(model, seed) if random_weights else model

@@ -1,0 +1,203 @@
+"""The MMDiT: shapes, adaLN-Zero init, determinism, masking, RoPE and config validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import build, random_condition, tiny_config
+from omnidit.errors import OmniditError
+from omnidit.model.math import apply_rope, rope_cos_sin, timestep_embedding
+from omnidit.model.mmdit import PRESETS, MMDiT, MMDiTConfig
+from omnidit.tokens import image_position_ids, patchify, unpatchify
+
+
+def run(model: MMDiT, height: int, width: int, batch: int = 2, seed: int = 0, cond=None):
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, height, width, generator=g)
+    tokens = patchify(x, cfg.patch_size)
+    ids = image_position_ids(height // cfg.patch_size, width // cfg.patch_size, len(cfg.axes_dim))
+    cond = cond or random_condition(cfg, batch, seed=seed)
+    t = torch.rand(batch, generator=g)
+    return model(tokens, ids, t, cond), tokens
+
+
+@pytest.mark.parametrize("height,width", [(16, 16), (32, 16), (8, 24), (2, 2)])
+def test_output_shape_any_resolution_and_aspect(height, width):
+    model = build(tiny_config())
+    with torch.no_grad():
+        v, tokens = run(model, height, width)
+    assert v.shape == tokens.shape == (2, (height // 2) * (width // 2), 12)
+    assert unpatchify(v, height, width, 2).shape == (2, 3, height, width)
+    assert torch.isfinite(v).all() and v.abs().max() > 0
+
+
+def test_zero_init_outputs_zero_and_blocks_are_identity():
+    cfg = tiny_config()
+    model = build(cfg, random_weights=False)
+    with torch.no_grad():
+        v, _ = run(model, 16, 16)
+        assert torch.equal(v, torch.zeros_like(v))
+        x = torch.randn(2, 64, cfg.hidden_size)
+        txt = torch.randn(2, 5, cfg.hidden_size)
+        vec = torch.randn(2, cfg.hidden_size)
+        out = model.double_blocks[0]([x, txt], vec, None, None)
+        assert torch.equal(out[0], x) and torch.equal(out[1], txt)
+        joint = torch.cat([x, txt], 1)
+        assert torch.equal(model.single_blocks[0](joint, vec, None, None), joint)
+
+
+def test_determinism_same_seed_same_weights_and_output():
+    a, b = build(tiny_config(), seed=3), build(tiny_config(), seed=3)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    with torch.no_grad():
+        assert torch.equal(run(a, 16, 16)[0], run(b, 16, 16)[0])
+        assert torch.equal(run(a, 16, 16)[0], run(a, 16, 16)[0])
+    # the un-randomised init also depends only on the seed
+    assert torch.equal(build(tiny_config(), 5, False).img_in.weight, build(tiny_config(), 5, False).img_in.weight)
+
+
+def test_state_dict_round_trip_is_bit_exact(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = build(tiny_config())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    fresh = MMDiT(tiny_config()).eval()
+    fresh.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(run(model, 16, 8)[0], run(fresh, 16, 8)[0])
+
+
+@pytest.mark.parametrize("depth_single", [0, 2])
+def test_padded_text_positions_do_not_change_the_output(depth_single):
+    cfg = tiny_config(depth_single=depth_single)
+    model = build(cfg)
+    cond = random_condition(cfg, 2, length=5)
+    padded = cond.pad_text(9)
+    padded.txt[:, 5:] = torch.randn(2, 4, cfg.context_dim) * 10  # garbage behind the mask
+    # a second sample whose prompt is shorter: mask out its last two tokens too
+    cond.txt_mask[1, 3:] = False
+    padded.txt_mask[1, 3:] = False
+    cond.txt[1, 3:] = 0.0
+    with torch.no_grad():
+        a, _ = run(model, 16, 16, cond=cond)
+        b, _ = run(model, 16, 16, cond=padded)
+        unmasked = random_condition(cfg, 2, length=5)
+        unmasked.txt[:, :] = padded.txt[:, :5]
+        c, _ = run(model, 16, 16, cond=unmasked)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert (a - c).abs().max() > 1e-3  # the mask really removes those tokens
+
+
+def test_text_changes_the_output():
+    cfg = tiny_config()
+    model = build(cfg)
+    with torch.no_grad():
+        a, _ = run(model, 16, 16, cond=random_condition(cfg, 2, seed=1))
+        b, _ = run(model, 16, 16, cond=random_condition(cfg, 2, seed=2))
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_class_conditional_guidance_and_abs_pos_variants():
+    cfg = tiny_config(hidden_size=96, axes_dim=(16, 16, 16), context_dim=0, pooled_dim=0, num_classes=10,
+                      guidance_embed=True, abs_pos_embed=True)
+    model = build(cfg)
+    assert not hasattr(model.double_blocks[0].streams, "txt")
+    with torch.no_grad():
+        v, _ = run(model, 16, 16)
+    assert v.shape == (2, 64, 12) and torch.isfinite(v).all()
+    with torch.no_grad():  # the label matters
+        other = random_condition(cfg, 2, seed=0)
+        other.labels = (other.labels + 1) % 10
+        assert (run(model, 16, 16, cond=other)[0] - v).abs().max() > 1e-4
+    with pytest.raises(OmniditError, match="labels"):
+        run(model, 16, 16, cond=random_condition(tiny_config(), 2))
+
+
+def test_every_parameter_gets_a_gradient():
+    """No dead weights: SD3's last block keeps text keys/values only (matters for DDP)."""
+    for depth_single in (0, 1):
+        cfg = tiny_config(depth_single=depth_single)
+        model = build(cfg).train()
+        v, _ = run(model, 8, 8)
+        v.square().mean().backward()
+        dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
+        assert not dead, dead
+    assert not hasattr(build(tiny_config(depth_single=0)).double_blocks[-1].streams["txt"], "mlp")
+
+
+def test_gradient_checkpointing_gives_equal_gradients():
+    cfg = tiny_config()
+    grads = []
+    for ckpt in (False, True):
+        model = build(cfg).train()
+        model.gradient_checkpointing = ckpt
+        v, _ = run(model, 8, 8)
+        v.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_rope_dot_product_depends_only_on_position_difference():
+    axes = (4, 6, 6)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, 16, generator=g).double()
+    k = torch.randn(1, 1, 1, 16, generator=g).double()
+
+    def score(pos_q, pos_k):
+        ids = torch.tensor([[pos_q, pos_k]], dtype=torch.float64)
+        cos, sin = rope_cos_sin(ids, axes)
+        cos, sin = cos.double(), sin.double()
+        rq = apply_rope(q, cos[:, :, :1], sin[:, :, :1])
+        rk = apply_rope(k, cos[:, :, 1:], sin[:, :, 1:])
+        return (rq * rk).sum().item()
+
+    base = score((0, 2, 3), (1, 5, 1))
+    for offset in [(0, 7, -4), (3, 0, 0), (10, 20, 30)]:
+        shifted = score(tuple(a + o for a, o in zip((0, 2, 3), offset)), tuple(a + o for a, o in zip((1, 5, 1), offset)))
+        assert abs(shifted - base) < 1e-6
+    assert abs(score((0, 2, 3), (1, 6, 1)) - base) > 1e-3  # a different difference changes it
+    # rotation preserves norms
+    cos, sin = rope_cos_sin(torch.tensor([[[3.0, 4.0, 5.0]]]), axes)
+    assert abs(apply_rope(q, cos.double(), sin.double()).norm() - q.norm()) < 1e-6
+
+
+def test_timestep_embedding_scale_and_layout():
+    emb = timestep_embedding(torch.tensor([0.0, 0.5]), 8)
+    assert torch.allclose(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    # t = 0.5 is step 500 on the x1000 scale: the first frequency is 1
+    assert torch.allclose(emb[1, 0], torch.cos(torch.tensor(500.0))) and torch.allclose(emb[1, 4], torch.sin(torch.tensor(500.0)))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(hidden_size=66, num_heads=4), "not divisible"),
+    (dict(axes_dim=(8, 8, 8)), "sums to 24"),
+    (dict(axes_dim=(7, 13, 12)), "even"),
+    (dict(depth=0), "depth"),
+])
+def test_config_validation(bad, match):
+    with pytest.raises(OmniditError, match=match):
+        tiny_config(**bad)
+
+
+def test_presets_are_valid_and_round_trip():
+    for name, cfg in PRESETS.items():
+        assert MMDiTConfig.from_dict(cfg.to_dict()) == cfg, name
+    with pytest.raises(OmniditError, match="unknown model config keys"):
+        MMDiTConfig.from_dict({"hidden": 3})
+
+
+def test_patchify_round_trip_and_layout():
+    x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    tokens = patchify(x, 2)
+    assert tokens.shape == (2, 6, 12)
+    assert torch.equal(unpatchify(tokens, 4, 6, 2), x)
+    # token 1 is grid cell (row 0, col 1); features ordered (c, py, px)
+    assert torch.equal(tokens[0, 1, :4], x[0, 0, 0:2, 2:4].reshape(-1))
+    ids = image_position_ids(2, 3, 3)
+    assert ids[0, 1].tolist() == [0, 0, 1] and ids[0, 3].tolist() == [0, 1, 0]
+    with pytest.raises(OmniditError, match="multiple of the patch size"):
+        patchify(torch.zeros(1, 3, 5, 4), 2)

@@ -1,0 +1,102 @@
+"""Samplers: convergence order on an exact flow, CFG algebra, schedules, seeded noise."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from omnidit.condition import Condition
+from omnidit.errors import OmniditError
+from omnidit.sampling import classifier_free_guidance, euler, heun, initial_noise, sample, timestep_schedule
+
+MU, S0 = 1.5, 0.5  # data ~ N(MU, S0^2); noise ~ N(0, 1); independent coupling
+
+
+def gaussian_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The exact marginal velocity of the straight-line flow between N(MU, S0^2) and N(0, 1).
+
+    x_t ~ N(m_t, s_t^2) with m_t = (1 - t) MU, s_t^2 = (1 - t)^2 S0^2 + t^2; the flow keeps the
+    standardised coordinate fixed, so v = m_t' + (x - m_t) s_t' / s_t.
+    """
+    t = t.double()
+    m, var = (1 - t) * MU, (1 - t) ** 2 * S0**2 + t**2
+    dm, dvar = -MU, -2 * (1 - t) * S0**2 + 2 * t
+    return dm + (x - m) * dvar / (2 * var)
+
+
+def solve_error(solver, steps: int) -> float:
+    x1 = torch.linspace(-2, 2, 9, dtype=torch.float64)
+    x0 = solver(gaussian_velocity, x1.clone(), torch.linspace(1, 0, steps + 1, dtype=torch.float64))
+    exact = MU + S0 * x1  # the flow map sends standardised noise to standardised data
+    return (x0 - exact).abs().max().item()
+
+
+def test_euler_first_order_and_heun_second_order():
+    e = [solve_error(euler, n) for n in (16, 32, 64)]
+    h = [solve_error(heun, n) for n in (16, 32, 64)]
+    for a, b in zip(e, e[1:]):
+        assert 1.8 < a / b < 2.2, e  # error halves when the step halves
+    for a, b in zip(h, h[1:]):
+        assert 3.6 < a / b < 4.4, h  # error quarters
+    assert h[-1] < e[-1] / 100
+
+
+class RecordingModel:
+    """A fake velocity model that records the times it was called with."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, x, t):
+        self.times.append(float(t))
+        return torch.ones_like(x)
+
+
+def test_samplers_call_the_model_on_the_schedule():
+    ts = timestep_schedule(4)
+    m = RecordingModel()
+    out = euler(m, torch.zeros(2), ts)
+    assert m.times == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    assert torch.allclose(out, torch.full((2,), -1.0))  # integral of v = 1 from 1 down to 0
+    m = RecordingModel()
+    heun(m, torch.zeros(2), ts)
+    assert len(m.times) == 8 and m.times[:2] == pytest.approx([1.0, 0.75])
+
+
+def test_timestep_schedule_endpoints_monotone_and_shift():
+    for shift in (1.0, 3.0):
+        ts = timestep_schedule(10, shift)
+        assert ts[0] == 1.0 and ts[-1] == 0.0 and torch.all(ts[1:] < ts[:-1])
+    assert timestep_schedule(2, 3.0)[1].item() == pytest.approx(0.75)
+    with pytest.raises(OmniditError):
+        timestep_schedule(0)
+    with pytest.raises(OmniditError, match="unknown sampler"):
+        sample(lambda x, t: x, torch.zeros(1), 2, sampler="ddim")
+
+
+def _toy_model(x, t, cond):
+    # depends on every channel and on the condition, so guidance is visible everywhere
+    return x * cond.pooled[:, :1, None] + cond.labels[:, None, None].float() + t
+
+
+def test_cfg_scale_one_equals_conditional_and_guides_all_channels():
+    g = torch.Generator().manual_seed(0)
+    cond = Condition(pooled=torch.randn(3, 4, generator=g), labels=torch.tensor([1, 2, 3]))
+    null = Condition(pooled=torch.randn(1, 4, generator=g), labels=torch.tensor([9]))
+    x, t = torch.randn(3, 5, 6, generator=g), torch.tensor(0.3)
+    v_c = _toy_model(x, t, cond)
+    v_u = _toy_model(x, t, null.repeat(3))
+    torch.testing.assert_close(classifier_free_guidance(_toy_model, cond, null, 1.0)(x, t), v_c)
+    torch.testing.assert_close(classifier_free_guidance(_toy_model, cond, null, 0.0)(x, t), v_u)
+    guided = classifier_free_guidance(_toy_model, cond, null, 4.0)(x, t)
+    torch.testing.assert_close(guided, v_u + 4.0 * (v_c - v_u))
+    assert torch.all((guided - v_c).abs().amax(dim=(0, 1)) > 0)  # every channel is guided
+
+
+def test_initial_noise_is_seeded_and_standard():
+    a, b = initial_noise((2, 3, 8, 8), 5), initial_noise((2, 3, 8, 8), 5)
+    assert torch.equal(a, b) and not torch.equal(a, initial_noise((2, 3, 8, 8), 6))
+    big = initial_noise((100_000,), 0)
+    assert abs(big.mean()) < 0.02 and math.isclose(big.std().item(), 1.0, abs_tol=0.02)
