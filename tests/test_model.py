@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import build, random_condition, tiny_config
+
 from omnidit.errors import OmniditError
 from omnidit.model.math import apply_rope, rope_cos_sin, timestep_embedding
 from omnidit.model.mmdit import PRESETS, MMDiT, MMDiTConfig
@@ -157,7 +157,9 @@ def test_rope_dot_product_depends_only_on_position_difference():
 
     base = score((0, 2, 3), (1, 5, 1))
     for offset in [(0, 7, -4), (3, 0, 0), (10, 20, 30)]:
-        shifted = score(tuple(a + o for a, o in zip((0, 2, 3), offset)), tuple(a + o for a, o in zip((1, 5, 1), offset)))
+        moved_q = tuple(a + o for a, o in zip((0, 2, 3), offset))
+        moved_k = tuple(a + o for a, o in zip((1, 5, 1), offset))
+        shifted = score(moved_q, moved_k)
         assert abs(shifted - base) < 1e-6
     assert abs(score((0, 2, 3), (1, 6, 1)) - base) > 1e-3  # a different difference changes it
     # rotation preserves norms
@@ -169,7 +171,8 @@ def test_timestep_embedding_scale_and_layout():
     emb = timestep_embedding(torch.tensor([0.0, 0.5]), 8)
     assert torch.allclose(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
     # t = 0.5 is step 500 on the x1000 scale: the first frequency is 1
-    assert torch.allclose(emb[1, 0], torch.cos(torch.tensor(500.0))) and torch.allclose(emb[1, 4], torch.sin(torch.tensor(500.0)))
+    assert torch.allclose(emb[1, 0], torch.cos(torch.tensor(500.0)))
+    assert torch.allclose(emb[1, 4], torch.sin(torch.tensor(500.0)))
 
 
 @pytest.mark.parametrize("bad,match", [

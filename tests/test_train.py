@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from helpers import random_condition, tiny_config
+
 from omnidit.config import config_from_dict
 from omnidit.flow import training_loss
 from omnidit.model.mmdit import MMDiT
