@@ -204,3 +204,23 @@ def test_patchify_round_trip_and_layout():
     assert ids[0, 1].tolist() == [0, 0, 1] and ids[0, 3].tolist() == [0, 1, 0]
     with pytest.raises(OmniditError, match="multiple of the patch size"):
         patchify(torch.zeros(1, 3, 5, 4), 2)
+
+
+def test_batched_cfg_with_prompts_of_different_lengths_matches_separate_calls():
+    from omnidit.sampling import classifier_free_guidance
+
+    cfg = tiny_config()
+    model = build(cfg)
+    cond = random_condition(cfg, 2, length=7, seed=1)  # full mask
+    null = random_condition(cfg, 1, length=2, seed=2)  # shorter: padded when batched
+    ids = image_position_ids(4, 4, 3)
+    x, t = torch.randn(2, 16, 12), torch.tensor(0.4)
+
+    def fn(xx, tt, c):
+        return model(xx, ids, tt, c)
+
+    with torch.no_grad():
+        guided = classifier_free_guidance(fn, cond, null, 3.0)(x, t)
+        v_c = fn(x, t, cond.without_full_mask())
+        v_u = fn(x, t, null.repeat(2))
+    torch.testing.assert_close(guided, v_u + 3.0 * (v_c - v_u), rtol=1e-4, atol=1e-5)

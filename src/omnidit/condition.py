@@ -52,6 +52,21 @@ class Condition:
             out[name] = t.to(device=device, dtype=cast)
         return replace(self, **out)
 
+    def with_mask(self) -> Condition:
+        """The same condition with an explicit all-True txt_mask where it had none."""
+        if self.txt is None or self.txt_mask is not None:
+            return self
+        return replace(self, txt_mask=torch.ones(self.txt.shape[:2], dtype=torch.bool, device=self.txt.device))
+
+    def without_full_mask(self) -> Condition:
+        """Drop a txt_mask that masks nothing, so attention can take its unmasked fast path.
+
+        Reads the mask once (a host sync): call it before a sampling loop, not inside it.
+        """
+        if self.txt_mask is not None and bool(self.txt_mask.all()):
+            return replace(self, txt_mask=None)
+        return self
+
     def pad_text(self, length: int) -> Condition:
         """Right-pad txt with zeros and txt_mask with False up to ``length`` tokens."""
         if self.txt is None or self.txt.shape[1] >= length:
@@ -69,7 +84,7 @@ class Condition:
         """Concatenate along the batch, padding text to the longest sequence."""
         if any(c.txt is not None for c in conds):
             length = max(c.txt.shape[1] for c in conds)
-            conds = [c.pad_text(length) for c in conds]
+            conds = [c.pad_text(length).with_mask() for c in conds]
         out = {}
         for f in fields(Condition):
             parts = [getattr(c, f.name) for c in conds]
@@ -95,7 +110,7 @@ class Condition:
         a, b = self, other
         if a.txt is not None:
             length = max(a.txt.shape[1], b.txt.shape[1])
-            a, b = a.pad_text(length), b.pad_text(length)
+            a, b = a.pad_text(length).with_mask(), b.pad_text(length).with_mask()
         out = {}
         for name, t in a._tensors().items():
             o = getattr(b, name)

@@ -17,6 +17,7 @@ from typing import Any
 
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import PRESETS, MMDiTConfig
+from omnidit.sampling import SAMPLERS
 
 DEFAULT_HELD_OUT = ["red triangle", "blue circle", "green square", "yellow diamond"]
 
@@ -30,11 +31,31 @@ class DataConfig:
     seed: int = 0
     held_out: list[str] = field(default_factory=lambda: list(DEFAULT_HELD_OUT))  # "colour shape" never rendered
 
+    def __post_init__(self) -> None:
+        _check_ranges("data", self, positive=("width", "height"))
+
+
+def _check_ranges(section: str, obj: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                  choices: dict[str, tuple[str, ...]] | None = None) -> None:
+    for name in positive:
+        if not getattr(obj, name) > 0:
+            raise OmniditError(f"config key '{section}.{name}' must be positive, got {getattr(obj, name)!r}")
+    for name in non_negative:
+        if not getattr(obj, name) >= 0:
+            raise OmniditError(f"config key '{section}.{name}' must be >= 0, got {getattr(obj, name)!r}")
+    for name, allowed in (choices or {}).items():
+        if getattr(obj, name) not in allowed:
+            raise OmniditError(f"config key '{section}.{name}' must be one of {', '.join(allowed)}, "
+                               f"got {getattr(obj, name)!r}")
+
 
 @dataclass
 class TextConfig:
     encoder: str = "minilm"  # "minilm" (packaged), a local Hugging Face encoder folder, or "none"
     max_length: int = 32
+
+    def __post_init__(self) -> None:
+        _check_ranges("text", self, positive=("max_length",))
 
 
 @dataclass
@@ -59,6 +80,14 @@ class TrainConfig:
     keep_last: int = 2
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
 
+    def __post_init__(self) -> None:
+        _check_ranges("train", self, positive=("steps", "batch_size", "log_every", "checkpoint_every", "lr"),
+                      non_negative=("warmup_steps", "weight_decay", "grad_clip", "keep_last", "t_std"),
+                      choices={"timesteps": ("uniform", "logit_normal")})
+        if not 0 <= self.ema_decay < 1 or not 0 <= self.cond_dropout < 1 or not self.t_shift > 0:
+            raise OmniditError("config keys train.ema_decay and train.cond_dropout must lie in [0, 1) and "
+                               "train.t_shift must be positive")
+
 
 @dataclass
 class SampleConfig:
@@ -66,6 +95,9 @@ class SampleConfig:
     cfg: float = 4.0
     sampler: str = "euler"  # euler | heun
     shift: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_ranges("sample", self, positive=("steps", "shift"), choices={"sampler": tuple(SAMPLERS)})
 
 
 @dataclass
@@ -127,6 +159,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         item = typing.get_args(annotation)[0]
         if isinstance(value, str):  # "a,b" on the command line
             value = [v.strip() for v in value.split(",") if v.strip()]
+            if item is not str:
+                value = [_json_or_text(v) for v in value]
         if not isinstance(value, (list, tuple)):
             raise bad
         items = [_coerce(key, v, item) for v in value]
@@ -164,6 +198,13 @@ def config_from_dict(d: dict) -> Config:
     return Config(**{name: _build_section(name, d.get(name, {})) for name in SECTIONS})
 
 
+def _json_or_text(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'train.lr=1e-4' -> ('train.lr', 0.0001); values are JSON when they parse, else strings."""
     if "=" not in text:
@@ -172,11 +213,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if key.count(".") != 1:
         raise _unknown_key(key)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key, value
+    return key, _json_or_text(raw)
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:

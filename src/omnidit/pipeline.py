@@ -16,7 +16,7 @@ from omnidit.condition import Condition
 from omnidit.config import Config
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import MMDiT
-from omnidit.sampling import classifier_free_guidance, initial_noise, sample
+from omnidit.sampling import SAMPLERS, classifier_free_guidance, initial_noise, sample
 from omnidit.tokens import check_image_size, image_position_ids, patchify, unpatchify
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -88,9 +88,9 @@ class Pipeline:
         width, height = width or self.config.data.width, height or self.config.data.height
         steps, cfg = steps or s.steps, s.cfg if cfg is None else cfg
         check_image_size(height, width, mc.patch_size)
+        if (sampler or s.sampler) not in SAMPLERS:
+            raise OmniditError(f"unknown sampler '{sampler}'", hint=f"choose one of {', '.join(SAMPLERS)}")
         cond, null = self.conditions(prompts)
-        if cond.txt_mask is not None and bool(cond.txt_mask.all()):
-            cond.txt_mask = None  # no padding: skip masking (one check here, none per step)
         grid_h, grid_w = height // mc.patch_size, width // mc.patch_size
         ids = image_position_ids(grid_h, grid_w, len(mc.axes_dim), device=self.device)
 
@@ -98,6 +98,7 @@ class Pipeline:
             return self.model(x, ids, t, c)
 
         if cfg == 1.0:
+            cond = cond.without_full_mask()  # one check here, none per step
             velocity = lambda x, t: model_fn(x, t, cond)  # noqa: E731
         else:
             velocity = classifier_free_guidance(model_fn, cond, null, cfg)

@@ -62,7 +62,7 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Ten
     batch = cond.batch_size
     if null_cond.batch_size != batch:
         null_cond = null_cond.repeat(batch)
-    both = Condition.cat([cond, null_cond])
+    both = Condition.cat([cond, null_cond]).without_full_mask()
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         v_cond, v_uncond = model_fn(torch.cat([x, x]), t, both).chunk(2)
