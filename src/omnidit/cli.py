@@ -1,4 +1,4 @@
-"""The ``omnidit`` command line: train | generate | info.
+"""The ``omnidit`` command line: train | generate | eval | eval-prompts | info.
 
 User mistakes (missing files, bad sizes, unknown config keys, corrupt checkpoints) print one line
 ``omnidit: error: ... (hint: ...)`` and exit with code 2; there is no traceback for them.
@@ -63,6 +63,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("eval", help="score a model (or a folder of images) with an exact evaluation suite",
+                       description="Score a model with the shapes suite (GenEval-style, judged by an exact detector) "
+                                   "or the digits suite (judged by a classifier trained on real digits); or score a "
+                                   "folder of images made by any system, whose prompts come from its manifest.json "
+                                   "(write one with 'omnidit eval-prompts').")
+    p.add_argument("target", help="checkpoint or run folder, or a folder of images with a manifest.json")
+    p.add_argument("--suite", default=None, choices=["shapes", "digits"],
+                   help="which suite (default: from the model's data.name; shapes for image folders)")
+    p.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--limit", type=int, default=None, help="prompts per category, for a quick seeded run")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's sample.cfg)")
+    p.add_argument("--sampler", default=None, help="euler or heun (default: the model's sample.sampler)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the run (default: 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="images generated per batch (default: 64)")
+    p.add_argument("--json", default=None, help="write the scores as JSON to this path")
+    p.add_argument("--grid", default=None, help="grid PNG path, a row per category, frames green for pass and red "
+                                               "for fail (default: eval_SUITE.png beside --json, else none)")
+    p.add_argument("--no-fd", action="store_true", help="skip the Fréchet distance")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("eval-prompts", help="write the shapes suite's prompts and manifest for another system",
+                       description="Write OUT_DIR/prompts.txt and OUT_DIR/manifest.json. Render one image per "
+                                   "manifest entry into OUT_DIR under the listed file name, then run "
+                                   "'omnidit eval OUT_DIR --suite shapes'.")
+    p.add_argument("out_dir", help="folder to write prompts.txt and manifest.json into")
+    p.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--limit", type=int, default=None, help="prompts per category (default: all)")
+
     p = sub.add_parser("info", help="describe a checkpoint folder")
     p.add_argument("model", help="checkpoint folder or training run folder")
     return parser
@@ -105,6 +136,42 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from omnidit.evaluate.runner import evaluate_folder, evaluate_model
+
+    if args.n_per_prompt < 1 or (args.limit is not None and args.limit < 1) or args.batch_size < 1:
+        raise OmniditError("--n-per-prompt, --limit and --batch-size must be at least 1")
+    target = Path(args.target)
+    if (target / "manifest.json").is_file():
+        report = evaluate_folder(target, args.suite or "shapes", progress=not args.no_progress,
+                                 frechet=not args.no_fd)
+    else:
+        from omnidit.pipeline import load_pipeline
+
+        pipe = load_pipeline(target, device=args.device, use_ema=not args.no_ema)
+        suite = args.suite or pipe.config.data.name
+        if suite not in ("shapes", "digits"):
+            raise OmniditError(f"no suite for data '{suite}'", hint="pass --suite shapes or --suite digits")
+        report = evaluate_model(pipe, suite, n_per_prompt=args.n_per_prompt, seed=args.seed, limit=args.limit,
+                                batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
+                                steps=args.steps, cfg=args.cfg, sampler=args.sampler)
+    grid = args.grid or (str(Path(args.json).with_name(f"eval_{report.suite}.png")) if args.json else None)
+    report.save(args.json, grid)
+    print(report.table())
+    for path in (args.json, grid):
+        if path:
+            print(f"wrote {path}")
+
+
+def cmd_eval_prompts(args: argparse.Namespace) -> None:
+    from omnidit.evaluate.runner import write_suite_prompts
+
+    if args.n_per_prompt < 1 or (args.limit is not None and args.limit < 1):
+        raise OmniditError("--n-per-prompt and --limit must be at least 1")
+    manifest, prompts = write_suite_prompts(args.out_dir, args.n_per_prompt, args.limit)
+    print(f"wrote {manifest} and {prompts}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import json
 
@@ -136,7 +203,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "eval-prompts": cmd_eval_prompts,
+            "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,11 +79,17 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 2
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
+    eval_every: int = 0  # run a small evaluation of the EMA model every N steps (0 = never)
+    eval_suite: str = "auto"  # auto (from data.name) | shapes | digits
+    eval_limit: int = 2  # prompts per category in the in-training evaluation
+    eval_n_per_prompt: int = 2
 
     def __post_init__(self) -> None:
         _check_ranges("train", self, positive=("steps", "batch_size", "log_every", "checkpoint_every", "lr"),
-                      non_negative=("warmup_steps", "weight_decay", "grad_clip", "keep_last", "t_std"),
-                      choices={"timesteps": ("uniform", "logit_normal")})
+                      non_negative=("warmup_steps", "weight_decay", "grad_clip", "keep_last", "t_std", "eval_every"),
+                      choices={"timesteps": ("uniform", "logit_normal"),
+                               "eval_suite": ("auto", "shapes", "digits")})
+        _check_ranges("train", self, positive=("eval_limit", "eval_n_per_prompt"))
         if not 0 <= self.ema_decay < 1 or not 0 <= self.cond_dropout < 1 or not self.t_shift > 0:
             raise OmniditError("config keys train.ema_decay and train.cond_dropout must lie in [0, 1) and "
                                "train.t_shift must be positive")

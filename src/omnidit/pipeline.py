@@ -6,6 +6,7 @@ sample grids and the evaluators share one path from prompt to pixels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +82,13 @@ class Pipeline:
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], width: int | None = None, height: int | None = None,
-                 steps: int | None = None, cfg: float | None = None, seed: int = 0, sampler: str | None = None,
-                 shift: float | None = None, progress: bool = False) -> Tensor:
-        """One image per prompt: (B, C, H, W) in [-1, 1]. Unset settings come from the config."""
+                 steps: int | None = None, cfg: float | None = None, seed: int | Sequence[int] = 0,
+                 sampler: str | None = None, shift: float | None = None, progress: bool = False) -> Tensor:
+        """One image per prompt: (B, C, H, W) in [-1, 1]. Unset settings come from the config.
+
+        ``seed``: one seed for the whole batch, or one per prompt (then each image is independent of
+        what else is in the batch, which evaluators rely on).
+        """
         s, mc = self.config.sample, self.model.config
         width, height = width or self.config.data.width, height or self.config.data.height
         steps, cfg = steps or s.steps, s.cfg if cfg is None else cfg
@@ -102,7 +107,13 @@ class Pipeline:
             velocity = lambda x, t: model_fn(x, t, cond)  # noqa: E731
         else:
             velocity = classifier_free_guidance(model_fn, cond, null, cfg)
-        noise = initial_noise((len(prompts), mc.in_channels, height, width), seed).to(self.device)
+        if isinstance(seed, int):
+            noise = initial_noise((len(prompts), mc.in_channels, height, width), seed)
+        else:
+            if len(seed) != len(prompts):
+                raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
+            noise = torch.cat([initial_noise((1, mc.in_channels, height, width), int(k)) for k in seed])
+        noise = noise.to(self.device)
         x = sample(velocity, patchify(noise, mc.patch_size), steps, sampler or s.sampler,
                    s.shift if shift is None else shift, progress=progress)
         return unpatchify(x, height, width, mc.patch_size).clamp(-1, 1).float().cpu()

@@ -35,6 +35,7 @@ from omnidit.errors import OmniditError
 from omnidit.flow import drop_condition, sample_timesteps, training_loss
 from omnidit.model.mmdit import MMDiT
 from omnidit.pipeline import resolve_device
+from omnidit.plot import plot_training_curves
 from omnidit.tokens import check_image_size, image_position_ids, patchify
 
 
@@ -196,6 +197,34 @@ class Trainer:
         self.step = int(meta["step"])
         return latest
 
+    # ---- evaluation during training ----------------------------------------------------------
+    def eval_suite(self) -> str | None:
+        suite = self.config.train.eval_suite
+        if suite == "auto":
+            suite = self.config.data.name if self.config.data.name in ("shapes", "digits") else None
+        return suite
+
+    def evaluate(self, log) -> dict | None:
+        """Score the EMA model on a small, seeded slice of the suite; log it and save its grid."""
+        from omnidit.evaluate.runner import evaluate_model
+        from omnidit.pipeline import Pipeline
+
+        suite = self.eval_suite()
+        if suite is None:
+            return None
+        tc = self.config.train
+        pipe = Pipeline(self.ema, self.config, self.text_encoder, self.device)
+        report = evaluate_model(pipe, suite, n_per_prompt=tc.eval_n_per_prompt, limit=tc.eval_limit,
+                                progress=False, frechet=False)
+        report.save(grid_path=self.out_dir / "eval" / f"step_{self.step:07d}.png")
+        record = {"step": self.step, "eval": {"suite": suite, "overall": report.overall,
+                                              "categories": report.categories}}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        tqdm.write(f"step {self.step}: {suite} suite {report.overall:.3f} "
+                   + " ".join(f"{k}={v:.2f}" for k, v in report.categories.items()))
+        return record
+
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> Path:
         tc = self.config.train
@@ -224,8 +253,11 @@ class Trainer:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     losses = []
+                if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == tc.steps):
+                    self.evaluate(log)
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                     last_saved = self.save()
+                    plot_training_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
         finally:
             bar.close()
             log.close()

@@ -1,0 +1,1 @@
+"""Exact, cheap evaluators: the shapes detector and suite, the digits judge, Fréchet distance."""

@@ -1,0 +1,223 @@
+"""Run a suite end to end: generate (or read) images, judge each one, aggregate, draw the grid.
+
+``evaluate_model`` scores a Pipeline; ``evaluate_folder`` scores images made by any other system,
+with each image's prompt read from the manifest that ``write_suite_prompts`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from omnidit.errors import OmniditError
+from omnidit.images import to_pil
+
+SUITES = ("shapes", "digits")
+SEED_STRIDE = 1_000_003  # image i of a run with seed s uses noise seed s * SEED_STRIDE + i
+
+
+@dataclass
+class Judged:
+    """One judged image."""
+
+    category: str
+    prompt: str
+    image: Tensor  # (C, H, W) in [-1, 1]
+    passed: bool
+    reason: str = ""
+
+
+@dataclass
+class EvalReport:
+    suite: str
+    overall: float
+    categories: dict[str, float]
+    n_images: int
+    frechet: float | None = None
+    settings: dict = field(default_factory=dict)
+    judged: list[Judged] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"suite": self.suite, "overall": self.overall, "categories": self.categories,
+                "n_images": self.n_images, "frechet_distance": self.frechet, "settings": self.settings}
+
+    def table(self) -> str:
+        """A plain-text table: pass rate per category, then the overall mean and the FD."""
+        width = max(len(c) for c in [*self.categories, "overall"])
+        counts: dict[str, int] = {}
+        for j in self.judged:
+            counts[j.category] = counts.get(j.category, 0) + 1
+        lines = [f"{'category':<{width}}  score   images", "-" * (width + 17)]
+        lines += [f"{c:<{width}}  {s:5.3f}  {counts.get(c, 0):7d}" for c, s in self.categories.items()]
+        lines += ["-" * (width + 17), f"{'overall':<{width}}  {self.overall:5.3f}  {self.n_images:7d}"]
+        if self.frechet is not None:
+            lines.append(f"{'frechet distance':<{width}}  {self.frechet:.3f}")
+        return "\n".join(lines)
+
+    def grid(self, per_row: int = 8) -> Image.Image:
+        """A row per category (its first ``per_row`` images), each framed green (pass) or red (fail)."""
+        rows: dict[str, list[Judged]] = {}
+        for j in self.judged:
+            if len(rows.setdefault(j.category, [])) < per_row:
+                rows[j.category].append(j)
+        h, w = self.judged[0].image.shape[1:]
+        scale = max(1, 64 // max(h, w))
+        cell_w, cell_h, label_w, frame = w * scale + 8, h * scale + 8, 130, 3
+        out = Image.new("RGB", (label_w + per_row * cell_w, max(1, len(rows)) * cell_h), "white")
+        draw = ImageDraw.Draw(out)
+        for r, (category, items) in enumerate(rows.items()):
+            y = r * cell_h
+            draw.text((4, y + cell_h // 2 - 6), category, fill="black")
+            for c, j in enumerate(items):
+                x = label_w + c * cell_w
+                draw.rectangle([x + 1, y + 1, x + cell_w - 2, y + cell_h - 2],
+                               fill=(40, 170, 60) if j.passed else (215, 40, 40))
+                tile = to_pil(j.image).convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
+                out.paste(tile, (x + 1 + frame, y + 1 + frame))
+        return out
+
+    def save(self, json_path: str | Path | None = None, grid_path: str | Path | None = None) -> None:
+        if json_path:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        if grid_path and self.judged:
+            Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
+            self.grid().save(grid_path)
+
+
+def _generate(pipe, prompts: list[str], seed: int, batch_size: int, progress: bool, **sampling) -> Tensor:
+    """Images for ``prompts`` with per-image seeds, so results do not depend on the batch size."""
+    out = []
+    chunks = range(0, len(prompts), batch_size)
+    for start in tqdm(chunks, desc="generating", unit="batch", disable=not progress, leave=False):
+        part = prompts[start:start + batch_size]
+        seeds = [seed * SEED_STRIDE + start + i for i in range(len(part))]
+        out.append(pipe.generate(part, seed=seeds, **sampling))
+    return torch.cat(out)
+
+
+def _frechet(images: Tensor, dataset: str, seed: int) -> float:
+    from omnidit.evaluate.frechet import fit_gaussian, frechet_distance, image_features, reference_statistics
+
+    h, w = images.shape[-2:]
+    ref = reference_statistics(dataset, max(500, len(images)), w, h, seed=seed)
+    return frechet_distance(*fit_gaussian(image_features(images)), *ref)
+
+
+def _aggregate(suite: str, judged: list[Judged], categories: tuple[str, ...]) -> tuple[float, dict[str, float]]:
+    scores = {}
+    for c in categories:
+        results = [j.passed for j in judged if j.category == c]
+        if results:
+            scores[c] = sum(results) / len(results)
+    if not scores:
+        raise OmniditError(f"no images to score for the {suite} suite")
+    return sum(scores.values()) / len(scores), scores
+
+
+def evaluate_shapes_model(pipe, n_per_prompt: int = 4, seed: int = 0, limit: int | None = None,
+                          batch_size: int = 64, progress: bool = True, frechet: bool = True,
+                          **sampling) -> EvalReport:
+    """Generate ``n_per_prompt`` images for every suite prompt and check each with the detector."""
+    from omnidit.evaluate.detector import detect_objects
+    from omnidit.evaluate.shapes_suite import CATEGORIES, build_prompts, check
+
+    specs = build_prompts(seed=0, per_category=limit, held_out=pipe.config.data.held_out)
+    expanded = [s for s in specs for _ in range(n_per_prompt)]
+    images = _generate(pipe, [s.prompt for s in expanded], seed, batch_size, progress, **sampling)
+    judged = []
+    for spec, image in zip(expanded, images):
+        passed, reason = check(spec, detect_objects(image))
+        judged.append(Judged(spec.category, spec.prompt, image, passed, reason))
+    overall, scores = _aggregate("shapes", judged, CATEGORIES)
+    fd = _frechet(images, "shapes", seed) if frechet else None
+    return EvalReport("shapes", overall, scores, len(judged), fd, judged=judged)
+
+
+def evaluate_digits_model(pipe, n_per_prompt: int = 10, seed: int = 0, limit: int | None = None,
+                          batch_size: int = 64, progress: bool = True, frechet: bool = True,
+                          **sampling) -> EvalReport:
+    """Generate ``n_per_prompt`` images per digit class and let the digits judge read them."""
+    from omnidit.data.digits import DIGIT_NAMES
+    from omnidit.evaluate.digits_judge import DigitsJudge
+
+    if not pipe.model.config.num_classes:
+        raise OmniditError("the digits suite needs a class-conditional model (model.num_classes = 10)")
+    labels = torch.arange(10).repeat_interleave(n_per_prompt)
+    images = _generate(pipe, [str(int(k)) for k in labels], seed, batch_size, progress, **sampling)
+    predicted = DigitsJudge().predict(images)
+    judged = [Judged(DIGIT_NAMES[int(k)], f"the digit {DIGIT_NAMES[int(k)]}", img, bool(p == k),
+                     f"read as {int(p)}") for img, k, p in zip(images, labels, predicted)]
+    overall, scores = _aggregate("digits", judged, tuple(DIGIT_NAMES))
+    fd = _frechet(images, "digits", seed) if frechet else None
+    return EvalReport("digits", overall, scores, len(judged), fd, judged=judged)
+
+
+def evaluate_model(pipe, suite: str, **kwargs) -> EvalReport:
+    """Dispatch to the named suite; records the sampling settings in the report."""
+    runners = {"shapes": evaluate_shapes_model, "digits": evaluate_digits_model}
+    if suite not in runners:
+        raise OmniditError(f"unknown suite '{suite}'", hint=f"choose one of {', '.join(SUITES)}")
+    report = runners[suite](pipe, **kwargs)
+    s = pipe.config.sample
+    report.settings = {
+        "n_per_prompt": kwargs.get("n_per_prompt"), "seed": kwargs.get("seed", 0), "limit": kwargs.get("limit"),
+        "steps": kwargs.get("steps") or s.steps, "cfg": s.cfg if kwargs.get("cfg") is None else kwargs["cfg"],
+        "sampler": kwargs.get("sampler") or s.sampler,
+    }
+    return report
+
+
+def write_suite_prompts(out_dir: str | Path, n_per_prompt: int = 4, limit: int | None = None,
+                        held_out=None) -> tuple[Path, Path]:
+    """Write the shapes suite's manifest (image file -> prompt) and plain prompt list for other systems."""
+    from omnidit.data.shapes import DEFAULT_HELD_OUT
+    from omnidit.evaluate.shapes_suite import build_prompts, write_manifest, write_prompt_list
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = build_prompts(seed=0, per_category=limit, held_out=held_out or DEFAULT_HELD_OUT)
+    return (write_manifest(specs, n_per_prompt, out_dir / "manifest.json"),
+            write_prompt_list(specs, out_dir / "prompts.txt"))
+
+
+def evaluate_folder(images_dir: str | Path, suite: str = "shapes", progress: bool = True,
+                    frechet: bool = True) -> EvalReport:
+    """Score images produced elsewhere: each file's prompt comes from ``images_dir/manifest.json``."""
+    from omnidit.evaluate.detector import detect_objects
+    from omnidit.evaluate.shapes_suite import CATEGORIES, check, read_manifest
+
+    if suite != "shapes":
+        raise OmniditError(f"folders can be scored with the shapes suite only, not '{suite}'")
+    images_dir = Path(images_dir)
+    entries = read_manifest(images_dir / "manifest.json")
+    judged, missing = [], []
+    for file_name, spec in tqdm(entries, desc="judging", disable=not progress, leave=False):
+        path = images_dir / file_name
+        if not path.is_file():
+            missing.append(file_name)
+            continue
+        try:
+            with Image.open(path) as im:
+                rgb = np.array(im.convert("RGB"))  # (H, W, 3) uint8
+        except OSError as e:
+            raise OmniditError(f"cannot read image {path}: {e}") from None
+        image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
+        passed, reason = check(spec, detect_objects(rgb))
+        judged.append(Judged(spec.category, spec.prompt, image, passed, reason))
+    if missing:
+        raise OmniditError(f"{len(missing)} of {len(entries)} images listed in the manifest are missing "
+                           f"(first: {missing[0]})", hint="generate every file the manifest lists")
+    overall, scores = _aggregate("shapes", judged, CATEGORIES)
+    fd = None
+    if frechet and judged:
+        fd = _frechet(torch.stack([j.image for j in judged]), "shapes", 0)
+    return EvalReport("shapes", overall, scores, len(judged), fd, settings={"images_dir": str(images_dir)},
+                      judged=judged)
