@@ -19,7 +19,7 @@ def test_thirty_steps_on_tiny_shapes_reduce_the_loss(tmp_path):
         "train": {"out_dir": str(tmp_path), "batch_size": 16, "lr": 2e-3, "warmup_steps": 5, "steps": 30},
     })
     trainer = Trainer(config, progress=False)
-    losses = [trainer.train_step() for _ in range(30)]
+    losses = [trainer.train_step()[0] for _ in range(30)]
     first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
     assert last < 0.75 * first, losses
 
@@ -49,6 +49,8 @@ def test_overfitting_one_batch_reaches_a_low_loss():
 
 def test_schedule_ema_and_parameter_groups():
     assert learning_rate(0, 1.0, 10) == 0.1 and learning_rate(9, 1.0, 10) == 1.0 and learning_rate(50, 1.0, 10) == 1.0
+    assert learning_rate(10, 1.0, 10, 110, "cosine", 0.1) == 1.0 and abs(learning_rate(60, 1.0, 10, 110, "cosine", 0.1) - 0.55) < 1e-9
+    assert abs(learning_rate(110, 1.0, 10, 110, "cosine", 0.1) - 0.1) < 1e-9
     assert ema_decay_at(0, 0.999) == 0.1 and ema_decay_at(10**6, 0.999) == 0.999
     groups = parameter_groups(MMDiT(tiny_config()), 0.1)
     assert all(p.dim() >= 2 for p in groups[0]["params"]) and all(p.dim() < 2 for p in groups[1]["params"])

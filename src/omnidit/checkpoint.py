@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ from omnidit.model.mmdit import MMDiT
 
 FORMAT = "omnidit-checkpoint/1"
 CHECKPOINT_PREFIX = "checkpoint-"
+# Seconds to pause in the middle of every checkpoint write; only tests set it (to SIGKILL a run mid-save).
+SAVE_DELAY_ENV = "OMNIDIT_TEST_SAVE_DELAY"
 
 
 def _cpu_contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -44,6 +47,8 @@ def save_checkpoint(directory: str | Path, config: Config, model_state: dict[str
     meta = {"format": FORMAT, "omnidit_version": __version__, **config.to_dict()}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     save_file(_cpu_contiguous(model_state), str(tmp / "model.safetensors"))
+    if os.environ.get(SAVE_DELAY_ENV):  # test hook: hold the write open so a test can kill it
+        time.sleep(float(os.environ[SAVE_DELAY_ENV]))
     if ema_state is not None:
         save_file(_cpu_contiguous(ema_state), str(tmp / "ema.safetensors"))
     if state_tensors is not None or state_meta is not None:
@@ -158,25 +163,33 @@ def load_training_state(directory: str | Path) -> tuple[dict[str, Tensor], dict]
 
 
 def optimizer_state_to_flat(state_dict: dict) -> tuple[dict[str, Tensor], dict]:
-    """Split a torch optimizer state_dict into safetensors-able tensors and JSON-able metadata."""
+    """Split a torch optimizer state_dict into safetensors-able tensors and JSON-able metadata.
+
+    Parameters may be keyed by index (``optimizer.state_dict()``) or by name (the full state dicts of
+    ``torch.distributed.checkpoint``); names hold dots but never '/', hence the separator.
+    """
     tensors, scalars = {}, {}
     for pid, per_param in state_dict["state"].items():
         for name, value in per_param.items():
             if isinstance(value, Tensor):
-                tensors[f"optim.{pid}.{name}"] = value
+                tensors[f"optim/{pid}/{name}"] = value
             else:
-                scalars[f"{pid}.{name}"] = value
+                scalars[f"{pid}/{name}"] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _param_key(pid: str) -> int | str:
+    return int(pid) if pid.isdigit() else pid
 
 
 def optimizer_state_from_flat(tensors: dict[str, Tensor], meta: dict) -> dict:
     """Inverse of ``optimizer_state_to_flat``."""
-    state: dict[int, dict] = {}
+    state: dict[int | str, dict] = {}
     for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
+        if key.startswith("optim/"):
+            _, pid, name = key.split("/", 2)
+            state.setdefault(_param_key(pid), {})[name] = value
     for key, value in meta.get("scalars", {}).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
+        pid, name = key.rsplit("/", 1)
+        state.setdefault(_param_key(pid), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}

@@ -95,6 +95,10 @@ class Condition:
             out[f.name] = torch.cat(parts, dim=0)
         return Condition(**out)
 
+    def rows(self, index: slice | Tensor) -> Condition:
+        """The rows ``index`` (a slice or index tensor) of every field."""
+        return Condition(**{k: t[index] for k, t in self._tensors().items()})
+
     def repeat(self, n: int) -> Condition:
         """Repeat every row ``n`` times (row i becomes rows i*n .. i*n+n-1)."""
         return Condition(**{k: t.repeat_interleave(n, dim=0) for k, t in self._tensors().items()})

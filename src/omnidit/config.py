@@ -79,6 +79,16 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 2
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
+    lr_schedule: str = "constant"  # constant | cosine (after the warmup, down to lr * lr_min_ratio)
+    lr_min_ratio: float = 0.1
+    grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the global batch
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    compile: bool = False  # torch.compile each transformer block (regional compilation)
+    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard per block)
+    nan_patience: int = 3  # stop after this many non-finite steps in a row (each one is skipped)
+    sample_every: int = 0  # save a grid of EMA samples every N steps (0 = never)
+    tensorboard: bool = True  # also log to OUT_DIR/tensorboard when tensorboard is installed
     eval_every: int = 0  # run a small evaluation of the EMA model every N steps (0 = never)
     eval_suite: str = "auto"  # auto (from data.name) | shapes | digits
     eval_limit: int = 2  # prompts per category in the in-training evaluation
@@ -89,7 +99,10 @@ class TrainConfig:
                       non_negative=("warmup_steps", "weight_decay", "grad_clip", "keep_last", "t_std", "eval_every"),
                       choices={"timesteps": ("uniform", "logit_normal"),
                                "eval_suite": ("auto", "shapes", "digits")})
-        _check_ranges("train", self, positive=("eval_limit", "eval_n_per_prompt"))
+        _check_ranges("train", self, positive=("eval_limit", "eval_n_per_prompt", "grad_accum", "nan_patience"),
+                      non_negative=("sample_every", "lr_min_ratio"),
+                      choices={"lr_schedule": ("constant", "cosine"), "precision": ("auto", "fp32", "bf16"),
+                               "parallel": ("ddp", "fsdp")})
         if not 0 <= self.ema_decay < 1 or not 0 <= self.cond_dropout < 1 or not self.t_shift > 0:
             raise OmniditError("config keys train.ema_decay and train.cond_dropout must lie in [0, 1) and "
                                "train.t_shift must be positive")

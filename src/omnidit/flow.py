@@ -72,8 +72,13 @@ def drop_condition(cond: Condition, null_cond: Condition, p: float, generator: t
     """
     if p <= 0:
         return cond
-    keep = torch.rand(cond.batch_size, generator=generator) >= p
+    keep = condition_keep_mask(cond.batch_size, p, generator)
     return cond.where(keep.to(cond.device), null_cond.to(cond.device))
+
+
+def condition_keep_mask(n: int, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """(n,) bool: True where a row keeps its condition (probability 1 - p)."""
+    return torch.rand(n, generator=generator) >= p
 
 
 def training_loss(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, noise: Tensor) -> Tensor:

@@ -92,7 +92,7 @@ def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> Path
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
-        if "loss" in record:
+        if "loss" in record and not record.get("skipped"):
             loss.append((record["step"], record["loss"]))
         if "eval" in record:
             ev = record["eval"]

@@ -1,12 +1,15 @@
-"""The training loop: rectified flow on token sequences, with EMA, checkpoints and exact resume.
+"""The training loop: rectified flow on token sequences, with EMA, mixed precision, DDP/FSDP2,
+gradient accumulation, a NaN guard, checkpoints and exact resume.
 
-Every random draw (data order, timesteps, noise, condition dropout) comes from one seeded CPU
-generator whose state is saved in each checkpoint, and the data position is a pure function of
-the step, so a resumed run continues exactly where it stopped.
+Every random draw (timesteps, noise, condition dropout) for the *global* batch comes from one seeded
+CPU generator that every rank advances identically, and the data position is a pure function of the
+step. So a resumed run continues bit-exactly, and N processes follow the same trajectory as one
+process with the same global batch (each rank reads and computes only its slice).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -17,10 +20,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from omnidit import distributed as D
 from omnidit.checkpoint import (
     CHECKPOINT_PREFIX,
     list_checkpoints,
-    load_state_into,
     load_training_state,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
@@ -32,9 +35,9 @@ from omnidit.condition import Condition
 from omnidit.config import Config
 from omnidit.data import batch_from_indices, build_dataset
 from omnidit.errors import OmniditError
-from omnidit.flow import drop_condition, sample_timesteps, training_loss
+from omnidit.flow import condition_keep_mask, sample_timesteps, training_loss
 from omnidit.model.mmdit import MMDiT
-from omnidit.pipeline import resolve_device
+from omnidit.pipeline import Pipeline, resolve_device
 from omnidit.plot import plot_training_curves
 from omnidit.tokens import check_image_size, image_position_ids, patchify
 
@@ -46,14 +49,20 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def learning_rate(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warmup over ``warmup_steps``, then constant."""
-    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+def learning_rate(step: int, base_lr: float, warmup_steps: int, total_steps: int | None = None,
+                  schedule: str = "constant", min_ratio: float = 0.1) -> float:
+    """Linear warmup over ``warmup_steps``, then constant or cosine down to ``base_lr * min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "cosine" and total_steps:
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return base_lr
 
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (shard by shard under FSDP)."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1.0 - decay)
 
@@ -64,7 +73,7 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def batch_indices(step: int, batch_size: int, num_samples: int | None, seed: int) -> list[int]:
-    """Dataset indices of the batch at ``step``: the data position is a pure function of the step.
+    """Dataset indices of the (global) batch at ``step``: the data position is a function of the step.
 
     Finite datasets are read in a fresh seeded permutation every epoch; infinite ones in order.
     """
@@ -107,15 +116,26 @@ def check_compatible(config: Config, dataset) -> None:
                            hint=f"set model.context_dim={dim} model.pooled_dim={pooled}")
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default (norms and modulation stay fp32); fp32 elsewhere."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 class Trainer:
     """Holds the state of one run; ``run()`` trains to ``config.train.steps``."""
 
     def __init__(self, config: Config, progress: bool = True) -> None:
-        self.config, self.progress = config, progress
-        tc = config.train
-        self.device = resolve_device(tc.device)
+        self.config, tc, dc, mc = config, config.train, config.data, config.model
+        self.world = D.init_world(resolve_device(tc.device))
+        self.device = D.local_device(resolve_device(tc.device), self.world)
+        self.progress = progress and self.world.is_main
+        per_rank, rest = divmod(tc.batch_size, self.world.world_size * tc.grad_accum)
+        if rest or not per_rank:
+            raise OmniditError(f"train.batch_size {tc.batch_size} must be a multiple of world size x grad_accum "
+                               f"({self.world.world_size} x {tc.grad_accum})")
         self.out_dir = Path(tc.out_dir)
-        dc = config.data
         self.dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out)
         check_compatible(config, self.dataset)
         self.text_encoder = None
@@ -123,22 +143,31 @@ class Trainer:
             from omnidit.text import load_text_encoder
 
             self.text_encoder = load_text_encoder(config.text.encoder, config.text.max_length, device=self.device)
-        torch.manual_seed(tc.seed)  # parameter init
-        self.model = MMDiT(config.model).to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        torch.manual_seed(tc.seed)  # parameter init: identical on every rank
+        model = MMDiT(mc).to(self.device)
+        model.gradient_checkpointing = tc.gradient_checkpointing
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        self.model = D.wrap_model(model, self.world, tc.parallel)
+        self.ema = D.wrap_model(ema, self.world, tc.parallel) if tc.parallel == "fsdp" else ema
+        self.net = D.unwrap(self.model)  # the MMDiT inside (blocks, config)
+        if tc.compile:
+            for block in [*self.net.double_blocks, *self.net.single_blocks]:
+                block.compile()
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, tc.weight_decay), lr=tc.lr,
-                                           betas=(0.9, 0.999), eps=1e-8)
+                                           betas=(0.9, 0.999), eps=1e-8, fused=self.device.type == "cuda")
+        self.amp_dtype = autocast_dtype(tc.precision, self.device)
         self.generator = torch.Generator().manual_seed(tc.seed)
-        self.step = 0
-        mc = config.model
+        self.step, self.bad_steps = 0, 0
         self.ids = image_position_ids(dc.height // mc.patch_size, dc.width // mc.patch_size, len(mc.axes_dim),
                                       device=self.device)
         self.null_cond = self._null_condition()
+        self.last_checkpoint: Path | None = None
 
+    # ---- conditioning -------------------------------------------------------------------------
     def _null_condition(self) -> Condition:
         cond = self.text_encoder.encode([""]) if self.text_encoder is not None else Condition()
         if self.config.model.num_classes:
-            cond.labels = torch.tensor([self.model.null_label])
+            cond.labels = torch.tensor([self.net.null_label])
         return cond.to(self.device)
 
     def condition(self, captions: list[str], labels: Tensor) -> Condition:
@@ -147,123 +176,246 @@ class Trainer:
             cond.labels = labels
         return cond.to(self.device)
 
-    def train_step(self) -> float:
-        """One optimisation step on the batch that belongs to ``self.step``; returns the loss."""
-        tc, mc = self.config.train, self.config.model
-        idx = batch_indices(self.step, tc.batch_size, self.dataset.num_samples, self.config.data.seed)
-        images, captions, labels = batch_from_indices(self.dataset, idx)
-        x0 = patchify(images, mc.patch_size).to(self.device)  # (B, N, C*p*p)
-        cond = drop_condition(self.condition(captions, labels), self.null_cond, tc.cond_dropout, self.generator)
-        t = sample_timesteps(len(idx), tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=self.generator)
-        noise = torch.randn(x0.shape, generator=self.generator)
-        lr = learning_rate(self.step, tc.lr, tc.warmup_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        loss = training_loss(lambda x, tt, c: self.model(x, self.ids, tt, c), x0, cond, t.to(self.device),
-                             noise.to(self.device))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        self.optimizer.step()
-        update_ema(self.ema, self.model, ema_decay_at(self.step, tc.ema_decay))
-        self.step += 1
-        return loss.item()
+    # ---- one step ------------------------------------------------------------------------------
+    def _no_sync(self, last: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+        if last or not self.world.distributed:
+            return contextlib.nullcontext()
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.no_sync()
+        self.model.set_requires_gradient_sync(False)  # FSDP2; re-enabled before the last micro-batch
+        return contextlib.nullcontext()
 
-    # ---- checkpoints -------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        """One optimisation step on the batch that belongs to ``self.step``.
+
+        Returns (loss averaged over the global batch, gradient norm). A non-finite loss or gradient
+        skips the update (the step still advances) and counts toward ``train.nan_patience``.
+        """
+        tc, mc, world = self.config.train, self.config.model, self.world
+        batch, local = tc.batch_size, tc.batch_size // world.world_size
+        idx = batch_indices(self.step, batch, self.dataset.num_samples, self.config.data.seed)
+        # Randomness for the whole global batch, drawn identically on every rank.
+        keep = condition_keep_mask(batch, tc.cond_dropout, self.generator)
+        t = sample_timesteps(batch, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=self.generator)
+        n_tokens = (self.config.data.height // mc.patch_size) * (self.config.data.width // mc.patch_size)
+        noise = torch.randn((batch, n_tokens, mc.token_dim), generator=self.generator)
+        mine = slice(world.rank * local, (world.rank + 1) * local)
+        images, captions, labels = batch_from_indices(self.dataset, idx[mine])
+        x0 = patchify(images, mc.patch_size).to(self.device)  # (b, N, C*p*p)
+        cond = self.condition(captions, labels).where(keep[mine].to(self.device), self.null_cond)
+        t, noise = t[mine].to(self.device), noise[mine].to(self.device)
+
+        self.model.train()
+        micro = local // tc.grad_accum
+        total = torch.zeros((), device=self.device)
+        for i in range(tc.grad_accum):
+            part = slice(i * micro, (i + 1) * micro)
+            last = i == tc.grad_accum - 1
+            if last and world.distributed and not isinstance(self.model, nn.parallel.DistributedDataParallel):
+                self.model.set_requires_gradient_sync(True)
+            with self._no_sync(last), torch.autocast(self.device.type, self.amp_dtype,
+                                                     enabled=self.amp_dtype is not None):
+                loss = training_loss(lambda x, tt, c: self.model(x, self.ids, tt, c), x0[part],
+                                     cond.rows(part), t[part], noise[part])
+            (loss / tc.grad_accum).backward()
+            total += loss.detach() / tc.grad_accum
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        loss_mean = D.all_reduce_mean(total, world)
+        # One host sync per step: the NaN guard needs to know. Both values agree across ranks
+        # (gradients are all-reduced, the loss explicitly), so every rank takes the same branch.
+        loss_value, norm_value = loss_mean.item(), float(grad_norm)
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            lr = learning_rate(self.step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.lr_min_ratio)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            update_ema(self.ema, self.model, ema_decay_at(self.step, tc.ema_decay))
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_value, norm_value
+
+    # ---- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:
-        tensors, meta = optimizer_state_to_flat(self.optimizer.state_dict())
-        tensors["rng.generator"] = self.generator.get_state()
-        tensors["rng.torch"] = torch.get_rng_state()
-        meta.update(step=self.step)
-        path = save_checkpoint(self.out_dir / f"{CHECKPOINT_PREFIX}{self.step:07d}", self.config,
-                               self.model.state_dict(), self.ema.state_dict(), tensors, meta)
-        prune_checkpoints(self.out_dir, self.config.train.keep_last)
+        """Gather full state dicts (a collective under FSDP) and let rank 0 write the folder."""
+        # Gathered onto rank 0 only (the other ranks get empty dicts).
+        model_state, ema_state = D.full_model_state(self.model), D.full_model_state(self.ema)
+        optimizer_state = D.full_optimizer_state(self.model, self.optimizer)
+        path = self.out_dir / f"{CHECKPOINT_PREFIX}{self.step:07d}"
+        if self.world.is_main:
+            tensors, meta = optimizer_state_to_flat(optimizer_state)
+            tensors["rng/generator"] = self.generator.get_state()
+            tensors["rng/torch"] = torch.get_rng_state()
+            if torch.cuda.is_available():
+                tensors["rng/cuda"] = torch.cuda.get_rng_state()
+            meta.update(step=self.step, world_size=self.world.world_size)
+            save_checkpoint(path, self.config, model_state, ema_state, tensors, meta)
+            prune_checkpoints(self.out_dir, self.config.train.keep_last)
+        D.barrier(self.world)
+        self.last_checkpoint = path
         return path
 
     def resume(self) -> Path | None:
-        """Load the latest checkpoint of ``out_dir`` if there is one; returns it."""
+        """Load the latest checkpoint of ``out_dir`` if there is one (every rank reads it); returns it."""
         checkpoints = list_checkpoints(self.out_dir)
         if not checkpoints:
             return None
         latest = checkpoints[-1]
-        load_state_into(self.model, read_safetensors(latest / "model.safetensors"), latest / "model.safetensors")
-        load_state_into(self.ema, read_safetensors(latest / "ema.safetensors"), latest / "ema.safetensors")
         tensors, meta = load_training_state(latest)
-        self.optimizer.load_state_dict(optimizer_state_from_flat(tensors, meta))
-        self.generator.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.torch"])
+        D.load_full_state(self.model, read_safetensors(latest / "model.safetensors"), self.optimizer,
+                          optimizer_state_from_flat(tensors, meta))
+        D.load_full_state(self.ema, read_safetensors(latest / "ema.safetensors"))
+        self.generator.set_state(tensors["rng/generator"])
+        torch.set_rng_state(tensors["rng/torch"])
+        if "rng/cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng/cuda"])
         self.step = int(meta["step"])
+        self.last_checkpoint = latest
         return latest
 
-    # ---- evaluation during training ----------------------------------------------------------
+    # ---- evaluation and samples ----------------------------------------------------------------
     def eval_suite(self) -> str | None:
         suite = self.config.train.eval_suite
         if suite == "auto":
             suite = self.config.data.name if self.config.data.name in ("shapes", "digits") else None
         return suite
 
+    def pipeline(self) -> Pipeline:
+        """The EMA model as a sampling pipeline (under FSDP every rank must call it in lockstep)."""
+        return Pipeline(self.ema, self.config, self.text_encoder, self.device)
+
     def evaluate(self, log) -> dict | None:
-        """Score the EMA model on a small, seeded slice of the suite; log it and save its grid."""
+        """Score the EMA model on a small, seeded slice of the suite; rank 0 logs it and saves its grid."""
         from omnidit.evaluate.runner import evaluate_model
-        from omnidit.pipeline import Pipeline
 
         suite = self.eval_suite()
         if suite is None:
             return None
         tc = self.config.train
-        pipe = Pipeline(self.ema, self.config, self.text_encoder, self.device)
-        report = evaluate_model(pipe, suite, n_per_prompt=tc.eval_n_per_prompt, limit=tc.eval_limit,
+        report = evaluate_model(self.pipeline(), suite, n_per_prompt=tc.eval_n_per_prompt, limit=tc.eval_limit,
                                 progress=False, frechet=False)
-        report.save(grid_path=self.out_dir / "eval" / f"step_{self.step:07d}.png")
         record = {"step": self.step, "eval": {"suite": suite, "overall": report.overall,
                                               "categories": report.categories}}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        tqdm.write(f"step {self.step}: {suite} suite {report.overall:.3f} "
-                   + " ".join(f"{k}={v:.2f}" for k, v in report.categories.items()))
+        if self.world.is_main:
+            report.save(grid_path=self.out_dir / "eval" / f"step_{self.step:07d}.png")
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            tqdm.write(f"step {self.step}: {suite} suite {report.overall:.3f} "
+                       + " ".join(f"{k}={v:.2f}" for k, v in report.categories.items()))
         return record
 
-    # ---- the loop ----------------------------------------------------------------------------
+    def save_samples(self) -> None:
+        """A grid of EMA samples for the captions of the first dataset items, at a fixed seed."""
+        from omnidit.images import make_grid, save_png, to_pil
+
+        prompts = [self.dataset[i]["caption"] for i in range(8)]
+        images = self.pipeline().generate(prompts, seed=0)
+        if self.world.is_main:
+            save_png(make_grid([to_pil(x) for x in images], columns=4),
+                     self.out_dir / "samples" / f"step_{self.step:07d}.png", {"prompts": " | ".join(prompts)})
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """Parameters, analytic FLOPs per image and estimated memory, printed at start."""
+        from omnidit.flops import estimate_training_memory, flops_per_image
+
+        mc, dc, tc = self.config.model, self.config.data, self.config.train
+        n_params = sum(p.numel() for p in self.net.parameters())
+        text_tokens = self.config.text.max_length if mc.context_dim else 0
+        flops = flops_per_image(mc, dc.height, dc.width, text_tokens)
+        tokens = (dc.height // mc.patch_size) * (dc.width // mc.patch_size)
+        memory = estimate_training_memory(mc, tc.batch_size // (self.world.world_size * tc.grad_accum), tokens,
+                                          text_tokens)
+        total_gb = sum(memory.values()) / 2**30
+        return (f"{n_params / 1e6:.2f}M parameters | {flops['forward'] / 1e9:.3f} GFLOP forward, "
+                f"{flops['train'] / 1e9:.3f} GFLOP training per image | ~{total_gb:.2f} GiB estimated per rank | "
+                f"{self.device}, {self.world.world_size} process(es), "
+                f"{'bf16 autocast' if self.amp_dtype else 'fp32'}, batch {tc.batch_size}")
+
     def run(self) -> Path:
-        tc = self.config.train
-        if tc.resume and (resumed := self.resume()) is not None:
+        tc, main = self.config.train, self.world.is_main
+        if tc.resume and (resumed := self.resume()) is not None and main:
             tqdm.write(f"resumed from {resumed} at step {self.step}")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        n_params = sum(p.numel() for p in self.model.parameters())
-        tqdm.write(f"training {n_params / 1e6:.2f}M parameters on {self.device} for {tc.steps} steps "
-                   f"(batch {tc.batch_size}) -> {self.out_dir}")
-        log = (self.out_dir / "metrics.jsonl").open("a")
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            tqdm.write(f"training -> {self.out_dir} for {tc.steps} steps\n  {self.describe()}")
+        log = (self.out_dir / "metrics.jsonl").open("a") if main else None
+        board = _tensorboard(self.out_dir) if main and tc.tensorboard else None
         bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
-        last_saved, start, losses = None, time.perf_counter(), []
+        window_start, window_losses, window_steps = time.perf_counter(), [], 0
         try:
             while self.step < tc.steps:
-                loss = self.train_step()
-                if not math.isfinite(loss):
-                    raise OmniditError(f"the loss became {loss} at step {self.step}",
-                                       hint="lower train.lr or raise train.warmup_steps")
-                losses.append(loss)
+                loss, grad_norm = self.train_step()
+                if self.bad_steps:
+                    self._report_bad_step(loss, grad_norm, log)
+                else:
+                    window_losses.append(loss)
+                window_steps += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if self.step % tc.log_every == 0 or self.step == tc.steps:
-                    elapsed = time.perf_counter() - start
-                    record = {"step": self.step, "loss": sum(losses) / len(losses),
-                              "lr": self.optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 3)}
+                elapsed = time.perf_counter() - window_start
+                images_per_s = window_steps * tc.batch_size / max(elapsed, 1e-9)
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}")
+                if main and (self.step % tc.log_every == 0 or self.step == tc.steps) and window_losses:
+                    record = {"step": self.step, "loss": sum(window_losses) / len(window_losses),
+                              "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                              "images_per_s": round(images_per_s, 2), "time": round(time.time(), 1)}
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                    losses = []
+                    if board is not None:
+                        for key in ("loss", "lr", "grad_norm", "images_per_s"):
+                            board.add_scalar(f"train/{key}", record[key], self.step)
+                    window_start, window_losses, window_steps = time.perf_counter(), [], 0
                 if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == tc.steps):
-                    self.evaluate(log)
+                    record = self.evaluate(log)
+                    if board is not None and record:
+                        board.add_scalar("eval/overall", record["eval"]["overall"], self.step)
+                if tc.sample_every and (self.step % tc.sample_every == 0 or self.step == tc.steps):
+                    self.save_samples()
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
-                    last_saved = self.save()
-                    plot_training_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
+                    self.save()
+                    if main:
+                        plot_training_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
         finally:
             bar.close()
-            log.close()
-        return last_saved or list_checkpoints(self.out_dir)[-1]
+            if log is not None:
+                log.close()
+            if board is not None:
+                board.close()
+        return self.last_checkpoint or list_checkpoints(self.out_dir)[-1]
+
+    def _report_bad_step(self, loss: float, grad_norm: float, log) -> None:
+        tc = self.config.train
+        if self.world.is_main:
+            tqdm.write(f"step {self.step}: non-finite loss {loss} / gradient norm {grad_norm}; update skipped")
+            log.write(json.dumps({"step": self.step, "skipped": True, "loss": str(loss),
+                                  "grad_norm": str(grad_norm)}) + "\n")
+            log.flush()
+        if self.bad_steps >= tc.nan_patience:
+            first = self.step - self.bad_steps + 1
+            where = self.last_checkpoint or "none (no checkpoint was written yet)"
+            raise OmniditError(
+                f"training stopped at step {self.step}: the loss or gradients were non-finite for "
+                f"{self.bad_steps} steps in a row (steps {first}-{self.step}); the last good checkpoint is {where}",
+                hint="resume from it with a lower train.lr, a longer train.warmup_steps or train.precision=fp32")
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
 
 
 def train(config: Config, progress: bool = True) -> Path:
     """Train as the config says and return the final checkpoint folder."""
-    return Trainer(config, progress=progress).run()
+    trainer = Trainer(config, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        D.shutdown(trainer.world)

@@ -38,7 +38,11 @@ class Modulation(nn.Module):
         self.lin = nn.Linear(dim, chunks * dim)
 
     def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
-        return self.lin(nn.functional.silu(vec))[:, None, :].chunk(self.chunks, dim=-1)
+        # In the weights' precision even under bf16 autocast: a rounding error in a scale or gate
+        # is applied to every token of the block.
+        with torch.autocast(vec.device.type, enabled=False):
+            out = self.lin(nn.functional.silu(vec.to(self.lin.weight.dtype)))
+        return out[:, None, :].chunk(self.chunks, dim=-1)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

@@ -1,0 +1,117 @@
+"""Multi-process training helpers: process group, model wrapping (DDP or FSDP2), full state dicts.
+
+Launch with ``torchrun --nproc_per_node N -m omnidit train CONFIG``; a plain ``omnidit train`` is a
+world of one and none of this does anything. Checkpoints always hold full (unsharded) state dicts
+keyed by parameter name, so they load the same whatever the world size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from omnidit.errors import OmniditError
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_world(device: torch.device) -> World:
+    """Join the process group that torchrun describes in the environment (nccl on CUDA, else gloo)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return World()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def local_device(device: torch.device, world: World) -> torch.device:
+    """Each rank uses its own GPU (cuda:LOCAL_RANK); CPU ranks share the CPU."""
+    if device.type == "cuda" and world.distributed:
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+def wrap_model(model: nn.Module, world: World, parallel: str) -> nn.Module:
+    """DDP, or FSDP2 with ``fully_shard`` on every transformer block and then on the root."""
+    if not world.distributed:
+        return model
+    if parallel == "ddp":
+        device_ids = [model.img_in.weight.device.index] if model.img_in.weight.is_cuda else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in [*model.double_blocks, *model.single_blocks]:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise OmniditError(f"unknown train.parallel '{parallel}'", hint="use ddp or fsdp")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def full_model_state(model: nn.Module) -> dict[str, Tensor]:
+    """The whole model's state dict on the CPU (a collective under FSDP: call it on every rank)."""
+    return get_model_state_dict(model, options=_FULL)
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer state keyed by parameter name, unsharded, on the CPU (collective under FSDP)."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_full_state(model: nn.Module, state: dict[str, Tensor], optimizer: torch.optim.Optimizer | None = None,
+                    optimizer_state: dict | None = None) -> None:
+    """Load full state dicts into a (possibly wrapped or sharded) model and its optimizer."""
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    if optimizer is not None and optimizer_state is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+def all_reduce_mean(value: Tensor, world: World) -> Tensor:
+    """Mean of a tensor over ranks (identity in a world of one)."""
+    if world.distributed:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world.world_size
+    return value
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
