@@ -94,13 +94,16 @@ def test_eval_bad_input_is_one_line(digits_run, tmp_path, capsys):
 def test_training_runs_evaluations_and_plots_curves(make_tiny_config, tmp_path):
     from omnidit.train import train
 
-    config = make_tiny_config(tmp_path / "run", train={"eval_every": 10, "eval_limit": 1, "eval_n_per_prompt": 1})
+    config = make_tiny_config(tmp_path / "run", train={"eval_every": 10, "eval_limit": 1, "eval_n_per_prompt": 1,
+                                                       "sample_every": 20})
     train(config, progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval" in r]
     assert [r["step"] for r in evals] == [10, 20]
     assert all(set(r["eval"]["categories"]) == set(CATEGORIES) for r in evals)
     assert (tmp_path / "run" / "eval" / "step_0000010.png").is_file()
+    samples = Image.open(tmp_path / "run" / "samples" / "step_0000020.png")
+    assert samples.size == (4 * 16 + 5 * 2, 2 * 16 + 3 * 2) and "prompts" in samples.text  # 8 samples, 4 columns
     curves = Image.open(tmp_path / "run" / "curves.png")
     assert curves.size == (480, 600)  # loss panel + shapes-suite panel
     pixels = np.asarray(curves.convert("RGB"))
