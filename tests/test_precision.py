@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from helpers import build, random_condition, tiny_config
+
 from omnidit.config import load_config
 from omnidit.errors import OmniditError
 from omnidit.model.math import rope_cos_sin

@@ -1,4 +1,4 @@
-"""The ``omnidit`` command line: train | generate | eval | eval-prompts | info.
+"""The ``omnidit`` command line: train | precompute | generate | eval | eval-prompts | info.
 
 User mistakes (missing files, bad sizes, unknown config keys, corrupt checkpoints) print one line
 ``omnidit: error: ... (hint: ...)`` and exit with code 2; there is no traceback for them.
@@ -43,6 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="JSON config file, e.g. configs/shapes.json")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+    p = sub.add_parser("precompute", help="cache latents and text embeddings for training",
+                       description="Encode the config's data with its codec (identity or VAE) and text encoder "
+                                   "into data.cache_dir, keyed by every setting that changes the values (codec, "
+                                   "encoder, dtype, resolution, samples, data seed, held-out pairs): a run with "
+                                   "data.cache_dir set then trains from the cache, and a changed setting never "
+                                   "reuses a stale one.",
+                       epilog=_keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="JSON config file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("generate", help="generate images from a prompt",
                        description="Generate images; several images are tiled into one grid PNG whose text "
@@ -106,6 +117,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     final = train(config, progress=not args.no_progress)
     print(f"saved {final}")
+
+
+def cmd_precompute(args: argparse.Namespace) -> None:
+    from omnidit.config import load_config
+    from omnidit.precompute import precompute_for_config
+
+    path = precompute_for_config(load_config(args.config, args.overrides), progress=not args.no_progress)
+    print(f"cached in {path}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -203,8 +222,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "eval-prompts": cmd_eval_prompts,
-            "info": cmd_info}
+COMMANDS = {"train": cmd_train, "precompute": cmd_precompute, "generate": cmd_generate, "eval": cmd_eval,
+            "eval-prompts": cmd_eval_prompts, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,9 +30,14 @@ class DataConfig:
     path: str = ""  # imagefolder root
     seed: int = 0
     held_out: list[str] = field(default_factory=lambda: list(DEFAULT_HELD_OUT))  # "colour shape" never rendered
+    codec: str = "identity"  # identity (pixels) or a local diffusers AutoencoderKL folder (latents)
+    codec_dtype: str = "fp32"  # fp32 | bf16 | fp16: the precision the VAE runs in
+    cache_dir: str = ""  # train from latents + text embeddings precomputed here ('omnidit precompute')
+    cache_samples: int = 0  # samples to precompute (0 = the whole dataset; required for infinite data)
 
     def __post_init__(self) -> None:
-        _check_ranges("data", self, positive=("width", "height"))
+        _check_ranges("data", self, positive=("width", "height"), non_negative=("cache_samples",),
+                      choices={"codec_dtype": ("fp32", "bf16", "fp16")})
 
 
 def _check_ranges(section: str, obj: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),

@@ -131,21 +131,20 @@ def estimate_training_memory(config: MMDiTConfig, batch: int, image_tokens: int,
     moments), activations = batch * ``activation_elements`` * activation_bytes (default
     dtype_bytes; pass 2 for bf16 autocast, which is then an underestimate because the norms and
     RoPE compute in float32). Ignores the CUDA context, allocator fragmentation, temporary
-    buffers and the frozen text encoder. Returns a dict of bytes, with "total".
+    buffers and the frozen text encoder. Returns bytes per item (no total, so that
+    ``sum(result.values())`` is the total).
     """
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer '{optimizer}', expected one of {sorted(OPTIMIZER_STATES)}")
     p = parameter_count(config)
     act_bytes = dtype_bytes if activation_bytes is None else activation_bytes
-    out = {
+    return {
         "params": p * dtype_bytes,
         "grads": p * dtype_bytes,
         "optimizer": OPTIMIZER_STATES[optimizer] * p * dtype_bytes,
         "ema": p * dtype_bytes if ema else 0,
         "activations": batch * activation_elements(config, image_tokens, text_tokens) * act_bytes,
     }
-    out["total"] = sum(out.values())
-    return out
 
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets; the datasheets print the sparse

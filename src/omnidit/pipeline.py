@@ -59,10 +59,12 @@ class Pipeline:
     config: Config
     text_encoder: object | None = None  # omnidit.text.TextEncoder when the model reads text
     device: torch.device = torch.device("cpu")
+    codec: object | None = None  # omnidit.codecs.LatentCodec; None means pixels (identity)
 
     @property
     def channels(self) -> int:
-        return self.config.model.in_channels
+        """Channels of the images the pipeline returns."""
+        return self.config.model.in_channels if self.codec is None or self.codec.downsample == 1 else 3
 
     def conditions(self, prompts: list[str]) -> tuple[Condition, Condition]:
         """(cond, null_cond) for a batch of prompts; null_cond has batch 1."""
@@ -92,7 +94,9 @@ class Pipeline:
         s, mc = self.config.sample, self.model.config
         width, height = width or self.config.data.width, height or self.config.data.height
         steps, cfg = steps or s.steps, s.cfg if cfg is None else cfg
-        check_image_size(height, width, mc.patch_size)
+        factor = self.codec.downsample if self.codec is not None else 1
+        check_image_size(height, width, mc.patch_size * factor)
+        height, width = height // factor, width // factor  # the model works on the latent grid
         if (sampler or s.sampler) not in SAMPLERS:
             raise OmniditError(f"unknown sampler '{sampler}'", hint=f"choose one of {', '.join(SAMPLERS)}")
         cond, null = self.conditions(prompts)
@@ -116,18 +120,24 @@ class Pipeline:
         noise = noise.to(self.device)
         x = sample(velocity, patchify(noise, mc.patch_size), steps, sampler or s.sampler,
                    s.shift if shift is None else shift, progress=progress)
-        return unpatchify(x, height, width, mc.patch_size).clamp(-1, 1).float().cpu()
+        latents = unpatchify(x, height, width, mc.patch_size)
+        images = self.codec.decode(latents) if self.codec is not None else latents
+        return images.clamp(-1, 1).float().cpu()
 
 
 def build_pipeline(model: MMDiT, config: Config, device: torch.device | str = "cpu") -> Pipeline:
     """Attach the text encoder named by the config to a model."""
+    from omnidit.codecs import load_codec
     from omnidit.text import load_text_encoder
 
     device = torch.device(device)
     encoder = None
     if config.text.encoder != "none":
         encoder = load_text_encoder(config.text.encoder, config.text.max_length, device=device)
-    return Pipeline(model=model, config=config, text_encoder=encoder, device=device)
+    dc = config.data
+    pixel_channels = model.config.in_channels if dc.codec == "identity" else 3
+    codec = load_codec(dc.codec, pixel_channels, device, dc.codec_dtype)
+    return Pipeline(model=model, config=config, text_encoder=encoder, device=device, codec=codec)
 
 
 def load_pipeline(model_dir: str | Path, device: str = "auto", use_ema: bool = True) -> Pipeline:

@@ -50,6 +50,11 @@ def resolve_source(source: str) -> Path:
     return directory
 
 
+def text_encoder_name(source: str, max_length: int) -> str:
+    """The identity of an encoder setting (for cache keys), without loading the encoder."""
+    return f"{'minilm' if source == 'minilm' else resolve_source(source)}:max_length={max_length}"
+
+
 def _family(directory: Path) -> str:
     """'t5', 'clip' or 'auto' from config.json's model_type; unsupported types raise OmniditError."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -167,7 +172,7 @@ class TextEncoder:
         self.model.to(self.device).eval().requires_grad_(False)
         self.normalize = self.family == "auto" and _normalizes(directory)
         self.max_length = max_length
-        self.name = f"{'minilm' if source == 'minilm' else directory}:max_length={max_length}"
+        self.name = text_encoder_name(source, max_length)
         self.dim = config.d_model if self.family == "t5" else config.hidden_size
         self.pooled_dim = self.dim
         self.cache_size = cache_size

@@ -31,6 +31,7 @@ from omnidit.checkpoint import (
     read_safetensors,
     save_checkpoint,
 )
+from omnidit.codecs import load_codec
 from omnidit.condition import Condition
 from omnidit.config import Config
 from omnidit.data import batch_from_indices, build_dataset
@@ -39,6 +40,8 @@ from omnidit.flow import condition_keep_mask, sample_timesteps, training_loss
 from omnidit.model.mmdit import MMDiT
 from omnidit.pipeline import Pipeline, resolve_device
 from omnidit.plot import plot_training_curves
+from omnidit.precompute import fields_for_config, open_cache
+from omnidit.text import load_text_encoder
 from omnidit.tokens import check_image_size, image_position_ids, patchify
 
 
@@ -90,15 +93,16 @@ def batch_indices(step: int, batch_size: int, num_samples: int | None, seed: int
     return out
 
 
-def check_compatible(config: Config, dataset) -> None:
-    """Model, data and text settings must agree; say which key to change when they do not."""
+def check_compatible(config: Config, dataset, codec) -> None:
+    """Model, data, codec and text settings must agree; say which key to change when they do not."""
     mc = config.model
-    if mc.in_channels != dataset.channels:
-        raise OmniditError(f"model.in_channels is {mc.in_channels} but the '{config.data.name}' data has "
-                           f"{dataset.channels} channels", hint=f"set model.in_channels={dataset.channels}")
+    if mc.in_channels != codec.channels:
+        what = "data" if config.data.codec == "identity" else "VAE latents"
+        raise OmniditError(f"model.in_channels is {mc.in_channels} but the '{config.data.name}' {what} have "
+                           f"{codec.channels} channels", hint=f"set model.in_channels={codec.channels}")
     if dataset.num_classes and mc.num_classes not in (0, dataset.num_classes):
         raise OmniditError(f"model.num_classes is {mc.num_classes} but the data has {dataset.num_classes} classes")
-    check_image_size(config.data.height, config.data.width, mc.patch_size)
+    check_image_size(config.data.height, config.data.width, mc.patch_size * codec.downsample)
     if config.text.encoder == "none":
         if mc.context_dim or mc.pooled_dim:
             raise OmniditError("text.encoder is 'none' but the model reads text",
@@ -137,11 +141,13 @@ class Trainer:
                                f"({self.world.world_size} x {tc.grad_accum})")
         self.out_dir = Path(tc.out_dir)
         self.dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out)
-        check_compatible(config, self.dataset)
+        self.codec = load_codec(dc.codec, self.dataset.channels, self.device, dc.codec_dtype)
+        check_compatible(config, self.dataset, self.codec)
+        # With a precomputed cache, training reads latents and text features from disk: the text
+        # encoder is loaded only when sampling needs it.
+        self.cache = open_cache(dc.cache_dir, fields_for_config(config, self.dataset)) if dc.cache_dir else None
         self.text_encoder = None
-        if config.text.encoder != "none":
-            from omnidit.text import load_text_encoder
-
+        if config.text.encoder != "none" and self.cache is None:
             self.text_encoder = load_text_encoder(config.text.encoder, config.text.max_length, device=self.device)
         torch.manual_seed(tc.seed)  # parameter init: identical on every rank
         model = MMDiT(mc).to(self.device)
@@ -158,14 +164,18 @@ class Trainer:
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
         self.generator = torch.Generator().manual_seed(tc.seed)
         self.step, self.bad_steps = 0, 0
-        self.ids = image_position_ids(dc.height // mc.patch_size, dc.width // mc.patch_size, len(mc.axes_dim),
-                                      device=self.device)
+        f = self.codec.downsample * mc.patch_size
+        self.grid = (dc.height // f, dc.width // f)  # the token grid (latent pixels / patch)
+        self.ids = image_position_ids(*self.grid, len(mc.axes_dim), device=self.device)
         self.null_cond = self._null_condition()
         self.last_checkpoint: Path | None = None
 
     # ---- conditioning -------------------------------------------------------------------------
     def _null_condition(self) -> Condition:
-        cond = self.text_encoder.encode([""]) if self.text_encoder is not None else Condition()
+        if self.cache is not None:
+            cond = self.cache.null_condition()
+        else:
+            cond = self.text_encoder.encode([""]) if self.text_encoder is not None else Condition()
         if self.config.model.num_classes:
             cond.labels = torch.tensor([self.net.null_label])
         return cond.to(self.device)
@@ -194,16 +204,24 @@ class Trainer:
         """
         tc, mc, world = self.config.train, self.config.model, self.world
         batch, local = tc.batch_size, tc.batch_size // world.world_size
-        idx = batch_indices(self.step, batch, self.dataset.num_samples, self.config.data.seed)
+        source = self.cache if self.cache is not None else self.dataset
+        idx = batch_indices(self.step, batch, source.num_samples, self.config.data.seed)
         # Randomness for the whole global batch, drawn identically on every rank.
         keep = condition_keep_mask(batch, tc.cond_dropout, self.generator)
         t = sample_timesteps(batch, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=self.generator)
-        n_tokens = (self.config.data.height // mc.patch_size) * (self.config.data.width // mc.patch_size)
-        noise = torch.randn((batch, n_tokens, mc.token_dim), generator=self.generator)
+        noise = torch.randn((batch, self.grid[0] * self.grid[1], mc.token_dim), generator=self.generator)
         mine = slice(world.rank * local, (world.rank + 1) * local)
-        images, captions, labels = batch_from_indices(self.dataset, idx[mine])
-        x0 = patchify(images, mc.patch_size).to(self.device)  # (b, N, C*p*p)
-        cond = self.condition(captions, labels).where(keep[mine].to(self.device), self.null_cond)
+        if self.cache is not None:
+            latents, _, labels, cond = self.cache.batch(idx[mine])
+            if mc.num_classes:
+                cond.labels = labels
+            cond = cond.to(self.device)
+        else:
+            images, captions, labels = batch_from_indices(self.dataset, idx[mine])
+            latents = self.codec.encode(images.to(self.device))  # (b, c, h, w); identity for pixels
+            cond = self.condition(captions, labels)
+        x0 = patchify(latents.to(self.device), mc.patch_size)  # (b, N, c*p*p)
+        cond = cond.where(keep[mine].to(self.device), self.null_cond)
         t, noise = t[mine].to(self.device), noise[mine].to(self.device)
 
         self.model.train()
@@ -287,7 +305,10 @@ class Trainer:
 
     def pipeline(self) -> Pipeline:
         """The EMA model as a sampling pipeline (under FSDP every rank must call it in lockstep)."""
-        return Pipeline(self.ema, self.config, self.text_encoder, self.device)
+        if self.text_encoder is None and self.config.text.encoder != "none":
+            self.text_encoder = load_text_encoder(self.config.text.encoder, self.config.text.max_length,
+                                                  device=self.device)
+        return Pipeline(self.ema, self.config, self.text_encoder, self.device, self.codec)
 
     def evaluate(self, log) -> dict | None:
         """Score the EMA model on a small, seeded slice of the suite; rank 0 logs it and saves its grid."""
@@ -327,8 +348,9 @@ class Trainer:
         mc, dc, tc = self.config.model, self.config.data, self.config.train
         n_params = sum(p.numel() for p in self.net.parameters())
         text_tokens = self.config.text.max_length if mc.context_dim else 0
-        flops = flops_per_image(mc, dc.height, dc.width, text_tokens)
-        tokens = (dc.height // mc.patch_size) * (dc.width // mc.patch_size)
+        f = self.codec.downsample
+        flops = flops_per_image(mc, dc.height // f, dc.width // f, text_tokens)
+        tokens = self.grid[0] * self.grid[1]
         memory = estimate_training_memory(mc, tc.batch_size // (self.world.world_size * tc.grad_accum), tokens,
                                           text_tokens)
         total_gb = sum(memory.values()) / 2**30
