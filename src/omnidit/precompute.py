@@ -237,7 +237,7 @@ class CachedDataset:
     def __repr__(self) -> str:
         return f"CachedDataset({str(self.directory)!r}, n={self.num_samples}, latent={self.meta['latent_shape']})"
 
-    def __getstate__(self) -> dict:  # open file handles do not pickle (DataLoader workers reopen them)
+    def __getstate__(self) -> dict:  # open file handles cannot be copied to DataLoader workers: they reopen
         return {**self.__dict__, "_shards": {}}
 
     def _shard(self, s: int) -> tuple:
