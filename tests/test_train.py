@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import random_condition, tiny_config
 
@@ -65,3 +66,20 @@ def test_batch_indices_cover_each_epoch_once_and_depend_only_on_the_step():
     assert seen[:10] != seen[10:20]  # reshuffled per epoch
     assert batch_indices(3, b, n, 0) == batch_indices(3, b, n, 0)
     assert batch_indices(2, 8, None, 0) == list(range(16, 24))
+
+
+def test_tensorboard_scalars_are_written_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from omnidit.config import load_config
+    from omnidit.train import train
+
+    config = load_config("configs/digits.json", [
+        "model.hidden_size=64", "model.num_heads=2", "model.depth=1", "train.steps=4", "train.log_every=2",
+        "train.checkpoint_every=4", "train.batch_size=8", f"train.out_dir={tmp_path}", "train.device=cpu"])
+    train(config, progress=False)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s"} <= set(events.Tags()["scalars"])
+    assert [s.step for s in events.Scalars("train/loss")] == [2, 4]
