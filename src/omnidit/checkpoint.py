@@ -55,7 +55,19 @@ def save_checkpoint(directory: str | Path, config: Config, model_state: dict[str
         (tmp / "training_state").mkdir()
         save_file(_cpu_contiguous(state_tensors or {}), str(tmp / "training_state" / "state.safetensors"))
         (tmp / "training_state" / "state.json").write_text(json.dumps(state_meta or {}, indent=2) + "\n")
-    _fsync_tree(tmp)
+    return publish_folder(tmp, final)
+
+
+def publish_folder(tmp: Path, final: Path) -> Path:
+    """Make a fully written ``tmp`` folder visible as ``final`` in one rename (after an fsync).
+
+    Readers see either the old ``final`` or the new one, never a half-written folder; a crash before
+    the rename leaves ``tmp`` behind, which listings ignore.
+    """
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     if final.exists():
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -65,13 +77,6 @@ def save_checkpoint(directory: str | Path, config: Config, model_state: dict[str
     else:
         os.replace(tmp, final)
     return final
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

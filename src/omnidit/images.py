@@ -13,6 +13,19 @@ from torch import Tensor
 from omnidit.errors import OmniditError
 
 
+def check_image_batch(images: Tensor, channels: tuple[int, ...], who: str) -> None:
+    """Raise a one-line error unless ``images`` is a finite, non-empty (B, C, H, W) batch with C in ``channels``."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] not in channels:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        allowed = " or ".join(map(str, channels))
+        raise OmniditError(f"{who} expects images of shape (B, {allowed}, H, W), got {shape}",
+                           hint=f"pass a batch of {allowed}-channel images in [-1, 1]")
+    if images.shape[0] == 0 or images.shape[2] < 1 or images.shape[3] < 1:
+        raise OmniditError(f"{who} got an empty batch or image: {tuple(images.shape)}")
+    if not bool(torch.isfinite(images).all()):
+        raise OmniditError("images contain NaN or inf", hint="the sampler diverged; check the checkpoint and cfg")
+
+
 def to_pil(image: Tensor) -> Image.Image:
     """(C, H, W) in [-1, 1] with C = 1 or 3 -> PIL image (L or RGB)."""
     array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from omnidit import __version__
+from omnidit.checkpoint import publish_folder
 from omnidit.codecs import LatentCodec, dtype_name, resolve_dtype
 from omnidit.condition import Condition
 from omnidit.data import batch_from_indices
@@ -191,18 +191,7 @@ def precompute(dataset, codec: LatentCodec, text_encoder, out_dir: str | Path, f
         null = text_encoder.encode([""]).to("cpu")
         save_file({"txt": null.txt[0].to(dtype).contiguous(), "pooled": null.pooled[0].to(dtype).contiguous()},
                   str(tmp / "null.safetensors"))
-    for path in tmp.iterdir():  # on disk before the rename makes the cache visible
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    if final.exists():
-        old = out_dir / f"{key}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return final
+    return publish_folder(tmp, final)
 
 
 class CachedDataset:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from omnidit.data.digits import DIGIT_NAMES, DigitsDataset
 from omnidit.errors import OmniditError
+from omnidit.images import check_image_batch
 
 # Sizes used to augment the training set with resize round trips (square and a non-integer factor).
 ROUND_TRIP_SIZES = (12, 16, 32)
@@ -31,14 +32,7 @@ _JUDGES: dict[int, DigitsJudge] = {}  # one fitted judge per seed per process
 
 
 def _check_images(images: Tensor) -> None:
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 1:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise OmniditError(f"digits judge expects images of shape (B, 1, H, W), got {shape}",
-                           hint="pass a batch of 1-channel images in [-1, 1]")
-    if images.shape[0] == 0 or images.shape[2] < 1 or images.shape[3] < 1:
-        raise OmniditError(f"digits judge got an empty batch or image: {tuple(images.shape)}")
-    if not bool(torch.isfinite(images).all()):
-        raise OmniditError("images contain NaN or inf", hint="the sampler diverged; check the checkpoint and cfg")
+    check_image_batch(images, (1,), "digits judge")
 
 
 def to_features(images: Tensor) -> np.ndarray:

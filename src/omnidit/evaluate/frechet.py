@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from omnidit.errors import OmniditError
+from omnidit.images import check_image_batch
 
 FEATURE_VERSION = 1
 FEATURE_SIZE = 32
@@ -65,14 +66,7 @@ def _conv_weights() -> list[tuple[Tensor, Tensor]]:
 
 
 def _check_images(images: Tensor) -> None:
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise OmniditError(f"Fréchet features expect images of shape (B, 1 or 3, H, W), got {shape}",
-                           hint="pass a batch of 1- or 3-channel images in [-1, 1]")
-    if images.shape[0] == 0 or images.shape[2] < 1 or images.shape[3] < 1:
-        raise OmniditError(f"Fréchet features got an empty batch or image: {tuple(images.shape)}")
-    if not bool(torch.isfinite(images).all()):
-        raise OmniditError("images contain NaN or inf", hint="the sampler diverged; check the checkpoint and cfg")
+    check_image_batch(images, (1, 3), "Fréchet features")
 
 
 def _resize(x: Tensor) -> Tensor:
