@@ -32,6 +32,9 @@ CASES = [
     ({"context_dim": 0, "pooled_dim": 0, "num_classes": 10, "depth_single": 2}, 1, 16, 0),
     ({"guidance_embed": True, "num_classes": 5, "depth": 3, "depth_single": 0}, 1, 16, 3),
     ({"patch_size": 4, "mlp_ratio": 2.0, "abs_pos_embed": True, "hidden_size": 96, "num_heads": 3}, 4, 32, 9),
+    # SD3.5-like: no RoPE, position table, dual attention; DiT-like: learned sigma doubles the output
+    ({"rope": False, "pos_table_size": 8, "dual_attention_layers": (0, 1), "depth_single": 0}, 2, 16, 5),
+    ({"context_dim": 0, "pooled_dim": 0, "num_classes": 10, "out_channels": 6, "time_freq_shift": 1.0}, 1, 8, 0),
 ]
 
 

@@ -224,3 +224,56 @@ def test_batched_cfg_with_prompts_of_different_lengths_matches_separate_calls():
         v_c = fn(x, t, cond.without_full_mask())
         v_u = fn(x, t, null.repeat(2))
     torch.testing.assert_close(guided, v_u + 3.0 * (v_c - v_u), rtol=1e-4, atol=1e-5)
+
+
+def test_family_options_rope_off_position_table_dual_attention_out_channels():
+    from omnidit.model.math import sincos_2d_table
+
+    cfg = tiny_config(rope=False, pos_table_size=8, dual_attention_layers=(0,), depth_single=0, out_channels=6,
+                      time_freq_shift=1.0)
+    model = build(cfg)
+    with torch.no_grad():
+        v, tokens = run(model, 8, 12)  # a 4x6 grid, centred in the 8x8 table
+    assert v.shape == (2, 24, 6 * 4)
+    ids = image_position_ids(4, 6, 3)
+    table = model.table_positions(ids)[0].reshape(4, 6, -1)
+    assert torch.equal(table, model.pos_table[2:6, 1:7])
+    assert torch.equal(model.pos_table, sincos_2d_table(8, cfg.hidden_size))
+    with pytest.raises(OmniditError, match="exceeds"):
+        model.table_positions(image_position_ids(9, 2, 3))
+    # every weight, including the dual self-attention, gets a gradient
+    model.train()
+    out, _ = run(model, 8, 8)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())
+    streams = [block.streams["img"] for block in model.double_blocks]
+    assert hasattr(streams[0], "qkv2") and not hasattr(streams[1], "qkv2")
+
+
+def test_without_positions_the_model_is_permutation_equivariant():
+    cfg = tiny_config(rope=False)
+    model = build(cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 12, generator=g)
+    perm = torch.randperm(16, generator=g)
+    ids = image_position_ids(4, 4, 3)
+    cond, t = random_condition(cfg, 1), torch.tensor([0.5])
+    with torch.no_grad():
+        permuted = model(x[:, perm], ids, t, cond)
+        torch.testing.assert_close(model(x, ids, t, cond)[:, perm], permuted, rtol=1e-5, atol=1e-6)
+        rope = build(tiny_config())
+        assert (rope(x, ids, t, cond)[:, perm] - rope(x[:, perm], ids, t, cond)).abs().max() > 1e-4
+
+
+def test_position_table_and_time_embedding_match_diffusers():
+    pytest.importorskip("diffusers")
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
+
+    from omnidit.model.math import sincos_2d_table
+
+    ref = torch.as_tensor(get_2d_sincos_pos_embed(32, 6, base_size=6, interpolation_scale=1.0, output_type="pt"))
+    torch.testing.assert_close(sincos_2d_table(6, 32).reshape(36, 32), ref.float(), rtol=0, atol=1e-6)
+    t = torch.tensor([0.0, 0.25, 0.999])
+    for shift in (0, 1):
+        expected = get_timestep_embedding(t * 1000, 256, flip_sin_to_cos=True, downscale_freq_shift=shift)
+        torch.testing.assert_close(timestep_embedding(t, 256, freq_shift=shift), expected, rtol=1e-5, atol=1e-4)

@@ -61,12 +61,14 @@ def forward_flops(config: MMDiTConfig, image_tokens: int, text_tokens: int = 0, 
         flops += _linear(n_txt, c.context_dim, d)
     for i in range(c.depth):
         flops += stream(n_img) + _attention(n, d)
+        if i in c.dual_attention_layers:  # SD3.5: 3 more modulation chunks and an image-only attention
+            flops += _linear(1, d, 3 * d) + _linear(n_img, d, 3 * d) + _linear(n_img, d, d) + _attention(n_img, d)
         if c.context_dim:
             last_pre_only = i == c.depth - 1 and c.depth_single == 0
             flops += pre_only(n_txt) if last_pre_only else stream(n_txt)
     single = _linear(1, d, 3 * d) + _linear(n, d, 3 * d + h) + _linear(n, d + h, d) + _attention(n, d)
     flops += c.depth_single * single
-    flops += _linear(1, d, 2 * d) + _linear(n_img, d, c.token_dim)  # final layer
+    flops += _linear(1, d, 2 * d) + _linear(n_img, d, c.out_token_dim)  # final layer
     return batch * flops
 
 

@@ -92,6 +92,9 @@ class Pipeline:
         what else is in the batch, which evaluators rely on).
         """
         s, mc = self.config.sample, self.model.config
+        if mc.out_channels not in (0, mc.in_channels):
+            raise OmniditError(f"this model outputs {mc.out_channels} channels per {mc.in_channels} input channels "
+                               "(e.g. DiT's learned variance); the flow samplers need a velocity model")
         width, height = width or self.config.data.width, height or self.config.data.height
         steps, cfg = steps or s.steps, s.cfg if cfg is None else cfg
         factor = self.codec.downsample if self.codec is not None else 1

@@ -100,6 +100,9 @@ def check_compatible(config: Config, dataset, codec) -> None:
         what = "data" if config.data.codec == "identity" else "VAE latents"
         raise OmniditError(f"model.in_channels is {mc.in_channels} but the '{config.data.name}' {what} have "
                            f"{codec.channels} channels", hint=f"set model.in_channels={codec.channels}")
+    if mc.out_channels not in (0, mc.in_channels):
+        raise OmniditError(f"model.out_channels={mc.out_channels} differs from in_channels={mc.in_channels}: "
+                           "a velocity model predicts one value per input value", hint="set model.out_channels=0")
     if dataset.num_classes and mc.num_classes not in (0, dataset.num_classes):
         raise OmniditError(f"model.num_classes is {mc.num_classes} but the data has {dataset.num_classes} classes")
     check_image_size(config.data.height, config.data.width, mc.patch_size * codec.downsample)

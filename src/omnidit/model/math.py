@@ -14,14 +14,16 @@ from torch import Tensor
 TIME_FACTOR = 1000.0
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> Tensor:
     """Sinusoidal embedding of continuous times, ``[cos, sin]`` halves (as DiT, SD3 and Flux).
 
-    t: (B,) floats in [0, 1] -> (B, dim) float32.
+    t: (B,) floats in [0, 1] -> (B, dim) float32. Frequencies are exp(-ln(max_period) i / (half -
+    freq_shift)); SD3 and Flux use freq_shift 0, diffusers' DiT 1.
     """
     t = TIME_FACTOR * t.float()
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    exponent = torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    freqs = torch.exp(-math.log(max_period) * exponent)
     args = t[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -93,3 +95,18 @@ def sincos_position_embedding(ids: Tensor, dim: int, max_period: float = 10000.0
         args = ids[..., axis, None].float() * omega
         parts += [torch.sin(args), torch.cos(args)]
     return torch.cat(parts, dim=-1).float()
+
+
+def sincos_2d_table(size: int, dim: int, max_period: float = 10000.0) -> Tensor:
+    """The fixed 2-D sin-cos table of DiT and SD3 for a size x size grid: (size, size, dim) float32.
+
+    Entry [row, col] = [sin(col w), cos(col w), sin(row w), cos(row w)], w_i = max_period^(-i / (dim/4)).
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos table needs a dim divisible by 4, got {dim}")
+    omega = 1.0 / max_period ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    pos = torch.arange(size, dtype=torch.float64)[:, None] * omega  # (size, dim/4)
+    axis = torch.cat([pos.sin(), pos.cos()], dim=-1)  # (size, dim/2)
+    cols = axis[None, :, :].expand(size, size, -1)
+    rows = axis[:, None, :].expand(size, size, -1)
+    return torch.cat([cols, rows], dim=-1).float()

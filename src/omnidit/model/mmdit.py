@@ -18,7 +18,13 @@ from torch.utils.checkpoint import checkpoint
 from omnidit.condition import Condition
 from omnidit.errors import OmniditError
 from omnidit.model.layers import MLP, FinalLayer, MLPEmbedder, Modulation, RMSNorm, layer_norm, modulate
-from omnidit.model.math import attention, rope_cos_sin, sincos_position_embedding, timestep_embedding
+from omnidit.model.math import (
+    attention,
+    rope_cos_sin,
+    sincos_2d_table,
+    sincos_position_embedding,
+    timestep_embedding,
+)
 
 TIME_EMBED_DIM = 256  # sinusoidal frequency channels fed to the timestep / guidance MLPs
 
@@ -45,12 +51,18 @@ class MMDiTConfig:
     guidance_embed: bool = False
     axes_dim: tuple[int, ...] = (8, 12, 12)
     rope_theta: float = 10000.0
-    abs_pos_embed: bool = False
+    abs_pos_embed: bool = False  # add a sin-cos embedding computed from the position ids
     qk_norm: bool = True
     qkv_bias: bool = True
+    rope: bool = True  # rotary positions in attention (SD3 and DiT use absolute positions instead)
+    pos_table_size: int = 0  # > 0: a fixed (S, S, D) position table, centre-cropped to the grid (SD3, DiT)
+    out_channels: int = 0  # output channels per pixel; 0 = in_channels (DiT's learned sigma doubles them)
+    time_freq_shift: float = 0.0  # timestep embedding frequency shift (diffusers' DiT uses 1)
+    dual_attention_layers: tuple[int, ...] = ()  # double blocks whose img stream also self-attends (SD3.5)
 
     def __post_init__(self) -> None:
         self.axes_dim = tuple(int(a) for a in self.axes_dim)
+        self.dual_attention_layers = tuple(int(i) for i in self.dual_attention_layers)
         checks = [
             (self.hidden_size > 0 and self.num_heads > 0, "hidden_size and num_heads must be positive"),
             (self.hidden_size % max(self.num_heads, 1) == 0,
@@ -62,11 +74,15 @@ class MMDiTConfig:
             (self.context_dim >= 0 and self.pooled_dim >= 0 and self.num_classes >= 0,
              "context_dim, pooled_dim and num_classes must be >= 0"),
             (self.mlp_ratio > 0, "mlp_ratio must be positive"),
+            (self.pos_table_size >= 0 and self.out_channels >= 0, "pos_table_size and out_channels must be >= 0"),
+            (all(0 <= i < self.depth for i in self.dual_attention_layers),
+             f"dual_attention_layers {self.dual_attention_layers} must index double blocks 0..{self.depth - 1}"),
+            (self.pos_table_size == 0 or self.hidden_size % 4 == 0, "pos_table_size needs hidden_size % 4 == 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise OmniditError(f"invalid model config: {message}")
-        if sum(self.axes_dim) != self.head_dim:
+        if self.rope and sum(self.axes_dim) != self.head_dim:
             raise OmniditError(
                 f"invalid model config: axes_dim {self.axes_dim} sums to {sum(self.axes_dim)}, "
                 f"but the head dim is {self.head_dim} (hidden_size / num_heads)",
@@ -87,12 +103,18 @@ class MMDiTConfig:
         return self.in_channels * self.patch_size**2
 
     @property
+    def out_token_dim(self) -> int:
+        """Features per output token: (out_channels or in_channels) * patch_size**2."""
+        return (self.out_channels or self.in_channels) * self.patch_size**2
+
+    @property
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["axes_dim"] = list(self.axes_dim)
+        d["dual_attention_layers"] = list(self.dual_attention_layers)
         return d
 
     @classmethod
@@ -125,12 +147,12 @@ class StreamBranch(nn.Module):
     SD3's last block does for text; it then has no output projection or MLP.
     """
 
-    def __init__(self, cfg: MMDiTConfig, pre_only: bool = False) -> None:
+    def __init__(self, cfg: MMDiTConfig, pre_only: bool = False, dual: bool = False) -> None:
         super().__init__()
         dim = cfg.hidden_size
         self.num_heads = cfg.num_heads
-        self.pre_only = pre_only
-        self.mod = Modulation(dim, 2 if pre_only else 6)
+        self.pre_only, self.dual = pre_only, dual
+        self.mod = Modulation(dim, 2 if pre_only else 9 if dual else 6)
         self.norm1 = layer_norm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
         # A pre-only stream's queries only shape outputs that are discarded, so they need no norm
@@ -141,19 +163,36 @@ class StreamBranch(nn.Module):
             self.proj = nn.Linear(dim, dim)
             self.norm2 = layer_norm(dim)
             self.mlp = MLP(dim, cfg.mlp_hidden)
+        if dual:  # SD3.5's MMDiT-X: a second, stream-only self-attention
+            self.qkv2 = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
+            self.q_norm2 = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+            self.k_norm2 = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+            self.proj2 = nn.Linear(dim, dim)
+
+    def _heads(self, qkv: nn.Linear, q_norm: nn.Module, k_norm: nn.Module, x: Tensor) -> tuple[Tensor, ...]:
+        q, k, v = qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+        return q_norm(q).transpose(1, 2), k_norm(k).transpose(1, 2), v.transpose(1, 2)
 
     def qkv_heads(self, x: Tensor, mods: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
         """x: (B, N, D) -> q, k, v each (B, H, N, D / H), q and k normalised."""
-        q, k, v = self.qkv(modulate(self.norm1(x), mods[0], mods[1])).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
-        return self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+        return self._heads(self.qkv, self.q_norm, self.k_norm, modulate(self.norm1(x), mods[0], mods[1]))
 
-    def finish(self, x: Tensor, attn: Tensor, mods: tuple[Tensor, ...]) -> Tensor | None:
-        """Add the attention branch and then the MLP branch to the residual. attn: (B, N, D)."""
+    def finish(self, x: Tensor, attn: Tensor, mods: tuple[Tensor, ...],
+               pe: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
+        """Add the attention branch (and the self-attention branch when dual), then the MLP branch.
+
+        x: (B, N, D) the block's input; attn: (B, N, D) this stream's rows of the joint attention;
+        pe: this stream's rotary angles, for the dual self-attention.
+        """
         if self.pre_only:
             return None
-        _, _, gate1, shift2, scale2, gate2 = mods
-        x = x + gate1 * self.proj(attn)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        _, _, gate1, shift2, scale2, gate2 = mods[:6]
+        out = x + gate1 * self.proj(attn)
+        if self.dual:  # reads the block input, normalised as for the joint attention
+            shift3, scale3, gate3 = mods[6:]
+            q, k, v = self._heads(self.qkv2, self.q_norm2, self.k_norm2, modulate(self.norm1(x), shift3, scale3))
+            out = out + gate3 * self.proj2(attention(q, k, v, pe, None))
+        return out + gate2 * self.mlp(modulate(self.norm2(out), shift2, scale2))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -163,10 +202,11 @@ class DoubleStreamBlock(nn.Module):
     concatenation; both the attention and the MLP branch add to each stream's residual.
     """
 
-    def __init__(self, cfg: MMDiTConfig, names: tuple[str, ...], pre_only: tuple[str, ...] = ()) -> None:
+    def __init__(self, cfg: MMDiTConfig, names: tuple[str, ...], pre_only: tuple[str, ...] = (),
+                 dual: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.names = names
-        self.streams = nn.ModuleDict({n: StreamBranch(cfg, pre_only=n in pre_only) for n in names})
+        self.streams = nn.ModuleDict({n: StreamBranch(cfg, pre_only=n in pre_only, dual=n in dual) for n in names})
 
     def forward(self, streams: list[Tensor], vec: Tensor, pe: tuple[Tensor, Tensor] | None,
                 mask: Tensor | None) -> list[Tensor | None]:
@@ -174,8 +214,10 @@ class DoubleStreamBlock(nn.Module):
         mods = [b.mod(vec) for b in branches]
         qkv = [b.qkv_heads(x, m) for b, x, m in zip(branches, streams, mods)]
         q, k, v = (torch.cat([t[i] for t in qkv], dim=2) for i in range(3))  # (B, H, sum N_i, Dh)
-        attn = attention(q, k, v, pe, mask).split([x.shape[1] for x in streams], dim=1)
-        return [b.finish(x, a, m) for b, x, a, m in zip(branches, streams, attn, mods)]
+        lengths = [x.shape[1] for x in streams]
+        attn = attention(q, k, v, pe, mask).split(lengths, dim=1)
+        own_pe = [None] * len(streams) if pe is None else list(zip(*(t.split(lengths, dim=2) for t in pe)))
+        return [b.finish(x, a, m, p) for b, x, a, m, p in zip(branches, streams, attn, mods, own_pe)]
 
 
 class SingleStreamBlock(nn.Module):
@@ -228,10 +270,14 @@ class MMDiT(nn.Module):
         # With no single blocks after it, the last double block's text output is never read.
         last_pre_only = ("txt",) if cfg.depth_single == 0 else ()
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(cfg, names, last_pre_only if i == cfg.depth - 1 else ()) for i in range(cfg.depth)
+            DoubleStreamBlock(cfg, names, last_pre_only if i == cfg.depth - 1 else (),
+                              ("img",) if i in cfg.dual_attention_layers else ())
+            for i in range(cfg.depth)
         )
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
-        self.final_layer = FinalLayer(dim, cfg.token_dim)
+        self.final_layer = FinalLayer(dim, cfg.out_token_dim)
+        if cfg.pos_table_size:  # fixed, not trained: a buffer that checkpoints carry (SD3 stores its own)
+            self.register_buffer("pos_table", sincos_2d_table(cfg.pos_table_size, dim))
         self.gradient_checkpointing = False
         self.initialize_weights()
 
@@ -262,14 +308,15 @@ class MMDiT(nn.Module):
 
     def conditioning_vector(self, t: Tensor, cond: Condition) -> Tensor:
         """Timestep embedding (+ pooled text, + class label, + guidance). t: (B,) -> (B, D)."""
-        vec = self.time_in(timestep_embedding(t, TIME_EMBED_DIM).to(self.img_in.weight.dtype))
+        shift = self.config.time_freq_shift
+        vec = self.time_in(timestep_embedding(t, TIME_EMBED_DIM, freq_shift=shift).to(self.img_in.weight.dtype))
         if self.vector_in is not None:
             vec = vec + self.vector_in(_required(cond.pooled, "pooled", "a pooled text vector"))
         if self.label_in is not None:
             vec = vec + self.label_in(_required(cond.labels, "labels", "class labels"))
         if self.guidance_in is not None:
             g = _required(cond.guidance, "guidance", "a guidance scale")
-            vec = vec + self.guidance_in(timestep_embedding(g, TIME_EMBED_DIM).to(vec.dtype))
+            vec = vec + self.guidance_in(timestep_embedding(g, TIME_EMBED_DIM, freq_shift=shift).to(vec.dtype))
         return vec
 
     def forward(self, x: Tensor, x_ids: Tensor, t: Tensor, cond: Condition) -> Tensor:
@@ -280,6 +327,8 @@ class MMDiT(nn.Module):
         x_ids = x_ids.expand(batch, -1, -1)
         if self.config.abs_pos_embed:
             img = img + sincos_position_embedding(x_ids, img.shape[-1]).to(img.dtype)
+        if self.config.pos_table_size:
+            img = img + self.table_positions(x_ids).to(img.dtype)
         streams, ids, mask = [img], [x_ids], None
         if self.has_text:
             txt = self.txt_in(_required(cond.txt, "txt", "text tokens"))  # (B, L, D)
@@ -288,7 +337,9 @@ class MMDiT(nn.Module):
             ids.append(torch.zeros(batch, txt.shape[1], x_ids.shape[-1], dtype=x_ids.dtype, device=x_ids.device))
             if cond.txt_mask is not None:
                 mask = torch.cat([torch.ones(batch, n_img, dtype=torch.bool, device=x.device), cond.txt_mask], 1)
-        pe = rope_cos_sin(torch.cat(ids, dim=1), self.config.axes_dim, self.config.rope_theta)
+        pe = None
+        if self.config.rope:
+            pe = rope_cos_sin(torch.cat(ids, dim=1), self.config.axes_dim, self.config.rope_theta)
         for block in self.double_blocks:
             streams = self._run(block, streams, vec, pe, mask)
         if self.single_blocks:
@@ -298,7 +349,20 @@ class MMDiT(nn.Module):
             img = joint[:, :n_img]
         else:
             img = streams[0]
-        return self.final_layer(img, vec)  # (B, N, token_dim)
+        return self.final_layer(img, vec)  # (B, N, out_token_dim)
+
+    def table_positions(self, ids: Tensor) -> Tensor:
+        """Rows of the fixed position table for (B, N, A) ids, centre-cropped to the grid: (B, N, D).
+
+        SD3 keeps a table for its largest grid and uses its centre for smaller images.
+        """
+        size = self.config.pos_table_size
+        rows, cols = ids[..., -2].long(), ids[..., -1].long()
+        grid_h, grid_w = int(rows.max()) + 1, int(cols.max()) + 1  # one host sync per forward
+        if grid_h > size or grid_w > size:
+            raise OmniditError(f"a {grid_w}x{grid_h} token grid exceeds the model's {size}x{size} position table",
+                               hint="generate at a smaller size")
+        return self.pos_table[rows + (size - grid_h) // 2, cols + (size - grid_w) // 2]
 
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
