@@ -36,24 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="omnidit", description="Train, sample and inspect multimodal diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train a model from a JSON config",
-                       description="Train a model. Checkpoints go to train.out_dir; an interrupted run resumes "
-                                   "from its latest checkpoint when started again.",
-                       epilog=_keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="JSON config file, e.g. configs/shapes.json")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-
-    p = sub.add_parser("precompute", help="cache latents and text embeddings for training",
-                       description="Encode the config's data with its codec (identity or VAE) and text encoder "
-                                   "into data.cache_dir, keyed by every setting that changes the values (codec, "
-                                   "encoder, dtype, resolution, samples, data seed, held-out pairs): a run with "
-                                   "data.cache_dir set then trains from the cache, and a changed setting never "
-                                   "reuses a stale one.",
-                       epilog=_keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="JSON config file")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config_commands = {
+        "train": ("train a model from a JSON config",
+                  "Train a model. Checkpoints go to train.out_dir; an interrupted run resumes from its latest "
+                  "checkpoint when started again. Under torchrun: python -m torch.distributed.run "
+                  "--nproc_per_node N -m omnidit train CONFIG."),
+        "precompute": ("cache latents and text embeddings for training",
+                       "Encode the config's data with its codec (identity or VAE) and text encoder into "
+                       "data.cache_dir, keyed by every setting that changes the values (codec, encoder, dtype, "
+                       "resolution, samples, data seed, held-out pairs): a run with data.cache_dir set then "
+                       "trains from the cache, and a changed setting never reuses a stale one."),
+    }
+    for name, (summary, description) in config_commands.items():
+        p = sub.add_parser(name, help=summary, description=description, epilog=_keys_epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("config", help="JSON config file, e.g. configs/shapes.json")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
     p = sub.add_parser("generate", help="generate images from a prompt",
                        description="Generate images; several images are tiled into one grid PNG whose text "
