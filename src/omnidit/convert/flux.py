@@ -8,7 +8,7 @@ Three layouts hold the same Flux transformer:
   ...): ``flux_original_to_omnidit`` / ``omnidit_to_flux_original``;
 - omnidit's ``MMDiT``, whose names follow the original layout, so that map is renames only.
 
-Every map is a list of ``_Rule``s: one omnidit tensor = the row-wise stack of one or more foreign tensors,
+Every map is a list of ``Rule``s: one omnidit tensor = the row-wise stack of one or more foreign tensors,
 optionally with its two row halves swapped. The same rules run forwards and backwards, so round trips are
 bit-exact by construction.
 
@@ -18,9 +18,6 @@ Flux packs 2x2 latent patches into 64-channel tokens in (c, py, px) order, the o
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +25,19 @@ from torch import Tensor
 
 from omnidit.checkpoint import read_safetensors
 from omnidit.config import read_json
+from omnidit.convert.common import (
+    ORIGINAL_PREFIX,
+    Rule,
+    assemble_model,
+    count_blocks,
+    first_mismatch,
+    foreign_shapes,
+    from_omnidit,
+    linear_rules,
+    omnidit_shapes,
+    read_weights_folder,
+    to_omnidit,
+)
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import MMDiT, MMDiTConfig
 
@@ -40,10 +50,6 @@ FLUX_DEFAULTS: dict = {
 }
 FLUX_PACK = 2  # the Flux pipeline packs 2x2 latent patches into one token
 FLUX_ROPE_THETA = 10000.0
-# The original single-file checkpoints may carry ComfyUI's prefix.
-ORIGINAL_PREFIX = "model.diffusion_model."
-_INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 
 
 # ---- configs --------------------------------------------------------------------------------------
@@ -114,8 +120,8 @@ def flux_original_config(state: dict[str, Tensor], axes_dim: tuple[int, ...] = (
         patch_size=FLUX_PACK,
         hidden_size=hidden,
         num_heads=hidden // head_dim,
-        depth=_count_blocks(state, "double_blocks"),
-        depth_single=_count_blocks(state, "single_blocks"),
+        depth=count_blocks(state, "double_blocks"),
+        depth_single=count_blocks(state, "single_blocks"),
         mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
         context_dim=state["txt_in.weight"].shape[1],
         pooled_dim=state["vector_in.in_layer.weight"].shape[1],
@@ -125,11 +131,6 @@ def flux_original_config(state: dict[str, Tensor], axes_dim: tuple[int, ...] = (
         qk_norm=True,
         qkv_bias=True,
     )
-
-
-def _count_blocks(state: dict[str, Tensor], prefix: str) -> int:
-    ids = [int(m.group(1)) for k in state if (m := re.match(rf"{prefix}\.(\d+)\.", k))]
-    return max(ids) + 1 if ids else 0
 
 
 def _require_flux_shaped(config: MMDiTConfig, diffusers: bool = True) -> None:
@@ -153,43 +154,22 @@ def _require_flux_shaped(config: MMDiTConfig, diffusers: bool = True) -> None:
 # ---- key maps -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Rule:
-    """One omnidit tensor made of foreign tensors.
-
-    parts: foreign keys whose tensors are stacked along rows (one key: a plain rename); sizes: the
-    row count of each part (needed to split when there are several); swap: the two row halves are
-    exchanged (diffusers' final norm orders its chunks (scale, shift), omnidit (shift, scale)).
-    """
-
-    omnidit: str
-    parts: tuple[str, ...]
-    sizes: tuple[int, ...] = ()
-    swap: bool = False
-
-
-def _linear(omnidit: str, parts: Iterable[str], sizes: tuple[int, ...] = (), swap: bool = False) -> list[_Rule]:
-    """Rules for a Linear's weight and bias."""
-    parts = tuple(parts)
-    return [_Rule(f"{omnidit}.{p}", tuple(f"{x}.{p}" for x in parts), sizes, swap) for p in ("weight", "bias")]
-
-
-def _diffusers_rules(config: MMDiTConfig) -> list[_Rule]:
+def _diffusers_rules(config: MMDiTConfig) -> list[Rule]:
     """omnidit <- diffusers ``FluxTransformer2DModel`` (verified against diffusers 0.42's modules)."""
     _require_flux_shaped(config)
     d, mlp = config.hidden_size, config.mlp_hidden
     tte = "time_text_embed"
     rules = [
-        *_linear("img_in", ["x_embedder"]),
-        *_linear("txt_in", ["context_embedder"]),
-        *_linear("time_in.in_layer", [f"{tte}.timestep_embedder.linear_1"]),
-        *_linear("time_in.out_layer", [f"{tte}.timestep_embedder.linear_2"]),
-        *_linear("vector_in.in_layer", [f"{tte}.text_embedder.linear_1"]),
-        *_linear("vector_in.out_layer", [f"{tte}.text_embedder.linear_2"]),
+        *linear_rules("img_in", ["x_embedder"]),
+        *linear_rules("txt_in", ["context_embedder"]),
+        *linear_rules("time_in.in_layer", [f"{tte}.timestep_embedder.linear_1"]),
+        *linear_rules("time_in.out_layer", [f"{tte}.timestep_embedder.linear_2"]),
+        *linear_rules("vector_in.in_layer", [f"{tte}.text_embedder.linear_1"]),
+        *linear_rules("vector_in.out_layer", [f"{tte}.text_embedder.linear_2"]),
     ]
     if config.guidance_embed:
-        rules += [*_linear("guidance_in.in_layer", [f"{tte}.guidance_embedder.linear_1"]),
-                  *_linear("guidance_in.out_layer", [f"{tte}.guidance_embedder.linear_2"])]
+        rules += [*linear_rules("guidance_in.in_layer", [f"{tte}.guidance_embedder.linear_1"]),
+                  *linear_rules("guidance_in.out_layer", [f"{tte}.guidance_embedder.linear_2"])]
     # Per stream: (modulation, q/k/v projections, q norm, k norm, output projection, feed-forward).
     streams = {
         "img": ("norm1", ("to_q", "to_k", "to_v"), "norm_q", "norm_k", "to_out.0", "ff"),
@@ -201,133 +181,71 @@ def _diffusers_rules(config: MMDiTConfig) -> list[_Rule]:
         for name, (norm, qkv, q_norm, k_norm, out, ff) in streams.items():
             dst = f"double_blocks.{i}.streams.{name}"
             rules += [
-                *_linear(f"{dst}.mod.lin", [f"{src}.{norm}.linear"]),  # chunks (shift, scale, gate) x 2 in both
-                *_linear(f"{dst}.qkv", [f"{src}.attn.{p}" for p in qkv], (d, d, d)),
-                _Rule(f"{dst}.q_norm.scale", (f"{src}.attn.{q_norm}.weight",)),
-                _Rule(f"{dst}.k_norm.scale", (f"{src}.attn.{k_norm}.weight",)),
-                *_linear(f"{dst}.proj", [f"{src}.attn.{out}"]),
-                *_linear(f"{dst}.mlp.fc1", [f"{src}.{ff}.net.0.proj"]),
-                *_linear(f"{dst}.mlp.fc2", [f"{src}.{ff}.net.2"]),
+                *linear_rules(f"{dst}.mod.lin", [f"{src}.{norm}.linear"]),  # chunks (shift, scale, gate) x 2 in both
+                *linear_rules(f"{dst}.qkv", [f"{src}.attn.{p}" for p in qkv], (d, d, d)),
+                Rule(f"{dst}.q_norm.scale", (f"{src}.attn.{q_norm}.weight",)),
+                Rule(f"{dst}.k_norm.scale", (f"{src}.attn.{k_norm}.weight",)),
+                *linear_rules(f"{dst}.proj", [f"{src}.attn.{out}"]),
+                *linear_rules(f"{dst}.mlp.fc1", [f"{src}.{ff}.net.0.proj"]),
+                *linear_rules(f"{dst}.mlp.fc2", [f"{src}.{ff}.net.2"]),
             ]
     for i in range(config.depth_single):
         src, dst = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
         rules += [
-            *_linear(f"{dst}.mod.lin", [f"{src}.norm.linear"]),  # (shift, scale, gate) in both
-            *_linear(f"{dst}.linear1", [f"{src}.attn.to_q", f"{src}.attn.to_k", f"{src}.attn.to_v",
+            *linear_rules(f"{dst}.mod.lin", [f"{src}.norm.linear"]),  # (shift, scale, gate) in both
+            *linear_rules(f"{dst}.linear1", [f"{src}.attn.to_q", f"{src}.attn.to_k", f"{src}.attn.to_v",
                                         f"{src}.proj_mlp"], (d, d, d, mlp)),
-            *_linear(f"{dst}.linear2", [f"{src}.proj_out"]),  # input [attention, mlp] in both
-            _Rule(f"{dst}.q_norm.scale", (f"{src}.attn.norm_q.weight",)),
-            _Rule(f"{dst}.k_norm.scale", (f"{src}.attn.norm_k.weight",)),
+            *linear_rules(f"{dst}.linear2", [f"{src}.proj_out"]),  # input [attention, mlp] in both
+            Rule(f"{dst}.q_norm.scale", (f"{src}.attn.norm_q.weight",)),
+            Rule(f"{dst}.k_norm.scale", (f"{src}.attn.norm_k.weight",)),
         ]
-    rules += [*_linear("final_layer.mod.lin", ["norm_out.linear"], swap=True),
-              *_linear("final_layer.linear", ["proj_out"])]
+    rules += [*linear_rules("final_layer.mod.lin", ["norm_out.linear"], swap=True),
+              *linear_rules("final_layer.linear", ["proj_out"])]
     return rules
 
 
-def _original_rules(config: MMDiTConfig) -> list[_Rule]:
+def _original_rules(config: MMDiTConfig) -> list[Rule]:
     """omnidit <- black-forest-labs' original layout: renames only."""
     _require_flux_shaped(config, diffusers=False)
     names = ["img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer"]
     if config.guidance_embed:
         names += ["guidance_in.in_layer", "guidance_in.out_layer"]
-    rules = [r for n in names for r in _linear(n, [n])]
+    rules = [r for n in names for r in linear_rules(n, [n])]
     for i in range(config.depth):
         for s in ("img", "txt"):
             src, dst = f"double_blocks.{i}.{s}", f"double_blocks.{i}.streams.{s}"
             rules += [
-                *_linear(f"{dst}.mod.lin", [f"{src}_mod.lin"]),
-                *_linear(f"{dst}.qkv", [f"{src}_attn.qkv"]),
-                _Rule(f"{dst}.q_norm.scale", (f"{src}_attn.norm.query_norm.scale",)),
-                _Rule(f"{dst}.k_norm.scale", (f"{src}_attn.norm.key_norm.scale",)),
-                *_linear(f"{dst}.proj", [f"{src}_attn.proj"]),
-                *_linear(f"{dst}.mlp.fc1", [f"{src}_mlp.0"]),
-                *_linear(f"{dst}.mlp.fc2", [f"{src}_mlp.2"]),
+                *linear_rules(f"{dst}.mod.lin", [f"{src}_mod.lin"]),
+                *linear_rules(f"{dst}.qkv", [f"{src}_attn.qkv"]),
+                Rule(f"{dst}.q_norm.scale", (f"{src}_attn.norm.query_norm.scale",)),
+                Rule(f"{dst}.k_norm.scale", (f"{src}_attn.norm.key_norm.scale",)),
+                *linear_rules(f"{dst}.proj", [f"{src}_attn.proj"]),
+                *linear_rules(f"{dst}.mlp.fc1", [f"{src}_mlp.0"]),
+                *linear_rules(f"{dst}.mlp.fc2", [f"{src}_mlp.2"]),
             ]
     for i in range(config.depth_single):
         b = f"single_blocks.{i}"
         rules += [
-            *_linear(f"{b}.mod.lin", [f"{b}.modulation.lin"]),
-            *_linear(f"{b}.linear1", [f"{b}.linear1"]),
-            *_linear(f"{b}.linear2", [f"{b}.linear2"]),
-            _Rule(f"{b}.q_norm.scale", (f"{b}.norm.query_norm.scale",)),
-            _Rule(f"{b}.k_norm.scale", (f"{b}.norm.key_norm.scale",)),
+            *linear_rules(f"{b}.mod.lin", [f"{b}.modulation.lin"]),
+            *linear_rules(f"{b}.linear1", [f"{b}.linear1"]),
+            *linear_rules(f"{b}.linear2", [f"{b}.linear2"]),
+            Rule(f"{b}.q_norm.scale", (f"{b}.norm.query_norm.scale",)),
+            Rule(f"{b}.k_norm.scale", (f"{b}.norm.key_norm.scale",)),
         ]
     # The original final layer orders its chunks (shift, scale), as omnidit does.
-    rules += [*_linear("final_layer.mod.lin", ["final_layer.adaLN_modulation.1"]),
-              *_linear("final_layer.linear", ["final_layer.linear"])]
+    rules += [*linear_rules("final_layer.mod.lin", ["final_layer.adaLN_modulation.1"]),
+              *linear_rules("final_layer.linear", ["final_layer.linear"])]
     return rules
-
-
-def _swap_halves(t: Tensor) -> Tensor:
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def _omnidit_shapes(config: MMDiTConfig) -> dict[str, torch.Size]:
-    """Parameter shapes of ``MMDiT(config)``, built on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        return {k: v.shape for k, v in MMDiT(config).state_dict().items()}
-
-
-def _foreign_shapes(rules: list[_Rule], omnidit_shapes: dict[str, torch.Size]) -> dict[str, torch.Size]:
-    out = {}
-    for r in rules:
-        shape = omnidit_shapes[r.omnidit]
-        for key, rows in zip(r.parts, r.sizes or (shape[0],)):
-            out[key] = torch.Size((rows, *shape[1:]))
-    return out
-
-
-def _first_mismatch(state: dict[str, Tensor], expected: dict[str, torch.Size]) -> tuple[str, str] | None:
-    """(key, sentence) for the first missing, unexpected or wrongly shaped key; None if all match."""
-    for key in expected:
-        if key not in state:
-            return key, f"missing key '{key}'"
-    for key, t in state.items():
-        if key not in expected:
-            return key, f"unexpected key '{key}'"
-        if t.shape != expected[key]:
-            return key, f"key '{key}' has shape {tuple(t.shape)}, expected {tuple(expected[key])}"
-    return None
-
-
-def _check(state: dict[str, Tensor], expected: dict[str, torch.Size], what: str) -> None:
-    mismatch = _first_mismatch(state, expected)
-    if mismatch:
-        raise OmniditError(f"{what} does not match the model config: {mismatch[1]}")
-
-
-def _to_omnidit(state: dict[str, Tensor], rules: list[_Rule], config: MMDiTConfig, what: str) -> dict[str, Tensor]:
-    _check(state, _foreign_shapes(rules, _omnidit_shapes(config)), what)
-    out = {}
-    for r in rules:
-        t = state[r.parts[0]] if len(r.parts) == 1 else torch.cat([state[k] for k in r.parts], dim=0)
-        out[r.omnidit] = _swap_halves(t) if r.swap else t
-    return out
-
-
-def _from_omnidit(state: dict[str, Tensor], rules: list[_Rule], config: MMDiTConfig) -> dict[str, Tensor]:
-    _check(state, _omnidit_shapes(config), "the omnidit state dict")
-    out = {}
-    for r in rules:
-        t = state[r.omnidit]
-        t = _swap_halves(t) if r.swap else t
-        if len(r.parts) == 1:
-            out[r.parts[0]] = t
-        else:
-            # Clone the row blocks: views of one storage cannot be written by safetensors' save_file.
-            out.update({k: p.clone() for k, p in zip(r.parts, t.split(list(r.sizes), dim=0))})
-    return out
 
 
 def flux_to_omnidit(state: dict[str, Tensor], config: MMDiTConfig) -> dict[str, Tensor]:
     """diffusers ``FluxTransformer2DModel`` state dict -> ``MMDiT(config)`` state dict (dtypes kept)."""
-    return _to_omnidit(state, _diffusers_rules(config), config, "the diffusers Flux state dict")
+    return to_omnidit(state, _diffusers_rules(config), config, "the diffusers Flux state dict")
 
 
 def omnidit_to_flux(state: dict[str, Tensor], config: MMDiTConfig) -> dict[str, Tensor]:
     """``MMDiT(config)`` state dict -> diffusers ``FluxTransformer2DModel`` state dict (inverse of the above)."""
-    return _from_omnidit(state, _diffusers_rules(config), config)
+    return from_omnidit(state, _diffusers_rules(config), config)
 
 
 def _strip_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -339,37 +257,15 @@ def flux_original_to_omnidit(state: dict[str, Tensor], config: MMDiTConfig) -> d
 
     A ``model.diffusion_model.`` prefix on the keys is accepted.
     """
-    return _to_omnidit(_strip_prefix(state), _original_rules(config), config, "the original Flux state dict")
+    return to_omnidit(_strip_prefix(state), _original_rules(config), config, "the original Flux state dict")
 
 
 def omnidit_to_flux_original(state: dict[str, Tensor], config: MMDiTConfig) -> dict[str, Tensor]:
     """MMDiT state dict -> original single-file Flux layout (no prefix)."""
-    return _from_omnidit(state, _original_rules(config), config)
+    return from_omnidit(state, _original_rules(config), config)
 
 
 # ---- loading --------------------------------------------------------------------------------------
-
-
-def _read_folder(folder: Path) -> tuple[dict[str, Tensor], dict[str, Path]]:
-    """All tensors of a diffusers weights folder (one file or index-sharded) and the file each came from."""
-    index = next((folder / n for n in _INDEX_FILES if (folder / n).is_file()), None)
-    if index is not None:
-        weight_map = read_json(index, "safetensors index").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise OmniditError(f"{index} has no 'weight_map'")
-        files = sorted({folder / f for f in weight_map.values()})
-    else:
-        standard = [folder / n for n in _WEIGHT_FILES if (folder / n).is_file()]
-        files = standard[:1] or sorted(folder.glob("*.safetensors"))
-        if len(files) != 1:
-            found = ", ".join(f.name for f in files) or "none"
-            raise OmniditError(f"{folder} needs one diffusion_pytorch_model.safetensors or an index.json "
-                               f"(safetensors files found: {found})")
-    state, origin = {}, {}
-    for file in files:
-        for key, value in read_safetensors(file).items():
-            state[key], origin[key] = value, file
-    return state, origin
 
 
 def load_flux_transformer(path: str | Path, dtype: torch.dtype | None = None,
@@ -389,24 +285,18 @@ def load_flux_transformer(path: str | Path, dtype: torch.dtype | None = None,
     if path.is_file():
         state = _strip_prefix(read_safetensors(path))
         config = flux_original_config(state)
-        expected = _foreign_shapes(_original_rules(config), _omnidit_shapes(config))
+        expected = foreign_shapes(_original_rules(config), omnidit_shapes(config))
         origin = dict.fromkeys(state, path)
         convert = flux_original_to_omnidit
     else:
         if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
             path = path / "transformer"
         config = flux_config_to_omnidit(read_json(path / "config.json", "diffusers transformer config"))
-        state, origin = _read_folder(path)
-        expected = _foreign_shapes(_diffusers_rules(config), _omnidit_shapes(config))
+        state, origin = read_weights_folder(path)
+        expected = foreign_shapes(_diffusers_rules(config), omnidit_shapes(config))
         convert = flux_to_omnidit
-    mismatch = _first_mismatch(state, expected)
+    mismatch = first_mismatch(state, expected)
     if mismatch:
         key, problem = mismatch
         raise OmniditError(f"{origin.get(key, path)} does not match its Flux config: {problem}")
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    # Built on the meta device and filled by assignment: no fp32 copy of 12B random weights first.
-    with torch.device("meta"):
-        model = MMDiT(config)
-    model.load_state_dict(convert(state, config), strict=True, assign=True)
-    return model.to(device).eval().requires_grad_(False), config
+    return assemble_model(config, convert(state, config), dtype, device), config

@@ -20,9 +20,9 @@ class RMSNorm(nn.Module):
         return (out * self.scale.float()).type_as(x)
 
 
-def layer_norm(dim: int) -> nn.LayerNorm:
-    """The affine-free LayerNorm that adaLN modulates (eps as in DiT/SD3/Flux)."""
-    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+def layer_norm(dim: int, eps: float = 1e-6) -> nn.LayerNorm:
+    """The affine-free LayerNorm that adaLN modulates (eps 1e-6 as in DiT/SD3/Flux)."""
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
 
 
 class Modulation(nn.Module):

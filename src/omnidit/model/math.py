@@ -20,10 +20,11 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, freq_sh
     t: (B,) floats in [0, 1] -> (B, dim) float32. Frequencies are exp(-ln(max_period) i / (half -
     freq_shift)); SD3 and Flux use freq_shift 0, diffusers' DiT 1.
     """
-    t = TIME_FACTOR * t.float()
+    t = (TIME_FACTOR * t).float()  # scale first, in the caller's precision: 0.127 * 1000 is exact in float64
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
-    freqs = torch.exp(-math.log(max_period) * exponent)
+    # The same float32 operation order as diffusers and Flux, so embeddings agree bit for bit.
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
     args = t[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

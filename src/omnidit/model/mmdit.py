@@ -59,6 +59,7 @@ class MMDiTConfig:
     out_channels: int = 0  # output channels per pixel; 0 = in_channels (DiT's learned sigma doubles them)
     time_freq_shift: float = 0.0  # timestep embedding frequency shift (diffusers' DiT uses 1)
     dual_attention_layers: tuple[int, ...] = ()  # double blocks whose img stream also self-attends (SD3.5)
+    mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each double-block MLP (diffusers' DiT: 1e-5)
 
     def __post_init__(self) -> None:
         self.axes_dim = tuple(int(a) for a in self.axes_dim)
@@ -161,7 +162,7 @@ class StreamBranch(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
         if not pre_only:
             self.proj = nn.Linear(dim, dim)
-            self.norm2 = layer_norm(dim)
+            self.norm2 = layer_norm(dim, cfg.mlp_norm_eps)
             self.mlp = MLP(dim, cfg.mlp_hidden)
         if dual:  # SD3.5's MMDiT-X: a second, stream-only self-attention
             self.qkv2 = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
