@@ -1,4 +1,4 @@
-"""The ``omnidit`` command line: train | precompute | generate | eval | eval-prompts | info.
+"""The ``omnidit`` command line: train | precompute | generate | eval | eval-prompts | convert | info.
 
 User mistakes (missing files, bad sizes, unknown config keys, corrupt checkpoints) print one line
 ``omnidit: error: ... (hint: ...)`` and exit with code 2; there is no traceback for them.
@@ -104,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
     p.add_argument("--limit", type=int, default=None, help="prompts per category (default: all)")
 
+    p = sub.add_parser("convert", help="convert between omnidit checkpoints and diffusers transformer folders",
+                       description="Convert an omnidit checkpoint (or run folder) into a diffusers transformer folder "
+                                   "(FluxTransformer2DModel, SD3Transformer2DModel or DiTTransformer2DModel, "
+                                   "loadable with from_pretrained), or a diffusers transformer folder into an omnidit "
+                                   "checkpoint. Round trips are bit-exact.")
+    p.add_argument("src", help="omnidit checkpoint or run folder, or diffusers transformer (or pipeline) folder")
+    p.add_argument("dst", help="new folder to write (must not exist, or be empty)")
+    p.add_argument("--to", default=None, choices=["diffusers", "omnidit"],
+                   help="target format (default: the format SRC is not in)")
+    p.add_argument("--family", default="auto", choices=["auto", "flux", "sd3", "dit"],
+                   help="diffusers model family (default: auto, the first of flux, sd3, dit that fits)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+
     p = sub.add_parser("info", help="describe a checkpoint folder")
     p.add_argument("model", help="checkpoint folder or training run folder")
     return parser
@@ -190,6 +203,13 @@ def cmd_eval_prompts(args: argparse.Namespace) -> None:
     print(f"wrote {manifest} and {prompts}")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from omnidit.convert.export import convert
+
+    dst, class_name = convert(args.src, args.dst, to=args.to, family=args.family, use_ema=not args.no_ema)
+    print(f"wrote {dst} ({class_name})")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import json
 
@@ -222,7 +242,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "precompute": cmd_precompute, "generate": cmd_generate, "eval": cmd_eval,
-            "eval-prompts": cmd_eval_prompts, "info": cmd_info}
+            "eval-prompts": cmd_eval_prompts, "convert": cmd_convert, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
