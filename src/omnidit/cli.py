@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "metadata holds the prompt, seed and settings.")
     p.add_argument("prompt", help='what to draw, e.g. "a red circle above a blue square" (a class-conditional '
                                   "model takes a label such as '7')")
-    p.add_argument("--model", required=True, help="checkpoint folder, training run folder, or a diffusers Flux "
-                                                  "pipeline folder (model_index.json)")
+    p.add_argument("--model", required=True, help="checkpoint folder, training run folder, or a diffusers Flux / "
+                                                  "SD3 pipeline folder (model_index.json)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 disables it "
                                                           "(default: the model's sample.cfg)")
@@ -171,20 +171,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _generate_diffusers_pipeline(args: argparse.Namespace, width: int | None, height: int | None) -> None:
-    """`generate` for a diffusers Flux pipeline folder: its encoders, VAE and schedule, omnidit's transformer
-    and sampler. --cfg is Flux's embedded guidance scale."""
+    """`generate` for a diffusers Flux or SD3 pipeline folder: its text encoders, VAE and schedule, omnidit's
+    transformer and sampler. --cfg is Flux's embedded guidance or SD3's classifier-free guidance scale."""
     from omnidit.config import read_json
     from omnidit.images import make_grid, save_png, to_pil
     from omnidit.pipeline import resolve_device
-    from omnidit.pipelines import load_flux_pipeline
+    from omnidit.pipelines import load_flux_pipeline, load_sd3_pipeline
 
     kind = read_json(Path(args.model) / "model_index.json", "pipeline index").get("_class_name", "?")
-    if not kind.startswith("Flux"):
-        raise OmniditError(f"pipeline folders of class {kind} are not supported yet", hint="Flux pipelines are")
+    loaders = {"Flux": (load_flux_pipeline, 3.5), "StableDiffusion3": (load_sd3_pipeline, 7.0)}
+    family = next((name for name in loaders if kind.startswith(name)), None)
+    if family is None:
+        raise OmniditError(f"pipeline folders of class {kind} are not supported yet",
+                           hint="Flux and StableDiffusion3 pipeline folders are")
     if width is None:
         raise OmniditError("a pipeline folder needs --size", hint="e.g. --size 1024x1024")
-    pipe = load_flux_pipeline(args.model, device=resolve_device(args.device))
-    steps, guidance = args.steps or 28, 3.5 if args.cfg is None else args.cfg
+    loader, default_guidance = loaders[family]
+    pipe = loader(args.model, device=resolve_device(args.device))
+    steps, guidance = args.steps or 28, default_guidance if args.cfg is None else args.cfg
     images = pipe.generate([args.prompt] * args.num_images, width=width, height=height, steps=steps,
                            guidance=guidance, seed=args.seed, sampler=args.sampler or "euler",
                            progress=not args.no_progress)
