@@ -85,7 +85,7 @@ def _family(directory: Path) -> str:
 def _load_config(directory: Path):
     from transformers import AutoConfig
 
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(directory, local_files_only=True)
         except Exception as e:  # transformers raises OSError / ValueError / KeyError alike
@@ -111,7 +111,7 @@ def _normalizes(directory: Path) -> bool:
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Silence transformers' logs and progress bars for the duration, then restore them."""
     from transformers.utils import logging as hf_logging
 
@@ -156,7 +156,7 @@ class TextEncoder:
                 hint=f"use max_length <= {positions}",
             )
         model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "auto": AutoModel}[self.family]
-        with _quiet_transformers():
+        with quiet_transformers():
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
                 # dtype pinned: transformers 5 defaults to the checkpoint's own (maybe bf16) dtype

@@ -69,7 +69,7 @@ def flux_schedule_shift(scheduler_config: dict, image_seq_len: int) -> float:
     c = {**SCHEDULE_DEFAULTS, **scheduler_config}
     bad = [k for k in _UNSUPPORTED_SCHEDULE if c.get(k)]
     if bad:
-        raise OmniditError(f"the scheduler config sets '{bad[0]}', which omnidit's Flux pipeline does not reproduce")
+        raise OmniditError(f"the scheduler config sets '{bad[0]}', which omnidit's pipelines do not reproduce")
     if not c["use_dynamic_shifting"]:
         return float(c["shift"])
     if c["time_shift_type"] != "exponential":
@@ -171,7 +171,7 @@ def load_flux_pipeline(folder: str | Path, device: str | torch.device = "cpu",
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     from omnidit.codecs import VAECodec, resolve_dtype
-    from omnidit.text import _quiet_transformers
+    from omnidit.text import quiet_transformers
 
     folder = Path(folder).expanduser().resolve()
     if not (folder / "model_index.json").is_file():
@@ -188,7 +188,7 @@ def load_flux_pipeline(folder: str | Path, device: str | torch.device = "cpu",
     if codec.channels != config.in_channels:
         raise OmniditError(f"the VAE has {codec.channels} latent channels but the transformer reads "
                            f"{config.in_channels}", hint=_HINT)
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             clip_tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
             t5_tok = AutoTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)

@@ -173,7 +173,7 @@ def load_sd3_pipeline(folder: str | Path, device: str | torch.device = "cpu",
 
     from omnidit.codecs import VAECodec, resolve_dtype
     from omnidit.config import read_json
-    from omnidit.text import _quiet_transformers
+    from omnidit.text import quiet_transformers
 
     folder = Path(folder).expanduser().resolve()
     if not (folder / "model_index.json").is_file():
@@ -192,7 +192,7 @@ def load_sd3_pipeline(folder: str | Path, device: str | torch.device = "cpu",
         raise OmniditError(f"the VAE has {codec.channels} latent channels but the transformer reads "
                            f"{config.in_channels}", hint=_HINT)
     has_t5 = (folder / "text_encoder_3").is_dir()
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             tok_l = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
             tok_g = AutoTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
