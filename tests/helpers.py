@@ -45,3 +45,28 @@ def build(cfg: MMDiTConfig, seed: int = 0, random_weights: bool = True) -> MMDiT
     torch.manual_seed(seed)
     model = MMDiT(cfg).eval()
     return randomize(model, seed) if random_weights else model
+
+
+def assert_close(ours: torch.Tensor, reference: torch.Tensor, rtol: float = 1e-5) -> float:
+    """max |ours - reference| <= rtol * max |reference| (parity with a reference); returns the relative gap."""
+    assert ours.shape == reference.shape, (ours.shape, reference.shape)
+    rel = ((ours - reference).abs().max() / reference.abs().max()).item()
+    assert rel <= rtol, rel
+    return rel
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Bit-exact equality of two state dicts (keys, dtypes, values)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def rewrite_weights(file, edit):
+    """Load a safetensors file, let ``edit(state)`` change it in place, save it back; returns the file."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(file))
+    edit(state)
+    save_file(state, str(file))
+    return file

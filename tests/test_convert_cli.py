@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close, assert_same_state
 from safetensors.torch import load_file
 
 from omnidit.checkpoint import load_model, read_config, read_safetensors, save_checkpoint
@@ -47,18 +48,6 @@ def make_checkpoint(tmp_path: Path, config: MMDiTConfig) -> Path:
 
 def run(*argv: str) -> int:
     return main(["convert", *argv])
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-
-
-def assert_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    assert ours.shape == theirs.shape
-    rel = ((ours - theirs).abs().max() / theirs.abs().max()).item()
-    assert rel <= 1e-5, rel
 
 
 @torch.no_grad()
@@ -104,12 +93,12 @@ def test_omnidit_to_diffusers_and_back(tmp_path, family):
 
     assert run(str(tmp_path / "hf"), str(tmp_path / "back")) == 0
     for name in ("model.safetensors", "ema.safetensors"):
-        assert_same(read_safetensors(tmp_path / "back" / name), ema)
+        assert_same_state(read_safetensors(tmp_path / "back" / name), ema)
     assert main(["info", str(tmp_path / "back")]) == 0
 
     assert run(str(src), str(tmp_path / "hf_raw"), "--no-ema", "--family", family) == 0
     assert run(str(tmp_path / "hf_raw"), str(tmp_path / "back_raw"), "--to", "omnidit") == 0
-    assert_same(read_safetensors(tmp_path / "back_raw" / "model.safetensors"), raw)
+    assert_same_state(read_safetensors(tmp_path / "back_raw" / "model.safetensors"), raw)
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
@@ -121,7 +110,7 @@ def test_diffusers_to_omnidit_and_back(tmp_path, family):
     model, loaded = load_model(tmp_path / "omni2")
     assert loaded.model == read_config(tmp_path / "omni2").model
     assert run(str(tmp_path / "omni2"), str(tmp_path / "hf2"), "--family", family) == 0
-    assert_same(load_file(tmp_path / "hf2" / "diffusion_pytorch_model.safetensors"), hf)
+    assert_same_state(load_file(tmp_path / "hf2" / "diffusion_pytorch_model.safetensors"), hf)
     parity(family, model, tmp_path / "hf2")
 
 

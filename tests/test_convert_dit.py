@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import assert_close, assert_same_state, rewrite_weights
 
 from omnidit.condition import Condition
 from omnidit.convert.dit import (
@@ -42,6 +42,7 @@ DIT_XL_CONFIG = {
     "use_linear_projection": False,
 }
 EMBEDDER = "norm1.emb"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def tiny_dit(seed: int = 0, **overrides) -> DiTTransformer2DModel:
@@ -91,20 +92,6 @@ def run_omnidit(model: MMDiT, inputs: dict) -> torch.Tensor:
     cond = Condition(labels=inputs["class_labels"])
     out = model(patchify(latents, p), image_position_ids(h // p, w // p, 3), t, cond)
     return unpatchify(out, h, w, p)  # (B, out_channels, H, W)
-
-
-def assert_close(ours: torch.Tensor, reference: torch.Tensor, rtol: float = 1e-5) -> float:
-    """max |ours - reference| <= rtol * max |reference|; returns the relative difference."""
-    assert ours.shape == reference.shape
-    rel = ((ours - reference).abs().max() / reference.abs().max()).item()
-    assert rel <= rtol, rel
-    return rel
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 def test_module_imports_without_diffusers():
@@ -274,35 +261,27 @@ def saved_dit(tmp_path) -> Path:
     return tmp_path / "dit"
 
 
-def rewrite_weights(folder: Path, edit) -> Path:
-    file = folder / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(file))
-    edit(state)
-    save_file(state, str(file))
-    return file
-
-
 def test_load_errors_name_file_and_key(saved_dit, tmp_path):
     key = "transformer_blocks.1.attn1.to_k.weight"
     with pytest.raises(OmniditError, match="not found"):
         load_dit_transformer(tmp_path / "nowhere")
 
-    file = rewrite_weights(saved_dit, lambda s: s.pop(key))
+    file = rewrite_weights(saved_dit / WEIGHTS, lambda s: s.pop(key))
     with pytest.raises(OmniditError, match=rf"missing key '{key}'") as err:
         load_dit_transformer(saved_dit)
     assert str(saved_dit) in str(err.value)
 
-    rewrite_weights(saved_dit, lambda s: s.update({key: torch.zeros(32, 31)}))
+    rewrite_weights(saved_dit / WEIGHTS, lambda s: s.update({key: torch.zeros(32, 31)}))
     with pytest.raises(OmniditError, match=rf"key '{key}' has shape \(32, 31\)") as err:
         load_dit_transformer(saved_dit)
     assert str(file) in str(err.value)
 
-    rewrite_weights(saved_dit, lambda s: s.update({key: torch.zeros(32, 32), "extra.weight": torch.zeros(1)}))
+    rewrite_weights(saved_dit / WEIGHTS, lambda s: s.update({key: torch.zeros(32, 32), "extra.weight": torch.zeros(1)}))
     with pytest.raises(OmniditError, match="unexpected key 'extra.weight'"):
         load_dit_transformer(saved_dit)
 
     copy = f"transformer_blocks.1.{EMBEDDER}.timestep_embedder.linear_2.bias"
-    rewrite_weights(saved_dit, lambda s: (s.pop("extra.weight"), s.update({copy: s[copy] + 1})))
+    rewrite_weights(saved_dit / WEIGHTS, lambda s: (s.pop("extra.weight"), s.update({copy: s[copy] + 1})))
     with pytest.raises(OmniditError, match=rf"'{copy}' differs from block 0's copy") as err:
         load_dit_transformer(saved_dit)
     assert str(file) in str(err.value)

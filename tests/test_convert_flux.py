@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import assert_close, assert_same_state, rewrite_weights
+from safetensors.torch import save_file
 
 from omnidit.condition import Condition
 from omnidit.convert import (
@@ -39,6 +40,7 @@ FLUX_DEV_CONFIG = {
     "num_layers": 19, "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768,
     "axes_dims_rope": [16, 56, 56],
 }
+WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def tiny_flux(guidance: bool, seed: int = 0) -> FluxTransformer2DModel:
@@ -84,20 +86,6 @@ def run_omnidit(model: MMDiT, inputs: dict, txt_mask: torch.Tensor | None = None
     cond = Condition(txt=inputs["encoder_hidden_states"], txt_mask=txt_mask, pooled=inputs["pooled_projections"],
                      guidance=inputs["guidance"])
     return model(inputs["hidden_states"], inputs["img_ids"][None], inputs["timestep"], cond)
-
-
-def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |ours - reference| <= 1e-5 max |reference|; returns the relative difference."""
-    assert ours.shape == reference.shape
-    rel = ((ours - reference).abs().max() / reference.abs().max()).item()
-    assert rel <= 1e-5, rel
-    return rel
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 def test_module_imports_without_diffusers():
@@ -293,30 +281,23 @@ def saved_flux(tmp_path) -> Path:
     return tmp_path / "flux"
 
 
-def rewrite_weights(folder: Path, edit) -> Path:
-    file = folder / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(file))
-    edit(state)
-    save_file(state, str(file))
-    return file
-
-
 def test_load_errors_name_file_and_key(saved_flux, tmp_path):
     key = "transformer_blocks.1.attn.add_k_proj.weight"
     with pytest.raises(OmniditError, match="not found"):
         load_flux_transformer(tmp_path / "nowhere")
 
-    file = rewrite_weights(saved_flux, lambda s: s.pop(key))
+    file = rewrite_weights(saved_flux / WEIGHTS, lambda s: s.pop(key))
     with pytest.raises(OmniditError, match=rf"missing key '{key}'") as err:
         load_flux_transformer(saved_flux)
     assert str(saved_flux) in str(err.value)
 
-    rewrite_weights(saved_flux, lambda s: s.update({key: torch.zeros(32, 31)}))
+    rewrite_weights(saved_flux / WEIGHTS, lambda s: s.update({key: torch.zeros(32, 31)}))
     with pytest.raises(OmniditError, match=rf"key '{key}' has shape \(32, 31\)") as err:
         load_flux_transformer(saved_flux)
     assert str(file) in str(err.value)
 
-    rewrite_weights(saved_flux, lambda s: s.update({key: torch.zeros(32, 32), "extra.weight": torch.zeros(1)}))
+    extra = {key: torch.zeros(32, 32), "extra.weight": torch.zeros(1)}
+    rewrite_weights(saved_flux / WEIGHTS, lambda s: s.update(extra))
     with pytest.raises(OmniditError, match="unexpected key 'extra.weight'"):
         load_flux_transformer(saved_flux)
 

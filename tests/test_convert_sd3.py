@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import assert_close, assert_same_state, rewrite_weights
+from safetensors.torch import save_file
 
 from omnidit.condition import Condition
 from omnidit.convert.sd3 import (
@@ -91,20 +92,6 @@ def run_omnidit(model: MMDiT, inputs: dict, txt_mask: torch.Tensor | None = None
     cond = Condition(txt=inputs["txt"], txt_mask=txt_mask, pooled=inputs["pooled"])
     tokens = model(patchify(latents, p), image_position_ids(h // p, w // p), inputs["t"], cond)
     return unpatchify(tokens, h, w, p)
-
-
-def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |ours - reference| <= 1e-5 max |reference|; returns the relative difference."""
-    assert ours.shape == reference.shape
-    rel = ((ours - reference).abs().max() / reference.abs().max()).item()
-    assert rel <= 1e-5, rel
-    return rel
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 def test_module_imports_without_diffusers():
@@ -311,13 +298,6 @@ def test_load_original_single_file(tmp_path):
 def saved_sd3(tmp_path) -> Path:
     tiny_sd3("sd35").save_pretrained(tmp_path / "sd3")
     return tmp_path / "sd3"
-
-
-def rewrite_weights(file: Path, edit) -> Path:
-    state = load_file(str(file))
-    edit(state)
-    save_file(state, str(file))
-    return file
 
 
 def test_load_errors_name_file_and_key(saved_sd3, tmp_path):
