@@ -79,6 +79,11 @@ def flux_schedule_shift(scheduler_config: dict, image_seq_len: int) -> float:
     return math.exp(mu)
 
 
+def diffusers_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> Tensor:
+    """The whole batch in one randn from a seeded CPU generator, as diffusers' pipelines draw it."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=dtype)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -122,10 +127,8 @@ class FluxPipelineOmnidit:
         return Condition(txt=txt.to(self.text_dtype), pooled=pooled.to(self.clip.dtype))
 
     def initial_noise(self, batch: int, latent_h: int, latent_w: int, seed: int) -> Tensor:
-        """diffusers' draw: one randn over the whole batch from a seeded CPU generator (see module docs)."""
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        shape = (batch, self.model_config.in_channels, latent_h, latent_w)
-        return torch.randn(shape, generator=generator, dtype=self.text_dtype)
+        """diffusers' draw (see module docs): (B, C, h, w) in the text encoders' dtype."""
+        return diffusers_noise((batch, self.model_config.in_channels, latent_h, latent_w), seed, self.text_dtype)
 
     @torch.inference_mode()
     def generate(self, prompt: Sequence[str] | str, width: int | None = None, height: int | None = None,

@@ -37,7 +37,7 @@ from omnidit.convert.sd3 import load_sd3_transformer
 from omnidit.errors import OmniditError
 from omnidit.flow import shift_timesteps
 from omnidit.model.mmdit import MMDiT, MMDiTConfig
-from omnidit.pipelines.flux import SCHEDULE_DEFAULTS, flux_schedule_shift
+from omnidit.pipelines.flux import SCHEDULE_DEFAULTS, diffusers_noise, flux_schedule_shift
 from omnidit.sampling import SAMPLERS, classifier_free_guidance
 from omnidit.tokens import check_image_size, image_position_ids, patchify, unpatchify
 
@@ -114,10 +114,8 @@ class SD3PipelineOmnidit:
         return Condition(txt=torch.cat([clip, t5], dim=-2), pooled=torch.cat([pooled_l, pooled_g], dim=-1))
 
     def initial_noise(self, batch: int, latent_h: int, latent_w: int, seed: int) -> Tensor:
-        """diffusers' draw: one randn over the whole batch from a seeded CPU generator."""
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        shape = (batch, self.model_config.in_channels, latent_h, latent_w)
-        return torch.randn(shape, generator=generator, dtype=self.text_dtype)
+        """diffusers' draw (see module docs): (B, C, h, w) in the text encoders' dtype."""
+        return diffusers_noise((batch, self.model_config.in_channels, latent_h, latent_w), seed, self.text_dtype)
 
     @torch.inference_mode()
     def generate(self, prompt: Sequence[str] | str, width: int | None = None, height: int | None = None,
