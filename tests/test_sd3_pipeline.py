@@ -17,6 +17,7 @@ from diffusers import (  # noqa: E402
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from helpers import assert_pipeline_parity  # noqa: E402
 from transformers import (  # noqa: E402
     AutoTokenizer,
     CLIPTextConfig,
@@ -93,31 +94,7 @@ def test_timesteps_match_diffusers(config):
 
 
 def test_parity_with_diffusers_sd3_pipeline(sd3_folder):
-    prompts = ["a red circle on the left", "two blue squares"]
-    height, width, steps, guidance, seed, length = 32, 48, 4, 5.0, 0, 16
-    reference = StableDiffusion3Pipeline.from_pretrained(sd3_folder, local_files_only=True)
-    reference.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        expected = reference(prompts, height=height, width=width, num_inference_steps=steps,
-                             guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
-                             max_sequence_length=length, output_type="pt").images  # (B, 3, H, W) in [0, 1]
-    pipe = load_sd3_pipeline(sd3_folder)
-    images = pipe.generate(prompts, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
-                           max_sequence_length=length)
-    assert images.shape == (2, 3, height, width) and images.dtype == torch.float32
-    ours = images / 2 + 0.5  # [-1, 1] -> diffusers' [0, 1]
-    # fp32 on CPU, same operations up to summation order; a wrong text layout, CFG order, schedule, scaling or
-    # noise draw gives differences > 1e-2.
-    diff = (ours - expected).abs().max().item()
-    assert diff <= 1e-4, diff
-    assert expected.std() > 1e-3  # the images are not flat, so parity is not vacuous
-    # The seed matters and guidance reaches the result.
-    other = pipe.generate(prompts, width=width, height=height, steps=steps, guidance=guidance, seed=seed + 1,
-                          max_sequence_length=length)
-    assert (other - images).abs().max() > 1e-3
-    unguided = pipe.generate(prompts, width=width, height=height, steps=steps, guidance=1.0, seed=seed,
-                             max_sequence_length=length)
-    assert (unguided - images).abs().max() > 1e-4
+    assert_pipeline_parity(StableDiffusion3Pipeline, sd3_folder, load_sd3_pipeline, guidance=5.0)
 
 
 def test_bad_sizes_and_folders(sd3_folder, tmp_path):
