@@ -7,7 +7,7 @@ import torch
 from helpers import build, random_condition, tiny_config
 
 from omnidit.errors import OmniditError
-from omnidit.model.math import apply_rope, rope_cos_sin, timestep_embedding
+from omnidit.model.math import apply_rope, rope_frequencies, rope_rotations, timestep_embedding
 from omnidit.model.mmdit import PRESETS, MMDiT, MMDiTConfig
 from omnidit.tokens import image_position_ids, patchify, unpatchify
 
@@ -149,10 +149,9 @@ def test_rope_dot_product_depends_only_on_position_difference():
 
     def score(pos_q, pos_k):
         ids = torch.tensor([[pos_q, pos_k]], dtype=torch.float64)
-        cos, sin = rope_cos_sin(ids, axes)
-        cos, sin = cos.double(), sin.double()
-        rq = apply_rope(q, cos[:, :, :1], sin[:, :, :1])
-        rk = apply_rope(k, cos[:, :, 1:], sin[:, :, 1:])
+        rot = rope_rotations(ids, axes).double()
+        rq = apply_rope(q, rot[:, :, :1])
+        rk = apply_rope(k, rot[:, :, 1:])
         return (rq * rk).sum().item()
 
     base = score((0, 2, 3), (1, 5, 1))
@@ -163,8 +162,22 @@ def test_rope_dot_product_depends_only_on_position_difference():
         assert abs(shifted - base) < 1e-6
     assert abs(score((0, 2, 3), (1, 6, 1)) - base) > 1e-3  # a different difference changes it
     # rotation preserves norms
-    cos, sin = rope_cos_sin(torch.tensor([[[3.0, 4.0, 5.0]]]), axes)
-    assert abs(apply_rope(q, cos.double(), sin.double()).norm() - q.norm()) < 1e-6
+    rot = rope_rotations(torch.tensor([[[3.0, 4.0, 5.0]]]), axes).double()
+    assert abs(apply_rope(q, rot).norm() - q.norm()) < 1e-6
+
+
+def test_apply_rope_matches_the_real_valued_rotation_formula():
+    # (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos) per adjacent pair, on a strided (transposed) view
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, generator=g).transpose(1, 2)  # (B, H, N, D), not contiguous
+    ids = torch.randint(0, 9, (2, 5, 3), generator=g)
+    angles = rope_frequencies(ids, (2, 2, 4))[:, None]
+    rot = rope_rotations(ids, (2, 2, 4))
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    expected = torch.stack([x0 * angles.cos() - x1 * angles.sin(), x0 * angles.sin() + x1 * angles.cos()], -1)
+    torch.testing.assert_close(apply_rope(x, rot), expected.flatten(-2), rtol=1e-6, atol=1e-6)
+    half = apply_rope(x.to(torch.bfloat16), rot)
+    assert half.dtype == torch.bfloat16 and (half.float() - expected.flatten(-2)).abs().max() < 0.05
 
 
 def test_timestep_embedding_scale_and_layout():
@@ -277,3 +290,23 @@ def test_position_table_and_time_embedding_match_diffusers():
     for shift in (0, 1):
         expected = get_timestep_embedding(t * 1000, 256, flip_sin_to_cos=True, downscale_freq_shift=shift)
         torch.testing.assert_close(timestep_embedding(t, 256, freq_shift=shift), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_positions_are_reused_for_the_same_ids_and_rebuilt_when_they_change():
+    cfg = tiny_config(pos_table_size=8, abs_pos_embed=False)
+    model = build(cfg)
+    ids = image_position_ids(3, 3)
+    table, pe = model.positions(ids, 5)
+    assert model.positions(ids, 5)[1] is pe  # same tensor object, unmodified: cached
+    assert model.positions(ids, 4)[1] is not pe  # another text length
+    assert model.positions(ids.clone(), 5)[1] is not pe  # another ids tensor
+    x, t, cond = torch.randn(2, 9, cfg.token_dim), torch.tensor([0.3, 0.8]), random_condition(cfg, 2)
+    before = model(x, ids, t, cond)
+    ids[:, :, 1:] += 1  # moved in place: the cache must notice (shift the grid by one token)
+    moved = model(x, ids, t, cond)
+    fresh = build(cfg)(x, ids, t, cond)  # a model that never saw the old ids
+    torch.testing.assert_close(moved, fresh)
+    assert not torch.allclose(before, moved)
+    with torch.inference_mode():  # inference-mode results are not reused for autograd
+        model(x, ids, t, cond)
+    model(x, ids, t, cond).sum().backward()

@@ -10,7 +10,7 @@ from helpers import build, random_condition, tiny_config
 
 from omnidit.config import load_config
 from omnidit.errors import OmniditError
-from omnidit.model.math import rope_cos_sin
+from omnidit.model.math import rope_rotations
 from omnidit.tokens import image_position_ids, patchify
 from omnidit.train import Trainer
 
@@ -26,7 +26,7 @@ def block_inputs(cfg, batch=2, n_img=16, n_txt=5):
     ids = torch.cat([image_position_ids(4, 4, 3).expand(batch, -1, -1), torch.zeros(batch, n_txt, 3)], 1)
     mask = torch.ones(batch, n_img + n_txt, dtype=torch.bool)
     mask[1, -2:] = False
-    return img, txt, vec, rope_cos_sin(ids, cfg.axes_dim), mask
+    return img, txt, vec, rope_rotations(ids, cfg.axes_dim), mask
 
 
 def test_blocks_compile_with_fullgraph_no_graph_breaks():

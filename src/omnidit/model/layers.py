@@ -15,9 +15,8 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.scale.float()).type_as(x)
+        # One fused kernel for x * rsqrt(mean(x^2) + eps) * scale.
+        return nn.functional.rms_norm(x.float(), self.scale.shape, self.scale.float(), self.eps).type_as(x)
 
 
 def layer_norm(dim: int, eps: float = 1e-6) -> nn.LayerNorm:
@@ -42,12 +41,17 @@ class Modulation(nn.Module):
         # is applied to every token of the block.
         with torch.autocast(vec.device.type, enabled=False):
             out = self.lin(nn.functional.silu(vec.to(self.lin.weight.dtype)))
-        return out[:, None, :].chunk(self.chunks, dim=-1)
+        return out[:, None, :].chunk(self.chunks, dim=-1)  # views: no copies
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """x: (B, N, D); shift, scale: (B, 1, D)."""
-    return x * (1 + scale) + shift
+    """x * (1 + scale) + shift in one pass over x. x: (B, N, D); shift, scale: (B, 1, D)."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def gated_residual(x: Tensor, gate: Tensor, branch: Tensor) -> Tensor:
+    """x + gate * branch in one pass (adaLN-Zero's gated residual). x, branch: (B, N, D); gate: (B, 1, D)."""
+    return torch.addcmul(x, gate, branch)
 
 
 class MLPEmbedder(nn.Module):

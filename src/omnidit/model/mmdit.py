@@ -9,6 +9,7 @@ checkpoints stay one-to-one renames.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -17,10 +18,19 @@ from torch.utils.checkpoint import checkpoint
 
 from omnidit.condition import Condition
 from omnidit.errors import OmniditError
-from omnidit.model.layers import MLP, FinalLayer, MLPEmbedder, Modulation, RMSNorm, layer_norm, modulate
+from omnidit.model.layers import (
+    MLP,
+    FinalLayer,
+    MLPEmbedder,
+    Modulation,
+    RMSNorm,
+    gated_residual,
+    layer_norm,
+    modulate,
+)
 from omnidit.model.math import (
     attention,
-    rope_cos_sin,
+    rope_rotations,
     sincos_2d_table,
     sincos_position_embedding,
     timestep_embedding,
@@ -179,7 +189,7 @@ class StreamBranch(nn.Module):
         return self._heads(self.qkv, self.q_norm, self.k_norm, modulate(self.norm1(x), mods[0], mods[1]))
 
     def finish(self, x: Tensor, attn: Tensor, mods: tuple[Tensor, ...],
-               pe: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
+               pe: Tensor | None = None) -> Tensor | None:
         """Add the attention branch (and the self-attention branch when dual), then the MLP branch.
 
         x: (B, N, D) the block's input; attn: (B, N, D) this stream's rows of the joint attention;
@@ -188,12 +198,12 @@ class StreamBranch(nn.Module):
         if self.pre_only:
             return None
         _, _, gate1, shift2, scale2, gate2 = mods[:6]
-        out = x + gate1 * self.proj(attn)
+        out = gated_residual(x, gate1, self.proj(attn))
         if self.dual:  # reads the block input, normalised as for the joint attention
             shift3, scale3, gate3 = mods[6:]
             q, k, v = self._heads(self.qkv2, self.q_norm2, self.k_norm2, modulate(self.norm1(x), shift3, scale3))
-            out = out + gate3 * self.proj2(attention(q, k, v, pe, None))
-        return out + gate2 * self.mlp(modulate(self.norm2(out), shift2, scale2))
+            out = gated_residual(out, gate3, self.proj2(attention(q, k, v, pe, None)))
+        return gated_residual(out, gate2, self.mlp(modulate(self.norm2(out), shift2, scale2)))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -209,7 +219,7 @@ class DoubleStreamBlock(nn.Module):
         self.names = names
         self.streams = nn.ModuleDict({n: StreamBranch(cfg, pre_only=n in pre_only, dual=n in dual) for n in names})
 
-    def forward(self, streams: list[Tensor], vec: Tensor, pe: tuple[Tensor, Tensor] | None,
+    def forward(self, streams: list[Tensor], vec: Tensor, pe: Tensor | None,
                 mask: Tensor | None) -> list[Tensor | None]:
         branches = [self.streams[n] for n in self.names]
         mods = [b.mod(vec) for b in branches]
@@ -217,7 +227,7 @@ class DoubleStreamBlock(nn.Module):
         q, k, v = (torch.cat([t[i] for t in qkv], dim=2) for i in range(3))  # (B, H, sum N_i, Dh)
         lengths = [x.shape[1] for x in streams]
         attn = attention(q, k, v, pe, mask).split(lengths, dim=1)
-        own_pe = [None] * len(streams) if pe is None else list(zip(*(t.split(lengths, dim=2) for t in pe)))
+        own_pe = [None] * len(streams) if pe is None else pe.split(lengths, dim=2)
         return [b.finish(x, a, m, p) for b, x, a, m, p in zip(branches, streams, attn, mods, own_pe)]
 
 
@@ -237,7 +247,7 @@ class SingleStreamBlock(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor] | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor | None, mask: Tensor | None) -> Tensor:
         shift, scale, gate = self.mod(vec)
         qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
             [3 * x.shape[-1], self.mlp_hidden], dim=-1)
@@ -245,7 +255,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
         attn = attention(q, k, v, pe, mask)
         out = self.linear2(torch.cat([attn, nn.functional.gelu(mlp, approximate="tanh")], dim=-1))
-        return x + gate * out
+        return gated_residual(x, gate, out)
 
 
 class MMDiT(nn.Module):
@@ -280,6 +290,7 @@ class MMDiT(nn.Module):
         if cfg.pos_table_size:  # fixed, not trained: a buffer that checkpoints carry (SD3 stores its own)
             self.register_buffer("pos_table", sincos_2d_table(cfg.pos_table_size, dim))
         self.gradient_checkpointing = False
+        self._positions_cache: tuple | None = None  # (weakref to ids, key, (table, pe)); see positions()
         self.initialize_weights()
 
     @property
@@ -325,22 +336,15 @@ class MMDiT(nn.Module):
         t = t.expand(batch) if t.dim() == 0 else t
         vec = self.conditioning_vector(t, cond)  # (B, D)
         img = self.img_in(x)  # (B, N, D)
-        x_ids = x_ids.expand(batch, -1, -1)
-        if self.config.abs_pos_embed:
-            img = img + sincos_position_embedding(x_ids, img.shape[-1]).to(img.dtype)
-        if self.config.pos_table_size:
-            img = img + self.table_positions(x_ids).to(img.dtype)
-        streams, ids, mask = [img], [x_ids], None
-        if self.has_text:
-            txt = self.txt_in(_required(cond.txt, "txt", "text tokens"))  # (B, L, D)
+        txt = self.txt_in(_required(cond.txt, "txt", "text tokens")) if self.has_text else None  # (B, L, D)
+        table, pe = self.positions(x_ids, 0 if txt is None else txt.shape[1])
+        if table is not None:
+            img = img + table.to(img.dtype)
+        streams, mask = [img], None
+        if txt is not None:
             streams.append(txt)
-            # Text tokens share position 0 on every axis: the text encoder already ordered them.
-            ids.append(torch.zeros(batch, txt.shape[1], x_ids.shape[-1], dtype=x_ids.dtype, device=x_ids.device))
             if cond.txt_mask is not None:
                 mask = torch.cat([torch.ones(batch, n_img, dtype=torch.bool, device=x.device), cond.txt_mask], 1)
-        pe = None
-        if self.config.rope:
-            pe = rope_cos_sin(torch.cat(ids, dim=1), self.config.axes_dim, self.config.rope_theta)
         for block in self.double_blocks:
             streams = self._run(block, streams, vec, pe, mask)
         if self.single_blocks:
@@ -352,6 +356,41 @@ class MMDiT(nn.Module):
             img = streams[0]
         return self.final_layer(img, vec)  # (B, N, out_token_dim)
 
+    def positions(self, x_ids: Tensor, n_txt: int) -> tuple[Tensor | None, Tensor | None]:
+        """What the forward derives from the position ids alone, for ids (B or 1, N, A) and n_txt text tokens.
+
+        Returns the absolute embedding added to the image tokens, (B or 1, N, D) or None, and the
+        rotary rotations of the joint sequence, (B or 1, 1, N + n_txt, head_dim // 2) or None. Both
+        broadcast over the batch when the ids do. Samplers and trainers pass the same ids tensor at
+        every call, so the last result is kept and reused while that same tensor object comes back
+        unmodified (same ``_version``; inference tensors have none, so an ids tensor changed in place
+        inside ``torch.inference_mode`` is not noticed) with the same text length, device and grad mode: the embeddings
+        are then built once per sampling run instead of once per step, and the position-table crop's
+        host sync happens once.
+        """
+        # Inference tensors have no version counter (and can only change inside inference mode).
+        version = None if x_ids.is_inference() else x_ids._version
+        table = self.pos_table if self.config.pos_table_size else None
+        table_version = None if table is None or table.is_inference() else table._version
+        key = (version, x_ids.device, n_txt, table_version, torch.is_inference_mode_enabled())
+        cached = self._positions_cache
+        use_cache = not torch.compiler.is_compiling()
+        if use_cache and cached is not None and cached[0]() is x_ids and cached[1] == key:
+            return cached[2]
+        table = pe = None
+        if self.config.abs_pos_embed:
+            table = sincos_position_embedding(x_ids, self.config.hidden_size)
+        if self.config.pos_table_size:
+            rows = self.table_positions(x_ids)
+            table = rows if table is None else table + rows
+        if self.config.rope:
+            # Text tokens share position 0 on every axis: the text encoder already ordered them.
+            txt_ids = x_ids.new_zeros(x_ids.shape[0], n_txt, x_ids.shape[-1])
+            pe = rope_rotations(torch.cat([x_ids, txt_ids], dim=1), self.config.axes_dim, self.config.rope_theta)
+        if use_cache:
+            self._positions_cache = (weakref.ref(x_ids), key, (table, pe))
+        return table, pe
+
     def table_positions(self, ids: Tensor) -> Tensor:
         """Rows of the fixed position table for (B, N, A) ids, centre-cropped to the grid: (B, N, D).
 
@@ -359,7 +398,7 @@ class MMDiT(nn.Module):
         """
         size = self.config.pos_table_size
         rows, cols = ids[..., -2].long(), ids[..., -1].long()
-        grid_h, grid_w = int(rows.max()) + 1, int(cols.max()) + 1  # one host sync per forward
+        grid_h, grid_w = int(rows.max()) + 1, int(cols.max()) + 1  # a host sync, once per ids (see positions)
         if grid_h > size or grid_w > size:
             raise OmniditError(f"a {grid_w}x{grid_h} token grid exceeds the model's {size}x{size} position table",
                                hint="generate at a smaller size")
