@@ -1,8 +1,8 @@
 """Training throughput of the omnidit MMDiT: images/s, tokens/s, achieved TFLOP/s and MFU.
 
 Times full training steps of the real model: ``omnidit.flow.training_loss`` forward, backward and
-an AdamW step (decay groups and fused on CUDA, as the trainer does; no EMA update, no data loading), on one fixed
-batch of synthetic random latents and conditioning. Warmup steps (which also absorb
+an AdamW step (``omnidit.train.make_optimizer``, as the trainer does; no EMA update, no data
+loading), on one fixed batch of synthetic random latents and conditioning. Warmup steps (which also absorb
 ``torch.compile``) are not timed; CUDA is synchronised around the timed loop.
 
 The peer this benchmark compares against is the device's theoretical dense peak (the datasheet
@@ -41,7 +41,7 @@ from omnidit.flow import training_loss
 from omnidit.model.mmdit import PRESETS, MMDiT, MMDiTConfig
 from omnidit.pipeline import resolve_device
 from omnidit.tokens import check_image_size, image_position_ids
-from omnidit.train import parameter_groups
+from omnidit.train import make_optimizer
 
 TEXT_DIM = 384  # the packaged MiniLM text encoder's token and pooled width
 NUM_CLASSES = 1000  # ImageNet-sized label table for the class-conditional (--text-tokens 0) model
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.compile:
         for block in [*model.double_blocks, *model.single_blocks]:
             block.compile()
-    optimizer = torch.optim.AdamW(parameter_groups(model, 0.0), lr=1e-4, fused=device.type == "cuda")
+    optimizer = make_optimizer(model, 1e-4, 0.0, device)
     ids = image_position_ids(grid, grid, len(cfg.axes_dim), device=device)
     x0, cond, t, noise = synthetic_batch(cfg, args.batch, tokens, text_tokens, device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.dtype == "bf16"

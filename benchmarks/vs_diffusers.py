@@ -6,7 +6,8 @@ For each config, builds omnidit's ``MMDiT`` and the matching diffusers model (``
 largest output), then times both, interleaved A B A B after warm-up, and reports median times:
 
 - ``forward``: one forward under ``torch.inference_mode``;
-- ``train_step``: ``omnidit.flow.training_loss`` forward, backward and an AdamW step (one optimizer per side);
+- ``train_step``: ``omnidit.flow.training_loss`` forward, backward and an AdamW step (one optimizer per side,
+  the same fused AdamW on both);
 - ``sample``: ``omnidit.sampling.euler`` with ``classifier_free_guidance`` (cond and uncond batched in one
   call). Both sides run this same loop; only the velocity function inside it differs, so the comparison
   is of the transformers. No diffusers pipeline is used (they need text encoders).
@@ -180,7 +181,9 @@ def phases(pair: Pair, cfg: MMDiTConfig, args: argparse.Namespace, device: torch
     sample_noise = initial_noise(pair.x_shape, seed=0).to(device)
 
     def make(model: nn.Module, fn: Callable[[Tensor, Tensor, Condition], Tensor]) -> dict[str, Callable[[], None]]:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        # The same fused AdamW on both sides (the kernel omnidit's trainer uses on CUDA and CPU), so
+        # that train_step compares the transformers and not the optimizers.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
         guided = classifier_free_guidance(fn, cond, null, CFG_SCALE)
 
         def forward() -> None:

@@ -52,6 +52,16 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only, fused into one kernel per device where torch has one.
+
+    The fused kernel exists on CUDA and CPU. On a CPU it runs the update about 10x faster than the
+    default multi-tensor path (docs/benchmarks.md), which is most of a small model's step otherwise.
+    """
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                             fused=device.type in ("cuda", "cpu"))
+
+
 def learning_rate(step: int, base_lr: float, warmup_steps: int, total_steps: int | None = None,
                   schedule: str = "constant", min_ratio: float = 0.1) -> float:
     """Linear warmup over ``warmup_steps``, then constant or cosine down to ``base_lr * min_ratio``."""
@@ -162,8 +172,7 @@ class Trainer:
         if tc.compile:
             for block in [*self.net.double_blocks, *self.net.single_blocks]:
                 block.compile()
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, tc.weight_decay), lr=tc.lr,
-                                           betas=(0.9, 0.999), eps=1e-8, fused=self.device.type == "cuda")
+        self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, self.device)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
         self.generator = torch.Generator().manual_seed(tc.seed)
         self.step, self.bad_steps = 0, 0
