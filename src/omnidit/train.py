@@ -55,8 +55,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW with decay on matrices only, fused into one kernel per device where torch has one.
 
-    The fused kernel exists on CUDA and CPU. On a CPU it runs the update about 10x faster than the
-    default multi-tensor path (docs/benchmarks.md), which is most of a small model's step otherwise.
+    The fused kernel exists on CUDA and CPU. On a CPU it runs the update 3-5x faster than the default
+    multi-tensor path (``benchmarks/optimizer.py``; figures in docs/benchmarks.md).
     """
     return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
                              fused=device.type in ("cuda", "cpu"))
