@@ -56,7 +56,7 @@ def test_text_to_image_training_in_vae_latent_space(tiny_vae, tmp_path, capsys):
                  "model.patch_size=2", "model.depth=1", "model.depth_single=1", f"data.codec={tiny_vae}",
                  "train.batch_size=4", "train.steps=3", "train.checkpoint_every=3", "train.device=cpu",
                  "train.tensorboard=false", f"train.out_dir={tmp_path / 'run'}", "sample.steps=2"]
-    trainer = Trainer(load_config("configs/shapes.json", overrides), False)
+    trainer = Trainer(load_config("configs/shapes_quick.json", overrides), False)
     assert trainer.codec.downsample == 2 and trainer.grid == (8, 8)  # 32 px -> 16 latent -> 8x8 tokens
     trainer.run()
     out = tmp_path / "vae.png"
@@ -66,11 +66,11 @@ def test_text_to_image_training_in_vae_latent_space(tiny_vae, tmp_path, capsys):
     assert Image.open(out).size == (32, 32)  # decoded back to pixels
     # the latent channels must match the model
     with pytest.raises(OmniditError, match="in_channels"):
-        Trainer(load_config("configs/shapes.json", [*overrides, "model.in_channels=3"]), False)
+        Trainer(load_config("configs/shapes_quick.json", [*overrides, "model.in_channels=3"]), False)
     # and a cache of VAE latents works the same way
-    assert main(["precompute", "configs/shapes.json", *overrides, f"data.cache_dir={tmp_path / 'c'}",
+    assert main(["precompute", "configs/shapes_quick.json", *overrides, f"data.cache_dir={tmp_path / 'c'}",
                  "data.cache_samples=8", "--no-progress"]) == 0
-    cached = Trainer(load_config("configs/shapes.json", [*overrides, f"data.cache_dir={tmp_path / 'c'}",
+    cached = Trainer(load_config("configs/shapes_quick.json", [*overrides, f"data.cache_dir={tmp_path / 'c'}",
                                                          "data.cache_samples=8", f"train.out_dir={tmp_path / 'r2'}"]),
                      False)
     assert cached.text_encoder is None  # text features come from the cache

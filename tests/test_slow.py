@@ -25,10 +25,10 @@ def test_digits_config_learns_digits_the_judge_can_read(tmp_path):
 
 
 def test_shapes_config_learns_colours_and_layout(tmp_path):
-    """configs/shapes.json as shipped (3,000 steps, ~11 min on 2 cores): the loss falls well below its start
+    """configs/shapes_quick.json as shipped (3,000 steps, ~11 min on 2 cores): the loss falls well below its start
     and single-object samples come out in the asked colour (the detector reads the largest object)."""
     run = tmp_path / "shapes"
-    train(load_config("configs/shapes.json", [f"train.out_dir={run}"]), progress=False)
+    train(load_config("configs/shapes_quick.json", [f"train.out_dir={run}"]), progress=False)
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     assert losses[-1] < 0.5 * losses[0]

@@ -27,6 +27,10 @@ FORMAT = "omnidit-checkpoint/1"
 CHECKPOINT_PREFIX = "checkpoint-"
 # Seconds to pause in the middle of every checkpoint write; only tests set it (to SIGKILL a run mid-save).
 SAVE_DELAY_ENV = "OMNIDIT_TEST_SAVE_DELAY"
+# The shapes model shipped inside the package (an ``export_for_inference`` folder): what `omnidit generate`,
+# `eval` and `demo` use when no model is given. docs/default_model.md tells how it was trained.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+PROVENANCE_FILE = "provenance.json"  # written by export_for_inference: the source step and images seen
 
 
 def _cpu_contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -109,6 +113,45 @@ def resolve_model_dir(path: str | Path) -> Path:
         return checkpoints[-1]
     raise OmniditError(f"{path} is not an omnidit model folder (no config.json and no checkpoint-* inside)",
                        hint="pass a folder written by 'omnidit train'")
+
+
+def default_model_dir() -> Path:
+    """The shipped shapes model's folder, with a one-line error if this installation lacks it."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file() or not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
+        raise OmniditError(f"the default model is missing from this installation ({DEFAULT_MODEL_DIR})",
+                           hint="reinstall omnidit (pip install -e .), or pass --model RUN_DIR")
+    return DEFAULT_MODEL_DIR
+
+
+def export_for_inference(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
+                         use_ema: bool = True) -> Path:
+    """Write the smallest folder that sampling loads: config.json and model.safetensors holding the EMA
+    (or raw) weights of ``src`` cast to ``dtype``, plus provenance.json (the step it was trained to);
+    no raw-weight copy, no optimizer state.
+
+    float16 halves the file (the shipped default model is stored this way); loading casts the weights
+    back to the model's float32 parameters, and evaluation scores are measured on the exported folder.
+    """
+    directory = resolve_model_dir(src)
+    config = read_config(directory)
+    file = directory / "ema.safetensors"
+    if not use_ema or not file.is_file():
+        file = directory / "model.safetensors"
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read_safetensors(file).items()}
+    out = save_checkpoint(dst, config, state)
+    step = read_step(directory)
+    provenance = {"step": step, "images_seen": None if step is None else step * config.train.batch_size,
+                  "weights": file.name, "dtype": str(dtype).removeprefix("torch.")}
+    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return out
+
+
+def read_step(model_dir: str | Path) -> int | None:
+    """The training step a checkpoint (or exported) folder was saved at, or None if it does not say."""
+    for file in (Path(model_dir) / "training_state" / "state.json", Path(model_dir) / PROVENANCE_FILE):
+        if file.is_file():
+            return read_json(file, "checkpoint metadata").get("step")
+    return None
 
 
 def read_config(model_dir: str | Path) -> Config:

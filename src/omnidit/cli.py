@@ -1,4 +1,4 @@
-"""The ``omnidit`` command line: train | precompute | generate | eval | eval-prompts | convert | info.
+"""The ``omnidit`` command line: train | precompute | generate | demo | eval | eval-prompts | convert | info.
 
 User mistakes (missing files, bad sizes, unknown config keys, corrupt checkpoints) print one line
 ``omnidit: error: ... (hint: ...)`` and exit with code 2; there is no traceback for them.
@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "metadata holds the prompt, seed and settings.")
     p.add_argument("prompt", help='what to draw, e.g. "a red circle above a blue square" (a class-conditional '
                                   "model takes a label such as '7')")
-    p.add_argument("--model", required=True, help="checkpoint folder, training run folder, or a diffusers Flux / "
-                                                  "SD3 pipeline folder (model_index.json)")
+    p.add_argument("--model", default=None, help="checkpoint folder, training run folder, or a diffusers Flux / "
+                                                  "SD3 pipeline folder (model_index.json); default: the shipped "
+                                                  "shapes model")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 disables it "
                                                           "(default: the model's sample.cfg)")
@@ -74,12 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("demo", help="draw example prompts with the shipped shapes model (seconds on a CPU)",
+                       description="Generate a grid of example prompts (a row per prompt) with the shipped "
+                                   "shapes model, or --model, and print where it was written.")
+    p.add_argument("-o", "--output", default="omnidit_demo.png", help="output PNG path (default: omnidit_demo.png)")
+    p.add_argument("--model", default=None, help="checkpoint or run folder (default: the shipped shapes model)")
+    p.add_argument("-n", "--num-images", type=int, default=3, help="images per prompt (default: 3)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     p = sub.add_parser("eval", help="score a model (or a folder of images) with an exact evaluation suite",
                        description="Score a model with the shapes suite (GenEval-style, judged by an exact detector) "
                                    "or the digits suite (judged by a classifier trained on real digits); or score a "
                                    "folder of images made by any system, whose prompts come from its manifest.json "
                                    "(write one with 'omnidit eval-prompts').")
-    p.add_argument("target", help="checkpoint or run folder, or a folder of images with a manifest.json")
+    p.add_argument("target", nargs="?", default=None,
+                   help="checkpoint or run folder, or a folder of images with a manifest.json "
+                        "(default: the shipped shapes model)")
     p.add_argument("--suite", default=None, choices=["shapes", "digits"],
                    help="which suite (default: from the model's data.name; shapes for image folders)")
     p.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
@@ -119,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
 
     p = sub.add_parser("info", help="describe a checkpoint folder")
-    p.add_argument("model", help="checkpoint folder or training run folder")
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint folder or training run folder (default: the shipped shapes model)")
     return parser
 
 
@@ -153,7 +168,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     width, height = parse_size(args.size) if args.size else (None, None)
     if not args.output.lower().endswith(".png"):
         raise OmniditError(f"output file must end in .png, got {args.output}")
-    if (Path(args.model) / "model_index.json").is_file():  # a diffusers pipeline folder (Flux)
+    if args.model is None:
+        from omnidit.checkpoint import default_model_dir
+
+        args.model = str(default_model_dir())
+    if (Path(args.model) / "model_index.json").is_file():  # a diffusers pipeline folder (Flux / SD3)
         return _generate_diffusers_pipeline(args, width, height)
     pipe = load_pipeline(args.model, device=args.device, use_ema=not args.no_ema)
     images = pipe.generate([args.prompt] * args.num_images, width=width, height=height, steps=args.steps,
@@ -204,6 +223,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.n_per_prompt < 1 or (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         raise OmniditError("--n-per-prompt, --limit and --batch-size must be at least 1")
+    if args.target is None:
+        from omnidit.checkpoint import default_model_dir
+
+        args.target = default_model_dir()
     target = Path(args.target)
     if (target / "manifest.json").is_file():
         report = evaluate_folder(target, args.suite or "shapes", progress=not args.no_progress,
@@ -226,6 +249,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from omnidit.demo import DEMO_PROMPTS, run_demo
+
+    if args.num_images < 1:
+        raise OmniditError(f"-n must be at least 1, got {args.num_images}")
+    if args.steps is not None and args.steps < 1:
+        raise OmniditError(f"--steps must be at least 1, got {args.steps}")
+    path, seconds = run_demo(args.output, args.model, n_per_prompt=args.num_images, seed=args.seed, steps=args.steps,
+                             device=args.device, progress=not args.no_progress)
+    n = args.num_images * len(DEMO_PROMPTS)
+    print(f"wrote {path} ({n} images in {seconds:.1f} s of sampling: {n / seconds:.2f} images/s)")
+
+
 def cmd_eval_prompts(args: argparse.Namespace) -> None:
     from omnidit.evaluate.runner import write_suite_prompts
 
@@ -242,23 +278,40 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({class_name})")
 
 
+def _ema_description(directory: Path) -> str:
+    from omnidit.checkpoint import PROVENANCE_FILE
+    from omnidit.config import read_json
+
+    if (directory / "ema.safetensors").is_file():
+        return "yes"
+    if (directory / PROVENANCE_FILE).is_file():  # an export_for_inference folder
+        meta = read_json(directory / PROVENANCE_FILE, "provenance")
+        if meta.get("weights") == "ema.safetensors":
+            return f"yes (exported as model.safetensors, {meta.get('dtype')})"
+    return "no"
+
+
 def cmd_info(args: argparse.Namespace) -> None:
-    import json
+    from omnidit.checkpoint import (
+        default_model_dir,
+        list_checkpoints,
+        read_config,
+        read_safetensors,
+        read_step,
+        resolve_model_dir,
+    )
 
-    from omnidit.checkpoint import list_checkpoints, read_config, read_safetensors, resolve_model_dir
-
-    directory = resolve_model_dir(args.model)
+    directory = resolve_model_dir(args.model) if args.model is not None else default_model_dir()
     config = read_config(directory)
     weights = read_safetensors(directory / "model.safetensors")
     n_params = sum(t.numel() for t in weights.values())
-    state = directory / "training_state" / "state.json"
-    step = json.loads(state.read_text()).get("step") if state.is_file() else None
+    step = read_step(directory)
     mc = config.model
     lines = [
         f"checkpoint    {directory}",
         f"parameters    {n_params:,} ({n_params / 1e6:.2f}M)",
         f"step          {step if step is not None else 'unknown'}",
-        f"ema weights   {'yes' if (directory / 'ema.safetensors').is_file() else 'no'}",
+        f"ema weights   {_ema_description(directory)}",
         f"architecture  width {mc.hidden_size}, {mc.num_heads} heads, {mc.depth} double + {mc.depth_single} single "
         f"blocks, patch {mc.patch_size}, {mc.in_channels} channels",
         f"conditioning  text={config.text.encoder} (context {mc.context_dim}, pooled {mc.pooled_dim}), "
@@ -273,7 +326,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
-COMMANDS = {"train": cmd_train, "precompute": cmd_precompute, "generate": cmd_generate, "eval": cmd_eval,
+COMMANDS = {"train": cmd_train, "precompute": cmd_precompute, "generate": cmd_generate, "demo": cmd_demo,
+            "eval": cmd_eval,
             "eval-prompts": cmd_eval_prompts, "convert": cmd_convert, "info": cmd_info}
 
 

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
@@ -46,6 +46,33 @@ def make_grid(images: list[Image.Image], columns: int | None = None, padding: in
         r, c = divmod(i, columns)
         grid.paste(img.convert("RGB"), (padding + c * (w + padding), padding + r * (h + padding)))
     return grid
+
+
+def labelled_grid(rows: list[tuple[str, list[Image.Image]]], scale: int = 1,
+                  frames: list[list[tuple[int, int, int]]] | None = None) -> Image.Image:
+    """A row per (label, images): the label on the left, then the images enlarged ``scale`` times
+    (nearest neighbour, so pixels stay crisp). ``frames[r][c]``, if given, is the colour of a 3-px
+    frame around image c of row r (the eval grid marks pass / fail this way)."""
+    if not rows or not any(images for _, images in rows):
+        raise ValueError("labelled_grid needs at least one image")
+    w, h = next(images for _, images in rows if images)[0].size
+    border = 3 if frames is not None else 1
+    cell_w, cell_h = w * scale + 2 * border + 2, h * scale + 2 * border + 2
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 8 + max(int(measure.textlength(label)) for label, _ in rows)
+    columns = max(len(images) for _, images in rows)
+    out = Image.new("RGB", (label_w + columns * cell_w, len(rows) * cell_h), "white")
+    draw = ImageDraw.Draw(out)
+    for r, (label, images) in enumerate(rows):
+        y = r * cell_h
+        draw.text((4, y + cell_h // 2 - 6), label, fill="black")
+        for c, image in enumerate(images):
+            x = label_w + c * cell_w
+            if frames is not None:
+                draw.rectangle([x + 1, y + 1, x + cell_w - 2, y + cell_h - 2], fill=frames[r][c])
+            tile = image.convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
+            out.paste(tile, (x + 1 + border, y + 1 + border))
+    return out
 
 
 def save_png(image: Image.Image, path: str | Path, metadata: dict[str, object]) -> Path:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from omnidit.errors import OmniditError
-from omnidit.images import to_pil
+from omnidit.images import labelled_grid, to_pil
 
 SUITES = ("shapes", "digits")
 SEED_STRIDE = 1_000_003  # image i of a run with seed s uses noise seed s * SEED_STRIDE + i
@@ -68,20 +68,10 @@ class EvalReport:
             if len(rows.setdefault(j.category, [])) < per_row:
                 rows[j.category].append(j)
         h, w = self.judged[0].image.shape[1:]
-        scale = max(1, 64 // max(h, w))
-        cell_w, cell_h, label_w, frame = w * scale + 8, h * scale + 8, 130, 3
-        out = Image.new("RGB", (label_w + per_row * cell_w, max(1, len(rows)) * cell_h), "white")
-        draw = ImageDraw.Draw(out)
-        for r, (category, items) in enumerate(rows.items()):
-            y = r * cell_h
-            draw.text((4, y + cell_h // 2 - 6), category, fill="black")
-            for c, j in enumerate(items):
-                x = label_w + c * cell_w
-                draw.rectangle([x + 1, y + 1, x + cell_w - 2, y + cell_h - 2],
-                               fill=(40, 170, 60) if j.passed else (215, 40, 40))
-                tile = to_pil(j.image).convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
-                out.paste(tile, (x + 1 + frame, y + 1 + frame))
-        return out
+        return labelled_grid([(category, [to_pil(j.image) for j in items]) for category, items in rows.items()],
+                             scale=max(1, 64 // max(h, w)),
+                             frames=[[(40, 170, 60) if j.passed else (215, 40, 40) for j in items]
+                                     for items in rows.values()])
 
     def save(self, json_path: str | Path | None = None, grid_path: str | Path | None = None) -> None:
         if json_path:
