@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import device_description  # noqa: E402
+from train_throughput import _sync, device_description  # noqa: E402
 
 from omnidit.model.mmdit import PRESETS, MMDiT  # noqa: E402
 from omnidit.pipeline import resolve_device  # noqa: E402
@@ -38,12 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def time_step(optimizer: torch.optim.Optimizer, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     start = time.perf_counter()
     optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     return time.perf_counter() - start
 
 

@@ -47,6 +47,7 @@ from omnidit.model.mmdit import PRESETS, MMDiT, MMDiTConfig
 from omnidit.pipeline import resolve_device
 from omnidit.sampling import classifier_free_guidance, euler, initial_noise, timestep_schedule
 from omnidit.tokens import image_position_ids, patchify, unpatchify
+from omnidit.train import make_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import _rss_bytes, _sync, device_description  # noqa: E402
@@ -181,9 +182,9 @@ def phases(pair: Pair, cfg: MMDiTConfig, args: argparse.Namespace, device: torch
     sample_noise = initial_noise(pair.x_shape, seed=0).to(device)
 
     def make(model: nn.Module, fn: Callable[[Tensor, Tensor, Condition], Tensor]) -> dict[str, Callable[[], None]]:
-        # The same fused AdamW on both sides (the kernel omnidit's trainer uses on CUDA and CPU), so
-        # that train_step compares the transformers and not the optimizers.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
+        # The trainer's optimizer (fused AdamW) on both sides, so that train_step compares the
+        # transformers and not the optimizers.
+        optimizer = make_optimizer(model, 1e-4, 0.0, device)
         guided = classifier_free_guidance(fn, cond, null, CFG_SCALE)
 
         def forward() -> None:

@@ -155,23 +155,32 @@ def cmd_precompute(args: argparse.Namespace) -> None:
     print(f"cached in {path}")
 
 
+def _check_counts(num_images: int, steps: int | None) -> None:
+    """generate and demo: -n and --steps must be positive."""
+    if num_images < 1:
+        raise OmniditError(f"-n must be at least 1, got {num_images}")
+    if steps is not None and steps < 1:
+        raise OmniditError(f"--steps must be at least 1, got {steps}")
+
+
+def _model_or_shipped(path: str | None) -> str:
+    """The model path a command was given, or the shipped shapes model's folder when none was."""
+    from omnidit.checkpoint import default_model_dir
+
+    return str(default_model_dir()) if path is None else path
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from omnidit.images import make_grid, save_png, to_pil
     from omnidit.pipeline import load_pipeline
 
     if not args.prompt.strip():
         raise OmniditError("the prompt is empty", hint='pass a description, e.g. "a red circle"')
-    if args.num_images < 1:
-        raise OmniditError(f"-n must be at least 1, got {args.num_images}")
-    if args.steps is not None and args.steps < 1:
-        raise OmniditError(f"--steps must be at least 1, got {args.steps}")
+    _check_counts(args.num_images, args.steps)
     width, height = parse_size(args.size) if args.size else (None, None)
     if not args.output.lower().endswith(".png"):
         raise OmniditError(f"output file must end in .png, got {args.output}")
-    if args.model is None:
-        from omnidit.checkpoint import default_model_dir
-
-        args.model = str(default_model_dir())
+    args.model = _model_or_shipped(args.model)
     if (Path(args.model) / "model_index.json").is_file():  # a diffusers pipeline folder (Flux / SD3)
         return _generate_diffusers_pipeline(args, width, height)
     pipe = load_pipeline(args.model, device=args.device, use_ema=not args.no_ema)
@@ -223,11 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.n_per_prompt < 1 or (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         raise OmniditError("--n-per-prompt, --limit and --batch-size must be at least 1")
-    if args.target is None:
-        from omnidit.checkpoint import default_model_dir
-
-        args.target = default_model_dir()
-    target = Path(args.target)
+    target = Path(_model_or_shipped(args.target))
     if (target / "manifest.json").is_file():
         report = evaluate_folder(target, args.suite or "shapes", progress=not args.no_progress,
                                  frechet=not args.no_fd)
@@ -252,10 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from omnidit.demo import DEMO_PROMPTS, run_demo
 
-    if args.num_images < 1:
-        raise OmniditError(f"-n must be at least 1, got {args.num_images}")
-    if args.steps is not None and args.steps < 1:
-        raise OmniditError(f"--steps must be at least 1, got {args.steps}")
+    _check_counts(args.num_images, args.steps)
     path, seconds = run_demo(args.output, args.model, n_per_prompt=args.num_images, seed=args.seed, steps=args.steps,
                              device=args.device, progress=not args.no_progress)
     n = args.num_images * len(DEMO_PROMPTS)
@@ -292,16 +294,9 @@ def _ema_description(directory: Path) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from omnidit.checkpoint import (
-        default_model_dir,
-        list_checkpoints,
-        read_config,
-        read_safetensors,
-        read_step,
-        resolve_model_dir,
-    )
+    from omnidit.checkpoint import list_checkpoints, read_config, read_safetensors, read_step, resolve_model_dir
 
-    directory = resolve_model_dir(args.model) if args.model is not None else default_model_dir()
+    directory = resolve_model_dir(_model_or_shipped(args.model))
     config = read_config(directory)
     weights = read_safetensors(directory / "model.safetensors")
     n_params = sum(t.numel() for t in weights.values())
@@ -327,8 +322,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "precompute": cmd_precompute, "generate": cmd_generate, "demo": cmd_demo,
-            "eval": cmd_eval,
-            "eval-prompts": cmd_eval_prompts, "convert": cmd_convert, "info": cmd_info}
+            "eval": cmd_eval, "eval-prompts": cmd_eval_prompts, "convert": cmd_convert, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

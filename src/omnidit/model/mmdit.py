@@ -359,14 +359,14 @@ class MMDiT(nn.Module):
     def positions(self, x_ids: Tensor, n_txt: int) -> tuple[Tensor | None, Tensor | None]:
         """What the forward derives from the position ids alone, for ids (B or 1, N, A) and n_txt text tokens.
 
-        Returns the absolute embedding added to the image tokens, (B or 1, N, D) or None, and the
-        rotary rotations of the joint sequence, (B or 1, 1, N + n_txt, head_dim // 2) or None. Both
-        broadcast over the batch when the ids do. Samplers and trainers pass the same ids tensor at
-        every call, so the last result is kept and reused while that same tensor object comes back
-        unmodified (same ``_version``; inference tensors have none, so an ids tensor changed in place
-        inside ``torch.inference_mode`` is not noticed) with the same text length, device and grad mode: the embeddings
-        are then built once per sampling run instead of once per step, and the position-table crop's
-        host sync happens once.
+        Returns the absolute embedding added to the image tokens, (B or 1, N, D) or None, and the rotary
+        rotations of the joint sequence, (B or 1, 1, N + n_txt, head_dim // 2, 2) or None. Both broadcast
+        over the batch when the ids do. Samplers and trainers pass the same ids tensor at every call, so
+        the last result is reused while that same tensor object comes back unmodified (same
+        ``_version``), with the same text length, device, position table and inference mode: the
+        embeddings are then built once per sampling run instead of once per step, and the position-table
+        crop's host sync happens once. Inference tensors have no version counter, so ids changed in place
+        inside ``torch.inference_mode`` are not noticed.
         """
         # Inference tensors have no version counter (and can only change inside inference mode).
         version = None if x_ids.is_inference() else x_ids._version
