@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import random_condition, tiny_config
 
-from omnidit.config import config_from_dict
+from omnidit.config import TrainConfig, config_from_dict
+from omnidit.errors import OmniditError
 from omnidit.flow import training_loss
 from omnidit.model.mmdit import MMDiT
 from omnidit.tokens import image_position_ids, patchify
@@ -53,6 +54,22 @@ def test_schedule_ema_and_parameter_groups():
     assert learning_rate(10, 1.0, 10, 110, "cosine", 0.1) == 1.0
     assert abs(learning_rate(60, 1.0, 10, 110, "cosine", 0.1) - 0.55) < 1e-9
     assert abs(learning_rate(110, 1.0, 10, 110, "cosine", 0.1) - 0.1) < 1e-9
+
+
+def test_wsd_schedule_is_flat_then_linear_to_the_floor():
+    # 10 warmup, flat to step 80, linear over the last 20 steps down to 0.1 at step 100.
+    lr = [learning_rate(s, 2.0, 10, 100, "wsd", 0.1, 20) for s in range(101)]
+    assert lr[9] == 2.0 and lr[10] == 2.0 and lr[80] == 2.0
+    assert abs(lr[90] - 2.0 * 0.55) < 1e-9 and abs(lr[100] - 0.2) < 1e-9
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    # decay_steps=0 means the last 20%; the stable phase does not depend on the run's length.
+    assert learning_rate(79, 1.0, 0, 100, "wsd", 0.0) == 1.0 and abs(learning_rate(90, 1.0, 0, 100, "wsd", 0.0) - 0.5) < 1e-9
+    assert learning_rate(500, 1.0, 0, 1000, "wsd", 0.0, 100) == learning_rate(500, 1.0, 0, 2000, "wsd", 0.0, 100)
+
+
+def test_wsd_decay_longer_than_the_run_is_rejected():
+    with pytest.raises(OmniditError, match="lr_decay_steps"):
+        TrainConfig(steps=100, warmup_steps=10, lr_schedule="wsd", lr_decay_steps=95)
     assert ema_decay_at(0, 0.999) == 0.1 and ema_decay_at(10**6, 0.999) == 0.999
     groups = parameter_groups(MMDiT(tiny_config()), 0.1)
     assert all(p.dim() >= 2 for p in groups[0]["params"]) and all(p.dim() < 2 for p in groups[1]["params"])

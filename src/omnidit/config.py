@@ -84,8 +84,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 2
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
-    lr_schedule: str = "constant"  # constant | cosine (after the warmup, down to lr * lr_min_ratio)
+    lr_schedule: str = "constant"  # constant | cosine | wsd (after the warmup, down to lr * lr_min_ratio)
     lr_min_ratio: float = 0.1
+    lr_decay_steps: int = 0  # wsd only: length of the final linear decay (0 = 20% of steps)
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the global batch
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
     compile: bool = False  # torch.compile each transformer block (regional compilation)
@@ -105,9 +106,13 @@ class TrainConfig:
                       choices={"timesteps": ("uniform", "logit_normal"),
                                "eval_suite": ("auto", "shapes", "digits")})
         _check_ranges("train", self, positive=("eval_limit", "eval_n_per_prompt", "grad_accum", "nan_patience"),
-                      non_negative=("sample_every", "lr_min_ratio"),
-                      choices={"lr_schedule": ("constant", "cosine"), "precision": ("auto", "fp32", "bf16"),
+                      non_negative=("sample_every", "lr_min_ratio", "lr_decay_steps"),
+                      choices={"lr_schedule": ("constant", "cosine", "wsd"), "precision": ("auto", "fp32", "bf16"),
                                "parallel": ("ddp", "fsdp")})
+        if self.lr_schedule == "wsd" and self.lr_decay_steps > self.steps - self.warmup_steps:
+            raise OmniditError(f"train.lr_decay_steps={self.lr_decay_steps} is longer than the {self.steps} steps "
+                               f"after {self.warmup_steps} warmup steps",
+                               hint="use a shorter train.lr_decay_steps (0 = the last 20% of train.steps)")
         if not 0 <= self.ema_decay < 1 or not 0 <= self.cond_dropout < 1 or not self.t_shift > 0:
             raise OmniditError("config keys train.ema_decay and train.cond_dropout must lie in [0, 1) and "
                                "train.t_shift must be positive")

@@ -63,13 +63,25 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
 
 
 def learning_rate(step: int, base_lr: float, warmup_steps: int, total_steps: int | None = None,
-                  schedule: str = "constant", min_ratio: float = 0.1) -> float:
-    """Linear warmup over ``warmup_steps``, then constant or cosine down to ``base_lr * min_ratio``."""
+                  schedule: str = "constant", min_ratio: float = 0.1, decay_steps: int = 0) -> float:
+    """Linear warmup over ``warmup_steps``, then one of:
+
+    - ``constant``: ``base_lr``;
+    - ``cosine``: a cosine from ``base_lr`` down to ``base_lr * min_ratio`` at ``total_steps``;
+    - ``wsd`` (warmup-stable-decay): ``base_lr`` until the last ``decay_steps`` steps (20% of
+      ``total_steps`` when 0), then linear down to ``base_lr * min_ratio`` at ``total_steps``. The
+      stable phase does not depend on ``total_steps``, so a run can be lengthened by resuming from a
+      checkpoint taken before the decay began.
+    """
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "cosine" and total_steps:
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if schedule == "wsd" and total_steps:
+        decay = decay_steps if decay_steps > 0 else max(1, total_steps // 5)
+        progress = min(1.0, max(0.0, (step - (total_steps - decay)) / decay))
+        return base_lr * (1 - (1 - min_ratio) * progress)
     return base_lr
 
 
@@ -258,7 +270,8 @@ class Trainer:
         # (gradients are all-reduced, the loss explicitly), so every rank takes the same branch.
         loss_value, norm_value = loss_mean.item(), float(grad_norm)
         if math.isfinite(loss_value) and math.isfinite(norm_value):
-            lr = learning_rate(self.step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.lr_min_ratio)
+            lr = learning_rate(self.step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.lr_min_ratio,
+                               tc.lr_decay_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
