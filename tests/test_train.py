@@ -63,13 +63,16 @@ def test_wsd_schedule_is_flat_then_linear_to_the_floor():
     assert abs(lr[90] - 2.0 * 0.55) < 1e-9 and abs(lr[100] - 0.2) < 1e-9
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
     # decay_steps=0 means the last 20%; the stable phase does not depend on the run's length.
-    assert learning_rate(79, 1.0, 0, 100, "wsd", 0.0) == 1.0 and abs(learning_rate(90, 1.0, 0, 100, "wsd", 0.0) - 0.5) < 1e-9
+    assert learning_rate(79, 1.0, 0, 100, "wsd", 0.0) == 1.0
+    assert abs(learning_rate(90, 1.0, 0, 100, "wsd", 0.0) - 0.5) < 1e-9
     assert learning_rate(500, 1.0, 0, 1000, "wsd", 0.0, 100) == learning_rate(500, 1.0, 0, 2000, "wsd", 0.0, 100)
 
 
 def test_wsd_decay_longer_than_the_run_is_rejected():
     with pytest.raises(OmniditError, match="lr_decay_steps"):
         TrainConfig(steps=100, warmup_steps=10, lr_schedule="wsd", lr_decay_steps=95)
+    with pytest.raises(OmniditError, match="only applies to train.lr_schedule=wsd"):
+        TrainConfig(steps=100, lr_schedule="cosine", lr_decay_steps=20)
     assert ema_decay_at(0, 0.999) == 0.1 and ema_decay_at(10**6, 0.999) == 0.999
     groups = parameter_groups(MMDiT(tiny_config()), 0.1)
     assert all(p.dim() >= 2 for p in groups[0]["params"]) and all(p.dim() < 2 for p in groups[1]["params"])

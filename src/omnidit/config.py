@@ -109,6 +109,9 @@ class TrainConfig:
                       non_negative=("sample_every", "lr_min_ratio", "lr_decay_steps"),
                       choices={"lr_schedule": ("constant", "cosine", "wsd"), "precision": ("auto", "fp32", "bf16"),
                                "parallel": ("ddp", "fsdp")})
+        if self.lr_decay_steps and self.lr_schedule != "wsd":
+            raise OmniditError(f"train.lr_decay_steps={self.lr_decay_steps} only applies to train.lr_schedule=wsd, "
+                               f"not {self.lr_schedule}", hint="add train.lr_schedule=wsd or drop train.lr_decay_steps")
         if self.lr_schedule == "wsd" and self.lr_decay_steps > self.steps - self.warmup_steps:
             raise OmniditError(f"train.lr_decay_steps={self.lr_decay_steps} is longer than the {self.steps} steps "
                                f"after {self.warmup_steps} warmup steps",

@@ -73,15 +73,17 @@ def learning_rate(step: int, base_lr: float, warmup_steps: int, total_steps: int
       stable phase does not depend on ``total_steps``, so a run can be lengthened by resuming from a
       checkpoint taken before the decay began.
     """
+    def progress(start: int, length: int) -> float:  # fraction of [start, start + length) done, in [0, 1]
+        return min(1.0, max(0.0, (step - start) / max(1, length)))
+
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "cosine" and total_steps:
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        p = progress(warmup_steps, total_steps - warmup_steps)
+        return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
     if schedule == "wsd" and total_steps:
-        decay = decay_steps if decay_steps > 0 else max(1, total_steps // 5)
-        progress = min(1.0, max(0.0, (step - (total_steps - decay)) / decay))
-        return base_lr * (1 - (1 - min_ratio) * progress)
+        decay = decay_steps if decay_steps > 0 else total_steps // 5
+        return base_lr * (1 - (1 - min_ratio) * progress(total_steps - decay, decay))
     return base_lr
 
 
