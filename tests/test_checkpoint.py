@@ -380,3 +380,54 @@ def test_resume_is_bit_exact(tmp_path, make_tiny_config, monkeypatch, restore_gl
     # the saved final checkpoints agree too
     assert_same_state(load_file(str(tmp_path / "straight" / "checkpoint-0000006" / "ema.safetensors")),
                       load_file(str(split_dir / "checkpoint-0000006" / "ema.safetensors")))
+
+
+# ---- fine-tuning from another run (train.init_from) ------------------------------------------------
+
+
+def test_init_from_loads_the_ema_weights_and_starts_fresh(tmp_path, make_tiny_config, monkeypatch,
+                                                          restore_global_rng):
+    from omnidit.checkpoint import export_for_inference
+    from omnidit.train import Trainer
+
+    small = {"steps": 3, "batch_size": 4, "checkpoint_every": 3, "log_every": 3, "warmup_steps": 1, "ema_decay": 0.5}
+    base = Trainer(make_tiny_config(tmp_path / "base", train=small), progress=False)
+    base.run()
+    ema = load_file(str(tmp_path / "base" / "checkpoint-0000003" / "ema.safetensors"))
+    assert any(not torch.equal(v, base.model.state_dict()[k]) for k, v in ema.items())  # EMA != raw weights
+
+    # A run folder (its latest checkpoint) and an fp16 export both work as sources.
+    export_for_inference(tmp_path / "base", tmp_path / "export")
+    for source, tolerance in ((tmp_path / "base", 0.0), (tmp_path / "export", 1e-3)):
+        tuned = Trainer(make_tiny_config(tmp_path / f"tuned_{source.name}",
+                                         train={**small, "steps": 1, "init_from": str(source)}), progress=False)
+        loaded = []
+
+        def fake_step(t=tuned, loaded=loaded):  # record what the first step would start from
+            loaded.append(({k: v.clone() for k, v in t.model.state_dict().items()}, t.step, len(t.optimizer.state)))
+            t.step += 1
+            return 0.0, 0.0
+
+        monkeypatch.setattr(tuned, "train_step", fake_step)
+        tuned.run()
+        assert [(step, n_state) for _, step, n_state in loaded] == [(0, 0)]  # step 0, fresh optimizer
+        for k, v in ema.items():
+            assert torch.allclose(loaded[0][0][k], v, atol=tolerance, rtol=0), k
+            assert torch.allclose(tuned.ema.state_dict()[k], v, atol=tolerance, rtol=0), k
+
+    # An existing checkpoint of the fine-tuning run wins over init_from (resume continues it).
+    again = Trainer(make_tiny_config(tmp_path / "tuned_base", train={**small, "steps": 1,
+                                                                   "init_from": str(tmp_path / "missing")}),
+                    progress=False)
+    assert again.run().name == "checkpoint-0000001"
+
+
+def test_init_from_a_different_model_is_a_clear_error(tmp_path, make_tiny_config, restore_global_rng):
+    from omnidit.train import Trainer
+
+    Trainer(make_tiny_config(tmp_path / "base", train={"steps": 1, "batch_size": 4}), progress=False).run()
+    for source, message in ((tmp_path / "base", "different model"), (tmp_path / "nowhere", "not found")):
+        other = make_tiny_config(tmp_path / "other", model={"hidden_size": 128, "num_heads": 4},
+                                 train={"steps": 1, "batch_size": 4, "init_from": str(source)})
+        with pytest.raises(OmniditError, match=message):
+            Trainer(other, progress=False).run()

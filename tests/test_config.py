@@ -215,8 +215,26 @@ def test_all_keys_cover_every_field():
     assert isinstance(Config().model, MMDiTConfig)
 
 
-@pytest.mark.parametrize("name", ["shapes.json", "digits.json"])
+@pytest.mark.parametrize("name", ["shapes.json", "shapes_finetune.json", "digits.json"])
 def test_shipped_configs_load(name):
     config = load_config(CONFIGS / name)
     assert config.train.steps > 0 and config.model.head_dim == sum(config.model.axes_dim)
     assert config_from_dict(config.to_dict()) == config
+
+
+def test_scene_kinds_from_a_file_or_an_override(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"data": {"scene_kinds": {"single": 1, "relation": 3}}}))
+    assert load_config(path).data.scene_kinds == {"single": 1.0, "relation": 3.0}
+    assert load_config(path, ['data.scene_kinds={"pair": 2}']).data.scene_kinds == {"pair": 2.0}
+    assert load_config(path, ["data.scene_kinds={}"]).data.scene_kinds == {}  # back to the default mix
+    for override, message in (('data.scene_kinds={"triple": 1}', "unknown scene kind 'triple'"),
+                              ('data.scene_kinds={"single": -1, "pair": 2}', "non-negative"),
+                              ('data.scene_kinds={"single": 0}', "positive sum"),
+                              ('data.scene_kinds={"single": "many"}', "expects float"),
+                              ("data.scene_kinds=[1, 2]", "expects a JSON object")):
+        with pytest.raises(OmniditError, match=message):
+            load_config(path, [override])
+    with pytest.raises(OmniditError, match="applies to the shapes data set") as e:
+        load_config(path, ["data.name=digits"])
+    assert "drop data.scene_kinds" in e.value.hint

@@ -347,6 +347,12 @@ def test_build_dataset():
         with pytest.raises(OmniditError) as e:
             build_dataset(**kwargs)
         assert e.value.hint
+    only_relations = build_dataset("shapes", 32, 32, scene_kinds={"relation": 1.0})
+    assert {only_relations.scene(i).kind for i in range(50)} == {"relation"}
+    mixed = Counter(build_dataset("shapes", 32, 32, scene_kinds={"single": 1, "pair": 3}).scene(i).kind
+                    for i in range(400))
+    assert set(mixed) == {"single", "pair"} and 0.65 < mixed["pair"] / 400 < 0.85  # 0.75 expected
+    assert build_dataset("shapes", 32, 32, scene_kinds={}).kinds == SCENE_KINDS  # {} = the default mix
     with pytest.raises(OmniditError, match="unknown dataset") as e:
         build_dataset("mnist", 32, 32)
     assert "shapes" in e.value.hint and "imagefolder" in e.value.hint

@@ -178,3 +178,16 @@ def test_precompute_checks_its_inputs(tmp_path, data, encoder):
     assert [CachedDataset(path)[i]["caption"] for i in (0, 1)] == [data[5]["caption"], data[2]["caption"]]
     with pytest.raises(OmniditError, match="no precomputed cache in .*nowhere"):
         open_cache(tmp_path / "nowhere", fields)
+
+
+def test_a_different_scene_mix_needs_a_different_cache(make_tiny_config, tmp_path):
+    from omnidit.precompute import fields_for_config
+
+    def fields(**data):
+        config = make_tiny_config(tmp_path, data={"cache_samples": 8, **data}, text={"encoder": "none"})
+        return fields_for_config(config, ShapesDataset(16, 16))
+
+    default = fields()
+    assert "scene_kinds" not in default["preprocessing"]  # caches written before the key existed stay valid
+    assert fields(scene_kinds={"relation": 1}) != default
+    assert fields(scene_kinds={"relation": 1, "pair": 2}) == fields(scene_kinds={"pair": 2, "relation": 1})

@@ -176,6 +176,13 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
 
 def load_state_into(model: torch.nn.Module, state: dict[str, Tensor], source: Path) -> None:
     """Strict load with errors that name the file and the first offending key."""
+    check_state_matches(model, state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_matches(model: torch.nn.Module, state: dict[str, Tensor], source: Path) -> None:
+    """Raise a one-line error naming ``source`` and the first key that is missing, unexpected or of
+    the wrong shape; ``model`` may live on the meta device."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -187,7 +194,6 @@ def load_state_into(model: torch.nn.Module, state: dict[str, Tensor], source: Pa
         if v.shape != expected[k].shape:
             raise OmniditError(f"{source}: key '{k}' has shape {tuple(v.shape)}, the model expects "
                                f"{tuple(expected[k].shape)}")
-    model.load_state_dict(state, strict=True)
 
 
 def load_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[MMDiT, Config]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omnidit.data.shapes import SCENE_KINDS
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import PRESETS, MMDiTConfig
 from omnidit.sampling import SAMPLERS
@@ -34,10 +35,24 @@ class DataConfig:
     codec_dtype: str = "fp32"  # fp32 | bf16 | fp16: the precision the VAE runs in
     cache_dir: str = ""  # train from latents + text embeddings precomputed here ('omnidit precompute')
     cache_samples: int = 0  # samples to precompute (0 = the whole dataset; required for infinite data)
+    # shapes only: relative weights of the scene kinds, e.g. {"single": 1, "relation": 3}; kinds left
+    # out are never drawn; {} = the default mix (SCENE_KINDS in omnidit.data.shapes)
+    scene_kinds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_ranges("data", self, positive=("width", "height"), non_negative=("cache_samples",),
                       choices={"codec_dtype": ("fp32", "bf16", "fp16")})
+        if self.scene_kinds:
+            hint = f'weights over {", ".join(SCENE_KINDS)}, e.g. data.scene_kinds={{"single": 1, "relation": 3}}'
+            if self.name != "shapes":
+                raise OmniditError(f"config key 'data.scene_kinds' applies to the shapes data set, not {self.name!r}",
+                                   hint="drop data.scene_kinds")
+            bad = [k for k in self.scene_kinds if k not in SCENE_KINDS]
+            if bad:
+                raise OmniditError(f"config key 'data.scene_kinds' has unknown scene kind {bad[0]!r}", hint=hint)
+            if any(w < 0 for w in self.scene_kinds.values()) or not sum(self.scene_kinds.values()) > 0:
+                raise OmniditError(f"config key 'data.scene_kinds' needs non-negative weights with a positive sum, "
+                                   f"got {self.scene_kinds}", hint=hint)
 
 
 def _check_ranges(section: str, obj: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
@@ -84,6 +99,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 2
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
+    init_from: str = ""  # fine-tune: start from this model folder's (EMA) weights, fresh optimizer, step 0
     lr_schedule: str = "constant"  # constant | cosine | wsd (after the warmup, down to lr * lr_min_ratio)
     lr_min_ratio: float = 0.1
     lr_decay_steps: int = 0  # wsd only: length of the final linear decay (0 = 20% of steps)
@@ -197,6 +213,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise bad
         items = [_coerce(key, v, item) for v in value]
         return tuple(items) if origin is tuple else items
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise OmniditError(f"config key '{key}' expects a JSON object, got {value!r}",
+                               hint=f"""e.g. {key}='{{"name": 1.0}}'""")
+        return {_coerce(key, k, key_type): _coerce(key, v, value_type) for k, v in value.items()}
     return value
 
 

@@ -330,6 +330,8 @@ def fields_for_config(config, dataset) -> dict:
                                                                             config.text.max_length)
     preprocessing = {"seed": dc.seed, "held_out": sorted(dc.held_out), "path": str(Path(dc.path).resolve())
                      if dc.path else ""}
+    if dc.scene_kinds:  # only when set, so caches written before this key existed stay valid
+        preprocessing["scene_kinds"] = dict(sorted(dc.scene_kinds.items()))
     return cache_fields(codec_name(dc.codec, dc.codec_dtype), encoder, torch.float32, dc.name, dc.width,
                         dc.height, range(count), preprocessing)
 
@@ -345,7 +347,8 @@ def precompute_for_config(config, progress: bool = True) -> Path:
     if not dc.cache_dir:
         raise OmniditError("data.cache_dir is not set", hint="add data.cache_dir=PATH to the config or command")
     device = resolve_device(config.train.device)
-    dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out)
+    dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out,
+                            scene_kinds=dc.scene_kinds)
     codec = load_codec(dc.codec, dataset.channels, device, dc.codec_dtype)
     encoder = None if config.text.encoder == "none" else load_text_encoder(config.text.encoder,
                                                                            config.text.max_length, device)

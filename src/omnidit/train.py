@@ -23,12 +23,15 @@ from tqdm.auto import tqdm
 from omnidit import distributed as D
 from omnidit.checkpoint import (
     CHECKPOINT_PREFIX,
+    check_state_matches,
     list_checkpoints,
     load_training_state,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
     prune_checkpoints,
+    read_config,
     read_safetensors,
+    resolve_model_dir,
     save_checkpoint,
 )
 from omnidit.codecs import load_codec
@@ -167,7 +170,8 @@ class Trainer:
             raise OmniditError(f"train.batch_size {tc.batch_size} must be a multiple of world size x grad_accum "
                                f"({self.world.world_size} x {tc.grad_accum})")
         self.out_dir = Path(tc.out_dir)
-        self.dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out)
+        self.dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out,
+                                     scene_kinds=dc.scene_kinds)
         self.codec = load_codec(dc.codec, self.dataset.channels, self.device, dc.codec_dtype)
         check_compatible(config, self.dataset, self.codec)
         # With a precomputed cache, training reads latents and text features from disk: the text
@@ -323,6 +327,26 @@ class Trainer:
         self.last_checkpoint = latest
         return latest
 
+    def initialise_from(self, path: str | Path) -> Path:
+        """Fine-tuning: load a model folder's EMA weights (raw weights if it has none) into both the
+        model and the EMA; the optimizer, schedule and step start fresh. Returns the folder used."""
+        directory = resolve_model_dir(path)
+        source = read_config(directory).model
+        if source != self.config.model:
+            diff = [f"{k}: {v} there, {getattr(self.config.model, k)} here"
+                    for k, v in vars(source).items() if getattr(self.config.model, k) != v]
+            raise OmniditError(f"train.init_from={path} holds a different model ({'; '.join(diff)})",
+                               hint="use that folder's model settings in this config, or drop train.init_from")
+        file = directory / "ema.safetensors"
+        if not file.is_file():
+            file = directory / "model.safetensors"
+        state = {k: v.float() if v.is_floating_point() else v for k, v in read_safetensors(file).items()}
+        with torch.device("meta"):  # shapes only: clear errors for missing, extra or misshapen keys
+            check_state_matches(MMDiT(self.config.model), state, file)
+        D.load_full_state(self.model, state)
+        D.load_full_state(self.ema, state)
+        return directory
+
     # ---- evaluation and samples ----------------------------------------------------------------
     def eval_suite(self) -> str | None:
         suite = self.config.train.eval_suite
@@ -388,8 +412,13 @@ class Trainer:
 
     def run(self) -> Path:
         tc, main = self.config.train, self.world.is_main
-        if tc.resume and (resumed := self.resume()) is not None and main:
+        resumed = self.resume() if tc.resume else None
+        if resumed is not None and main:
             tqdm.write(f"resumed from {resumed} at step {self.step}")
+        if resumed is None and tc.init_from:
+            source = self.initialise_from(tc.init_from)
+            if main:
+                tqdm.write(f"initialised from the weights in {source} (fine-tuning from step 0)")
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             tqdm.write(f"training -> {self.out_dir} for {tc.steps} steps\n  {self.describe()}")
