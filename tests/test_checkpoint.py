@@ -415,11 +415,18 @@ def test_init_from_loads_the_ema_weights_and_starts_fresh(tmp_path, make_tiny_co
             assert torch.allclose(loaded[0][0][k], v, atol=tolerance, rtol=0), k
             assert torch.allclose(tuned.ema.state_dict()[k], v, atol=tolerance, rtol=0), k
 
+    # The history carries over: own steps x batch plus the source's images, through a resume and an export.
+    history = ckpt.training_provenance(tmp_path / "tuned_base" / "checkpoint-0000001")
+    assert history["step"] == 1 and history["images_seen"] == 1 * 4 + 3 * 4
+    assert history["init_from"]["step"] == 3 and history["init_from"]["folder"].endswith("checkpoint-0000003")
+    exported = export_for_inference(tmp_path / "tuned_base", tmp_path / "tuned_export")
+    assert {k: v for k, v in ckpt.training_provenance(exported).items()} == history
+
     # An existing checkpoint of the fine-tuning run wins over init_from (resume continues it).
     again = Trainer(make_tiny_config(tmp_path / "tuned_base", train={**small, "steps": 1,
                                                                    "init_from": str(tmp_path / "missing")}),
                     progress=False)
-    assert again.run().name == "checkpoint-0000001"
+    assert again.run().name == "checkpoint-0000001" and again.init_source == history["init_from"]
 
 
 def test_init_from_a_different_model_is_a_clear_error(tmp_path, make_tiny_config, restore_global_rng):

@@ -131,14 +131,15 @@ def test_generate_text_model_with_cfg(tiny_run, tmp_path, capsys):
 
 
 def test_info(tiny_run, capsys):
-    from omnidit.checkpoint import load_model
+    from omnidit.checkpoint import load_model, read_config
 
     code, out, err = run_main(capsys, "info", tiny_run)
     assert code == 0, err
     model, _ = load_model(tiny_run)
     n = sum(p.numel() for p in model.parameters())
     assert f"parameters    {n:,}" in out
-    assert "step          20" in out and "ema weights   yes" in out
+    assert "step          20" in out and "ema weights   yes" in out and "fine-tuned" not in out
+    assert f"images seen   {20 * read_config(tiny_run / 'checkpoint-0000020').train.batch_size:,}" in out
     assert "width 64, 2 heads, 1 double + 1 single" in out and "shapes 16x16" in out
     code, out, _ = run_main(capsys, "info", tiny_run / "checkpoint-0000010")
     assert code == 0 and "step          10" in out

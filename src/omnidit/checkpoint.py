@@ -126,8 +126,8 @@ def default_model_dir() -> Path:
 def export_for_inference(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
                          use_ema: bool = True) -> Path:
     """Write the smallest folder that sampling loads: config.json and model.safetensors holding the EMA
-    (or raw) weights of ``src`` cast to ``dtype``, plus provenance.json (the step it was trained to);
-    no raw-weight copy, no optimizer state.
+    (or raw) weights of ``src`` cast to ``dtype``, plus provenance.json (``training_provenance``: the
+    step it was trained to, the images seen); no raw-weight copy, no optimizer state.
 
     float16 halves the file (the shipped default model is stored this way); loading casts the weights
     back to the model's float32 parameters, and evaluation scores are measured on the exported folder.
@@ -139,11 +139,26 @@ def export_for_inference(src: str | Path, dst: str | Path, dtype: torch.dtype = 
         file = directory / "model.safetensors"
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read_safetensors(file).items()}
     out = save_checkpoint(dst, config, state)
-    step = read_step(directory)
-    provenance = {"step": step, "images_seen": None if step is None else step * config.train.batch_size,
-                  "weights": file.name, "dtype": str(dtype).removeprefix("torch.")}
+    provenance = {**training_provenance(directory), "weights": file.name, "dtype": str(dtype).removeprefix("torch.")}
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     return out
+
+
+def training_provenance(model_dir: str | Path) -> dict:
+    """{"step", "images_seen"} of a checkpoint or exported folder (None where unknown), plus "init_from"
+    for a fine-tuned run: the folder it started from, and that folder's own step and images seen.
+    ``images_seen`` counts the whole history: this run's steps x batch plus the starting model's."""
+    directory = Path(model_dir)
+    if (directory / PROVENANCE_FILE).is_file():
+        meta = read_json(directory / PROVENANCE_FILE, "provenance")
+        return {k: meta[k] for k in ("step", "images_seen", "init_from") if k in meta}
+    state = directory / "training_state" / "state.json"
+    meta = read_json(state, "checkpoint metadata") if state.is_file() else {}
+    step, source = meta.get("step"), meta.get("init_from")
+    seen = None if step is None else step * read_config(directory).train.batch_size
+    if seen is not None and source:
+        seen = None if source.get("images_seen") is None else seen + source["images_seen"]
+    return {"step": step, "images_seen": seen, **({"init_from": source} if source else {})}
 
 
 def read_step(model_dir: str | Path) -> int | None:

@@ -294,18 +294,27 @@ def _ema_description(directory: Path) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from omnidit.checkpoint import list_checkpoints, read_config, read_safetensors, read_step, resolve_model_dir
+    from omnidit.checkpoint import (
+        list_checkpoints,
+        read_config,
+        read_safetensors,
+        resolve_model_dir,
+        training_provenance,
+    )
 
     directory = resolve_model_dir(_model_or_shipped(args.model))
     config = read_config(directory)
     weights = read_safetensors(directory / "model.safetensors")
     n_params = sum(t.numel() for t in weights.values())
-    step = read_step(directory)
+    history = training_provenance(directory)
+    step, seen, source = history.get("step"), history.get("images_seen"), history.get("init_from")
     mc = config.model
     lines = [
         f"checkpoint    {directory}",
         f"parameters    {n_params:,} ({n_params / 1e6:.2f}M)",
-        f"step          {step if step is not None else 'unknown'}",
+        f"step          {step if step is not None else 'unknown'}"
+        + (f" (fine-tuned from step {source.get('step')} of {source.get('folder')})" if source else ""),
+        f"images seen   {f'{seen:,}' if seen is not None else 'unknown'}",
         f"ema weights   {_ema_description(directory)}",
         f"architecture  width {mc.hidden_size}, {mc.num_heads} heads, {mc.depth} double + {mc.depth_single} single "
         f"blocks, patch {mc.patch_size}, {mc.in_channels} channels",

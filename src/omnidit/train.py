@@ -33,6 +33,7 @@ from omnidit.checkpoint import (
     read_safetensors,
     resolve_model_dir,
     save_checkpoint,
+    training_provenance,
 )
 from omnidit.codecs import load_codec
 from omnidit.condition import Condition
@@ -199,6 +200,7 @@ class Trainer:
         self.ids = image_position_ids(*self.grid, len(mc.axes_dim), device=self.device)
         self.null_cond = self._null_condition()
         self.last_checkpoint: Path | None = None
+        self.init_source: dict | None = None  # set by initialise_from, kept in every checkpoint
 
     # ---- conditioning -------------------------------------------------------------------------
     def _null_condition(self) -> Condition:
@@ -303,6 +305,8 @@ class Trainer:
             if torch.cuda.is_available():
                 tensors["rng/cuda"] = torch.cuda.get_rng_state()
             meta.update(step=self.step, world_size=self.world.world_size)
+            if self.init_source:
+                meta["init_from"] = self.init_source
             save_checkpoint(path, self.config, model_state, ema_state, tensors, meta)
             prune_checkpoints(self.out_dir, self.config.train.keep_last)
         D.barrier(self.world)
@@ -324,6 +328,7 @@ class Trainer:
         if "rng/cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng/cuda"])
         self.step = int(meta["step"])
+        self.init_source = meta.get("init_from")
         self.last_checkpoint = latest
         return latest
 
@@ -345,6 +350,8 @@ class Trainer:
             check_state_matches(MMDiT(self.config.model), state, file)
         D.load_full_state(self.model, state)
         D.load_full_state(self.ema, state)
+        self.init_source = {"folder": str(directory.resolve()), **training_provenance(directory)}
+        self.init_source.pop("init_from", None)  # its images_seen already counts the earlier history
         return directory
 
     # ---- evaluation and samples ----------------------------------------------------------------
