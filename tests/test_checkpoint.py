@@ -385,7 +385,7 @@ def test_resume_is_bit_exact(tmp_path, make_tiny_config, monkeypatch, restore_gl
 # ---- fine-tuning from another run (train.init_from) ------------------------------------------------
 
 
-def test_init_from_loads_the_ema_weights_and_starts_fresh(tmp_path, make_tiny_config, monkeypatch,
+def test_init_from_loads_the_ema_weights_and_starts_fresh(tmp_path, make_tiny_config, monkeypatch, capsys,
                                                           restore_global_rng):
     from omnidit.checkpoint import export_for_inference
     from omnidit.train import Trainer
@@ -418,9 +418,9 @@ def test_init_from_loads_the_ema_weights_and_starts_fresh(tmp_path, make_tiny_co
     # The history carries over: own steps x batch plus the source's images, through a resume and an export.
     history = ckpt.training_provenance(tmp_path / "tuned_base" / "checkpoint-0000001")
     assert history["step"] == 1 and history["images_seen"] == 1 * 4 + 3 * 4
-    assert history["init_from"]["step"] == 3 and history["init_from"]["folder"].endswith("checkpoint-0000003")
+    assert history["init_from"] == {"folder": str(tmp_path / "base"), "step": 3, "images_seen": 12}
     exported = export_for_inference(tmp_path / "tuned_base", tmp_path / "tuned_export")
-    assert {k: v for k, v in ckpt.training_provenance(exported).items()} == history
+    assert ckpt.training_provenance(exported) == history
 
     # An existing checkpoint of the fine-tuning run wins over init_from (resume continues it).
     again = Trainer(make_tiny_config(tmp_path / "tuned_base", train={**small, "steps": 1,
@@ -428,13 +428,25 @@ def test_init_from_loads_the_ema_weights_and_starts_fresh(tmp_path, make_tiny_co
                     progress=False)
     assert again.run().name == "checkpoint-0000001" and again.init_source == history["init_from"]
 
+    # omnidit info tells the history of the exported fine-tuned model.
+    from omnidit.cli import main
+
+    assert main(["info", str(exported)]) == 0
+    out = capsys.readouterr().out
+    assert f"fine-tuned from {tmp_path / 'base'}, step 3" in out and "images seen   16" in out
+
 
 def test_init_from_a_different_model_is_a_clear_error(tmp_path, make_tiny_config, restore_global_rng):
     from omnidit.train import Trainer
 
     Trainer(make_tiny_config(tmp_path / "base", train={"steps": 1, "batch_size": 4}), progress=False).run()
-    for source, message in ((tmp_path / "base", "different model"), (tmp_path / "nowhere", "not found")):
-        other = make_tiny_config(tmp_path / "other", model={"hidden_size": 128, "num_heads": 4},
+    cases = (({"model": {"hidden_size": 128, "num_heads": 4}}, tmp_path / "base",
+              "model.hidden_size: 64 there, 128 here; model.num_heads: 2 there, 4 here"),
+             ({"text": {"max_length": 9}}, tmp_path / "base", "text.max_length: 32 there, 9 here"),
+             ({}, tmp_path / "nowhere", "train.init_from=.*nowhere: model folder not found"))
+    for sections, source, message in cases:
+        other = make_tiny_config(tmp_path / "other", **sections,
                                  train={"steps": 1, "batch_size": 4, "init_from": str(source)})
-        with pytest.raises(OmniditError, match=message):
+        with pytest.raises(OmniditError, match=message) as e:
             Trainer(other, progress=False).run()
+        assert "train.init_from" in e.value.hint

@@ -61,6 +61,18 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, parallel):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5)
     assert list_checkpoints(double)[-1].name == "checkpoint-0000006"  # one folder, same format
 
+    # Fine-tuning the single-process run on two processes starts from its EMA weights on every rank:
+    # after one step at lr 1e-3 (warmup) both the weights and the EMA are within ~1e-3 of them.
+    tuned = tmp_path / "tuned"
+    done = subprocess.run(train_cmd(tuned, "train.steps=1", "train.checkpoint_every=1", f"train.parallel={parallel}",
+                                    f"train.init_from={single}", nproc=2),
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    source = final_weights(single, "ema.safetensors")
+    for name in ("model.safetensors", "ema.safetensors"):
+        weights = final_weights(tuned, name)
+        assert max((weights[k] - source[k]).abs().max().item() for k in source) < 2.5e-3, name
+
 
 def test_sigkill_during_a_save_then_resume_is_bit_identical(tmp_path):
     steps = ["train.steps=12", "train.checkpoint_every=4", "train.keep_last=5"]

@@ -190,4 +190,9 @@ def test_a_different_scene_mix_needs_a_different_cache(make_tiny_config, tmp_pat
     default = fields()
     assert "scene_kinds" not in default["preprocessing"]  # caches written before the key existed stay valid
     assert fields(scene_kinds={"relation": 1}) != default
+    # Weights are a mapping, not a sequence: the order they are written in changes neither key nor data.
     assert fields(scene_kinds={"relation": 1, "pair": 2}) == fields(scene_kinds={"pair": 2, "relation": 1})
+    a = ShapesDataset(16, 16, kinds={"relation": 1, "pair": 2})
+    b = ShapesDataset(16, 16, kinds={"pair": 2, "relation": 1})
+    assert [a.scene(i) for i in range(30)] == [b.scene(i) for i in range(30)]
+    assert {a.scene(i).kind for i in range(30)} == {"relation", "pair"}

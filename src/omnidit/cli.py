@@ -313,7 +313,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"checkpoint    {directory}",
         f"parameters    {n_params:,} ({n_params / 1e6:.2f}M)",
         f"step          {step if step is not None else 'unknown'}"
-        + (f" (fine-tuned from step {source.get('step')} of {source.get('folder')})" if source else ""),
+        + (f" (fine-tuned from {source.get('folder')}, step {source.get('step') or 'unknown'})" if source else ""),
         f"images seen   {f'{seen:,}' if seen is not None else 'unknown'}",
         f"ema weights   {_ema_description(directory)}",
         f"architecture  width {mc.hidden_size}, {mc.num_heads} heads, {mc.depth} double + {mc.depth_single} single "

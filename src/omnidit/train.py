@@ -335,13 +335,23 @@ class Trainer:
     def initialise_from(self, path: str | Path) -> Path:
         """Fine-tuning: load a model folder's EMA weights (raw weights if it has none) into both the
         model and the EMA; the optimizer, schedule and step start fresh. Returns the folder used."""
-        directory = resolve_model_dir(path)
-        source = read_config(directory).model
-        if source != self.config.model:
-            diff = [f"{k}: {v} there, {getattr(self.config.model, k)} here"
-                    for k, v in vars(source).items() if getattr(self.config.model, k) != v]
-            raise OmniditError(f"train.init_from={path} holds a different model ({'; '.join(diff)})",
-                               hint="use that folder's model settings in this config, or drop train.init_from")
+        try:
+            directory = resolve_model_dir(path)
+        except OmniditError as e:
+            raise OmniditError(f"train.init_from={path}: {e.message}",
+                               hint="train that model first (e.g. omnidit train configs/shapes.json), or point "
+                                    "train.init_from at a run, checkpoint-* or exported model folder") from None
+        source = read_config(directory)
+        # The weights only make sense with the same architecture, text encoder and latent space.
+        diff = [f"model.{k}: {v} there, {getattr(self.config.model, k)} here"
+                for k, v in vars(source.model).items() if getattr(self.config.model, k) != v]
+        diff += [f"{name}: {a} there, {b} here" for name, a, b in (
+            ("text.encoder", source.text.encoder, self.config.text.encoder),
+            ("text.max_length", source.text.max_length, self.config.text.max_length),
+            ("data.codec", source.data.codec, self.config.data.codec)) if a != b]
+        if diff:
+            raise OmniditError(f"train.init_from={path} holds a model trained differently ({'; '.join(diff)})",
+                               hint="use that folder's settings in this config, or drop train.init_from")
         file = directory / "ema.safetensors"
         if not file.is_file():
             file = directory / "model.safetensors"
@@ -350,7 +360,7 @@ class Trainer:
             check_state_matches(MMDiT(self.config.model), state, file)
         D.load_full_state(self.model, state)
         D.load_full_state(self.ema, state)
-        self.init_source = {"folder": str(directory.resolve()), **training_provenance(directory)}
+        self.init_source = {"folder": str(path), **training_provenance(directory)}
         self.init_source.pop("init_from", None)  # its images_seen already counts the earlier history
         return directory
 
@@ -426,6 +436,9 @@ class Trainer:
             source = self.initialise_from(tc.init_from)
             if main:
                 tqdm.write(f"initialised from the weights in {source} (fine-tuning from step 0)")
+        elif resumed is not None and tc.init_from and main and (self.init_source or {}).get("folder") != tc.init_from:
+            tqdm.write(f"note: train.init_from={tc.init_from} is ignored: {self.out_dir} already holds a run "
+                       f"that started from {(self.init_source or {}).get('folder', 'scratch')}")
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             tqdm.write(f"training -> {self.out_dir} for {tc.steps} steps\n  {self.describe()}")

@@ -306,7 +306,8 @@ class ShapesDataset(Dataset):
         if len(self.allowed) < 2:
             raise OmniditError("held_out leaves fewer than two (colour, shape) pairs to draw",
                                hint="hold out fewer pairs")
-        self.kinds = kinds
+        # Canonical order: the kind is drawn by index, so {"a": 1, "b": 2} and {"b": 2, "a": 1} must agree.
+        self.kinds = {k: float(kinds[k]) for k in SCENE_KINDS if k in kinds}
 
     def scene(self, index: int) -> Scene:
         """The scene at ``index`` (any non-negative int)."""
