@@ -353,6 +353,11 @@ def test_build_dataset():
                     for i in range(400))
     assert set(mixed) == {"single", "pair"} and 0.65 < mixed["pair"] / 400 < 0.85  # 0.75 expected
     assert build_dataset("shapes", 32, 32, scene_kinds={}).kinds == SCENE_KINDS  # {} = the default mix
+    for kinds, message in (({"triple": 1}, "unknown scene kind 'triple'"), ({"pair": -1, "single": 2}, "non-negative"),
+                           ({"pair": 0}, "positive sum")):
+        with pytest.raises(OmniditError, match=message) as e:
+            ShapesDataset(32, 32, kinds=kinds)
+        assert "relation" in e.value.hint
     with pytest.raises(OmniditError, match="unknown dataset") as e:
         build_dataset("mnist", 32, 32)
     assert "shapes" in e.value.hint and "imagefolder" in e.value.hint

@@ -123,6 +123,12 @@ def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
+def weights_file(directory: Path, use_ema: bool = True) -> Path:
+    """The weights a checkpoint folder should be loaded from: the EMA ones when asked for and present."""
+    ema = directory / "ema.safetensors"
+    return ema if use_ema and ema.is_file() else directory / "model.safetensors"
+
+
 def export_for_inference(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
                          use_ema: bool = True) -> Path:
     """Write the smallest folder that sampling loads: config.json and model.safetensors holding the EMA
@@ -134,9 +140,7 @@ def export_for_inference(src: str | Path, dst: str | Path, dtype: torch.dtype = 
     """
     directory = resolve_model_dir(src)
     config = read_config(directory)
-    file = directory / "ema.safetensors"
-    if not use_ema or not file.is_file():
-        file = directory / "model.safetensors"
+    file = weights_file(directory, use_ema)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read_safetensors(file).items()}
     out = save_checkpoint(dst, config, state)
     provenance = {**training_provenance(directory), "weights": file.name, "dtype": str(dtype).removeprefix("torch.")}
@@ -163,10 +167,7 @@ def training_provenance(model_dir: str | Path) -> dict:
 
 def read_step(model_dir: str | Path) -> int | None:
     """The training step a checkpoint (or exported) folder was saved at, or None if it does not say."""
-    for file in (Path(model_dir) / "training_state" / "state.json", Path(model_dir) / PROVENANCE_FILE):
-        if file.is_file():
-            return read_json(file, "checkpoint metadata").get("step")
-    return None
+    return training_provenance(model_dir).get("step")
 
 
 def read_config(model_dir: str | Path) -> Config:
@@ -216,9 +217,7 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
     directory = resolve_model_dir(path)
     config = read_config(directory)
     model = MMDiT(config.model)
-    file = directory / "ema.safetensors"
-    if not use_ema or not file.exists():
-        file = directory / "model.safetensors"
+    file = weights_file(directory, use_ema)
     load_state_into(model, read_safetensors(file), file)
     return model.to(device).eval().requires_grad_(False), config
 

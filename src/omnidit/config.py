@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omnidit.data.shapes import SCENE_KINDS
+from omnidit.data.shapes import check_scene_kinds
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import PRESETS, MMDiTConfig
 from omnidit.sampling import SAMPLERS
@@ -43,16 +43,10 @@ class DataConfig:
         _check_ranges("data", self, positive=("width", "height"), non_negative=("cache_samples",),
                       choices={"codec_dtype": ("fp32", "bf16", "fp16")})
         if self.scene_kinds:
-            hint = f'weights over {", ".join(SCENE_KINDS)}, e.g. data.scene_kinds={{"single": 1, "relation": 3}}'
             if self.name != "shapes":
                 raise OmniditError(f"config key 'data.scene_kinds' applies to the shapes data set, not {self.name!r}",
                                    hint="drop data.scene_kinds")
-            bad = [k for k in self.scene_kinds if k not in SCENE_KINDS]
-            if bad:
-                raise OmniditError(f"config key 'data.scene_kinds' has unknown scene kind {bad[0]!r}", hint=hint)
-            if any(w < 0 for w in self.scene_kinds.values()) or not sum(self.scene_kinds.values()) > 0:
-                raise OmniditError(f"config key 'data.scene_kinds' needs non-negative weights with a positive sum, "
-                                   f"got {self.scene_kinds}", hint=hint)
+            check_scene_kinds(self.scene_kinds, "config key 'data.scene_kinds'")
 
 
 def _check_ranges(section: str, obj: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),

@@ -34,6 +34,7 @@ from omnidit.checkpoint import (
     resolve_model_dir,
     save_checkpoint,
     training_provenance,
+    weights_file,
 )
 from omnidit.codecs import load_codec
 from omnidit.condition import Condition
@@ -352,9 +353,7 @@ class Trainer:
         if diff:
             raise OmniditError(f"train.init_from={path} holds a model trained differently ({'; '.join(diff)})",
                                hint="use that folder's settings in this config, or drop train.init_from")
-        file = directory / "ema.safetensors"
-        if not file.is_file():
-            file = directory / "model.safetensors"
+        file = weights_file(directory)
         state = {k: v.float() if v.is_floating_point() else v for k, v in read_safetensors(file).items()}
         with torch.device("meta"):  # shapes only: clear errors for missing, extra or misshapen keys
             check_state_matches(MMDiT(self.config.model), state, file)
@@ -430,15 +429,16 @@ class Trainer:
     def run(self) -> Path:
         tc, main = self.config.train, self.world.is_main
         resumed = self.resume() if tc.resume else None
-        if resumed is not None and main:
-            tqdm.write(f"resumed from {resumed} at step {self.step}")
         if resumed is None and tc.init_from:
             source = self.initialise_from(tc.init_from)
             if main:
                 tqdm.write(f"initialised from the weights in {source} (fine-tuning from step 0)")
-        elif resumed is not None and tc.init_from and main and (self.init_source or {}).get("folder") != tc.init_from:
-            tqdm.write(f"note: train.init_from={tc.init_from} is ignored: {self.out_dir} already holds a run "
-                       f"that started from {(self.init_source or {}).get('folder', 'scratch')}")
+        elif resumed is not None and main:
+            tqdm.write(f"resumed from {resumed} at step {self.step}")
+            started = (self.init_source or {}).get("folder")
+            if tc.init_from and started != tc.init_from:
+                tqdm.write(f"note: train.init_from={tc.init_from} is ignored: {self.out_dir} already holds a run "
+                           f"that started from {started or 'scratch'}")
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             tqdm.write(f"training -> {self.out_dir} for {tc.steps} steps\n  {self.describe()}")

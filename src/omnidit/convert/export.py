@@ -31,6 +31,7 @@ from omnidit.checkpoint import (
     read_safetensors,
     resolve_model_dir,
     save_checkpoint,
+    weights_file,
 )
 from omnidit.config import Config, TextConfig, read_json
 from omnidit.convert.dit import (
@@ -159,9 +160,7 @@ def export_diffusers(src: str | Path, dst: str | Path, family: str = "auto", use
     directory = resolve_model_dir(src)
     config = read_config(directory).model
     fam = FAMILIES[choose_family(config, family)]
-    file = directory / "ema.safetensors"
-    if not use_ema or not file.is_file():
-        file = directory / "model.safetensors"
+    file = weights_file(directory, use_ema)
     state = fam.weights_to_diffusers(read_safetensors(file), config)
     meta = {"_class_name": fam.class_names[0]}
     if (diffusers_version := _diffusers_version()) is not None:

@@ -78,6 +78,17 @@ class Scene:
     relation: str | None = None
 
 
+def check_scene_kinds(kinds: Mapping[str, float], name: str = "scene kinds") -> None:
+    """Raise a one-line error unless ``kinds`` maps known scene kinds to non-negative weights with a
+    positive sum; ``name`` is what the message calls it (e.g. a config key)."""
+    hint = f'weights over {", ".join(SCENE_KINDS)}, e.g. {{"single": 1, "relation": 3}}'
+    bad = [k for k in kinds if k not in SCENE_KINDS]
+    if bad:
+        raise OmniditError(f"{name} has unknown scene kind {bad[0]!r}", hint=hint)
+    if any(w < 0 for w in kinds.values()) or not sum(kinds.values()) > 0:
+        raise OmniditError(f"{name} needs non-negative weights with a positive sum, got {dict(kinds)}", hint=hint)
+
+
 def parse_held_out(items: Sequence[str] | str) -> frozenset[tuple[str, str]]:
     """Parse strings like "red triangle" into (colour, shape) pairs; a single str may list several
     separated by commas ("red triangle,blue circle")."""
@@ -296,10 +307,7 @@ class ShapesDataset(Dataset):
         if int(seed) < 0:
             raise OmniditError(f"seed must be >= 0, got {seed}")
         kinds = dict(SCENE_KINDS if kinds is None else kinds)
-        bad = [k for k in kinds if k not in SCENE_KINDS]
-        if bad or not kinds or any(v < 0 for v in kinds.values()) or sum(kinds.values()) <= 0:
-            raise OmniditError(f"bad scene kinds {kinds}",
-                               hint=f"non-negative weights over {', '.join(SCENE_KINDS)}")
+        check_scene_kinds(kinds)
         self.width, self.height, self.seed = int(width), int(height), int(seed)
         self.held_out = parse_held_out(held_out)
         self.allowed = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in self.held_out]
