@@ -279,6 +279,7 @@ def test_top_level_help_in_a_fresh_process():
     ("train", ["--no-progress", "config", "section.key=value"]),
     ("generate", ["--model", "--steps", "--cfg", "--seed", "--size", "-n", "--num-images", "-o", "--output",
                   "--sampler", "--shift", "--device", "--no-ema", "--no-progress", "prompt"]),
+    ("eval", ["--steps", "--cfg", "--sampler", "--shift", "--seed", "--limit", "--json", "--no-fd", "target"]),
     ("info", ["model"]),
 ])
 def test_subcommand_help_documents_every_flag(capsys, command, required):

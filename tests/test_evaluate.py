@@ -36,10 +36,11 @@ def test_scores_are_identical_across_runs_and_batch_sizes(tiny_run):
 def test_cli_eval_model_writes_table_json_and_grid(tiny_run, tmp_path, capsys):
     out = tmp_path / "scores.json"
     code, stdout, err = run_cli(capsys, "eval", tiny_run, "--suite", "shapes", "--limit", "1", "--n-per-prompt", "2",
-                                "--json", out, "--no-progress", "--steps", "3")
+                                "--json", out, "--no-progress", "--steps", "3", "--shift", "2.5")
     assert code == 0, err
     result = json.loads(out.read_text())
     assert result["suite"] == "shapes" and result["n_images"] == 2 * len(CATEGORIES)
+    assert result["settings"]["shift"] == 2.5 and result["settings"]["sampler"] == "euler"
     assert set(result["categories"]) == set(CATEGORIES)
     assert abs(result["overall"] - sum(result["categories"].values()) / len(CATEGORIES)) < 1e-9
     assert result["settings"]["steps"] == 3 and result["frechet_distance"] > 0

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's sample.cfg)")
     p.add_argument("--sampler", default=None, help="euler or heun (default: the model's sample.sampler)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift toward noise (default: sample.shift)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the run (default: 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images generated per batch (default: 64)")
     p.add_argument("--json", default=None, help="write the scores as JSON to this path")
@@ -245,7 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise OmniditError(f"no suite for data '{suite}'", hint="pass --suite shapes or --suite digits")
         report = evaluate_model(pipe, suite, n_per_prompt=args.n_per_prompt, seed=args.seed, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
-                                steps=args.steps, cfg=args.cfg, sampler=args.sampler)
+                                steps=args.steps, cfg=args.cfg, sampler=args.sampler, shift=args.shift)
     grid = args.grid or (str(Path(args.json).with_name(f"eval_{report.suite}.png")) if args.json else None)
     report.save(args.json, grid)
     print(report.table())

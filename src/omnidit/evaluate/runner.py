@@ -160,7 +160,7 @@ def evaluate_model(pipe, suite: str, **kwargs) -> EvalReport:
     report.settings = {
         "n_per_prompt": kwargs.get("n_per_prompt"), "seed": kwargs.get("seed", 0), "limit": kwargs.get("limit"),
         "steps": kwargs.get("steps") or s.steps, "cfg": s.cfg if kwargs.get("cfg") is None else kwargs["cfg"],
-        "sampler": kwargs.get("sampler") or s.sampler,
+        "sampler": kwargs.get("sampler") or s.sampler, "shift": kwargs.get("shift") or s.shift,
     }
     return report
 
