@@ -4,6 +4,7 @@ when no model is given."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from omnidit.checkpoint import (
     read_step,
     save_checkpoint,
 )
-from omnidit.config import Config
+from omnidit.config import Config, load_config
 from omnidit.evaluate.detector import detect_objects
 from omnidit.evaluate.shapes_suite import PromptSpec, check
 from omnidit.pipeline import load_pipeline
@@ -41,6 +42,13 @@ def test_shipped_weights_are_small_float16_and_load(shipped):
     config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
     assert config["data"]["name"] == "shapes" and config["text"]["encoder"] == "minilm"
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in shipped.model.parameters())
+
+
+def test_shipped_config_is_the_last_stage_of_the_recipe():
+    """docs/default_model.md's recipe ends with configs/shapes_stage3.json: the shipped model was trained with it."""
+    recipe = load_config(Path(__file__).parents[1] / "configs" / "shapes_stage3.json").to_dict()
+    shipped = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert {section: shipped[section] for section in recipe} == recipe
 
 
 def test_shipped_model_draws_objects_the_detector_parses(shipped):
