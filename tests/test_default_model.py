@@ -73,8 +73,11 @@ def test_cli_demo_writes_a_labelled_grid(tmp_path, capsys):
     code, stdout, err = run_main(capsys, "demo", "-o", out, "-n", "2", "--steps", "4", "--no-progress")
     assert code == 0, err
     assert f"wrote {out}" in stdout
-    width, height = Image.open(out).size
-    assert width > 2 * 96 and height >= 6 * 96  # six prompts, two 96-px tiles each, labels on the left
+    image = Image.open(out)
+    assert image.width > 2 * 96 and image.height >= 6 * 96  # six prompts, two 96-px tiles each, labels on the left
+    sample = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["sample"]  # metadata: every setting
+    assert image.text["steps"] == "4" and float(image.text["shift"]) == sample["shift"]
+    assert image.text["sampler"] == sample["sampler"] and float(image.text["cfg"]) == sample["cfg"]
 
 
 def test_cli_eval_without_target_scores_the_shipped_model(tmp_path, capsys):

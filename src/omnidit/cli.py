@@ -188,10 +188,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     images = pipe.generate([args.prompt] * args.num_images, width=width, height=height, steps=args.steps,
                            cfg=args.cfg, seed=args.seed, sampler=args.sampler, shift=args.shift,
                            progress=not args.no_progress)
-    s = pipe.config.sample
-    settings = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps or s.steps,
-                "cfg": s.cfg if args.cfg is None else args.cfg, "sampler": args.sampler or s.sampler,
-                "shift": s.shift if args.shift is None else args.shift, "size": f"{images.shape[3]}x{images.shape[2]}",
+    settings = {"prompt": args.prompt, "seed": args.seed,
+                **pipe.sampling_settings(args.steps, args.cfg, args.sampler, args.shift),
+                "size": f"{images.shape[3]}x{images.shape[2]}",
                 "num_images": args.num_images, "model": str(Path(args.model).resolve()), "ema": not args.no_ema,
                 "software": "omnidit"}
     pil = [to_pil(img) for img in images]

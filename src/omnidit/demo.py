@@ -42,6 +42,6 @@ def run_demo(output: str | Path, model: str | Path | None = None, n_per_prompt: 
     start = time.perf_counter()
     grid = demo_grid(pipe, n_per_prompt=n_per_prompt, seed=seed, steps=steps, progress=progress)
     seconds = time.perf_counter() - start
-    settings = {"prompts": " | ".join(DEMO_PROMPTS), "seed": seed, "steps": steps or pipe.config.sample.steps,
-                "cfg": pipe.config.sample.cfg, "model": str(model_dir.resolve()), "software": "omnidit demo"}
+    settings = {"prompts": " | ".join(DEMO_PROMPTS), "seed": seed, **pipe.sampling_settings(steps),
+                "model": str(model_dir.resolve()), "software": "omnidit demo"}
     return save_png(grid, output, settings), seconds

@@ -82,6 +82,13 @@ class Pipeline:
             raise OmniditError("this model reads text but the pipeline has no text encoder")
         return cond.to(self.device), null.to(self.device)
 
+    def sampling_settings(self, steps: int | None = None, cfg: float | None = None, sampler: str | None = None,
+                          shift: float | None = None) -> dict:
+        """{"steps", "cfg", "sampler", "shift"}: the given values, the config's ``sample`` section for unset ones."""
+        s = self.config.sample
+        return {"steps": steps or s.steps, "cfg": s.cfg if cfg is None else cfg, "sampler": sampler or s.sampler,
+                "shift": s.shift if shift is None else shift}
+
     @torch.inference_mode()
     def generate(self, prompts: list[str], width: int | None = None, height: int | None = None,
                  steps: int | None = None, cfg: float | None = None, seed: int | Sequence[int] = 0,
@@ -91,16 +98,17 @@ class Pipeline:
         ``seed``: one seed for the whole batch, or one per prompt (then each image is independent of
         what else is in the batch, which evaluators rely on).
         """
-        s, mc = self.config.sample, self.model.config
+        mc = self.model.config
         if mc.out_channels not in (0, mc.in_channels):
             raise OmniditError(f"this model outputs {mc.out_channels} channels per {mc.in_channels} input channels "
                                "(e.g. DiT's learned variance); the flow samplers need a velocity model")
         width, height = width or self.config.data.width, height or self.config.data.height
-        steps, cfg = steps or s.steps, s.cfg if cfg is None else cfg
+        settings = self.sampling_settings(steps, cfg, sampler, shift)
+        steps, cfg, sampler, shift = settings["steps"], settings["cfg"], settings["sampler"], settings["shift"]
         factor = self.codec.downsample if self.codec is not None else 1
         check_image_size(height, width, mc.patch_size * factor)
         height, width = height // factor, width // factor  # the model works on the latent grid
-        if (sampler or s.sampler) not in SAMPLERS:
+        if sampler not in SAMPLERS:
             raise OmniditError(f"unknown sampler '{sampler}'", hint=f"choose one of {', '.join(SAMPLERS)}")
         cond, null = self.conditions(prompts)
         grid_h, grid_w = height // mc.patch_size, width // mc.patch_size
@@ -121,8 +129,7 @@ class Pipeline:
                 raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
             noise = torch.cat([initial_noise((1, mc.in_channels, height, width), int(k)) for k in seed])
         noise = noise.to(self.device)
-        x = sample(velocity, patchify(noise, mc.patch_size), steps, sampler or s.sampler,
-                   s.shift if shift is None else shift, progress=progress)
+        x = sample(velocity, patchify(noise, mc.patch_size), steps, sampler, shift, progress=progress)
         latents = unpatchify(x, height, width, mc.patch_size)
         images = self.codec.decode(latents) if self.codec is not None else latents
         return images.clamp(-1, 1).float().cpu()

@@ -156,11 +156,9 @@ def evaluate_model(pipe, suite: str, **kwargs) -> EvalReport:
     if suite not in runners:
         raise OmniditError(f"unknown suite '{suite}'", hint=f"choose one of {', '.join(SUITES)}")
     report = runners[suite](pipe, **kwargs)
-    s = pipe.config.sample
     report.settings = {
         "n_per_prompt": kwargs.get("n_per_prompt"), "seed": kwargs.get("seed", 0), "limit": kwargs.get("limit"),
-        "steps": kwargs.get("steps") or s.steps, "cfg": s.cfg if kwargs.get("cfg") is None else kwargs["cfg"],
-        "sampler": kwargs.get("sampler") or s.sampler, "shift": kwargs.get("shift") or s.shift,
+        **pipe.sampling_settings(*(kwargs.get(k) for k in ("steps", "cfg", "sampler", "shift"))),
     }
     return report
 
