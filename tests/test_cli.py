@@ -128,6 +128,18 @@ def test_generate_text_model_with_cfg(tiny_run, tmp_path, capsys):
     meta = Image.open(out).text
     assert meta["prompt"] == "a red circle" and meta["seed"] == "3" and meta["steps"] == "4"
     assert float(meta["cfg"]) == 3.0  # the model's sample.cfg
+    assert meta["cfg_interval"] == "[0.0, 1.0]"  # the default: guidance at every step
+    # guidance only near the data end changes the image and is recorded; a bad interval is a one-line error
+    limited = tmp_path / "limited.png"
+    code, _, err = run_main(capsys, "generate", "a red circle", "--model", tiny_run, "--steps", "4", "--size",
+                            "16x16", "-n", "4", "-o", limited, "--seed", "3", "--no-progress",
+                            "--cfg-interval", "0", "0.5")
+    assert code == 0, err
+    assert Image.open(limited).text["cfg_interval"] == "[0.0, 0.5]"
+    assert not np.array_equal(np.array(Image.open(out)), np.array(Image.open(limited)))
+    code, _, err = run_main(capsys, "generate", "a red circle", "--model", tiny_run, "-o", limited,
+                            "--cfg-interval", "0.6", "0.5")
+    assert code == 2 and "LO < HI" in err
 
 
 def test_info(tiny_run, capsys):
@@ -278,8 +290,10 @@ def test_top_level_help_in_a_fresh_process():
 @pytest.mark.parametrize("command, required", [
     ("train", ["--no-progress", "config", "section.key=value"]),
     ("generate", ["--model", "--steps", "--cfg", "--seed", "--size", "-n", "--num-images", "-o", "--output",
-                  "--sampler", "--shift", "--device", "--no-ema", "--no-progress", "prompt"]),
-    ("eval", ["--steps", "--cfg", "--sampler", "--shift", "--seed", "--limit", "--json", "--no-fd", "target"]),
+                  "--sampler", "--shift", "--cfg-interval", "--device", "--no-ema", "--no-progress",
+                  "prompt"]),
+    ("eval", ["--steps", "--cfg", "--sampler", "--shift", "--cfg-interval", "--seed", "--limit", "--json", "--no-fd",
+              "target"]),
     ("info", ["model"]),
 ])
 def test_subcommand_help_documents_every_flag(capsys, command, required):

@@ -93,6 +93,7 @@ def test_comma_list_override_of_ints():
     ("train.lr=1", ("train", "lr"), 1.0, float),  # ints widen to floats
     ("sample.cfg=2", ("sample", "cfg"), 2.0, float),
     ("model.axes_dim=[4,6,6]", ("model", "axes_dim"), (4, 6, 6), tuple),
+    ("sample.cfg_interval=[0,0.7]", ("sample", "cfg_interval"), [0.0, 0.7], list),
     ("data.name=digits", ("data", "name"), "digits", str),
 ])
 def test_type_coercion(override, attr, expected, kind):
@@ -113,10 +114,16 @@ def test_type_coercion(override, attr, expected, kind):
     ("data.path=123", "data.path"),
     ("model.axes_dim=5", "model.axes_dim"),
     ('model.axes_dim=["a"]', "model.axes_dim"),
+    ("sample.cfg_interval=0.5", "sample.cfg_interval"),
 ])
 def test_wrong_type_names_the_key(override, key):
     message = error_of(lambda: config_from_dict(apply_overrides({}, [override])))
     assert f"'{key}'" in message and "expects" in message
+
+
+def test_bad_guidance_interval_names_the_key():
+    message = error_of(lambda: config_from_dict(apply_overrides({}, ["sample.cfg_interval=[0.8,0.2]"])))
+    assert "'sample.cfg_interval'" in message and "LO < HI" in message
 
 
 def test_wrong_type_in_file_names_the_key(tmp_path):
@@ -215,7 +222,8 @@ def test_all_keys_cover_every_field():
     assert isinstance(Config().model, MMDiTConfig)
 
 
-@pytest.mark.parametrize("name", ["shapes.json", "shapes_finetune.json", "shapes_stage3.json", "digits.json"])
+@pytest.mark.parametrize("name", ["shapes.json", "shapes_finetune.json", "shapes_stage3.json", "shapes_stage4.json",
+                                  "digits.json"])
 def test_shipped_configs_load(name):
     config = load_config(CONFIGS / name)
     assert config.train.steps > 0 and config.model.head_dim == sum(config.model.axes_dim)

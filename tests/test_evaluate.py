@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from omnidit.cli import main
@@ -109,3 +110,18 @@ def test_training_runs_evaluations_and_plots_curves(make_tiny_config, tmp_path):
     assert curves.size == (480, 600)  # loss panel + shapes-suite panel
     pixels = np.asarray(curves.convert("RGB"))
     assert (np.abs(pixels.astype(int) - [31, 119, 180]).sum(-1) < 30).sum() > 20  # the loss line is drawn
+
+
+def test_a_failing_in_training_evaluation_loses_no_checkpoint(make_tiny_config, tmp_path, monkeypatch):
+    """The checkpoint due at an evaluation step is written before the evaluation runs."""
+    from omnidit.checkpoint import list_checkpoints
+    from omnidit.train import Trainer, train
+
+    def broken_evaluation(self, log):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(Trainer, "evaluate", broken_evaluation)
+    config = make_tiny_config(tmp_path / "run", train={"steps": 10, "eval_every": 10})
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        train(config, progress=False)
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["checkpoint-0000010"]

@@ -100,3 +100,7 @@ def test_generate_cli_reads_a_pipeline_folder(flux_folder, tmp_path, capsys):
     assert image.text["pipeline"].startswith("Flux") and image.text["guidance"] == "3.5"
     assert image.size == (2 * 32 + 3 * 2, 48 + 2 * 2)  # two images in one grid row
     assert main(["generate", "a red circle", "--model", str(flux_folder), "-o", str(out)]) == 2  # --size needed
+    capsys.readouterr()
+    for flag in (["--shift", "3"], ["--cfg-interval", "0", "0.5"]):  # the folder's scheduler decides these
+        assert main(args + flag) == 2
+        assert "not to a diffusers pipeline folder" in capsys.readouterr().err

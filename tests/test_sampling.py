@@ -9,7 +9,15 @@ import torch
 
 from omnidit.condition import Condition
 from omnidit.errors import OmniditError
-from omnidit.sampling import classifier_free_guidance, euler, heun, initial_noise, sample, timestep_schedule
+from omnidit.sampling import (
+    check_cfg_interval,
+    classifier_free_guidance,
+    euler,
+    heun,
+    initial_noise,
+    sample,
+    timestep_schedule,
+)
 
 MU, S0 = 1.5, 0.5  # data ~ N(MU, S0^2); noise ~ N(0, 1); independent coupling
 
@@ -93,6 +101,34 @@ def test_cfg_scale_one_equals_conditional_and_guides_all_channels():
     guided = classifier_free_guidance(_toy_model, cond, null, 4.0)(x, t)
     torch.testing.assert_close(guided, v_u + 4.0 * (v_c - v_u))
     assert torch.all((guided - v_c).abs().amax(dim=(0, 1)) > 0)  # every channel is guided
+
+
+def test_cfg_interval_guides_inside_and_runs_the_conditional_branch_alone_outside():
+    g = torch.Generator().manual_seed(0)
+    cond = Condition(pooled=torch.randn(3, 4, generator=g), labels=torch.tensor([1, 2, 3]))
+    null = Condition(pooled=torch.randn(1, 4, generator=g), labels=torch.tensor([9]))
+    x = torch.randn(3, 5, 6, generator=g)
+    batches = []
+
+    def counting_model(x, t, c):
+        batches.append(x.shape[0])
+        return _toy_model(x, t, c)
+
+    guided = classifier_free_guidance(counting_model, cond, null, 4.0, interval=(0.2, 0.7))
+    for t, inside in ((0.9, False), (0.7, True), (0.45, True), (0.2, True), (0.1, False)):
+        t = torch.tensor(t)
+        v_c, v_u = _toy_model(x, t, cond), _toy_model(x, t, null.repeat(3))
+        batches.clear()
+        out = guided(x, t)
+        torch.testing.assert_close(out, v_u + 4.0 * (v_c - v_u) if inside else v_c)
+        assert batches == ([6] if inside else [3])  # outside the interval: one call at batch B, not 2B
+
+
+@pytest.mark.parametrize("interval", [(0.5, 0.5), (0.8, 0.2), (-0.1, 1.0), (0.0, 1.5), (0.3,), "ab"])
+def test_cfg_interval_rejects_bad_bounds_with_a_hint(interval):
+    with pytest.raises(OmniditError, match="guidance interval") as e:
+        check_cfg_interval(interval)
+    assert e.value.hint
 
 
 def test_initial_noise_is_seeded_and_standard():

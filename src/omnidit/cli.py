@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="out.png", help="output PNG path (default: out.png)")
     p.add_argument("--sampler", default=None, help="euler or heun (default: the model's sample.sampler)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift toward noise (default: sample.shift)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at times LO <= t <= HI (1 = noise, 0 = data); other steps cost one model call "
+                        "instead of two (default: the model's sample.cfg_interval, 0 1 = every step)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -102,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's sample.cfg)")
     p.add_argument("--sampler", default=None, help="euler or heun (default: the model's sample.sampler)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift toward noise (default: sample.shift)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at times LO <= t <= HI (1 = noise, 0 = data); other steps cost one model call "
+                        "instead of two (default: the model's sample.cfg_interval, 0 1 = every step)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the run (default: 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images generated per batch (default: 64)")
     p.add_argument("--json", default=None, help="write the scores as JSON to this path")
@@ -187,9 +193,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model, device=args.device, use_ema=not args.no_ema)
     images = pipe.generate([args.prompt] * args.num_images, width=width, height=height, steps=args.steps,
                            cfg=args.cfg, seed=args.seed, sampler=args.sampler, shift=args.shift,
-                           progress=not args.no_progress)
+                           cfg_interval=args.cfg_interval, progress=not args.no_progress)
     settings = {"prompt": args.prompt, "seed": args.seed,
-                **pipe.sampling_settings(args.steps, args.cfg, args.sampler, args.shift),
+                **pipe.sampling_settings(args.steps, args.cfg, args.sampler, args.shift, args.cfg_interval),
                 "size": f"{images.shape[3]}x{images.shape[2]}",
                 "num_images": args.num_images, "model": str(Path(args.model).resolve()), "ema": not args.no_ema,
                 "software": "omnidit"}
@@ -214,6 +220,10 @@ def _generate_diffusers_pipeline(args: argparse.Namespace, width: int | None, he
                            hint="Flux and StableDiffusion3 pipeline folders are")
     if width is None:
         raise OmniditError("a pipeline folder needs --size", hint="e.g. --size 1024x1024")
+    if args.shift is not None or args.cfg_interval is not None:
+        raise OmniditError("--shift and --cfg-interval apply to omnidit models, not to a diffusers pipeline folder",
+                           hint="drop them: the folder's scheduler config sets the shift, and guidance runs at "
+                                "every step")
     loader, default_guidance = loaders[family]
     pipe = loader(args.model, device=resolve_device(args.device))
     steps, guidance = args.steps or 28, default_guidance if args.cfg is None else args.cfg
@@ -245,7 +255,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise OmniditError(f"no suite for data '{suite}'", hint="pass --suite shapes or --suite digits")
         report = evaluate_model(pipe, suite, n_per_prompt=args.n_per_prompt, seed=args.seed, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
-                                steps=args.steps, cfg=args.cfg, sampler=args.sampler, shift=args.shift)
+                                steps=args.steps, cfg=args.cfg, sampler=args.sampler, shift=args.shift,
+                                cfg_interval=args.cfg_interval)
     grid = args.grid or (str(Path(args.json).with_name(f"eval_{report.suite}.png")) if args.json else None)
     report.save(args.json, grid)
     print(report.table())
@@ -322,7 +333,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"classes={mc.num_classes}, guidance_embed={mc.guidance_embed}",
         f"data          {config.data.name} {config.data.width}x{config.data.height}",
         f"sampling      {config.sample.sampler}, {config.sample.steps} steps, cfg {config.sample.cfg}, "
-        f"shift {config.sample.shift}",
+        f"shift {config.sample.shift}" + ("" if config.sample.cfg_interval == [0.0, 1.0] else
+                                         ", guidance at t in [{}, {}]".format(*config.sample.cfg_interval)),
     ]
     others = list_checkpoints(directory.parent)
     if len(others) > 1:

@@ -18,7 +18,7 @@ from typing import Any
 from omnidit.data.shapes import check_scene_kinds
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import PRESETS, MMDiTConfig
-from omnidit.sampling import SAMPLERS
+from omnidit.sampling import SAMPLERS, check_cfg_interval
 
 DEFAULT_HELD_OUT = ["red triangle", "blue circle", "green square", "yellow diamond"]
 
@@ -137,9 +137,14 @@ class SampleConfig:
     cfg: float = 4.0
     sampler: str = "euler"  # euler | heun
     shift: float = 1.0
+    cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only at times LO <= t <= HI
 
     def __post_init__(self) -> None:
         _check_ranges("sample", self, positive=("steps", "shift"), choices={"sampler": tuple(SAMPLERS)})
+        try:
+            self.cfg_interval = list(check_cfg_interval(self.cfg_interval))
+        except OmniditError as e:
+            raise OmniditError(f"config key 'sample.cfg_interval': {e.message}", hint=e.hint) from None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from omnidit.condition import Condition
 from omnidit.config import Config
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import MMDiT
-from omnidit.sampling import SAMPLERS, classifier_free_guidance, initial_noise, sample
+from omnidit.sampling import SAMPLERS, check_cfg_interval, classifier_free_guidance, initial_noise, sample
 from omnidit.tokens import check_image_size, image_position_ids, patchify, unpatchify
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -83,16 +83,19 @@ class Pipeline:
         return cond.to(self.device), null.to(self.device)
 
     def sampling_settings(self, steps: int | None = None, cfg: float | None = None, sampler: str | None = None,
-                          shift: float | None = None) -> dict:
-        """{"steps", "cfg", "sampler", "shift"}: the given values, the config's ``sample`` section for unset ones."""
+                          shift: float | None = None, cfg_interval: Sequence[float] | None = None) -> dict:
+        """{"steps", "cfg", "sampler", "shift", "cfg_interval"}: the given values, the config's ``sample``
+        section for unset ones."""
         s = self.config.sample
         return {"steps": steps or s.steps, "cfg": s.cfg if cfg is None else cfg, "sampler": sampler or s.sampler,
-                "shift": s.shift if shift is None else shift}
+                "shift": s.shift if shift is None else shift,
+                "cfg_interval": list(s.cfg_interval if cfg_interval is None else check_cfg_interval(cfg_interval))}
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], width: int | None = None, height: int | None = None,
                  steps: int | None = None, cfg: float | None = None, seed: int | Sequence[int] = 0,
-                 sampler: str | None = None, shift: float | None = None, progress: bool = False) -> Tensor:
+                 sampler: str | None = None, shift: float | None = None,
+                 cfg_interval: Sequence[float] | None = None, progress: bool = False) -> Tensor:
         """One image per prompt: (B, C, H, W) in [-1, 1]. Unset settings come from the config.
 
         ``seed``: one seed for the whole batch, or one per prompt (then each image is independent of
@@ -103,7 +106,7 @@ class Pipeline:
             raise OmniditError(f"this model outputs {mc.out_channels} channels per {mc.in_channels} input channels "
                                "(e.g. DiT's learned variance); the flow samplers need a velocity model")
         width, height = width or self.config.data.width, height or self.config.data.height
-        settings = self.sampling_settings(steps, cfg, sampler, shift)
+        settings = self.sampling_settings(steps, cfg, sampler, shift, cfg_interval)
         steps, cfg, sampler, shift = settings["steps"], settings["cfg"], settings["sampler"], settings["shift"]
         factor = self.codec.downsample if self.codec is not None else 1
         check_image_size(height, width, mc.patch_size * factor)
@@ -121,7 +124,7 @@ class Pipeline:
             cond = cond.without_full_mask()  # one check here, none per step
             velocity = lambda x, t: model_fn(x, t, cond)  # noqa: E731
         else:
-            velocity = classifier_free_guidance(model_fn, cond, null, cfg)
+            velocity = classifier_free_guidance(model_fn, cond, null, cfg, settings["cfg_interval"])
         if isinstance(seed, int):
             noise = initial_noise((len(prompts), mc.in_channels, height, width), seed)
         else:

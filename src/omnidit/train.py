@@ -468,16 +468,17 @@ class Trainer:
                         for key in ("loss", "lr", "grad_norm", "images_per_s"):
                             board.add_scalar(f"train/{key}", record[key], self.step)
                     window_start, window_losses, window_steps = time.perf_counter(), [], 0
+                checkpoint_due = self.step % tc.checkpoint_every == 0 or self.step == tc.steps
+                if checkpoint_due:  # before the evaluation, so that a failing evaluation loses no training
+                    self.save()
                 if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == tc.steps):
                     record = self.evaluate(log)
                     if board is not None and record:
                         board.add_scalar("eval/overall", record["eval"]["overall"], self.step)
                 if tc.sample_every and (self.step % tc.sample_every == 0 or self.step == tc.steps):
                     self.save_samples()
-                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
-                    self.save()
-                    if main:
-                        plot_training_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
+                if checkpoint_due and main:
+                    plot_training_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
         finally:
             bar.close()
             if log is not None:

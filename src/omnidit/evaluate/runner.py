@@ -158,7 +158,7 @@ def evaluate_model(pipe, suite: str, **kwargs) -> EvalReport:
     report = runners[suite](pipe, **kwargs)
     report.settings = {
         "n_per_prompt": kwargs.get("n_per_prompt"), "seed": kwargs.get("seed", 0), "limit": kwargs.get("limit"),
-        **pipe.sampling_settings(*(kwargs.get(k) for k in ("steps", "cfg", "sampler", "shift"))),
+        **pipe.sampling_settings(*(kwargs.get(k) for k in ("steps", "cfg", "sampler", "shift", "cfg_interval"))),
     }
     return report
 
