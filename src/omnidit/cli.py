@@ -32,6 +32,15 @@ def _keys_epilog() -> str:
     return "config keys (override with section.key=value):\n  " + "\n  ".join(all_keys())
 
 
+def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """--sampler, --shift and --cfg-interval, shared by generate and eval (unset: the model's sample config)."""
+    p.add_argument("--sampler", default=None, help="euler or heun (default: the model's sample.sampler)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift toward noise (default: sample.shift)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at times LO <= t <= HI (1 = noise, 0 = data); other steps cost one model call "
+                        "instead of two (default: the model's sample.cfg_interval, 0 1 = every step)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="omnidit", description="Train, sample and inspect multimodal diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -69,11 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels (default: the training size)")
     p.add_argument("-n", "--num-images", type=int, default=1, help="number of images (tiled into one grid)")
     p.add_argument("-o", "--output", default="out.png", help="output PNG path (default: out.png)")
-    p.add_argument("--sampler", default=None, help="euler or heun (default: the model's sample.sampler)")
-    p.add_argument("--shift", type=float, default=None, help="timestep shift toward noise (default: sample.shift)")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="guide only at times LO <= t <= HI (1 = noise, 0 = data); other steps cost one model call "
-                        "instead of two (default: the model's sample.cfg_interval, 0 1 = every step)")
+    _add_sampler_flags(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -103,11 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="prompts per category, for a quick seeded run")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's sample.cfg)")
-    p.add_argument("--sampler", default=None, help="euler or heun (default: the model's sample.sampler)")
-    p.add_argument("--shift", type=float, default=None, help="timestep shift toward noise (default: sample.shift)")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="guide only at times LO <= t <= HI (1 = noise, 0 = data); other steps cost one model call "
-                        "instead of two (default: the model's sample.cfg_interval, 0 1 = every step)")
+    _add_sampler_flags(p)
     p.add_argument("--seed", type=int, default=0, help="noise seed of the run (default: 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images generated per batch (default: 64)")
     p.add_argument("--json", default=None, help="write the scores as JSON to this path")
