@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -75,11 +76,27 @@ def test_foreign_images_are_scored_from_the_manifest(tmp_path, capsys):
     assert code == 0, err
     result = json.loads(out.read_text())
     assert result["overall"] == 1.0 and all(v == 1.0 for v in result["categories"].values()), result
-    # a system that draws nothing fails everything
+    n_position = sum(spec.category == "position" for _, spec in entries)
+    assert result["relation_accuracy"] == {"rate": 1.0, "images": n_position}
+    assert f"relation accuracy 1.000 over the {n_position} position images" in stdout
+    # a system that draws the right objects in the opposite relation: position and relation accuracy 0
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    for i, (name, spec) in enumerate(entries):
+        if spec.relation:
+            flipped = dataclasses.replace(spec, relation=opposite[spec.relation])
+            Image.fromarray(render_scene(reference_scene(flipped, 64, 48, seed=i), 64, 48)).save(folder / name)
+    code, _, err = run_cli(capsys, "eval", folder, "--json", out, "--no-progress", "--no-fd")
+    result = json.loads(out.read_text())
+    assert code == 0 and result["categories"]["position"] == 0.0
+    assert result["overall"] == pytest.approx(1 - 1 / len(CATEGORIES))
+    assert result["relation_accuracy"] == {"rate": 0.0, "images": n_position}
+    # a system that draws nothing fails everything, and no image qualifies for the relation accuracy
     for name, _ in entries:
         Image.new("RGB", (32, 32), "white").save(folder / name)
-    code, _, err = run_cli(capsys, "eval", folder, "--json", out, "--no-progress", "--no-fd")
-    assert code == 0 and json.loads(out.read_text())["overall"] == 0.0
+    code, stdout, err = run_cli(capsys, "eval", folder, "--json", out, "--no-progress", "--no-fd")
+    result = json.loads(out.read_text())
+    assert code == 0 and result["overall"] == 0.0 and "relation_accuracy" not in result
+    assert "relation accuracy" not in stdout
     # a missing image is a one-line error
     (folder / entries[0][0]).unlink()
     code, _, err = run_cli(capsys, "eval", folder, "--no-progress")

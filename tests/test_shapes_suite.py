@@ -19,6 +19,7 @@ from omnidit.evaluate.shapes_suite import (
     read_manifest,
     reference_scene,
     relation_holds,
+    relation_verdict,
     score,
     write_manifest,
     write_prompt_list,
@@ -172,6 +173,16 @@ def test_position_relation_and_its_violation(relation):
         assert judge(spec, right, width, height)[0]
         passed, reason = judge(spec, swapped, width, height)
         assert not passed and "is not" in reason
+    # The relation verdict judges placement only where exactly the named objects were drawn.
+    def verdict(objects):
+        return relation_verdict(spec, detect_objects(render_scene(Scene(tuple(objects), "p", "pair"), 32, 32)))
+
+    assert verdict(right) is True and verdict(swapped) is False
+    assert verdict(right[:1]) is None  # an object is missing
+    assert verdict([right[0], obj("square", "green", *place(b))]) is None  # wrong colour
+    assert verdict(right + [obj("triangle", "green", 0.75, 0.75, 0.2)]) is None  # an extra object
+    no_relation = spec_of("colour_attribution", "p", ("red", "circle", 1), ("blue", "square", 1))
+    assert relation_verdict(no_relation, detect_objects(render_scene(Scene(tuple(right), "p", "pair"), 32, 32))) is None
 
 
 def test_relation_uses_the_dominant_axis_in_pixels():

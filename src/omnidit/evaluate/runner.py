@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from tqdm.auto import tqdm
 
 from omnidit.errors import OmniditError
 from omnidit.images import labelled_grid, to_pil
+
+if TYPE_CHECKING:
+    from omnidit.evaluate.shapes_suite import PromptSpec
 
 SUITES = ("shapes", "digits")
 SEED_STRIDE = 1_000_003  # image i of a run with seed s uses noise seed s * SEED_STRIDE + i
@@ -32,6 +36,7 @@ class Judged:
     image: Tensor  # (C, H, W) in [-1, 1]
     passed: bool
     reason: str = ""
+    relation_ok: bool | None = None  # shapes position prompts: see shapes_suite.relation_verdict
 
 
 @dataclass
@@ -44,9 +49,20 @@ class EvalReport:
     settings: dict = field(default_factory=dict)
     judged: list[Judged] = field(default_factory=list)
 
+    @property
+    def relation_accuracy(self) -> tuple[float, int] | None:
+        """(rate, images): among the position images that hold exactly the two named objects, the
+        fraction with the named relation (0.5 by chance); None when no image qualifies."""
+        verdicts = [j.relation_ok for j in self.judged if j.relation_ok is not None]
+        return (sum(verdicts) / len(verdicts), len(verdicts)) if verdicts else None
+
     def to_json(self) -> dict:
-        return {"suite": self.suite, "overall": self.overall, "categories": self.categories,
-                "n_images": self.n_images, "frechet_distance": self.frechet, "settings": self.settings}
+        out = {"suite": self.suite, "overall": self.overall, "categories": self.categories,
+               "n_images": self.n_images, "frechet_distance": self.frechet, "settings": self.settings}
+        if self.relation_accuracy is not None:
+            rate, n = self.relation_accuracy
+            out["relation_accuracy"] = {"rate": rate, "images": n}
+        return out
 
     def table(self) -> str:
         """A plain-text table: pass rate per category, then the overall mean and the FD."""
@@ -59,6 +75,10 @@ class EvalReport:
         lines += ["-" * (width + 17), f"{'overall':<{width}}  {self.overall:5.3f}  {self.n_images:7d}"]
         if self.frechet is not None:
             lines.append(f"{'frechet distance':<{width}}  {self.frechet:.3f}")
+        if self.relation_accuracy is not None:
+            rate, n = self.relation_accuracy
+            lines.append(f"relation accuracy {rate:.3f} over the {n} position images with both objects right "
+                         "(0.5 = the relation words are ignored)")
         return "\n".join(lines)
 
     def grid(self, per_row: int = 8) -> Image.Image:
@@ -112,20 +132,27 @@ def _aggregate(suite: str, judged: list[Judged], categories: tuple[str, ...]) ->
     return sum(scores.values()) / len(scores), scores
 
 
+def _judge_shapes(spec: PromptSpec, pixels: Tensor | np.ndarray, image: Tensor) -> Judged:
+    """Detect the objects in ``pixels`` (anything detect_objects reads) and judge them against ``spec``;
+    ``image`` (C, H, W) in [-1, 1] is kept for the grid."""
+    from omnidit.evaluate.detector import detect_objects
+    from omnidit.evaluate.shapes_suite import check, relation_verdict
+
+    detections = detect_objects(pixels)
+    passed, reason = check(spec, detections)
+    return Judged(spec.category, spec.prompt, image, passed, reason, relation_verdict(spec, detections))
+
+
 def evaluate_shapes_model(pipe, n_per_prompt: int = 4, seed: int = 0, limit: int | None = None,
                           batch_size: int = 64, progress: bool = True, frechet: bool = True,
                           **sampling) -> EvalReport:
     """Generate ``n_per_prompt`` images for every suite prompt and check each with the detector."""
-    from omnidit.evaluate.detector import detect_objects
-    from omnidit.evaluate.shapes_suite import CATEGORIES, build_prompts, check
+    from omnidit.evaluate.shapes_suite import CATEGORIES, build_prompts
 
     specs = build_prompts(seed=0, per_category=limit, held_out=pipe.config.data.held_out)
     expanded = [s for s in specs for _ in range(n_per_prompt)]
     images = _generate(pipe, [s.prompt for s in expanded], seed, batch_size, progress, **sampling)
-    judged = []
-    for spec, image in zip(expanded, images):
-        passed, reason = check(spec, detect_objects(image))
-        judged.append(Judged(spec.category, spec.prompt, image, passed, reason))
+    judged = [_judge_shapes(spec, image, image) for spec, image in zip(expanded, images)]
     overall, scores = _aggregate("shapes", judged, CATEGORIES)
     fd = _frechet(images, "shapes", seed) if frechet else None
     return EvalReport("shapes", overall, scores, len(judged), fd, judged=judged)
@@ -179,8 +206,7 @@ def write_suite_prompts(out_dir: str | Path, n_per_prompt: int = 4, limit: int |
 def evaluate_folder(images_dir: str | Path, suite: str = "shapes", progress: bool = True,
                     frechet: bool = True) -> EvalReport:
     """Score images produced elsewhere: each file's prompt comes from ``images_dir/manifest.json``."""
-    from omnidit.evaluate.detector import detect_objects
-    from omnidit.evaluate.shapes_suite import CATEGORIES, check, read_manifest
+    from omnidit.evaluate.shapes_suite import CATEGORIES, read_manifest
 
     if suite != "shapes":
         raise OmniditError(f"folders can be scored with the shapes suite only, not '{suite}'")
@@ -198,8 +224,7 @@ def evaluate_folder(images_dir: str | Path, suite: str = "shapes", progress: boo
         except OSError as e:
             raise OmniditError(f"cannot read image {path}: {e}") from None
         image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
-        passed, reason = check(spec, detect_objects(rgb))
-        judged.append(Judged(spec.category, spec.prompt, image, passed, reason))
+        judged.append(_judge_shapes(spec, rgb, image))
     if missing:
         raise OmniditError(f"{len(missing)} of {len(entries)} images listed in the manifest are missing "
                            f"(first: {missing[0]})", hint="generate every file the manifest lists")

@@ -185,23 +185,48 @@ def _name(colour: str | None, shape: str, n: int) -> str:
     return f"{colour} {noun}" if colour else noun
 
 
-def check(spec: PromptSpec, detections: Sequence[Detection]) -> tuple[bool, str]:
-    """Judge one image's detections against ``spec`` -> (passed, reason)."""
+def _match_objects(spec: PromptSpec, detections: Sequence[Detection]) -> tuple[list[list[Detection]] | None, str]:
+    """The detections of each object entry of ``spec`` when the image holds exactly the named objects
+    -> (matches, ""), else (None, why)."""
     found = "; found: " + (", ".join(d.describe() for d in detections) or "nothing")
     matches = []
     for colour, shape, n in spec.objects:
         hits = [d for d in detections if d.shape == shape and (colour is None or d.colour == colour)]
         if len(hits) != n:
-            return False, f"expected {n} {_name(colour, shape, n)}, found {len(hits)}{found}"
+            return None, f"expected {n} {_name(colour, shape, n)}, found {len(hits)}{found}"
         matches.append(hits)
     expected = sum(n for _, _, n in spec.objects)
     if len(detections) != expected:
-        return False, f"expected {expected} object{'s' * (expected > 1)}, found {len(detections)}{found}"
+        return None, f"expected {expected} object{'s' * (expected > 1)}, found {len(detections)}{found}"
+    return matches, ""
+
+
+def check(spec: PromptSpec, detections: Sequence[Detection]) -> tuple[bool, str]:
+    """Judge one image's detections against ``spec`` -> (passed, reason)."""
+    matches, why = _match_objects(spec, detections)
+    if matches is None:
+        return False, why
     if spec.relation is not None:
         (a,), (b,) = matches
         if not relation_holds(spec.relation, a, b):
             return False, f"{a.describe()} is not {_RELATION_PHRASES[spec.relation]} {b.describe()}"
     return True, "ok"
+
+
+def relation_verdict(spec: PromptSpec, detections: Sequence[Detection]) -> bool | None:
+    """Whether the named relation holds, judged only where the image holds exactly the two named
+    objects; None where it does not or the prompt names no relation.
+
+    Its mean over the position images is the relation accuracy: how often a model that drew the
+    right objects also placed them right, 0.5 for a model that ignores the relation words.
+    """
+    if spec.relation is None:
+        return None
+    matches, _ = _match_objects(spec, detections)
+    if matches is None:
+        return None
+    (a,), (b,) = matches
+    return relation_holds(spec.relation, a, b)
 
 
 def score(results: Sequence[tuple[PromptSpec, bool]]) -> dict:
