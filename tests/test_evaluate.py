@@ -59,6 +59,7 @@ def test_cli_eval_digits_model(digits_run, tmp_path, capsys):
     assert result["suite"] == "digits" and result["n_images"] == 20
     assert list(result["categories"]) == ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                                           "nine"]
+    assert "relation_accuracy" not in result  # a shapes-suite figure only
 
 
 def test_foreign_images_are_scored_from_the_manifest(tmp_path, capsys):
@@ -77,25 +78,34 @@ def test_foreign_images_are_scored_from_the_manifest(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["overall"] == 1.0 and all(v == 1.0 for v in result["categories"].values()), result
     n_position = sum(spec.category == "position" for _, spec in entries)
-    assert result["relation_accuracy"] == {"rate": 1.0, "images": n_position}
-    assert f"relation accuracy 1.000 over the {n_position} position images" in stdout
-    # a system that draws the right objects in the opposite relation: position and relation accuracy 0
-    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    assert result["relation_accuracy"] == {"rate": 1.0, "axis_rate": 1.0, "images": n_position}
+    assert f"relation accuracy 1.000, axis accuracy 1.000 over the {n_position} position images" in stdout
+    # the right pair placed right, reversed (right axis, wrong direction), on the other axis, right again
+    other = {"left of": ("right of", "above"), "right of": ("left of", "below"), "above": ("below", "left of"),
+             "below": ("above", "right of")}
+    placements = []
     for i, (name, spec) in enumerate(entries):
         if spec.relation:
-            flipped = dataclasses.replace(spec, relation=opposite[spec.relation])
-            Image.fromarray(render_scene(reference_scene(flipped, 64, 48, seed=i), 64, 48)).save(folder / name)
+            k = len(placements) % 3
+            placements.append(("right", "reversed", "off_axis")[k])
+            drawn = spec.relation if k == 0 else other[spec.relation][k - 1]
+            scene = reference_scene(dataclasses.replace(spec, relation=drawn), 64, 48, seed=i)
+            Image.fromarray(render_scene(scene, 64, 48)).save(folder / name)
     code, _, err = run_cli(capsys, "eval", folder, "--json", out, "--no-progress", "--no-fd")
     result = json.loads(out.read_text())
-    assert code == 0 and result["categories"]["position"] == 0.0
-    assert result["overall"] == pytest.approx(1 - 1 / len(CATEGORIES))
-    assert result["relation_accuracy"] == {"rate": 0.0, "images": n_position}
+    right, axis = placements.count("right"), placements.count("right") + placements.count("reversed")
+    assert code == 0 and n_position == 4 and (right, axis) == (2, 3)
+    assert result["categories"]["position"] == pytest.approx(right / n_position)
+    assert result["relation_accuracy"] == {"rate": right / n_position, "axis_rate": axis / n_position,
+                                           "images": n_position}
+    assert result["overall"] == pytest.approx(1 - (1 - right / n_position) / len(CATEGORIES))
     # a system that draws nothing fails everything, and no image qualifies for the relation accuracy
     for name, _ in entries:
         Image.new("RGB", (32, 32), "white").save(folder / name)
     code, stdout, err = run_cli(capsys, "eval", folder, "--json", out, "--no-progress", "--no-fd")
     result = json.loads(out.read_text())
-    assert code == 0 and result["overall"] == 0.0 and "relation_accuracy" not in result
+    assert code == 0 and result["overall"] == 0.0
+    assert result["relation_accuracy"] == {"rate": None, "axis_rate": None, "images": 0}
     assert "relation accuracy" not in stdout
     # a missing image is a one-line error
     (folder / entries[0][0]).unlink()
@@ -120,6 +130,7 @@ def test_training_runs_evaluations_and_plots_curves(make_tiny_config, tmp_path):
     evals = [r for r in records if "eval" in r]
     assert [r["step"] for r in evals] == [10, 20]
     assert all(set(r["eval"]["categories"]) == set(CATEGORIES) for r in evals)
+    assert all(set(r["eval"]["relation_accuracy"]) == {"rate", "axis_rate", "images"} for r in evals)
     assert (tmp_path / "run" / "eval" / "step_0000010.png").is_file()
     samples = Image.open(tmp_path / "run" / "samples" / "step_0000020.png")
     assert samples.size == (4 * 16 + 5 * 2, 2 * 16 + 3 * 2) and "prompts" in samples.text  # 8 samples, 4 columns

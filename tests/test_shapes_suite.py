@@ -177,7 +177,9 @@ def test_position_relation_and_its_violation(relation):
     def verdict(objects):
         return relation_verdict(spec, detect_objects(render_scene(Scene(tuple(objects), "p", "pair"), 32, 32)))
 
-    assert verdict(right) is True and verdict(swapped) is False
+    assert verdict(right) == "right" and verdict(swapped) == "reversed"
+    across = (lambda p: (p[1], p[0])) if horizontal else (lambda p: p)  # the same offsets on the other axis
+    assert verdict([obj("circle", "red", *across(a)), obj("square", "blue", *across(b))]) == "off_axis"
     assert verdict(right[:1]) is None  # an object is missing
     assert verdict([right[0], obj("square", "green", *place(b))]) is None  # wrong colour
     assert verdict(right + [obj("triangle", "green", 0.75, 0.75, 0.2)]) is None  # an extra object
@@ -211,6 +213,8 @@ def test_spec_validation():
         spec_of("colours", "x", ("mauve", "circle", 1))
     with pytest.raises(OmniditError):
         spec_of("position", "x", ("red", "circle", 1), relation="left of")
+    with pytest.raises(OmniditError, match="two single objects"):  # a relation between groups is not judged
+        spec_of("position", "x", ("red", "circle", 2), ("blue", "square", 1), relation="left of")
     with pytest.raises(OmniditError):
         spec_of("sizes", "x", ("red", "circle", 1))
 

@@ -36,7 +36,7 @@ class Judged:
     image: Tensor  # (C, H, W) in [-1, 1]
     passed: bool
     reason: str = ""
-    relation_ok: bool | None = None  # shapes position prompts: see shapes_suite.relation_verdict
+    placement: str | None = None  # shapes position prompts: see shapes_suite.relation_verdict
 
 
 @dataclass
@@ -49,19 +49,25 @@ class EvalReport:
     settings: dict = field(default_factory=dict)
     judged: list[Judged] = field(default_factory=list)
 
-    @property
-    def relation_accuracy(self) -> tuple[float, int] | None:
-        """(rate, images): among the position images that hold exactly the two named objects, the
-        fraction with the named relation (0.5 by chance); None when no image qualifies."""
-        verdicts = [j.relation_ok for j in self.judged if j.relation_ok is not None]
-        return (sum(verdicts) / len(verdicts), len(verdicts)) if verdicts else None
+    def relation_accuracy(self) -> dict | None:
+        """Shapes suite: {"rate", "axis_rate", "images"} over the position images that hold exactly the
+        two named objects (rate: in the named relation; axis_rate: on its axis, either direction).
+        Chance is 0.25 and 0.5. The rates are None when no image qualifies; None for other suites."""
+        if self.suite != "shapes":
+            return None
+        verdicts = [j.placement for j in self.judged if j.placement is not None]
+        n = len(verdicts)
+        if not n:
+            return {"rate": None, "axis_rate": None, "images": 0}
+        right, reversed_ = verdicts.count("right"), verdicts.count("reversed")
+        return {"rate": right / n, "axis_rate": (right + reversed_) / n, "images": n}
 
     def to_json(self) -> dict:
         out = {"suite": self.suite, "overall": self.overall, "categories": self.categories,
                "n_images": self.n_images, "frechet_distance": self.frechet, "settings": self.settings}
-        if self.relation_accuracy is not None:
-            rate, n = self.relation_accuracy
-            out["relation_accuracy"] = {"rate": rate, "images": n}
+        relation = self.relation_accuracy()
+        if relation is not None:
+            out["relation_accuracy"] = relation
         return out
 
     def table(self) -> str:
@@ -75,10 +81,10 @@ class EvalReport:
         lines += ["-" * (width + 17), f"{'overall':<{width}}  {self.overall:5.3f}  {self.n_images:7d}"]
         if self.frechet is not None:
             lines.append(f"{'frechet distance':<{width}}  {self.frechet:.3f}")
-        if self.relation_accuracy is not None:
-            rate, n = self.relation_accuracy
-            lines.append(f"relation accuracy {rate:.3f} over the {n} position images with both objects right "
-                         "(0.5 = the relation words are ignored)")
+        relation = self.relation_accuracy()
+        if relation is not None and relation["images"]:
+            lines.append(f"relation accuracy {relation['rate']:.3f}, axis accuracy {relation['axis_rate']:.3f} "
+                         f"over the {relation['images']} position images with the right pair (chance 0.25, 0.5)")
         return "\n".join(lines)
 
     def grid(self, per_row: int = 8) -> Image.Image:

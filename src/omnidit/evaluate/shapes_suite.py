@@ -78,8 +78,9 @@ class PromptSpec:
             bad = "no objects"
         elif any(c is not None and c not in COLOURS or s not in SHAPES or int(n) < 1 for c, s, n in self.objects):
             bad = f"bad objects {self.objects}"
-        elif self.relation is not None and (self.relation not in RELATIONS or len(self.objects) != 2):
-            bad = f"bad relation {self.relation!r} for {len(self.objects)} object entries"
+        elif self.relation is not None and (self.relation not in RELATIONS or len(self.objects) != 2
+                                            or any(int(n) != 1 for _, _, n in self.objects)):
+            bad = f"bad relation {self.relation!r} for object entries {self.objects} (it needs two single objects)"
         if bad:
             raise OmniditError(f"invalid prompt spec for {self.prompt!r}: {bad}",
                                hint=f"categories: {', '.join(CATEGORIES)}; relations: {', '.join(RELATIONS)}")
@@ -213,12 +214,18 @@ def check(spec: PromptSpec, detections: Sequence[Detection]) -> tuple[bool, str]
     return True, "ok"
 
 
-def relation_verdict(spec: PromptSpec, detections: Sequence[Detection]) -> bool | None:
-    """Whether the named relation holds, judged only where the image holds exactly the two named
-    objects; None where it does not or the prompt names no relation.
+OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
-    Its mean over the position images is the relation accuracy: how often a model that drew the
-    right objects also placed them right, 0.5 for a model that ignores the relation words.
+
+def relation_verdict(spec: PromptSpec, detections: Sequence[Detection]) -> str | None:
+    """Where the pair was placed, judged only where the image holds exactly the two named objects:
+    "right" (the named relation holds), "reversed" (the opposite one holds: right axis, wrong
+    direction) or "off_axis" (neither); None where the pair was not drawn or no relation is named.
+
+    Over the position images, the "right" fraction is the relation accuracy and "right" plus
+    "reversed" the axis accuracy. A model that places the pair at random scores about 0.25 and
+    0.5; one that reads the axis words ("to the left of" or "above") but not the direction scores
+    about 0.5 and 1.
     """
     if spec.relation is None:
         return None
@@ -226,7 +233,9 @@ def relation_verdict(spec: PromptSpec, detections: Sequence[Detection]) -> bool 
     if matches is None:
         return None
     (a,), (b,) = matches
-    return relation_holds(spec.relation, a, b)
+    if relation_holds(spec.relation, a, b):
+        return "right"
+    return "reversed" if relation_holds(OPPOSITE_RELATION[spec.relation], a, b) else "off_axis"
 
 
 def score(results: Sequence[tuple[PromptSpec, bool]]) -> dict:
