@@ -22,26 +22,26 @@ import torch
 
 from omnidit.checkpoint import default_model_dir
 from omnidit.data import batch_from_indices, build_dataset
+from omnidit.data.shapes import _RELATION_PHRASES
 from omnidit.errors import OmniditError
+from omnidit.evaluate.shapes_suite import OPPOSITE_RELATION
 from omnidit.flow import training_loss
 from omnidit.pipeline import load_pipeline
 from omnidit.tokens import image_position_ids, patchify
 
-OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
-            "below": "above"}
-OTHER_AXIS = {"to the left of": "above", "to the right of": "below", "above": "to the left of",
-              "below": "to the right of"}
+OTHER_AXIS = {"left of": "above", "right of": "below", "above": "left of", "below": "right of"}
 TIMES = (0.3, 0.6, 0.8, 0.9, 0.95, 0.98)
 
 
 def caption_variants(caption: str) -> dict[str, str]:
     """'A <relation> B' -> the true caption, its relation flipped, its objects swapped, its relation on
     the other axis, and the empty caption."""
-    for phrase in OPPOSITE:
-        if f" {phrase} " in caption:
-            a, b = caption.split(f" {phrase} ")
-            return {"true": caption, "flipped": f"{a} {OPPOSITE[phrase]} {b}", "swapped": f"{b} {phrase} {a}",
-                    "axis": f"{a} {OTHER_AXIS[phrase]} {b}", "empty": ""}
+    phrase = _RELATION_PHRASES  # relation -> its words in captions, e.g. "left of" -> "to the left of"
+    for relation, words in phrase.items():
+        if f" {words} " in caption:
+            a, b = caption.split(f" {words} ")
+            return {"true": caption, "flipped": f"{a} {phrase[OPPOSITE_RELATION[relation]]} {b}",
+                    "swapped": f"{b} {words} {a}", "axis": f"{a} {phrase[OTHER_AXIS[relation]]} {b}", "empty": ""}
     raise ValueError(f"no relation in caption {caption!r}")
 
 

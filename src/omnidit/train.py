@@ -389,8 +389,9 @@ class Trainer:
                                 progress=False, frechet=False)
         record = {"step": self.step, "eval": {"suite": suite, "overall": report.overall,
                                               "categories": report.categories}}
-        if report.relation_accuracy() is not None:
-            record["eval"]["relation_accuracy"] = report.relation_accuracy()
+        relation = report.relation_accuracy()
+        if relation is not None:
+            record["eval"]["relation_accuracy"] = relation
         if self.world.is_main:
             report.save(grid_path=self.out_dir / "eval" / f"step_{self.step:07d}.png")
             log.write(json.dumps(record) + "\n")
