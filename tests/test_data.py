@@ -25,9 +25,11 @@ from omnidit.data import (
     ShapesDataset,
     batch_from_indices,
     build_dataset,
+    counterfactual_batch,
     render_scene,
 )
 from omnidit.data.digits import split_indices
+from omnidit.data.shapes import OPPOSITE_RELATION, mirrored_scene, to_tensor
 from omnidit.errors import OmniditError
 
 N_SCENES = 3000
@@ -121,6 +123,47 @@ def test_sizes_are_distinct_classes(scenes):
             assert abs((o.box[2] - o.box[0]) - (o.box[3] - o.box[1])) < 1e-9  # square box at 32x32
     assert 7.9 <= min(sides["small"]) and max(sides["small"]) <= 9.1
     assert 13.9 <= min(sides["large"]) and max(sides["large"]) <= 16.1
+
+
+def test_mirrored_scene_reverses_the_relation_and_nothing_else(scenes):
+    from omnidit.evaluate.shapes_suite import relation_holds
+
+    relations = [s for s in scenes if s.kind == "relation"]
+    assert len(relations) > 100
+    for sc in relations:
+        m = mirrored_scene(sc)
+        assert m.relation == OPPOSITE_RELATION[sc.relation] and m.kind == "relation"
+        assert relation_holds(m.relation, *m.objects) and not relation_holds(sc.relation, *m.objects)
+        for a, b in zip(sc.objects, m.objects):
+            assert (a.shape, a.colour, a.size) == (b.shape, b.colour, b.size)
+            assert 0 <= min(b.box) and max(b.box) <= 1
+        # The caption changes only in the relation's words.
+        words = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
+        assert m.caption == sc.caption.replace(f" {words[sc.relation]} ", f" {words[m.relation]} ")
+        assert m.caption != sc.caption
+        twice = mirrored_scene(m)
+        assert twice.caption == sc.caption and all(
+            np.allclose(a.box, b.box, atol=1e-12) for a, b in zip(sc.objects, twice.objects))
+    assert all(mirrored_scene(s) is None for s in scenes[:200] if s.kind != "relation")
+
+
+def test_counterfactual_items_render_the_mirrored_scene_and_the_detector_agrees():
+    from omnidit.evaluate.detector import detect_objects
+    from omnidit.evaluate.shapes_suite import relation_holds
+
+    ds = ShapesDataset(32, 32, seed=3, kinds={"relation": 1, "single": 1})
+    rows, images, captions = counterfactual_batch(ds, range(40))
+    assert 10 < len(rows) < 40 and images.shape == (len(rows), 3, 32, 32) and len(captions) == len(rows)
+    for row, image, caption in zip(rows, images, captions):
+        scene = mirrored_scene(ds.scene(row))
+        assert caption == scene.caption
+        assert torch.equal(image, to_tensor(render_scene(scene, 32, 32)))
+        found = detect_objects(image)
+        assert len(found) == 2
+        a = next(d for d in found if (d.colour, d.shape) == (scene.objects[0].colour, scene.objects[0].shape))
+        b = next(d for d in found if d is not a)
+        assert relation_holds(scene.relation, a, b)
+    assert counterfactual_batch(ds, [i for i in range(40) if i not in rows][:5]) == ([], None, [])
 
 
 def test_relations_hold_geometrically(scenes):

@@ -10,6 +10,7 @@ import torch
 from omnidit.condition import Condition
 from omnidit.errors import OmniditError
 from omnidit.flow import (
+    counterfactual_loss,
     drop_condition,
     interpolate,
     logit_normal_timesteps,
@@ -48,6 +49,28 @@ def test_training_loss_is_zero_for_the_oracle_and_positive_otherwise():
     assert training_loss(oracle, x0, Condition(), t, eps) < 1e-10
     zero = training_loss(lambda xt, tt, c: torch.zeros_like(xt), x0, Condition(), t, eps)
     assert torch.isclose(zero, (eps - x0).pow(2).mean())
+
+
+def test_counterfactual_loss_against_closed_forms():
+    g = torch.Generator().manual_seed(0)
+    x0, x0_cf, eps = (torch.randn(3, 4, 5, generator=g) for _ in range(3))
+    cond, cond_cf = Condition(pooled=x0.flatten(1)), Condition(pooled=x0_cf.flatten(1))
+
+    def reads_x0(xt, tt, c):  # the velocity that turns x_t into the x0 held in the condition
+        return (xt - c.pooled.view_as(xt)) / tt.view(-1, 1, 1)
+
+    # At t = 1 (x_t = eps) its change between the captions is exactly x0_cf - x0: no loss.
+    ones = torch.ones(3)
+    assert counterfactual_loss(reads_x0, x0, x0_cf, cond, cond_cf, ones, eps) < 1e-10
+    # Captions swapped: the change is reversed, so the error is twice the data change.
+    swapped = counterfactual_loss(reads_x0, x0, x0_cf, cond_cf, cond, ones, eps)
+    assert torch.isclose(swapped, (2 * (x0_cf - x0)).pow(2).mean(), rtol=1e-5)
+    # At t = 0.5 the change is (x0_cf - x0) / t, an error of (1 / t - 1) (x0_cf - x0) = x0_cf - x0.
+    half = counterfactual_loss(reads_x0, x0, x0_cf, cond, cond_cf, torch.full((3,), 0.5), eps)
+    assert torch.isclose(half, (x0_cf - x0).pow(2).mean(), rtol=1e-5)
+    # A model that ignores the caption is charged the squared data change, whatever it predicts.
+    blind = counterfactual_loss(lambda xt, tt, c: xt * 3 + 1, x0, x0_cf, cond, cond_cf, ones, eps)
+    assert torch.isclose(blind, (x0_cf - x0).pow(2).mean())
 
 
 def test_logit_normal_moments():

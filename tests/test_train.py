@@ -79,6 +79,47 @@ def test_wsd_decay_longer_than_the_run_is_rejected():
     assert groups[1]["weight_decay"] == 0.0
 
 
+def _shapes_trainer(tmp_path, kinds: dict, **train) -> Trainer:
+    return Trainer(config_from_dict({
+        "model": {"preset": "tiny", "hidden_size": 64, "num_heads": 2, "depth": 1, "depth_single": 1},
+        "data": {"name": "shapes", "width": 16, "height": 16, "scene_kinds": kinds},
+        "train": {"out_dir": str(tmp_path), "batch_size": 8, "lr": 2e-3, "warmup_steps": 0, "steps": 3,
+                  "tensorboard": False, **train},
+    }), progress=False)
+
+
+def test_counterfactual_pairs_add_a_loss_only_where_the_data_has_pairs(tmp_path):
+    def weights(t: Trainer) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in t.net.parameters()]
+
+    base = _shapes_trainer(tmp_path / "a", {"relation": 1})
+    paired = _shapes_trainer(tmp_path / "b", {"relation": 1}, counterfactual_weight=1.0)
+    for _ in range(3):  # at the zero init the text cannot change the output yet: the first update agrees
+        base.train_step(), paired.train_step()
+    assert base.counterfactual_loss is None and paired.counterfactual_loss > 0
+    assert max((p - q).abs().max() for p, q in zip(weights(base), weights(paired))) > 1e-4
+    # Without relation scenes there are no pairs: the run is exactly the run without the option.
+    base = _shapes_trainer(tmp_path / "c", {"single": 1})
+    paired = _shapes_trainer(tmp_path / "d", {"single": 1}, counterfactual_weight=1.0)
+    for _ in range(2):
+        assert base.train_step() == paired.train_step()
+    assert paired.counterfactual_loss is None
+    assert all(torch.equal(p, q) for p, q in zip(weights(base), weights(paired)))
+
+
+def test_counterfactual_weight_is_checked(tmp_path):
+    with pytest.raises(OmniditError, match="counterfactual_weight"):
+        TrainConfig(counterfactual_weight=-1)
+    with pytest.raises(OmniditError, match="counterfactual_t_min"):
+        TrainConfig(counterfactual_t_min=1.0)
+    digits = config_from_dict({"model": {"preset": "tiny", "num_classes": 10, "in_channels": 1, "context_dim": 0,
+                                         "pooled_dim": 0, "patch_size": 2},
+                               "data": {"name": "digits", "width": 16, "height": 16}, "text": {"encoder": "none"},
+                               "train": {"out_dir": str(tmp_path), "counterfactual_weight": 1.0}})
+    with pytest.raises(OmniditError, match="counterfactual pairs.*'digits'"):
+        Trainer(digits, progress=False)
+
+
 def test_batch_indices_cover_each_epoch_once_and_depend_only_on_the_step():
     n, b = 10, 4
     seen = [i for step in range(5) for i in batch_indices(step, b, n, seed=0)]  # 2 epochs

@@ -39,9 +39,9 @@ from omnidit.checkpoint import (
 from omnidit.codecs import load_codec
 from omnidit.condition import Condition
 from omnidit.config import Config
-from omnidit.data import batch_from_indices, build_dataset
+from omnidit.data import batch_from_indices, build_dataset, counterfactual_batch
 from omnidit.errors import OmniditError
-from omnidit.flow import condition_keep_mask, sample_timesteps, training_loss
+from omnidit.flow import condition_keep_mask, counterfactual_loss, sample_timesteps, training_loss
 from omnidit.model.mmdit import MMDiT
 from omnidit.pipeline import Pipeline, resolve_device
 from omnidit.plot import plot_training_curves
@@ -179,6 +179,13 @@ class Trainer:
         # With a precomputed cache, training reads latents and text features from disk: the text
         # encoder is loaded only when sampling needs it.
         self.cache = open_cache(dc.cache_dir, fields_for_config(config, self.dataset)) if dc.cache_dir else None
+        if tc.counterfactual_weight > 0:
+            if self.cache is not None:
+                raise OmniditError("train.counterfactual_weight needs the images themselves, not a precomputed "
+                                   "cache", hint="drop data.cache_dir or set train.counterfactual_weight=0")
+            if not hasattr(self.dataset, "counterfactual"):
+                raise OmniditError(f"train.counterfactual_weight needs a data set with counterfactual pairs, and "
+                                   f"'{dc.name}' has none", hint="use data.name=shapes (relation scenes)")
         self.text_encoder = None
         if config.text.encoder != "none" and self.cache is None:
             self.text_encoder = load_text_encoder(config.text.encoder, config.text.max_length, device=self.device)
@@ -195,7 +202,10 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, self.device)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
         self.generator = torch.Generator().manual_seed(tc.seed)
+        # Its own stream, so that turning train.counterfactual_weight on leaves the flow batches as they were.
+        self.counterfactual_generator = torch.Generator().manual_seed(tc.seed + 1_000_003)
         self.step, self.bad_steps = 0, 0
+        self.counterfactual_loss: float | None = None  # the last step's, when train.counterfactual_weight > 0
         f = self.codec.downsample * mc.patch_size
         self.grid = (dc.height // f, dc.width // f)  # the token grid (latent pixels / patch)
         self.ids = image_position_ids(*self.grid, len(mc.axes_dim), device=self.device)
@@ -243,6 +253,11 @@ class Trainer:
         keep = condition_keep_mask(batch, tc.cond_dropout, self.generator)
         t = sample_timesteps(batch, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=self.generator)
         noise = torch.randn((batch, self.grid[0] * self.grid[1], mc.token_dim), generator=self.generator)
+        counterfactual = tc.counterfactual_weight > 0
+        if counterfactual:
+            g = self.counterfactual_generator
+            t_cf = tc.counterfactual_t_min + (1 - tc.counterfactual_t_min) * torch.rand(batch, generator=g)
+            noise_cf = torch.randn(noise.shape, generator=g)
         mine = slice(world.rank * local, (world.rank + 1) * local)
         if self.cache is not None:
             latents, _, labels, cond = self.cache.batch(idx[mine])
@@ -254,23 +269,34 @@ class Trainer:
             latents = self.codec.encode(images.to(self.device))  # (b, c, h, w); identity for pixels
             cond = self.condition(captions, labels)
         x0 = patchify(latents.to(self.device), mc.patch_size)  # (b, N, c*p*p)
+        cf = self._counterfactual_inputs(idx[mine], x0, captions, labels, t_cf[mine], noise_cf[mine]) \
+            if counterfactual else None
         cond = cond.where(keep[mine].to(self.device), self.null_cond)
         t, noise = t[mine].to(self.device), noise[mine].to(self.device)
 
         self.model.train()
+        velocity = lambda x, tt, c: self.model(x, self.ids, tt, c)  # noqa: E731
         micro = local // tc.grad_accum
         total = torch.zeros((), device=self.device)
-        for i in range(tc.grad_accum):
-            part = slice(i * micro, (i + 1) * micro)
-            last = i == tc.grad_accum - 1
+        # One forward and backward per pass: the micro-batches, then the counterfactual pairs; the
+        # gradients are all-reduced on the last pass only.
+        passes: list[slice | None] = [slice(i * micro, (i + 1) * micro) for i in range(tc.grad_accum)]
+        passes += [None] if cf is not None else []
+        for i, part in enumerate(passes):
+            last = i == len(passes) - 1
             if last and world.distributed and not isinstance(self.model, nn.parallel.DistributedDataParallel):
                 self.model.set_requires_gradient_sync(True)
             with self._no_sync(last), torch.autocast(self.device.type, self.amp_dtype,
                                                      enabled=self.amp_dtype is not None):
-                loss = training_loss(lambda x, tt, c: self.model(x, self.ids, tt, c), x0[part],
-                                     cond.rows(part), t[part], noise[part])
-            (loss / tc.grad_accum).backward()
-            total += loss.detach() / tc.grad_accum
+                if part is None:
+                    *pair, scale = cf
+                    cf_loss = counterfactual_loss(velocity, *pair)
+                    objective = cf_loss * (scale * tc.counterfactual_weight)
+                else:
+                    loss = training_loss(velocity, x0[part], cond.rows(part), t[part], noise[part])
+                    objective = loss / tc.grad_accum
+                    total += loss.detach() / tc.grad_accum
+            objective.backward()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -278,6 +304,7 @@ class Trainer:
         # One host sync per step: the NaN guard needs to know. Both values agree across ranks
         # (gradients are all-reduced, the loss explicitly), so every rank takes the same branch.
         loss_value, norm_value = loss_mean.item(), float(grad_norm)
+        self.counterfactual_loss = cf_loss.item() if cf is not None and cf[-1] else None
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             lr = learning_rate(self.step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.lr_min_ratio,
                                tc.lr_decay_steps)
@@ -292,6 +319,25 @@ class Trainer:
         self.step += 1
         return loss_value, norm_value
 
+    def _counterfactual_inputs(self, indices: list[int], x0: Tensor, captions: list[str], labels: Tensor,
+                               t: Tensor, noise: Tensor) -> tuple:
+        """(x0, x0_cf, cond, cond_cf, t, noise, scale) for flow.counterfactual_loss over the rows of this
+        batch that have a counterfactual partner; scale is 0 when none has (every rank still runs the
+        pass, so that the gradient all-reduce sees the same passes everywhere)."""
+        rows, images_cf, captions_cf = counterfactual_batch(self.dataset, indices)
+        scale = 1.0 if rows else 0.0
+        if not rows:  # a stand-in pair (row 0 with itself) whose loss is multiplied by 0
+            rows, captions_cf = [0], [captions[0]]
+            x0_cf = x0[:1]
+        else:
+            latents = self.codec.encode(images_cf.to(self.device))
+            x0_cf = patchify(latents, self.config.model.patch_size)
+        at = torch.tensor(rows)
+        cond = self.condition([captions[r] for r in rows], labels[at])
+        cond_cf = self.condition(captions_cf, labels[at])
+        at = at.to(self.device)
+        return x0[at], x0_cf, cond, cond_cf, t[at].to(self.device), noise[at].to(self.device), scale
+
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:
         """Gather full state dicts (a collective under FSDP) and let rank 0 write the folder."""
@@ -302,6 +348,7 @@ class Trainer:
         if self.world.is_main:
             tensors, meta = optimizer_state_to_flat(optimizer_state)
             tensors["rng/generator"] = self.generator.get_state()
+            tensors["rng/counterfactual_generator"] = self.counterfactual_generator.get_state()
             tensors["rng/torch"] = torch.get_rng_state()
             if torch.cuda.is_available():
                 tensors["rng/cuda"] = torch.cuda.get_rng_state()
@@ -325,6 +372,8 @@ class Trainer:
                           optimizer_state_from_flat(tensors, meta))
         D.load_full_state(self.ema, read_safetensors(latest / "ema.safetensors"))
         self.generator.set_state(tensors["rng/generator"])
+        if "rng/counterfactual_generator" in tensors:  # absent in checkpoints from before it existed
+            self.counterfactual_generator.set_state(tensors["rng/counterfactual_generator"])
         torch.set_rng_state(tensors["rng/torch"])
         if "rng/cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng/cuda"])
@@ -449,6 +498,7 @@ class Trainer:
         board = _tensorboard(self.out_dir) if main and tc.tensorboard else None
         bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         window_start, window_losses, window_steps = time.perf_counter(), [], 0
+        window_cf: list[float] = []
         try:
             while self.step < tc.steps:
                 loss, grad_norm = self.train_step()
@@ -456,6 +506,8 @@ class Trainer:
                     self._report_bad_step(loss, grad_norm, log)
                 else:
                     window_losses.append(loss)
+                    if self.counterfactual_loss is not None:
+                        window_cf.append(self.counterfactual_loss)
                 window_steps += 1
                 bar.update(1)
                 elapsed = time.perf_counter() - window_start
@@ -465,12 +517,14 @@ class Trainer:
                     record = {"step": self.step, "loss": sum(window_losses) / len(window_losses),
                               "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                               "images_per_s": round(images_per_s, 2), "time": round(time.time(), 1)}
+                    if window_cf:
+                        record["counterfactual_loss"] = sum(window_cf) / len(window_cf)
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     if board is not None:
                         for key in ("loss", "lr", "grad_norm", "images_per_s"):
                             board.add_scalar(f"train/{key}", record[key], self.step)
-                    window_start, window_losses, window_steps = time.perf_counter(), [], 0
+                    window_start, window_losses, window_steps, window_cf = time.perf_counter(), [], 0, []
                 checkpoint_due = self.step % tc.checkpoint_every == 0 or self.step == tc.steps
                 if checkpoint_due:  # before the evaluation, so that a failing evaluation loses no training
                     self.save()

@@ -85,6 +85,20 @@ def batch_from_indices(ds: ImageDataset, indices: Iterable[int]) -> tuple[Tensor
     return images, [it["caption"] for it in items], labels
 
 
+def counterfactual_batch(ds: ImageDataset, indices: Sequence[int]) -> tuple[list[int], Tensor | None, list[str]]:
+    """Counterfactual partners of ``ds[i]`` for ``indices`` (``ds.counterfactual(i)``: the same item
+    with one fact of the caption changed, e.g. a relation reversed) -> (rows: positions in ``indices``
+    that have one, images (R, C, H, W) or None when R = 0, captions [R])."""
+    rows, images, captions = [], [], []
+    for row, i in enumerate(indices):
+        item = ds.counterfactual(int(i))
+        if item is not None:
+            rows.append(row)
+            images.append(item["image"])
+            captions.append(item["caption"])
+    return rows, (torch.stack(images) if images else None), captions
+
+
 __all__ = [
     "COLOURS",
     "DATASETS",
@@ -102,6 +116,7 @@ __all__ = [
     "ShapesDataset",
     "batch_from_indices",
     "build_dataset",
+    "counterfactual_batch",
     "parse_held_out",
     "render_scene",
 ]

@@ -12,7 +12,7 @@ Renders are crisp (no anti-aliasing) so that an exact detector can recover every
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ SIZE_MENTION_P = 0.3
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 _RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above",
                      "below": "below"}
+OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,25 @@ def _relation_layout(rng: np.random.Generator, sides: list[float], relation: str
         a0, b0 = start, centre - side / 2
         boxes.append((a0, b0, a0 + side, b0 + side) if horizontal else (b0, a0, b0 + side, a0 + side))
     return boxes if low_first else boxes[::-1]
+
+
+def mirrored_scene(scene: Scene) -> Scene | None:
+    """``scene`` mirrored across its relation's axis and captioned with the opposite relation, or None
+    when it has no relation: "a red circle to the left of a blue square" becomes "a red circle to the
+    right of a blue square" with each box reflected left-right. The two scenes differ only in the
+    direction, so together they are a counterfactual pair (shapes keep their orientation: a mirrored
+    triangle still points up)."""
+    if scene.relation is None:
+        return None
+    horizontal = scene.relation in ("left of", "right of")
+
+    def reflect(obj: ShapeObject) -> ShapeObject:
+        x0, y0, x1, y1 = obj.box
+        return replace(obj, box=(1 - x1, y0, 1 - x0, y1) if horizontal else (x0, 1 - y1, x1, 1 - y0))
+
+    opposite = OPPOSITE_RELATION[scene.relation]
+    caption = scene.caption.replace(f" {_RELATION_PHRASES[scene.relation]} ", f" {_RELATION_PHRASES[opposite]} ", 1)
+    return Scene(tuple(reflect(o) for o in scene.objects), caption, scene.kind, opposite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,3 +348,12 @@ class ShapesDataset(Dataset):
         scene = self.scene(index)
         image = to_tensor(render_scene(scene, self.width, self.height))  # (3, H, W)
         return {"image": image, "caption": scene.caption, "label": -1}
+
+    def counterfactual(self, index: int) -> dict | None:
+        """The item at ``index`` with its relation reversed (``mirrored_scene``), or None for scenes
+        without a relation; used by ``train.counterfactual_weight``."""
+        mirrored = mirrored_scene(self.scene(index))
+        if mirrored is None:
+            return None
+        return {"image": to_tensor(render_scene(mirrored, self.width, self.height)), "caption": mirrored.caption,
+                "label": -1}

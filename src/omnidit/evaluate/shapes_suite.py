@@ -33,6 +33,7 @@ from omnidit.data.shapes import (  # the caption helpers, so prompts match train
     COLOURS,
     COUNT_WORDS,
     DEFAULT_HELD_OUT,
+    OPPOSITE_RELATION,
     RELATIONS,
     SHAPES,
     Scene,
@@ -212,9 +213,6 @@ def check(spec: PromptSpec, detections: Sequence[Detection]) -> tuple[bool, str]
         if not relation_holds(spec.relation, a, b):
             return False, f"{a.describe()} is not {_RELATION_PHRASES[spec.relation]} {b.describe()}"
     return True, "ok"
-
-
-OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def relation_verdict(spec: PromptSpec, detections: Sequence[Detection]) -> str | None:
