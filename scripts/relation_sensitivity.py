@@ -22,9 +22,8 @@ import torch
 
 from omnidit.checkpoint import default_model_dir
 from omnidit.data import batch_from_indices, build_dataset
-from omnidit.data.shapes import _RELATION_PHRASES
+from omnidit.data.shapes import _RELATION_PHRASES, OPPOSITE_RELATION
 from omnidit.errors import OmniditError
-from omnidit.evaluate.shapes_suite import OPPOSITE_RELATION
 from omnidit.flow import training_loss
 from omnidit.pipeline import load_pipeline
 from omnidit.tokens import image_position_ids, patchify

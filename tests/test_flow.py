@@ -59,18 +59,19 @@ def test_counterfactual_loss_against_closed_forms():
     def reads_x0(xt, tt, c):  # the velocity that turns x_t into the x0 held in the condition
         return (xt - c.pooled.view_as(xt)) / tt.view(-1, 1, 1)
 
-    # At t = 1 (x_t = eps) its change between the captions is exactly x0_cf - x0: no loss.
-    ones = torch.ones(3)
-    assert counterfactual_loss(reads_x0, x0, x0_cf, cond, cond_cf, ones, eps) < 1e-10
+    # Its change between the captions, times t, is exactly x0_cf - x0 at any t: no loss.
+    for t in (torch.ones(3), torch.tensor([0.5, 0.8, 0.95])):
+        assert counterfactual_loss(reads_x0, x0, x0_cf, cond, cond_cf, t, eps) < 1e-10
     # Captions swapped: the change is reversed, so the error is twice the data change.
-    swapped = counterfactual_loss(reads_x0, x0, x0_cf, cond_cf, cond, ones, eps)
+    swapped = counterfactual_loss(reads_x0, x0, x0_cf, cond_cf, cond, torch.full((3,), 0.7), eps)
     assert torch.isclose(swapped, (2 * (x0_cf - x0)).pow(2).mean(), rtol=1e-5)
-    # At t = 0.5 the change is (x0_cf - x0) / t, an error of (1 / t - 1) (x0_cf - x0) = x0_cf - x0.
-    half = counterfactual_loss(reads_x0, x0, x0_cf, cond, cond_cf, torch.full((3,), 0.5), eps)
-    assert torch.isclose(half, (x0_cf - x0).pow(2).mean(), rtol=1e-5)
     # A model that ignores the caption is charged the squared data change, whatever it predicts.
-    blind = counterfactual_loss(lambda xt, tt, c: xt * 3 + 1, x0, x0_cf, cond, cond_cf, ones, eps)
+    blind = counterfactual_loss(lambda xt, tt, c: xt * 3 + 1, x0, x0_cf, cond, cond_cf, torch.ones(3), eps)
     assert torch.isclose(blind, (x0_cf - x0).pow(2).mean())
+    # Velocity = the condition's x0 at t = 0.5: t (v - v_cf) = 0.5 (x0 - x0_cf), off by 1.5 (x0_cf - x0).
+    wrong_way = counterfactual_loss(lambda xt, tt, c: c.pooled.view_as(xt), x0, x0_cf, cond, cond_cf,
+                                    torch.full((3,), 0.5), eps)
+    assert torch.isclose(wrong_way, (1.5 * (x0_cf - x0)).pow(2).mean(), rtol=1e-5)
 
 
 def test_logit_normal_moments():

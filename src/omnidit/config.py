@@ -110,7 +110,7 @@ class TrainConfig:
     eval_limit: int = 2  # prompts per category in the in-training evaluation
     eval_n_per_prompt: int = 2
     # Counterfactual pairs (docs/training.md): add this weight times flow.counterfactual_loss on the
-    # batch items whose data set has a counterfactual partner (shapes: relation scenes, mirrored), at
+    # batch items whose data set has a counterfactual partner (shapes: relation scenes, the objects traded), at
     # t ~ U[counterfactual_t_min, 1]. 0 = off.
     counterfactual_weight: float = 0.0
     counterfactual_t_min: float = 0.8
@@ -131,10 +131,12 @@ class TrainConfig:
             raise OmniditError(f"train.lr_decay_steps={self.lr_decay_steps} is longer than the {self.steps} steps "
                                f"after {self.warmup_steps} warmup steps",
                                hint="use a shorter train.lr_decay_steps (0 = the last 20% of train.steps)")
-        if not self.counterfactual_weight >= 0 or not 0 <= self.counterfactual_t_min < 1:
-            raise OmniditError(f"train.counterfactual_weight={self.counterfactual_weight} must be >= 0 and "
-                               f"train.counterfactual_t_min={self.counterfactual_t_min} must lie in [0, 1)",
-                               hint="e.g. train.counterfactual_weight=1 train.counterfactual_t_min=0.8")
+        if not self.counterfactual_weight >= 0:
+            raise OmniditError(f"train.counterfactual_weight must be >= 0, got {self.counterfactual_weight}",
+                               hint="0 turns the counterfactual pairs off; e.g. train.counterfactual_weight=2")
+        if not 0 <= self.counterfactual_t_min < 1:
+            raise OmniditError(f"train.counterfactual_t_min must lie in [0, 1), got {self.counterfactual_t_min}",
+                               hint="the loss is meant for high noise: e.g. train.counterfactual_t_min=0.8")
         if not 0 <= self.ema_decay < 1 or not 0 <= self.cond_dropout < 1 or not self.t_shift > 0:
             raise OmniditError("config keys train.ema_decay and train.cond_dropout must lie in [0, 1) and "
                                "train.t_shift must be positive")

@@ -94,18 +94,20 @@ def training_loss(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, 
 
 def counterfactual_loss(model: VelocityModel, x0: Tensor, x0_cf: Tensor, cond: Condition, cond_cf: Condition,
                         t: Tensor, noise: Tensor) -> Tensor:
-    """Mean squared error between the change of the predicted velocity when the caption changes and
-    the change of the data: [v(x_t, t, cond) - v(x_t, t, cond_cf)] vs [x0_cf - x0].
+    """Mean squared error between the change of the predicted clean image when the caption changes and
+    the change of the data: t [v(x_t, t, cond) - v(x_t, t, cond_cf)] vs x0_cf - x0.
 
     x0, x0_cf: (B, ...) an item and its counterfactual partner (the same item with one fact of its
-    caption changed, e.g. the relation reversed and the layout mirrored); t: (B,) times near 1.
-    Near t = 1 the flow target eps - x0 is nearly all noise, so the small part of it that depends on a
-    fact like the relation's direction gives a weak gradient. Here the noise cancels: with x_t nearly
-    independent of x0, the best prediction of the difference is E[x0 | cond_cf] - E[x0 | cond], which
-    x0_cf - x0 estimates without bias when the counterfactual is drawn like the data. At smaller t,
-    x_t carries x0 and the estimate exaggerates the difference, so use it near t = 1 only.
+    caption changed, e.g. the relation reversed); t: (B,) times near 1; noise: like x0.
+    The best velocity is (x_t - E[x0 | x_t, cond]) / t, so t times the change of the velocity is
+    E[x0 | x_t, cond_cf] - E[x0 | x_t, cond]. Near t = 1 the flow target eps - x0 is nearly all noise, so
+    the small part of it that depends on a fact like the relation's direction gives a weak gradient;
+    in the difference the noise cancels. With x_t nearly independent of x0 (t -> 1), x0_cf - x0
+    estimates that change without bias when the partner is distributed like the data under cond_cf.
+    At smaller t, x_t already shows x0 and the estimate exaggerates the change: use it near t = 1 only.
     """
     x_t = interpolate(x0, noise, t)
     # One forward over both captions (one pass per backward keeps DDP and FSDP simple).
     v, v_cf = model(torch.cat([x_t, x_t]), torch.cat([t, t]), Condition.cat([cond, cond_cf])).float().chunk(2)
-    return ((v - v_cf) - (x0_cf - x0).float()).pow(2).mean()
+    change = (v - v_cf) * t.float().view(-1, *([1] * (v.dim() - 1)))
+    return (change - (x0_cf - x0).float()).pow(2).mean()

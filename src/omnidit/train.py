@@ -15,6 +15,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,19 @@ from omnidit.plot import plot_training_curves
 from omnidit.precompute import fields_for_config, open_cache
 from omnidit.text import load_text_encoder
 from omnidit.tokens import check_image_size, image_position_ids, patchify
+
+
+class CounterfactualPairs(NamedTuple):
+    """Arguments of flow.counterfactual_loss for R rows and their partners, plus the weight ``scale``
+    (0 for a stand-in when the batch has no pairs). x0, x0_cf, noise: (R, N, D); t: (R,)."""
+
+    x0: Tensor
+    x0_cf: Tensor
+    cond: Condition
+    cond_cf: Condition
+    t: Tensor
+    noise: Tensor
+    scale: float
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -269,33 +283,36 @@ class Trainer:
             latents = self.codec.encode(images.to(self.device))  # (b, c, h, w); identity for pixels
             cond = self.condition(captions, labels)
         x0 = patchify(latents.to(self.device), mc.patch_size)  # (b, N, c*p*p)
-        cf = self._counterfactual_inputs(idx[mine], x0, captions, labels, t_cf[mine], noise_cf[mine]) \
+        pairs = self._counterfactual_pairs(idx[mine], x0, captions, labels, t_cf[mine], noise_cf[mine]) \
             if counterfactual else None
         cond = cond.where(keep[mine].to(self.device), self.null_cond)
         t, noise = t[mine].to(self.device), noise[mine].to(self.device)
 
         self.model.train()
-        velocity = lambda x, tt, c: self.model(x, self.ids, tt, c)  # noqa: E731
+
+        def velocity(x: Tensor, tt: Tensor, c: Condition) -> Tensor:
+            return self.model(x, self.ids, tt, c)
+
         micro = local // tc.grad_accum
         total = torch.zeros((), device=self.device)
-        # One forward and backward per pass: the micro-batches, then the counterfactual pairs; the
-        # gradients are all-reduced on the last pass only.
-        passes: list[slice | None] = [slice(i * micro, (i + 1) * micro) for i in range(tc.grad_accum)]
-        passes += [None] if cf is not None else []
+        cf_total = torch.zeros((), device=self.device)
+        # One forward and backward per pass: the micro-batches, then the counterfactual pairs (in one
+        # pass, whatever grad_accum is); the gradients are all-reduced on the last pass only.
+        passes = [slice(i * micro, (i + 1) * micro) for i in range(tc.grad_accum)] + [None] * (pairs is not None)
         for i, part in enumerate(passes):
             last = i == len(passes) - 1
             if last and world.distributed and not isinstance(self.model, nn.parallel.DistributedDataParallel):
                 self.model.set_requires_gradient_sync(True)
             with self._no_sync(last), torch.autocast(self.device.type, self.amp_dtype,
                                                      enabled=self.amp_dtype is not None):
-                if part is None:
-                    *pair, scale = cf
-                    cf_loss = counterfactual_loss(velocity, *pair)
-                    objective = cf_loss * (scale * tc.counterfactual_weight)
-                else:
+                if part is not None:
                     loss = training_loss(velocity, x0[part], cond.rows(part), t[part], noise[part])
                     objective = loss / tc.grad_accum
                     total += loss.detach() / tc.grad_accum
+                else:
+                    loss = counterfactual_loss(velocity, *pairs[:-1])
+                    objective = loss * (pairs.scale * tc.counterfactual_weight)
+                    cf_total += loss.detach() * pairs.scale
             objective.backward()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -303,8 +320,9 @@ class Trainer:
         loss_mean = D.all_reduce_mean(total, world)
         # One host sync per step: the NaN guard needs to know. Both values agree across ranks
         # (gradients are all-reduced, the loss explicitly), so every rank takes the same branch.
-        loss_value, norm_value = loss_mean.item(), float(grad_norm)
-        self.counterfactual_loss = cf_loss.item() if cf is not None and cf[-1] else None
+        loss_value, norm_value, cf_value = torch.stack([loss_mean, grad_norm.to(loss_mean), cf_total]).tolist()
+        # Rank 0's own pairs (not all-reduced: for the log only); None when it had none.
+        self.counterfactual_loss = cf_value if pairs is not None and pairs.scale else None
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             lr = learning_rate(self.step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.lr_min_ratio,
                                tc.lr_decay_steps)
@@ -319,24 +337,25 @@ class Trainer:
         self.step += 1
         return loss_value, norm_value
 
-    def _counterfactual_inputs(self, indices: list[int], x0: Tensor, captions: list[str], labels: Tensor,
-                               t: Tensor, noise: Tensor) -> tuple:
-        """(x0, x0_cf, cond, cond_cf, t, noise, scale) for flow.counterfactual_loss over the rows of this
-        batch that have a counterfactual partner; scale is 0 when none has (every rank still runs the
-        pass, so that the gradient all-reduce sees the same passes everywhere)."""
+    def _counterfactual_pairs(self, indices: list[int], x0: Tensor, captions: list[str], labels: Tensor,
+                              t: Tensor, noise: Tensor) -> CounterfactualPairs:
+        """The rows of this batch that have a counterfactual partner, for flow.counterfactual_loss.
+
+        x0: (b, N, D) on the device; t: (b,), noise: (b, N, D) on the CPU. When no row has a partner,
+        a stand-in (row 0 paired with itself) with scale 0: every rank still runs the pass, so that the
+        gradient all-reduce sees the same passes everywhere.
+        """
         rows, images_cf, captions_cf = counterfactual_batch(self.dataset, indices)
         scale = 1.0 if rows else 0.0
-        if not rows:  # a stand-in pair (row 0 with itself) whose loss is multiplied by 0
+        if not rows:
             rows, captions_cf = [0], [captions[0]]
             x0_cf = x0[:1]
         else:
-            latents = self.codec.encode(images_cf.to(self.device))
-            x0_cf = patchify(latents, self.config.model.patch_size)
-        at = torch.tensor(rows)
-        cond = self.condition([captions[r] for r in rows], labels[at])
-        cond_cf = self.condition(captions_cf, labels[at])
-        at = at.to(self.device)
-        return x0[at], x0_cf, cond, cond_cf, t[at].to(self.device), noise[at].to(self.device), scale
+            x0_cf = patchify(self.codec.encode(images_cf.to(self.device)), self.config.model.patch_size)
+        at = torch.tensor(rows)  # CPU indices: they index CPU and device tensors alike
+        return CounterfactualPairs(x0[at], x0_cf, self.condition([captions[r] for r in rows], labels[at]),
+                                   self.condition(captions_cf, labels[at]), t[at].to(self.device),
+                                   noise[at].to(self.device), scale)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:

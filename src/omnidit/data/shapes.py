@@ -166,23 +166,29 @@ def _relation_layout(rng: np.random.Generator, sides: list[float], relation: str
     return boxes if low_first else boxes[::-1]
 
 
-def mirrored_scene(scene: Scene) -> Scene | None:
-    """``scene`` mirrored across its relation's axis and captioned with the opposite relation, or None
-    when it has no relation: "a red circle to the left of a blue square" becomes "a red circle to the
-    right of a blue square" with each box reflected left-right. The two scenes differ only in the
-    direction, so together they are a counterfactual pair (shapes keep their orientation: a mirrored
-    triangle still points up)."""
+def reversed_scene(scene: Scene) -> Scene | None:
+    """``scene`` with its two objects trading places along the relation's axis, captioned with the
+    opposite relation; None when it has no relation. "a red circle to the left of a blue square" becomes
+    "a red circle to the right of a blue square": the pair is reflected within its own extent on that
+    axis, so the extent, the gap and the off-axis positions stay. The new layout is distributed like
+    the ones ``_relation_layout`` draws for the opposite relation, up to the clipping of the off-axis
+    window at the border (a test checks the mean positions). A reflection of the whole canvas would not
+    be: the layout puts a pair's midpoint slightly past the canvas centre, toward larger x or y. The two
+    scenes differ only in the direction: a counterfactual pair. Shapes keep their orientation."""
     if scene.relation is None:
         return None
-    horizontal = scene.relation in ("left of", "right of")
+    axis = 0 if scene.relation in ("left of", "right of") else 1  # x or y in the (x0, y0, x1, y1) boxes
+    low = min(o.box[axis] for o in scene.objects)
+    high = max(o.box[axis + 2] for o in scene.objects)
 
-    def reflect(obj: ShapeObject) -> ShapeObject:
-        x0, y0, x1, y1 = obj.box
-        return replace(obj, box=(1 - x1, y0, 1 - x0, y1) if horizontal else (x0, 1 - y1, x1, 1 - y0))
+    def trade(obj: ShapeObject) -> ShapeObject:
+        box = list(obj.box)
+        box[axis], box[axis + 2] = low + high - obj.box[axis + 2], low + high - obj.box[axis]
+        return replace(obj, box=tuple(box))
 
     opposite = OPPOSITE_RELATION[scene.relation]
     caption = scene.caption.replace(f" {_RELATION_PHRASES[scene.relation]} ", f" {_RELATION_PHRASES[opposite]} ", 1)
-    return Scene(tuple(reflect(o) for o in scene.objects), caption, scene.kind, opposite)
+    return Scene(tuple(trade(o) for o in scene.objects), caption, scene.kind, opposite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,10 +356,10 @@ class ShapesDataset(Dataset):
         return {"image": image, "caption": scene.caption, "label": -1}
 
     def counterfactual(self, index: int) -> dict | None:
-        """The item at ``index`` with its relation reversed (``mirrored_scene``), or None for scenes
+        """The item at ``index`` with its relation reversed (``reversed_scene``), or None for scenes
         without a relation; used by ``train.counterfactual_weight``."""
-        mirrored = mirrored_scene(self.scene(index))
-        if mirrored is None:
+        partner = reversed_scene(self.scene(index))
+        if partner is None:
             return None
-        return {"image": to_tensor(render_scene(mirrored, self.width, self.height)), "caption": mirrored.caption,
+        return {"image": to_tensor(render_scene(partner, self.width, self.height)), "caption": partner.caption,
                 "label": -1}
