@@ -349,11 +349,12 @@ def restore_global_rng():
         yield
 
 
-def test_resume_is_bit_exact(tmp_path, make_tiny_config, monkeypatch, restore_global_rng):
+@pytest.mark.parametrize("counterfactual_weight", [0.0, 1.0])  # 1: with its own generator and extra pass
+def test_resume_is_bit_exact(tmp_path, make_tiny_config, monkeypatch, restore_global_rng, counterfactual_weight):
     from omnidit.train import Trainer
 
     small = {"steps": 6, "batch_size": 4, "checkpoint_every": 3, "log_every": 3, "warmup_steps": 2,
-             "cond_dropout": 0.5, "ema_decay": 0.9, "seed": 3}
+             "cond_dropout": 0.5, "ema_decay": 0.9, "seed": 3, "counterfactual_weight": counterfactual_weight}
     straight = Trainer(make_tiny_config(tmp_path / "straight", train=small), progress=False)
     straight.run()
 
@@ -376,6 +377,7 @@ def test_resume_is_bit_exact(tmp_path, make_tiny_config, monkeypatch, restore_gl
     for pid, state in straight.optimizer.state_dict()["state"].items():
         assert_same_state(state, second.optimizer.state_dict()["state"][pid])
     assert torch.equal(straight.generator.get_state(), second.generator.get_state())
+    assert torch.equal(straight.counterfactual_generator.get_state(), second.counterfactual_generator.get_state())
     assert any(not torch.equal(v, straight.model.state_dict()[k]) for k, v in half.items())  # it did train
     # the saved final checkpoints agree too
     assert_same_state(load_file(str(tmp_path / "straight" / "checkpoint-0000006" / "ema.safetensors")),
