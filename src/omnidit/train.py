@@ -283,8 +283,8 @@ class Trainer:
             latents = self.codec.encode(images.to(self.device))  # (b, c, h, w); identity for pixels
             cond = self.condition(captions, labels)
         x0 = patchify(latents.to(self.device), mc.patch_size)  # (b, N, c*p*p)
-        pairs = self._counterfactual_pairs(idx[mine], x0, captions, labels, t_cf[mine], noise_cf[mine]) \
-            if counterfactual else None
+        pairs = self._counterfactual_pairs(idx[mine], x0, cond, labels, t_cf[mine], noise_cf[mine]) \
+            if counterfactual else None  # before the caption dropout: the pairs compare two real captions
         cond = cond.where(keep[mine].to(self.device), self.null_cond)
         t, noise = t[mine].to(self.device), noise[mine].to(self.device)
 
@@ -337,25 +337,25 @@ class Trainer:
         self.step += 1
         return loss_value, norm_value
 
-    def _counterfactual_pairs(self, indices: list[int], x0: Tensor, captions: list[str], labels: Tensor,
+    def _counterfactual_pairs(self, indices: list[int], x0: Tensor, cond: Condition, labels: Tensor,
                               t: Tensor, noise: Tensor) -> CounterfactualPairs:
         """The rows of this batch that have a counterfactual partner, for flow.counterfactual_loss.
 
-        x0: (b, N, D) on the device; t: (b,), noise: (b, N, D) on the CPU. When no row has a partner,
+        x0: (b, N, D) and cond (the batch's encoded captions) on the device; t: (b,), noise: (b, N, D)
+        on the CPU. Only the partners' captions are encoded here. When no row has a partner,
         a stand-in (row 0 paired with itself) with scale 0: every rank still runs the pass, so that the
         gradient all-reduce sees the same passes everywhere.
         """
         rows, images_cf, captions_cf = counterfactual_batch(self.dataset, indices)
-        scale = 1.0 if rows else 0.0
-        if not rows:
-            rows, captions_cf = [0], [captions[0]]
-            x0_cf = x0[:1]
-        else:
+        at = torch.tensor(rows or [0])  # CPU indices: they index CPU and device tensors alike
+        mine = cond.rows(at.to(self.device))
+        if rows:
             x0_cf = patchify(self.codec.encode(images_cf.to(self.device)), self.config.model.patch_size)
-        at = torch.tensor(rows)  # CPU indices: they index CPU and device tensors alike
-        return CounterfactualPairs(x0[at], x0_cf, self.condition([captions[r] for r in rows], labels[at]),
-                                   self.condition(captions_cf, labels[at]), t[at].to(self.device),
-                                   noise[at].to(self.device), scale)
+            cond_cf = self.condition(captions_cf, labels[at])
+        else:
+            x0_cf, cond_cf = x0[at], mine
+        return CounterfactualPairs(x0[at], x0_cf, mine, cond_cf, t[at].to(self.device), noise[at].to(self.device),
+                                   1.0 if rows else 0.0)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:
