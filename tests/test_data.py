@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -29,7 +30,14 @@ from omnidit.data import (
     render_scene,
 )
 from omnidit.data.digits import split_indices
-from omnidit.data.shapes import OPPOSITE_RELATION, reversed_scene, to_tensor
+from omnidit.data.shapes import (
+    OPPOSITE_RELATION,
+    counterfactual_scene,
+    fewer_scene,
+    reversed_scene,
+    swapped_colours_scene,
+    to_tensor,
+)
 from omnidit.errors import OmniditError
 
 N_SCENES = 3000
@@ -179,6 +187,99 @@ def test_counterfactual_items_render_the_reversed_scene_and_the_detector_agrees(
         b = next(d for d in found if d is not a)
         assert relation_holds(scene.relation, a, b)
     assert counterfactual_batch(ds, [i for i in range(40) if i not in rows][:5]) == ([], None, [])
+
+
+def _words_without_articles(caption: str) -> list[str]:
+    words = caption.split()
+    for article, word in zip(words, words[1:]):  # "a"/"an" agrees with the word after it
+        if article in ("a", "an"):
+            assert article == ("an" if word[0] in "aeiou" else "a"), caption
+    return [w for w in words if w not in ("a", "an")]
+
+
+def test_swapped_colours_scene_swaps_the_colours_and_nothing_else(scenes):
+    allowed = ShapesDataset(32, 32).allowed
+    swapped = 0
+    for sc in scenes:
+        partner = swapped_colours_scene(sc, allowed)
+        if sc.kind not in ("pair", "relation"):
+            assert partner is None
+            continue
+        a, b = sc.objects
+        if a.colour == b.colour or a.shape == b.shape:  # the swap would not change the caption's meaning
+            assert partner is None
+            continue
+        if partner is None:  # only where a swapped pair is held out
+            assert (b.colour, a.shape) not in allowed or (a.colour, b.shape) not in allowed
+            continue
+        swapped += 1
+        assert (partner.kind, partner.relation) == (sc.kind, sc.relation)
+        for old, new, other in zip(sc.objects, partner.objects, sc.objects[::-1]):
+            assert (new.shape, new.size, new.box, new.colour) == (old.shape, old.size, old.box, other.colour)
+            assert (new.colour, new.shape) in allowed
+        # The caption: the same words with the two colour words exchanged (articles re-agreed).
+        trade = {a.colour: b.colour, b.colour: a.colour}
+        expected = [trade.get(w, w) for w in _words_without_articles(sc.caption)]
+        assert _words_without_articles(partner.caption) == expected
+    assert swapped > 300
+    # A swap that would render a held-out pair ("blue circle" by default) is refused.
+    circle = ShapeObject("circle", "red", "small", (0.1, 0.1, 0.35, 0.35))
+    square = ShapeObject("square", "blue", "small", (0.6, 0.6, 0.85, 0.85))
+    assert swapped_colours_scene(Scene((circle, square), "a red circle and a blue square", "pair"), allowed) is None
+    circle, square = replace(circle, colour="orange"), replace(square, colour="pink")
+    scene = Scene((circle, square), "an orange circle and a pink square", "pair")
+    assert swapped_colours_scene(scene, allowed).caption == "a pink circle and an orange square"
+
+
+def test_fewer_scene_drops_one_object_and_counts_one_fewer(scenes):
+    counts = [s for s in scenes if s.kind == "count"]
+    assert len(counts) > 300
+    for sc in counts:
+        partner = fewer_scene(sc)
+        assert partner.objects == sc.objects[:-1]
+        n = len(partner.objects)
+        assert partner.kind == ("single" if n == 1 else "count")
+        words = sc.caption.split()
+        expected = [{1: "one", 2: "two", 3: "three"}[n], *words[1:]]
+        if n == 1:
+            expected[-1] = sc.objects[0].shape  # singular
+        assert partner.caption == " ".join(expected)
+    assert all(fewer_scene(s) is None for s in scenes if s.kind != "count")
+
+
+def test_counterfactual_scene_picks_the_named_fact(scenes):
+    allowed = ShapesDataset(32, 32).allowed
+    for sc in scenes[:500]:
+        every = counterfactual_scene(sc, ["count", "colours", "relation"], allowed)
+        if sc.kind == "relation":  # reversed in preference to a colour swap
+            assert every == reversed_scene(sc)
+            assert counterfactual_scene(sc, ["colours"], allowed) == swapped_colours_scene(sc, allowed)
+        elif sc.kind == "pair":
+            assert every == swapped_colours_scene(sc, allowed)
+        elif sc.kind == "count":
+            assert every == fewer_scene(sc)
+            assert counterfactual_scene(sc, ["relation", "colours"], allowed) is None
+        else:
+            assert every is None
+        assert counterfactual_scene(sc, ["relation"], allowed) == reversed_scene(sc)
+    for bad in ([], ["colour"], "relation"):
+        with pytest.raises(OmniditError, match="counterfactual"):
+            ShapesDataset(32, 32, counterfactuals=bad)
+
+
+def test_colour_and_count_partners_render_and_the_detector_agrees():
+    from omnidit.evaluate.detector import detect_objects
+
+    ds = ShapesDataset(32, 32, seed=4, kinds={"pair": 1, "count": 1, "single": 1},
+                       counterfactuals=["colours", "count"])
+    rows, images, captions = counterfactual_batch(ds, range(60))
+    kinds = [ds.scene(r).kind for r in rows]
+    assert kinds.count("pair") > 5 and kinds.count("count") > 5 and "single" not in kinds
+    for row, image, caption in zip(rows, images, captions):
+        scene = counterfactual_scene(ds.scene(row), ds.counterfactuals, ds.allowed)
+        assert caption == scene.caption
+        found = sorted((d.colour, d.shape) for d in detect_objects(image))
+        assert found == sorted((o.colour, o.shape) for o in scene.objects), (caption, found)
 
 
 def test_relations_hold_geometrically(scenes):

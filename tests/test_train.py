@@ -120,6 +120,25 @@ def test_counterfactual_weight_is_checked(tmp_path):
         Trainer(digits, progress=False)
 
 
+def test_counterfactual_facts_reach_the_trainer_and_are_checked(tmp_path):
+    # Count scenes have partners only when data.counterfactuals names "count".
+    relation_only = _shapes_trainer(tmp_path / "a", {"count": 1}, counterfactual_weight=1.0)
+    relation_only.train_step()
+    assert relation_only.counterfactual_loss is None
+    config = {"model": {"preset": "tiny", "hidden_size": 64, "num_heads": 2, "depth": 1, "depth_single": 1},
+              "data": {"name": "shapes", "width": 16, "height": 16, "scene_kinds": {"count": 1},
+                       "counterfactuals": ["count"]},
+              "train": {"out_dir": str(tmp_path / "b"), "batch_size": 8, "steps": 3, "tensorboard": False,
+                        "counterfactual_weight": 1.0}}
+    counted = Trainer(config_from_dict(config), progress=False)
+    counted.train_step()
+    assert counted.counterfactual_loss > 0
+    with pytest.raises(OmniditError, match="data.counterfactuals"):
+        config_from_dict({**config, "data": {**config["data"], "counterfactuals": ["colour"]}})
+    with pytest.raises(OmniditError, match="data.counterfactuals.*shapes"):
+        config_from_dict({"data": {"name": "digits", "counterfactuals": ["count"]}})
+
+
 def test_batch_indices_cover_each_epoch_once_and_depend_only_on_the_step():
     n, b = 10, 4
     seen = [i for step in range(5) for i in batch_indices(step, b, n, seed=0)]  # 2 epochs

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omnidit.data.shapes import check_scene_kinds
+from omnidit.data.shapes import check_counterfactual_facts, check_scene_kinds
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import PRESETS, MMDiTConfig
 from omnidit.sampling import SAMPLERS, check_cfg_interval
@@ -38,6 +38,9 @@ class DataConfig:
     # shapes only: relative weights of the scene kinds, e.g. {"single": 1, "relation": 3}; kinds left
     # out are never drawn; {} = the default mix (SCENE_KINDS in omnidit.data.shapes)
     scene_kinds: dict[str, float] = field(default_factory=dict)
+    # shapes only: the facts a counterfactual partner changes (train.counterfactual_weight), drawn from
+    # "relation" (reversed), "colours" (the two objects swap colours), "count" (one object fewer)
+    counterfactuals: list[str] = field(default_factory=lambda: ["relation"])
 
     def __post_init__(self) -> None:
         _check_ranges("data", self, positive=("width", "height"), non_negative=("cache_samples",),
@@ -47,6 +50,10 @@ class DataConfig:
                 raise OmniditError(f"config key 'data.scene_kinds' applies to the shapes data set, not {self.name!r}",
                                    hint="drop data.scene_kinds")
             check_scene_kinds(self.scene_kinds, "config key 'data.scene_kinds'")
+        check_counterfactual_facts(self.counterfactuals, "config key 'data.counterfactuals'")
+        if list(self.counterfactuals) != ["relation"] and self.name != "shapes":
+            raise OmniditError(f"config key 'data.counterfactuals' applies to the shapes data set, not {self.name!r}",
+                               hint="drop data.counterfactuals")
 
 
 def _check_ranges(section: str, obj: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),

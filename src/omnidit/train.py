@@ -187,7 +187,7 @@ class Trainer:
                                f"({self.world.world_size} x {tc.grad_accum})")
         self.out_dir = Path(tc.out_dir)
         self.dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out,
-                                     scene_kinds=dc.scene_kinds)
+                                     scene_kinds=dc.scene_kinds, counterfactuals=dc.counterfactuals)
         self.codec = load_codec(dc.codec, self.dataset.channels, self.device, dc.codec_dtype)
         check_compatible(config, self.dataset, self.codec)
         # With a precomputed cache, training reads latents and text features from disk: the text

@@ -54,12 +54,14 @@ def build_dataset(
     held_out: Sequence[str] | str = (),
     split: str = "train",
     scene_kinds: dict[str, float] | None = None,
+    counterfactuals: Sequence[str] = ("relation",),
 ) -> ImageDataset:
     """Build a dataset by name.
 
     ``held_out`` ("red triangle", ...) is validated for every dataset but only shapes uses it;
     ``split`` selects the digits split ("train" | "test" | "all"); ``path`` is the imagefolder root;
-    ``scene_kinds`` (shapes only) weights the scene kinds, None or {} meaning the default mix.
+    ``scene_kinds`` (shapes only) weights the scene kinds, None or {} meaning the default mix;
+    ``counterfactuals`` (shapes only) names the facts a counterfactual partner changes.
     """
     if name not in DATASETS:
         raise OmniditError(f"unknown dataset {name!r}", hint=f"choose one of: {', '.join(DATASETS)}")
@@ -67,7 +69,8 @@ def build_dataset(
         raise OmniditError(f"unknown split {split!r}", hint=f"choose one of: {', '.join(SPLITS)}")
     parse_held_out(held_out)  # validate even where unused, so a typo never passes silently
     if name == "shapes":
-        return ShapesDataset(width, height, seed=seed, held_out=held_out, kinds=scene_kinds or None)
+        return ShapesDataset(width, height, seed=seed, held_out=held_out, kinds=scene_kinds or None,
+                             counterfactuals=counterfactuals)
     if name == "digits":
         return DigitsDataset(width, height, split=split, seed=seed)
     if not path:

@@ -191,6 +191,63 @@ def reversed_scene(scene: Scene) -> Scene | None:
     return Scene(tuple(trade(o) for o in scene.objects), caption, scene.kind, opposite)
 
 
+def swapped_colours_scene(scene: Scene, allowed: Sequence[tuple[str, str]]) -> Scene | None:
+    """``scene`` with its two objects trading colours, captioned to match: "a red circle and a blue
+    square" becomes "a blue circle and a red square" (pair and relation scenes; everything else stays).
+    None for other kinds, for two objects of one colour or of one shape (the swap would then only move
+    the colours, and "a blue triangle and a red triangle" means what "a red triangle and a blue triangle"
+    does), and where a swapped (colour, shape) pair is not in ``allowed`` (held-out pairs are never
+    rendered, not even as a partner)."""
+    if scene.kind not in ("pair", "relation"):
+        return None
+    a, b = scene.objects
+    if a.colour == b.colour or a.shape == b.shape:
+        return None
+    if (b.colour, a.shape) not in allowed or (a.colour, b.shape) not in allowed:
+        return None
+    objects = (replace(a, colour=b.colour), replace(b, colour=a.colour))
+    with_size = _phrase(a, True) in scene.caption
+    return Scene(objects, _describe(scene.kind, objects, scene.relation, with_size), scene.kind, scene.relation)
+
+
+def fewer_scene(scene: Scene) -> Scene | None:
+    """A count scene with its last-drawn object removed (a random one: the layout is scattered),
+    captioned with one fewer: "three red circles" becomes "two red circles", "two red circles" becomes
+    "one red circle". None for other kinds."""
+    if scene.kind != "count":
+        return None
+    objects = scene.objects[:-1]
+    with_size = f"{objects[0].size} {objects[0].colour}" in scene.caption
+    kind = "single" if len(objects) == 1 else "count"
+    return Scene(objects, _describe(kind, objects, None, with_size, one=True), kind)
+
+
+# What a counterfactual partner may change (data.counterfactuals), in order of preference.
+COUNTERFACTUAL_FACTS = ("relation", "colours", "count")
+
+
+def counterfactual_scene(scene: Scene, facts: Sequence[str], allowed: Sequence[tuple[str, str]]) -> Scene | None:
+    """The partner of ``scene`` that changes the first fact of ``COUNTERFACTUAL_FACTS`` named in
+    ``facts`` that applies to it: a relation scene is reversed ("relation") or else has its colours
+    swapped ("colours"), a pair has its colours swapped, a count scene loses one object ("count").
+    None where no named fact applies (single objects never have one)."""
+    for fact in COUNTERFACTUAL_FACTS:
+        if fact not in facts:
+            continue
+        partner = {"relation": lambda: reversed_scene(scene),
+                   "colours": lambda: swapped_colours_scene(scene, allowed),
+                   "count": lambda: fewer_scene(scene)}[fact]()
+        if partner is not None:
+            return partner
+    return None
+
+
+def check_counterfactual_facts(facts: Sequence[str], name: str = "counterfactual facts") -> None:
+    if isinstance(facts, str) or not facts or any(f not in COUNTERFACTUAL_FACTS for f in facts):
+        raise OmniditError(f"{name} must be a non-empty list drawn from {', '.join(COUNTERFACTUAL_FACTS)}, "
+                           f"got {facts!r}", hint='e.g. ["relation", "colours", "count"]')
+
+
 # ---------------------------------------------------------------------------------------------
 # Captions
 
@@ -210,11 +267,17 @@ def _phrase(obj: ShapeObject, with_size: bool) -> str:
 
 def _caption(rng: np.random.Generator, kind: str, objects: list[ShapeObject], relation: str | None) -> str:
     with_size = bool(rng.random() < SIZE_MENTION_P)
+    # "one red circle" as an alternative to the article for single objects
+    one = kind == "single" and bool(rng.random() < 0.2)
+    return _describe(kind, objects, relation, with_size, one)
+
+
+def _describe(kind: str, objects: Sequence[ShapeObject], relation: str | None, with_size: bool,
+              one: bool = False) -> str:
+    """The caption of a scene of ``kind`` once the random wording choices are made."""
     first = objects[0]
     if kind == "single":
-        if rng.random() < 0.2:  # "one red circle" as an alternative to the article
-            return "one " + _phrase(first, with_size).split(" ", 1)[1]
-        return _phrase(first, with_size)
+        return "one " + _phrase(first, with_size).split(" ", 1)[1] if one else _phrase(first, with_size)
     if kind == "count":
         adj = f"{first.size} {first.colour}" if with_size else first.colour
         return f"{COUNT_WORDS[len(objects)]} {adj} {_plural(first.shape)}"
@@ -326,6 +389,7 @@ class ShapesDataset(Dataset):
         seed: int = 0,
         held_out: Sequence[str] | str = DEFAULT_HELD_OUT,
         kinds: Mapping[str, float] | None = None,
+        counterfactuals: Sequence[str] = ("relation",),
     ) -> None:
         if int(width) < 8 or int(height) < 8:  # below ~24 px shapes are barely recognisable
             raise OmniditError(f"shapes images must be at least 8x8, got {width}x{height}",
@@ -334,6 +398,8 @@ class ShapesDataset(Dataset):
             raise OmniditError(f"seed must be >= 0, got {seed}")
         kinds = dict(SCENE_KINDS if kinds is None else kinds)
         check_scene_kinds(kinds)
+        check_counterfactual_facts(counterfactuals)
+        self.counterfactuals = tuple(counterfactuals)
         self.width, self.height, self.seed = int(width), int(height), int(seed)
         self.held_out = parse_held_out(held_out)
         self.allowed = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in self.held_out]
@@ -356,9 +422,10 @@ class ShapesDataset(Dataset):
         return {"image": image, "caption": scene.caption, "label": -1}
 
     def counterfactual(self, index: int) -> dict | None:
-        """The item at ``index`` with its relation reversed (``reversed_scene``), or None for scenes
-        without a relation; used by ``train.counterfactual_weight``."""
-        partner = reversed_scene(self.scene(index))
+        """The item at ``index`` with one fact of its caption changed (``counterfactual_scene`` with the
+        facts named by ``counterfactuals``), or None where none applies; used by
+        ``train.counterfactual_weight``."""
+        partner = counterfactual_scene(self.scene(index), self.counterfactuals, self.allowed)
         if partner is None:
             return None
         return {"image": to_tensor(render_scene(partner, self.width, self.height)), "caption": partner.caption,
