@@ -79,10 +79,10 @@ def test_wsd_decay_longer_than_the_run_is_rejected():
     assert groups[1]["weight_decay"] == 0.0
 
 
-def _shapes_trainer(tmp_path, kinds: dict, **train) -> Trainer:
+def _shapes_trainer(tmp_path, kinds: dict, data: dict | None = None, **train) -> Trainer:
     return Trainer(config_from_dict({
         "model": {"preset": "tiny", "hidden_size": 64, "num_heads": 2, "depth": 1, "depth_single": 1},
-        "data": {"name": "shapes", "width": 16, "height": 16, "scene_kinds": kinds},
+        "data": {"name": "shapes", "width": 16, "height": 16, "scene_kinds": kinds, **(data or {})},
         "train": {"out_dir": str(tmp_path), "batch_size": 8, "lr": 2e-3, "warmup_steps": 0, "steps": 3,
                   "tensorboard": False, **train},
     }), progress=False)
@@ -125,16 +125,11 @@ def test_counterfactual_facts_reach_the_trainer_and_are_checked(tmp_path):
     relation_only = _shapes_trainer(tmp_path / "a", {"count": 1}, counterfactual_weight=1.0)
     relation_only.train_step()
     assert relation_only.counterfactual_loss is None
-    config = {"model": {"preset": "tiny", "hidden_size": 64, "num_heads": 2, "depth": 1, "depth_single": 1},
-              "data": {"name": "shapes", "width": 16, "height": 16, "scene_kinds": {"count": 1},
-                       "counterfactuals": ["count"]},
-              "train": {"out_dir": str(tmp_path / "b"), "batch_size": 8, "steps": 3, "tensorboard": False,
-                        "counterfactual_weight": 1.0}}
-    counted = Trainer(config_from_dict(config), progress=False)
+    counted = _shapes_trainer(tmp_path / "b", {"count": 1}, {"counterfactuals": ["count"]}, counterfactual_weight=1.0)
     counted.train_step()
     assert counted.counterfactual_loss > 0
     with pytest.raises(OmniditError, match="data.counterfactuals"):
-        config_from_dict({**config, "data": {**config["data"], "counterfactuals": ["colour"]}})
+        config_from_dict({"data": {"name": "shapes", "counterfactuals": ["colour"]}})
     with pytest.raises(OmniditError, match="data.counterfactuals.*shapes"):
         config_from_dict({"data": {"name": "digits", "counterfactuals": ["count"]}})
 

@@ -224,6 +224,9 @@ def fewer_scene(scene: Scene) -> Scene | None:
 
 # What a counterfactual partner may change (data.counterfactuals), in order of preference.
 COUNTERFACTUAL_FACTS = ("relation", "colours", "count")
+_PARTNERS = {"relation": lambda scene, allowed: reversed_scene(scene),
+             "colours": swapped_colours_scene,
+             "count": lambda scene, allowed: fewer_scene(scene)}
 
 
 def counterfactual_scene(scene: Scene, facts: Sequence[str], allowed: Sequence[tuple[str, str]]) -> Scene | None:
@@ -232,11 +235,7 @@ def counterfactual_scene(scene: Scene, facts: Sequence[str], allowed: Sequence[t
     swapped ("colours"), a pair has its colours swapped, a count scene loses one object ("count").
     None where no named fact applies (single objects never have one)."""
     for fact in COUNTERFACTUAL_FACTS:
-        if fact not in facts:
-            continue
-        partner = {"relation": lambda: reversed_scene(scene),
-                   "colours": lambda: swapped_colours_scene(scene, allowed),
-                   "count": lambda: fewer_scene(scene)}[fact]()
+        partner = _PARTNERS[fact](scene, allowed) if fact in facts else None
         if partner is not None:
             return partner
     return None
