@@ -33,6 +33,14 @@ def test_scores_are_identical_across_runs_and_batch_sizes(tiny_run):
     assert all(np.allclose(x.image.numpy(), y.image.numpy(), atol=1e-4) for x, y in zip(a.judged, b.judged))
     c = evaluate_model(pipe, "shapes", batch_size=64, **{**kwargs, "seed": 4})
     assert any(not np.array_equal(x.image.numpy(), y.image.numpy()) for x, y in zip(a.judged, c.judged))
+    # the report lists every failed image with the noise seed that draws it again on its own
+    failures = a.to_json()["failures"]
+    assert len(failures) == sum(not j.passed for j in a.judged) > 0
+    judged = next(j for j in a.judged if not j.passed)
+    assert failures[0] == {"category": judged.category, "prompt": judged.prompt, "reason": judged.reason,
+                           "seed": judged.seed}
+    again = pipe.generate([judged.prompt], seed=judged.seed)[0]
+    assert np.allclose(again.numpy(), judged.image.numpy(), atol=1e-4)
 
 
 def test_cli_eval_model_writes_table_json_and_grid(tiny_run, tmp_path, capsys):
@@ -77,6 +85,7 @@ def test_foreign_images_are_scored_from_the_manifest(tmp_path, capsys):
     assert code == 0, err
     result = json.loads(out.read_text())
     assert result["overall"] == 1.0 and all(v == 1.0 for v in result["categories"].values()), result
+    assert result["failures"] == []
     n_position = sum(spec.category == "position" for _, spec in entries)
     assert result["relation_accuracy"] == {"rate": 1.0, "axis_rate": 1.0, "images": n_position}
     assert f"relation accuracy 1.000, axis accuracy 1.000 over the {n_position} position images" in stdout
@@ -105,6 +114,8 @@ def test_foreign_images_are_scored_from_the_manifest(tmp_path, capsys):
     code, stdout, err = run_cli(capsys, "eval", folder, "--json", out, "--no-progress", "--no-fd")
     result = json.loads(out.read_text())
     assert code == 0 and result["overall"] == 0.0
+    assert [f["file"] for f in result["failures"]] == [name for name, _ in entries]
+    assert result["failures"][0]["reason"].startswith("expected")
     assert result["relation_accuracy"] == {"rate": None, "axis_rate": None, "images": 0}
     assert "relation accuracy" not in stdout
     # a missing image is a one-line error

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_flags(p)
     p.add_argument("--seed", type=int, default=0, help="noise seed of the run (default: 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images generated per batch (default: 64)")
-    p.add_argument("--json", default=None, help="write the scores as JSON to this path")
+    p.add_argument("--json", default=None, help="write the scores as JSON to this path (with every failed image's "
+                                               "prompt, reason and noise seed)")
     p.add_argument("--grid", default=None, help="grid PNG path, a row per category, frames green for pass and red "
                                                "for fail (default: eval_SUITE.png beside --json, else none)")
     p.add_argument("--no-fd", action="store_true", help="skip the Fréchet distance")

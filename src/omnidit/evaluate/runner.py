@@ -37,6 +37,8 @@ class Judged:
     passed: bool
     reason: str = ""
     placement: str | None = None  # shapes position prompts: see shapes_suite.relation_verdict
+    seed: int | None = None  # model runs: the noise seed (`omnidit generate PROMPT --seed N` redraws it)
+    file: str | None = None  # folder runs: the image file
 
 
 @dataclass
@@ -68,7 +70,13 @@ class EvalReport:
         relation = self.relation_accuracy()
         if relation is not None:
             out["relation_accuracy"] = relation
+        out["failures"] = [self._failure(j) for j in self.judged if not j.passed]
         return out
+
+    @staticmethod
+    def _failure(j: Judged) -> dict:
+        where = {"seed": j.seed} if j.seed is not None else {"file": j.file} if j.file is not None else {}
+        return {"category": j.category, "prompt": j.prompt, "reason": j.reason, **where}
 
     def table(self) -> str:
         """A plain-text table: pass rate per category, then the overall mean and the FD."""
@@ -114,7 +122,7 @@ def _generate(pipe, prompts: list[str], seed: int, batch_size: int, progress: bo
     chunks = range(0, len(prompts), batch_size)
     for start in tqdm(chunks, desc="generating", unit="batch", disable=not progress, leave=False):
         part = prompts[start:start + batch_size]
-        seeds = [seed * SEED_STRIDE + start + i for i in range(len(part))]
+        seeds = _seeds(seed, len(part), start)
         out.append(pipe.generate(part, seed=seeds, **sampling))
     return torch.cat(out)
 
@@ -138,15 +146,20 @@ def _aggregate(suite: str, judged: list[Judged], categories: tuple[str, ...]) ->
     return sum(scores.values()) / len(scores), scores
 
 
-def _judge_shapes(spec: PromptSpec, pixels: Tensor | np.ndarray, image: Tensor) -> Judged:
+def _seeds(seed: int, n: int, start: int = 0) -> list[int]:
+    """The noise seeds of images start .. start + n - 1 of a run with ``seed`` (see SEED_STRIDE)."""
+    return [seed * SEED_STRIDE + start + i for i in range(n)]
+
+
+def _judge_shapes(spec: PromptSpec, pixels: Tensor | np.ndarray, image: Tensor, **origin) -> Judged:
     """Detect the objects in ``pixels`` (anything detect_objects reads) and judge them against ``spec``;
-    ``image`` (C, H, W) in [-1, 1] is kept for the grid."""
+    ``image`` (C, H, W) in [-1, 1] is kept for the grid; ``origin``: the image's seed or file."""
     from omnidit.evaluate.detector import detect_objects
     from omnidit.evaluate.shapes_suite import check, relation_verdict
 
     detections = detect_objects(pixels)
     passed, reason = check(spec, detections)
-    return Judged(spec.category, spec.prompt, image, passed, reason, relation_verdict(spec, detections))
+    return Judged(spec.category, spec.prompt, image, passed, reason, relation_verdict(spec, detections), **origin)
 
 
 def evaluate_shapes_model(pipe, n_per_prompt: int = 4, seed: int = 0, limit: int | None = None,
@@ -158,7 +171,8 @@ def evaluate_shapes_model(pipe, n_per_prompt: int = 4, seed: int = 0, limit: int
     specs = build_prompts(seed=0, per_category=limit, held_out=pipe.config.data.held_out)
     expanded = [s for s in specs for _ in range(n_per_prompt)]
     images = _generate(pipe, [s.prompt for s in expanded], seed, batch_size, progress, **sampling)
-    judged = [_judge_shapes(spec, image, image) for spec, image in zip(expanded, images)]
+    judged = [_judge_shapes(spec, image, image, seed=k)
+              for spec, image, k in zip(expanded, images, _seeds(seed, len(images)))]
     overall, scores = _aggregate("shapes", judged, CATEGORIES)
     fd = _frechet(images, "shapes", seed) if frechet else None
     return EvalReport("shapes", overall, scores, len(judged), fd, judged=judged)
@@ -177,7 +191,8 @@ def evaluate_digits_model(pipe, n_per_prompt: int = 10, seed: int = 0, limit: in
     images = _generate(pipe, [str(int(k)) for k in labels], seed, batch_size, progress, **sampling)
     predicted = DigitsJudge().predict(images)
     judged = [Judged(DIGIT_NAMES[int(k)], f"the digit {DIGIT_NAMES[int(k)]}", img, bool(p == k),
-                     f"read as {int(p)}") for img, k, p in zip(images, labels, predicted)]
+                     f"read as {int(p)}", seed=s)
+              for img, k, p, s in zip(images, labels, predicted, _seeds(seed, len(images)))]
     overall, scores = _aggregate("digits", judged, tuple(DIGIT_NAMES))
     fd = _frechet(images, "digits", seed) if frechet else None
     return EvalReport("digits", overall, scores, len(judged), fd, judged=judged)
@@ -230,7 +245,7 @@ def evaluate_folder(images_dir: str | Path, suite: str = "shapes", progress: boo
         except OSError as e:
             raise OmniditError(f"cannot read image {path}: {e}") from None
         image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
-        judged.append(_judge_shapes(spec, rgb, image))
+        judged.append(_judge_shapes(spec, rgb, image, file=file_name))
     if missing:
         raise OmniditError(f"{len(missing)} of {len(entries)} images listed in the manifest are missing "
                            f"(first: {missing[0]})", hint="generate every file the manifest lists")
