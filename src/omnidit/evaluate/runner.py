@@ -37,7 +37,8 @@ class Judged:
     passed: bool
     reason: str = ""
     placement: str | None = None  # shapes position prompts: see shapes_suite.relation_verdict
-    seed: int | None = None  # model runs: the noise seed (`omnidit generate PROMPT --seed N` redraws it)
+    # model runs: the noise seed (`omnidit generate PROMPT --seed N` with the run's settings redraws it)
+    seed: int | None = None
     file: str | None = None  # folder runs: the image file
 
 
