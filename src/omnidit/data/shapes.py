@@ -206,8 +206,8 @@ def swapped_colours_scene(scene: Scene, allowed: Sequence[tuple[str, str]]) -> S
     if (b.colour, a.shape) not in allowed or (a.colour, b.shape) not in allowed:
         return None
     objects = (replace(a, colour=b.colour), replace(b, colour=a.colour))
-    with_size = _phrase(a, True) in scene.caption
-    return Scene(objects, _describe(scene.kind, objects, scene.relation, with_size), scene.kind, scene.relation)
+    return Scene(objects, _describe(scene.kind, objects, scene.relation, _names_size(scene)), scene.kind,
+                 scene.relation)
 
 
 def fewer_scene(scene: Scene) -> Scene | None:
@@ -217,9 +217,8 @@ def fewer_scene(scene: Scene) -> Scene | None:
     if scene.kind != "count":
         return None
     objects = scene.objects[:-1]
-    with_size = f"{objects[0].size} {objects[0].colour}" in scene.caption
     kind = "single" if len(objects) == 1 else "count"
-    return Scene(objects, _describe(kind, objects, None, with_size, one=True), kind)
+    return Scene(objects, _describe(kind, objects, None, _names_size(scene), one=True), kind)
 
 
 # What a counterfactual partner may change (data.counterfactuals), in order of preference.
@@ -257,6 +256,13 @@ def _article(word: str) -> str:
 
 def _plural(word: str) -> str:
     return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def _names_size(scene: Scene) -> bool:
+    """Whether ``scene``'s caption names the sizes ("a small red circle", "three large red circles"):
+    a partner keeps that wording choice, which Scene does not store."""
+    first = scene.objects[0]
+    return f"{first.size} {first.colour}" in scene.caption
 
 
 def _phrase(obj: ShapeObject, with_size: bool) -> str:

@@ -117,14 +117,13 @@ class EvalReport:
             self.grid().save(grid_path)
 
 
-def _generate(pipe, prompts: list[str], seed: int, batch_size: int, progress: bool, **sampling) -> Tensor:
+def _generate(pipe, prompts: list[str], seeds: list[int], batch_size: int, progress: bool, **sampling) -> Tensor:
     """Images for ``prompts`` with per-image seeds, so results do not depend on the batch size."""
     out = []
     chunks = range(0, len(prompts), batch_size)
     for start in tqdm(chunks, desc="generating", unit="batch", disable=not progress, leave=False):
         part = prompts[start:start + batch_size]
-        seeds = _seeds(seed, len(part), start)
-        out.append(pipe.generate(part, seed=seeds, **sampling))
+        out.append(pipe.generate(part, seed=seeds[start:start + batch_size], **sampling))
     return torch.cat(out)
 
 
@@ -147,9 +146,9 @@ def _aggregate(suite: str, judged: list[Judged], categories: tuple[str, ...]) ->
     return sum(scores.values()) / len(scores), scores
 
 
-def _seeds(seed: int, n: int, start: int = 0) -> list[int]:
-    """The noise seeds of images start .. start + n - 1 of a run with ``seed`` (see SEED_STRIDE)."""
-    return [seed * SEED_STRIDE + start + i for i in range(n)]
+def _seeds(seed: int, n: int) -> list[int]:
+    """The noise seed of each of the ``n`` images of a run with ``seed`` (see SEED_STRIDE)."""
+    return [seed * SEED_STRIDE + i for i in range(n)]
 
 
 def _judge_shapes(spec: PromptSpec, pixels: Tensor | np.ndarray, image: Tensor, **origin) -> Judged:
@@ -171,9 +170,9 @@ def evaluate_shapes_model(pipe, n_per_prompt: int = 4, seed: int = 0, limit: int
 
     specs = build_prompts(seed=0, per_category=limit, held_out=pipe.config.data.held_out)
     expanded = [s for s in specs for _ in range(n_per_prompt)]
-    images = _generate(pipe, [s.prompt for s in expanded], seed, batch_size, progress, **sampling)
-    judged = [_judge_shapes(spec, image, image, seed=k)
-              for spec, image, k in zip(expanded, images, _seeds(seed, len(images)))]
+    seeds = _seeds(seed, len(expanded))
+    images = _generate(pipe, [s.prompt for s in expanded], seeds, batch_size, progress, **sampling)
+    judged = [_judge_shapes(spec, image, image, seed=k) for spec, image, k in zip(expanded, images, seeds)]
     overall, scores = _aggregate("shapes", judged, CATEGORIES)
     fd = _frechet(images, "shapes", seed) if frechet else None
     return EvalReport("shapes", overall, scores, len(judged), fd, judged=judged)
@@ -189,11 +188,12 @@ def evaluate_digits_model(pipe, n_per_prompt: int = 10, seed: int = 0, limit: in
     if not pipe.model.config.num_classes:
         raise OmniditError("the digits suite needs a class-conditional model (model.num_classes = 10)")
     labels = torch.arange(10).repeat_interleave(n_per_prompt)
-    images = _generate(pipe, [str(int(k)) for k in labels], seed, batch_size, progress, **sampling)
+    seeds = _seeds(seed, len(labels))
+    images = _generate(pipe, [str(int(k)) for k in labels], seeds, batch_size, progress, **sampling)
     predicted = DigitsJudge().predict(images)
     judged = [Judged(DIGIT_NAMES[int(k)], f"the digit {DIGIT_NAMES[int(k)]}", img, bool(p == k),
                      f"read as {int(p)}", seed=s)
-              for img, k, p, s in zip(images, labels, predicted, _seeds(seed, len(images)))]
+              for img, k, p, s in zip(images, labels, predicted, seeds)]
     overall, scores = _aggregate("digits", judged, tuple(DIGIT_NAMES))
     fd = _frechet(images, "digits", seed) if frechet else None
     return EvalReport("digits", overall, scores, len(judged), fd, judged=judged)
