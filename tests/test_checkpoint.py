@@ -452,3 +452,54 @@ def test_init_from_a_different_model_is_a_clear_error(tmp_path, make_tiny_config
         with pytest.raises(OmniditError, match=message) as e:
             Trainer(other, progress=False).run()
         assert "train.init_from" in e.value.hint
+
+
+def test_init_grow_adds_identity_blocks_and_keeps_the_function(tmp_path, make_tiny_config, monkeypatch,
+                                                              restore_global_rng):
+    """train.init_grow: a deeper model starts from a shallower one's EMA weights and computes exactly the
+    same velocity (the new blocks' adaLN gates are zero) until it trains; the old blocks are spread out."""
+    from omnidit.train import Trainer
+
+    base = Trainer(make_tiny_config(tmp_path / "base", model={"depth_single": 2},
+                                    train={"steps": 2, "batch_size": 4, "ema_decay": 0.5}), progress=False)
+    base.run()
+    source, _ = ckpt.load_model(tmp_path / "base")
+    deep_model = {"depth": 2, "depth_single": 4}
+    grown = Trainer(make_tiny_config(tmp_path / "grown", model=deep_model,
+                                     train={"steps": 1, "batch_size": 4, "init_from": str(tmp_path / "base"),
+                                            "init_grow": True}), progress=False)
+    monkeypatch.setattr(grown, "train_step", lambda: (setattr(grown, "step", grown.step + 1), (0.0, 0.0))[1])
+    grown.run()
+    model = grown.ema.eval()
+    assert sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in source.parameters())
+    x, ids, t, cond = fixed_inputs(grown.config)
+    with torch.no_grad():
+        before, after = source(x, ids, t, cond), model(x, ids, t, cond)
+    assert before.abs().mean() > 1e-3  # the source does something, so equality below is informative
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    # Old double block 0 of 1 stays at 0; old single blocks 0 and 1 of 2 go to 0 and 2 of 4; double block 1
+    # and single blocks 1 and 3 are new, with zeroed modulations.
+    state, old = model.state_dict(), source.state_dict()
+    for k, v in old.items():
+        assert torch.equal(state[k.replace("single_blocks.1.", "single_blocks.2.")], v), k
+    for name in ("double_blocks.1.streams.img.mod.lin.weight", "single_blocks.1.mod.lin.weight",
+                 "single_blocks.3.mod.lin.weight"):
+        assert state[name].abs().max() == 0
+    assert old["single_blocks.1.mod.lin.weight"].abs().max() > 0  # trained, so the moves above are informative
+    assert state["single_blocks.3.linear1.weight"].abs().max() > 0  # trainable weights, not zeros
+
+    # Without the flag the depths must match; shrinking or changing anything else is refused either way.
+    cases = (({**deep_model}, False, "model.depth: 1 there, 2 here"),
+             ({"depth": 1, "depth_single": 2, "hidden_size": 128, "num_heads": 4}, True, "model.hidden_size"))
+    for model_section, flag, message in cases:
+        other = make_tiny_config(tmp_path / "other", model=model_section,
+                                 train={"steps": 1, "batch_size": 4, "init_from": str(tmp_path / "base"),
+                                        "init_grow": flag})
+        with pytest.raises(OmniditError, match=message):
+            Trainer(other, progress=False).run()
+    shallower = make_tiny_config(tmp_path / "shallower", model={"depth": 1, "depth_single": 0},
+                                 train={"steps": 1, "batch_size": 4, "init_from": str(tmp_path / "base"),
+                                        "init_grow": True})
+    with pytest.raises(OmniditError, match="can only add blocks") as e:
+        Trainer(shallower, progress=False).run()
+    assert "train.init_grow" in e.value.hint

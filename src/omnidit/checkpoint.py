@@ -21,7 +21,7 @@ from torch import Tensor
 from omnidit import __version__
 from omnidit.config import Config, config_from_dict, read_json
 from omnidit.errors import OmniditError
-from omnidit.model.mmdit import MMDiT
+from omnidit.model.mmdit import MMDiT, MMDiTConfig
 
 FORMAT = "omnidit-checkpoint/1"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -210,6 +210,32 @@ def check_state_matches(model: torch.nn.Module, state: dict[str, Tensor], source
         if v.shape != expected[k].shape:
             raise OmniditError(f"{source}: key '{k}' has shape {tuple(v.shape)}, the model expects "
                                f"{tuple(expected[k].shape)}")
+
+
+def deepen_state(state: dict[str, Tensor], a: MMDiTConfig, b: MMDiTConfig,
+                 fresh: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Weights for a model of config ``b`` made from ``state``, the weights of a model of config ``a``
+    that differs only in having fewer double- or single-stream blocks (``train.init_grow``). Old block i
+    of n goes to index floor(i * m / n) of m; the other blocks keep their weights from ``fresh`` (a newly
+    initialised ``b`` model), whose zeroed adaLN modulation makes each of them the identity, so the deeper
+    model computes exactly what the shallow one did until training opens their gates (a
+    function-preserving growth, as in Net2Net, Chen et al. 2016)."""
+    same = {k: v for k, v in vars(a).items() if k not in ("depth", "depth_single")}
+    differ = [k for k, v in same.items() if getattr(b, k) != v]
+    if differ or b.depth < a.depth or b.depth_single < a.depth_single or (a.depth_single == 0 < b.depth_single):
+        raise OmniditError(
+            "train.init_grow can only add blocks: the source must have the same model settings apart from "
+            f"fewer (or as many) model.depth and model.depth_single, and at least one single-stream block "
+            f"(differing: {', '.join(differ) or 'a depth is smaller there'})",
+            hint="make this config's model section the source's with larger depths, or drop train.init_grow")
+    moves = {}
+    for name, n, m in (("double_blocks", a.depth, b.depth), ("single_blocks", a.depth_single, b.depth_single)):
+        moves.update({f"{name}.{i}.": f"{name}.{i * m // n}." for i in range(n)})
+    grown = dict(fresh)
+    for key, value in state.items():
+        prefix = next((p for p in moves if key.startswith(p)), "")
+        grown[moves[prefix] + key[len(prefix):] if prefix else key] = value
+    return grown
 
 
 def load_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[MMDiT, Config]:

@@ -101,6 +101,7 @@ class TrainConfig:
     keep_last: int = 2
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
     init_from: str = ""  # fine-tune: start from this model folder's (EMA) weights, fresh optimizer, step 0
+    init_grow: bool = False  # with init_from: the source may have fewer blocks; new ones start as identities
     lr_schedule: str = "constant"  # constant | cosine | wsd (after the warmup, down to lr * lr_min_ratio)
     lr_min_ratio: float = 0.1
     lr_decay_steps: int = 0  # wsd only: length of the final linear decay (0 = 20% of steps)

@@ -25,6 +25,7 @@ from omnidit import distributed as D
 from omnidit.checkpoint import (
     CHECKPOINT_PREFIX,
     check_state_matches,
+    deepen_state,
     list_checkpoints,
     load_training_state,
     optimizer_state_from_flat,
@@ -412,8 +413,9 @@ class Trainer:
                                     "train.init_from at a run, checkpoint-* or exported model folder") from None
         source = read_config(directory)
         # The weights only make sense with the same architecture, text encoder and latent space.
+        grow = ("depth", "depth_single") if self.config.train.init_grow else ()  # deepen_state checks those
         diff = [f"model.{k}: {v} there, {getattr(self.config.model, k)} here"
-                for k, v in vars(source.model).items() if getattr(self.config.model, k) != v]
+                for k, v in vars(source.model).items() if getattr(self.config.model, k) != v and k not in grow]
         diff += [f"{name}: {a} there, {b} here" for name, a, b in (
             ("text.encoder", source.text.encoder, self.config.text.encoder),
             ("text.max_length", source.text.max_length, self.config.text.max_length),
@@ -424,7 +426,12 @@ class Trainer:
         file = weights_file(directory)
         state = {k: v.float() if v.is_floating_point() else v for k, v in read_safetensors(file).items()}
         with torch.device("meta"):  # shapes only: clear errors for missing, extra or misshapen keys
-            check_state_matches(MMDiT(self.config.model), state, file)
+            check_state_matches(MMDiT(source.model), state, file)
+        if source.model != self.config.model:  # train.init_grow: fewer blocks there
+            with torch.random.fork_rng(devices=[]):  # the new blocks' weights: the same on every rank
+                torch.manual_seed(self.config.train.seed)
+                fresh = MMDiT(self.config.model).state_dict()
+            state = deepen_state(state, source.model, self.config.model, fresh)
         D.load_full_state(self.model, state)
         D.load_full_state(self.ema, state)
         self.init_source = {"folder": str(path), **training_provenance(directory)}
