@@ -238,6 +238,40 @@ def deepen_state(state: dict[str, Tensor], a: MMDiTConfig, b: MMDiTConfig,
     return grown
 
 
+def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, Tensor]]:
+    """``train.init_from``: (the model folder used, its EMA weights in fp32, or the raw ones when it has no
+    EMA) for a model of ``config``, deepened with ``deepen_state`` under ``train.init_grow``. Every
+    mismatch of architecture, text encoder or latent space is one clear error."""
+    try:
+        directory = resolve_model_dir(path)
+    except OmniditError as e:
+        raise OmniditError(f"train.init_from={path}: {e.message}",
+                           hint="train that model first (e.g. omnidit train configs/shapes.json), or point "
+                                "train.init_from at a run, checkpoint-* or exported model folder") from None
+    source = read_config(directory)
+    # The weights only make sense with the same architecture, text encoder and latent space.
+    grow = ("depth", "depth_single") if config.train.init_grow else ()  # deepen_state checks those
+    diff = [f"model.{k}: {v} there, {getattr(config.model, k)} here"
+            for k, v in vars(source.model).items() if getattr(config.model, k) != v and k not in grow]
+    diff += [f"{name}: {a} there, {b} here" for name, a, b in (
+        ("text.encoder", source.text.encoder, config.text.encoder),
+        ("text.max_length", source.text.max_length, config.text.max_length),
+        ("data.codec", source.data.codec, config.data.codec)) if a != b]
+    if diff:
+        raise OmniditError(f"train.init_from={path} holds a model trained differently ({'; '.join(diff)})",
+                           hint="use that folder's settings in this config, or drop train.init_from")
+    file = weights_file(directory)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in read_safetensors(file).items()}
+    with torch.device("meta"):  # shapes only: clear errors for missing, extra or misshapen keys
+        check_state_matches(MMDiT(source.model), state, file)
+    if source.model != config.model:  # train.init_grow: fewer blocks there
+        with torch.random.fork_rng(devices=[]):  # the new blocks' weights: the same on every rank
+            torch.manual_seed(config.train.seed)
+            fresh = MMDiT(config.model).state_dict()
+        state = deepen_state(state, source.model, config.model, fresh)
+    return directory, state
+
+
 def load_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[MMDiT, Config]:
     """Build the model from a checkpoint folder and load its (EMA, if present) weights; eval mode."""
     directory = resolve_model_dir(path)

@@ -24,19 +24,15 @@ from tqdm.auto import tqdm
 from omnidit import distributed as D
 from omnidit.checkpoint import (
     CHECKPOINT_PREFIX,
-    check_state_matches,
-    deepen_state,
+    initial_weights,
     list_checkpoints,
     load_training_state,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
     prune_checkpoints,
-    read_config,
     read_safetensors,
-    resolve_model_dir,
     save_checkpoint,
     training_provenance,
-    weights_file,
 )
 from omnidit.codecs import load_codec
 from omnidit.condition import Condition
@@ -405,33 +401,7 @@ class Trainer:
     def initialise_from(self, path: str | Path) -> Path:
         """Fine-tuning: load a model folder's EMA weights (raw weights if it has none) into both the
         model and the EMA; the optimizer, schedule and step start fresh. Returns the folder used."""
-        try:
-            directory = resolve_model_dir(path)
-        except OmniditError as e:
-            raise OmniditError(f"train.init_from={path}: {e.message}",
-                               hint="train that model first (e.g. omnidit train configs/shapes.json), or point "
-                                    "train.init_from at a run, checkpoint-* or exported model folder") from None
-        source = read_config(directory)
-        # The weights only make sense with the same architecture, text encoder and latent space.
-        grow = ("depth", "depth_single") if self.config.train.init_grow else ()  # deepen_state checks those
-        diff = [f"model.{k}: {v} there, {getattr(self.config.model, k)} here"
-                for k, v in vars(source.model).items() if getattr(self.config.model, k) != v and k not in grow]
-        diff += [f"{name}: {a} there, {b} here" for name, a, b in (
-            ("text.encoder", source.text.encoder, self.config.text.encoder),
-            ("text.max_length", source.text.max_length, self.config.text.max_length),
-            ("data.codec", source.data.codec, self.config.data.codec)) if a != b]
-        if diff:
-            raise OmniditError(f"train.init_from={path} holds a model trained differently ({'; '.join(diff)})",
-                               hint="use that folder's settings in this config, or drop train.init_from")
-        file = weights_file(directory)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in read_safetensors(file).items()}
-        with torch.device("meta"):  # shapes only: clear errors for missing, extra or misshapen keys
-            check_state_matches(MMDiT(source.model), state, file)
-        if source.model != self.config.model:  # train.init_grow: fewer blocks there
-            with torch.random.fork_rng(devices=[]):  # the new blocks' weights: the same on every rank
-                torch.manual_seed(self.config.train.seed)
-                fresh = MMDiT(self.config.model).state_dict()
-            state = deepen_state(state, source.model, self.config.model, fresh)
+        directory, state = initial_weights(path, self.config)
         D.load_full_state(self.model, state)
         D.load_full_state(self.ema, state)
         self.init_source = {"folder": str(path), **training_provenance(directory)}
