@@ -140,6 +140,18 @@ def test_generate_text_model_with_cfg(tiny_run, tmp_path, capsys):
     code, _, err = run_main(capsys, "generate", "a red circle", "--model", tiny_run, "-o", limited,
                             "--cfg-interval", "0.6", "0.5")
     assert code == 2 and "LO < HI" in err
+    # skip-layer guidance (the tiny model has one single-stream block, 0) changes the image and is recorded
+    skip = tmp_path / "skip.png"
+    code, _, err = run_main(capsys, "generate", "a red circle", "--model", tiny_run, "--steps", "4", "--size",
+                            "16x16", "-n", "4", "-o", skip, "--seed", "3", "--no-progress", "--skip-scale", "1",
+                            "--skip-blocks", "0")
+    assert code == 0, err
+    assert Image.open(skip).text["skip_scale"] == "1.0" and Image.open(skip).text["skip_blocks"] == "[0]"
+    assert meta["skip_scale"] == "0.0" and meta["skip_blocks"] == "[]"
+    assert not np.array_equal(np.array(Image.open(out)), np.array(Image.open(skip)))
+    code, _, err = run_main(capsys, "generate", "a red circle", "--model", tiny_run, "-o", skip,
+                            "--skip-scale", "1", "--skip-blocks", "3")
+    assert code == 2 and "single-stream blocks 0 to 0" in err and "--skip-scale 0" in err
 
 
 def test_info(tiny_run, capsys):
@@ -290,9 +302,9 @@ def test_top_level_help_in_a_fresh_process():
 @pytest.mark.parametrize("command, required", [
     ("train", ["--no-progress", "config", "section.key=value"]),
     ("generate", ["--model", "--steps", "--cfg", "--seed", "--size", "-n", "--num-images", "-o", "--output",
-                  "--sampler", "--shift", "--cfg-interval", "--device", "--no-ema", "--no-progress",
-                  "prompt"]),
-    ("eval", ["--steps", "--cfg", "--sampler", "--shift", "--cfg-interval", "--seed", "--limit", "--json", "--no-fd",
+                  "--sampler", "--shift", "--cfg-interval", "--skip-scale", "--skip-blocks", "--device", "--no-ema",
+                  "--no-progress", "prompt"]),
+    ("eval", ["--steps", "--cfg", "--sampler", "--shift", "--cfg-interval", "--skip-scale", "--skip-blocks", "--seed", "--limit", "--json", "--no-fd",
               "target"]),
     ("info", ["model"]),
 ])

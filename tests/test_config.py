@@ -126,6 +126,14 @@ def test_bad_guidance_interval_names_the_key():
     assert "'sample.cfg_interval'" in message and "LO < HI" in message
 
 
+def test_skip_layer_guidance_needs_blocks_and_a_non_negative_scale():
+    message = error_of(lambda: config_from_dict(apply_overrides({}, ["sample.skip_scale=1.0"])))
+    assert "sample.skip_blocks" in message
+    message = error_of(lambda: config_from_dict(apply_overrides({}, ["sample.skip_scale=-1", "sample.skip_blocks=[0]"])))
+    assert "'sample.skip_scale' must be >= 0" in message
+    assert config_from_dict(apply_overrides({}, ["sample.skip_scale=1", "sample.skip_blocks=[2]"])).sample.skip_blocks == [2]
+
+
 def test_wrong_type_in_file_names_the_key(tmp_path):
     message = error_of(load_config, write(tmp_path, {"train": {"batch_size": "32"}}))
     assert "'train.batch_size'" in message and "int" in message
@@ -224,7 +232,7 @@ def test_all_keys_cover_every_field():
 
 @pytest.mark.parametrize("name", ["shapes.json", "shapes_finetune.json", "shapes_stage3.json", "shapes_stage4.json",
                                   "shapes_stage5.json", "shapes_stage6.json", "shapes_stage7.json",
-                                  "shapes_stage8.json", "shapes_stage9.json", "shapes_stage10.json",
+                                  "shapes_stage8.json", "shapes_stage9.json", "shapes_stage10.json", "shapes_stage11.json",
                                   "digits.json"])
 def test_shipped_configs_load(name):
     config = load_config(CONFIGS / name)

@@ -310,3 +310,19 @@ def test_positions_are_reused_for_the_same_ids_and_rebuilt_when_they_change():
     with torch.inference_mode():  # inference-mode results are not reused for autograd
         model(x, ids, t, cond)
     model(x, ids, t, cond).sum().backward()
+
+
+def test_skip_single_leaves_out_exactly_the_named_blocks():
+    """forward(..., skip_single=[i]) is the model with single-stream block i removed (skip-layer guidance)."""
+    model = build(tiny_config(depth_single=3))
+    x, ids = torch.randn(2, 64, 12), image_position_ids(8, 8, 3)
+    t, cond = torch.tensor([0.3, 0.8]), random_condition(model.config, 2)
+    with torch.no_grad():
+        full = model(x, ids, t, cond)
+        skipped = model(x, ids, t, cond, skip_single=[1])
+        kept = model.single_blocks
+        model.single_blocks = torch.nn.ModuleList([kept[0], kept[2]])
+        removed = model(x, ids, t, cond)
+        model.single_blocks = kept
+    torch.testing.assert_close(skipped, removed, rtol=0, atol=0)
+    assert (skipped - full).abs().max() > 1e-3  # the block did something, so the equality is informative

@@ -124,6 +124,35 @@ def test_cfg_interval_guides_inside_and_runs_the_conditional_branch_alone_outsid
         assert batches == ([6] if inside else [3])  # outside the interval: one call at batch B, not 2B
 
 
+def test_skip_layer_guidance_adds_the_push_away_from_the_weaker_model_inside_the_interval():
+    g = torch.Generator().manual_seed(1)
+    cond = Condition(pooled=torch.randn(3, 4, generator=g), labels=torch.tensor([1, 2, 3]))
+    null = Condition(pooled=torch.randn(1, 4, generator=g), labels=torch.tensor([9]))
+    x = torch.randn(3, 5, 6, generator=g)
+    calls = []
+
+    def weak_model(x, t, c):  # a different velocity field, standing in for the model without some blocks
+        calls.append(x.shape[0])
+        return 0.5 * _toy_model(x, t, c) + 0.1
+
+    guided = classifier_free_guidance(_toy_model, cond, null, 4.0, interval=(0.2, 0.7), skip_fn=weak_model,
+                                      skip_scale=1.5)
+    for t, inside in ((0.9, False), (0.45, True), (0.1, False)):
+        t = torch.tensor(t)
+        v_c, v_u, v_s = _toy_model(x, t, cond), _toy_model(x, t, null.repeat(3)), weak_model(x, t, cond)
+        calls.clear()
+        want = v_u + 4.0 * (v_c - v_u) + 1.5 * (v_c - v_s) if inside else v_c
+        torch.testing.assert_close(guided(x, t), want)
+        assert calls == ([3] if inside else [])  # one more call at batch B, only where guidance runs
+    # scale 0 never calls the weaker model; a scale without one is a programming error
+    plain = classifier_free_guidance(_toy_model, cond, null, 4.0, skip_fn=weak_model, skip_scale=0.0)
+    calls.clear()
+    plain(x, torch.tensor(0.5))
+    assert calls == []
+    with pytest.raises(ValueError, match="skip_fn"):
+        classifier_free_guidance(_toy_model, cond, null, 4.0, skip_scale=1.0)
+
+
 @pytest.mark.parametrize("interval", [(0.5, 0.5), (0.8, 0.2), (-0.1, 1.0), (0.0, 1.5), (0.3,), "ab"])
 def test_cfg_interval_rejects_bad_bounds_with_a_hint(interval):
     with pytest.raises(OmniditError, match="guidance interval") as e:

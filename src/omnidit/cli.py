@@ -39,6 +39,12 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only at times LO <= t <= HI (1 = noise, 0 = data); other steps cost one model call "
                         "instead of two (default: the model's sample.cfg_interval, 0 1 = every step)")
+    p.add_argument("--skip-scale", type=float, default=None, metavar="S",
+                   help="skip-layer guidance: also move S times away from the model without --skip-blocks, at one "
+                        "more model call per step; 0 = off (default: the model's sample.skip_scale)")
+    p.add_argument("--skip-blocks", type=int, nargs="+", default=None, metavar="I",
+                   help="the single-stream blocks (from 0) that skip-layer guidance leaves out "
+                        "(default: the model's sample.skip_blocks)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,9 +201,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model, device=args.device, use_ema=not args.no_ema)
     images = pipe.generate([args.prompt] * args.num_images, width=width, height=height, steps=args.steps,
                            cfg=args.cfg, seed=args.seed, sampler=args.sampler, shift=args.shift,
-                           cfg_interval=args.cfg_interval, progress=not args.no_progress)
+                           cfg_interval=args.cfg_interval, skip_scale=args.skip_scale, skip_blocks=args.skip_blocks,
+                           progress=not args.no_progress)
     settings = {"prompt": args.prompt, "seed": args.seed,
-                **pipe.sampling_settings(args.steps, args.cfg, args.sampler, args.shift, args.cfg_interval),
+                **pipe.sampling_settings(args.steps, args.cfg, args.sampler, args.shift, args.cfg_interval,
+                                         args.skip_scale, args.skip_blocks),
                 "size": f"{images.shape[3]}x{images.shape[2]}",
                 "num_images": args.num_images, "model": str(Path(args.model).resolve()), "ema": not args.no_ema,
                 "software": "omnidit"}
@@ -222,8 +230,9 @@ def _generate_diffusers_pipeline(args: argparse.Namespace, width: int | None, he
                            hint="Flux and StableDiffusion3 pipeline folders are")
     if width is None:
         raise OmniditError("a pipeline folder needs --size", hint="e.g. --size 1024x1024")
-    if args.shift is not None or args.cfg_interval is not None:
-        raise OmniditError("--shift and --cfg-interval apply to omnidit models, not to a diffusers pipeline folder",
+    if any(v is not None for v in (args.shift, args.cfg_interval, args.skip_scale, args.skip_blocks)):
+        raise OmniditError("--shift, --cfg-interval and --skip-* apply to omnidit models, not to a diffusers "
+                           "pipeline folder",
                            hint="drop them: the folder's scheduler config sets the shift, and guidance runs at "
                                 "every step")
     loader, default_guidance = loaders[family]
@@ -258,7 +267,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         report = evaluate_model(pipe, suite, n_per_prompt=args.n_per_prompt, seed=args.seed, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
                                 steps=args.steps, cfg=args.cfg, sampler=args.sampler, shift=args.shift,
-                                cfg_interval=args.cfg_interval)
+                                cfg_interval=args.cfg_interval, skip_scale=args.skip_scale,
+                                skip_blocks=args.skip_blocks)
     grid = args.grid or (str(Path(args.json).with_name(f"eval_{report.suite}.png")) if args.json else None)
     report.save(args.json, grid)
     print(report.table())
@@ -336,7 +346,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"data          {config.data.name} {config.data.width}x{config.data.height}",
         f"sampling      {config.sample.sampler}, {config.sample.steps} steps, cfg {config.sample.cfg}, "
         f"shift {config.sample.shift}" + ("" if config.sample.cfg_interval == [0.0, 1.0] else
-                                         ", guidance at t in [{}, {}]".format(*config.sample.cfg_interval)),
+                                         ", guidance at t in [{}, {}]".format(*config.sample.cfg_interval))
+        + (f", skip-layer guidance {config.sample.skip_scale} without single blocks {config.sample.skip_blocks}"
+           if config.sample.skip_scale else ""),
     ]
     others = list_checkpoints(directory.parent)
     if len(others) > 1:

@@ -157,9 +157,17 @@ class SampleConfig:
     sampler: str = "euler"  # euler | heun
     shift: float = 1.0
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only at times LO <= t <= HI
+    skip_scale: float = 0.0  # skip-layer guidance: push away from the model without skip_blocks (0 = off)
+    skip_blocks: list[int] = field(default_factory=list)  # the single-stream blocks that weaker model leaves out
 
     def __post_init__(self) -> None:
-        _check_ranges("sample", self, positive=("steps", "shift"), choices={"sampler": tuple(SAMPLERS)})
+        _check_ranges("sample", self, positive=("steps", "shift"), non_negative=("skip_scale",),
+                      choices={"sampler": tuple(SAMPLERS)})
+        self.skip_blocks = [int(i) for i in self.skip_blocks]
+        if self.skip_scale and not self.skip_blocks:
+            raise OmniditError(f"sample.skip_scale={self.skip_scale} needs sample.skip_blocks",
+                               hint="name the single-stream blocks to leave out, e.g. sample.skip_blocks=[2], "
+                                    "or set sample.skip_scale=0")
         try:
             self.cfg_interval = list(check_cfg_interval(self.cfg_interval))
         except OmniditError as e:

@@ -83,19 +83,29 @@ class Pipeline:
         return cond.to(self.device), null.to(self.device)
 
     def sampling_settings(self, steps: int | None = None, cfg: float | None = None, sampler: str | None = None,
-                          shift: float | None = None, cfg_interval: Sequence[float] | None = None) -> dict:
-        """{"steps", "cfg", "sampler", "shift", "cfg_interval"}: the given values, the config's ``sample``
-        section for unset ones."""
+                          shift: float | None = None, cfg_interval: Sequence[float] | None = None,
+                          skip_scale: float | None = None, skip_blocks: Sequence[int] | None = None) -> dict:
+        """{"steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks"}: the given values,
+        the config's ``sample`` section for unset ones."""
         s = self.config.sample
+        skip_scale = s.skip_scale if skip_scale is None else skip_scale
+        skip_blocks = list(s.skip_blocks if skip_blocks is None else skip_blocks)
+        n = self.model.config.depth_single
+        if skip_scale < 0 or skip_scale and not skip_blocks or any(not 0 <= i < n for i in skip_blocks):
+            raise OmniditError(f"skip-layer guidance needs a scale >= 0 and single-stream blocks 0 to {n - 1} to "
+                               f"leave out; got scale {skip_scale} and blocks {skip_blocks}",
+                               hint="e.g. --skip-scale 1 --skip-blocks 2, or --skip-scale 0 to turn it off")
         return {"steps": steps or s.steps, "cfg": s.cfg if cfg is None else cfg, "sampler": sampler or s.sampler,
                 "shift": s.shift if shift is None else shift,
-                "cfg_interval": list(s.cfg_interval if cfg_interval is None else check_cfg_interval(cfg_interval))}
+                "cfg_interval": list(s.cfg_interval if cfg_interval is None else check_cfg_interval(cfg_interval)),
+                "skip_scale": skip_scale, "skip_blocks": skip_blocks if skip_scale else []}
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], width: int | None = None, height: int | None = None,
                  steps: int | None = None, cfg: float | None = None, seed: int | Sequence[int] = 0,
                  sampler: str | None = None, shift: float | None = None,
-                 cfg_interval: Sequence[float] | None = None, progress: bool = False) -> Tensor:
+                 cfg_interval: Sequence[float] | None = None, skip_scale: float | None = None,
+                 skip_blocks: Sequence[int] | None = None, progress: bool = False) -> Tensor:
         """One image per prompt: (B, C, H, W) in [-1, 1]. Unset settings come from the config.
 
         ``seed``: one seed for the whole batch, or one per prompt (then each image is independent of
@@ -106,7 +116,7 @@ class Pipeline:
             raise OmniditError(f"this model outputs {mc.out_channels} channels per {mc.in_channels} input channels "
                                "(e.g. DiT's learned variance); the flow samplers need a velocity model")
         width, height = width or self.config.data.width, height or self.config.data.height
-        settings = self.sampling_settings(steps, cfg, sampler, shift, cfg_interval)
+        settings = self.sampling_settings(steps, cfg, sampler, shift, cfg_interval, skip_scale, skip_blocks)
         steps, cfg, sampler, shift = settings["steps"], settings["cfg"], settings["sampler"], settings["shift"]
         factor = self.codec.downsample if self.codec is not None else 1
         check_image_size(height, width, mc.patch_size * factor)
@@ -120,11 +130,15 @@ class Pipeline:
         def model_fn(x: Tensor, t: Tensor, c: Condition) -> Tensor:
             return self.model(x, ids, t, c)
 
-        if cfg == 1.0:
+        def skip_fn(x: Tensor, t: Tensor, c: Condition) -> Tensor:  # skip-layer guidance's weaker model
+            return self.model(x, ids, t, c, skip_single=settings["skip_blocks"])
+
+        if cfg == 1.0 and not settings["skip_scale"]:
             cond = cond.without_full_mask()  # one check here, none per step
             velocity = lambda x, t: model_fn(x, t, cond)  # noqa: E731
         else:
-            velocity = classifier_free_guidance(model_fn, cond, null, cfg, settings["cfg_interval"])
+            velocity = classifier_free_guidance(model_fn, cond, null, cfg, settings["cfg_interval"], skip_fn,
+                                                settings["skip_scale"])
         if isinstance(seed, int):
             noise = initial_noise((len(prompts), mc.in_channels, height, width), seed)
         else:

@@ -67,14 +67,22 @@ def check_cfg_interval(interval: Sequence[float]) -> tuple[float, float]:
 
 
 def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Tensor], cond: Condition,
-                             null_cond: Condition, scale: float,
-                             interval: Sequence[float] = (0.0, 1.0)) -> VelocityFn:
+                             null_cond: Condition, scale: float, interval: Sequence[float] = (0.0, 1.0),
+                             skip_fn: Callable[[Tensor, Tensor, Condition], Tensor] | None = None,
+                             skip_scale: float = 0.0) -> VelocityFn:
     """v = v_uncond + scale * (v_cond - v_uncond), over all channels, in one batched call.
 
     model_fn(x, t, cond) -> v; cond has batch B, null_cond batch B or 1. ``interval`` (lo, hi): guide only
     at times lo <= t <= hi and use v_cond alone elsewhere, which costs one model call instead of two
     (guidance in a limited interval, Kynkäänniemi et al. 2024).
+
+    Skip-layer guidance (``skip_scale`` > 0; SD3.5's SLG, after Hyung et al. 2024's spatiotemporal skip
+    guidance): ``skip_fn(x, t, cond)`` is the same model with some blocks left out, a weaker model whose
+    errors the guided velocity moves away from: v += skip_scale * (v_cond - v_skip), in the same
+    interval, at one more model call per step.
     """
+    if skip_scale and skip_fn is None:
+        raise ValueError("skip-layer guidance needs skip_fn")
     lo, hi = check_cfg_interval(interval)
     batch = cond.batch_size
     if null_cond.batch_size != batch:
@@ -87,7 +95,8 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Ten
         if not every_step and not lo <= float(t) <= hi:
             return model_fn(x, t, cond_only)
         v_cond, v_uncond = model_fn(torch.cat([x, x]), t, both).chunk(2)
-        return v_uncond + scale * (v_cond - v_uncond)
+        v = v_uncond + scale * (v_cond - v_uncond)
+        return v + skip_scale * (v_cond - skip_fn(x, t, cond_only)) if skip_scale else v
 
     return guided
 

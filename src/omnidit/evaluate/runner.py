@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 SUITES = ("shapes", "digits")
 SEED_STRIDE = 1_000_003  # image i of a run with seed s uses noise seed s * SEED_STRIDE + i
+SAMPLING_KEYS = ("steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks")  # Pipeline.generate
 
 
 @dataclass
@@ -207,7 +208,7 @@ def evaluate_model(pipe, suite: str, **kwargs) -> EvalReport:
     report = runners[suite](pipe, **kwargs)
     report.settings = {
         "n_per_prompt": kwargs.get("n_per_prompt"), "seed": kwargs.get("seed", 0), "limit": kwargs.get("limit"),
-        **pipe.sampling_settings(*(kwargs.get(k) for k in ("steps", "cfg", "sampler", "shift", "cfg_interval"))),
+        **pipe.sampling_settings(*(kwargs.get(k) for k in SAMPLING_KEYS)),
     }
     return report
 

@@ -10,6 +10,7 @@ checkpoints stay one-to-one renames.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -331,7 +332,9 @@ class MMDiT(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(g, TIME_EMBED_DIM, freq_shift=shift).to(vec.dtype))
         return vec
 
-    def forward(self, x: Tensor, x_ids: Tensor, t: Tensor, cond: Condition) -> Tensor:
+    def forward(self, x: Tensor, x_ids: Tensor, t: Tensor, cond: Condition,
+                skip_single: Sequence[int] = ()) -> Tensor:
+        """skip_single: indices of single-stream blocks to leave out (skip-layer guidance's weaker model)."""
         batch, n_img = x.shape[:2]
         t = t.expand(batch) if t.dim() == 0 else t
         vec = self.conditioning_vector(t, cond)  # (B, D)
@@ -349,8 +352,9 @@ class MMDiT(nn.Module):
             streams = self._run(block, streams, vec, pe, mask)
         if self.single_blocks:
             joint = torch.cat(streams, dim=1)  # (B, N + L, D)
-            for block in self.single_blocks:
-                joint = self._run(block, joint, vec, pe, mask)
+            for i, block in enumerate(self.single_blocks):
+                if i not in skip_single:
+                    joint = self._run(block, joint, vec, pe, mask)
             img = joint[:, :n_img]
         else:
             img = streams[0]
