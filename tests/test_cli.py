@@ -304,7 +304,8 @@ def test_top_level_help_in_a_fresh_process():
     ("generate", ["--model", "--steps", "--cfg", "--seed", "--size", "-n", "--num-images", "-o", "--output",
                   "--sampler", "--shift", "--cfg-interval", "--skip-scale", "--skip-blocks", "--device", "--no-ema",
                   "--no-progress", "prompt"]),
-    ("eval", ["--steps", "--cfg", "--sampler", "--shift", "--cfg-interval", "--skip-scale", "--skip-blocks", "--seed", "--limit", "--json", "--no-fd",
+    ("eval", ["--steps", "--cfg", "--sampler", "--shift", "--cfg-interval", "--skip-scale", "--skip-blocks",
+              "--seed", "--limit", "--json", "--no-fd",
               "target"]),
     ("info", ["model"]),
 ])

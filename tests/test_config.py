@@ -129,9 +129,13 @@ def test_bad_guidance_interval_names_the_key():
 def test_skip_layer_guidance_needs_blocks_and_a_non_negative_scale():
     message = error_of(lambda: config_from_dict(apply_overrides({}, ["sample.skip_scale=1.0"])))
     assert "sample.skip_blocks" in message
-    message = error_of(lambda: config_from_dict(apply_overrides({}, ["sample.skip_scale=-1", "sample.skip_blocks=[0]"])))
+    negative = ["sample.skip_scale=-1", "sample.skip_blocks=[0]"]
+    message = error_of(lambda: config_from_dict(apply_overrides({}, negative)))
     assert "'sample.skip_scale' must be >= 0" in message
-    assert config_from_dict(apply_overrides({}, ["sample.skip_scale=1", "sample.skip_blocks=[2]"])).sample.skip_blocks == [2]
+    ok = ["model.depth_single=3", "sample.skip_scale=1", "sample.skip_blocks=[2]"]
+    assert config_from_dict(apply_overrides({}, ok)).sample.skip_blocks == [2]
+    message = error_of(lambda: config_from_dict(apply_overrides({}, ["model.depth_single=2", *ok[1:]])))
+    assert "'sample.skip_blocks'" in message and "0 to 1" in message
 
 
 def test_wrong_type_in_file_names_the_key(tmp_path):
@@ -232,8 +236,8 @@ def test_all_keys_cover_every_field():
 
 @pytest.mark.parametrize("name", ["shapes.json", "shapes_finetune.json", "shapes_stage3.json", "shapes_stage4.json",
                                   "shapes_stage5.json", "shapes_stage6.json", "shapes_stage7.json",
-                                  "shapes_stage8.json", "shapes_stage9.json", "shapes_stage10.json", "shapes_stage11.json",
-                                  "digits.json"])
+                                  "shapes_stage8.json", "shapes_stage9.json", "shapes_stage10.json",
+                                  "shapes_stage11.json", "digits.json"])
 def test_shipped_configs_load(name):
     config = load_config(CONFIGS / name)
     assert config.train.steps > 0 and config.model.head_dim == sum(config.model.axes_dim)

@@ -182,6 +182,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    def __post_init__(self) -> None:
+        n = self.model.depth_single
+        if any(not 0 <= i < n for i in self.sample.skip_blocks):
+            raise OmniditError(f"config key 'sample.skip_blocks': {self.sample.skip_blocks} names a block the model "
+                               f"does not have (its single-stream blocks are 0 to {n - 1})",
+                               hint="name blocks below model.depth_single, or set sample.skip_blocks=[]")
+
     def to_dict(self) -> dict:
         return {s.name: _section_dict(getattr(self, s.name)) for s in dataclasses.fields(self)}
 
