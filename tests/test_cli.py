@@ -152,6 +152,13 @@ def test_generate_text_model_with_cfg(tiny_run, tmp_path, capsys):
     code, _, err = run_main(capsys, "generate", "a red circle", "--model", tiny_run, "-o", skip,
                             "--skip-scale", "1", "--skip-blocks", "3")
     assert code == 2 and "single-stream blocks 0 to 0" in err and "--skip-scale 0" in err
+    late = tmp_path / "late.png"
+    code, _, err = run_main(capsys, "generate", "a red circle", "--model", tiny_run, "--steps", "4", "--size",
+                            "16x16", "-n", "4", "-o", late, "--seed", "3", "--no-progress", "--skip-scale", "1",
+                            "--skip-blocks", "0", "--skip-interval", "0.6", "1")
+    assert code == 0, err
+    assert Image.open(late).text["skip_interval"] == "[0.6, 1.0]" and meta["skip_interval"] == "[0.0, 1.0]"
+    assert not np.array_equal(np.array(Image.open(late)), np.array(Image.open(skip)))
 
 
 def test_info(tiny_run, capsys):
@@ -302,10 +309,10 @@ def test_top_level_help_in_a_fresh_process():
 @pytest.mark.parametrize("command, required", [
     ("train", ["--no-progress", "config", "section.key=value"]),
     ("generate", ["--model", "--steps", "--cfg", "--seed", "--size", "-n", "--num-images", "-o", "--output",
-                  "--sampler", "--shift", "--cfg-interval", "--skip-scale", "--skip-blocks", "--device", "--no-ema",
-                  "--no-progress", "prompt"]),
+                  "--sampler", "--shift", "--cfg-interval", "--skip-scale", "--skip-blocks", "--skip-interval",
+                  "--device", "--no-ema", "--no-progress", "prompt"]),
     ("eval", ["--steps", "--cfg", "--sampler", "--shift", "--cfg-interval", "--skip-scale", "--skip-blocks",
-              "--seed", "--limit", "--json", "--no-fd",
+              "--skip-interval", "--seed", "--limit", "--json", "--no-fd",
               "target"]),
     ("info", ["model"]),
 ])

@@ -144,6 +144,15 @@ def test_skip_layer_guidance_adds_the_push_away_from_the_weaker_model_inside_the
         want = v_u + 4.0 * (v_c - v_u) + 1.5 * (v_c - v_s) if inside else v_c
         torch.testing.assert_close(guided(x, t), want)
         assert calls == ([3] if inside else [])  # one more call at batch B, only where guidance runs
+    # a skip interval limits the extra push (and call) to its times, inside the guidance interval
+    late = classifier_free_guidance(_toy_model, cond, null, 4.0, skip_fn=weak_model, skip_scale=1.5,
+                                    skip_interval=(0.5, 1.0))
+    for t, skipping in ((0.9, True), (0.3, False)):
+        t = torch.tensor(t)
+        v_c, v_u, v_s = _toy_model(x, t, cond), _toy_model(x, t, null.repeat(3)), weak_model(x, t, cond)
+        calls.clear()
+        torch.testing.assert_close(late(x, t), v_u + 4.0 * (v_c - v_u) + (1.5 * (v_c - v_s) if skipping else 0))
+        assert calls == ([3] if skipping else [])
     # scale 0 never calls the weaker model; a scale without one is a programming error
     plain = classifier_free_guidance(_toy_model, cond, null, 4.0, skip_fn=weak_model, skip_scale=0.0)
     calls.clear()

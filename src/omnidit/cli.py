@@ -45,6 +45,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-blocks", type=int, nargs="+", default=None, metavar="I",
                    help="the single-stream blocks (from 0) that skip-layer guidance leaves out "
                         "(default: the model's sample.skip_blocks)")
+    p.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="apply skip-layer guidance only at times LO <= t <= HI (1 = noise; default: the model's "
+                        "sample.skip_interval)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,10 +205,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     images = pipe.generate([args.prompt] * args.num_images, width=width, height=height, steps=args.steps,
                            cfg=args.cfg, seed=args.seed, sampler=args.sampler, shift=args.shift,
                            cfg_interval=args.cfg_interval, skip_scale=args.skip_scale, skip_blocks=args.skip_blocks,
-                           progress=not args.no_progress)
+                           skip_interval=args.skip_interval, progress=not args.no_progress)
     settings = {"prompt": args.prompt, "seed": args.seed,
                 **pipe.sampling_settings(args.steps, args.cfg, args.sampler, args.shift, args.cfg_interval,
-                                         args.skip_scale, args.skip_blocks),
+                                         args.skip_scale, args.skip_blocks, args.skip_interval),
                 "size": f"{images.shape[3]}x{images.shape[2]}",
                 "num_images": args.num_images, "model": str(Path(args.model).resolve()), "ema": not args.no_ema,
                 "software": "omnidit"}
@@ -230,7 +233,8 @@ def _generate_diffusers_pipeline(args: argparse.Namespace, width: int | None, he
                            hint="Flux and StableDiffusion3 pipeline folders are")
     if width is None:
         raise OmniditError("a pipeline folder needs --size", hint="e.g. --size 1024x1024")
-    if any(v is not None for v in (args.shift, args.cfg_interval, args.skip_scale, args.skip_blocks)):
+    if any(v is not None for v in (args.shift, args.cfg_interval, args.skip_scale, args.skip_blocks,
+                                   args.skip_interval)):
         raise OmniditError("--shift, --cfg-interval and --skip-* apply to omnidit models, not to a diffusers "
                            "pipeline folder",
                            hint="drop them: the folder's scheduler config sets the shift, and guidance runs at "
@@ -268,7 +272,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
                                 steps=args.steps, cfg=args.cfg, sampler=args.sampler, shift=args.shift,
                                 cfg_interval=args.cfg_interval, skip_scale=args.skip_scale,
-                                skip_blocks=args.skip_blocks)
+                                skip_blocks=args.skip_blocks, skip_interval=args.skip_interval)
     grid = args.grid or (str(Path(args.json).with_name(f"eval_{report.suite}.png")) if args.json else None)
     report.save(args.json, grid)
     print(report.table())
@@ -347,8 +351,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"sampling      {config.sample.sampler}, {config.sample.steps} steps, cfg {config.sample.cfg}, "
         f"shift {config.sample.shift}" + ("" if config.sample.cfg_interval == [0.0, 1.0] else
                                          ", guidance at t in [{}, {}]".format(*config.sample.cfg_interval))
-        + (f", skip-layer guidance {config.sample.skip_scale} without single blocks {config.sample.skip_blocks}"
-           if config.sample.skip_scale else ""),
+        + (f", skip-layer guidance {config.sample.skip_scale} without single blocks {config.sample.skip_blocks} "
+           f"at t in {config.sample.skip_interval}" if config.sample.skip_scale else ""),
     ]
     others = list_checkpoints(directory.parent)
     if len(others) > 1:

@@ -159,6 +159,7 @@ class SampleConfig:
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only at times LO <= t <= HI
     skip_scale: float = 0.0  # skip-layer guidance: push away from the model without skip_blocks (0 = off)
     skip_blocks: list[int] = field(default_factory=list)  # the single-stream blocks that weaker model leaves out
+    skip_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # skip guidance only at LO <= t <= HI
 
     def __post_init__(self) -> None:
         _check_ranges("sample", self, positive=("steps", "shift"), non_negative=("skip_scale",),
@@ -168,10 +169,11 @@ class SampleConfig:
             raise OmniditError(f"sample.skip_scale={self.skip_scale} needs sample.skip_blocks",
                                hint="name the single-stream blocks to leave out, e.g. sample.skip_blocks=[2], "
                                     "or set sample.skip_scale=0")
-        try:
-            self.cfg_interval = list(check_cfg_interval(self.cfg_interval))
-        except OmniditError as e:
-            raise OmniditError(f"config key 'sample.cfg_interval': {e.message}", hint=e.hint) from None
+        for key in ("cfg_interval", "skip_interval"):
+            try:
+                setattr(self, key, list(check_cfg_interval(getattr(self, key))))
+            except OmniditError as e:
+                raise OmniditError(f"config key 'sample.{key}': {e.message}", hint=e.hint) from None
 
 
 @dataclass

@@ -84,9 +84,10 @@ class Pipeline:
 
     def sampling_settings(self, steps: int | None = None, cfg: float | None = None, sampler: str | None = None,
                           shift: float | None = None, cfg_interval: Sequence[float] | None = None,
-                          skip_scale: float | None = None, skip_blocks: Sequence[int] | None = None) -> dict:
-        """{"steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks"}: the given values,
-        the config's ``sample`` section for unset ones."""
+                          skip_scale: float | None = None, skip_blocks: Sequence[int] | None = None,
+                          skip_interval: Sequence[float] | None = None) -> dict:
+        """{"steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks", "skip_interval"}:
+        the given values, the config's ``sample`` section for unset ones."""
         s = self.config.sample
         skip_scale = s.skip_scale if skip_scale is None else skip_scale
         skip_blocks = list(s.skip_blocks if skip_blocks is None else skip_blocks)
@@ -98,14 +99,16 @@ class Pipeline:
         return {"steps": steps or s.steps, "cfg": s.cfg if cfg is None else cfg, "sampler": sampler or s.sampler,
                 "shift": s.shift if shift is None else shift,
                 "cfg_interval": list(s.cfg_interval if cfg_interval is None else check_cfg_interval(cfg_interval)),
-                "skip_scale": skip_scale, "skip_blocks": skip_blocks if skip_scale else []}
+                "skip_scale": skip_scale, "skip_blocks": skip_blocks if skip_scale else [],
+                "skip_interval": list(s.skip_interval if skip_interval is None else check_cfg_interval(skip_interval))}
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], width: int | None = None, height: int | None = None,
                  steps: int | None = None, cfg: float | None = None, seed: int | Sequence[int] = 0,
                  sampler: str | None = None, shift: float | None = None,
                  cfg_interval: Sequence[float] | None = None, skip_scale: float | None = None,
-                 skip_blocks: Sequence[int] | None = None, progress: bool = False) -> Tensor:
+                 skip_blocks: Sequence[int] | None = None, skip_interval: Sequence[float] | None = None,
+                 progress: bool = False) -> Tensor:
         """One image per prompt: (B, C, H, W) in [-1, 1]. Unset settings come from the config.
 
         ``seed``: one seed for the whole batch, or one per prompt (then each image is independent of
@@ -116,7 +119,8 @@ class Pipeline:
             raise OmniditError(f"this model outputs {mc.out_channels} channels per {mc.in_channels} input channels "
                                "(e.g. DiT's learned variance); the flow samplers need a velocity model")
         width, height = width or self.config.data.width, height or self.config.data.height
-        settings = self.sampling_settings(steps, cfg, sampler, shift, cfg_interval, skip_scale, skip_blocks)
+        settings = self.sampling_settings(steps, cfg, sampler, shift, cfg_interval, skip_scale, skip_blocks,
+                                          skip_interval)
         steps, cfg, sampler, shift = settings["steps"], settings["cfg"], settings["sampler"], settings["shift"]
         factor = self.codec.downsample if self.codec is not None else 1
         check_image_size(height, width, mc.patch_size * factor)
@@ -138,7 +142,7 @@ class Pipeline:
             velocity = lambda x, t: model_fn(x, t, cond)  # noqa: E731
         else:
             velocity = classifier_free_guidance(model_fn, cond, null, cfg, settings["cfg_interval"], skip_fn,
-                                                settings["skip_scale"])
+                                                settings["skip_scale"], settings["skip_interval"])
         if isinstance(seed, int):
             noise = initial_noise((len(prompts), mc.in_channels, height, width), seed)
         else:

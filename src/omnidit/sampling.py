@@ -69,7 +69,7 @@ def check_cfg_interval(interval: Sequence[float]) -> tuple[float, float]:
 def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Tensor], cond: Condition,
                              null_cond: Condition, scale: float, interval: Sequence[float] = (0.0, 1.0),
                              skip_fn: Callable[[Tensor, Tensor, Condition], Tensor] | None = None,
-                             skip_scale: float = 0.0) -> VelocityFn:
+                             skip_scale: float = 0.0, skip_interval: Sequence[float] = (0.0, 1.0)) -> VelocityFn:
     """v = v_uncond + scale * (v_cond - v_uncond), over all channels, in one batched call.
 
     model_fn(x, t, cond) -> v; cond has batch B, null_cond batch B or 1. ``interval`` (lo, hi): guide only
@@ -78,11 +78,13 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Ten
 
     Skip-layer guidance (``skip_scale`` > 0; SD3.5's SLG, after Hyung et al. 2024's spatiotemporal skip
     guidance): ``skip_fn(x, t, cond)`` is the same model with some blocks left out, a weaker model whose
-    errors the guided velocity moves away from: v += skip_scale * (v_cond - v_skip), in the same
-    interval, at one more model call per step.
+    errors the guided velocity moves away from: v += skip_scale * (v_cond - v_skip) at the guided steps with
+    skip_lo <= t <= skip_hi (``skip_interval``), at one more model call per step.
     """
     if skip_scale and skip_fn is None:
         raise ValueError("skip-layer guidance needs skip_fn")
+    skip_lo, skip_hi = check_cfg_interval(skip_interval)
+    skip_every_step = (skip_lo, skip_hi) == (0.0, 1.0)
     lo, hi = check_cfg_interval(interval)
     batch = cond.batch_size
     if null_cond.batch_size != batch:
@@ -96,7 +98,9 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Ten
             return model_fn(x, t, cond_only)
         v_cond, v_uncond = model_fn(torch.cat([x, x]), t, both).chunk(2)
         v = v_uncond + scale * (v_cond - v_uncond)
-        return v + skip_scale * (v_cond - skip_fn(x, t, cond_only)) if skip_scale else v
+        if not skip_scale or not skip_every_step and not skip_lo <= float(t) <= skip_hi:
+            return v
+        return v + skip_scale * (v_cond - skip_fn(x, t, cond_only))
 
     return guided
 

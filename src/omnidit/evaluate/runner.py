@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 SUITES = ("shapes", "digits")
 SEED_STRIDE = 1_000_003  # image i of a run with seed s uses noise seed s * SEED_STRIDE + i
-SAMPLING_KEYS = ("steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks")  # Pipeline.generate
+SAMPLING_KEYS = ("steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks",
+                 "skip_interval")  # Pipeline.generate's sampling arguments, in sampling_settings' order
 
 
 @dataclass
