@@ -103,11 +103,16 @@ def test_cfg_scale_one_equals_conditional_and_guides_all_channels():
     assert torch.all((guided - v_c).abs().amax(dim=(0, 1)) > 0)  # every channel is guided
 
 
-def test_cfg_interval_guides_inside_and_runs_the_conditional_branch_alone_outside():
-    g = torch.Generator().manual_seed(0)
+def _guidance_inputs(seed: int) -> tuple[Condition, Condition, torch.Tensor]:
+    """(cond with batch 3, a batch-1 null condition, x: (3, 5, 6)) for the toy model."""
+    g = torch.Generator().manual_seed(seed)
     cond = Condition(pooled=torch.randn(3, 4, generator=g), labels=torch.tensor([1, 2, 3]))
     null = Condition(pooled=torch.randn(1, 4, generator=g), labels=torch.tensor([9]))
-    x = torch.randn(3, 5, 6, generator=g)
+    return cond, null, torch.randn(3, 5, 6, generator=g)
+
+
+def test_cfg_interval_guides_inside_and_runs_the_conditional_branch_alone_outside():
+    cond, null, x = _guidance_inputs(0)
     batches = []
 
     def counting_model(x, t, c):
@@ -125,10 +130,7 @@ def test_cfg_interval_guides_inside_and_runs_the_conditional_branch_alone_outsid
 
 
 def test_skip_layer_guidance_adds_the_push_away_from_the_weaker_model_inside_the_interval():
-    g = torch.Generator().manual_seed(1)
-    cond = Condition(pooled=torch.randn(3, 4, generator=g), labels=torch.tensor([1, 2, 3]))
-    null = Condition(pooled=torch.randn(1, 4, generator=g), labels=torch.tensor([9]))
-    x = torch.randn(3, 5, 6, generator=g)
+    cond, null, x = _guidance_inputs(1)
     calls = []
 
     def weak_model(x, t, c):  # a different velocity field, standing in for the model without some blocks
