@@ -11,6 +11,7 @@ from omnidit.condition import Condition
 from omnidit.errors import OmniditError
 from omnidit.sampling import (
     check_cfg_interval,
+    check_skip_blocks,
     classifier_free_guidance,
     euler,
     heun,
@@ -162,6 +163,15 @@ def test_skip_layer_guidance_adds_the_push_away_from_the_weaker_model_inside_the
     assert calls == []
     with pytest.raises(ValueError, match="skip_fn"):
         classifier_free_guidance(_toy_model, cond, null, 4.0, skip_scale=1.0)
+
+
+@pytest.mark.parametrize("scale, blocks, depth_single, message", [
+    (-1.0, [0], 2, "must be >= 0"), (1.0, [], 2, "needs single-stream blocks"),
+    (1.0, [2], 2, r"blocks 0 to 1\), got \[2\]"), (1.0, [0], 0, "no single-stream blocks")])
+def test_check_skip_blocks_names_the_problem(scale, blocks, depth_single, message):
+    with pytest.raises(OmniditError, match=message):
+        check_skip_blocks(scale, blocks, depth_single)
+    assert check_skip_blocks(0.0, [], 0) == [] and check_skip_blocks(1.0, (1.0, 0), 2) == [1, 0]
 
 
 @pytest.mark.parametrize("interval", [(0.5, 0.5), (0.8, 0.2), (-0.1, 1.0), (0.0, 1.5), (0.3,), "ab"])

@@ -219,15 +219,15 @@ def deepen_state(state: dict[str, Tensor], a: MMDiTConfig, b: MMDiTConfig,
     of n goes to index floor(i * m / n) of m; the other blocks keep their weights from ``fresh`` (a newly
     initialised ``b`` model), whose zeroed adaLN modulation makes each of them the identity, so the deeper
     model computes exactly what the shallow one did until training opens their gates (a
-    function-preserving growth, as in Net2Net, Chen et al. 2016)."""
-    same = {k: v for k, v in vars(a).items() if k not in ("depth", "depth_single")}
-    differ = [k for k, v in same.items() if getattr(b, k) != v]
-    if differ or b.depth < a.depth or b.depth_single < a.depth_single or (a.depth_single == 0 < b.depth_single):
+    function-preserving growth, as in Net2Net, Chen et al. 2016). The other model settings must be equal
+    (``initial_weights`` checks them)."""
+    if b.depth < a.depth or b.depth_single < a.depth_single or (a.depth_single == 0 < b.depth_single):
         raise OmniditError(
-            "train.init_grow can only add blocks: the source must have the same model settings apart from "
-            f"fewer (or as many) model.depth and model.depth_single, and at least one single-stream block "
-            f"(differing: {', '.join(differ) or 'a depth is smaller there'})",
-            hint="make this config's model section the source's with larger depths, or drop train.init_grow")
+            f"train.init_grow can only add blocks: the source has {a.depth} double- and {a.depth_single} "
+            f"single-stream blocks, this config {b.depth} and {b.depth_single} (and a source needs at least one "
+            "single-stream block to grow more)",
+            hint="make this config's model.depth and model.depth_single at least the source's, or drop "
+                 "train.init_grow")
     moves = {}
     for name, n, m in (("double_blocks", a.depth, b.depth), ("single_blocks", a.depth_single, b.depth_single)):
         moves.update({f"{name}.{i}.": f"{name}.{i * m // n}." for i in range(n)})

@@ -18,7 +18,7 @@ from typing import Any
 from omnidit.data.shapes import check_counterfactual_facts, check_scene_kinds
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import PRESETS, MMDiTConfig
-from omnidit.sampling import SAMPLERS, check_cfg_interval
+from omnidit.sampling import SAMPLERS, check_cfg_interval, check_skip_blocks
 
 DEFAULT_HELD_OUT = ["red triangle", "blue circle", "green square", "yellow diamond"]
 
@@ -164,11 +164,6 @@ class SampleConfig:
     def __post_init__(self) -> None:
         _check_ranges("sample", self, positive=("steps", "shift"), non_negative=("skip_scale",),
                       choices={"sampler": tuple(SAMPLERS)})
-        self.skip_blocks = [int(i) for i in self.skip_blocks]
-        if self.skip_scale and not self.skip_blocks:
-            raise OmniditError(f"sample.skip_scale={self.skip_scale} needs sample.skip_blocks",
-                               hint="name the single-stream blocks to leave out, e.g. sample.skip_blocks=[2], "
-                                    "or set sample.skip_scale=0")
         for key in ("cfg_interval", "skip_interval"):
             try:
                 setattr(self, key, list(check_cfg_interval(getattr(self, key))))
@@ -184,12 +179,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
-    def __post_init__(self) -> None:
-        n = self.model.depth_single
-        if any(not 0 <= i < n for i in self.sample.skip_blocks):
-            raise OmniditError(f"config key 'sample.skip_blocks': {self.sample.skip_blocks} names a block the model "
-                               f"does not have (its single-stream blocks are 0 to {n - 1})",
-                               hint="name blocks below model.depth_single, or set sample.skip_blocks=[]")
+    def __post_init__(self) -> None:  # the sample section's skip blocks must exist in the model section
+        try:
+            self.sample.skip_blocks = check_skip_blocks(self.sample.skip_scale, self.sample.skip_blocks,
+                                                        self.model.depth_single)
+        except OmniditError as e:
+            raise OmniditError(f"config key 'sample.skip_blocks': {e.message}",
+                               hint="name blocks below model.depth_single, e.g. sample.skip_blocks=[2], or set "
+                                    "sample.skip_scale=0") from None
 
     def to_dict(self) -> dict:
         return {s.name: _section_dict(getattr(self, s.name)) for s in dataclasses.fields(self)}

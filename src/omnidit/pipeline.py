@@ -17,7 +17,14 @@ from omnidit.condition import Condition
 from omnidit.config import Config
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import MMDiT
-from omnidit.sampling import SAMPLERS, check_cfg_interval, classifier_free_guidance, initial_noise, sample
+from omnidit.sampling import (
+    SAMPLERS,
+    check_cfg_interval,
+    check_skip_blocks,
+    classifier_free_guidance,
+    initial_noise,
+    sample,
+)
 from omnidit.tokens import check_image_size, image_position_ids, patchify, unpatchify
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -90,12 +97,12 @@ class Pipeline:
         the given values, the config's ``sample`` section for unset ones."""
         s = self.config.sample
         skip_scale = s.skip_scale if skip_scale is None else skip_scale
-        skip_blocks = list(s.skip_blocks if skip_blocks is None else skip_blocks)
-        n = self.model.config.depth_single
-        if skip_scale < 0 or skip_scale and not skip_blocks or any(not 0 <= i < n for i in skip_blocks):
-            raise OmniditError(f"skip-layer guidance needs a scale >= 0 and single-stream blocks 0 to {n - 1} to "
-                               f"leave out; got scale {skip_scale} and blocks {skip_blocks}",
-                               hint="e.g. --skip-scale 1 --skip-blocks 2, or --skip-scale 0 to turn it off")
+        try:
+            skip_blocks = check_skip_blocks(skip_scale, s.skip_blocks if skip_blocks is None else skip_blocks,
+                                            self.model.config.depth_single)
+        except OmniditError as e:
+            raise OmniditError(e.message, hint="e.g. --skip-scale 1 --skip-blocks 2, or --skip-scale 0 to turn it "
+                                               "off") from None
         return {"steps": steps or s.steps, "cfg": s.cfg if cfg is None else cfg, "sampler": sampler or s.sampler,
                 "shift": s.shift if shift is None else shift,
                 "cfg_interval": list(s.cfg_interval if cfg_interval is None else check_cfg_interval(cfg_interval)),

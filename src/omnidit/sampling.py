@@ -66,6 +66,20 @@ def check_cfg_interval(interval: Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
+def check_skip_blocks(scale: float, blocks: Sequence[int], depth_single: int) -> list[int]:
+    """The single-stream blocks skip-layer guidance leaves out, as ints, or an error that names the problem:
+    a negative scale, a scale with no blocks, or a block the model (``depth_single`` blocks) lacks."""
+    blocks = [int(i) for i in blocks]
+    if scale < 0:
+        raise OmniditError(f"the skip-layer guidance scale must be >= 0, got {scale}")
+    if scale and not blocks:
+        raise OmniditError(f"skip-layer guidance at scale {scale} needs single-stream blocks to leave out")
+    if any(not 0 <= i < depth_single for i in blocks):
+        have = f"single-stream blocks 0 to {depth_single - 1}" if depth_single else "no single-stream blocks"
+        raise OmniditError(f"skip-layer guidance can only leave out blocks the model has ({have}), got {blocks}")
+    return blocks
+
+
 def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Tensor], cond: Condition,
                              null_cond: Condition, scale: float, interval: Sequence[float] = (0.0, 1.0),
                              skip_fn: Callable[[Tensor, Tensor, Condition], Tensor] | None = None,

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 SUITES = ("shapes", "digits")
 SEED_STRIDE = 1_000_003  # image i of a run with seed s uses noise seed s * SEED_STRIDE + i
 SAMPLING_KEYS = ("steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks",
-                 "skip_interval")  # Pipeline.generate's sampling arguments, in sampling_settings' order
+                 "skip_interval")  # the sampling arguments of Pipeline.generate and sampling_settings
 
 
 @dataclass
@@ -209,7 +209,7 @@ def evaluate_model(pipe, suite: str, **kwargs) -> EvalReport:
     report = runners[suite](pipe, **kwargs)
     report.settings = {
         "n_per_prompt": kwargs.get("n_per_prompt"), "seed": kwargs.get("seed", 0), "limit": kwargs.get("limit"),
-        **pipe.sampling_settings(*(kwargs.get(k) for k in SAMPLING_KEYS)),
+        **pipe.sampling_settings(**{k: kwargs.get(k) for k in SAMPLING_KEYS}),
     }
     return report
 
