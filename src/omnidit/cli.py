@@ -50,6 +50,13 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
                         "sample.skip_interval)")
 
 
+def _sampling_args(args: argparse.Namespace) -> dict:
+    """The sampler flags (``_add_sampler_flags``) as Pipeline.generate's keyword arguments; None = the model's."""
+    from omnidit.pipeline import SAMPLING_KEYS
+
+    return {k: getattr(args, k) for k in SAMPLING_KEYS}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="omnidit", description="Train, sample and inspect multimodal diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -202,13 +209,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if (Path(args.model) / "model_index.json").is_file():  # a diffusers pipeline folder (Flux / SD3)
         return _generate_diffusers_pipeline(args, width, height)
     pipe = load_pipeline(args.model, device=args.device, use_ema=not args.no_ema)
-    images = pipe.generate([args.prompt] * args.num_images, width=width, height=height, steps=args.steps,
-                           cfg=args.cfg, seed=args.seed, sampler=args.sampler, shift=args.shift,
-                           cfg_interval=args.cfg_interval, skip_scale=args.skip_scale, skip_blocks=args.skip_blocks,
-                           skip_interval=args.skip_interval, progress=not args.no_progress)
-    settings = {"prompt": args.prompt, "seed": args.seed,
-                **pipe.sampling_settings(args.steps, args.cfg, args.sampler, args.shift, args.cfg_interval,
-                                         args.skip_scale, args.skip_blocks, args.skip_interval),
+    sampling = _sampling_args(args)
+    images = pipe.generate([args.prompt] * args.num_images, width=width, height=height, seed=args.seed,
+                           progress=not args.no_progress, **sampling)
+    settings = {"prompt": args.prompt, "seed": args.seed, **pipe.sampling_settings(**sampling),
                 "size": f"{images.shape[3]}x{images.shape[2]}",
                 "num_images": args.num_images, "model": str(Path(args.model).resolve()), "ema": not args.no_ema,
                 "software": "omnidit"}
@@ -270,9 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise OmniditError(f"no suite for data '{suite}'", hint="pass --suite shapes or --suite digits")
         report = evaluate_model(pipe, suite, n_per_prompt=args.n_per_prompt, seed=args.seed, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
-                                steps=args.steps, cfg=args.cfg, sampler=args.sampler, shift=args.shift,
-                                cfg_interval=args.cfg_interval, skip_scale=args.skip_scale,
-                                skip_blocks=args.skip_blocks, skip_interval=args.skip_interval)
+                                **_sampling_args(args))
     grid = args.grid or (str(Path(args.json).with_name(f"eval_{report.suite}.png")) if args.json else None)
     report.save(args.json, grid)
     print(report.table())

@@ -27,6 +27,9 @@ from omnidit.sampling import (
 )
 from omnidit.tokens import check_image_size, image_position_ids, patchify, unpatchify
 
+# The sampling arguments of Pipeline.generate and sampling_settings (None = the config's sample section).
+SAMPLING_KEYS = ("steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks", "skip_interval")
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 

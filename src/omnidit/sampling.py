@@ -98,21 +98,23 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Ten
     if skip_scale and skip_fn is None:
         raise ValueError("skip-layer guidance needs skip_fn")
     skip_lo, skip_hi = check_cfg_interval(skip_interval)
-    skip_every_step = (skip_lo, skip_hi) == (0.0, 1.0)
+    skip_limited = bool(skip_scale) and (skip_lo, skip_hi) != (0.0, 1.0)
     lo, hi = check_cfg_interval(interval)
     batch = cond.batch_size
     if null_cond.batch_size != batch:
         null_cond = null_cond.repeat(batch)
     both = Condition.cat([cond, null_cond]).without_full_mask()
     cond_only = cond.without_full_mask()
-    every_step = (lo, hi) == (0.0, 1.0)  # then no per-step test, which reads t on the host (a device sync)
+    every_step = (lo, hi) == (0.0, 1.0)
+    reads_t = not every_step or skip_limited  # only a limited interval reads t on the host (a device sync)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
-        if not every_step and not lo <= float(t) <= hi:
+        now = float(t) if reads_t else None  # at most one read per step, shared by both intervals
+        if not every_step and not lo <= now <= hi:
             return model_fn(x, t, cond_only)
         v_cond, v_uncond = model_fn(torch.cat([x, x]), t, both).chunk(2)
         v = v_uncond + scale * (v_cond - v_uncond)
-        if not skip_scale or not skip_every_step and not skip_lo <= float(t) <= skip_hi:
+        if not skip_scale or skip_limited and not skip_lo <= now <= skip_hi:
             return v
         return v + skip_scale * (v_cond - skip_fn(x, t, cond_only))
 

@@ -19,14 +19,13 @@ from tqdm.auto import tqdm
 
 from omnidit.errors import OmniditError
 from omnidit.images import labelled_grid, to_pil
+from omnidit.pipeline import SAMPLING_KEYS
 
 if TYPE_CHECKING:
     from omnidit.evaluate.shapes_suite import PromptSpec
 
 SUITES = ("shapes", "digits")
 SEED_STRIDE = 1_000_003  # image i of a run with seed s uses noise seed s * SEED_STRIDE + i
-SAMPLING_KEYS = ("steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks",
-                 "skip_interval")  # the sampling arguments of Pipeline.generate and sampling_settings
 
 
 @dataclass
