@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -57,3 +58,48 @@ def test_relation_sensitivity_bad_input_is_one_line(digits_run, tmp_path, capsys
         err = capsys.readouterr().err
         assert err.startswith("relation_sensitivity: error:") and err.count("\n") == 1, err
     assert rs.main(["--scenes", "0"]) == 2 and "--scenes must be >= 1" in capsys.readouterr().err
+
+
+def test_guidance_variants_combine():
+    gv = load_script("guidance_variants")
+    g = torch.Generator().manual_seed(0)
+    x, v_cond, v_uncond = (torch.randn(3, 5, 4, generator=g) for _ in range(3))
+    t, scale = 0.7, 4.0
+    plain = v_uncond + scale * (v_cond - v_uncond)
+    assert torch.equal(gv.combine("plain", 0.0, x, t, v_cond, v_uncond, scale), plain)
+    assert torch.allclose(gv.combine("rescale", 0.0, x, t, v_cond, v_uncond, scale), plain)
+    rescaled = gv.combine("rescale", 1.0, x, t, v_cond, v_uncond, scale)
+    assert torch.allclose(rescaled.flatten(1).std(1), v_cond.flatten(1).std(1), rtol=1e-5)
+    assert torch.allclose(gv.combine("apg", 1.0, x, t, v_cond, v_uncond, scale), plain, atol=1e-5)
+    x0_cond = x - t * v_cond  # with the parallel part dropped, the guidance is orthogonal to x0_cond
+    x0 = x - t * gv.combine("apg", 0.0, x, t, v_cond, v_uncond, scale)
+    assert torch.allclose(((x0 - x0_cond) * x0_cond).flatten(1).sum(1), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(gv.combine("cfg_zero", 0.0, x, t, v_cond, v_cond, scale), v_cond, atol=1e-6)
+    # CFG-Zero* guides from s * v_uncond, the least-squares fit of v_uncond to v_cond: the residual of the
+    # fit is orthogonal to v_uncond
+    zero = gv.combine("cfg_zero", 0.0, x, t, v_cond, v_uncond, scale)
+    fitted = (zero - scale * v_cond) / (1 - scale)
+    s = (fitted * v_uncond).flatten(1).sum(1) / (v_uncond * v_uncond).flatten(1).sum(1)
+    assert torch.allclose(fitted, s.view(-1, 1, 1) * v_uncond, atol=1e-5)
+    assert torch.allclose(((v_cond - fitted) * v_uncond).flatten(1).sum(1), torch.zeros(3), atol=1e-4)
+
+
+def test_guidance_variants_plain_reproduces_eval(tiny_run, tmp_path, capsys):
+    from omnidit.evaluate.runner import evaluate_model
+    from omnidit.pipeline import load_pipeline
+
+    gv = load_script("guidance_variants")
+    ours = gv.run(str(tiny_run), "plain", 0.0, seed=1, n_per_prompt=1, limit=1, progress=False)
+    theirs = evaluate_model(load_pipeline(str(tiny_run), device="cpu"), "shapes", n_per_prompt=1, seed=1, limit=1,
+                            progress=False, frechet=False)
+    assert all(torch.equal(a.image, b.image) for a, b in zip(ours.judged, theirs.judged))
+    assert ours.overall == theirs.overall and ours.settings["guidance"] == {"variant": "plain", "arg": 0.0}
+    other = gv.run(str(tiny_run), "cfg_zero", 0.0, seed=1, n_per_prompt=1, limit=1, progress=False)
+    assert any(not torch.equal(a.image, b.image) for a, b in zip(other.judged, theirs.judged))
+    out = tmp_path / "g.json"
+    assert gv.main(["rescale", "--arg", "0.7", "--model", str(tiny_run), "--limit", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["guidance"] == {"variant": "rescale", "arg": 0.7}
+    assert "overall" in capsys.readouterr().out
+    assert gv.main(["plain", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("guidance_variants: error:") and err.count("\n") == 1, err

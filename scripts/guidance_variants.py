@@ -1,0 +1,129 @@
+"""Other forms of classifier-free guidance on the shapes suite, against the library's plain guidance.
+
+Each variant replaces v = v_uncond + cfg (v_cond - v_uncond) and keeps everything else of the model's
+default sampling (steps, shift, skip-layer guidance):
+
+- rescale ARG: "guidance rescale" (Lin et al. 2024), the guided velocity scaled to the per-image standard
+  deviation of v_cond and mixed with the plain one: ARG * v * std(v_cond) / std(v) + (1 - ARG) * v;
+- apg ARG: adaptive projected guidance (Sadat et al. 2024) in the clean-image space x0 = x - t v: the part
+  of the guidance x0_cond - x0_uncond along x0_cond is kept ARG times (0 drops it), the rest in full;
+- cfg_zero: CFG-Zero* (Fan et al. 2025), v_uncond scaled by <v_cond, v_uncond> / |v_uncond|^2 first;
+- plain: the library's guidance, for checking that this script reproduces ``omnidit eval``.
+
+They did not beat plain guidance on the shipped model (docs/default_model.md, "Other forms of guidance"),
+so they stay here rather than in omnidit.sampling.
+
+    python scripts/guidance_variants.py VARIANT [--arg A] [--model DIR] [--seed 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+import omnidit.pipeline as pipeline_module
+from omnidit.checkpoint import default_model_dir
+from omnidit.condition import Condition
+from omnidit.errors import OmniditError
+from omnidit.evaluate.runner import EvalReport, evaluate_model
+from omnidit.sampling import check_cfg_interval
+
+VARIANTS = ("plain", "rescale", "apg", "cfg_zero")
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-image inner product of (B, ...) tensors, shaped (B, 1, ..., 1) to broadcast."""
+    return (a * b).flatten(1).sum(1).view(-1, *[1] * (a.dim() - 1))
+
+
+def combine(variant: str, arg: float, x: Tensor, t: float, v_cond: Tensor, v_uncond: Tensor,
+            scale: float) -> Tensor:
+    """The guided velocity (B, N, D) from the conditional and unconditional ones at time t."""
+    if variant == "plain":
+        return v_uncond + scale * (v_cond - v_uncond)
+    if variant == "rescale":
+        v = v_uncond + scale * (v_cond - v_uncond)
+        ratio = (v_cond.flatten(1).std(1) / v.flatten(1).std(1).clamp_min(1e-8)).view(-1, *[1] * (v.dim() - 1))
+        return arg * v * ratio + (1 - arg) * v
+    if variant == "apg":
+        x0_cond, x0_uncond = x - t * v_cond, x - t * v_uncond
+        diff = x0_cond - x0_uncond
+        along = _dot(diff, x0_cond) / _dot(x0_cond, x0_cond).clamp_min(1e-8) * x0_cond
+        x0 = x0_cond + (scale - 1) * (diff - along + arg * along)
+        return (x - x0) / max(t, 1e-4)
+    if variant == "cfg_zero":
+        s = _dot(v_cond, v_uncond) / _dot(v_uncond, v_uncond).clamp_min(1e-8)
+        return s * v_uncond + scale * (v_cond - s * v_uncond)
+    raise OmniditError(f"unknown guidance variant '{variant}'", hint=f"choose one of {', '.join(VARIANTS)}")
+
+
+def guidance_factory(variant: str, arg: float) -> Callable:
+    """A stand-in for omnidit.sampling.classifier_free_guidance (same arguments) that guides by ``variant``."""
+
+    def classifier_free_guidance(model_fn, cond: Condition, null_cond: Condition, scale: float,
+                                 interval=(0.0, 1.0), skip_fn=None, skip_scale: float = 0.0,
+                                 skip_interval=(0.0, 1.0)):
+        if tuple(interval) != (0.0, 1.0):
+            raise OmniditError("this script guides at every step, and the model samples with a guidance interval",
+                               hint="use a model whose sample.cfg_interval is [0, 1]")
+        skip_lo, skip_hi = check_cfg_interval(skip_interval)
+        if null_cond.batch_size != cond.batch_size:
+            null_cond = null_cond.repeat(cond.batch_size)
+        both = Condition.cat([cond, null_cond]).without_full_mask()
+        cond_only = cond.without_full_mask()
+
+        def guided(x: Tensor, t: Tensor) -> Tensor:
+            now = float(t)
+            v_cond, v_uncond = model_fn(torch.cat([x, x]), t, both).chunk(2)
+            v = combine(variant, arg, x, now, v_cond, v_uncond, scale)
+            if skip_scale and skip_lo <= now <= skip_hi:
+                v = v + skip_scale * (v_cond - skip_fn(x, t, cond_only))
+            return v
+
+        return guided
+
+    return classifier_free_guidance
+
+
+def run(model: str, variant: str, arg: float, seed: int, n_per_prompt: int = 4, limit: int | None = None,
+        progress: bool = True) -> EvalReport:
+    """The shapes suite (no Fréchet distance) with the model's default sampling but ``variant`` guidance."""
+    original = pipeline_module.classifier_free_guidance
+    pipeline_module.classifier_free_guidance = guidance_factory(variant, arg)
+    try:
+        pipe = pipeline_module.load_pipeline(model, device="cpu")
+        report = evaluate_model(pipe, "shapes", n_per_prompt=n_per_prompt, seed=seed, limit=limit,
+                                progress=progress, frechet=False)
+    finally:
+        pipeline_module.classifier_free_guidance = original
+    report.settings["guidance"] = {"variant": variant, "arg": arg}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variant", choices=VARIANTS)
+    parser.add_argument("--arg", type=float, default=0.0, help="rescale: the mix (0.7 in the paper); apg: how "
+                        "much of the parallel part to keep (0); ignored otherwise")
+    parser.add_argument("--model", default=None, help="run or checkpoint folder (default: the shipped model)")
+    parser.add_argument("--seed", type=int, default=1, help="noise seed (1: the validation run)")
+    parser.add_argument("--limit", type=int, default=None, help="prompts per category (default: all)")
+    parser.add_argument("--json", default=None, help="write the report here")
+    args = parser.parse_args(argv)
+    try:
+        report = run(args.model or str(default_model_dir()), args.variant, args.arg, args.seed, limit=args.limit)
+    except OmniditError as e:
+        print(f"guidance_variants: error: {e}", file=sys.stderr)
+        return 2
+    print(report.table())
+    if args.json:
+        report.save(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
