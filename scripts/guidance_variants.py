@@ -1,19 +1,21 @@
 """Other forms of classifier-free guidance on the shapes suite, against the library's plain guidance.
 
-Each variant replaces v = v_uncond + cfg (v_cond - v_uncond) and keeps everything else of the model's
-default sampling (steps, shift, skip-layer guidance):
+Each variant replaces v = v_uncond + cfg (v_cond - v_uncond) and keeps everything else of the sampling
+(steps, shift, and skip-layer guidance as the model's config or the --skip-* flags set it):
 
 - rescale ARG: "guidance rescale" (Lin et al. 2024), the guided velocity scaled to the per-image standard
   deviation of v_cond and mixed with the plain one: ARG * v * std(v_cond) / std(v) + (1 - ARG) * v;
 - apg ARG: adaptive projected guidance (Sadat et al. 2024) in the clean-image space x0 = x - t v: the part
   of the guidance x0_cond - x0_uncond along x0_cond is kept ARG times (0 drops it), the rest in full;
-- cfg_zero: CFG-Zero* (Fan et al. 2025), v_uncond scaled by <v_cond, v_uncond> / |v_uncond|^2 first;
+- cfg_zero: CFG-Zero*'s optimised scale (Fan et al. 2025), v_uncond scaled by <v_cond, v_uncond> /
+  |v_uncond|^2 first (the paper's other part, a zero velocity for the first steps, is left out);
 - plain: the library's guidance, for checking that this script reproduces ``omnidit eval``.
 
 They did not beat plain guidance on the shipped model (docs/default_model.md, "Other forms of guidance"),
 so they stay here rather than in omnidit.sampling.
 
     python scripts/guidance_variants.py VARIANT [--arg A] [--model DIR] [--seed 1] [--json out.json]
+        [--skip-scale S --skip-blocks I ... --skip-interval LO HI]
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def guidance_factory(variant: str, arg: float) -> Callable:
     def classifier_free_guidance(model_fn, cond: Condition, null_cond: Condition, scale: float,
                                  interval=(0.0, 1.0), skip_fn=None, skip_scale: float = 0.0,
                                  skip_interval=(0.0, 1.0)):
+        if skip_scale and skip_fn is None:
+            raise ValueError("skip-layer guidance needs skip_fn")
         if tuple(interval) != (0.0, 1.0):
             raise OmniditError("this script guides at every step, and the model samples with a guidance interval",
                                hint="use a model whose sample.cfg_interval is [0, 1]")
@@ -90,14 +94,15 @@ def guidance_factory(variant: str, arg: float) -> Callable:
 
 
 def run(model: str, variant: str, arg: float, seed: int, n_per_prompt: int = 4, limit: int | None = None,
-        progress: bool = True) -> EvalReport:
-    """The shapes suite (no Fréchet distance) with the model's default sampling but ``variant`` guidance."""
+        progress: bool = True, **sampling) -> EvalReport:
+    """The shapes suite (no Fréchet distance) with ``variant`` guidance; ``sampling``: Pipeline.generate's
+    settings (skip_scale=..., ...), the model's config for those not given."""
     original = pipeline_module.classifier_free_guidance
     pipeline_module.classifier_free_guidance = guidance_factory(variant, arg)
     try:
         pipe = pipeline_module.load_pipeline(model, device="cpu")
         report = evaluate_model(pipe, "shapes", n_per_prompt=n_per_prompt, seed=seed, limit=limit,
-                                progress=progress, frechet=False)
+                                progress=progress, frechet=False, **sampling)
     finally:
         pipeline_module.classifier_free_guidance = original
     report.settings["guidance"] = {"variant": variant, "arg": arg}
@@ -113,9 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="noise seed (1: the validation run)")
     parser.add_argument("--limit", type=int, default=None, help="prompts per category (default: all)")
     parser.add_argument("--json", default=None, help="write the report here")
+    parser.add_argument("--skip-scale", type=float, default=None, metavar="S",
+                        help="skip-layer guidance scale (default: the model's sample.skip_scale)")
+    parser.add_argument("--skip-blocks", type=int, nargs="+", default=None, metavar="I",
+                        help="single-stream blocks it leaves out (default: the model's sample.skip_blocks)")
+    parser.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="times at which it applies (default: the model's sample.skip_interval)")
     args = parser.parse_args(argv)
     try:
-        report = run(args.model or str(default_model_dir()), args.variant, args.arg, args.seed, limit=args.limit)
+        report = run(args.model or str(default_model_dir()), args.variant, args.arg, args.seed, limit=args.limit,
+                     skip_scale=args.skip_scale, skip_blocks=args.skip_blocks, skip_interval=args.skip_interval)
     except OmniditError as e:
         print(f"guidance_variants: error: {e}", file=sys.stderr)
         return 2

@@ -71,10 +71,14 @@ def test_guidance_variants_combine():
     rescaled = gv.combine("rescale", 1.0, x, t, v_cond, v_uncond, scale)
     assert torch.allclose(rescaled.flatten(1).std(1), v_cond.flatten(1).std(1), rtol=1e-5)
     assert torch.allclose(gv.combine("apg", 1.0, x, t, v_cond, v_uncond, scale), plain, atol=1e-5)
-    x0_cond = x - t * v_cond  # with the parallel part dropped, the guidance is orthogonal to x0_cond
+    # with the parallel part dropped, the guidance is the full orthogonal part of x0_cond - x0_uncond
+    x0_cond, x0_uncond = x - t * v_cond, x - t * v_uncond
     x0 = x - t * gv.combine("apg", 0.0, x, t, v_cond, v_uncond, scale)
     assert torch.allclose(((x0 - x0_cond) * x0_cond).flatten(1).sum(1), torch.zeros(3), atol=1e-4)
-    assert torch.allclose(gv.combine("cfg_zero", 0.0, x, t, v_cond, v_cond, scale), v_cond, atol=1e-6)
+    diff = x0_cond - x0_uncond
+    unit = x0_cond / x0_cond.flatten(1).norm(dim=1).view(-1, 1, 1)
+    orthogonal = diff - (diff * unit).flatten(1).sum(1).view(-1, 1, 1) * unit
+    assert torch.allclose(x0 - x0_cond, (scale - 1) * orthogonal, atol=1e-4)
     # CFG-Zero* guides from s * v_uncond, the least-squares fit of v_uncond to v_cond: the residual of the
     # fit is orthogonal to v_uncond
     zero = gv.combine("cfg_zero", 0.0, x, t, v_cond, v_uncond, scale)
@@ -89,16 +93,23 @@ def test_guidance_variants_plain_reproduces_eval(tiny_run, tmp_path, capsys):
     from omnidit.pipeline import load_pipeline
 
     gv = load_script("guidance_variants")
-    ours = gv.run(str(tiny_run), "plain", 0.0, seed=1, n_per_prompt=1, limit=1, progress=False)
+    skip = {"skip_scale": 1.0, "skip_blocks": [0], "skip_interval": [0.5, 1.0]}  # the branch the default uses
+    ours = gv.run(str(tiny_run), "plain", 0.0, seed=1, n_per_prompt=1, limit=1, progress=False, **skip)
     theirs = evaluate_model(load_pipeline(str(tiny_run), device="cpu"), "shapes", n_per_prompt=1, seed=1, limit=1,
-                            progress=False, frechet=False)
+                            progress=False, frechet=False, **skip)
+    assert len(ours.judged) == len(theirs.judged) > 0 and ours.settings["skip_scale"] == 1.0
     assert all(torch.equal(a.image, b.image) for a, b in zip(ours.judged, theirs.judged))
+    unskipped = gv.run(str(tiny_run), "plain", 0.0, seed=1, n_per_prompt=1, limit=1, progress=False)
+    assert any(not torch.equal(a.image, b.image) for a, b in zip(unskipped.judged, theirs.judged))
     assert ours.overall == theirs.overall and ours.settings["guidance"] == {"variant": "plain", "arg": 0.0}
     other = gv.run(str(tiny_run), "cfg_zero", 0.0, seed=1, n_per_prompt=1, limit=1, progress=False)
     assert any(not torch.equal(a.image, b.image) for a, b in zip(other.judged, theirs.judged))
     out = tmp_path / "g.json"
-    assert gv.main(["rescale", "--arg", "0.7", "--model", str(tiny_run), "--limit", "1", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["settings"]["guidance"] == {"variant": "rescale", "arg": 0.7}
+    assert gv.main(["rescale", "--arg", "0.7", "--model", str(tiny_run), "--limit", "1", "--json", str(out),
+                    "--skip-scale", "1", "--skip-blocks", "0", "--skip-interval", "0.5", "1"]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["guidance"] == {"variant": "rescale", "arg": 0.7}
+    assert (settings["skip_scale"], settings["skip_blocks"], settings["skip_interval"]) == (1.0, [0], [0.5, 1.0])
     assert "overall" in capsys.readouterr().out
     assert gv.main(["plain", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
