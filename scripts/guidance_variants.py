@@ -11,6 +11,9 @@ Each variant replaces v = v_uncond + cfg (v_cond - v_uncond) and keeps everythin
   |v_uncond|^2 first (the paper's other part, a zero velocity for the first steps, is left out);
 - plain: the library's guidance, for checking that this script reproduces ``omnidit eval``.
 
+The variant goes in through classifier_free_guidance's ``combine`` argument, so the guidance interval and
+skip-layer guidance work exactly as in the library.
+
 They did not beat plain guidance on the shipped model (docs/default_model.md, "Other forms of guidance"),
 so they stay here rather than in omnidit.sampling.
 
@@ -21,25 +24,29 @@ so they stay here rather than in omnidit.sampling.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 import omnidit.pipeline as pipeline_module
 from omnidit.checkpoint import default_model_dir
-from omnidit.condition import Condition
 from omnidit.errors import OmniditError
 from omnidit.evaluate.runner import EvalReport, evaluate_model
-from omnidit.sampling import check_cfg_interval
+from omnidit.sampling import classifier_free_guidance
 
 VARIANTS = ("plain", "rescale", "apg", "cfg_zero")
 
 
+def _per_image(values: Tensor, like: Tensor) -> Tensor:
+    """(B,) values shaped (B, 1, ..., 1) to broadcast against ``like``."""
+    return values.view(-1, *[1] * (like.dim() - 1))
+
+
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-image inner product of (B, ...) tensors, shaped (B, 1, ..., 1) to broadcast."""
-    return (a * b).flatten(1).sum(1).view(-1, *[1] * (a.dim() - 1))
+    """Per-image inner product of (B, ...) tensors, shaped to broadcast."""
+    return _per_image((a * b).flatten(1).sum(1), a)
 
 
 def combine(variant: str, arg: float, x: Tensor, t: float, v_cond: Tensor, v_uncond: Tensor,
@@ -49,7 +56,7 @@ def combine(variant: str, arg: float, x: Tensor, t: float, v_cond: Tensor, v_unc
         return v_uncond + scale * (v_cond - v_uncond)
     if variant == "rescale":
         v = v_uncond + scale * (v_cond - v_uncond)
-        ratio = (v_cond.flatten(1).std(1) / v.flatten(1).std(1).clamp_min(1e-8)).view(-1, *[1] * (v.dim() - 1))
+        ratio = _per_image(v_cond.flatten(1).std(1) / v.flatten(1).std(1).clamp_min(1e-8), v)
         return arg * v * ratio + (1 - arg) * v
     if variant == "apg":
         x0_cond, x0_uncond = x - t * v_cond, x - t * v_uncond
@@ -64,33 +71,13 @@ def combine(variant: str, arg: float, x: Tensor, t: float, v_cond: Tensor, v_unc
 
 
 def guidance_factory(variant: str, arg: float) -> Callable:
-    """A stand-in for omnidit.sampling.classifier_free_guidance (same arguments) that guides by ``variant``."""
+    """omnidit.sampling.classifier_free_guidance with its guidance rule replaced by ``variant``: the same
+    arguments, guidance interval and skip-layer guidance."""
 
-    def classifier_free_guidance(model_fn, cond: Condition, null_cond: Condition, scale: float,
-                                 interval=(0.0, 1.0), skip_fn=None, skip_scale: float = 0.0,
-                                 skip_interval=(0.0, 1.0)):
-        if skip_scale and skip_fn is None:
-            raise ValueError("skip-layer guidance needs skip_fn")
-        if tuple(interval) != (0.0, 1.0):
-            raise OmniditError("this script guides at every step, and the model samples with a guidance interval",
-                               hint="use a model whose sample.cfg_interval is [0, 1]")
-        skip_lo, skip_hi = check_cfg_interval(skip_interval)
-        if null_cond.batch_size != cond.batch_size:
-            null_cond = null_cond.repeat(cond.batch_size)
-        both = Condition.cat([cond, null_cond]).without_full_mask()
-        cond_only = cond.without_full_mask()
+    def rule(x: Tensor, t: Tensor, v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
+        return combine(variant, arg, x, float(t), v_cond, v_uncond, scale)
 
-        def guided(x: Tensor, t: Tensor) -> Tensor:
-            now = float(t)
-            v_cond, v_uncond = model_fn(torch.cat([x, x]), t, both).chunk(2)
-            v = combine(variant, arg, x, now, v_cond, v_uncond, scale)
-            if skip_scale and skip_lo <= now <= skip_hi:
-                v = v + skip_scale * (v_cond - skip_fn(x, t, cond_only))
-            return v
-
-        return guided
-
-    return classifier_free_guidance
+    return functools.partial(classifier_free_guidance, combine=rule)
 
 
 def run(model: str, variant: str, arg: float, seed: int, n_per_prompt: int = 4, limit: int | None = None,

@@ -165,6 +165,27 @@ def test_skip_layer_guidance_adds_the_push_away_from_the_weaker_model_inside_the
         classifier_free_guidance(_toy_model, cond, null, 4.0, skip_scale=1.0)
 
 
+def test_combine_replaces_the_guidance_rule_only_at_the_guided_steps():
+    cond, null, x = _guidance_inputs(2)
+    seen = []
+
+    def rule(x, t, v_cond, v_uncond, scale):  # any other rule, e.g. guidance rescale
+        seen.append(float(t))
+        return v_cond - scale * v_uncond
+
+    def weak_model(x, t, c):
+        return 0.5 * _toy_model(x, t, c)
+
+    guided = classifier_free_guidance(_toy_model, cond, null, 4.0, interval=(0.2, 0.7), skip_fn=weak_model,
+                                      skip_scale=1.0, combine=rule)
+    for t, inside in ((0.9, False), (0.45, True)):
+        t = torch.tensor(t)
+        v_c, v_u, v_s = _toy_model(x, t, cond), _toy_model(x, t, null.repeat(3)), weak_model(x, t, cond)
+        want = v_c - 4.0 * v_u + (v_c - v_s) if inside else v_c  # skip-layer guidance still added on top
+        torch.testing.assert_close(guided(x, t), want)
+    assert seen == [pytest.approx(0.45)]  # outside the guidance interval the rule is not asked
+
+
 @pytest.mark.parametrize("scale, blocks, depth_single, message", [
     (-1.0, [0], 2, "must be >= 0"), (1.0, [], 2, "needs single-stream blocks"),
     (1.0, [2], 2, r"blocks 0 to 1\), got \[2\]"), (1.0, [0], 0, "no single-stream blocks")])

@@ -83,7 +83,9 @@ def check_skip_blocks(scale: float, blocks: Sequence[int], depth_single: int) ->
 def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Tensor], cond: Condition,
                              null_cond: Condition, scale: float, interval: Sequence[float] = (0.0, 1.0),
                              skip_fn: Callable[[Tensor, Tensor, Condition], Tensor] | None = None,
-                             skip_scale: float = 0.0, skip_interval: Sequence[float] = (0.0, 1.0)) -> VelocityFn:
+                             skip_scale: float = 0.0, skip_interval: Sequence[float] = (0.0, 1.0),
+                             combine: Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor] | None = None,
+                             ) -> VelocityFn:
     """v = v_uncond + scale * (v_cond - v_uncond), over all channels, in one batched call.
 
     model_fn(x, t, cond) -> v; cond has batch B, null_cond batch B or 1. ``interval`` (lo, hi): guide only
@@ -94,6 +96,9 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Ten
     guidance): ``skip_fn(x, t, cond)`` is the same model with some blocks left out, a weaker model whose
     errors the guided velocity moves away from: v += skip_scale * (v_cond - v_skip) at the guided steps with
     skip_lo <= t <= skip_hi (``skip_interval``), at one more model call per step.
+
+    ``combine(x, t, v_cond, v_uncond, scale) -> v`` replaces the guidance rule itself (default: the formula
+    above), for trying other rules such as guidance rescale (scripts/guidance_variants.py).
     """
     if skip_scale and skip_fn is None:
         raise ValueError("skip-layer guidance needs skip_fn")
@@ -113,7 +118,7 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Ten
         if not every_step and not lo <= now <= hi:
             return model_fn(x, t, cond_only)
         v_cond, v_uncond = model_fn(torch.cat([x, x]), t, both).chunk(2)
-        v = v_uncond + scale * (v_cond - v_uncond)
+        v = v_uncond + scale * (v_cond - v_uncond) if combine is None else combine(x, t, v_cond, v_uncond, scale)
         if not skip_scale or skip_limited and not skip_lo <= now <= skip_hi:
             return v
         return v + skip_scale * (v_cond - skip_fn(x, t, cond_only))
