@@ -260,3 +260,10 @@ def test_scene_kinds_from_a_file_or_an_override(tmp_path):
     with pytest.raises(OmniditError, match="applies to the shapes data set") as e:
         load_config(path, ["data.name=digits"])
     assert "drop data.scene_kinds" in e.value.hint
+
+
+def test_sample_candidates_must_be_a_positive_whole_number(tmp_path):
+    path = write(tmp_path, {"sample": {"candidates": 3}})
+    assert load_config(path).sample.candidates == 3 and load_config(write(tmp_path, {})).sample.candidates == 1
+    assert "'sample.candidates' must be positive" in error_of(load_config, path, ["sample.candidates=0"])
+    assert "expects int" in error_of(load_config, path, ["sample.candidates=1.5"])

@@ -19,6 +19,7 @@ from omnidit.flow import (
     shift_timesteps,
     training_loss,
     uniform_timesteps,
+    velocity_errors,
     velocity_target,
 )
 
@@ -49,6 +50,10 @@ def test_training_loss_is_zero_for_the_oracle_and_positive_otherwise():
     assert training_loss(oracle, x0, Condition(), t, eps) < 1e-10
     zero = training_loss(lambda xt, tt, c: torch.zeros_like(xt), x0, Condition(), t, eps)
     assert torch.isclose(zero, (eps - x0).pow(2).mean())
+    # per sample: the same errors, one per row, that the loss averages
+    per_sample = velocity_errors(lambda xt, tt, c: torch.zeros_like(xt), x0, Condition(), t, eps)
+    assert per_sample.shape == (6,) and torch.allclose(per_sample, (eps - x0).pow(2).mean((1, 2)))
+    assert torch.isclose(per_sample.mean(), zero)
 
 
 def test_counterfactual_loss_against_closed_forms():

@@ -114,3 +114,28 @@ def test_guidance_variants_plain_reproduces_eval(tiny_run, tmp_path, capsys):
     assert gv.main(["plain", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("guidance_variants: error:") and err.count("\n") == 1, err
+
+
+def test_self_verifiers_reports_each_rule_between_its_bounds(tiny_run, tmp_path, capsys):
+    from omnidit.evaluate.runner import evaluate_model
+    from omnidit.pipeline import load_pipeline
+
+    sv = load_script("self_verifiers")
+    out = tmp_path / "v.json"
+    args = ["--model", str(tiny_run), "--seeds", "1", "2", "--n", "2", "--limit", "1", "--n-per-prompt", "2"]
+    assert sv.main([*args, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    plain = evaluate_model(load_pipeline(str(tiny_run), device="cpu"), "shapes", n_per_prompt=2, seed=1, limit=1,
+                           progress=False, frechet=False)
+    assert rows["one candidate (mean over seeds)"][0] == plain.overall  # the same images, judged the same
+    for rule in sv.RULES:  # a kept image is one of the candidates: never above the oracle
+        assert rows["oracle, best of 2"][0] >= rows[f"{rule}, best of 2"][0] >= 0
+    assert "cond, best of 2" in capsys.readouterr().out
+    # the rules pick by the model's own scores: the conditional rule keeps the lower conditional error
+    runs = [sv.judge_and_score(load_pipeline(str(tiny_run), device="cpu"), s, 1, 2) for s in (1, 2)]
+    kept = sv.best_of(runs, [0, 1], "cond")
+    lower = runs[0]["cond"] <= runs[1]["cond"]
+    assert torch.equal(kept, torch.where(lower, runs[0]["passed"], runs[1]["passed"]))
+    assert sv.main([*args[:2], "--seeds", "1", "--n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("self_verifiers: error:") and err.count("\n") == 1, err

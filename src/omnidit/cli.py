@@ -33,7 +33,8 @@ def _keys_epilog() -> str:
 
 
 def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    """--sampler, --shift and --cfg-interval, shared by generate and eval (unset: the model's sample config)."""
+    """The sampling flags (--sampler, --shift, --cfg-interval, --skip-*, --candidates), shared by generate and
+    eval (unset: the model's sample config)."""
     p.add_argument("--sampler", default=None, help="euler or heun (default: the model's sample.sampler)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift toward noise (default: sample.shift)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
@@ -48,6 +49,10 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="apply skip-layer guidance only at times LO <= t <= HI (1 = noise; default: the model's "
                         "sample.skip_interval)")
+    p.add_argument("--candidates", type=int, default=None, metavar="N",
+                   help="best of N: sample each image from N seeds and keep the one with the lowest denoising error "
+                        "under its prompt, judged by the model itself; about N times the time "
+                        "(default: the model's sample.candidates)")
 
 
 def _sampling_args(args: argparse.Namespace) -> dict:
@@ -238,9 +243,9 @@ def _generate_diffusers_pipeline(args: argparse.Namespace, width: int | None, he
     if width is None:
         raise OmniditError("a pipeline folder needs --size", hint="e.g. --size 1024x1024")
     if any(v is not None for v in (args.shift, args.cfg_interval, args.skip_scale, args.skip_blocks,
-                                   args.skip_interval)):
-        raise OmniditError("--shift, --cfg-interval and --skip-* apply to omnidit models, not to a diffusers "
-                           "pipeline folder",
+                                   args.skip_interval, args.candidates)):
+        raise OmniditError("--shift, --cfg-interval, --skip-* and --candidates apply to omnidit models, not to a "
+                           "diffusers pipeline folder",
                            hint="drop them: the folder's scheduler config sets the shift, and guidance runs at "
                                 "every step")
     loader, default_guidance = loaders[family]
@@ -354,7 +359,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"shift {config.sample.shift}" + ("" if config.sample.cfg_interval == [0.0, 1.0] else
                                          ", guidance at t in [{}, {}]".format(*config.sample.cfg_interval))
         + (f", skip-layer guidance {config.sample.skip_scale} without single blocks {config.sample.skip_blocks} "
-           f"at t in {config.sample.skip_interval}" if config.sample.skip_scale else ""),
+           f"at t in {config.sample.skip_interval}" if config.sample.skip_scale else "")
+        + (f", best of {config.sample.candidates} by the model's own denoising error"
+           if config.sample.candidates > 1 else ""),
     ]
     others = list_checkpoints(directory.parent)
     if len(others) > 1:

@@ -160,9 +160,10 @@ class SampleConfig:
     skip_scale: float = 0.0  # skip-layer guidance: push away from the model without skip_blocks (0 = off)
     skip_blocks: list[int] = field(default_factory=list)  # the single-stream blocks that weaker model leaves out
     skip_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # skip guidance only at LO <= t <= HI
+    candidates: int = 1  # best-of-N: sample N seeds per image, keep the one with the lowest denoising error
 
     def __post_init__(self) -> None:
-        _check_ranges("sample", self, positive=("steps", "shift"), non_negative=("skip_scale",),
+        _check_ranges("sample", self, positive=("steps", "shift", "candidates"), non_negative=("skip_scale",),
                       choices={"sampler": tuple(SAMPLERS)})
         for key in ("cfg_interval", "skip_interval"):
             try:

@@ -81,15 +81,23 @@ def condition_keep_mask(n: int, p: float, generator: torch.Generator | None = No
     return torch.rand(n, generator=generator) >= p
 
 
+def velocity_errors(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, noise: Tensor) -> Tensor:
+    """(B,): each sample's mean squared error between the predicted and the true velocity.
+
+    x0: (B, ...) clean data (tokens or pixels); t: (B,) times; noise: like x0.
+    """
+    x_t = interpolate(x0, noise, t)
+    v = model(x_t, t, cond)
+    return (v.float() - velocity_target(x0, noise).float()).pow(2).flatten(1).mean(1)
+
+
 def training_loss(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, noise: Tensor) -> Tensor:
-    """Mean squared error between the predicted and the true velocity.
+    """Mean squared error between the predicted and the true velocity, over the batch.
 
     x0: (B, ...) clean data (tokens or pixels); t: (B,) times; noise: like x0. Randomness is
     drawn by the caller so that it can be seeded and resumed exactly.
     """
-    x_t = interpolate(x0, noise, t)
-    v = model(x_t, t, cond)
-    return (v.float() - velocity_target(x0, noise).float()).pow(2).mean()
+    return velocity_errors(model, x0, cond, t, noise).mean()
 
 
 def counterfactual_loss(model: VelocityModel, x0: Tensor, x0_cf: Tensor, cond: Condition, cond_cf: Condition,

@@ -25,10 +25,12 @@ from omnidit.sampling import (
     initial_noise,
     sample,
 )
+from omnidit.selection import best_candidates, candidate_seeds, denoising_scores
 from omnidit.tokens import check_image_size, image_position_ids, patchify, unpatchify
 
 # The sampling arguments of Pipeline.generate and sampling_settings (None = the config's sample section).
-SAMPLING_KEYS = ("steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks", "skip_interval")
+SAMPLING_KEYS = ("steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks", "skip_interval",
+                 "candidates")
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -95,10 +97,14 @@ class Pipeline:
     def sampling_settings(self, steps: int | None = None, cfg: float | None = None, sampler: str | None = None,
                           shift: float | None = None, cfg_interval: Sequence[float] | None = None,
                           skip_scale: float | None = None, skip_blocks: Sequence[int] | None = None,
-                          skip_interval: Sequence[float] | None = None) -> dict:
-        """{"steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks", "skip_interval"}:
-        the given values, the config's ``sample`` section for unset ones."""
+                          skip_interval: Sequence[float] | None = None, candidates: int | None = None) -> dict:
+        """{"steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks", "skip_interval",
+        "candidates"}: the given values, the config's ``sample`` section for unset ones."""
         s = self.config.sample
+        candidates = s.candidates if candidates is None else candidates
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise OmniditError(f"candidates must be a whole number >= 1, got {candidates!r}",
+                               hint="1 samples each image once; e.g. --candidates 2 keeps the better of two")
         skip_scale = s.skip_scale if skip_scale is None else skip_scale
         try:
             skip_blocks = check_skip_blocks(skip_scale, s.skip_blocks if skip_blocks is None else skip_blocks,
@@ -110,7 +116,8 @@ class Pipeline:
                 "shift": s.shift if shift is None else shift,
                 "cfg_interval": list(s.cfg_interval if cfg_interval is None else check_cfg_interval(cfg_interval)),
                 "skip_scale": skip_scale, "skip_blocks": skip_blocks if skip_scale else [],
-                "skip_interval": list(s.skip_interval if skip_interval is None else check_cfg_interval(skip_interval))}
+                "skip_interval": list(s.skip_interval if skip_interval is None else check_cfg_interval(skip_interval)),
+                "candidates": candidates}
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], width: int | None = None, height: int | None = None,
@@ -118,11 +125,13 @@ class Pipeline:
                  sampler: str | None = None, shift: float | None = None,
                  cfg_interval: Sequence[float] | None = None, skip_scale: float | None = None,
                  skip_blocks: Sequence[int] | None = None, skip_interval: Sequence[float] | None = None,
-                 progress: bool = False) -> Tensor:
+                 candidates: int | None = None, progress: bool = False) -> Tensor:
         """One image per prompt: (B, C, H, W) in [-1, 1]. Unset settings come from the config.
 
         ``seed``: one seed for the whole batch, or one per prompt (then each image is independent of
-        what else is in the batch, which evaluators rely on).
+        what else is in the batch, which evaluators rely on). ``candidates`` N > 1: sample each image from
+        N seeds (the first is its own) and keep the one the model itself scores best (omnidit.selection),
+        at about N times the cost.
         """
         mc = self.model.config
         if mc.out_channels not in (0, mc.in_channels):
@@ -130,7 +139,8 @@ class Pipeline:
                                "(e.g. DiT's learned variance); the flow samplers need a velocity model")
         width, height = width or self.config.data.width, height or self.config.data.height
         settings = self.sampling_settings(steps, cfg, sampler, shift, cfg_interval, skip_scale, skip_blocks,
-                                          skip_interval)
+                                          skip_interval, candidates)
+        n = settings["candidates"]
         steps, cfg, sampler, shift = settings["steps"], settings["cfg"], settings["sampler"], settings["shift"]
         factor = self.codec.downsample if self.codec is not None else 1
         check_image_size(height, width, mc.patch_size * factor)
@@ -138,6 +148,8 @@ class Pipeline:
         if sampler not in SAMPLERS:
             raise OmniditError(f"unknown sampler '{sampler}'", hint=f"choose one of {', '.join(SAMPLERS)}")
         cond, null = self.conditions(prompts)
+        if n > 1:
+            cond = Condition.cat([cond] * n)  # candidate-major: rows j * B .. j * B + B - 1 are candidate j
         grid_h, grid_w = height // mc.patch_size, width // mc.patch_size
         ids = image_position_ids(grid_h, grid_w, len(mc.axes_dim), device=self.device)
 
@@ -154,13 +166,19 @@ class Pipeline:
             velocity = classifier_free_guidance(model_fn, cond, null, cfg, settings["cfg_interval"], skip_fn,
                                                 settings["skip_scale"], settings["skip_interval"])
         if isinstance(seed, int):
-            noise = initial_noise((len(prompts), mc.in_channels, height, width), seed)
+            noise = torch.cat([initial_noise((len(prompts), mc.in_channels, height, width), s)
+                               for s in candidate_seeds(seed, n)])
         else:
             if len(seed) != len(prompts):
                 raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
-            noise = torch.cat([initial_noise((1, mc.in_channels, height, width), int(k)) for k in seed])
+            per_image = [candidate_seeds(int(k), n) for k in seed]
+            noise = torch.cat([initial_noise((1, mc.in_channels, height, width), seeds[j])
+                               for j in range(n) for seeds in per_image])
         noise = noise.to(self.device)
         x = sample(velocity, patchify(noise, mc.patch_size), steps, sampler, shift, progress=progress)
+        if n > 1:
+            scores = denoising_scores(model_fn, x, cond.without_full_mask())
+            x = best_candidates(x, scores, n)
         latents = unpatchify(x, height, width, mc.patch_size)
         images = self.codec.decode(latents) if self.codec is not None else latents
         return images.clamp(-1, 1).float().cpu()
