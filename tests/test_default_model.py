@@ -78,6 +78,7 @@ def test_cli_demo_writes_a_labelled_grid(tmp_path, capsys):
     sample = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["sample"]  # metadata: every setting
     assert image.text["steps"] == "4" and float(image.text["shift"]) == sample["shift"]
     assert image.text["sampler"] == sample["sampler"] and float(image.text["cfg"]) == sample["cfg"]
+    assert int(image.text["candidates"]) == sample["candidates"] == 2  # best of 2 is the shipped default
 
 
 def test_cli_eval_without_target_scores_the_shipped_model(tmp_path, capsys):
