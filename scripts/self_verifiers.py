@@ -11,6 +11,8 @@ detector and scored by the model under three rules (omnidit.selection's fixed ti
 Consecutive seeds form groups of N candidates per image; for each rule and N the script reports the
 suite's score of the images the rule keeps, next to one candidate (the mean over the seeds) and the
 oracle (an image slot passes if any candidate does). The detector only measures here: it never chooses.
+The script scores the finished images (clamped to [-1, 1]); ``--candidates`` scores the sampler's output
+before the clamp, so the two can pick differently for an image that leaves the range.
 
     python scripts/self_verifiers.py [--model DIR] [--seeds 1 2 3 4 5 6] [--n 2 3] [--json out.json]
 """
