@@ -30,6 +30,12 @@ SAVE_DELAY_ENV = "OMNIDIT_TEST_SAVE_DELAY"
 # The shapes model shipped inside the package (an ``export_for_inference`` folder): what `omnidit generate`,
 # `eval` and `demo` use when no model is given. docs/default_model.md tells how it was trained.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+VIDEO_MODEL_DIR = Path(__file__).resolve().parent / "video_model"
+# Models shipped inside the package, addressable by name: (the module global holding its folder, how to train it).
+SHIPPED_MODELS: dict[str, tuple[str, str]] = {
+    "shapes": ("DEFAULT_MODEL_DIR", "docs/default_model.md"),
+    "shapes-video": ("VIDEO_MODEL_DIR", "omnidit train configs/shapes_video.json, docs/video_model.md"),
+}
 PROVENANCE_FILE = "provenance.json"  # written by export_for_inference: the source step and images seen
 
 
@@ -101,7 +107,10 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (meaning its latest checkpoint)."""
+    """A checkpoint folder, a run folder (meaning its latest checkpoint), or a shipped model's name
+    (``SHIPPED_MODELS``: shapes, shapes-video) where no folder of that name exists."""
+    if str(path) in SHIPPED_MODELS and not Path(path).exists():
+        return shipped_model_dir(str(path))
     path = Path(path)
     if not path.exists():
         raise OmniditError(f"model folder not found: {path}",
@@ -117,10 +126,18 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def default_model_dir() -> Path:
     """The shipped shapes model's folder, with a one-line error if this installation lacks it."""
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file() or not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
-        raise OmniditError(f"the default model is missing from this installation ({DEFAULT_MODEL_DIR})",
-                           hint="reinstall omnidit (pip install -e .), or pass --model RUN_DIR")
-    return DEFAULT_MODEL_DIR
+    return shipped_model_dir("shapes")
+
+
+def shipped_model_dir(name: str) -> Path:
+    """The folder of a model shipped inside the package, by name, with a one-line error if it is missing."""
+    variable, recipe = SHIPPED_MODELS[name]
+    folder = globals()[variable]  # looked up at call time, so that tests can point it elsewhere
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        what = "default model" if name == "shapes" else f"shipped model '{name}'"
+        raise OmniditError(f"the {what} is missing from this installation ({folder})",
+                           hint=f"reinstall omnidit (pip install -e .), train it ({recipe}), or pass --model RUN_DIR")
+    return folder
 
 
 def weights_file(directory: Path, use_ema: bool = True) -> Path:
@@ -251,6 +268,9 @@ def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, T
     source = read_config(directory)
     # The weights only make sense with the same architecture, text encoder and latent space.
     grow = ("depth", "depth_single") if config.train.init_grow else ()  # deepen_state checks those
+    # The rotary time scale shapes no weight: an image model (every token at time 0) fine-tunes into a video
+    # model of the same token size.
+    grow += ("rope_time_scale",)
     diff = [f"model.{k}: {v} there, {getattr(config.model, k)} here"
             for k, v in vars(source.model).items() if getattr(config.model, k) != v and k not in grow]
     diff += [f"{name}: {a} there, {b} here" for name, a, b in (
@@ -264,7 +284,7 @@ def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, T
     state = {k: v.float() if v.is_floating_point() else v for k, v in read_safetensors(file).items()}
     with torch.device("meta"):  # shapes only: clear errors for missing, extra or misshapen keys
         check_state_matches(MMDiT(source.model), state, file)
-    if source.model != config.model:  # train.init_grow: fewer blocks there
+    if (source.model.depth, source.model.depth_single) != (config.model.depth, config.model.depth_single):
         with torch.random.fork_rng(devices=[]):  # the new blocks' weights: the same on every rank
             torch.manual_seed(config.train.seed)
             fresh = MMDiT(config.model).state_dict()

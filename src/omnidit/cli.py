@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from omnidit.errors import OmniditError
+from omnidit.validate import check_number
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,21 +85,35 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
         p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
-    p = sub.add_parser("generate", help="generate images from a prompt",
-                       description="Generate images; several images are tiled into one grid PNG whose text "
-                                   "metadata holds the prompt, seed and settings.")
+    p = sub.add_parser("generate", help="generate images or clips from a prompt",
+                       description="Generate images or, with a video model, clips. Several images are tiled into "
+                                   "one grid PNG, several clips into one clip of grids; the file's metadata holds the "
+                                   "prompt, seed and settings. Clips are written by the output's suffix: .mp4 "
+                                   "(H.264), .gif, .webp, or .png (a strip of frames).")
     p.add_argument("prompt", help='what to draw, e.g. "a red circle above a blue square" (a class-conditional '
                                   "model takes a label such as '7')")
-    p.add_argument("--model", default=None, help="checkpoint folder, training run folder, or a diffusers Flux / "
-                                                  "SD3 pipeline folder (model_index.json); default: the shipped "
-                                                  "shapes model")
+    p.add_argument("--model", default=None, help="a shipped model's name (shapes, shapes-video), a checkpoint folder, "
+                                                  "a training run folder, or a diffusers Flux / SD3 pipeline folder "
+                                                  "(model_index.json); default: the shipped shapes model")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 disables it "
                                                           "(default: the model's sample.cfg)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same image on any device")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels (default: the training size)")
-    p.add_argument("-n", "--num-images", type=int, default=1, help="number of images (tiled into one grid)")
-    p.add_argument("-o", "--output", default="out.png", help="output PNG path (default: out.png)")
+    p.add_argument("-n", "--num-images", type=int, default=1, help="number of images or clips (tiled into one grid)")
+    p.add_argument("-o", "--output", default=None,
+                   help="output path: .png for images; .mp4, .gif, .webp or .png (frame strip) for clips "
+                        "(default: out.png, or out.mp4 for a video model)")
+    p.add_argument("--scale", type=int, default=1, help="enlarge the output N times (nearest neighbour) for viewing "
+                                                        "small images and clips (default: 1)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="video models: frames to generate, any multiple of the model's temporal patch (default: the "
+                        "training length); with --extend, the number of new frames")
+    p.add_argument("--fps", type=float, default=None, help="video models: frames per second (default: the model's "
+                                                           "data.fps; with --extend, the clip's own)")
+    p.add_argument("--image", default=None, help="video models: image-to-video, the clip starts with this image")
+    p.add_argument("--extend", default=None, help="video models: continue this clip (MP4, GIF, WebP) by --frames new "
+                                                  "frames; the output is the clip followed by them")
     _add_sampler_flags(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -207,13 +222,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not args.prompt.strip():
         raise OmniditError("the prompt is empty", hint='pass a description, e.g. "a red circle"')
     _check_counts(args.num_images, args.steps)
+    check_number("--scale", args.scale, low=1, high=64, integer=True)
     width, height = parse_size(args.size) if args.size else (None, None)
-    if not args.output.lower().endswith(".png"):
-        raise OmniditError(f"output file must end in .png, got {args.output}")
     args.model = _model_or_shipped(args.model)
     if (Path(args.model) / "model_index.json").is_file():  # a diffusers pipeline folder (Flux / SD3)
+        args.output = args.output or "out.png"
+        _check_image_output(args)
         return _generate_diffusers_pipeline(args, width, height)
     pipe = load_pipeline(args.model, device=args.device, use_ema=not args.no_ema)
+    if pipe.config.data.frames > 1:
+        return _generate_clips(args, pipe, width, height)
+    args.output = args.output or "out.png"
+    _check_image_output(args)
+    if any(v is not None for v in (args.frames, args.fps, args.image, args.extend)):
+        raise OmniditError("--frames, --fps, --image and --extend are for video models; this one makes images",
+                           hint="use a video model, e.g. --model shapes-video")
     sampling = _sampling_args(args)
     images = pipe.generate([args.prompt] * args.num_images, width=width, height=height, seed=args.seed,
                            progress=not args.no_progress, **sampling)
@@ -221,9 +244,133 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 "size": f"{images.shape[3]}x{images.shape[2]}",
                 "num_images": args.num_images, "model": str(Path(args.model).resolve()), "ema": not args.no_ema,
                 "software": "omnidit"}
-    pil = [to_pil(img) for img in images]
+    pil = [_scaled(to_pil(img), args.scale) for img in images]
     out = save_png(pil[0] if len(pil) == 1 else make_grid(pil), args.output, settings)
     print(f"wrote {out}")
+
+
+def _check_image_output(args: argparse.Namespace) -> None:
+    if not args.output.lower().endswith(".png"):
+        raise OmniditError(f"output file must end in .png, got {args.output}",
+                           hint="images are written as PNG; .mp4, .gif and .webp are for video models")
+
+
+def _scaled(image, scale: int):
+    from PIL import Image
+
+    return image if scale == 1 else image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def _generate_clips(args: argparse.Namespace, pipe, width: int | None, height: int | None) -> None:
+    """`generate` for a video model: text-to-video, image-to-video (--image) or extension (--extend)."""
+    import torch
+
+    from omnidit.video_io import SAVE_SUFFIXES, load_video, save_video
+
+    args.output = args.output or "out.mp4"
+    if Path(args.output).suffix.lower() not in SAVE_SUFFIXES:
+        raise OmniditError(f"a clip cannot be written to {args.output}",
+                           hint=f"end the output in one of {', '.join(SAVE_SUFFIXES)}")
+    if args.image and args.extend:
+        raise OmniditError("--image and --extend both give the clip's first frames", hint="pass one of them")
+    if args.frames is not None:
+        check_number("--frames", args.frames, low=1, high=4096, integer=True)
+    if args.fps is not None:
+        check_number("--fps", args.fps, low=0.0, low_open=True, high=1000)
+    dc = pipe.config.data
+    width, height = width or dc.width, height or dc.height
+    sampling = _sampling_args(args)
+    prompts = [args.prompt] * args.num_images
+    common = dict(width=width, height=height, seed=args.seed, progress=not args.no_progress, **sampling)
+    if args.extend:
+        given, clip_fps, _ = load_video(args.extend)
+        fps = args.fps or clip_fps
+        _check_given_size(given, width, height, args.extend)
+        clips = extend_clip(pipe, prompts, given, args.frames or dc.frames, fps, **common)
+    elif args.image:
+        fps = args.fps or dc.fps
+        frames = args.frames or dc.frames
+        first = _read_image(args.image, width, height)  # (3, H, W)
+        given = torch.zeros(1, 3, frames, height, width)
+        given[:, :, 0] = first
+        clips = pipe.generate_video(prompts, frames, fps, given=given, given_frames=[0], **common)
+    else:
+        fps = args.fps or dc.fps
+        clips = pipe.generate_video(prompts, args.frames, fps, **common)
+    settings = {"prompt": args.prompt, "seed": args.seed, **pipe.sampling_settings(**sampling),
+                "size": f"{clips.shape[4]}x{clips.shape[3]}", "frames": clips.shape[2], "fps": fps,
+                "num_clips": args.num_images, "image": args.image, "extend": args.extend,
+                "model": str(Path(args.model).resolve()), "ema": not args.no_ema, "software": "omnidit"}
+    out = save_video(tile_clips(clips), args.output, fps, settings, scale=args.scale)
+    print(f"wrote {out}")
+
+
+def tile_clips(clips):
+    """(B, C, T, H, W) clips -> one (C, T, H', W') clip whose frames are grids (``make_grid``'s layout)."""
+    import numpy as np
+    import torch
+
+    from omnidit.images import make_grid, to_pil
+
+    if clips.shape[0] == 1:
+        return clips[0]
+    frames = []
+    for k in range(clips.shape[2]):
+        grid = np.asarray(make_grid([to_pil(c[:, k]) for c in clips]))
+        frames.append(torch.from_numpy(grid.copy()).permute(2, 0, 1).float() / 127.5 - 1)
+    return torch.stack(frames, dim=1)
+
+
+def _read_image(path: str, width: int, height: int):
+    """An image file as (3, H, W) in [-1, 1], which must have the clip's size."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise OmniditError(f"cannot read the image {path}: {type(e).__name__}",
+                           hint="pass a PNG or JPEG file that exists") from None
+    if rgb.shape[:2] != (height, width):
+        raise OmniditError(f"the image {path} is {rgb.shape[1]}x{rgb.shape[0]} but the clip is {width}x{height}",
+                           hint=f"pass --size {rgb.shape[1]}x{rgb.shape[0]}, or an image of {width}x{height}")
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def _check_given_size(clip, width: int, height: int, path: str) -> None:
+    if tuple(clip.shape[2:]) != (height, width):
+        raise OmniditError(f"the clip {path} is {clip.shape[3]}x{clip.shape[2]} but the output is {width}x{height}",
+                           hint=f"pass --size {clip.shape[3]}x{clip.shape[2]}")
+
+
+def extend_clip(pipe, prompts: list[str], clip, new_frames: int, fps: float, seed: int = 0, **generate):
+    """``clip`` (C, T, H, W) followed by ``new_frames`` generated frames, for each prompt: (B, C, T + new, H, W).
+
+    Generated in windows of the model's training length (data.frames): each window is given the last half
+    window of what exists so far (or the whole clip when it is shorter) and adds the rest; the window that starts
+    after k new frames draws its noise from seed + k.
+    """
+    import torch
+
+    window = pipe.config.data.frames
+    pt = pipe.model.config.temporal_patch
+    out = clip[None].expand(len(prompts), -1, -1, -1, -1)
+    made = 0
+    while made < new_frames:
+        context = min(out.shape[2], window // 2) // pt * pt
+        if context == 0:
+            raise OmniditError(f"the clip to extend has {out.shape[2]} frames, fewer than one tubelet of {pt}",
+                               hint=f"give a clip of at least {pt} frames")
+        given = torch.zeros(len(prompts), *out.shape[1:2], window, *out.shape[3:])
+        given[:, :, :context] = out[:, :, -context:]
+        clip_window = pipe.generate_video(prompts, window, fps, seed=seed + made, given=given,
+                                          given_frames=range(context), **generate)
+        fresh = clip_window[:, :, context:][:, :, : new_frames - made]
+        out = torch.cat([out, fresh], dim=2)
+        made += fresh.shape[2]
+    return out
 
 
 def _generate_diffusers_pipeline(args: argparse.Namespace, width: int | None, height: int | None) -> None:

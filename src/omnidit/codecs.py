@@ -64,9 +64,11 @@ class LatentCodec(Protocol):
     def decode(self, latents: Tensor) -> Tensor: ...
 
 
-def _check_images(images: Tensor, channels: int, downsample: int) -> None:
-    if images.dim() != 4 or images.shape[1] != channels:
-        raise ValueError(f"expected images (B, {channels}, H, W), got {tuple(images.shape)}")
+def _check_images(images: Tensor, channels: int, downsample: int, clips: bool = False) -> None:
+    """Images (B, C, H, W), or with ``clips`` also clips (B, C, T, H, W)."""
+    if images.dim() not in ((4, 5) if clips else (4,)) or images.shape[1] != channels:
+        shape = "(B, C, H, W) or (B, C, T, H, W)" if clips else "(B, C, H, W)"
+        raise ValueError(f"expected {shape} with C = {channels}, got {tuple(images.shape)}")
     h, w = images.shape[-2:]
     if h % downsample or w % downsample:
         raise OmniditError(f"image size {w}x{h} is not a multiple of the codec's downsample factor {downsample}",
@@ -74,7 +76,7 @@ def _check_images(images: Tensor, channels: int, downsample: int) -> None:
 
 
 class IdentityCodec:
-    """Pixels as they are: encode is a float32 view, decode clamps to [-1, 1]."""
+    """Pixels as they are: encode is a float32 view, decode clamps to [-1, 1]. Images and clips alike."""
 
     downsample = 1
 
@@ -86,12 +88,12 @@ class IdentityCodec:
         return f"IdentityCodec(channels={self.channels})"
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """(B, C, H, W) in [-1, 1] -> the same values as float32 (no copy when already float32)."""
-        _check_images(images, self.channels, 1)
+        """(B, C, H, W) or (B, C, T, H, W) in [-1, 1] -> the same values as float32 (no copy when float32)."""
+        _check_images(images, self.channels, 1, clips=True)
         return images.float()
 
     def decode(self, latents: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, C, H, W) float32 clamped to [-1, 1]."""
+        """(B, C, H, W) or (B, C, T, H, W) -> the same shape, float32 clamped to [-1, 1]."""
         return latents.float().clamp(-1, 1)
 
 

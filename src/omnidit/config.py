@@ -25,9 +25,11 @@ DEFAULT_HELD_OUT = ["red triangle", "blue circle", "green square", "yellow diamo
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"  # shapes | digits | imagefolder
+    name: str = "shapes"  # shapes | shapes_video | digits | imagefolder
     width: int = 32
     height: int = 32
+    frames: int = 1  # frames per clip (video data); 1 = still images
+    fps: float = 8.0  # frames per second of the clips: their time axis in seconds
     path: str = ""  # imagefolder root
     seed: int = 0
     held_out: list[str] = field(default_factory=lambda: list(DEFAULT_HELD_OUT))  # "colour shape" never rendered
@@ -43,7 +45,7 @@ class DataConfig:
     counterfactuals: list[str] = field(default_factory=lambda: ["relation"])
 
     def __post_init__(self) -> None:
-        _check_ranges("data", self, positive=("width", "height"), non_negative=("cache_samples",),
+        _check_ranges("data", self, positive=("width", "height", "frames", "fps"), non_negative=("cache_samples",),
                       choices={"codec_dtype": ("fp32", "bf16", "fp16")})
         if self.scene_kinds:
             if self.name != "shapes":
@@ -122,12 +124,16 @@ class TrainConfig:
     # t ~ U[counterfactual_t_min, 1]. 0 = off.
     counterfactual_weight: float = 0.0
     counterfactual_t_min: float = 0.8
+    # Clips only: the probability that a training clip has some frames given as clean context (t = 0 on their
+    # tokens, no loss there): the first frame, the first k or the first and last (Trainer.given_tubelets). It
+    # teaches image-to-video, extension and interpolation to the same model. 0 = off.
+    given_p: float = 0.0
 
     def __post_init__(self) -> None:
         _check_ranges("train", self, positive=("steps", "batch_size", "log_every", "checkpoint_every", "lr"),
                       non_negative=("warmup_steps", "weight_decay", "grad_clip", "keep_last", "t_std", "eval_every"),
                       choices={"timesteps": ("uniform", "logit_normal"),
-                               "eval_suite": ("auto", "shapes", "digits")})
+                               "eval_suite": ("auto", "shapes", "digits", "video")})
         _check_ranges("train", self, positive=("eval_limit", "eval_n_per_prompt", "grad_accum", "nan_patience"),
                       non_negative=("sample_every", "lr_min_ratio", "lr_decay_steps"),
                       choices={"lr_schedule": ("constant", "cosine", "wsd"), "precision": ("auto", "fp32", "bf16"),
@@ -142,6 +148,9 @@ class TrainConfig:
         if not self.counterfactual_weight >= 0:
             raise OmniditError(f"train.counterfactual_weight must be >= 0, got {self.counterfactual_weight}",
                                hint="0 turns the counterfactual pairs off; e.g. train.counterfactual_weight=2")
+        if not 0 <= self.given_p <= 1:
+            raise OmniditError(f"train.given_p must lie in [0, 1], got {self.given_p}",
+                               hint="e.g. train.given_p=0.3: three clips in ten get some frames given")
         if not 0 <= self.counterfactual_t_min < 1:
             raise OmniditError(f"train.counterfactual_t_min must lie in [0, 1), got {self.counterfactual_t_min}",
                                hint="the loss is meant for high noise: e.g. train.counterfactual_t_min=0.8")

@@ -54,8 +54,8 @@ def sample_timesteps(n: int, distribution: str = "logit_normal", mean: float = 0
 
 
 def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """x_t = (1 - t) x0 + t eps; t: (B,) broadcast over the other dims of x0."""
-    t = t.view(-1, *([1] * (x0.dim() - 1)))
+    """x_t = (1 - t) x0 + t eps; t: (B,) per sample or (B, N) per token, broadcast over the other dims of x0."""
+    t = t.reshape(*t.shape, *([1] * (x0.dim() - t.dim())))
     return (1 - t) * x0 + t * noise
 
 
@@ -84,11 +84,18 @@ def condition_keep_mask(n: int, p: float, generator: torch.Generator | None = No
 def velocity_errors(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, noise: Tensor) -> Tensor:
     """(B,): each sample's mean squared error between the predicted and the true velocity.
 
-    x0: (B, ...) clean data (tokens or pixels); t: (B,) times; noise: like x0.
+    x0: (B, ...) clean data (tokens or pixels); t: (B,) times, or (B, N) per token for tokens x0 (B, N, D);
+    noise: like x0. A token at t = 0 is given as clean context: x_t is the data itself, its velocity
+    cannot be known, and it is left out of the mean (the sample's mean runs over its other tokens).
     """
     x_t = interpolate(x0, noise, t)
     v = model(x_t, t, cond)
-    return (v.float() - velocity_target(x0, noise).float()).pow(2).flatten(1).mean(1)
+    errors = (v.float() - velocity_target(x0, noise).float()).pow(2)
+    if t.dim() < 2:
+        return errors.flatten(1).mean(1)
+    generated = (t > 0).to(errors.dtype)  # (B, N)
+    per_token = errors.flatten(2).mean(2)  # (B, N)
+    return (per_token * generated).sum(1) / generated.sum(1).clamp(min=1)
 
 
 def training_loss(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, noise: Tensor) -> Tensor:

@@ -24,9 +24,17 @@ from omnidit.sampling import (
     classifier_free_guidance,
     initial_noise,
     sample,
+    token_times,
 )
 from omnidit.selection import best_candidates, candidate_seeds, denoising_scores
-from omnidit.tokens import check_image_size, image_position_ids, patchify, unpatchify
+from omnidit.tokens import (
+    check_frame_count,
+    check_image_size,
+    video_patchify,
+    video_position_ids,
+    video_unpatchify,
+)
+from omnidit.validate import check_number
 
 # The sampling arguments of Pipeline.generate and sampling_settings (None = the config's sample section).
 SAMPLING_KEYS = ("steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks", "skip_interval",
@@ -133,31 +141,71 @@ class Pipeline:
         N seeds (the first is its own) and keep the one the model itself scores best (omnidit.selection),
         at about N times the cost.
         """
+        settings = self.sampling_settings(steps, cfg, sampler, shift, cfg_interval, skip_scale, skip_blocks,
+                                          skip_interval, candidates)
+        clips = self._generate(prompts, 1, 1.0, width, height, settings, seed, None, (), progress)
+        return clips[:, :, 0]
+
+    @torch.inference_mode()
+    def generate_video(self, prompts: list[str], frames: int | None = None, fps: float | None = None,
+                       width: int | None = None, height: int | None = None, seed: int | Sequence[int] = 0,
+                       given: Tensor | None = None, given_frames: Sequence[int] = (), progress: bool = False,
+                       **sampling) -> Tensor:
+        """One clip per prompt: (B, C, T, H, W) in [-1, 1]. Unset settings come from the config (data.frames,
+        data.fps, the sample section); ``sampling`` takes the keys of ``SAMPLING_KEYS``.
+
+        ``given`` (B or 1, C, T, H, W) in [-1, 1] and ``given_frames`` (frame indices): those frames are clean
+        context (per-token t = 0) that the sampler leaves exactly as given: image-to-video gives frame 0,
+        extension the first k frames, interpolation the first and the last. Each given frame must fill
+        whole tubelets.
+        """
+        settings = self.sampling_settings(**{k: sampling.get(k) for k in SAMPLING_KEYS})
+        unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+        if unknown:
+            raise TypeError(f"generate_video() got unexpected keyword arguments {unknown}")
+        frames = self.config.data.frames if frames is None else frames
+        fps = self.config.data.fps if fps is None else fps
+        return self._generate(prompts, frames, fps, width, height, settings, seed, given, given_frames, progress)
+
+    def _generate(self, prompts: list[str], frames: int, fps: float, width: int | None, height: int | None,
+                  settings: dict, seed: int | Sequence[int], given: Tensor | None, given_frames: Sequence[int],
+                  progress: bool) -> Tensor:
+        """The one path from prompts to clips (an image is a clip of one frame at time 0): (B, C, T, H, W)."""
         mc = self.model.config
         if mc.out_channels not in (0, mc.in_channels):
             raise OmniditError(f"this model outputs {mc.out_channels} channels per {mc.in_channels} input channels "
                                "(e.g. DiT's learned variance); the flow samplers need a velocity model")
         width, height = width or self.config.data.width, height or self.config.data.height
-        settings = self.sampling_settings(steps, cfg, sampler, shift, cfg_interval, skip_scale, skip_blocks,
-                                          skip_interval, candidates)
+        frames = check_number("the frame count", frames, low=1, integer=True)
+        fps = check_number("fps", fps, low=0.0, low_open=True)
+        check_frame_count(frames, mc.temporal_patch)
         n = settings["candidates"]
         steps, cfg, sampler, shift = settings["steps"], settings["cfg"], settings["sampler"], settings["shift"]
         factor = self.codec.downsample if self.codec is not None else 1
+        if factor != 1 and frames > 1:
+            raise OmniditError("this model works in an image VAE's latent space and cannot make clips",
+                               hint="use a pixel-space video model, e.g. --model shapes-video")
         check_image_size(height, width, mc.patch_size * factor)
         height, width = height // factor, width // factor  # the model works on the latent grid
         if sampler not in SAMPLERS:
             raise OmniditError(f"unknown sampler '{sampler}'", hint=f"choose one of {', '.join(SAMPLERS)}")
+        mask = tokens = None
+        if given_frames:
+            if n > 1:
+                raise OmniditError("best-of-N candidates cannot be scored with given frames",
+                                   hint="use --candidates 1 for image-to-video and extension")
+            mask, tokens = self._given_tokens(given, given_frames, len(prompts), frames, height, width)
         cond, null = self.conditions(prompts)
         if n > 1:
             cond = Condition.cat([cond] * n)  # candidate-major: rows j * B .. j * B + B - 1 are candidate j
         grid_h, grid_w = height // mc.patch_size, width // mc.patch_size
-        ids = image_position_ids(grid_h, grid_w, len(mc.axes_dim), device=self.device)
+        ids = video_position_ids(frames, grid_h, grid_w, fps, mc.temporal_patch, len(mc.axes_dim), self.device)
 
         def model_fn(x: Tensor, t: Tensor, c: Condition) -> Tensor:
-            return self.model(x, ids, t, c)
+            return self.model(x, ids, token_times(t, mask), c)
 
         def skip_fn(x: Tensor, t: Tensor, c: Condition) -> Tensor:  # skip-layer guidance's weaker model
-            return self.model(x, ids, t, c, skip_single=settings["skip_blocks"])
+            return self.model(x, ids, token_times(t, mask), c, skip_single=settings["skip_blocks"])
 
         if cfg == 1.0 and not settings["skip_scale"]:
             cond = cond.without_full_mask()  # one check here, none per step
@@ -165,23 +213,48 @@ class Pipeline:
         else:
             velocity = classifier_free_guidance(model_fn, cond, null, cfg, settings["cfg_interval"], skip_fn,
                                                 settings["skip_scale"], settings["skip_interval"])
+        shape = (mc.in_channels, frames, height, width)
         if isinstance(seed, int):
-            noise = torch.cat([initial_noise((len(prompts), mc.in_channels, height, width), s)
-                               for s in candidate_seeds(seed, n)])
+            noise = torch.cat([initial_noise((len(prompts), *shape), s) for s in candidate_seeds(seed, n)])
         else:
             if len(seed) != len(prompts):
                 raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
             per_image = [candidate_seeds(int(k), n) for k in seed]
-            noise = torch.cat([initial_noise((1, mc.in_channels, height, width), seeds[j])
-                               for j in range(n) for seeds in per_image])
-        noise = noise.to(self.device)
-        x = sample(velocity, patchify(noise, mc.patch_size), steps, sampler, shift, progress=progress)
+            noise = torch.cat([initial_noise((1, *shape), seeds[j]) for j in range(n) for seeds in per_image])
+        noise = video_patchify(noise.to(self.device), mc.patch_size, mc.temporal_patch)
+        x = sample(velocity, noise, steps, sampler, shift, progress=progress, given=mask, given_tokens=tokens)
         if n > 1:
             scores = denoising_scores(model_fn, x, cond.without_full_mask())
             x = best_candidates(x, scores, n)
-        latents = unpatchify(x, height, width, mc.patch_size)
-        images = self.codec.decode(latents) if self.codec is not None else latents
-        return images.clamp(-1, 1).float().cpu()
+        latents = video_unpatchify(x, frames, height, width, mc.patch_size, mc.temporal_patch)
+        if self.codec is not None:  # an image VAE decodes the one frame; the identity codec takes clips as they are
+            latents = self.codec.decode(latents[:, :, 0])[:, :, None] if factor != 1 else self.codec.decode(latents)
+        return latents.clamp(-1, 1).float().cpu()
+
+    def _given_tokens(self, given: Tensor | None, given_frames: Sequence[int], batch: int, frames: int,
+                      height: int, width: int) -> tuple[Tensor, Tensor]:
+        """The token mask (1, N) and the clean tokens (B or 1, N, D) of the given frames."""
+        mc = self.model.config
+        pt = mc.temporal_patch
+        want = (mc.in_channels, frames, height, width)
+        if given is None or given.dim() != 5 or tuple(given.shape[1:]) != want or given.shape[0] not in (1, batch):
+            got = None if given is None else tuple(given.shape)
+            raise OmniditError(f"the given frames must be a (B or 1, C, T, H, W) = (B, {', '.join(map(str, want))}) "
+                               f"clip, got {got}", hint="give frames of the size and length being generated")
+        indices = sorted({int(i) for i in given_frames})
+        if indices[0] < 0 or indices[-1] >= frames:
+            raise OmniditError(f"given frame {indices[-1] if indices[0] >= 0 else indices[0]} lies outside the "
+                               f"{frames} frames being generated", hint=f"use frame indices 0..{frames - 1}")
+        tubelets = sorted({i // pt for i in indices})
+        if len(tubelets) * pt != len(indices):
+            raise OmniditError(f"the given frames {indices} do not fill whole tubelets of {pt} frames",
+                               hint=f"give frames in complete groups of {pt}, starting at multiples of {pt}")
+        per_frame = (height // mc.patch_size) * (width // mc.patch_size)
+        known = torch.zeros(frames // pt, dtype=torch.bool)
+        known[tubelets] = True
+        mask = known.repeat_interleave(per_frame)[None].to(self.device)  # (1, N)
+        tokens = video_patchify(given.to(self.device, torch.float32), mc.patch_size, pt)
+        return mask, tokens
 
 
 def build_pipeline(model: MMDiT, config: Config, device: torch.device | str = "cpu") -> Pipeline:

@@ -20,6 +20,29 @@ from omnidit.flow import shift_timesteps
 VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x: (B, ...), t: 0-d tensor) -> v like x
 
 
+def token_times(t: Tensor, given: Tensor | None) -> Tensor:
+    """The model's times when some tokens are given: 0 where ``given`` (B or 1, N) is True, t elsewhere.
+
+    t: 0-d (the sampler's current time). Returns t itself when nothing is given (the uniform path), else
+    (B or 1, N) float32.
+    """
+    if given is None:
+        return t
+    return torch.where(given, torch.zeros((), dtype=t.dtype, device=t.device), t).float()
+
+
+def keep_given(velocity_fn: VelocityFn, given: Tensor) -> VelocityFn:
+    """A velocity_fn that is exactly 0 on the given tokens (``given``: (B or 1, N) bool), so that every
+    sampler (each step adds dt * v) leaves them bit for bit as they were: image-to-video, extension,
+    interpolation and inpainting are the starting tokens of the given positions set to the clean data."""
+    mask = given[..., None]  # (B or 1, N, 1)
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        return velocity_fn(x, t).masked_fill(mask, 0.0)
+
+    return fn
+
+
 def timestep_schedule(steps: int, shift: float = 1.0, device: str | torch.device = "cpu") -> Tensor:
     """Times 1 -> 0 in ``steps`` uniform steps, then shifted toward noise: (steps + 1,) float32."""
     if steps < 1:
@@ -132,9 +155,17 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> Tensor:
 
 
 def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, sampler: str = "euler", shift: float = 1.0,
-           progress: bool = False) -> Tensor:
-    """Integrate from ``noise`` (t = 1) to data (t = 0) with the named sampler."""
+           progress: bool = False, given: Tensor | None = None, given_tokens: Tensor | None = None) -> Tensor:
+    """Integrate from ``noise`` (t = 1) to data (t = 0) with the named sampler.
+
+    ``given`` (B or 1, N) bool and ``given_tokens`` (like noise): tokens known as clean context start as
+    ``given_tokens`` and stay exactly so (``keep_given``); velocity_fn should show them to the model at t = 0
+    (``token_times``). noise: (B, N, D) tokens when something is given.
+    """
     if sampler not in SAMPLERS:
         raise OmniditError(f"unknown sampler '{sampler}'", hint=f"choose one of {', '.join(SAMPLERS)}")
     ts = timestep_schedule(steps, shift, device=noise.device)
+    if given is not None:
+        noise = torch.where(given[..., None], given_tokens.to(noise.dtype), noise)
+        velocity_fn = keep_given(velocity_fn, given)
     return SAMPLERS[sampler](velocity_fn, noise, ts, progress=progress)

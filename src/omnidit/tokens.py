@@ -1,8 +1,10 @@
-"""Cutting data into tokens and back, and the integer position ids the model's RoPE reads.
+"""Cutting data into tokens and back, and the position ids the model's RoPE reads.
 
-The model never sees pixels: images become (B, N, C * p * p) patch tokens here, with ids whose
-last two axes are (row, column) of the patch grid and whose leading axes (time, ...) are 0 for a
-still image. Any resolution or aspect ratio that the patch size divides works.
+The model never sees pixels: images become (B, N, C * p * p) patch tokens here and videos (B, N,
+C * pt * p * p) tubelet tokens, with ids whose first axis is time in seconds, shared by every modality
+(a tubelet sits at the mean time of its frames, frame k at k / fps; a still image is one frame at
+time 0), and whose last two axes are (row, column) of the patch grid. Any resolution or aspect ratio
+that the patch size divides works, and any frame count that the temporal patch divides.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor
 
 from omnidit.errors import OmniditError
+from omnidit.validate import check_number
 
 
 def check_image_size(height: int, width: int, patch_size: int) -> None:
@@ -59,3 +62,64 @@ def image_position_ids(grid_h: int, grid_w: int, num_axes: int = 3, device: torc
     ids[..., -2] = torch.arange(grid_h, device=device)[:, None]
     ids[..., -1] = torch.arange(grid_w, device=device)[None, :]
     return ids.reshape(1, grid_h * grid_w, num_axes)
+
+
+def check_frame_count(frames: int, temporal_patch: int) -> None:
+    """Raise a clear error unless ``frames`` is a positive multiple of the temporal patch (no 8k+1 rule)."""
+    if frames <= 0 or frames % temporal_patch:
+        below = max(temporal_patch, frames // temporal_patch * temporal_patch)
+        above = (max(frames, 1) + temporal_patch - 1) // temporal_patch * temporal_patch
+        nearest = sorted({below, above}, key=lambda n: (abs(n - frames), n))[0]
+        raise OmniditError(
+            f"a clip of {frames} frames does not split into tubelets of {temporal_patch} frames",
+            hint=f"use a positive multiple of {temporal_patch} frames; the nearest is {nearest}",
+        )
+
+
+def video_patchify(x: Tensor, patch_size: int, temporal_patch: int = 1) -> Tensor:
+    """(B, C, T, H, W) -> (B, T/pt * H/p * W/p, C * pt * p * p): tubelets in (time, row, column) order,
+    features ordered (c, kt, ky, kx) like a Conv3d kernel. With pt = 1 and T = 1 this is ``patchify``."""
+    b, c, frames, h, w = x.shape
+    check_frame_count(frames, temporal_patch)
+    check_image_size(h, w, patch_size)
+    p, pt = patch_size, temporal_patch
+    x = x.reshape(b, c, frames // pt, pt, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(b, (frames // pt) * (h // p) * (w // p), c * pt * p * p)
+
+
+def video_unpatchify(tokens: Tensor, frames: int, height: int, width: int, patch_size: int,
+                     temporal_patch: int = 1) -> Tensor:
+    """Inverse of ``video_patchify``: (B, N, C * pt * p * p) -> (B, C, T, H, W)."""
+    b, n, d = tokens.shape
+    p, pt = patch_size, temporal_patch
+    gt, gh, gw = frames // pt, height // p, width // p
+    if gt * gh * gw != n or d % (pt * p * p) or frames % pt:
+        raise ValueError(f"{n} tokens of size {d} do not form a {frames}x{width}x{height} clip with "
+                         f"tubelets ({pt}, {p}, {p})")
+    c = d // (pt * p * p)
+    x = tokens.reshape(b, gt, gh, gw, c, pt, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, gt, pt, gh, p, gw, p)
+    return x.reshape(b, c, frames, height, width)
+
+
+def tubelet_times(frames: int, fps: float, temporal_patch: int = 1) -> Tensor:
+    """Time in seconds of each tubelet: the mean time of its frames, frame k at k / fps. (T / pt,) float64."""
+    check_number("fps", fps, low=0.0, low_open=True)
+    check_frame_count(frames, temporal_patch)
+    starts = torch.arange(0, frames, temporal_patch, dtype=torch.float64)
+    return (starts + (temporal_patch - 1) / 2) / fps
+
+
+def video_position_ids(frames: int, grid_h: int, grid_w: int, fps: float, temporal_patch: int = 1,
+                       num_axes: int = 3, device: torch.device | str = "cpu") -> Tensor:
+    """Position ids of a clip's tubelets: (1, T/pt * grid_h * grid_w, num_axes) float32.
+
+    Column 0 is time in seconds (``tubelet_times``), column -2 the row, column -1 the column; axes in
+    between (if any) are 0. One frame gives exactly ``image_position_ids``.
+    """
+    if num_axes < 3:
+        raise ValueError("video positions need at least 3 axes (time, row, column)")
+    times = tubelet_times(frames, fps, temporal_patch).float().to(device)
+    image = image_position_ids(grid_h, grid_w, num_axes, device=device)  # (1, gh * gw, A)
+    ids = image.repeat(1, len(times), 1)
+    ids[0, :, 0] = times.repeat_interleave(grid_h * grid_w)
+    return ids

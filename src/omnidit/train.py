@@ -45,7 +45,7 @@ from omnidit.pipeline import Pipeline, resolve_device
 from omnidit.plot import plot_training_curves
 from omnidit.precompute import fields_for_config, open_cache
 from omnidit.text import load_text_encoder
-from omnidit.tokens import check_image_size, image_position_ids, patchify
+from omnidit.tokens import check_frame_count, check_image_size, patchify, video_patchify, video_position_ids
 
 
 class CounterfactualPairs(NamedTuple):
@@ -146,6 +146,18 @@ def check_compatible(config: Config, dataset, codec) -> None:
     if dataset.num_classes and mc.num_classes not in (0, dataset.num_classes):
         raise OmniditError(f"model.num_classes is {mc.num_classes} but the data has {dataset.num_classes} classes")
     check_image_size(config.data.height, config.data.width, mc.patch_size * codec.downsample)
+    check_frame_count(config.data.frames, mc.temporal_patch)
+    clip = getattr(dataset, "frames", 1) > 1 or config.data.frames > 1
+    if clip and (getattr(dataset, "frames", 1), getattr(dataset, "fps", config.data.fps)) != (
+            config.data.frames, config.data.fps):
+        raise OmniditError(f"data.frames={config.data.frames} is for clips, but the '{config.data.name}' data are "
+                           "still images", hint="use data.name=shapes_video, or data.frames=1")
+    if clip and codec.downsample != 1:
+        raise OmniditError("clips train in pixel space: the image VAE in data.codec has no time axis",
+                           hint="set data.codec=identity")
+    if config.train.given_p > 0 and config.data.frames // mc.temporal_patch < 2:
+        raise OmniditError("train.given_p gives some frames of a clip as context, but the data are single frames",
+                           hint="set train.given_p=0, or train on clips (data.frames > 1)")
     if config.text.encoder == "none":
         if mc.context_dim or mc.pooled_dim:
             raise OmniditError("text.encoder is 'none' but the model reads text",
@@ -161,6 +173,13 @@ def check_compatible(config: Config, dataset, codec) -> None:
         raise OmniditError(f"the text encoder gives {dim}-d tokens and {pooled}-d pooled vectors, but the model has "
                            f"context_dim={mc.context_dim}, pooled_dim={mc.pooled_dim}",
                            hint=f"set model.context_dim={dim} model.pooled_dim={pooled}")
+
+
+def token_times_with_context(t: Tensor, given: Tensor, num_tokens: int) -> Tensor:
+    """Per-token times (B, N): 0 on the tokens of given tubelets (given: (B, T / pt) bool), t (B,) elsewhere."""
+    per_tubelet = num_tokens // given.shape[1]
+    mask = given.repeat_interleave(per_tubelet, dim=1)  # (B, N)
+    return torch.where(mask, torch.zeros(()), t[:, None].expand(-1, num_tokens))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -184,7 +203,8 @@ class Trainer:
                                f"({self.world.world_size} x {tc.grad_accum})")
         self.out_dir = Path(tc.out_dir)
         self.dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out,
-                                     scene_kinds=dc.scene_kinds, counterfactuals=dc.counterfactuals)
+                                     scene_kinds=dc.scene_kinds, counterfactuals=dc.counterfactuals,
+                                     frames=dc.frames, fps=dc.fps)
         self.codec = load_codec(dc.codec, self.dataset.channels, self.device, dc.codec_dtype)
         check_compatible(config, self.dataset, self.codec)
         # With a precomputed cache, training reads latents and text features from disk: the text
@@ -219,7 +239,9 @@ class Trainer:
         self.counterfactual_loss: float | None = None  # the last step's, when train.counterfactual_weight > 0
         f = self.codec.downsample * mc.patch_size
         self.grid = (dc.height // f, dc.width // f)  # the token grid (latent pixels / patch)
-        self.ids = image_position_ids(*self.grid, len(mc.axes_dim), device=self.device)
+        self.ids = video_position_ids(dc.frames, *self.grid, dc.fps, mc.temporal_patch, len(mc.axes_dim),
+                                      device=self.device)  # (1, N, A); one frame = an image's ids
+        self.num_tokens = self.ids.shape[1]
         self.null_cond = self._null_condition()
         self.last_checkpoint: Path | None = None
         self.init_source: dict | None = None  # set by initialise_from, kept in every checkpoint
@@ -263,7 +285,9 @@ class Trainer:
         # Randomness for the whole global batch, drawn identically on every rank.
         keep = condition_keep_mask(batch, tc.cond_dropout, self.generator)
         t = sample_timesteps(batch, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=self.generator)
-        noise = torch.randn((batch, self.grid[0] * self.grid[1], mc.token_dim), generator=self.generator)
+        noise = torch.randn((batch, self.num_tokens, mc.token_dim), generator=self.generator)
+        if tc.given_p > 0:  # clips with some frames given as clean context: t = 0 on their tokens
+            t = token_times_with_context(t, self.given_tubelets(batch), self.num_tokens)
         counterfactual = tc.counterfactual_weight > 0
         if counterfactual:
             g = self.counterfactual_generator
@@ -279,7 +303,9 @@ class Trainer:
             images, captions, labels = batch_from_indices(self.dataset, idx[mine])
             latents = self.codec.encode(images.to(self.device))  # (b, c, h, w); identity for pixels
             cond = self.condition(captions, labels)
-        x0 = patchify(latents.to(self.device), mc.patch_size)  # (b, N, c*p*p)
+        if latents.dim() == 4:  # images: clips of one frame
+            latents = latents[:, :, None]
+        x0 = video_patchify(latents.to(self.device), mc.patch_size, mc.temporal_patch)  # (b, N, c*pt*p*p)
         pairs = self._counterfactual_pairs(idx[mine], x0, cond, labels, t_cf[mine], noise_cf[mine]) \
             if counterfactual else None  # before the caption dropout: the pairs compare two real captions
         cond = cond.where(keep[mine].to(self.device), self.null_cond)
@@ -333,6 +359,25 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss_value, norm_value
+
+    def given_tubelets(self, batch: int) -> Tensor:
+        """(batch, T / pt) bool: the tubelets each clip of the batch is given as clean context.
+
+        With probability train.given_p a clip gets one of three patterns, equally likely: the first tubelet
+        (image-to-video), the first k of them, k uniform in 1..half the clip (extension), or the first and
+        the last (interpolation); otherwise none. Drawn from the run's generator, so resume stays exact.
+        """
+        count = self.config.data.frames // self.config.model.temporal_patch
+        u = torch.rand(batch, generator=self.generator)
+        kind = torch.randint(0, 3, (batch,), generator=self.generator)
+        k = torch.randint(1, max(count // 2, 1) + 1, (batch,), generator=self.generator)
+        index = torch.arange(count)[None]
+        first_k = index < torch.where(kind == 1, k, torch.ones_like(k))[:, None]
+        last = (kind == 2)[:, None] & (index == count - 1)
+        given = (first_k | last) & (u < self.config.train.given_p)[:, None]
+        if count == 1:  # a still image has nothing to continue
+            given[:] = False
+        return given
 
     def _counterfactual_pairs(self, indices: list[int], x0: Tensor, cond: Condition, labels: Tensor,
                               t: Tensor, noise: Tensor) -> CounterfactualPairs:
@@ -457,20 +502,20 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
     def describe(self) -> str:
-        """Parameters, analytic FLOPs per image and estimated memory, printed at start."""
-        from omnidit.flops import estimate_training_memory, flops_per_image
+        """Parameters, analytic FLOPs per image (or clip) and estimated memory, printed at start."""
+        from omnidit.flops import estimate_training_memory, forward_flops, training_flops
 
-        mc, dc, tc = self.config.model, self.config.data, self.config.train
+        mc, tc = self.config.model, self.config.train
         n_params = sum(p.numel() for p in self.net.parameters())
         text_tokens = self.config.text.max_length if mc.context_dim else 0
-        f = self.codec.downsample
-        flops = flops_per_image(mc, dc.height // f, dc.width // f, text_tokens)
-        tokens = self.grid[0] * self.grid[1]
+        tokens = self.num_tokens
+        forward, train = forward_flops(mc, tokens, text_tokens), training_flops(mc, tokens, text_tokens)
         memory = estimate_training_memory(mc, tc.batch_size // (self.world.world_size * tc.grad_accum), tokens,
                                           text_tokens)
         total_gb = sum(memory.values()) / 2**30
-        return (f"{n_params / 1e6:.2f}M parameters | {flops['forward'] / 1e9:.3f} GFLOP forward, "
-                f"{flops['train'] / 1e9:.3f} GFLOP training per image | ~{total_gb:.2f} GiB estimated per rank | "
+        sample = "clip" if self.config.data.frames > 1 else "image"
+        return (f"{n_params / 1e6:.2f}M parameters | {forward / 1e9:.3f} GFLOP forward, "
+                f"{train / 1e9:.3f} GFLOP training per {sample} | ~{total_gb:.2f} GiB estimated per rank | "
                 f"{self.device}, {self.world.world_size} process(es), "
                 f"{'bf16 autocast' if self.amp_dtype else 'fp32'}, batch {tc.batch_size}")
 

@@ -1,7 +1,8 @@
-"""Datasets with one interface: ``ds[i] -> {"image": (C, H, W) in [-1, 1], "caption": str, "label": int}``.
+"""Datasets with one interface: ``ds[i] -> {"image": (C, H, W) in [-1, 1], "caption": str, "label": int}``,
+or for clips ``{"video": (C, T, H, W) in [-1, 1], ...}``.
 
 Every dataset also exposes ``num_samples`` (None = infinite), ``channels``, ``height``, ``width`` and
-``num_classes`` (0 = no classes; then ``label`` is -1).
+``num_classes`` (0 = no classes; then ``label`` is -1); clip datasets also ``frames`` and ``fps``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from omnidit.data.shapes import (
 )
 from omnidit.errors import OmniditError
 
-DATASETS = ("shapes", "digits", "imagefolder")
+DATASETS = ("shapes", "shapes_video", "digits", "imagefolder")
 SPLITS = ("train", "test", "all")
 
 
@@ -55,13 +56,16 @@ def build_dataset(
     split: str = "train",
     scene_kinds: dict[str, float] | None = None,
     counterfactuals: Sequence[str] = ("relation",),
+    frames: int = 1,
+    fps: float = 8.0,
 ) -> ImageDataset:
     """Build a dataset by name.
 
     ``held_out`` ("red triangle", ...) is validated for every dataset but only shapes uses it;
     ``split`` selects the digits split ("train" | "test" | "all"); ``path`` is the imagefolder root;
     ``scene_kinds`` (shapes only) weights the scene kinds, None or {} meaning the default mix;
-    ``counterfactuals`` (shapes only) names the facts a counterfactual partner changes.
+    ``counterfactuals`` (shapes only) names the facts a counterfactual partner changes; ``frames`` and
+    ``fps`` size the clips of shapes_video.
     """
     if name not in DATASETS:
         raise OmniditError(f"unknown dataset {name!r}", hint=f"choose one of: {', '.join(DATASETS)}")
@@ -71,6 +75,10 @@ def build_dataset(
     if name == "shapes":
         return ShapesDataset(width, height, seed=seed, held_out=held_out, kinds=scene_kinds or None,
                              counterfactuals=counterfactuals)
+    if name == "shapes_video":
+        from omnidit.data.shapes_video import ShapesVideoDataset
+
+        return ShapesVideoDataset(width, height, frames=frames, fps=fps, seed=seed, held_out=held_out)
     if name == "digits":
         return DigitsDataset(width, height, split=split, seed=seed)
     if not path:
@@ -79,11 +87,12 @@ def build_dataset(
 
 
 def batch_from_indices(ds: ImageDataset, indices: Iterable[int]) -> tuple[Tensor, list[str], Tensor]:
-    """Collate ``ds[i]`` for ``indices`` -> (images (B, C, H, W), captions [B], labels (B,) int64)."""
+    """Collate ``ds[i]`` for ``indices`` -> (images (B, C, H, W) or clips (B, C, T, H, W), captions [B],
+    labels (B,) int64)."""
     items = [ds[int(i)] for i in indices]
     if not items:
         raise ValueError("batch_from_indices needs at least one index")
-    images = torch.stack([it["image"] for it in items])
+    images = torch.stack([it["video"] if "video" in it else it["image"] for it in items])
     labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
     return images, [it["caption"] for it in items], labels
 

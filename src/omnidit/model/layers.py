@@ -27,8 +27,11 @@ def layer_norm(dim: int, eps: float = 1e-6) -> nn.LayerNorm:
 class Modulation(nn.Module):
     """adaLN: the conditioning vector -> ``chunks`` vectors of size D (shift, scale, gate, ...).
 
-    vec: (B, D) -> tuple of ``chunks`` tensors (B, 1, D). Zero-initialised by the model so that
-    every block starts as the identity (adaLN-Zero).
+    vec: (B, D) -> tuple of ``chunks`` tensors (B, 1, D), shared by every token; (B, N, D), one vector per
+    token (per-token timesteps) -> tuples of (B, N, D); or a list of per-segment ``(vec, length)`` for a joint
+    sequence whose streams have their own vectors, each (B, D) or (B, length, D) -> tuples of (B, N, D)
+    where N is the sum of the lengths (a (B, D) segment is computed once and broadcast over its tokens).
+    Zero-initialised by the model so that every block starts as the identity (adaLN-Zero).
     """
 
     def __init__(self, dim: int, chunks: int) -> None:
@@ -36,21 +39,27 @@ class Modulation(nn.Module):
         self.chunks = chunks
         self.lin = nn.Linear(dim, chunks * dim)
 
-    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
+    def _project(self, vec: Tensor) -> Tensor:
         # In the weights' precision even under bf16 autocast: a rounding error in a scale or gate
         # is applied to every token of the block.
         with torch.autocast(vec.device.type, enabled=False):
             out = self.lin(nn.functional.silu(vec.to(self.lin.weight.dtype)))
-        return out[:, None, :].chunk(self.chunks, dim=-1)  # views: no copies
+        return out[:, None, :] if out.dim() == 2 else out  # (B, 1 or N, chunks * D)
+
+    def forward(self, vec: Tensor | list[tuple[Tensor, int]]) -> tuple[Tensor, ...]:
+        if isinstance(vec, Tensor):
+            return self._project(vec).chunk(self.chunks, dim=-1)  # views: no copies
+        parts = [self._project(v).expand(-1, n, -1) for v, n in vec]
+        return torch.cat(parts, dim=1).chunk(self.chunks, dim=-1)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """x * (1 + scale) + shift in one pass over x. x: (B, N, D); shift, scale: (B, 1, D)."""
+    """x * (1 + scale) + shift in one pass over x. x: (B, N, D); shift, scale: (B, 1 or N, D)."""
     return torch.addcmul(shift, x, 1 + scale)
 
 
 def gated_residual(x: Tensor, gate: Tensor, branch: Tensor) -> Tensor:
-    """x + gate * branch in one pass (adaLN-Zero's gated residual). x, branch: (B, N, D); gate: (B, 1, D)."""
+    """x + gate * branch in one pass (adaLN-Zero's gated residual). x, branch: (B, N, D); gate: (B, 1 or N, D)."""
     return torch.addcmul(x, gate, branch)
 
 
@@ -81,7 +90,8 @@ class MLP(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm then a projection to the token's output features.
 
-    x: (B, N, D), vec: (B, D) -> (B, N, out_dim). Zero-initialised so the model outputs 0 at init.
+    x: (B, N, D), vec: (B, D) or per token (B, N, D) -> (B, N, out_dim). Zero-initialised so the model
+    outputs 0 at init.
     """
 
     def __init__(self, dim: int, out_dim: int) -> None:

@@ -1,17 +1,21 @@
 """The multimodal diffusion transformer: SD3-style double-stream blocks, Flux-style single blocks.
 
-The network sees token sequences and integer position ids only; patchify/unpatchify and the ids
-live in ``omnidit.tokens``. Streams: ``img`` (the tokens being denoised) and, when the config has
-a text context, ``txt``. Parameter names follow Flux's layout (img_in, time_in, vector_in,
-guidance_in, txt_in, double_blocks, single_blocks, final_layer) so key maps to SD3 / Flux / DiT
-checkpoints stay one-to-one renames.
+The network sees token sequences and (possibly fractional) position ids only; patchify/unpatchify and
+the ids live in ``omnidit.tokens``. Streams: the generated streams, ``img`` (image patches or video
+tubelets) and any ``extra_streams`` the config names (e.g. audio frames), each with its own input and
+output projection and its own branch in the double-stream blocks; and, when the config has a text
+context, the conditioning stream ``txt``. Single-stream blocks run on the joint sequence (generated
+streams in config order, then text). Every stream may carry its own timestep, per sample or per token.
+Parameter names follow Flux's layout (img_in, time_in, vector_in, guidance_in, txt_in, double_blocks,
+single_blocks, final_layer) so key maps to SD3 / Flux / DiT checkpoints stay one-to-one renames; the
+extra streams' projections are ``stream_in.NAME`` and ``stream_out.NAME``.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
@@ -44,9 +48,14 @@ TIME_EMBED_DIM = 256  # sinusoidal frequency channels fed to the timestep / guid
 class MMDiTConfig:
     """Architecture of an MMDiT. Validated on construction.
 
-    in_channels / patch_size describe the image tokens (token features = in_channels * patch**2);
-    context_dim = 0 means no text stream, pooled_dim = 0 no pooled vector, num_classes = 0 no
-    class labels. axes_dim gives the rotary dims per position axis and must sum to the head dim.
+    in_channels / patch_size / temporal_patch describe the ``img`` stream's tokens (token features =
+    in_channels * temporal_patch * patch**2; a video tubelet spans temporal_patch frames, an image is one
+    frame); extra_streams maps the names of further generated streams to their token features (e.g.
+    ``{"audio": 64}``). context_dim = 0 means no text stream, pooled_dim = 0 no pooled vector,
+    num_classes = 0 no class labels. axes_dim gives the rotary dims per position axis (time in seconds
+    first, then the stream's own axes) and must sum to the head dim; rope_time_scale multiplies the time
+    axis before the rotation (rotary units per second), so that frames 1 / fps apart rotate by a useful angle
+    while positions stay in seconds.
     """
 
     in_channels: int = 3
@@ -71,10 +80,14 @@ class MMDiTConfig:
     time_freq_shift: float = 0.0  # timestep embedding frequency shift (diffusers' DiT uses 1)
     dual_attention_layers: tuple[int, ...] = ()  # double blocks whose img stream also self-attends (SD3.5)
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each double-block MLP (diffusers' DiT: 1e-5)
+    temporal_patch: int = 1  # frames per img token (video tubelets); 1 for images
+    extra_streams: dict[str, int] = field(default_factory=dict)  # further generated streams: name -> token features
+    rope_time_scale: float = 1.0  # rotary units per second on the time axis (axis 0)
 
     def __post_init__(self) -> None:
         self.axes_dim = tuple(int(a) for a in self.axes_dim)
         self.dual_attention_layers = tuple(int(i) for i in self.dual_attention_layers)
+        self.extra_streams = {str(k): int(v) for k, v in dict(self.extra_streams).items()}
         checks = [
             (self.hidden_size > 0 and self.num_heads > 0, "hidden_size and num_heads must be positive"),
             (self.hidden_size % max(self.num_heads, 1) == 0,
@@ -90,6 +103,11 @@ class MMDiTConfig:
             (all(0 <= i < self.depth for i in self.dual_attention_layers),
              f"dual_attention_layers {self.dual_attention_layers} must index double blocks 0..{self.depth - 1}"),
             (self.pos_table_size == 0 or self.hidden_size % 4 == 0, "pos_table_size needs hidden_size % 4 == 0"),
+            (self.temporal_patch > 0, "temporal_patch must be positive"),
+            (all(n.isidentifier() and n not in ("img", "txt") for n in self.extra_streams),
+             f"extra_streams names {list(self.extra_streams)} must be identifiers other than 'img' and 'txt'"),
+            (all(d > 0 for d in self.extra_streams.values()), "extra_streams token features must be positive"),
+            (self.rope_time_scale > 0 and self.rope_time_scale < float("inf"), "rope_time_scale must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -111,13 +129,18 @@ class MMDiTConfig:
 
     @property
     def token_dim(self) -> int:
-        """Features per image token (and per output token): in_channels * patch_size**2."""
-        return self.in_channels * self.patch_size**2
+        """Features per img token: in_channels * temporal_patch * patch_size**2."""
+        return self.in_channels * self.temporal_patch * self.patch_size**2
 
     @property
     def out_token_dim(self) -> int:
-        """Features per output token: (out_channels or in_channels) * patch_size**2."""
-        return (self.out_channels or self.in_channels) * self.patch_size**2
+        """Features per img output token: (out_channels or in_channels) * temporal_patch * patch_size**2."""
+        return (self.out_channels or self.in_channels) * self.temporal_patch * self.patch_size**2
+
+    @property
+    def generated_streams(self) -> tuple[str, ...]:
+        """The generated streams in joint-sequence order: img, then the extra streams in config order."""
+        return ("img", *self.extra_streams)
 
     @property
     def mlp_hidden(self) -> int:
@@ -127,6 +150,7 @@ class MMDiTConfig:
         d = asdict(self)
         d["axes_dim"] = list(self.axes_dim)
         d["dual_attention_layers"] = list(self.dual_attention_layers)
+        d["extra_streams"] = dict(self.extra_streams)
         return d
 
     @classmethod
@@ -210,8 +234,10 @@ class StreamBranch(nn.Module):
 class DoubleStreamBlock(nn.Module):
     """Joint attention over all streams, each stream with its own modulation, QKV, norms and MLP.
 
-    streams: list of (B, N_i, D) in the order of ``names``; attention runs once over their
-    concatenation; both the attention and the MLP branch add to each stream's residual.
+    streams: list of (B, N_i, D) in the order of ``names`` (all of the block's streams unless ``names``
+    picks some); vec: one (B, D) conditioning vector for all streams, or a list with one per stream, each
+    (B, D) or per token (B, N_i, D). Attention runs once over the concatenation; both the attention and the
+    MLP branch add to each stream's residual.
     """
 
     def __init__(self, cfg: MMDiTConfig, names: tuple[str, ...], pre_only: tuple[str, ...] = (),
@@ -220,10 +246,11 @@ class DoubleStreamBlock(nn.Module):
         self.names = names
         self.streams = nn.ModuleDict({n: StreamBranch(cfg, pre_only=n in pre_only, dual=n in dual) for n in names})
 
-    def forward(self, streams: list[Tensor], vec: Tensor, pe: Tensor | None,
-                mask: Tensor | None) -> list[Tensor | None]:
-        branches = [self.streams[n] for n in self.names]
-        mods = [b.mod(vec) for b in branches]
+    def forward(self, streams: list[Tensor], vec: Tensor | list[Tensor], pe: Tensor | None,
+                mask: Tensor | None, names: Sequence[str] | None = None) -> list[Tensor | None]:
+        branches = [self.streams[n] for n in (names or self.names)]
+        vecs = vec if isinstance(vec, list) else [vec] * len(branches)
+        mods = [b.mod(v) for b, v in zip(branches, vecs)]
         qkv = [b.qkv_heads(x, m) for b, x, m in zip(branches, streams, mods)]
         q, k, v = (torch.cat([t[i] for t in qkv], dim=2) for i in range(3))  # (B, H, sum N_i, Dh)
         lengths = [x.shape[1] for x in streams]
@@ -235,7 +262,8 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """Flux's parallel block: one modulated norm feeds attention and MLP in a single matmul.
 
-    x: (B, N, D) joint sequence of all streams.
+    x: (B, N, D) joint sequence of all streams; vec: (B, D), (B, N, D) or per-stream segments (see
+    ``Modulation``).
     """
 
     def __init__(self, cfg: MMDiTConfig) -> None:
@@ -262,9 +290,16 @@ class SingleStreamBlock(nn.Module):
 class MMDiT(nn.Module):
     """Velocity network: ``model(x, x_ids, t, cond) -> v``.
 
-    x: (B, N, token_dim) image tokens; x_ids: (B or 1, N, A) integer positions; t: (B,) or scalar
-    time in [0, 1] (1 = noise); cond: text tokens / mask / pooled / labels / guidance as the config
-    needs. Returns (B, N, token_dim).
+    x: the generated streams, a (B, N, token_dim) tensor for the ``img`` stream alone or a mapping
+    {name: (B, N_s, D_s)} (any of the config's generated streams; absent ones are left out of the joint
+    sequence); x_ids: position ids like x, (B or 1, N_s, A) floats per stream (time in seconds first); t in
+    [0, 1] (1 = noise): a scalar, per sample (B,), per token over the generated streams in order (B or 1,
+    sum N_s), or a mapping {name: scalar | (B,) | (B or 1, N_s)}; cond: text tokens / mask / pooled /
+    labels / guidance as the config needs. Returns velocities like x (a tensor or a mapping).
+
+    Per-token timesteps modulate each token by its own time; the text stream takes the largest time of
+    the sample (the noise level of what is being generated). Where t is equal over a stream's tokens it
+    is reduced to one vector per sample first, so the uniform case runs exactly the per-sample path.
     """
 
     def __init__(self, cfg: MMDiTConfig) -> None:
@@ -272,8 +307,9 @@ class MMDiT(nn.Module):
         self.config = cfg
         dim = cfg.hidden_size
         self.has_text = cfg.context_dim > 0
-        names = ("img", "txt") if self.has_text else ("img",)
+        names = (*cfg.generated_streams, "txt") if self.has_text else cfg.generated_streams
         self.img_in = nn.Linear(cfg.token_dim, dim)
+        self.stream_in = nn.ModuleDict({n: nn.Linear(d, dim) for n, d in cfg.extra_streams.items()})
         self.time_in = MLPEmbedder(TIME_EMBED_DIM, dim)
         self.vector_in = MLPEmbedder(cfg.pooled_dim, dim) if cfg.pooled_dim else None
         self.label_in = nn.Embedding(cfg.num_classes + 1, dim) if cfg.num_classes else None  # +1: null class
@@ -288,10 +324,11 @@ class MMDiT(nn.Module):
         )
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
         self.final_layer = FinalLayer(dim, cfg.out_token_dim)
+        self.stream_out = nn.ModuleDict({n: FinalLayer(dim, d) for n, d in cfg.extra_streams.items()})
         if cfg.pos_table_size:  # fixed, not trained: a buffer that checkpoints carry (SD3 stores its own)
             self.register_buffer("pos_table", sincos_2d_table(cfg.pos_table_size, dim))
         self.gradient_checkpointing = False
-        self._positions_cache: tuple | None = None  # (weakref to ids, key, (table, pe)); see positions()
+        self._positions_cache: tuple | None = None  # (weakrefs to ids, key, (tables, pe)); see positions()
         self.initialize_weights()
 
     @property
@@ -300,7 +337,7 @@ class MMDiT(nn.Module):
         return self.config.num_classes
 
     def initialize_weights(self) -> None:
-        """Xavier linears, N(0, 0.02) embedders, and adaLN-Zero: modulations and output zeroed."""
+        """Xavier linears, N(0, 0.02) embedders, and adaLN-Zero: modulations and outputs zeroed."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -316,84 +353,169 @@ class MMDiT(nn.Module):
             if isinstance(m, Modulation):
                 nn.init.zeros_(m.lin.weight)
                 nn.init.zeros_(m.lin.bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        for layer in (self.final_layer, *self.stream_out.values()):
+            nn.init.zeros_(layer.linear.weight)
+            nn.init.zeros_(layer.linear.bias)
 
     def conditioning_vector(self, t: Tensor, cond: Condition) -> Tensor:
-        """Timestep embedding (+ pooled text, + class label, + guidance). t: (B,) -> (B, D)."""
+        """Timestep embedding (+ pooled text, + class label, + guidance).
+
+        t: (B,) -> (B, D), or per token (B, N) -> (B, N, D) (the per-sample parts broadcast over tokens).
+        """
         shift = self.config.time_freq_shift
-        vec = self.time_in(timestep_embedding(t, TIME_EMBED_DIM, freq_shift=shift).to(self.img_in.weight.dtype))
+        emb = timestep_embedding(t.reshape(-1), TIME_EMBED_DIM, freq_shift=shift).to(self.img_in.weight.dtype)
+        vec = self.time_in(emb).unflatten(0, t.shape)
+        per_token = (slice(None), None) if t.dim() == 2 else (slice(None),)
         if self.vector_in is not None:
-            vec = vec + self.vector_in(_required(cond.pooled, "pooled", "a pooled text vector"))
+            vec = vec + self.vector_in(_required(cond.pooled, "pooled", "a pooled text vector"))[per_token]
         if self.label_in is not None:
-            vec = vec + self.label_in(_required(cond.labels, "labels", "class labels"))
+            vec = vec + self.label_in(_required(cond.labels, "labels", "class labels"))[per_token]
         if self.guidance_in is not None:
             g = _required(cond.guidance, "guidance", "a guidance scale")
-            vec = vec + self.guidance_in(timestep_embedding(g, TIME_EMBED_DIM, freq_shift=shift).to(vec.dtype))
+            g_emb = timestep_embedding(g, TIME_EMBED_DIM, freq_shift=shift).to(vec.dtype)
+            vec = vec + self.guidance_in(g_emb)[per_token]
         return vec
 
-    def forward(self, x: Tensor, x_ids: Tensor, t: Tensor, cond: Condition,
-                skip_single: Sequence[int] = ()) -> Tensor:
+    def stream_times(self, t: Tensor | float | Mapping[str, Tensor | float], batch: int,
+                     lengths: Mapping[str, int]) -> dict[str, Tensor]:
+        """Each stream's times: (B,) where equal over the stream's tokens, else (B, N_s).
+
+        t: scalar, (B,), (B or 1, sum N_s) over the streams of ``lengths`` in order, or {name: ...}.
+        """
+        if isinstance(t, Mapping):
+            missing = [n for n in lengths if n not in t]
+            if missing:
+                raise OmniditError(f"no timestep given for the stream '{missing[0]}'")
+            per = {n: torch.as_tensor(t[n]) for n in lengths}
+        else:
+            t = torch.as_tensor(t)
+            if t.dim() == 2:
+                total = sum(lengths.values())
+                if t.shape[1] != total:
+                    raise OmniditError(f"per-token timesteps cover {t.shape[1]} tokens, but the streams have {total}")
+                per = dict(zip(lengths, t.split(list(lengths.values()), dim=1)))
+            else:
+                per = dict.fromkeys(lengths, t)
+        out = {}
+        for name, ts in per.items():
+            if ts.dim() == 2:
+                if ts.shape[1] != lengths[name]:
+                    raise OmniditError(f"the '{name}' timesteps cover {ts.shape[1]} tokens, "
+                                       f"but the stream has {lengths[name]}")
+                ts = ts.expand(batch, -1)
+                if bool((ts == ts[:, :1]).all()):  # uniform over the stream: the per-sample path, no extra cost
+                    ts = ts[:, 0]
+            elif ts.dim() == 0:
+                ts = ts.expand(batch)
+            if ts.shape[0] != batch or ts.dim() > 2:
+                raise OmniditError(f"timesteps of shape {tuple(ts.shape)} do not fit a batch of {batch}")
+            out[name] = ts
+        return out
+
+    def forward(self, x: Tensor | Mapping[str, Tensor], x_ids: Tensor | Mapping[str, Tensor],
+                t: Tensor | Mapping[str, Tensor], cond: Condition,
+                skip_single: Sequence[int] = ()) -> Tensor | dict[str, Tensor]:
         """skip_single: indices of single-stream blocks to leave out (skip-layer guidance's weaker model)."""
-        batch, n_img = x.shape[:2]
-        t = t.expand(batch) if t.dim() == 0 else t
-        vec = self.conditioning_vector(t, cond)  # (B, D)
-        img = self.img_in(x)  # (B, N, D)
+        single = not isinstance(x, Mapping)
+        inputs = {"img": x} if single else dict(x)
+        ids = {"img": x_ids} if not isinstance(x_ids, Mapping) else x_ids
+        names = [n for n in self.config.generated_streams if n in inputs]
+        unknown = sorted(set(inputs) - set(names))
+        if unknown or not names:
+            raise OmniditError(f"the model has no generated stream '{(unknown or ['(none)'])[0]}'",
+                               hint=f"its streams are {', '.join(self.config.generated_streams)}")
+        batch = inputs[names[0]].shape[0]
+        lengths = {n: inputs[n].shape[1] for n in names}
+        times = self.stream_times(t, batch, lengths)
+        shared = len({id(ts) for ts in times.values()}) == 1  # one time tensor for all: one vector for all
+        vecs = {}
+        for n in names:
+            vecs[n] = vecs[names[0]] if shared and n != names[0] else self.conditioning_vector(times[n], cond)
+        streams = [self.img_in(inputs[n]) if n == "img" else self.stream_in[n](inputs[n]) for n in names]
         txt = self.txt_in(_required(cond.txt, "txt", "text tokens")) if self.has_text else None  # (B, L, D)
-        table, pe = self.positions(x_ids, 0 if txt is None else txt.shape[1])
-        if table is not None:
-            img = img + table.to(img.dtype)
-        streams, mask = [img], None
+        tables, pe = self.positions([ids[n] for n in names], 0 if txt is None else txt.shape[1])
+        streams = [s if tab is None else s + tab.to(s.dtype) for s, tab in zip(streams, tables)]
+        stream_vecs = [vecs[n] for n in names]
+        n_gen = sum(lengths.values())
+        mask = None
         if txt is not None:
             streams.append(txt)
+            txt_vec = vecs[names[0]] if shared and times[names[0]].dim() == 1 else self._text_vector(times, cond)
+            stream_vecs.append(txt_vec)
             if cond.txt_mask is not None:
-                mask = torch.cat([torch.ones(batch, n_img, dtype=torch.bool, device=x.device), cond.txt_mask], 1)
+                mask = torch.cat([torch.ones(batch, n_gen, dtype=torch.bool, device=txt.device), cond.txt_mask], 1)
+        block_names = [*names, "txt"] if txt is not None else names
+        uniform = all(v is stream_vecs[0] for v in stream_vecs)
+        block_vec = stream_vecs[0] if uniform else stream_vecs
         for block in self.double_blocks:
-            streams = self._run(block, streams, vec, pe, mask)
+            streams = self._run(block, streams, block_vec, pe, mask, block_names)
+        outs = streams[:len(names)]
         if self.single_blocks:
             joint = torch.cat(streams, dim=1)  # (B, N + L, D)
+            joint_vec = stream_vecs[0] if uniform else [(v, s.shape[1]) for v, s in zip(stream_vecs, streams)]
             for i, block in enumerate(self.single_blocks):
                 if i not in skip_single:
-                    joint = self._run(block, joint, vec, pe, mask)
-            img = joint[:, :n_img]
-        else:
-            img = streams[0]
-        return self.final_layer(img, vec)  # (B, N, out_token_dim)
+                    joint = self._run(block, joint, joint_vec, pe, mask)
+            outs = joint[:, :n_gen].split(list(lengths.values()), dim=1)
+        result = {n: (self.final_layer if n == "img" else self.stream_out[n])(h, vecs[n])
+                  for n, h in zip(names, outs)}  # (B, N_s, out features) each
+        return result["img"] if single else result
 
-    def positions(self, x_ids: Tensor, n_txt: int) -> tuple[Tensor | None, Tensor | None]:
-        """What the forward derives from the position ids alone, for ids (B or 1, N, A) and n_txt text tokens.
+    def _text_vector(self, times: dict[str, Tensor], cond: Condition) -> Tensor:
+        """The text stream's vector: the conditioning vector at each sample's largest time. (B, D)."""
+        largest = torch.stack([ts if ts.dim() == 1 else ts.amax(dim=1) for ts in times.values()]).amax(dim=0)
+        return self.conditioning_vector(largest, cond)
 
-        Returns the absolute embedding added to the image tokens, (B or 1, N, D) or None, and the rotary
-        rotations of the joint sequence, (B or 1, 1, N + n_txt, head_dim // 2, 2) or None. Both broadcast
-        over the batch when the ids do. Samplers and trainers pass the same ids tensor at every call, so
-        the last result is reused while that same tensor object comes back unmodified (same
+    def positions(self, x_ids: Tensor | Sequence[Tensor], n_txt: int) -> tuple:
+        """What the forward derives from the position ids alone, for ids (B or 1, N, A) (or a list of them, one
+        per generated stream in joint order, the first being ``img``) and n_txt text tokens.
+
+        Returns the absolute embedding added to the tokens, (B or 1, N, D) or None (a list of them, one per
+        stream, when a list was given; the fixed position table applies to ``img`` only), and the rotary
+        rotations of the joint sequence, (B or 1, 1, sum N + n_txt, head_dim // 2, 2) or None. Both broadcast
+        over the batch when the ids do. Samplers and trainers pass the same ids tensors at every call, so
+        the last result is reused while the same tensor objects come back unmodified (same
         ``_version``), with the same text length, device, position table and inference mode: the
         embeddings are then built once per sampling run instead of once per step, and the position-table
         crop's host sync happens once. Inference tensors have no version counter, so ids changed in place
         inside ``torch.inference_mode`` are not noticed.
         """
+        one = isinstance(x_ids, Tensor)
+        id_list = [x_ids] if one else list(x_ids)
         # Inference tensors have no version counter (and can only change inside inference mode).
-        version = None if x_ids.is_inference() else x_ids._version
+        versions = tuple(None if i.is_inference() else i._version for i in id_list)
         table = self.pos_table if self.config.pos_table_size else None
         table_version = None if table is None or table.is_inference() else table._version
-        key = (version, x_ids.device, n_txt, table_version, torch.is_inference_mode_enabled())
+        key = (versions, id_list[0].device, n_txt, table_version, torch.is_inference_mode_enabled())
         cached = self._positions_cache
         use_cache = not torch.compiler.is_compiling()
-        if use_cache and cached is not None and cached[0]() is x_ids and cached[1] == key:
-            return cached[2]
-        table = pe = None
-        if self.config.abs_pos_embed:
-            table = sincos_position_embedding(x_ids, self.config.hidden_size)
-        if self.config.pos_table_size:
-            rows = self.table_positions(x_ids)
-            table = rows if table is None else table + rows
+        if (use_cache and cached is not None and len(cached[0]) == len(id_list)
+                and all(r() is i for r, i in zip(cached[0], id_list)) and cached[1] == key):
+            tables, pe = cached[2]
+            return (tables[0] if one else tables), pe
+        tables = []
+        for k, ids in enumerate(id_list):
+            table = None
+            if self.config.abs_pos_embed:
+                table = sincos_position_embedding(ids, self.config.hidden_size)
+            if self.config.pos_table_size and k == 0:
+                rows = self.table_positions(ids)
+                table = rows if table is None else table + rows
+            tables.append(table)
+        pe = None
         if self.config.rope:
+            batch = max(i.shape[0] for i in id_list)
             # Text tokens share position 0 on every axis: the text encoder already ordered them.
-            txt_ids = x_ids.new_zeros(x_ids.shape[0], n_txt, x_ids.shape[-1])
-            pe = rope_rotations(torch.cat([x_ids, txt_ids], dim=1), self.config.axes_dim, self.config.rope_theta)
+            txt_ids = id_list[0].new_zeros(batch, n_txt, id_list[0].shape[-1])
+            joint = torch.cat([i.expand(batch, -1, -1) for i in id_list] + [txt_ids], dim=1)
+            if self.config.rope_time_scale != 1.0:
+                scale = torch.ones(joint.shape[-1], dtype=joint.dtype, device=joint.device)
+                scale[0] = self.config.rope_time_scale
+                joint = joint * scale
+            pe = rope_rotations(joint, self.config.axes_dim, self.config.rope_theta)
         if use_cache:
-            self._positions_cache = (weakref.ref(x_ids), key, (table, pe))
-        return table, pe
+            self._positions_cache = (tuple(weakref.ref(i) for i in id_list), key, (tables, pe))
+        return (tables[0] if one else tables), pe
 
     def table_positions(self, ids: Tensor) -> Tensor:
         """Rows of the fixed position table for (B, N, A) ids, centre-cropped to the grid: (B, N, D).

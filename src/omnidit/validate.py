@@ -1,0 +1,37 @@
+"""Checks for numbers that enter from outside (CLI flags, config values, API arguments).
+
+One function, so that every entry point says the same thing in the same words: the name, the value, and
+the range it must lie in. NaN and infinities never pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+from omnidit.errors import OmniditError
+
+
+def check_number(name: str, value: object, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, integer: bool = False, hint: str | None = None) -> float | int:
+    """``value`` as a finite number within [low, high] (``low_open``: low excluded), or an OmniditError.
+
+    ``integer``: it must also be a whole number (returned as int). Booleans are not numbers here.
+    """
+    bad = isinstance(value, bool)
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        bad = True
+    if bad or not math.isfinite(number) or integer and number != int(number):
+        kind = "a whole number" if integer else "a finite number"
+        raise OmniditError(f"{name} must be {kind}, got {value!r}", hint=hint or _range_text(low, high, low_open))
+    too_low = low is not None and (number <= low if low_open else number < low)
+    if too_low or high is not None and number > high:
+        raise OmniditError(f"{name} must be {_range_text(low, high, low_open)}, got {value!r}", hint=hint)
+    return int(number) if integer else number
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool) -> str:
+    lo = None if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = None if high is None else f"<= {high:g}"
+    return " and ".join(p for p in (lo, hi) if p) or "finite"
