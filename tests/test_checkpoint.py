@@ -349,22 +349,31 @@ def restore_global_rng():
         yield
 
 
-@pytest.mark.parametrize("counterfactual_weight", [0.0, 1.0])  # 1: with its own generator and extra pass
-def test_resume_is_bit_exact(tmp_path, make_tiny_config, monkeypatch, restore_global_rng, counterfactual_weight):
+# clips: shapes_video with some frames given as context (per-token timesteps drawn from the run's generator)
+VIDEO_RUN = {"data": {"name": "shapes_video", "frames": 4, "fps": 8.0}, "train": {"given_p": 0.5}}
+
+
+@pytest.mark.parametrize("counterfactual_weight,sections", [
+    (0.0, {}), (1.0, {}),  # 1: with its own generator and extra pass
+    (0.0, VIDEO_RUN)])
+def test_resume_is_bit_exact(tmp_path, make_tiny_config, monkeypatch, restore_global_rng, counterfactual_weight,
+                             sections):
     from omnidit.train import Trainer
 
     small = {"steps": 6, "batch_size": 4, "checkpoint_every": 3, "log_every": 3, "warmup_steps": 2,
-             "cond_dropout": 0.5, "ema_decay": 0.9, "seed": 3, "counterfactual_weight": counterfactual_weight}
-    straight = Trainer(make_tiny_config(tmp_path / "straight", train=small), progress=False)
+             "cond_dropout": 0.5, "ema_decay": 0.9, "seed": 3, "counterfactual_weight": counterfactual_weight,
+             **sections.get("train", {})}
+    extra = {k: v for k, v in sections.items() if k != "train"}
+    straight = Trainer(make_tiny_config(tmp_path / "straight", train=small, **extra), progress=False)
     straight.run()
 
     split_dir = tmp_path / "split"
-    first = Trainer(make_tiny_config(split_dir, train={**small, "steps": 3}), progress=False)
+    first = Trainer(make_tiny_config(split_dir, train={**small, "steps": 3}, **extra), progress=False)
     first.run()
     half = {k: v.clone() for k, v in first.model.state_dict().items()}
 
     torch.manual_seed(12345)  # disturb the global RNG: resume must restore what it needs
-    second = Trainer(make_tiny_config(split_dir, train=small), progress=False)
+    second = Trainer(make_tiny_config(split_dir, train=small, **extra), progress=False)
     trained = []
     real_step = second.train_step
     monkeypatch.setattr(second, "train_step", lambda: trained.append(second.step) or real_step())

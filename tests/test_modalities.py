@@ -219,3 +219,18 @@ def test_generate_video_keeps_the_given_frame_and_is_seeded():
 def test_generate_video_rejects_bad_input_with_one_line(kwargs, message):
     with pytest.raises(OmniditError, match=message):
         _video_pipeline().generate_video(["1"], **kwargs)
+
+
+def test_training_clips_get_the_three_context_patterns_at_the_given_rate():
+    from omnidit.train import draw_given_tubelets, token_times_with_context
+
+    given = draw_given_tubelets(4000, 8, 0.3, torch.Generator().manual_seed(0))
+    rows = {tuple(r.tolist()) for r in given}
+    first = (True,) + (False,) * 7
+    assert first in rows and (True,) + (False,) * 6 + (True,) in rows  # image-to-video, interpolation
+    assert (True, True, True, True, False, False, False, False) in rows  # extension by k = 4
+    assert all(r[0] or not any(r) for r in rows)  # every pattern starts at the first tubelet
+    assert abs(given.any(1).float().mean() - 0.3) < 0.03
+    assert not draw_given_tubelets(100, 1, 1.0, torch.Generator().manual_seed(0)).any()
+    t = token_times_with_context(torch.tensor([0.5, 0.9]), given[:2] | torch.tensor([[True] + [False] * 7] * 2), 16)
+    assert t.shape == (2, 16) and (t[:, :2] == 0).all() and set(t[0].tolist()) <= {0.0, 0.5}

@@ -263,8 +263,8 @@ def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, T
         directory = resolve_model_dir(path)
     except OmniditError as e:
         raise OmniditError(f"train.init_from={path}: {e.message}",
-                           hint="train that model first (e.g. omnidit train configs/shapes.json), or point "
-                                "train.init_from at a run, checkpoint-* or exported model folder") from None
+                           hint="train that model first (e.g. omnidit train configs/recipes/shapes/shapes.json), "
+                                "or point train.init_from at a run, checkpoint-* or exported model folder") from None
     source = read_config(directory)
     # The weights only make sense with the same architecture, text encoder and latent space.
     grow = ("depth", "depth_single") if config.train.init_grow else ()  # deepen_state checks those

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (summary, description) in config_commands.items():
         p = sub.add_parser(name, help=summary, description=description, epilog=_keys_epilog(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("config", help="JSON config file, e.g. configs/shapes.json")
+        p.add_argument("config", help="JSON config file, e.g. configs/shapes_quick.json")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
         p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 

@@ -175,6 +175,22 @@ def check_compatible(config: Config, dataset, codec) -> None:
                            hint=f"set model.context_dim={dim} model.pooled_dim={pooled}")
 
 
+def draw_given_tubelets(batch: int, count: int, p: float, generator: torch.Generator) -> Tensor:
+    """(batch, count) bool: which of each clip's ``count`` tubelets are given as clean context.
+
+    With probability ``p`` a clip gets one of three patterns, equally likely: the first tubelet
+    (image-to-video), the first k, k uniform in 1..count // 2 (extension), or the first and the last
+    (interpolation); otherwise none. A single tubelet is never given (nothing would be left to generate).
+    """
+    u = torch.rand(batch, generator=generator)
+    kind = torch.randint(0, 3, (batch,), generator=generator)
+    k = torch.randint(1, max(count // 2, 1) + 1, (batch,), generator=generator)
+    index = torch.arange(count)[None]
+    first_k = index < torch.where(kind == 1, k, torch.ones_like(k))[:, None]
+    last = (kind == 2)[:, None] & (index == count - 1)
+    return (first_k | last) & ((u < p) & (count > 1))[:, None]
+
+
 def token_times_with_context(t: Tensor, given: Tensor, num_tokens: int) -> Tensor:
     """Per-token times (B, N): 0 on the tokens of given tubelets (given: (B, T / pt) bool), t (B,) elsewhere."""
     per_tubelet = num_tokens // given.shape[1]
@@ -361,23 +377,10 @@ class Trainer:
         return loss_value, norm_value
 
     def given_tubelets(self, batch: int) -> Tensor:
-        """(batch, T / pt) bool: the tubelets each clip of the batch is given as clean context.
-
-        With probability train.given_p a clip gets one of three patterns, equally likely: the first tubelet
-        (image-to-video), the first k of them, k uniform in 1..half the clip (extension), or the first and
-        the last (interpolation); otherwise none. Drawn from the run's generator, so resume stays exact.
-        """
+        """(batch, T / pt) bool: the tubelets each clip of the batch is given as clean context
+        (``draw_given_tubelets`` with train.given_p, from the run's generator, so resume stays exact)."""
         count = self.config.data.frames // self.config.model.temporal_patch
-        u = torch.rand(batch, generator=self.generator)
-        kind = torch.randint(0, 3, (batch,), generator=self.generator)
-        k = torch.randint(1, max(count // 2, 1) + 1, (batch,), generator=self.generator)
-        index = torch.arange(count)[None]
-        first_k = index < torch.where(kind == 1, k, torch.ones_like(k))[:, None]
-        last = (kind == 2)[:, None] & (index == count - 1)
-        given = (first_k | last) & (u < self.config.train.given_p)[:, None]
-        if count == 1:  # a still image has nothing to continue
-            given[:] = False
-        return given
+        return draw_given_tubelets(batch, count, self.config.train.given_p, self.generator)
 
     def _counterfactual_pairs(self, indices: list[int], x0: Tensor, cond: Condition, labels: Tensor,
                               t: Tensor, noise: Tensor) -> CounterfactualPairs:

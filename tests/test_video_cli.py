@@ -1,0 +1,120 @@
+"""`omnidit generate` with a video model: MP4 / GIF / strip outputs, image-to-video, extension, one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import build, tiny_config
+from PIL import Image
+from test_cli import assert_one_line_error, run_main
+
+from omnidit.checkpoint import save_checkpoint
+from omnidit.config import Config
+from omnidit.video_io import load_video, save_video
+
+GEN = ["--steps", "2", "--no-progress", "--cfg", "2"]
+
+
+def _video_checkpoint(folder, temporal_patch: int = 1):
+    cfg = tiny_config(context_dim=384, pooled_dim=384, temporal_patch=temporal_patch, rope_time_scale=8.0)
+    config = Config()
+    config.model = cfg
+    config.data.name, config.data.width, config.data.height = "shapes_video", 16, 16
+    config.data.frames, config.data.fps = 4, 8.0
+    state = build(cfg).state_dict()
+    return save_checkpoint(folder, config, state, state)
+
+
+@pytest.fixture(scope="module")
+def video_model(tmp_path_factory):
+    return _video_checkpoint(tmp_path_factory.mktemp("video") / "model")
+
+
+@pytest.fixture(scope="module")
+def tubelet_model(tmp_path_factory):
+    return _video_checkpoint(tmp_path_factory.mktemp("video2") / "model", temporal_patch=2)
+
+
+def test_generate_writes_a_playable_mp4_with_its_settings(tmp_path, capsys, video_model):
+    out = tmp_path / "clip.mp4"
+    code, stdout, err = run_main(capsys, "generate", "a red circle moving to the right", "--model", video_model,
+                                 "--frames", "6", "--fps", "12", "--seed", "3", "-o", out, *GEN)
+    assert code == 0, err
+    assert f"wrote {out}" in stdout
+    frames, fps, meta = load_video(out)
+    assert frames.shape == (3, 6, 16, 16) and fps == pytest.approx(12.0)
+    assert meta["prompt"] == "a red circle moving to the right" and meta["seed"] == 3 and meta["frames"] == 6
+    # a GIF of the same clip; the same seed gives the same frames (a PNG strip is lossless)
+    gif = tmp_path / "clip.gif"
+    assert run_main(capsys, "generate", "a red circle moving to the right", "--model", video_model, "--frames", "6",
+                    "--fps", "12", "--seed", "3", "-o", gif, *GEN)[0] == 0
+    assert load_video(gif)[0].shape == (3, 6, 16, 16)
+    strips = []
+    for name in ("a.png", "b.png"):
+        assert run_main(capsys, "generate", "a red circle", "--model", video_model, "-n", "2", "--scale", "2",
+                        "-o", tmp_path / name, *GEN)[0] == 0
+        with Image.open(tmp_path / name) as im:
+            strips.append(np.asarray(im.convert("RGB")))
+    assert np.array_equal(*strips)
+    assert strips[0].shape[0] > 32 and strips[0].shape[1] > 4 * 32  # 4 frames of a 2-clip grid at 2x
+
+
+def test_image_to_video_starts_from_the_given_image(tmp_path, capsys, video_model):
+    first = np.zeros((16, 16, 3), dtype=np.uint8)
+    first[4:12, 2:10] = (255, 0, 0)
+    Image.fromarray(first).save(tmp_path / "first.png")
+    out = tmp_path / "i2v.gif"
+    code, _, err = run_main(capsys, "generate", "a red square moving right", "--model", video_model, "--image",
+                            tmp_path / "first.png", "-o", out, *GEN)
+    assert code == 0, err
+    frames, _, meta = load_video(out, as_uint8=True)
+    assert frames.shape == (4, 16, 16, 3) and meta["image"].endswith("first.png")
+    assert np.abs(frames[0].numpy().astype(int) - first).mean() < 4  # frame 0 is the given image, up to the GIF palette
+
+
+def test_extend_appends_new_frames_after_the_clip(tmp_path, capsys, video_model):
+    clip = torch.rand(3, 3, 16, 16) * 2 - 1
+    save_video(clip, tmp_path / "start.gif", 8.0)
+    out = tmp_path / "longer.gif"
+    code, _, err = run_main(capsys, "generate", "a red circle", "--model", video_model, "--extend",
+                            tmp_path / "start.gif", "--frames", "5", "-o", out, *GEN)
+    assert code == 0, err
+    given, _, _ = load_video(tmp_path / "start.gif")
+    frames, fps, _ = load_video(out)
+    assert frames.shape[1] == 3 + 5 and fps == pytest.approx(8.0)
+    assert (frames[:, :3] - given).abs().mean() < 0.05  # the clip itself comes first, unchanged
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--frames", "5"], ["does not split into tubelets of 2 frames", "nearest is 4"]),
+    (["--frames", "0"], ["--frames must be >= 1"]),
+    (["--fps", "0"], ["--fps must be > 0"]),
+    (["--fps", "nan"], ["--fps must be a finite number"]),
+    (["--image", "missing.png"], ["cannot read the image"]),
+    (["--extend", "missing.mp4"], ["missing.mp4"]),
+    (["-o", "clip.avi"], ["cannot be written to"]),
+    (["--image", "x.png", "--extend", "y.mp4"], ["--image and --extend"]),
+])
+def test_bad_video_input_is_one_line_and_writes_nothing(tmp_path, capsys, tubelet_model, monkeypatch, args,
+                                                         fragments):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(capsys, "generate", "a red circle", "--model", tubelet_model, *args, *GEN)
+    assert_one_line_error(code, err, *fragments)
+    assert not [p for p in tmp_path.iterdir() if p.suffix in (".mp4", ".avi", ".gif", ".png")]
+
+
+def test_a_given_image_of_another_size_is_refused(tmp_path, capsys, video_model):
+    Image.new("RGB", (24, 16), "white").save(tmp_path / "wide.png")
+    code, _, err = run_main(capsys, "generate", "a red circle", "--model", video_model, "--image",
+                            tmp_path / "wide.png", "-o", tmp_path / "x.mp4", *GEN)
+    assert_one_line_error(code, err, "is 24x16 but the clip is 16x16", "--size 24x16")
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_image_models_refuse_video_flags_and_outputs(tmp_path, capsys):
+    code, _, err = run_main(capsys, "generate", "a red circle", "--frames", "8", "-o", tmp_path / "x.png", *GEN)
+    assert_one_line_error(code, err, "for video models")
+    code, _, err = run_main(capsys, "generate", "a red circle", "-o", tmp_path / "x.mp4", *GEN)
+    assert_one_line_error(code, err, "must end in .png")
+    assert not list(tmp_path.iterdir())
