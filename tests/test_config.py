@@ -234,10 +234,9 @@ def test_all_keys_cover_every_field():
     assert isinstance(Config().model, MMDiTConfig)
 
 
-@pytest.mark.parametrize("name", ["shapes.json", "shapes_finetune.json", "shapes_stage3.json", "shapes_stage4.json",
-                                  "shapes_stage5.json", "shapes_stage6.json", "shapes_stage7.json",
-                                  "shapes_stage8.json", "shapes_stage9.json", "shapes_stage10.json",
-                                  "shapes_stage11.json", "shapes_stage12.json", "digits.json"])
+@pytest.mark.parametrize("name", ["recipes/shapes/shapes.json", "recipes/shapes/shapes_finetune.json",
+                                  *(f"recipes/shapes/shapes_stage{n}.json" for n in range(3, 13)),
+                                  "digits.json"])
 def test_shipped_configs_load(name):
     config = load_config(CONFIGS / name)
     assert config.train.steps > 0 and config.model.head_dim == sum(config.model.axes_dim)
