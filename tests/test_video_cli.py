@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,15 @@ def test_image_models_refuse_video_flags_and_outputs(tmp_path, capsys):
     code, _, err = run_main(capsys, "generate", "a red circle", "-o", tmp_path / "x.mp4", *GEN)
     assert_one_line_error(code, err, "must end in .png")
     assert not list(tmp_path.iterdir())
+
+
+def test_eval_video_suite_on_a_video_model_writes_its_report(tmp_path, capsys, video_model):
+    report = tmp_path / "video.json"
+    code, out, err = run_main(capsys, "eval", video_model, "--limit", "1", "--n-per-prompt", "1", "--steps", "2",
+                              "--json", report, "--no-progress", "--no-fd")
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["suite"] == "video" and data["settings"]["frames"] == 4 and data["settings"]["steps"] == 2
+    assert set(data["categories"]) >= {"direction", "image_to_video"}
+    assert data["overall"] < 0.5 and data["failures"]  # random weights draw no tracked shapes
+    assert (tmp_path / "eval_video.png").is_file() and "image_to_video" in out

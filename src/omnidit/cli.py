@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", default=None,
                    help="checkpoint or run folder, or a folder of images with a manifest.json "
                         "(default: the shipped shapes model)")
-    p.add_argument("--suite", default=None, choices=["shapes", "digits"],
-                   help="which suite (default: from the model's data.name; shapes for image folders)")
+    p.add_argument("--suite", default=None, choices=["shapes", "digits", "video"],
+                   help="which suite (default: from the model's data.name, video for video models; shapes for "
+                        "image folders)")
     p.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
     p.add_argument("--limit", type=int, default=None, help="prompts per category, for a quick seeded run")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
@@ -421,9 +422,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from omnidit.pipeline import load_pipeline
 
         pipe = load_pipeline(target, device=args.device, use_ema=not args.no_ema)
-        suite = args.suite or pipe.config.data.name
-        if suite not in ("shapes", "digits"):
-            raise OmniditError(f"no suite for data '{suite}'", hint="pass --suite shapes or --suite digits")
+        suite = args.suite or ("video" if pipe.config.data.frames > 1 else pipe.config.data.name)
+        if suite not in ("shapes", "digits", "video"):
+            raise OmniditError(f"no suite for data '{suite}'", hint="pass --suite shapes, digits or video")
         report = evaluate_model(pipe, suite, n_per_prompt=args.n_per_prompt, seed=args.seed, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
                                 **_sampling_args(args))

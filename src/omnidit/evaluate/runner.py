@@ -24,7 +24,7 @@ from omnidit.pipeline import SAMPLING_KEYS
 if TYPE_CHECKING:
     from omnidit.evaluate.shapes_suite import PromptSpec
 
-SUITES = ("shapes", "digits")
+SUITES = ("shapes", "digits", "video")
 SEED_STRIDE = 1_000_003  # image i of a run with seed s uses noise seed s * SEED_STRIDE + i
 
 
@@ -200,13 +200,38 @@ def evaluate_digits_model(pipe, n_per_prompt: int = 10, seed: int = 0, limit: in
     return EvalReport("digits", overall, scores, len(judged), fd, judged=judged)
 
 
+def evaluate_video(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None = None, batch_size: int = 16,
+                   progress: bool = True, frechet: bool = True, **sampling) -> EvalReport:
+    """The video suite (``evaluate.video_suite``) on a video model, at its training length and frame rate;
+    image-to-video prompts get their first frame as given context."""
+    from omnidit.evaluate.video_suite import evaluate_video_model
+
+    dc = pipe.config.data
+    if dc.frames < 2:
+        raise OmniditError("the video suite needs a video model (data.frames > 1)",
+                           hint="pass a video model, e.g. shapes-video, or --suite shapes")
+
+    def generate(prompts: list[str], seeds: list[int], firsts: Tensor | None) -> Tensor:
+        given = None
+        if firsts is not None:
+            given = torch.zeros(len(prompts), 3, dc.frames, dc.height, dc.width)
+            given[:, :, 0] = firsts
+        return pipe.generate_video(prompts, seed=seeds, given=given, given_frames=[0] if given is not None else (),
+                                   progress=progress, **sampling)
+
+    return evaluate_video_model(generate, seed=seed, limit=limit, n_per_prompt=n_per_prompt, width=dc.width,
+                                height=dc.height, frames=dc.frames, fps=dc.fps, held_out=dc.held_out,
+                                batch_size=batch_size, frechet=frechet)
+
+
 def evaluate_model(pipe, suite: str, **kwargs) -> EvalReport:
     """Dispatch to the named suite; records the sampling settings in the report."""
-    runners = {"shapes": evaluate_shapes_model, "digits": evaluate_digits_model}
+    runners = {"shapes": evaluate_shapes_model, "digits": evaluate_digits_model, "video": evaluate_video}
     if suite not in runners:
         raise OmniditError(f"unknown suite '{suite}'", hint=f"choose one of {', '.join(SUITES)}")
     report = runners[suite](pipe, **kwargs)
     report.settings = {
+        **(report.settings or {}),
         "n_per_prompt": kwargs.get("n_per_prompt"), "seed": kwargs.get("seed", 0), "limit": kwargs.get("limit"),
         **pipe.sampling_settings(**{k: kwargs.get(k) for k in SAMPLING_KEYS}),
     }
