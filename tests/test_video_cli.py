@@ -132,3 +132,14 @@ def test_eval_video_suite_on_a_video_model_writes_its_report(tmp_path, capsys, v
     assert set(data["categories"]) >= {"direction", "image_to_video"}
     assert data["overall"] < 0.5 and data["failures"]  # random weights draw no tracked shapes
     assert (tmp_path / "eval_video.png").is_file() and "image_to_video" in out
+
+
+def test_demo_with_a_video_model_draws_a_row_of_frames_per_prompt(tmp_path, capsys, video_model):
+    from omnidit.demo import DEMO_VIDEO_PROMPTS
+
+    out = tmp_path / "demo.png"
+    code, stdout, err = run_main(capsys, "demo", "--model", video_model, "--steps", "2", "-o", out, "--no-progress")
+    assert code == 0, err
+    with Image.open(out) as im:
+        assert im.height >= len(DEMO_VIDEO_PROMPTS) * 96 and im.width > 4 * 96  # 4 frames per row, enlarged
+        assert "moving to the right" in im.text["prompts"]

@@ -121,10 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="draw example prompts with the shipped shapes model (seconds on a CPU)",
                        description="Generate a grid of example prompts (a row per prompt) with the shipped "
-                                   "shapes model, or --model, and print where it was written.")
+                                   "shapes model, or --model, and print where it was written. With the shipped "
+                                   "video model installed, also a grid of clips (OUTPUT_video.png: a row of "
+                                   "frames per prompt); a video --model draws that grid alone.")
     p.add_argument("-o", "--output", default="omnidit_demo.png", help="output PNG path (default: omnidit_demo.png)")
-    p.add_argument("--model", default=None, help="checkpoint or run folder (default: the shipped shapes model)")
-    p.add_argument("-n", "--num-images", type=int, default=3, help="images per prompt (default: 3)")
+    p.add_argument("--model", default=None, help="a shipped model's name, checkpoint or run folder (default: the "
+                                                  "shipped shapes model, then shapes-video if installed)")
+    p.add_argument("-n", "--num-images", type=int, default=3, help="images per prompt (default: 3; clips: 1)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
@@ -437,13 +440,24 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from omnidit.demo import DEMO_PROMPTS, run_demo
+    from omnidit.checkpoint import SHIPPED_MODELS, shipped_model_dir
+    from omnidit.demo import run_demo
 
     _check_counts(args.num_images, args.steps)
-    path, seconds = run_demo(args.output, args.model, n_per_prompt=args.num_images, seed=args.seed, steps=args.steps,
-                             device=args.device, progress=not args.no_progress)
-    n = args.num_images * len(DEMO_PROMPTS)
-    print(f"wrote {path} ({n} images in {seconds:.1f} s of sampling: {n / seconds:.2f} images/s)")
+    path, seconds, drawn = run_demo(args.output, args.model, n_per_prompt=args.num_images, seed=args.seed,
+                                    steps=args.steps, device=args.device, progress=not args.no_progress)
+    count, kind = drawn.split()
+    print(f"wrote {path} ({drawn} in {seconds:.1f} s of sampling: {int(count) / seconds:.2f} {kind}/s)")
+    if args.model is None and "shapes-video" in SHIPPED_MODELS:
+        try:
+            video_dir = shipped_model_dir("shapes-video")
+        except OmniditError:
+            print("(the shapes-video model is not in this installation: docs/video_model.md)")
+            return
+        out = Path(args.output).with_name(Path(args.output).stem + "_video.png")
+        path, seconds, drawn = run_demo(out, video_dir, seed=args.seed, steps=args.steps, device=args.device,
+                                        progress=not args.no_progress)
+        print(f"wrote {path} ({drawn} in {seconds:.1f} s of sampling)")
 
 
 def cmd_eval_prompts(args: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
-"""`omnidit demo`: a labelled grid of example prompts from the shipped shapes model, in seconds on a CPU."""
+"""`omnidit demo`: a labelled grid of example prompts from the shipped shapes model, in seconds on a CPU;
+with a video model, a row of frames per prompt."""
 
 from __future__ import annotations
 
@@ -21,6 +22,25 @@ DEMO_PROMPTS = (
 )
 
 
+# One prompt per motion the video model was trained on (the last one names a held-out colour-shape pair).
+DEMO_VIDEO_PROMPTS = (
+    "a red circle moving to the right",
+    "a green triangle moves up quickly",
+    "a purple square drifting down and to the left",
+    "an orange diamond moves left while a cyan circle moves right",
+    "a blue circle moving upwards",
+)
+
+
+def demo_video_grid(pipe, prompts: tuple[str, ...] = DEMO_VIDEO_PROMPTS, seed: int = 0, steps: int | None = None,
+                    progress: bool = True) -> Image.Image:
+    """One clip per prompt in one seeded call (the model's training length and fps); a row per prompt showing
+    every frame left to right, enlarged 3x."""
+    clips = pipe.generate_video(list(prompts), seed=seed, steps=steps, progress=progress)  # (P, C, T, H, W)
+    rows = [(prompt, [to_pil(clip[:, k]) for k in range(clip.shape[1])]) for prompt, clip in zip(prompts, clips)]
+    return labelled_grid(rows, scale=max(1, 96 // max(clips.shape[3:])))
+
+
 def demo_grid(pipe, prompts: tuple[str, ...] = DEMO_PROMPTS, n_per_prompt: int = 3, seed: int = 0,
               steps: int | None = None, progress: bool = True) -> Image.Image:
     """Generate ``n_per_prompt`` images per prompt in one seeded call; a row per prompt, enlarged 3x."""
@@ -32,16 +52,23 @@ def demo_grid(pipe, prompts: tuple[str, ...] = DEMO_PROMPTS, n_per_prompt: int =
 
 
 def run_demo(output: str | Path, model: str | Path | None = None, n_per_prompt: int = 3, seed: int = 0,
-             steps: int | None = None, device: str = "auto", progress: bool = True) -> tuple[Path, float]:
-    """Load the model (default: the shipped one), draw the demo grid to ``output``; returns (path, seconds)."""
-    from omnidit.checkpoint import default_model_dir
+             steps: int | None = None, device: str = "auto", progress: bool = True) -> tuple[Path, float, str]:
+    """Load the model (default: the shipped shapes model; a name such as shapes-video works too), draw the demo
+    grid to ``output``; returns (path, seconds of sampling, what was drawn, e.g. "18 images" or "5 clips")."""
+    from omnidit.checkpoint import default_model_dir, resolve_model_dir
     from omnidit.pipeline import load_pipeline
 
-    model_dir = Path(model) if model is not None else default_model_dir()
+    model_dir = resolve_model_dir(model) if model is not None else default_model_dir()
     pipe = load_pipeline(model_dir, device=device)
+    video = pipe.config.data.frames > 1
     start = time.perf_counter()
-    grid = demo_grid(pipe, n_per_prompt=n_per_prompt, seed=seed, steps=steps, progress=progress)
+    if video:
+        grid = demo_video_grid(pipe, seed=seed, steps=steps, progress=progress)
+    else:
+        grid = demo_grid(pipe, n_per_prompt=n_per_prompt, seed=seed, steps=steps, progress=progress)
     seconds = time.perf_counter() - start
-    settings = {"prompts": " | ".join(DEMO_PROMPTS), "seed": seed, **pipe.sampling_settings(steps),
+    prompts = DEMO_VIDEO_PROMPTS if video else DEMO_PROMPTS
+    settings = {"prompts": " | ".join(prompts), "seed": seed, **pipe.sampling_settings(steps),
                 "model": str(model_dir.resolve()), "software": "omnidit demo"}
-    return save_png(grid, output, settings), seconds
+    drawn = f"{len(prompts)} clips" if video else f"{len(prompts) * n_per_prompt} images"
+    return save_png(grid, output, settings), seconds, drawn
