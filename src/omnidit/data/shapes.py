@@ -11,7 +11,7 @@ Renders are crisp (no anti-aliasing) so that an exact detector can recover every
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -88,6 +88,14 @@ def check_scene_kinds(kinds: Mapping[str, float], name: str = "scene kinds") -> 
         raise OmniditError(f"{name} has unknown scene kind {bad[0]!r}", hint=hint)
     if any(w < 0 for w in kinds.values()) or not sum(kinds.values()) > 0:
         raise OmniditError(f"{name} needs non-negative weights with a positive sum, got {dict(kinds)}", hint=hint)
+
+
+def allowed_pairs(held_out: Collection[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Every (colour, shape) pair not held out, in palette order; an error when fewer than two are left."""
+    allowed = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held_out]
+    if len(allowed) < 2:
+        raise OmniditError("held_out leaves fewer than two (colour, shape) pairs to draw", hint="hold out fewer pairs")
+    return allowed
 
 
 def parse_held_out(items: Sequence[str] | str) -> frozenset[tuple[str, str]]:
@@ -407,10 +415,7 @@ class ShapesDataset(Dataset):
         self.counterfactuals = tuple(counterfactuals)
         self.width, self.height, self.seed = int(width), int(height), int(seed)
         self.held_out = parse_held_out(held_out)
-        self.allowed = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in self.held_out]
-        if len(self.allowed) < 2:
-            raise OmniditError("held_out leaves fewer than two (colour, shape) pairs to draw",
-                               hint="hold out fewer pairs")
+        self.allowed = allowed_pairs(self.held_out)
         # Canonical order: the kind is drawn by index, so {"a": 1, "b": 2} and {"b": 2, "a": 1} must agree.
         self.kinds = {k: float(kinds[k]) for k in SCENE_KINDS if k in kinds}
 

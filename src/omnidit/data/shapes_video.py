@@ -52,7 +52,6 @@ from omnidit.data.shapes import (
     COLOURS,
     DEFAULT_HELD_OUT,
     GAP,
-    SHAPES,
     SIZE_MENTION_P,
     SIZE_RANGE,
     SIZES,
@@ -60,6 +59,7 @@ from omnidit.data.shapes import (
     ShapeObject,
     _article,
     _shape_mask,
+    allowed_pairs,
     parse_held_out,
 )
 from omnidit.errors import OmniditError
@@ -460,10 +460,7 @@ class ShapesVideoDataset(Dataset):
         self.width, self.height, self.frames, self.fps = int(width), int(height), int(frames), float(fps)
         self.seed = int(seed)
         self.held_out = parse_held_out(held_out)
-        self.allowed = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in self.held_out]
-        if len(self.allowed) < 2:
-            raise OmniditError("held_out leaves fewer than two (colour, shape) pairs to draw",
-                               hint="hold out fewer pairs")
+        self.allowed = allowed_pairs(self.held_out)
         self.kinds = kinds
 
     def scene(self, index: int) -> VideoScene:

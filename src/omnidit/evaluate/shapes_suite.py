@@ -43,6 +43,7 @@ from omnidit.data.shapes import (  # the caption helpers, so prompts match train
     _relation_layout,
     _scatter,
     _sides,
+    allowed_pairs,
     parse_held_out,
 )
 from omnidit.errors import OmniditError
@@ -153,9 +154,7 @@ def build_prompts(seed: int = 0, per_category: int | None = None,
         raise OmniditError(f"per_category must be >= 1, got {per_category}")
     n = DEFAULT_PER_CATEGORY if per_category is None else int(per_category)
     held = _held_pairs(held_out)
-    allowed = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
-    if len(allowed) < 2:
-        raise OmniditError("held_out leaves fewer than two (colour, shape) pairs", hint="hold out fewer pairs")
+    allowed = allowed_pairs(held)
     specs = []
     for k, category in enumerate(CATEGORIES):
         rng = np.random.default_rng([int(seed), k])  # one stream per category: lists don't shift together

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from omnidit.data.shapes import COLOURS, DEFAULT_HELD_OUT, SHAPES, SIZES
+from omnidit.data.shapes import COLOURS, DEFAULT_HELD_OUT, SHAPES, SIZES, allowed_pairs
 from omnidit.data.shapes_video import (
     DIRECTIONS,
     SPEED_ADJECTIVES,
@@ -324,9 +324,7 @@ def suite_prompts(seed: int = 0, per_category: int | None = None,
         raise OmniditError(f"per_category must be >= 1, got {per_category}")
     n = DEFAULT_PER_CATEGORY if per_category is None else int(per_category)
     held = _held_pairs(held_out)
-    allowed = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
-    if len(allowed) < 2:
-        raise OmniditError("held_out leaves fewer than two (colour, shape) pairs", hint="hold out fewer pairs")
+    allowed = allowed_pairs(held)
     prompts = []
     for k, category in enumerate(CATEGORIES):
         rng = np.random.default_rng([int(seed), k])  # one stream per category: lists don't shift together
