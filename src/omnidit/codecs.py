@@ -67,8 +67,8 @@ class LatentCodec(Protocol):
 def _check_images(images: Tensor, channels: int, downsample: int, clips: bool = False) -> None:
     """Images (B, C, H, W), or with ``clips`` also clips (B, C, T, H, W)."""
     if images.dim() not in ((4, 5) if clips else (4,)) or images.shape[1] != channels:
-        shape = "(B, C, H, W) or (B, C, T, H, W)" if clips else "(B, C, H, W)"
-        raise ValueError(f"expected {shape} with C = {channels}, got {tuple(images.shape)}")
+        shape = f"(B, {channels}, H, W) or clips (B, {channels}, T, H, W)" if clips else f"(B, {channels}, H, W)"
+        raise ValueError(f"expected images {shape}, got {tuple(images.shape)}")
     h, w = images.shape[-2:]
     if h % downsample or w % downsample:
         raise OmniditError(f"image size {w}x{h} is not a multiple of the codec's downsample factor {downsample}",
