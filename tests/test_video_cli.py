@@ -143,3 +143,9 @@ def test_demo_with_a_video_model_draws_a_row_of_frames_per_prompt(tmp_path, caps
     with Image.open(out) as im:
         assert im.height >= len(DEMO_VIDEO_PROMPTS) * 96 and im.width > 4 * 96  # 4 frames per row, enlarged
         assert "moving to the right" in im.text["prompts"]
+
+
+def test_info_describes_the_clips(capsys, tubelet_model):
+    code, out, err = run_main(capsys, "info", tubelet_model)
+    assert code == 0, err
+    assert "shapes_video 16x16, 4 frames at 8 fps (tubelets of 2 frames)" in out

@@ -516,7 +516,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"blocks, patch {mc.patch_size}, {mc.in_channels} channels",
         f"conditioning  text={config.text.encoder} (context {mc.context_dim}, pooled {mc.pooled_dim}), "
         f"classes={mc.num_classes}, guidance_embed={mc.guidance_embed}",
-        f"data          {config.data.name} {config.data.width}x{config.data.height}",
+        f"data          {config.data.name} {config.data.width}x{config.data.height}"
+        + (f", {config.data.frames} frames at {config.data.fps:g} fps (tubelets of {mc.temporal_patch} "
+           f"frame{'s' if mc.temporal_patch > 1 else ''})"
+           if config.data.frames > 1 else ""),
         f"sampling      {config.sample.sampler}, {config.sample.steps} steps, cfg {config.sample.cfg}, "
         f"shift {config.sample.shift}" + ("" if config.sample.cfg_interval == [0.0, 1.0] else
                                          ", guidance at t in [{}, {}]".format(*config.sample.cfg_interval))
