@@ -111,6 +111,7 @@ def test_generate_non_square_single_image_and_options(tiny_run, tmp_path, capsys
     assert Image.open(out).text["size"] == "24x16"
     # one image is saved as itself (no grid); raw weights, heun and a shift are all accepted
     one = tmp_path / "sub" / "one.png"
+    one.parent.mkdir()  # an output folder must exist (a missing one is an error, test_video_cli)
     code, _, err = run_main(capsys, "generate", "a red circle", "--model", tiny_run / "checkpoint-0000010",
                             *GEN, "--size", "16x24", "-o", one, "--cfg", "1", "--no-ema", "--sampler", "heun",
                             "--shift", "2.0", "--device", "cpu")

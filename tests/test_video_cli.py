@@ -149,3 +149,40 @@ def test_info_describes_the_clips(capsys, tubelet_model):
     code, out, err = run_main(capsys, "info", tubelet_model)
     assert code == 0, err
     assert "shapes_video 16x16, 4 frames at 8 fps (tubelets of 2 frames)" in out
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--cfg", "nan"], ["--cfg must be a finite number"]),
+    (["--cfg", "inf"], ["--cfg must be a finite number"]),
+    (["--shift", "0"], ["--shift must be > 0"]),
+    (["--seed", "-5"], ["--seed must be >= 0", "-1 draws a random seed"]),
+    (["-o", "no/such/folder/x.png"], ["the folder no/such/folder does not exist", "mkdir -p"]),
+])
+def test_bad_numbers_and_paths_are_refused_before_any_work(tmp_path, capsys, monkeypatch, args, fragments):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(capsys, "generate", "a red circle", *GEN, *args)  # last flag wins: args after GEN
+    assert_one_line_error(code, err, *fragments)
+    assert not list(tmp_path.iterdir())  # no folder created, nothing written
+
+
+def test_seed_minus_one_draws_a_random_seed_and_records_it(tmp_path, capsys):
+    outs = []
+    for name in ("a.png", "b.png"):
+        code, stdout, err = run_main(capsys, "generate", "a red circle", "--seed", "-1", "-o", tmp_path / name, *GEN)
+        assert code == 0, err
+        seed = int(stdout.split("seed ")[1].split()[0])
+        with Image.open(tmp_path / name) as im:
+            assert im.text["seed"] == str(seed)
+        outs.append(seed)
+    assert outs[0] != outs[1] and all(0 <= s < 2**31 for s in outs)
+
+
+def test_the_python_api_refuses_non_finite_guidance():
+    from omnidit.errors import OmniditError
+    from omnidit.pipeline import load_pipeline
+
+    pipe = load_pipeline("shapes", device="cpu")
+    with pytest.raises(OmniditError, match="cfg must be a finite number"):
+        pipe.generate(["a red circle"], cfg=float("nan"), steps=1)
+    with pytest.raises(OmniditError, match="steps must be >= 1"):
+        pipe.generate(["a red circle"], steps=0)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from omnidit.errors import OmniditError
-from omnidit.validate import check_number
+from omnidit.validate import check_number, check_output_path, random_seed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 disables it "
                                                           "(default: the model's sample.cfg)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same image on any device")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same image on any device; "
+                                                       "-1 draws a random seed, printed and recorded in the file")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels (default: the training size)")
     p.add_argument("-n", "--num-images", type=int, default=1, help="number of images or clips (tiled into one grid)")
     p.add_argument("-o", "--output", default=None,
@@ -227,6 +228,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise OmniditError("the prompt is empty", hint='pass a description, e.g. "a red circle"')
     _check_counts(args.num_images, args.steps)
     check_number("--scale", args.scale, low=1, high=64, integer=True)
+    _check_sampling_numbers(args)
+    if args.seed == -1:
+        args.seed = random_seed()
+        print(f"seed {args.seed}")
+    check_number("--seed", args.seed, low=0, high=2**63 - 1, integer=True, hint="-1 draws a random seed")
+    if args.output is not None:
+        check_output_path("-o", args.output)
     width, height = parse_size(args.size) if args.size else (None, None)
     args.model = _model_or_shipped(args.model)
     if (Path(args.model) / "model_index.json").is_file():  # a diffusers pipeline folder (Flux / SD3)
@@ -251,6 +259,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pil = [_scaled(to_pil(img), args.scale) for img in images]
     out = save_png(pil[0] if len(pil) == 1 else make_grid(pil), args.output, settings)
     print(f"wrote {out}")
+
+
+def _check_sampling_numbers(args: argparse.Namespace) -> None:
+    """Finite, in-range guidance and sampler numbers, before anything is loaded."""
+    if args.cfg is not None:
+        check_number("--cfg", args.cfg, low=0, high=100)
+    if args.shift is not None:
+        check_number("--shift", args.shift, low=0, low_open=True, high=100)
+    if args.skip_scale is not None:
+        check_number("--skip-scale", args.skip_scale, low=0, high=100)
+    for flag in ("cfg_interval", "skip_interval"):
+        for value in getattr(args, flag) or ():
+            check_number(f"--{flag.replace('_', '-')}", value, low=0, high=1)
 
 
 def _check_image_output(args: argparse.Namespace) -> None:

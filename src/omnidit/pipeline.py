@@ -113,15 +113,18 @@ class Pipeline:
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise OmniditError(f"candidates must be a whole number >= 1, got {candidates!r}",
                                hint="1 samples each image once; e.g. --candidates 2 keeps the better of two")
-        skip_scale = s.skip_scale if skip_scale is None else skip_scale
+        skip_scale = check_number("the skip-layer guidance scale", s.skip_scale if skip_scale is None else skip_scale,
+                                  low=0, high=100)
         try:
             skip_blocks = check_skip_blocks(skip_scale, s.skip_blocks if skip_blocks is None else skip_blocks,
                                             self.model.config.depth_single)
         except OmniditError as e:
             raise OmniditError(e.message, hint="e.g. --skip-scale 1 --skip-blocks 2, or --skip-scale 0 to turn it "
                                                "off") from None
-        return {"steps": steps or s.steps, "cfg": s.cfg if cfg is None else cfg, "sampler": sampler or s.sampler,
-                "shift": s.shift if shift is None else shift,
+        steps = s.steps if steps is None else check_number("steps", steps, low=1, high=10_000, integer=True)
+        cfg = s.cfg if cfg is None else check_number("the guidance scale cfg", cfg, low=0, high=100)
+        shift = s.shift if shift is None else check_number("shift", shift, low=0, low_open=True, high=100)
+        return {"steps": steps, "cfg": cfg, "sampler": sampler or s.sampler, "shift": shift,
                 "cfg_interval": list(s.cfg_interval if cfg_interval is None else check_cfg_interval(cfg_interval)),
                 "skip_scale": skip_scale, "skip_blocks": skip_blocks if skip_scale else [],
                 "skip_interval": list(s.skip_interval if skip_interval is None else check_cfg_interval(skip_interval)),

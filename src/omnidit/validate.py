@@ -7,6 +7,8 @@ the range it must lie in. NaN and infinities never pass.
 from __future__ import annotations
 
 import math
+import secrets
+from pathlib import Path
 
 from omnidit.errors import OmniditError
 
@@ -35,3 +37,22 @@ def _range_text(low: float | None, high: float | None, low_open: bool) -> str:
     lo = None if low is None else f"{'>' if low_open else '>='} {low:g}"
     hi = None if high is None else f"<= {high:g}"
     return " and ".join(p for p in (lo, hi) if p) or "finite"
+
+
+def check_output_path(flag: str, path: str | Path) -> Path:
+    """An output file path whose folder exists and which is not itself a folder, or an OmniditError.
+
+    Checked before any work is done, so that a typo in a folder name costs nothing and creates nothing.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OmniditError(f"{flag} {path} is a folder", hint=f"name a file inside it, e.g. {path / 'out.png'}")
+    if not path.parent.is_dir():
+        raise OmniditError(f"{flag}: the folder {path.parent} does not exist",
+                           hint=f"create it first (mkdir -p {path.parent}) or write elsewhere")
+    return path
+
+
+def random_seed() -> int:
+    """A fresh seed for ``--seed -1``: drawn from the OS, in [0, 2**31), so it can be recorded and reused."""
+    return secrets.randbelow(2**31)
