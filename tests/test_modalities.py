@@ -234,3 +234,30 @@ def test_training_clips_get_the_three_context_patterns_at_the_given_rate():
     assert not draw_given_tubelets(100, 1, 1.0, torch.Generator().manual_seed(0)).any()
     t = token_times_with_context(torch.tensor([0.5, 0.9]), given[:2] | torch.tensor([[True] + [False] * 7] * 2), 16)
     assert t.shape == (2, 16) and (t[:, :2] == 0).all() and set(t[0].tolist()) <= {0.0, 0.5}
+
+
+def test_per_token_modulation_projects_each_distinct_vector_once_and_gathers_it():
+    from omnidit.model.layers import Modulation, TokenVectors
+
+    mod = Modulation(8, 3)
+    torch.nn.init.normal_(mod.lin.weight)
+    g = torch.Generator().manual_seed(0)
+    vectors, index = torch.randn(2, 3, 8, generator=g), torch.randint(0, 3, (2, 5), generator=g)
+    per_token = torch.stack([vectors[b, index[b]] for b in range(2)])  # (2, 5, 8) explicitly
+    expected = mod.lin(torch.nn.functional.silu(per_token)).chunk(3, dim=-1)
+    for got, want in zip(mod(TokenVectors(vectors, index)), expected):
+        torch.testing.assert_close(got, want)
+    # a joint sequence: a (B, D) segment broadcast over its tokens, then the per-token one
+    shared = torch.randn(2, 8, generator=g)
+    joint = mod([(shared, 4), (TokenVectors(vectors, index), 5)])
+    assert joint[0].shape == (2, 9, 8)
+    torch.testing.assert_close(joint[0][:, :4], mod(shared)[0].expand(-1, 4, -1))
+    torch.testing.assert_close(joint[0][:, 4:], expected[0])
+
+
+def test_a_scalar_time_is_one_tensor_for_every_stream():
+    model = build(tiny_config(extra_streams={"audio": 10}))
+    times = model.stream_times(torch.tensor(0.5), 2, {"img": 16, "audio": 6})
+    assert times["img"] is times["audio"] and times["img"].shape == (2,)
+    per_token = model.stream_times(torch.full((2, 22), 0.5), 2, {"img": 16, "audio": 6})
+    assert all(t.shape == (2,) for t in per_token.values())  # equal over each stream: the per-sample path

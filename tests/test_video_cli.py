@@ -186,3 +186,39 @@ def test_the_python_api_refuses_non_finite_guidance():
         pipe.generate(["a red circle"], cfg=float("nan"), steps=1)
     with pytest.raises(OmniditError, match="steps must be >= 1"):
         pipe.generate(["a red circle"], steps=0)
+
+
+def test_extend_gives_each_window_the_last_frames_made_so_far(monkeypatch):
+    from omnidit.cli import extend_clip
+
+    class Recorder:  # a stand-in pipeline: each window's new frames are the window's index
+        config = Config()
+        model = type("M", (), {"config": tiny_config(temporal_patch=2)})()
+        calls: list = []
+
+        def generate_video(self, prompts, frames, fps, seed, given, given_frames, **kw):
+            self.calls.append((given.clone(), list(given_frames), seed))
+            out = given.clone()
+            out[:, :, len(given_frames):] = len(self.calls)
+            return out
+
+    pipe = Recorder()
+    pipe.config.data.frames = 8
+    clip = torch.arange(6.0).view(1, 6, 1, 1).expand(3, 6, 2, 2) / 10  # frame k holds k / 10
+    out = extend_clip(pipe, ["p"], clip, 7, 8.0, seed=5)
+    assert out.shape == (1, 3, 13, 2, 2) and torch.equal(out[0, :, :6], clip)
+    (g1, f1, s1), (g2, f2, s2) = pipe.calls
+    assert f1 == [0, 1, 2, 3] and torch.equal(g1[0, :, :4], clip[:, 2:6])  # the clip's last half window
+    assert torch.equal(g2[0, :, :4], out[0, :, 6:10]) and (s1, s2) == (5, 9)  # then the frames it made
+    assert (out[0, :, 6:10] == 1).all() and (out[0, :, 10:] == 2).all()
+
+
+def test_image_to_video_holds_the_image_for_a_whole_tubelet(tmp_path, capsys, tubelet_model):
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "red.png")
+    out = tmp_path / "i2v.png"
+    code, _, err = run_main(capsys, "generate", "a red square", "--model", tubelet_model, "--image",
+                            tmp_path / "red.png", "-o", out, *GEN)
+    assert code == 0, err
+    with Image.open(out) as im:
+        strip = np.asarray(im.convert("RGB"))
+    assert (strip[2:18, 2:18] == (255, 0, 0)).all() and (strip[2:18, 20:36] == (255, 0, 0)).all()  # frames 0, 1

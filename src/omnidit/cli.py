@@ -288,9 +288,8 @@ def _scaled(image, scale: int):
 
 def _generate_clips(args: argparse.Namespace, pipe, width: int | None, height: int | None) -> None:
     """`generate` for a video model: text-to-video, image-to-video (--image) or extension (--extend)."""
-    import torch
 
-    from omnidit.video_io import SAVE_SUFFIXES, load_video, save_video
+    from omnidit.video_io import SAVE_SUFFIXES, check_clip_output, load_video, save_video
 
     args.output = args.output or "out.mp4"
     if Path(args.output).suffix.lower() not in SAVE_SUFFIXES:
@@ -309,18 +308,16 @@ def _generate_clips(args: argparse.Namespace, pipe, width: int | None, height: i
     common = dict(width=width, height=height, seed=args.seed, progress=not args.no_progress, **sampling)
     if args.extend:
         given, clip_fps, _ = load_video(args.extend)
-        fps = args.fps or clip_fps
+        fps = check_clip_output(args.output, args.fps or clip_fps)
         _check_given_size(given, width, height, args.extend)
         clips = extend_clip(pipe, prompts, given, args.frames or dc.frames, fps, **common)
     elif args.image:
-        fps = args.fps or dc.fps
+        fps = check_clip_output(args.output, args.fps or dc.fps)
         frames = args.frames or dc.frames
         first = _read_image(args.image, width, height)  # (3, H, W)
-        given = torch.zeros(1, 3, frames, height, width)
-        given[:, :, 0] = first
-        clips = pipe.generate_video(prompts, frames, fps, given=given, given_frames=[0], **common)
+        clips = pipe.generate_video(prompts, frames, fps, first_frame=first[None], **common)
     else:
-        fps = args.fps or dc.fps
+        fps = check_clip_output(args.output, args.fps or dc.fps)
         clips = pipe.generate_video(prompts, args.frames, fps, **common)
     settings = {"prompt": args.prompt, "seed": args.seed, **pipe.sampling_settings(**sampling),
                 "size": f"{clips.shape[4]}x{clips.shape[3]}", "frames": clips.shape[2], "fps": fps,
@@ -381,13 +378,17 @@ def extend_clip(pipe, prompts: list[str], clip, new_frames: int, fps: float, see
 
     window = pipe.config.data.frames
     pt = pipe.model.config.temporal_patch
+    if window < 2 * pt:
+        raise OmniditError(f"the model's clips ({window} frames) are too short to extend in windows of tubelets "
+                           f"of {pt} frames", hint="use a model trained on longer clips")
+    if clip.shape[1] < pt:
+        raise OmniditError(f"the clip to extend has {clip.shape[1]} frames, fewer than one tubelet of {pt}",
+                           hint=f"give a clip of at least {pt} frames")
     out = clip[None].expand(len(prompts), -1, -1, -1, -1)
     made = 0
     while made < new_frames:
-        context = min(out.shape[2], window // 2) // pt * pt
-        if context == 0:
-            raise OmniditError(f"the clip to extend has {out.shape[2]} frames, fewer than one tubelet of {pt}",
-                               hint=f"give a clip of at least {pt} frames")
+        # half a window of context (whole tubelets, at least one, never the whole window)
+        context = min(out.shape[2] // pt, max(window // 2 // pt, 1), window // pt - 1) * pt
         given = torch.zeros(len(prompts), *out.shape[1:2], window, *out.shape[3:])
         given[:, :, :context] = out[:, :, -context:]
         clip_window = pipe.generate_video(prompts, window, fps, seed=seed + made, given=given,

@@ -101,8 +101,9 @@ def velocity_errors(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor
 def training_loss(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, noise: Tensor) -> Tensor:
     """Mean squared error between the predicted and the true velocity, over the batch.
 
-    x0: (B, ...) clean data (tokens or pixels); t: (B,) times; noise: like x0. Randomness is
-    drawn by the caller so that it can be seeded and resumed exactly.
+    x0: (B, ...) clean data (tokens or pixels); t: (B,) times, or (B, N) per token (given tokens at t = 0
+    carry no loss, see ``velocity_errors``); noise: like x0. Randomness is drawn by the caller so that it can
+    be seeded and resumed exactly.
     """
     return velocity_errors(model, x0, cond, t, noise).mean()
 

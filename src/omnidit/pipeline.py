@@ -153,14 +153,15 @@ class Pipeline:
     def generate_video(self, prompts: list[str], frames: int | None = None, fps: float | None = None,
                        width: int | None = None, height: int | None = None, seed: int | Sequence[int] = 0,
                        given: Tensor | None = None, given_frames: Sequence[int] = (), progress: bool = False,
-                       **sampling) -> Tensor:
+                       first_frame: Tensor | None = None, **sampling) -> Tensor:
         """One clip per prompt: (B, C, T, H, W) in [-1, 1]. Unset settings come from the config (data.frames,
         data.fps, the sample section); ``sampling`` takes the keys of ``SAMPLING_KEYS``.
 
         ``given`` (B or 1, C, T, H, W) in [-1, 1] and ``given_frames`` (frame indices): those frames are clean
         context (per-token t = 0) that the sampler leaves exactly as given: image-to-video gives frame 0,
         extension the first k frames, interpolation the first and the last. Each given frame must fill
-        whole tubelets.
+        whole tubelets. ``first_frame`` (B or 1, C, H, W) is image-to-video in one argument: the clip starts
+        with that image (held for the first tubelet's frames when the model's temporal patch is > 1).
         """
         settings = self.sampling_settings(**{k: sampling.get(k) for k in SAMPLING_KEYS})
         unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
@@ -168,6 +169,14 @@ class Pipeline:
             raise TypeError(f"generate_video() got unexpected keyword arguments {unknown}")
         frames = self.config.data.frames if frames is None else frames
         fps = self.config.data.fps if fps is None else fps
+        if first_frame is not None:
+            if given is not None or given_frames:
+                raise OmniditError("pass either first_frame or given and given_frames, not both")
+            pt = self.model.config.temporal_patch
+            if first_frame.dim() != 4:
+                raise OmniditError(f"first_frame must be (B or 1, C, H, W), got {tuple(first_frame.shape)}")
+            given = first_frame[:, :, None].expand(-1, -1, max(int(frames), pt), -1, -1)[:, :, :int(frames)]
+            given_frames = range(min(pt, int(frames)))
         return self._generate(prompts, frames, fps, width, height, settings, seed, given, given_frames, progress)
 
     def _generate(self, prompts: list[str], frames: int, fps: float, width: int | None, height: int | None,

@@ -346,6 +346,9 @@ def precompute_for_config(config, progress: bool = True) -> Path:
     dc = config.data
     if not dc.cache_dir:
         raise OmniditError("data.cache_dir is not set", hint="add data.cache_dir=PATH to the config or command")
+    if dc.frames > 1 or dc.name == "shapes_video":
+        raise OmniditError("omnidit precompute caches images; clips train from the data directly",
+                           hint="train the video config without data.cache_dir")
     device = resolve_device(config.train.device)
     dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out,
                             scene_kinds=dc.scene_kinds)

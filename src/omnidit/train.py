@@ -155,6 +155,9 @@ def check_compatible(config: Config, dataset, codec) -> None:
     if clip and codec.downsample != 1:
         raise OmniditError("clips train in pixel space: the image VAE in data.codec has no time axis",
                            hint="set data.codec=identity")
+    if clip and config.data.cache_dir:
+        raise OmniditError("data.cache_dir caches images; clips train from the data directly",
+                           hint="drop data.cache_dir")
     if config.train.given_p > 0 and config.data.frames // mc.temporal_patch < 2:
         raise OmniditError("train.given_p gives some frames of a clip as context, but the data are single frames",
                            hint="set train.given_p=0, or train on clips (data.frames > 1)")
@@ -180,10 +183,13 @@ def draw_given_tubelets(batch: int, count: int, p: float, generator: torch.Gener
 
     With probability ``p`` a clip gets one of three patterns, equally likely: the first tubelet
     (image-to-video), the first k, k uniform in 1..count // 2 (extension), or the first and the last
-    (interpolation); otherwise none. A single tubelet is never given (nothing would be left to generate).
+    (interpolation, only from three tubelets up; shorter clips get the first instead); otherwise none. So
+    every clip keeps at least one tubelet to generate, and a single tubelet is never given.
     """
     u = torch.rand(batch, generator=generator)
     kind = torch.randint(0, 3, (batch,), generator=generator)
+    if count < 3:
+        kind = torch.where(kind == 2, torch.zeros_like(kind), kind)
     k = torch.randint(1, max(count // 2, 1) + 1, (batch,), generator=generator)
     index = torch.arange(count)[None]
     first_k = index < torch.where(kind == 1, k, torch.ones_like(k))[:, None]

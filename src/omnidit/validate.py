@@ -22,14 +22,15 @@ def check_number(name: str, value: object, low: float | None = None, high: float
     bad = isinstance(value, bool)
     try:
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         bad = True
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     if bad or not math.isfinite(number) or integer and number != int(number):
         kind = "a whole number" if integer else "a finite number"
-        raise OmniditError(f"{name} must be {kind}, got {value!r}", hint=hint or _range_text(low, high, low_open))
+        raise OmniditError(f"{name} must be {kind}, got {shown}", hint=hint or _range_text(low, high, low_open))
     too_low = low is not None and (number <= low if low_open else number < low)
     if too_low or high is not None and number > high:
-        raise OmniditError(f"{name} must be {_range_text(low, high, low_open)}, got {value!r}", hint=hint)
+        raise OmniditError(f"{name} must be {_range_text(low, high, low_open)}, got {shown}", hint=hint)
     return int(number) if integer else number
 
 

@@ -5,7 +5,7 @@ document: the caller's metadata (prompt, seed, settings) plus, under ``"omnidit_
 (fps, frame count, true frame size). It lives in the MP4 ``comment`` tag, the GIF comment, the WebP EXIF
 ImageDescription, and (as PNG text chunks, through ``images.save_png``) in strips.
 
-PyAV is optional (``pip install -e '.[video]'``): it is imported only to write or read MP4 and other PyAV formats.
+PyAV is a dependency of omnidit, imported only to write or read MP4 and other PyAV formats.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ MP4_CRF = 12  # x264 constant quality: visually lossless; mean error ~1-2/255 on
 WEBP_QUALITY = 90
 MAX_ANIMATION_FPS = 50.0  # browsers play GIF/WebP frames shorter than 20 ms at 100 ms
 FPS_RANGE = (0.01, 1000.0)
-_PYAV_HINT = "pip install -e '.[video]' (PyAV), or save as .gif, .webp or .png"
+_PYAV_HINT = "pip install av (PyAV; omnidit's install brings it), or save as .gif, .webp or .png"
 _BT709 = 1  # AVCOL_SPC_BT709 == AVCOL_PRI_BT709 == AVCOL_TRC_BT709 == 1
 _LIMITED_RANGE = 1  # AVCOL_RANGE_MPEG ("MPEG" in PyAV): the range players assume for yuv420p
 
@@ -132,6 +132,11 @@ def _check_suffix(path: Path) -> str:
         found = f"unknown suffix '{path.suffix}'" if path.suffix else "no suffix"
         raise OmniditError(f"cannot save a clip as {path.name}: {found}", hint=f"use one of {', '.join(SAVE_SUFFIXES)}")
     return suffix
+
+
+def check_clip_output(path: str | Path, fps: float) -> float:
+    """The checks ``save_video`` makes of its path and frame rate, for callers to make before any work."""
+    return _check_fps(fps, _check_suffix(Path(path)))
 
 
 def _check_fps(fps: float, suffix: str) -> float:

@@ -212,12 +212,7 @@ def evaluate_video(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None
                            hint="pass a video model, e.g. shapes-video, or --suite shapes")
 
     def generate(prompts: list[str], seeds: list[int], firsts: Tensor | None) -> Tensor:
-        given = None
-        if firsts is not None:
-            given = torch.zeros(len(prompts), 3, dc.frames, dc.height, dc.width)
-            given[:, :, 0] = firsts
-        return pipe.generate_video(prompts, seed=seeds, given=given, given_frames=[0] if given is not None else (),
-                                   progress=progress, **sampling)
+        return pipe.generate_video(prompts, seed=seeds, first_frame=firsts, progress=progress, **sampling)
 
     return evaluate_video_model(generate, seed=seed, limit=limit, n_per_prompt=n_per_prompt, width=dc.width,
                                 height=dc.height, frames=dc.frames, fps=dc.fps, held_out=dc.held_out,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -24,13 +26,24 @@ def layer_norm(dim: int, eps: float = 1e-6) -> nn.LayerNorm:
     return nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
 
 
+class TokenVectors(NamedTuple):
+    """Per-token conditioning vectors, stored compactly: token n of sample b has ``vectors[b, index[b, n]]``.
+
+    vectors: (B, K, D); index: (B, N) int64. Per-token timesteps take few distinct values (0 for given
+    tokens, the sampler's time for the rest), so K is small and adaLN projects K vectors per sample.
+    """
+
+    vectors: Tensor
+    index: Tensor
+
+
 class Modulation(nn.Module):
     """adaLN: the conditioning vector -> ``chunks`` vectors of size D (shift, scale, gate, ...).
 
-    vec: (B, D) -> tuple of ``chunks`` tensors (B, 1, D), shared by every token; (B, N, D), one vector per
-    token (per-token timesteps) -> tuples of (B, N, D); or a list of per-segment ``(vec, length)`` for a joint
-    sequence whose streams have their own vectors, each (B, D) or (B, length, D) -> tuples of (B, N, D)
-    where N is the sum of the lengths (a (B, D) segment is computed once and broadcast over its tokens).
+    vec: (B, D) -> tuple of ``chunks`` tensors (B, 1, D), shared by every token; ``TokenVectors`` (one
+    vector per token, per-token timesteps) -> tuples of (B, N, D); or a list of per-segment ``(vec, length)``
+    for a joint sequence whose streams have their own vectors, each (B, D) or ``TokenVectors`` -> tuples of
+    (B, N, D) where N is the sum of the lengths (a (B, D) segment is projected once and broadcast).
     Zero-initialised by the model so that every block starts as the identity (adaLN-Zero).
     """
 
@@ -39,18 +52,24 @@ class Modulation(nn.Module):
         self.chunks = chunks
         self.lin = nn.Linear(dim, chunks * dim)
 
-    def _project(self, vec: Tensor) -> Tensor:
+    def _project(self, vec: Tensor | TokenVectors, length: int | None = None) -> Tensor:
+        """(B, 1, chunks * D) for a (B, D) vector (expanded to ``length`` tokens when given), (B, N, chunks * D)
+        for TokenVectors."""
+        per_token = isinstance(vec, TokenVectors)
+        v = vec.vectors if per_token else vec
         # In the weights' precision even under bf16 autocast: a rounding error in a scale or gate
         # is applied to every token of the block.
-        with torch.autocast(vec.device.type, enabled=False):
-            out = self.lin(nn.functional.silu(vec.to(self.lin.weight.dtype)))
-        return out[:, None, :] if out.dim() == 2 else out  # (B, 1 or N, chunks * D)
+        with torch.autocast(v.device.type, enabled=False):
+            out = self.lin(nn.functional.silu(v.to(self.lin.weight.dtype)))
+        if per_token:  # (B, K, C) -> each token's row, (B, N, C)
+            return torch.gather(out, 1, vec.index[..., None].expand(-1, -1, out.shape[-1]))
+        out = out[:, None, :]
+        return out if length is None else out.expand(-1, length, -1)
 
-    def forward(self, vec: Tensor | list[tuple[Tensor, int]]) -> tuple[Tensor, ...]:
-        if isinstance(vec, Tensor):
+    def forward(self, vec: Tensor | TokenVectors | list[tuple[Tensor | TokenVectors, int]]) -> tuple[Tensor, ...]:
+        if not isinstance(vec, list):
             return self._project(vec).chunk(self.chunks, dim=-1)  # views: no copies
-        parts = [self._project(v).expand(-1, n, -1) for v, n in vec]
-        return torch.cat(parts, dim=1).chunk(self.chunks, dim=-1)
+        return torch.cat([self._project(v, n) for v, n in vec], dim=1).chunk(self.chunks, dim=-1)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -90,7 +109,7 @@ class MLP(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm then a projection to the token's output features.
 
-    x: (B, N, D), vec: (B, D) or per token (B, N, D) -> (B, N, out_dim). Zero-initialised so the model
+    x: (B, N, D), vec: (B, D) or per token (``TokenVectors``) -> (B, N, out_dim). Zero-initialised so the model
     outputs 0 at init.
     """
 

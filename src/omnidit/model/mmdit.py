@@ -29,6 +29,7 @@ from omnidit.model.layers import (
     MLPEmbedder,
     Modulation,
     RMSNorm,
+    TokenVectors,
     gated_residual,
     layer_norm,
     modulate,
@@ -262,7 +263,7 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """Flux's parallel block: one modulated norm feeds attention and MLP in a single matmul.
 
-    x: (B, N, D) joint sequence of all streams; vec: (B, D), (B, N, D) or per-stream segments (see
+    x: (B, N, D) joint sequence of all streams; vec: (B, D), TokenVectors or per-stream segments (see
     ``Modulation``).
     """
 
@@ -357,24 +358,31 @@ class MMDiT(nn.Module):
             nn.init.zeros_(layer.linear.weight)
             nn.init.zeros_(layer.linear.bias)
 
-    def conditioning_vector(self, t: Tensor, cond: Condition) -> Tensor:
+    def conditioning_vector(self, t: Tensor, cond: Condition) -> Tensor | TokenVectors:
         """Timestep embedding (+ pooled text, + class label, + guidance).
 
-        t: (B,) -> (B, D), or per token (B, N) -> (B, N, D) (the per-sample parts broadcast over tokens).
+        t: (B,) -> (B, D). Per token, t (B, N) -> ``TokenVectors``: the vectors of the distinct times only,
+        (B, K, D), and each token's index into them, (B, N); K is small (given tokens sit at 0, the others
+        share the sampler's time), so adaLN projects B * K vectors instead of B * N.
         """
+        index = None
+        if t.dim() == 2:
+            t, index = torch.unique(t, return_inverse=True)  # (K,), (B, N)
         shift = self.config.time_freq_shift
-        emb = timestep_embedding(t.reshape(-1), TIME_EMBED_DIM, freq_shift=shift).to(self.img_in.weight.dtype)
-        vec = self.time_in(emb).unflatten(0, t.shape)
-        per_token = (slice(None), None) if t.dim() == 2 else (slice(None),)
+        emb = timestep_embedding(t, TIME_EMBED_DIM, freq_shift=shift).to(self.img_in.weight.dtype)
+        vec = self.time_in(emb)  # (B or K, D)
+        if index is not None:
+            vec = vec[None].expand(index.shape[0], -1, -1)  # (B, K, D)
+        per_sample = (slice(None), None) if index is not None else (slice(None),)
         if self.vector_in is not None:
-            vec = vec + self.vector_in(_required(cond.pooled, "pooled", "a pooled text vector"))[per_token]
+            vec = vec + self.vector_in(_required(cond.pooled, "pooled", "a pooled text vector"))[per_sample]
         if self.label_in is not None:
-            vec = vec + self.label_in(_required(cond.labels, "labels", "class labels"))[per_token]
+            vec = vec + self.label_in(_required(cond.labels, "labels", "class labels"))[per_sample]
         if self.guidance_in is not None:
             g = _required(cond.guidance, "guidance", "a guidance scale")
             g_emb = timestep_embedding(g, TIME_EMBED_DIM, freq_shift=shift).to(vec.dtype)
-            vec = vec + self.guidance_in(g_emb)[per_token]
-        return vec
+            vec = vec + self.guidance_in(g_emb)[per_sample]
+        return vec if index is None else TokenVectors(vec, index)
 
     def stream_times(self, t: Tensor | float | Mapping[str, Tensor | float], batch: int,
                      lengths: Mapping[str, int]) -> dict[str, Tensor]:
@@ -386,9 +394,11 @@ class MMDiT(nn.Module):
             missing = [n for n in lengths if n not in t]
             if missing:
                 raise OmniditError(f"no timestep given for the stream '{missing[0]}'")
-            per = {n: torch.as_tensor(t[n]) for n in lengths}
+            per = {n: torch.as_tensor(t[n], device=self.time_in.in_layer.weight.device) for n in lengths}
         else:
-            t = torch.as_tensor(t)
+            t = torch.as_tensor(t, device=self.time_in.in_layer.weight.device)
+            if t.dim() == 0:
+                t = t.expand(batch)  # once, so that every stream shares this one tensor (and one vector)
             if t.dim() == 2:
                 total = sum(lengths.values())
                 if t.shape[1] != total:
