@@ -222,7 +222,7 @@ def test_generate_video_rejects_bad_input_with_one_line(kwargs, message):
 
 
 def test_training_clips_get_the_three_context_patterns_at_the_given_rate():
-    from omnidit.train import draw_given_tubelets, token_times_with_context
+    from omnidit.flow import draw_given_tubelets, token_times_with_context
 
     given = draw_given_tubelets(4000, 8, 0.3, torch.Generator().manual_seed(0))
     rows = {tuple(r.tolist()) for r in given}

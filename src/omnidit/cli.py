@@ -240,6 +240,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if (Path(args.model) / "model_index.json").is_file():  # a diffusers pipeline folder (Flux / SD3)
         args.output = args.output or "out.png"
         _check_image_output(args)
+        if any(v is not None for v in (args.frames, args.fps, args.image, args.extend)) or args.scale != 1:
+            raise OmniditError("--frames, --fps, --image, --extend and --scale apply to omnidit models, not to a "
+                               "diffusers pipeline folder", hint="drop them")
         return _generate_diffusers_pipeline(args, width, height)
     pipe = load_pipeline(args.model, device=args.device, use_ema=not args.no_ema)
     if pipe.config.data.frames > 1:

@@ -39,7 +39,14 @@ from omnidit.condition import Condition
 from omnidit.config import Config
 from omnidit.data import batch_from_indices, build_dataset, counterfactual_batch
 from omnidit.errors import OmniditError
-from omnidit.flow import condition_keep_mask, counterfactual_loss, sample_timesteps, training_loss
+from omnidit.flow import (
+    condition_keep_mask,
+    counterfactual_loss,
+    draw_given_tubelets,
+    sample_timesteps,
+    token_times_with_context,
+    training_loss,
+)
 from omnidit.model.mmdit import MMDiT
 from omnidit.pipeline import Pipeline, resolve_device
 from omnidit.plot import plot_training_curves
@@ -176,32 +183,6 @@ def check_compatible(config: Config, dataset, codec) -> None:
         raise OmniditError(f"the text encoder gives {dim}-d tokens and {pooled}-d pooled vectors, but the model has "
                            f"context_dim={mc.context_dim}, pooled_dim={mc.pooled_dim}",
                            hint=f"set model.context_dim={dim} model.pooled_dim={pooled}")
-
-
-def draw_given_tubelets(batch: int, count: int, p: float, generator: torch.Generator) -> Tensor:
-    """(batch, count) bool: which of each clip's ``count`` tubelets are given as clean context.
-
-    With probability ``p`` a clip gets one of three patterns, equally likely: the first tubelet
-    (image-to-video), the first k, k uniform in 1..count // 2 (extension), or the first and the last
-    (interpolation, only from three tubelets up; shorter clips get the first instead); otherwise none. So
-    every clip keeps at least one tubelet to generate, and a single tubelet is never given.
-    """
-    u = torch.rand(batch, generator=generator)
-    kind = torch.randint(0, 3, (batch,), generator=generator)
-    if count < 3:
-        kind = torch.where(kind == 2, torch.zeros_like(kind), kind)
-    k = torch.randint(1, max(count // 2, 1) + 1, (batch,), generator=generator)
-    index = torch.arange(count)[None]
-    first_k = index < torch.where(kind == 1, k, torch.ones_like(k))[:, None]
-    last = (kind == 2)[:, None] & (index == count - 1)
-    return (first_k | last) & ((u < p) & (count > 1))[:, None]
-
-
-def token_times_with_context(t: Tensor, given: Tensor, num_tokens: int) -> Tensor:
-    """Per-token times (B, N): 0 on the tokens of given tubelets (given: (B, T / pt) bool), t (B,) elsewhere."""
-    per_tubelet = num_tokens // given.shape[1]
-    mask = given.repeat_interleave(per_tubelet, dim=1)  # (B, N)
-    return torch.where(mask, torch.zeros(()), t[:, None].expand(-1, num_tokens))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

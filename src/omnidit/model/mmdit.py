@@ -434,6 +434,8 @@ class MMDiT(nn.Module):
         if unknown or not names:
             raise OmniditError(f"the model has no generated stream '{(unknown or ['(none)'])[0]}'",
                                hint=f"its streams are {', '.join(self.config.generated_streams)}")
+        if self.config.pos_table_size and names[0] != "img":  # the fixed table is the img stream's grid
+            raise OmniditError("a model with a fixed position table needs its img stream in every call")
         batch = inputs[names[0]].shape[0]
         lengths = {n: inputs[n].shape[1] for n in names}
         times = self.stream_times(t, batch, lengths)
