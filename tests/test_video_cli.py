@@ -91,6 +91,7 @@ def test_extend_appends_new_frames_after_the_clip(tmp_path, capsys, video_model)
 @pytest.mark.parametrize("args,fragments", [
     (["--frames", "5"], ["does not split into tubelets of 2 frames", "nearest is 4"]),
     (["--frames", "0"], ["--frames must be >= 1"]),
+    (["--frames", "1000"], ["--frames must be >= 1 and <= 256", "--extend"]),
     (["--fps", "0"], ["--fps must be > 0"]),
     (["--fps", "nan"], ["--fps must be a finite number"]),
     (["--image", "missing.png"], ["cannot read the image"]),

@@ -301,7 +301,11 @@ def _generate_clips(args: argparse.Namespace, pipe, width: int | None, height: i
     if args.image and args.extend:
         raise OmniditError("--image and --extend both give the clip's first frames", hint="pass one of them")
     if args.frames is not None:
-        check_number("--frames", args.frames, low=1, high=4096, integer=True)
+        # One window holds every frame in one attention: activations grow with the frame count (117 MiB at
+        # 32 frames of 32x32, docs/benchmarks.md), so longer clips go through --extend's windows.
+        longest = 4096 if args.extend else 256
+        check_number("--frames", args.frames, low=1, high=longest, integer=True,
+                     hint=None if args.extend else "make longer clips in windows: --extend a shorter clip")
     if args.fps is not None:
         check_number("--fps", args.fps, low=0.0, low_open=True, high=1000)
     dc = pipe.config.data
