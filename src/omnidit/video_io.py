@@ -118,7 +118,10 @@ def frames_to_uint8(frames: Tensor) -> np.ndarray:
             raise OmniditError(f"float frames must be (3, T, H, W), got {shape}", hint=hint)
         if not bool(torch.isfinite(frames).all()):
             raise OmniditError("frames contain NaN or inf", hint="the sampler diverged; check the checkpoint and cfg")
-        rgb = ((frames.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+        # Rounded in numpy (half to even, as torch.round): torch's round takes ~15 ms per 32x32 frame on some
+        # CPU builds.
+        pixels = np.rint((np.clip(frames.detach().cpu().float().numpy(), -1, 1) + 1) * 127.5).astype(np.uint8)
+        rgb = torch.from_numpy(pixels.transpose(1, 2, 3, 0))
     else:
         raise OmniditError(f"frames must be float or uint8, got {frames.dtype}", hint=hint)
     if min(rgb.shape[:3]) == 0:

@@ -36,6 +36,7 @@ import torch
 from omnidit.data.shapes_video import DIRECTION_WINDOW, DIRECTIONS, SPEED_THRESHOLD, SPEEDS
 from omnidit.errors import OmniditError
 from omnidit.evaluate.detector import Detection, detect_objects, to_rgb_array
+from omnidit.video_io import frames_to_uint8
 
 MISREAD_FRACTION = 1 / 8  # of a clip's frames in which a track's shape may be read differently
 MIN_MOTION = 0.06  # unit; an object whose farthest frame is closer to its start does not move
@@ -79,14 +80,9 @@ def clip_frames(clip: np.ndarray | torch.Tensor | Sequence) -> list[np.ndarray]:
     """A clip -> its frames as uint8 (H, W, 3) arrays. Accepts a uint8 array (T, H, W, 3), a float tensor
     (3, T, H, W) in [-1, 1] (a dataset item's "video"), or a sequence of anything ``detect_objects`` reads."""
     if isinstance(clip, torch.Tensor):
-        if clip.ndim != 4 or clip.shape[0] != 3:
-            raise OmniditError(f"expected a clip tensor of shape (3, T, H, W), got {tuple(clip.shape)}",
-                               hint="pass one RGB clip in [-1, 1], channels first, then time")
         if not clip.is_floating_point():
-            raise OmniditError(f"expected a float clip tensor in [-1, 1], got dtype {clip.dtype}")
-        # to_rgb_array's rounding, in numpy: torch's round() takes ~15 ms per 32x32 frame on some CPU builds.
-        pixels = np.rint((np.clip(clip.detach().cpu().float().numpy(), -1, 1) + 1) * 127.5).astype(np.uint8)
-        return list(np.ascontiguousarray(pixels.transpose(1, 2, 3, 0)))  # T frames (H, W, 3)
+            raise OmniditError(f"expected a float clip tensor (3, T, H, W) in [-1, 1], got dtype {clip.dtype}")
+        return list(frames_to_uint8(clip))  # T frames (H, W, 3), rounded as to_rgb_array rounds
     if isinstance(clip, np.ndarray):
         if clip.ndim != 4 or clip.shape[-1] != 3:
             raise OmniditError(f"expected a clip array of shape (T, H, W, 3), got {clip.shape}",

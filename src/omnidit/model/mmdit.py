@@ -237,7 +237,7 @@ class DoubleStreamBlock(nn.Module):
 
     streams: list of (B, N_i, D) in the order of ``names`` (all of the block's streams unless ``names``
     picks some); vec: one (B, D) conditioning vector for all streams, or a list with one per stream, each
-    (B, D) or per token (B, N_i, D). Attention runs once over the concatenation; both the attention and the
+    (B, D) or per token (``TokenVectors``). Attention runs once over the concatenation; both the attention and the
     MLP branch add to each stream's residual.
     """
 
@@ -247,7 +247,7 @@ class DoubleStreamBlock(nn.Module):
         self.names = names
         self.streams = nn.ModuleDict({n: StreamBranch(cfg, pre_only=n in pre_only, dual=n in dual) for n in names})
 
-    def forward(self, streams: list[Tensor], vec: Tensor | list[Tensor], pe: Tensor | None,
+    def forward(self, streams: list[Tensor], vec: Tensor | TokenVectors | list, pe: Tensor | None,
                 mask: Tensor | None, names: Sequence[str] | None = None) -> list[Tensor | None]:
         branches = [self.streams[n] for n in (names or self.names)]
         vecs = vec if isinstance(vec, list) else [vec] * len(branches)
