@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from omnidit.errors import OmniditError
@@ -526,6 +527,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         resolve_model_dir,
         training_provenance,
     )
+    from omnidit.data import caption_vocabulary
 
     directory = resolve_model_dir(_model_or_shipped(args.model))
     config = read_config(directory)
@@ -557,6 +559,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         + (f", best of {config.sample.candidates} by the model's own denoising error"
            if config.sample.candidates > 1 else ""),
     ]
+    vocabulary = caption_vocabulary(config.data.name) if config.text.encoder != "none" else None
+    if vocabulary:
+        lines.append(f"vocabulary    the {len(vocabulary)} words of its training captions: "
+                     + ", ".join(sorted(vocabulary)))
     others = list_checkpoints(directory.parent)
     if len(others) > 1:
         lines.append(f"run           {len(others)} checkpoints in {directory.parent}")
@@ -567,7 +573,15 @@ COMMANDS = {"train": cmd_train, "precompute": cmd_precompute, "generate": cmd_ge
             "eval": cmd_eval, "eval-prompts": cmd_eval_prompts, "convert": cmd_convert, "info": cmd_info}
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line: one line each, without the Python source line."""
+    from tqdm import tqdm
+
+    tqdm.write(f"omnidit: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _print_warning
     try:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)

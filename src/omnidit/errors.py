@@ -20,3 +20,15 @@ class OmniditError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
+
+
+class PromptWarning(UserWarning):
+    """A prompt the model will read differently from how it was written: cut by the text encoder, or with
+    words the model never saw in training. Shown once per prompt (Python's default warning filter); the
+    command line prints it as one ``omnidit: warning: ...`` line."""
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """``text`` in double quotes for a message, cut to ``limit`` characters with an ellipsis."""
+    text = " ".join(text.split())
+    return f'"{text if len(text) <= limit else text[:limit - 3] + "..."}"'

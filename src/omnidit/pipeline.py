@@ -6,7 +6,9 @@ sample grids and the evaluators share one path from prompt to pixels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+import warnings
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from torch import Tensor
 
 from omnidit.condition import Condition
 from omnidit.config import Config
-from omnidit.errors import OmniditError
+from omnidit.data import caption_vocabulary
+from omnidit.errors import OmniditError, PromptWarning, shorten
 from omnidit.model.mmdit import MMDiT
 from omnidit.sampling import (
     SAMPLERS,
@@ -73,6 +76,19 @@ def labels_from_prompts(prompts: list[str], num_classes: int) -> Tensor:
     return torch.tensor(labels, dtype=torch.long)
 
 
+def warn_unknown_words(prompts: Sequence[str], vocabulary: Collection[str] | None) -> None:
+    """A PromptWarning for each prompt with words outside ``vocabulary`` (the words of the model's training
+    captions; None = open captions, nothing to check): the model draws such words as something random."""
+    if vocabulary is None:
+        return
+    for prompt in dict.fromkeys(prompts):
+        unknown = [w for w in dict.fromkeys(re.findall(r"\w+", prompt.lower())) if w not in vocabulary]
+        if unknown:
+            warnings.warn(f"the prompt {shorten(prompt)} has words this model never saw in training "
+                          f"({', '.join(unknown)}); it knows only: {', '.join(sorted(vocabulary))}",
+                          PromptWarning, stacklevel=4)
+
+
 @dataclass
 class Pipeline:
     model: MMDiT
@@ -94,6 +110,7 @@ class Pipeline:
         mc = self.model.config
         cond, null = Condition(), Condition()
         if self.text_encoder is not None:
+            warn_unknown_words(prompts, caption_vocabulary(self.config.data.name))
             cond, null = self.text_encoder.encode(prompts), self.text_encoder.encode([""])
         if mc.num_classes:
             cond.labels = labels_from_prompts(prompts, mc.num_classes)

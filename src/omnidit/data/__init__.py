@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from omnidit.data import digits, shapes, shapes_video
 from omnidit.data.digits import DIGIT_NAMES, DigitsDataset
 from omnidit.data.imagefolder import ImageFolderDataset
 from omnidit.data.shapes import (
@@ -32,6 +33,13 @@ from omnidit.errors import OmniditError
 
 DATASETS = ("shapes", "shapes_video", "digits", "imagefolder")
 SPLITS = ("train", "test", "all")
+
+
+def caption_vocabulary(name: str) -> frozenset[str] | None:
+    """Every word the captions of built-in data set ``name`` can contain; None for data with open captions
+    (imagefolder)."""
+    return {"shapes": shapes.VOCABULARY, "shapes_video": shapes_video.VOCABULARY,
+            "digits": digits.VOCABULARY}.get(name)
 
 
 class ImageDataset(Protocol):

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from omnidit.errors import OmniditError
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+VOCABULARY = frozenset(("the", "digit", *DIGIT_NAMES))  # every word of a caption, "the digit seven"
 SPLITS = ("train", "test", "all")
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed on purpose: the split must not move with the training seed

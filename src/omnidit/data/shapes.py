@@ -300,6 +300,17 @@ def _describe(kind: str, objects: Sequence[ShapeObject], relation: str | None, w
     return f"{a} {_RELATION_PHRASES[relation]} {b}"
 
 
+def caption_words(*phrases: str) -> frozenset[str]:
+    """The words of some caption phrases, lower-cased."""
+    return frozenset(w for phrase in phrases for w in phrase.lower().split())
+
+
+# Every word a shapes caption can contain (tests check it against sampled captions, both ways); the
+# pipeline warns when a prompt for a model trained on these captions uses any other word.
+VOCABULARY = caption_words("a an and", *SHAPES, *map(_plural, SHAPES), *COLOURS, *SIZES, *COUNT_WORDS.values(),
+                           *_RELATION_PHRASES.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # Scene sampling
 

@@ -52,6 +52,7 @@ from omnidit.data.shapes import (
     COLOURS,
     DEFAULT_HELD_OUT,
     GAP,
+    SHAPES,
     SIZE_MENTION_P,
     SIZE_RANGE,
     SIZES,
@@ -60,6 +61,7 @@ from omnidit.data.shapes import (
     _article,
     _shape_mask,
     allowed_pairs,
+    caption_words,
     parse_held_out,
 )
 from omnidit.errors import OmniditError
@@ -395,6 +397,13 @@ def video_caption(rng: np.random.Generator, objects: Sequence, speed_p: float = 
                for o in objects]
     joiner = " and " if form == 0 or rng.random() < 0.5 else " while "  # "moving ... while ..." is no sentence
     return joiner.join(clauses)
+
+
+# Every word a shapes_video caption can contain (the shapes words without counts, plurals and relations).
+VOCABULARY = caption_words("a an and while", *SHAPES, *COLOURS, *SIZES, *DIRECTION_PHRASES,
+                           *(p for pair in DIRECTION_PHRASES.values() for p in pair), *SPEED_ADJECTIVES.values(),
+                           *(w for verbs in (NEUTRAL_VERBS, *SPEED_VERBS.values()) for pair in verbs for w in pair),
+                           *(w for words in SPEED_ADVERBS.values() for w in words))
 
 
 # ---------------------------------------------------------------------------------------------
