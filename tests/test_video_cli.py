@@ -190,7 +190,7 @@ def test_the_python_api_refuses_non_finite_guidance():
 
 
 def test_extend_gives_each_window_the_last_frames_made_so_far(monkeypatch):
-    from omnidit.cli import extend_clip
+    from omnidit.generate_command import extend_clip
 
     class Recorder:  # a stand-in pipeline: each window's new frames are the window's index
         config = Config()

@@ -12,20 +12,12 @@ import warnings
 from pathlib import Path
 
 from omnidit.errors import OmniditError
-from omnidit.validate import check_number, check_output_path, random_seed
+from omnidit.generate_command import MAX_GRID, check_counts, cmd_generate, model_or_shipped, sampling_args
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other user error
         raise OmniditError(f"{self.prog}: {message}", hint=f"run '{self.prog} --help'")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'64x32' -> (width=64, height=32)."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) <= 0:
-        raise OmniditError(f"malformed size '{text}'", hint="use WIDTHxHEIGHT, e.g. --size 64x32")
-    return int(parts[0]), int(parts[1])
 
 
 def _keys_epilog() -> str:
@@ -55,13 +47,6 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    help="best of N: sample each image from N seeds and keep the one with the lowest denoising error "
                         "under its prompt, judged by the model itself; about N times the time "
                         "(default: the model's sample.candidates)")
-
-
-def _sampling_args(args: argparse.Namespace) -> dict:
-    """The sampler flags (``_add_sampler_flags``) as Pipeline.generate's keyword arguments; None = the model's."""
-    from omnidit.pipeline import SAMPLING_KEYS
-
-    return {k: getattr(args, k) for k in SAMPLING_KEYS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,13 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 disables it "
                                                           "(default: the model's sample.cfg)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same image on any device; "
-                                                       "-1 draws a random seed, printed and recorded in the file")
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed: output i is drawn from SEED+i, the same on any device and in any batch, so "
+                        "-n 1 --seed SEED+i redraws it alone; -1 draws a random seed, printed and recorded in the "
+                        "file (default: 0)")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels (default: the training size)")
-    p.add_argument("-n", "--num-images", type=int, default=1, help="number of images or clips (tiled into one grid)")
+    p.add_argument("-n", "--num-images", type=int, default=1,
+                   help=f"number of images or clips: up to {MAX_GRID} are tiled into one grid; with {{i}} in -o, any "
+                        "number, each written to its own file as soon as its batch is drawn (default: 1)")
     p.add_argument("-o", "--output", default=None,
-                   help="output path: .png for images; .mp4, .gif, .webp or .png (frame strip) for clips "
-                        "(default: out.png, or out.mp4 for a video model)")
+                   help="output path: .png for images; .mp4, .gif, .webp or .png (frame strip) for clips; an {i} "
+                        "(or {i:04d}) in it writes one file per output ('out_{i}.png'); an existing file is "
+                        "replaced; the folder must exist (default: out.png, or out.mp4 for a video model)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="outputs drawn at once; lowered automatically to what fits in free memory (default: 8)")
     p.add_argument("--scale", type=int, default=1, help="enlarge the output N times (nearest neighbour) for viewing "
                                                         "small images and clips (default: 1)")
     p.add_argument("--frames", type=int, default=None,
@@ -206,248 +198,12 @@ def cmd_precompute(args: argparse.Namespace) -> None:
     print(f"cached in {path}")
 
 
-def _check_counts(num_images: int, steps: int | None) -> None:
-    """generate and demo: -n and --steps must be positive."""
-    if num_images < 1:
-        raise OmniditError(f"-n must be at least 1, got {num_images}")
-    if steps is not None and steps < 1:
-        raise OmniditError(f"--steps must be at least 1, got {steps}")
-
-
-def _model_or_shipped(path: str | None) -> str:
-    """The model path a command was given, or the shipped shapes model's folder when none was."""
-    from omnidit.checkpoint import default_model_dir
-
-    return str(default_model_dir()) if path is None else path
-
-
-def cmd_generate(args: argparse.Namespace) -> None:
-    from omnidit.images import make_grid, save_png, to_pil
-    from omnidit.pipeline import load_pipeline
-
-    if not args.prompt.strip():
-        raise OmniditError("the prompt is empty", hint='pass a description, e.g. "a red circle"')
-    _check_counts(args.num_images, args.steps)
-    check_number("--scale", args.scale, low=1, high=64, integer=True)
-    _check_sampling_numbers(args)
-    if args.seed == -1:
-        args.seed = random_seed()
-        print(f"seed {args.seed}")
-    check_number("--seed", args.seed, low=0, high=2**63 - 1, integer=True, hint="-1 draws a random seed")
-    if args.output is not None:
-        check_output_path("-o", args.output)
-    width, height = parse_size(args.size) if args.size else (None, None)
-    args.model = _model_or_shipped(args.model)
-    if (Path(args.model) / "model_index.json").is_file():  # a diffusers pipeline folder (Flux / SD3)
-        args.output = args.output or "out.png"
-        _check_image_output(args)
-        if any(v is not None for v in (args.frames, args.fps, args.image, args.extend)) or args.scale != 1:
-            raise OmniditError("--frames, --fps, --image, --extend and --scale apply to omnidit models, not to a "
-                               "diffusers pipeline folder", hint="drop them")
-        return _generate_diffusers_pipeline(args, width, height)
-    pipe = load_pipeline(args.model, device=args.device, use_ema=not args.no_ema)
-    if pipe.config.data.frames > 1:
-        return _generate_clips(args, pipe, width, height)
-    args.output = args.output or "out.png"
-    _check_image_output(args)
-    if any(v is not None for v in (args.frames, args.fps, args.image, args.extend)):
-        raise OmniditError("--frames, --fps, --image and --extend are for video models; this one makes images",
-                           hint="use a video model, e.g. --model shapes-video")
-    sampling = _sampling_args(args)
-    images = pipe.generate([args.prompt] * args.num_images, width=width, height=height, seed=args.seed,
-                           progress=not args.no_progress, **sampling)
-    settings = {"prompt": args.prompt, "seed": args.seed, **pipe.sampling_settings(**sampling),
-                "size": f"{images.shape[3]}x{images.shape[2]}",
-                "num_images": args.num_images, "model": str(Path(args.model).resolve()), "ema": not args.no_ema,
-                "software": "omnidit"}
-    pil = [_scaled(to_pil(img), args.scale) for img in images]
-    out = save_png(pil[0] if len(pil) == 1 else make_grid(pil), args.output, settings)
-    print(f"wrote {out}")
-
-
-def _check_sampling_numbers(args: argparse.Namespace) -> None:
-    """Finite, in-range guidance and sampler numbers, before anything is loaded."""
-    if args.cfg is not None:
-        check_number("--cfg", args.cfg, low=0, high=100)
-    if args.shift is not None:
-        check_number("--shift", args.shift, low=0, low_open=True, high=100)
-    if args.skip_scale is not None:
-        check_number("--skip-scale", args.skip_scale, low=0, high=100)
-    for flag in ("cfg_interval", "skip_interval"):
-        for value in getattr(args, flag) or ():
-            check_number(f"--{flag.replace('_', '-')}", value, low=0, high=1)
-
-
-def _check_image_output(args: argparse.Namespace) -> None:
-    if not args.output.lower().endswith(".png"):
-        raise OmniditError(f"output file must end in .png, got {args.output}",
-                           hint="images are written as PNG; .mp4, .gif and .webp are for video models")
-
-
-def _scaled(image, scale: int):
-    from PIL import Image
-
-    return image if scale == 1 else image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-
-
-def _generate_clips(args: argparse.Namespace, pipe, width: int | None, height: int | None) -> None:
-    """`generate` for a video model: text-to-video, image-to-video (--image) or extension (--extend)."""
-
-    from omnidit.video_io import SAVE_SUFFIXES, check_clip_output, load_video, save_video
-
-    args.output = args.output or "out.mp4"
-    if Path(args.output).suffix.lower() not in SAVE_SUFFIXES:
-        raise OmniditError(f"a clip cannot be written to {args.output}",
-                           hint=f"end the output in one of {', '.join(SAVE_SUFFIXES)}")
-    if args.image and args.extend:
-        raise OmniditError("--image and --extend both give the clip's first frames", hint="pass one of them")
-    if args.frames is not None:
-        # One window holds every frame in one attention: activations grow with the frame count (117 MiB at
-        # 32 frames of 32x32, docs/benchmarks.md), so longer clips go through --extend's windows.
-        longest = 4096 if args.extend else 256
-        check_number("--frames", args.frames, low=1, high=longest, integer=True,
-                     hint=None if args.extend else "make longer clips in windows: --extend a shorter clip")
-    if args.fps is not None:
-        check_number("--fps", args.fps, low=0.0, low_open=True, high=1000)
-    dc = pipe.config.data
-    width, height = width or dc.width, height or dc.height
-    sampling = _sampling_args(args)
-    prompts = [args.prompt] * args.num_images
-    common = dict(width=width, height=height, seed=args.seed, progress=not args.no_progress, **sampling)
-    if args.extend:
-        given, clip_fps, _ = load_video(args.extend)
-        fps = check_clip_output(args.output, args.fps or clip_fps)
-        _check_given_size(given, width, height, args.extend)
-        clips = extend_clip(pipe, prompts, given, args.frames or dc.frames, fps, **common)
-    elif args.image:
-        fps = check_clip_output(args.output, args.fps or dc.fps)
-        frames = args.frames or dc.frames
-        first = _read_image(args.image, width, height)  # (3, H, W)
-        clips = pipe.generate_video(prompts, frames, fps, first_frame=first[None], **common)
-    else:
-        fps = check_clip_output(args.output, args.fps or dc.fps)
-        clips = pipe.generate_video(prompts, args.frames, fps, **common)
-    settings = {"prompt": args.prompt, "seed": args.seed, **pipe.sampling_settings(**sampling),
-                "size": f"{clips.shape[4]}x{clips.shape[3]}", "frames": clips.shape[2], "fps": fps,
-                "num_clips": args.num_images, "image": args.image, "extend": args.extend,
-                "model": str(Path(args.model).resolve()), "ema": not args.no_ema, "software": "omnidit"}
-    out = save_video(tile_clips(clips), args.output, fps, settings, scale=args.scale)
-    print(f"wrote {out}")
-
-
-def tile_clips(clips):
-    """(B, C, T, H, W) clips -> one (C, T, H', W') clip whose frames are grids (``make_grid``'s layout)."""
-    import numpy as np
-    import torch
-
-    from omnidit.images import make_grid, to_pil
-
-    if clips.shape[0] == 1:
-        return clips[0]
-    frames = []
-    for k in range(clips.shape[2]):
-        grid = np.asarray(make_grid([to_pil(c[:, k]) for c in clips]))
-        frames.append(torch.from_numpy(grid.copy()).permute(2, 0, 1).float() / 127.5 - 1)
-    return torch.stack(frames, dim=1)
-
-
-def _read_image(path: str, width: int, height: int):
-    """An image file as (3, H, W) in [-1, 1], which must have the clip's size."""
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise OmniditError(f"cannot read the image {path}: {type(e).__name__}",
-                           hint="pass a PNG or JPEG file that exists") from None
-    if rgb.shape[:2] != (height, width):
-        raise OmniditError(f"the image {path} is {rgb.shape[1]}x{rgb.shape[0]} but the clip is {width}x{height}",
-                           hint=f"pass --size {rgb.shape[1]}x{rgb.shape[0]}, or an image of {width}x{height}")
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1
-
-
-def _check_given_size(clip, width: int, height: int, path: str) -> None:
-    if tuple(clip.shape[2:]) != (height, width):
-        raise OmniditError(f"the clip {path} is {clip.shape[3]}x{clip.shape[2]} but the output is {width}x{height}",
-                           hint=f"pass --size {clip.shape[3]}x{clip.shape[2]}")
-
-
-def extend_clip(pipe, prompts: list[str], clip, new_frames: int, fps: float, seed: int = 0, **generate):
-    """``clip`` (C, T, H, W) followed by ``new_frames`` generated frames, for each prompt: (B, C, T + new, H, W).
-
-    Generated in windows of the model's training length (data.frames): each window is given the last half
-    window of what exists so far (or the whole clip when it is shorter) and adds the rest; the window that starts
-    after k new frames draws its noise from seed + k.
-    """
-    import torch
-
-    window = pipe.config.data.frames
-    pt = pipe.model.config.temporal_patch
-    if window < 2 * pt:
-        raise OmniditError(f"the model's clips ({window} frames) are too short to extend in windows of tubelets "
-                           f"of {pt} frames", hint="use a model trained on longer clips")
-    if clip.shape[1] < pt:
-        raise OmniditError(f"the clip to extend has {clip.shape[1]} frames, fewer than one tubelet of {pt}",
-                           hint=f"give a clip of at least {pt} frames")
-    out = clip[None].expand(len(prompts), -1, -1, -1, -1)
-    made = 0
-    while made < new_frames:
-        # half a window of context (whole tubelets, at least one, never the whole window)
-        context = min(out.shape[2] // pt, max(window // 2 // pt, 1), window // pt - 1) * pt
-        given = torch.zeros(len(prompts), *out.shape[1:2], window, *out.shape[3:])
-        given[:, :, :context] = out[:, :, -context:]
-        clip_window = pipe.generate_video(prompts, window, fps, seed=seed + made, given=given,
-                                          given_frames=range(context), **generate)
-        fresh = clip_window[:, :, context:][:, :, : new_frames - made]
-        out = torch.cat([out, fresh], dim=2)
-        made += fresh.shape[2]
-    return out
-
-
-def _generate_diffusers_pipeline(args: argparse.Namespace, width: int | None, height: int | None) -> None:
-    """`generate` for a diffusers Flux or SD3 pipeline folder: its text encoders, VAE and schedule, omnidit's
-    transformer and sampler. --cfg is Flux's embedded guidance or SD3's classifier-free guidance scale."""
-    from omnidit.config import read_json
-    from omnidit.images import make_grid, save_png, to_pil
-    from omnidit.pipeline import resolve_device
-    from omnidit.pipelines import load_flux_pipeline, load_sd3_pipeline
-
-    kind = read_json(Path(args.model) / "model_index.json", "pipeline index").get("_class_name", "?")
-    loaders = {"Flux": (load_flux_pipeline, 3.5), "StableDiffusion3": (load_sd3_pipeline, 7.0)}
-    family = next((name for name in loaders if kind.startswith(name)), None)
-    if family is None:
-        raise OmniditError(f"pipeline folders of class {kind} are not supported yet",
-                           hint="Flux and StableDiffusion3 pipeline folders are")
-    if width is None:
-        raise OmniditError("a pipeline folder needs --size", hint="e.g. --size 1024x1024")
-    if any(v is not None for v in (args.shift, args.cfg_interval, args.skip_scale, args.skip_blocks,
-                                   args.skip_interval, args.candidates)):
-        raise OmniditError("--shift, --cfg-interval, --skip-* and --candidates apply to omnidit models, not to a "
-                           "diffusers pipeline folder",
-                           hint="drop them: the folder's scheduler config sets the shift, and guidance runs at "
-                                "every step")
-    loader, default_guidance = loaders[family]
-    pipe = loader(args.model, device=resolve_device(args.device))
-    steps, guidance = args.steps or 28, default_guidance if args.cfg is None else args.cfg
-    images = pipe.generate([args.prompt] * args.num_images, width=width, height=height, steps=steps,
-                           guidance=guidance, seed=args.seed, sampler=args.sampler or "euler",
-                           progress=not args.no_progress)
-    pil = [to_pil(img) for img in images]
-    settings = {"prompt": args.prompt, "seed": args.seed, "steps": steps, "guidance": guidance,
-                "size": f"{width}x{height}", "num_images": args.num_images, "model": str(Path(args.model).resolve()),
-                "pipeline": kind, "software": "omnidit"}
-    print(f"wrote {save_png(pil[0] if len(pil) == 1 else make_grid(pil), args.output, settings)}")
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     from omnidit.evaluate.runner import evaluate_folder, evaluate_model
 
     if args.n_per_prompt < 1 or (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         raise OmniditError("--n-per-prompt, --limit and --batch-size must be at least 1")
-    target = Path(_model_or_shipped(args.target))
+    target = Path(model_or_shipped(args.target))
     if (target / "manifest.json").is_file():
         report = evaluate_folder(target, args.suite or "shapes", progress=not args.no_progress,
                                  frechet=not args.no_fd)
@@ -460,7 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise OmniditError(f"no suite for data '{suite}'", hint="pass --suite shapes, digits or video")
         report = evaluate_model(pipe, suite, n_per_prompt=args.n_per_prompt, seed=args.seed, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
-                                **_sampling_args(args))
+                                **sampling_args(args))
     grid = args.grid or (str(Path(args.json).with_name(f"eval_{report.suite}.png")) if args.json else None)
     report.save(args.json, grid)
     print(report.table())
@@ -473,7 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from omnidit.checkpoint import SHIPPED_MODELS, shipped_model_dir
     from omnidit.demo import run_demo
 
-    _check_counts(args.num_images, args.steps)
+    check_counts(args.num_images, args.steps)
     path, seconds, drawn = run_demo(args.output, args.model, n_per_prompt=args.num_images, seed=args.seed,
                                     steps=args.steps, device=args.device, progress=not args.no_progress)
     count, kind = drawn.split()
@@ -529,7 +285,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     )
     from omnidit.data import caption_vocabulary
 
-    directory = resolve_model_dir(_model_or_shipped(args.model))
+    directory = resolve_model_dir(model_or_shipped(args.model))
     config = read_config(directory)
     weights = read_safetensors(directory / "model.safetensors")
     n_params = sum(t.numel() for t in weights.values())

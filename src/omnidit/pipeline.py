@@ -19,6 +19,7 @@ from omnidit.condition import Condition
 from omnidit.config import Config
 from omnidit.data import caption_vocabulary
 from omnidit.errors import OmniditError, PromptWarning, shorten
+from omnidit.flops import sampling_bytes_per_sample
 from omnidit.model.mmdit import MMDiT
 from omnidit.sampling import (
     SAMPLERS,
@@ -37,7 +38,7 @@ from omnidit.tokens import (
     video_position_ids,
     video_unpatchify,
 )
-from omnidit.validate import check_number
+from omnidit.validate import available_memory, check_memory, check_number
 
 # The sampling arguments of Pipeline.generate and sampling_settings (None = the config's sample section).
 SAMPLING_KEYS = ("steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks", "skip_interval",
@@ -215,6 +216,11 @@ class Pipeline:
             raise OmniditError("this model works in an image VAE's latent space and cannot make clips",
                                hint="use a pixel-space video model, e.g. --model shapes-video")
         check_image_size(height, width, mc.patch_size * factor)
+        what = f"sampling {len(prompts)} {'clip' if frames > 1 else 'image'}{'s' if len(prompts) > 1 else ''} of " \
+               f"{width}x{height}" + (f" with {frames} frames" if frames > 1 else "")
+        check_memory(len(prompts) * self._bytes_per_sample(frames, width, height, settings), self.device, what,
+                     hint="draw fewer at once (fewer prompts per call; generate's --batch-size), a smaller size or "
+                          "fewer frames")
         height, width = height // factor, width // factor  # the model works on the latent grid
         if sampler not in SAMPLERS:
             raise OmniditError(f"unknown sampler '{sampler}'", hint=f"choose one of {', '.join(SAMPLERS)}")
@@ -259,6 +265,28 @@ class Pipeline:
         if self.codec is not None:  # an image VAE decodes the one frame; the identity codec takes clips as they are
             latents = self.codec.decode(latents[:, :, 0])[:, :, None] if factor != 1 else self.codec.decode(latents)
         return latents.clamp(-1, 1).float().cpu()
+
+    def _bytes_per_sample(self, frames: int, width: int, height: int, settings: dict) -> int:
+        """Peak activation bytes that one image or clip adds to a sampling batch (flops.sampling_bytes_per_sample
+        times the rows it takes: candidates, and the unconditional row of guidance)."""
+        mc = self.model.config
+        factor = self.codec.downsample if self.codec is not None else 1
+        tokens = -(-frames // mc.temporal_patch) * (height // factor // mc.patch_size) * (width // factor //
+                                                                                             mc.patch_size)
+        rows = settings["candidates"] * (1 if settings["cfg"] == 1.0 and not settings["skip_scale"] else 2)
+        dtype_bytes = next(self.model.parameters()).element_size()
+        return rows * sampling_bytes_per_sample(mc, tokens, self.config.text.max_length, dtype_bytes)
+
+    def batch_limit(self, frames: int = 1, width: int | None = None, height: int | None = None,
+                    **sampling) -> int | None:
+        """How many images (frames 1) or clips of this size fit in one sampling call in the memory the device has
+        free now (0 = not even one); None where the free memory cannot be read."""
+        free = available_memory(self.device)
+        if free is None:
+            return None
+        settings = self.sampling_settings(**{k: sampling.get(k) for k in SAMPLING_KEYS})
+        width, height = width or self.config.data.width, height or self.config.data.height
+        return int(0.9 * free // max(1, self._bytes_per_sample(frames, width, height, settings)))
 
     def _given_tokens(self, given: Tensor | None, given_frames: Sequence[int], batch: int, frames: int,
                       height: int, width: int) -> tuple[Tensor, Tensor]:

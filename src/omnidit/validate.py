@@ -10,6 +10,8 @@ import math
 import secrets
 from pathlib import Path
 
+import torch
+
 from omnidit.errors import OmniditError
 
 
@@ -54,6 +56,43 @@ def check_output_path(flag: str, path: str | Path) -> Path:
     return path
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'64x32' -> (width=64, height=32)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) <= 0:
+        raise OmniditError(f"malformed size '{text}'", hint="use WIDTHxHEIGHT, e.g. --size 64x32")
+    return int(parts[0]), int(parts[1])
+
+
 def random_seed() -> int:
     """A fresh seed for ``--seed -1``: drawn from the OS, in [0, 2**31), so it can be recorded and reused."""
     return secrets.randbelow(2**31)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, the CPU's MemAvailable (Linux); None
+    where it cannot be read (then nothing is refused)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_memory(need: int, device: torch.device, what: str, hint: str) -> None:
+    """An OmniditError when ``need`` bytes exceed 90% of what ``device`` has free: one line naming the need and
+    what is available, before anything is allocated."""
+    free = available_memory(device)
+    if free is not None and need > 0.9 * free:
+        raise OmniditError(f"{what} needs about {_gib(need)} of memory, but the {device.type} has {_gib(free)} "
+                           "free", hint=hint)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n < 2**40 else f"{n / 2**40:,.0f} TiB"
