@@ -185,3 +185,15 @@ def test_pyav_is_optional(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("OmniditError writing and reading .mp4 needs PyAV")
     assert [p.name for p in tmp_path.iterdir()] == ["ok.gif"]
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif", ".webp"])
+def test_reading_is_bounded_by_frames_and_size(tmp_path, suffix):
+    clip = torch.rand(3, 6, 18, 22) * 2 - 1  # odd-free but not a multiple of 16: the MP4 is padded and cropped
+    path = save_video(clip, tmp_path / f"c{suffix}", fps=8.0)
+    frames, _, _ = load_video(path, max_frames=6, size=(22, 18))
+    assert frames.shape == (3, 6, 18, 22)
+    with pytest.raises(OmniditError, match="more than 4 frames"):
+        load_video(path, max_frames=4)
+    with pytest.raises(OmniditError, match=r"is 22x18 but the output is 32x32 \(hint: pass --size 22x18\)"):
+        load_video(path, size=(32, 32))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,6 +240,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         raise bad
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # JSON's NaN and Infinity parse; no setting means them
+                raise OmniditError(f"config key '{key}' must be a finite number, got {value!r}")
             return float(value)
         raise bad
     if annotation is str:

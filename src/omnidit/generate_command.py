@@ -12,6 +12,7 @@ from pathlib import Path
 from omnidit.errors import OmniditError
 from omnidit.validate import check_number, check_output_path, parse_size, random_seed
 
+MAX_EXTEND_FRAMES = 4096  # frames --extend reads or adds: minutes of video, bounded memory
 MAX_OUTPUTS = 1_000_000  # -n: many more than anyone will look at, few enough that a typo fails fast
 
 
@@ -187,7 +188,7 @@ def _generate_clips(args: argparse.Namespace, pipe, width: int | None, height: i
     if args.frames is not None:
         # One window holds every frame in one attention: activations grow with the frame count (117 MiB at
         # 32 frames of 32x32, docs/benchmarks.md), so longer clips go through --extend's windows.
-        longest = 4096 if args.extend else 256
+        longest = MAX_EXTEND_FRAMES if args.extend else 256
         check_number("--frames", args.frames, low=1, high=longest, integer=True,
                      hint=None if args.extend else "make longer clips in windows: --extend a shorter clip")
     if args.fps is not None:
@@ -197,9 +198,8 @@ def _generate_clips(args: argparse.Namespace, pipe, width: int | None, height: i
     sampling = sampling_args(args)
     frames = args.frames or dc.frames  # new frames when extending
     if args.extend:
-        given, clip_fps, _ = load_video(args.extend)
+        given, clip_fps, _ = load_video(args.extend, max_frames=MAX_EXTEND_FRAMES, size=(width, height))
         fps = check_clip_output(args.output, args.fps or clip_fps)
-        _check_given_size(given, width, height, args.extend)
         total, window = given.shape[1] + frames, dc.frames  # sampled in windows of the training length
     else:
         fps = check_clip_output(args.output, args.fps or dc.fps)
@@ -265,12 +265,6 @@ def _read_image(path: str, width: int, height: int):
         raise OmniditError(f"the image {path} is {rgb.shape[1]}x{rgb.shape[0]} but the clip is {width}x{height}",
                            hint=f"pass --size {rgb.shape[1]}x{rgb.shape[0]}, or an image of {width}x{height}")
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1
-
-
-def _check_given_size(clip, width: int, height: int, path: str) -> None:
-    if tuple(clip.shape[2:]) != (height, width):
-        raise OmniditError(f"the clip {path} is {clip.shape[3]}x{clip.shape[2]} but the output is {width}x{height}",
-                           hint=f"pass --size {clip.shape[3]}x{clip.shape[2]}")
 
 
 def extend_clip(pipe, prompts: list[str], clip, new_frames: int, fps: float, seed: int | list[int] = 0,

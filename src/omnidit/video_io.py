@@ -77,12 +77,14 @@ def save_video(frames: Tensor, path: str | Path, fps: float, metadata: dict | No
     return path
 
 
-def load_video(path: str | Path, as_uint8: bool = False) -> tuple[Tensor, float, dict]:
+def load_video(path: str | Path, as_uint8: bool = False, max_frames: int | None = None,
+               size: tuple[int, int] | None = None) -> tuple[Tensor, float, dict]:
     """Read a clip written by ``save_video`` (or any GIF, WebP or PyAV-readable video).
 
     Returns (frames, fps, metadata): frames float (3, T, H, W) in [-1, 1], or uint8 (T, H, W, 3) with
     ``as_uint8``; fps as a float; metadata as passed to ``save_video`` (JSON types: tuples come back as lists).
-    Files from elsewhere give their comment, if any, as ``{"comment": text}``.
+    Files from elsewhere give their comment, if any, as ``{"comment": text}``. Bounds checked while decoding,
+    so a wrong or huge file costs one frame: ``max_frames`` at most, ``size`` (width, height) exactly.
     """
     path = Path(path)
     if not path.is_file():
@@ -92,7 +94,8 @@ def load_video(path: str | Path, as_uint8: bool = False) -> tuple[Tensor, float,
         raise OmniditError(f"{path} is a PNG frame strip, which cannot be read back as a clip",
                            hint="use the .mp4, .gif or .webp version of the clip")
     try:
-        rgb, fps, metadata = _read_animation(path) if suffix in (".gif", ".webp") else _read_pyav(path)
+        reader = _read_animation if suffix in (".gif", ".webp") else _read_pyav
+        rgb, fps, metadata = reader(path, _FrameCheck(path, max_frames, size))
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL and PyAV errors for corrupt files
         raise OmniditError(f"cannot read video {path}: {_one_line(e)}",
                            hint="the file is corrupt, truncated or not a video") from e
@@ -262,7 +265,26 @@ def _write_strip(rgb: np.ndarray, path: Path, fps: float, document: str) -> None
     save_png(strip, path, {**metadata, VIDEO_KEY: json.dumps(info)})
 
 
-def _read_animation(path: Path) -> tuple[np.ndarray, float, dict]:
+class _FrameCheck:
+    """Called with each decoded frame (H, W, 3), after cropping: refuses the file at the first frame past
+    ``max_frames`` or of the wrong ``size`` (width, height)."""
+
+    def __init__(self, path: Path, max_frames: int | None, size: tuple[int, int] | None) -> None:
+        self.path, self.max_frames, self.size, self.count = path, max_frames, size, 0
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        self.count += 1
+        if self.max_frames is not None and self.count > self.max_frames:
+            raise OmniditError(f"{self.path} has more than {self.max_frames} frames",
+                               hint=f"use a clip of at most {self.max_frames} frames")
+        if self.size is not None and (frame.shape[1], frame.shape[0]) != tuple(self.size):
+            w, h = self.size
+            raise OmniditError(f"the clip {self.path} is {frame.shape[1]}x{frame.shape[0]} but the output is {w}x{h}",
+                               hint=f"pass --size {frame.shape[1]}x{frame.shape[0]}")
+        return frame
+
+
+def _read_animation(path: Path, check: _FrameCheck) -> tuple[np.ndarray, float, dict]:
     """GIF / WebP through Pillow: composited RGB frames, per-frame durations and the stored document."""
     with Image.open(path) as image:
         if image.format not in ("GIF", "WEBP"):
@@ -275,7 +297,7 @@ def _read_animation(path: Path) -> tuple[np.ndarray, float, dict]:
         for i in range(getattr(image, "n_frames", 1)):
             image.seek(i)
             image.load()  # WebP sets the frame's duration only once it is decoded
-            frames.append(np.asarray(image.convert("RGB")))
+            frames.append(check(np.asarray(image.convert("RGB"))))
             durations.append(int(image.info.get("duration") or 0))
     metadata, info = _parse_document(text)
     starts = np.cumsum([0, *durations]).tolist()
@@ -289,7 +311,7 @@ def _read_animation(path: Path) -> tuple[np.ndarray, float, dict]:
     return np.stack(frames), fps, metadata
 
 
-def _read_pyav(path: Path) -> tuple[np.ndarray, float, dict]:
+def _read_pyav(path: Path, check: _FrameCheck) -> tuple[np.ndarray, float, dict]:
     """MP4 (and other PyAV formats): decode the first video stream to RGB, cropping the yuv420p padding."""
     av = _import_av()
     flags = _sws_flags("FULL_CHR_H_INT")
@@ -298,18 +320,21 @@ def _read_pyav(path: Path) -> tuple[np.ndarray, float, dict]:
             if not container.streams.video:
                 raise ValueError("no video stream")
             stream = container.streams.video[0]
-            # to_ndarray converts with the colour matrix the stream is tagged with (BT.709 for ours).
-            frames = [frame.to_ndarray(format="rgb24", interpolation=flags) for frame in container.decode(stream)]
-            rate = stream.average_rate or stream.guessed_rate
             tags = dict(container.metadata)
+            info = _parse_document(tags.get("comment"))[1]
+            crop = (info.get("height"), info.get("width")) if all(
+                isinstance(info.get(k), int) for k in ("width", "height")) else (None, None)
+            # to_ndarray converts with the colour matrix the stream is tagged with (BT.709 for ours); our files
+            # are cropped back from the yuv420p padding to the size they store.
+            frames = [check(np.ascontiguousarray(frame.to_ndarray(format="rgb24", interpolation=flags)
+                                                 [:crop[0], :crop[1]])) for frame in container.decode(stream)]
+            rate = stream.average_rate or stream.guessed_rate
     except av.FFmpegError as e:
         raise ValueError(_one_line(e)) from e
     if not frames:
         return np.zeros((0, 1, 1, 3), np.uint8), 0.0, {}
     metadata, info = _parse_document(tags.get("comment"))
     rgb = np.stack(frames)
-    if isinstance(info.get("width"), int) and isinstance(info.get("height"), int):
-        rgb = np.ascontiguousarray(rgb[:, :info["height"], :info["width"]])
     fps = info.get("fps") if isinstance(info.get("fps"), (int, float)) else float(rate or 0) or 10.0
     return rgb, float(fps), metadata
 
