@@ -205,3 +205,13 @@ def test_command_line_contract_many(command, tiny_run):
 @pytest.mark.slow
 def test_train_command_line_contract_many(train_config):
     _property("train", SLOW, train_config)
+
+
+# Examples the property found, kept as plain regressions (they ran a whole evaluation, then crashed on the path).
+@pytest.mark.parametrize("extra", [["--json", "."], ["--json", ".", "--grid", "g.png"], ["--grid", "g.jpg"],
+                                   ["--json", "missing/r.json"], ["--cfg", "nan"]])
+def test_eval_output_paths_are_checked_first(tiny_run, extra):
+    check_eval(["eval", str(tiny_run), "--limit", "1", "--n-per-prompt", "1", "--steps", "1", *extra, "--no-fd",
+                "--no-progress"])
+    with scratch() as folder:
+        assert run_cli(["eval", str(tiny_run), "--limit", "1", *extra], folder)[0] == 2

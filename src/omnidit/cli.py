@@ -12,7 +12,15 @@ import warnings
 from pathlib import Path
 
 from omnidit.errors import OmniditError
-from omnidit.generate_command import MAX_GRID, check_counts, cmd_generate, model_or_shipped, sampling_args
+from omnidit.generate_command import (
+    MAX_GRID,
+    check_counts,
+    check_sampling_numbers,
+    cmd_generate,
+    model_or_shipped,
+    sampling_args,
+)
+from omnidit.validate import check_output_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -203,6 +211,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.n_per_prompt < 1 or (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         raise OmniditError("--n-per-prompt, --limit and --batch-size must be at least 1")
+    check_sampling_numbers(args)
+    for flag, path, example in (("--json", args.json, "eval.json"), ("--grid", args.grid, "eval.png")):
+        if path is not None:  # before the minutes of work, not after
+            check_output_path(flag, path, example)
+    if args.grid is not None and not args.grid.lower().endswith(".png"):
+        raise OmniditError(f"--grid must end in .png, got {args.grid}", hint="e.g. --grid eval.png")
     target = Path(model_or_shipped(args.target))
     if (target / "manifest.json").is_file():
         report = evaluate_folder(target, args.suite or "shapes", progress=not args.no_progress,

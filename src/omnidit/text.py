@@ -191,7 +191,10 @@ class TextEncoder:
         """Run the model: features (N, L, C), mask (N, L) bool and pooled (N, P), all float32 on CPU."""
         batch = self.tokenizer(
             prompts,
-            padding=True,
+            # Always max_length, never the batch's longest: a prompt's features then do not depend on which
+            # prompts it was encoded with (they differ by ~1e-6 otherwise), so a cached encoding equals a fresh
+            # one and a resumed run, whose cache starts empty, matches an uninterrupted one bit for bit.
+            padding="max_length",
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",

@@ -42,14 +42,14 @@ def _range_text(low: float | None, high: float | None, low_open: bool) -> str:
     return " and ".join(p for p in (lo, hi) if p) or "finite"
 
 
-def check_output_path(flag: str, path: str | Path) -> Path:
+def check_output_path(flag: str, path: str | Path, example: str = "out.png") -> Path:
     """An output file path whose folder exists and which is not itself a folder, or an OmniditError.
 
     Checked before any work is done, so that a typo in a folder name costs nothing and creates nothing.
     """
     path = Path(path)
     if path.is_dir():
-        raise OmniditError(f"{flag} {path} is a folder", hint=f"name a file inside it, e.g. {path / 'out.png'}")
+        raise OmniditError(f"{flag} {path} is a folder", hint=f"name a file inside it, e.g. {path / example}")
     if not path.parent.is_dir():
         raise OmniditError(f"{flag}: the folder {path.parent} does not exist",
                            hint=f"create it first (mkdir -p {path.parent}) or write elsewhere")
