@@ -261,3 +261,35 @@ def test_a_scalar_time_is_one_tensor_for_every_stream():
     assert times["img"] is times["audio"] and times["img"].shape == (2,)
     per_token = model.stream_times(torch.full((2, 22), 0.5), 2, {"img": 16, "audio": 6})
     assert all(t.shape == (2,) for t in per_token.values())  # equal over each stream: the per-sample path
+
+
+def test_stream_timesteps_are_shared_or_drawn_per_stream():
+    from omnidit.flow import sample_timesteps, stream_timesteps
+
+    def draw_all(p: float, seed: int = 0) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        t = sample_timesteps(400, generator=g)
+        return t, stream_timesteps(t, ["img", "audio"], p, lambda n: sample_timesteps(n, generator=g), g)
+
+    t, shared = draw_all(0.0)
+    assert shared["img"] is t and torch.equal(shared["audio"], t)
+    t, apart = draw_all(1.0)
+    assert torch.equal(apart["img"], t) and bool((apart["audio"] != t).all())
+    t, mixed = draw_all(0.3)
+    differs = (mixed["audio"] != t).float().mean().item()
+    assert 0.22 < differs < 0.38  # about 30% of samples get their own audio time
+    assert all(torch.equal(a, b) for a, b in zip(mixed.values(), draw_all(0.3)[1].values()))  # seeded
+    with pytest.raises(ValueError, match="independent_p"):
+        stream_timesteps(t, ["img", "audio"], 1.5, lambda n: t[:n], torch.Generator())
+    # the model reads them: the audio stream's output follows its own time, not the image's
+    cfg = tiny_config(extra_streams={"audio": 10})
+    model = build(cfg)
+    tokens, ids, cond = _clip_inputs(cfg)
+    audio, audio_ids = torch.randn(2, 6, 10), torch.zeros(1, 6, 3)
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor([0.3, 0.8])
+    times = stream_timesteps(t, ["img", "audio"], 1.0, lambda n: torch.tensor([0.9, 0.1]), g)
+    with torch.no_grad():
+        joint = model({"img": tokens, "audio": audio}, {"img": ids, "audio": audio_ids}, t, cond)
+        apart = model({"img": tokens, "audio": audio}, {"img": ids, "audio": audio_ids}, times, cond)
+    assert not torch.allclose(joint["audio"], apart["audio"])

@@ -8,7 +8,7 @@ dx/dt = v and integrating from t = 1 down to t = 0 turns noise into data).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -77,6 +77,25 @@ def token_times_with_context(t: Tensor, given: Tensor, num_tokens: int) -> Tenso
     per_tubelet = num_tokens // given.shape[1]
     mask = given.repeat_interleave(per_tubelet, dim=1)  # (B, N)
     return torch.where(mask, torch.zeros(()), t[:, None].expand(-1, num_tokens))
+
+
+def stream_timesteps(t: Tensor, streams: Sequence[str], independent_p: float,
+                     draw: Callable[[int], Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    """Per-stream times {name: (B,)} for a sample of several generated streams (video and audio, say).
+
+    Every stream takes the sample's ``t`` (B,), except that with probability ``independent_p`` a sample's
+    streams each get their own draw from ``draw(n) -> (n,)`` (UniDiffuser's per-modality timesteps: the model
+    then learns each stream's conditionals on the others at every noise level, not only the joint, which is
+    what generating one stream from another given one needs). The first stream always keeps ``t``.
+    """
+    if not 0.0 <= independent_p <= 1.0:
+        raise ValueError(f"independent_p must lie in [0, 1], got {independent_p}")
+    batch = t.shape[0]
+    own = torch.rand(batch, generator=generator) < independent_p  # (B,) samples whose streams differ
+    times = {streams[0]: t}
+    for name in streams[1:]:
+        times[name] = torch.where(own.to(t.device), draw(batch).to(t), t)
+    return times
 
 
 def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:

@@ -1,0 +1,51 @@
+"""The video model shipped in the package (`shapes-video`): it loads offline by name, is small, and its
+clips are judged right by the exact video judge: text-to-video and image-to-video."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cli import run_main
+
+from omnidit.checkpoint import SHIPPED_MODELS, shipped_model_dir
+from omnidit.evaluate.video_suite import judge_clip, judge_continuation
+from omnidit.pipeline import load_pipeline
+
+MAX_SHIPPED_BYTES = 15 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def video():
+    return load_pipeline("shapes-video", device="cpu")
+
+
+def test_shipped_video_model_is_small_float16_and_a_video_model(video):
+    folder = shipped_model_dir("shapes-video")
+    assert folder.name == "video_model" and "shapes-video" in SHIPPED_MODELS
+    assert (folder / "model.safetensors").stat().st_size <= MAX_SHIPPED_BYTES
+    assert (folder / "provenance.json").is_file()
+    assert video.config.data.name == "shapes_video" and video.config.data.frames == 8
+    assert video.config.data.fps == 8.0 and video.config.text.encoder == "minilm"
+
+
+@pytest.mark.parametrize("prompt", ["a red circle moving to the right", "a blue square moves down"])
+def test_text_to_video_clips_pass_the_judge(video, prompt):
+    clips = video.generate_video([prompt] * 2, seed=[0, 1])  # the shipped settings
+    passed = [judge_clip(c, prompt, fps=8.0) for c in clips]
+    assert sum(ok for ok, _ in passed) >= 1, passed  # at least one of two seeds right in every frame
+
+
+def test_image_to_video_keeps_the_given_frame(video):
+    first = video.generate(["a green triangle"], seed=0)  # the image model inside draws the first frame
+    clip = video.generate_video(["a green triangle moving to the left"], first_frame=first, seed=0, candidates=1)
+    assert torch.equal(clip[0, :, 0], first[0])  # given tokens stay exactly as given
+    ok, reason = judge_continuation(first[0], clip[0], "a green triangle moving to the left", fps=8.0)
+    assert isinstance(ok, bool) and reason
+
+
+def test_info_and_generate_by_name(tmp_path, capsys):
+    code, out, err = run_main(capsys, "info", "shapes-video")
+    assert code == 0 and "8 frames at 8 fps" in out, err
+    code, out, err = run_main(capsys, "generate", "a red circle moving to the right", "--model", "shapes-video",
+                              "--steps", "4", "-o", tmp_path / "c.mp4", "--no-progress")
+    assert code == 0 and (tmp_path / "c.mp4").stat().st_size > 0, err
