@@ -158,3 +158,18 @@ def test_tensorboard_scalars_are_written_when_installed(tmp_path):
     events.Reload()
     assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s"} <= set(events.Tags()["scalars"])
     assert [s.step for s in events.Scalars("train/loss")] == [2, 4]
+
+
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, make_tiny_config, monkeypatch):
+    from omnidit import validate
+    from omnidit.train import Trainer
+
+    trainer = Trainer(make_tiny_config(tmp_path / "run", train={"steps": 2, "batch_size": 8}), progress=False)
+    memory = trainer.memory_estimate()
+    need = memory["grads"] + memory["optimizer"] + memory["activations"]
+    monkeypatch.setattr(validate, "available_memory", lambda device: need)  # 90% of it is usable: too little
+    with pytest.raises(OmniditError, match=r"training with batch 8 of 64 tokens needs about [0-9.]+ MiB of memory, but"):
+        trainer.run()
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(validate, "available_memory", lambda device: 2 * need)
+    assert trainer.run().name == "checkpoint-0000002"

@@ -53,6 +53,7 @@ from omnidit.plot import plot_training_curves
 from omnidit.precompute import fields_for_config, open_cache
 from omnidit.text import load_text_encoder
 from omnidit.tokens import check_frame_count, check_image_size, patchify, video_patchify, video_position_ids
+from omnidit.validate import check_memory
 
 
 class CounterfactualPairs(NamedTuple):
@@ -491,18 +492,38 @@ class Trainer:
                      self.out_dir / "samples" / f"step_{self.step:07d}.png", {"prompts": " | ".join(prompts)})
 
     # ---- the loop ------------------------------------------------------------------------------
+    def memory_estimate(self) -> dict[str, int]:
+        """flops.estimate_training_memory for this run's micro-batch per rank (bytes per item)."""
+        from omnidit.flops import estimate_training_memory
+
+        mc, tc = self.config.model, self.config.train
+        text_tokens = self.config.text.max_length if mc.context_dim else 0
+        micro = max(1, tc.batch_size // (self.world.world_size * tc.grad_accum))
+        memory = estimate_training_memory(mc, micro, self.num_tokens, text_tokens)
+        if tc.gradient_checkpointing:  # only block inputs are kept, plus one block's activations in backward
+            memory["activations"] //= max(1, mc.depth + mc.depth_single)
+        return memory
+
+    def check_memory(self) -> None:
+        """Refuse, before the first step, a run whose gradients, optimizer state and activations (the weights are
+        already in memory) cannot fit in what the device has free."""
+        memory = self.memory_estimate()
+        need = memory["grads"] + memory["optimizer"] + memory["activations"]
+        tc = self.config.train
+        check_memory(need, self.device, f"training with batch {tc.batch_size} of {self.num_tokens} tokens",
+                     hint="lower train.batch_size, or keep it with train.grad_accum=N or "
+                          "train.gradient_checkpointing=true")
+
     def describe(self) -> str:
         """Parameters, analytic FLOPs per image (or clip) and estimated memory, printed at start."""
-        from omnidit.flops import estimate_training_memory, forward_flops, training_flops
+        from omnidit.flops import forward_flops, training_flops
 
         mc, tc = self.config.model, self.config.train
         n_params = sum(p.numel() for p in self.net.parameters())
         text_tokens = self.config.text.max_length if mc.context_dim else 0
         tokens = self.num_tokens
         forward, train = forward_flops(mc, tokens, text_tokens), training_flops(mc, tokens, text_tokens)
-        memory = estimate_training_memory(mc, tc.batch_size // (self.world.world_size * tc.grad_accum), tokens,
-                                          text_tokens)
-        total_gb = sum(memory.values()) / 2**30
+        total_gb = sum(self.memory_estimate().values()) / 2**30
         sample = "clip" if self.config.data.frames > 1 else "image"
         return (f"{n_params / 1e6:.2f}M parameters | {forward / 1e9:.3f} GFLOP forward, "
                 f"{train / 1e9:.3f} GFLOP training per {sample} | ~{total_gb:.2f} GiB estimated per rank | "
@@ -522,6 +543,7 @@ class Trainer:
             if tc.init_from and started != tc.init_from:
                 tqdm.write(f"note: train.init_from={tc.init_from} is ignored: {self.out_dir} already holds a run "
                            f"that started from {started or 'scratch'}")
+        self.check_memory()
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             tqdm.write(f"training -> {self.out_dir} for {tc.steps} steps\n  {self.describe()}")

@@ -95,4 +95,6 @@ def check_memory(need: int, device: torch.device, what: str, hint: str) -> None:
 
 
 def _gib(n: int) -> str:
+    if n < 2**30:
+        return f"{n / 2**20:.1f} MiB"
     return f"{n / 2**30:.1f} GiB" if n < 2**40 else f"{n / 2**40:,.0f} TiB"
