@@ -215,3 +215,18 @@ def test_eval_output_paths_are_checked_first(tiny_run, extra):
                 "--no-progress"])
     with scratch() as folder:
         assert run_cli(["eval", str(tiny_run), "--limit", "1", *extra], folder)[0] == 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--seed", "-5"], ["demo", "--seed", "99999999999999999999999"], ["demo", "-n", "100"],
+    ["eval", "--seed", "-2", "--limit", "1"], ["eval", "--n-per-prompt", "1000000000"],
+    ["eval", "--batch-size", "100000000"], ["eval-prompts", "ep", "--n-per-prompt", "100000000"],
+    ["generate", "x", "--steps", "10001"], ["generate", "x", "-n", "2000000"],
+    ["train", "cfg.json", "train.lr=NaN"], ["train", "cfg.json", "train.batch_size=10000000"],
+])
+def test_out_of_range_values_are_refused_before_any_work(argv):
+    with scratch() as folder:
+        (folder / "cfg.json").write_text(json.dumps(tiny_config_dict("run")))
+        code, err, created = run_cli(argv, folder)
+        assert_contract(code, err, created - {str(folder / "cfg.json")}, argv)
+        assert code == 2

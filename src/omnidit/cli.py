@@ -18,9 +18,12 @@ from omnidit.generate_command import (
     check_sampling_numbers,
     cmd_generate,
     model_or_shipped,
+    resolve_seed,
     sampling_args,
 )
-from omnidit.validate import check_output_path
+from omnidit.validate import check_number, check_output_path
+
+MAX_PER_PROMPT = 256  # eval and eval-prompts: images per prompt
 
 
 class _Parser(argparse.ArgumentParser):
@@ -211,6 +214,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.n_per_prompt < 1 or (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         raise OmniditError("--n-per-prompt, --limit and --batch-size must be at least 1")
+    check_number("--n-per-prompt", args.n_per_prompt, low=1, high=MAX_PER_PROMPT, integer=True,
+                 hint="every image is kept in memory for the Fréchet distance; run seeds apart and merge")
+    check_number("--batch-size", args.batch_size, low=1, high=4096, integer=True)
+    args.seed = resolve_seed(args.seed)
     check_sampling_numbers(args)
     for flag, path, example in (("--json", args.json, "eval.json"), ("--grid", args.grid, "eval.png")):
         if path is not None:  # before the minutes of work, not after
@@ -244,6 +251,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from omnidit.demo import run_demo
 
     check_counts(args.num_images, args.steps)
+    check_number("-n", args.num_images, low=1, high=16, integer=True, hint="the demo draws six prompts a row each")
+    args.seed = resolve_seed(args.seed)
     path, seconds, drawn = run_demo(args.output, args.model, n_per_prompt=args.num_images, seed=args.seed,
                                     steps=args.steps, device=args.device, progress=not args.no_progress)
     count, kind = drawn.split()
@@ -265,6 +274,7 @@ def cmd_eval_prompts(args: argparse.Namespace) -> None:
 
     if args.n_per_prompt < 1 or (args.limit is not None and args.limit < 1):
         raise OmniditError("--n-per-prompt and --limit must be at least 1")
+    check_number("--n-per-prompt", args.n_per_prompt, low=1, high=MAX_PER_PROMPT, integer=True)
     manifest, prompts = write_suite_prompts(args.out_dir, args.n_per_prompt, args.limit)
     print(f"wrote {manifest} and {prompts}")
 

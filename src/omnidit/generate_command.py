@@ -23,6 +23,16 @@ def sampling_args(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in SAMPLING_KEYS}
 
 
+def resolve_seed(seed: int, outputs: int = 1) -> int:
+    """--seed: -1 draws a random one (printed, so it can be reused); else in [0, 2**63 - outputs], as output i
+    uses SEED+i."""
+    if seed == -1:
+        seed = random_seed()
+        print(f"seed {seed}")
+    return check_number("--seed", seed, low=0, high=2**63 - outputs, integer=True,
+                        hint="-1 draws a random seed; output i uses SEED+i")
+
+
 def check_counts(num_images: int, steps: int | None) -> None:
     """generate and demo: -n and --steps must be positive."""
     if num_images < 1:
@@ -51,11 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_number("--scale", args.scale, low=1, high=64, integer=True)
     check_number("--batch-size", args.batch_size, low=1, high=4096, integer=True)
     check_sampling_numbers(args)
-    if args.seed == -1:
-        args.seed = random_seed()
-        print(f"seed {args.seed}")
-    check_number("--seed", args.seed, low=0, high=2**63 - args.num_images, integer=True,
-                 hint="-1 draws a random seed; output i uses SEED+i")
+    args.seed = resolve_seed(args.seed, args.num_images)
     if args.output is not None:
         check_output_path("-o", args.output)
     width, height = parse_size(args.size) if args.size else (None, None)

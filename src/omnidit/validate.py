@@ -37,8 +37,11 @@ def check_number(name: str, value: object, low: float | None = None, high: float
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool) -> str:
-    lo = None if low is None else f"{'>' if low_open else '>='} {low:g}"
-    hi = None if high is None else f"<= {high:g}"
+    def shown(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() and abs(x) < 1e20 else f"{x:g}"
+
+    lo = None if low is None else f"{'>' if low_open else '>='} {shown(low)}"
+    hi = None if high is None else f"<= {shown(high)}"
     return " and ".join(p for p in (lo, hi) if p) or "finite"
 
 
