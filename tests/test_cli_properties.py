@@ -38,6 +38,11 @@ def optional(flag: str, values: st.SearchStrategy) -> st.SearchStrategy:
     return st.one_of(st.just([]), values.map(lambda v: [flag, v]))
 
 
+def argv_of(parts: list[st.SearchStrategy]) -> st.SearchStrategy:
+    """One argv from strategies that each draw a list of arguments (a flag and its value, or nothing)."""
+    return st.tuples(*parts).map(lambda xs: [a for x in xs for a in x])
+
+
 def run_cli(argv: list[str], folder: Path) -> tuple[int, str, set[str]]:
     """Run the command line inside ``folder``; returns (exit code, stderr, the paths it created there)."""
     before = {str(p) for p in folder.rglob("*")}
@@ -84,7 +89,7 @@ def generate_args(model: str) -> st.SearchStrategy:
         optional("--device", st.sampled_from(["cpu", "auto", "cuda", "tpu", ""])),
         st.sampled_from([["--no-progress"], []]), st.sampled_from([["--no-ema"], []]),
     ]
-    return st.tuples(*parts).map(lambda xs: [a for x in xs for a in x])
+    return argv_of(parts)
 
 
 def check_generate(argv: list[str]) -> None:
@@ -133,7 +138,7 @@ def eval_args(model: str) -> st.SearchStrategy:
         optional("--grid", st.sampled_from(["g.png", "missing/g.png", "g.jpg"])),
         st.just(["--no-fd", "--no-progress"]),
     ]
-    return st.tuples(*parts).map(lambda xs: [a for x in xs for a in x])
+    return argv_of(parts)
 
 
 def check_eval(argv: list[str]) -> None:
@@ -153,7 +158,7 @@ def convert_args(model: str) -> st.SearchStrategy:
         optional("--family", st.sampled_from(["auto", "flux", "sd3", "dit", "unet"])),
         st.sampled_from([["--no-ema"], []]),
     ]
-    return st.tuples(*parts).map(lambda xs: [a for x in xs for a in x])
+    return argv_of(parts)
 
 
 def check_convert(argv: list[str]) -> None:

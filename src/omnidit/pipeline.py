@@ -38,7 +38,7 @@ from omnidit.tokens import (
     video_position_ids,
     video_unpatchify,
 )
-from omnidit.validate import available_memory, check_memory, check_number
+from omnidit.validate import USABLE_FRACTION, available_memory, check_memory, check_number
 
 # The sampling arguments of Pipeline.generate and sampling_settings (None = the config's sample section).
 SAMPLING_KEYS = ("steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks", "skip_interval",
@@ -75,6 +75,11 @@ def labels_from_prompts(prompts: list[str], num_classes: int) -> Tensor:
                                hint="this model is class-conditional: pass e.g. '7' or 'the digit seven'")
         labels.append(found[0])
     return torch.tensor(labels, dtype=torch.long)
+
+
+def guided(settings: dict) -> bool:
+    """Whether sampling with ``settings`` runs a second (unconditional or skip-layer) row per sample."""
+    return settings["cfg"] != 1.0 or bool(settings["skip_scale"])
 
 
 def warn_unknown_words(prompts: Sequence[str], vocabulary: Collection[str] | None) -> None:
@@ -242,7 +247,7 @@ class Pipeline:
         def skip_fn(x: Tensor, t: Tensor, c: Condition) -> Tensor:  # skip-layer guidance's weaker model
             return self.model(x, ids, token_times(t, mask), c, skip_single=settings["skip_blocks"])
 
-        if cfg == 1.0 and not settings["skip_scale"]:
+        if not guided(settings):
             cond = cond.without_full_mask()  # one check here, none per step
             velocity = lambda x, t: model_fn(x, t, cond)  # noqa: E731
         else:
@@ -273,7 +278,7 @@ class Pipeline:
         factor = self.codec.downsample if self.codec is not None else 1
         tokens = -(-frames // mc.temporal_patch) * (height // factor // mc.patch_size) * (width // factor //
                                                                                              mc.patch_size)
-        rows = settings["candidates"] * (1 if settings["cfg"] == 1.0 and not settings["skip_scale"] else 2)
+        rows = settings["candidates"] * (2 if guided(settings) else 1)
         dtype_bytes = next(self.model.parameters()).element_size()
         return rows * sampling_bytes_per_sample(mc, tokens, self.config.text.max_length, dtype_bytes)
 
@@ -286,7 +291,7 @@ class Pipeline:
             return None
         settings = self.sampling_settings(**{k: sampling.get(k) for k in SAMPLING_KEYS})
         width, height = width or self.config.data.width, height or self.config.data.height
-        return int(0.9 * free // max(1, self._bytes_per_sample(frames, width, height, settings)))
+        return int(USABLE_FRACTION * free // max(1, self._bytes_per_sample(frames, width, height, settings)))
 
     def _given_tokens(self, given: Tensor | None, given_frames: Sequence[int], batch: int, frames: int,
                       height: int, width: int) -> tuple[Tensor, Tensor]:

@@ -88,11 +88,15 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+# Of the free memory, the share a request may plan to use: the estimates leave out allocator slack and buffers.
+USABLE_FRACTION = 0.9
+
+
 def check_memory(need: int, device: torch.device, what: str, hint: str) -> None:
-    """An OmniditError when ``need`` bytes exceed 90% of what ``device`` has free: one line naming the need and
-    what is available, before anything is allocated."""
+    """An OmniditError when ``need`` bytes exceed USABLE_FRACTION of what ``device`` has free: one line naming the
+    need and what is available, before anything is allocated."""
     free = available_memory(device)
-    if free is not None and need > 0.9 * free:
+    if free is not None and need > USABLE_FRACTION * free:
         raise OmniditError(f"{what} needs about {_gib(need)} of memory, but the {device.type} has {_gib(free)} "
                            "free", hint=hint)
 
