@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import torch
 from torch import nn
 
@@ -101,3 +104,28 @@ def assert_pipeline_parity(reference_cls, folder, load, guidance: float) -> None
     assert expected.std() > 1e-3  # the images are not flat, so parity is not vacuous
     assert (generate(seed=seed + 1) - images).abs().max() > 1e-3  # the seed matters
     assert (generate(guidance=1.0) - images).abs().max() > 1e-4  # guidance reaches the result
+
+
+class Live:
+    """A real uvicorn server on a free loopback port, in a thread."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Live:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -207,3 +207,24 @@ def test_initial_noise_is_seeded_and_standard():
     assert torch.equal(a, b) and not torch.equal(a, initial_noise((2, 3, 8, 8), 6))
     big = initial_noise((100_000,), 0)
     assert abs(big.mean()) < 0.02 and math.isclose(big.std().item(), 1.0, abs_tol=0.02)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_on_step_runs_after_every_step_and_can_stop_sampling(sampler):
+    from omnidit.sampling import sample
+
+    calls: list[tuple[int, int]] = []
+    x = sample(lambda x, t: -x, torch.ones(1, 4), 5, sampler, on_step=lambda done, total: calls.append((done, total)))
+    assert calls == [(k, 5) for k in range(1, 6)] and torch.isfinite(x).all()
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(done: int, total: int) -> None:
+        if done == 2:
+            raise Stop
+
+    evaluations = []
+    with pytest.raises(Stop):
+        sample(lambda x, t: evaluations.append(t) or -x, torch.ones(1, 4), 5, sampler, on_step=stop_after_two)
+    assert len(evaluations) == 2 * (2 if sampler == "heun" else 1)  # no model call after the stop

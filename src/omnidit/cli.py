@@ -1,4 +1,4 @@
-"""The ``omnidit`` command line: train | precompute | generate | demo | eval | eval-prompts | convert | info.
+"""The ``omnidit`` command line: train | precompute | generate | demo | eval | eval-prompts | convert | serve | info.
 
 User mistakes (missing files, bad sizes, unknown config keys, corrupt checkpoints) print one line
 ``omnidit: error: ... (hint: ...)`` and exit with code 2; there is no traceback for them.
@@ -21,6 +21,7 @@ from omnidit.generate_command import (
     resolve_seed,
     sampling_args,
 )
+from omnidit.serve.command import add_serve_parser, cmd_serve
 from omnidit.validate import check_number, check_output_path
 
 MAX_PER_PROMPT = 256  # eval and eval-prompts: images per prompt
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers model family (default: auto, the first of flux, sd3, dit that fits)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
 
+    add_serve_parser(sub)
+
     p = sub.add_parser("info", help="describe a checkpoint folder")
     p.add_argument("model", nargs="?", default=None,
                    help="checkpoint folder or training run folder (default: the shipped shapes model)")
@@ -350,7 +353,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "precompute": cmd_precompute, "generate": cmd_generate, "demo": cmd_demo,
-            "eval": cmd_eval, "eval-prompts": cmd_eval_prompts, "convert": cmd_convert, "info": cmd_info}
+            "eval": cmd_eval, "eval-prompts": cmd_eval_prompts, "convert": cmd_convert, "info": cmd_info,
+            "serve": cmd_serve}
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -75,14 +76,46 @@ def labelled_grid(rows: list[tuple[str, list[Image.Image]]], scale: int = 1,
     return out
 
 
+def a1111_parameters(metadata: dict[str, object]) -> str:
+    """The ``parameters`` text that AUTOMATIC1111's web UI writes and other tools (ComfyUI, Civitai, image
+    viewers) read: the prompt, an optional "Negative prompt:" line, then "Key: value" pairs."""
+    lines = [str(metadata.get("prompt", ""))]
+    if metadata.get("negative_prompt"):
+        lines.append(f"Negative prompt: {metadata['negative_prompt']}")
+    pairs = [("Steps", "steps"), ("Sampler", "sampler"), ("CFG scale", "cfg"), ("Seed", "seed"), ("Size", "size"),
+             ("Model", "model")]
+    lines.append(", ".join(f"{name}: {metadata[key]}" for name, key in pairs if metadata.get(key) is not None))
+    return "\n".join(lines)
+
+
+def _png_info(metadata: dict[str, object]) -> PngInfo:
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(str(key), str(value))
+    if "prompt" in metadata and "parameters" not in metadata:
+        info.add_text("parameters", a1111_parameters(metadata))
+    return info
+
+
 def save_png(image: Image.Image, path: str | Path, metadata: dict[str, object]) -> Path:
-    """Save a PNG whose text chunks hold ``metadata`` (prompt, seed, settings) for reproduction."""
+    """Save a PNG whose text chunks hold ``metadata`` (prompt, seed, settings) for reproduction, and the same
+    in AUTOMATIC1111's ``parameters`` chunk when there is a prompt."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise OmniditError(f"output file must end in .png, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngInfo()
-    for key, value in metadata.items():
-        info.add_text(str(key), str(value))
-    image.save(path, pnginfo=info)
+    image.save(path, pnginfo=_png_info(metadata))
     return path
+
+
+def image_bytes(image: Image.Image, image_format: str = "png", metadata: dict[str, object] | None = None,
+                quality: int | None = None) -> bytes:
+    """``image`` encoded as PNG (with ``metadata`` as in ``save_png``), JPEG or WebP (``quality`` 0-100)."""
+    buffer = io.BytesIO()
+    if image_format == "png":
+        image.save(buffer, format="PNG", pnginfo=_png_info(metadata or {}))
+    elif image_format in ("jpeg", "webp"):
+        image.convert("RGB").save(buffer, format=image_format.upper(), quality=85 if quality is None else quality)
+    else:
+        raise OmniditError(f"unknown image format '{image_format}'", hint="choose png, jpeg or webp")
+    return buffer.getvalue()

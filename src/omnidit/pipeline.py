@@ -23,6 +23,7 @@ from omnidit.flops import sampling_bytes_per_sample
 from omnidit.model.mmdit import MMDiT
 from omnidit.sampling import (
     SAMPLERS,
+    StepCallback,
     check_cfg_interval,
     check_skip_blocks,
     classifier_free_guidance,
@@ -108,16 +109,19 @@ class Pipeline:
         """Channels of the images the pipeline returns."""
         return self.config.model.in_channels if self.codec is None or self.codec.downsample == 1 else 3
 
-    def conditions(self, prompts: list[str]) -> tuple[Condition, Condition]:
-        """(cond, null_cond) for a batch of prompts; null_cond has batch 1."""
+    def conditions(self, prompts: list[str], negative_prompt: str = "") -> tuple[Condition, Condition]:
+        """(cond, null_cond) for a batch of prompts; null_cond has batch 1: the empty prompt, or
+        ``negative_prompt`` (what guidance steers away from)."""
         for p in prompts:
             if not isinstance(p, str) or (self.text_encoder is not None and not p.strip()):
                 raise OmniditError("the prompt is empty", hint='pass a description, e.g. "a red circle"')
+        if not isinstance(negative_prompt, str) or negative_prompt and self.text_encoder is None:
+            raise OmniditError("a negative prompt needs a model that reads text", hint="leave it out")
         mc = self.model.config
         cond, null = Condition(), Condition()
         if self.text_encoder is not None:
-            warn_unknown_words(prompts, caption_vocabulary(self.config.data.name))
-            cond, null = self.text_encoder.encode(prompts), self.text_encoder.encode([""])
+            warn_unknown_words(prompts + [negative_prompt], caption_vocabulary(self.config.data.name))
+            cond, null = self.text_encoder.encode(prompts), self.text_encoder.encode([negative_prompt])
         if mc.num_classes:
             cond.labels = labels_from_prompts(prompts, mc.num_classes)
             null.labels = torch.tensor([self.model.null_label])
@@ -159,24 +163,28 @@ class Pipeline:
                  sampler: str | None = None, shift: float | None = None,
                  cfg_interval: Sequence[float] | None = None, skip_scale: float | None = None,
                  skip_blocks: Sequence[int] | None = None, skip_interval: Sequence[float] | None = None,
-                 candidates: int | None = None, progress: bool = False) -> Tensor:
+                 candidates: int | None = None, progress: bool = False, negative_prompt: str = "",
+                 on_step: StepCallback | None = None) -> Tensor:
         """One image per prompt: (B, C, H, W) in [-1, 1]. Unset settings come from the config.
 
         ``seed``: one seed for the whole batch, or one per prompt (then each image is independent of
         what else is in the batch, which evaluators rely on). ``candidates`` N > 1: sample each image from
         N seeds (the first is its own) and keep the one the model itself scores best (omnidit.selection),
-        at about N times the cost.
+        at about N times the cost. ``negative_prompt``: what guidance steers away from (default the empty
+        prompt). ``on_step(done, total)`` runs after each sampler step (raise from it to stop).
         """
         settings = self.sampling_settings(steps, cfg, sampler, shift, cfg_interval, skip_scale, skip_blocks,
                                           skip_interval, candidates)
-        clips = self._generate(prompts, 1, 1.0, width, height, settings, seed, None, (), progress)
+        clips = self._generate(prompts, 1, 1.0, width, height, settings, seed, None, (), progress, negative_prompt,
+                               on_step)
         return clips[:, :, 0]
 
     @torch.inference_mode()
     def generate_video(self, prompts: list[str], frames: int | None = None, fps: float | None = None,
                        width: int | None = None, height: int | None = None, seed: int | Sequence[int] = 0,
                        given: Tensor | None = None, given_frames: Sequence[int] = (), progress: bool = False,
-                       first_frame: Tensor | None = None, **sampling) -> Tensor:
+                       first_frame: Tensor | None = None, negative_prompt: str = "",
+                       on_step: StepCallback | None = None, **sampling) -> Tensor:
         """One clip per prompt: (B, C, T, H, W) in [-1, 1]. Unset settings come from the config (data.frames,
         data.fps, the sample section); ``sampling`` takes the keys of ``SAMPLING_KEYS``.
 
@@ -200,11 +208,12 @@ class Pipeline:
                 raise OmniditError(f"first_frame must be (B or 1, C, H, W), got {tuple(first_frame.shape)}")
             given = first_frame[:, :, None].expand(-1, -1, max(int(frames), pt), -1, -1)[:, :, :int(frames)]
             given_frames = range(min(pt, int(frames)))
-        return self._generate(prompts, frames, fps, width, height, settings, seed, given, given_frames, progress)
+        return self._generate(prompts, frames, fps, width, height, settings, seed, given, given_frames, progress,
+                              negative_prompt, on_step)
 
     def _generate(self, prompts: list[str], frames: int, fps: float, width: int | None, height: int | None,
                   settings: dict, seed: int | Sequence[int], given: Tensor | None, given_frames: Sequence[int],
-                  progress: bool) -> Tensor:
+                  progress: bool, negative_prompt: str = "", on_step: StepCallback | None = None) -> Tensor:
         """The one path from prompts to clips (an image is a clip of one frame at time 0): (B, C, T, H, W)."""
         mc = self.model.config
         if mc.out_channels not in (0, mc.in_channels):
@@ -235,7 +244,7 @@ class Pipeline:
                 raise OmniditError("best-of-N candidates cannot be scored with given frames",
                                    hint="use --candidates 1 for image-to-video and extension")
             mask, tokens = self._given_tokens(given, given_frames, len(prompts), frames, height, width)
-        cond, null = self.conditions(prompts)
+        cond, null = self.conditions(prompts, negative_prompt)
         if n > 1:
             cond = Condition.cat([cond] * n)  # candidate-major: rows j * B .. j * B + B - 1 are candidate j
         grid_h, grid_w = height // mc.patch_size, width // mc.patch_size
@@ -262,7 +271,8 @@ class Pipeline:
             per_image = [candidate_seeds(int(k), n) for k in seed]
             noise = torch.cat([initial_noise((1, *shape), seeds[j]) for j in range(n) for seeds in per_image])
         noise = video_patchify(noise.to(self.device), mc.patch_size, mc.temporal_patch)
-        x = sample(velocity, noise, steps, sampler, shift, progress=progress, given=mask, given_tokens=tokens)
+        x = sample(velocity, noise, steps, sampler, shift, progress=progress, given=mask, given_tokens=tokens,
+                   on_step=on_step)
         if n > 1:
             scores = denoising_scores(model_fn, x, cond.without_full_mask())
             x = best_candidates(x, scores, n)

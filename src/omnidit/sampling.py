@@ -52,20 +52,31 @@ def timestep_schedule(steps: int, shift: float = 1.0, device: str | torch.device
     return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float().to(device)
 
 
-def _steps(ts: Tensor, progress: bool, desc: str):
-    return tqdm(range(len(ts) - 1), desc=desc, disable=not progress, leave=False, unit="step")
+# Called after each sampler step with (steps done, steps in all): a server's progress events, or a way to stop
+# work nobody waits for any more (raise from it).
+StepCallback = Callable[[int, int], None]
 
 
-def euler(velocity_fn: VelocityFn, x: Tensor, ts: Tensor, progress: bool = False) -> Tensor:
+def _steps(ts: Tensor, progress: bool, desc: str, on_step: StepCallback | None = None):
+    total = len(ts) - 1
+    for i in tqdm(range(total), desc=desc, disable=not progress, leave=False, unit="step"):
+        yield i
+        if on_step is not None:  # the loop body of step i has run
+            on_step(i + 1, total)
+
+
+def euler(velocity_fn: VelocityFn, x: Tensor, ts: Tensor, progress: bool = False,
+          on_step: StepCallback | None = None) -> Tensor:
     """First-order: x <- x + (t_next - t) v(x, t)."""
-    for i in _steps(ts, progress, "euler"):
+    for i in _steps(ts, progress, "euler", on_step):
         x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, ts[i])
     return x
 
 
-def heun(velocity_fn: VelocityFn, x: Tensor, ts: Tensor, progress: bool = False) -> Tensor:
+def heun(velocity_fn: VelocityFn, x: Tensor, ts: Tensor, progress: bool = False,
+         on_step: StepCallback | None = None) -> Tensor:
     """Second-order (trapezoidal predictor-corrector): two velocity evaluations per step."""
-    for i in _steps(ts, progress, "heun"):
+    for i in _steps(ts, progress, "heun", on_step):
         dt = ts[i + 1] - ts[i]
         v = velocity_fn(x, ts[i])
         x_pred = x + dt * v
@@ -155,12 +166,14 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> Tensor:
 
 
 def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, sampler: str = "euler", shift: float = 1.0,
-           progress: bool = False, given: Tensor | None = None, given_tokens: Tensor | None = None) -> Tensor:
+           progress: bool = False, given: Tensor | None = None, given_tokens: Tensor | None = None,
+           on_step: StepCallback | None = None) -> Tensor:
     """Integrate from ``noise`` (t = 1) to data (t = 0) with the named sampler.
 
     ``given`` (B or 1, N) bool and ``given_tokens`` (like noise): tokens known as clean context start as
     ``given_tokens`` and stay exactly so (``keep_given``); velocity_fn should show them to the model at t = 0
-    (``token_times``). noise: (B, N, D) tokens when something is given.
+    (``token_times``). noise: (B, N, D) tokens when something is given. ``on_step(done, total)`` runs after
+    each step.
     """
     if sampler not in SAMPLERS:
         raise OmniditError(f"unknown sampler '{sampler}'", hint=f"choose one of {', '.join(SAMPLERS)}")
@@ -168,4 +181,4 @@ def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, sampler: str = "e
     if given is not None:
         noise = torch.where(given[..., None], given_tokens.to(noise.dtype), noise)
         velocity_fn = keep_given(velocity_fn, given)
-    return SAMPLERS[sampler](velocity_fn, noise, ts, progress=progress)
+    return SAMPLERS[sampler](velocity_fn, noise, ts, progress=progress, on_step=on_step)

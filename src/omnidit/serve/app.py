@@ -1,0 +1,434 @@
+"""The HTTP API: OpenAI's images interface (``POST /v1/images/generations``) for every omnidit model, a
+video endpoint in the same style, models, health, Prometheus metrics, per-step progress as server-sent
+events, and the web page at ``/``.
+
+Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a request the model
+cannot honour, 401 for a missing or wrong API key, 404 for an unknown model, 422 for a field of the wrong
+type or range (``param`` names it), 429 with ``Retry-After`` when the queue is full, 504 past the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import re
+import secrets
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from omnidit.errors import OmniditError
+from omnidit.serve.batching import Batcher, Cancelled, Job, QueueFull
+from omnidit.validate import parse_size, random_seed
+
+PAGE = Path(__file__).with_name("page.html")
+MAX_SEED = 2**63 - 16  # image i uses seed + i
+
+
+@dataclass
+class Limits:
+    """What one request may ask for (``omnidit serve`` flags)."""
+
+    max_n: int = 10
+    max_pixels: int = 512 * 512  # width x height of one image or frame
+    max_steps: int = 200
+    max_prompt_chars: int = 1000
+    max_frames: int = 64
+    timeout: float = 300.0  # seconds from arrival to answer
+    url_ttl: float = 600.0  # seconds a response_format=url file stays available
+
+
+class ImageRequest(BaseModel):
+    """OpenAI's image generation request; ``seed``, ``steps``, ``guidance_scale``, ``negative_prompt`` and
+    ``progress_id`` are omnidit's extensions. Unknown fields are refused (as OpenAI does), so a typo is
+    not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str | None = None  # "WxH"; None or "auto": the model's own size
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    quality: Literal["auto", "standard"] | None = None  # accepted for compatibility: there is one quality
+    user: str | None = None  # accepted for compatibility: OpenAI's end-user id, unused here
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0, le=100)
+    negative_prompt: str = ""
+    progress_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class VideoRequest(ImageRequest):
+    """The image request for clips: ``frames`` and ``fps`` (default: the model's), MP4 / GIF / WebP out."""
+
+    output_format: Literal["mp4", "gif", "webp"] = "mp4"  # type: ignore[assignment]
+    frames: int | None = Field(None, ge=1)
+    fps: float | None = Field(None, gt=0, le=240)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status,
+                                                                        "server_error" if status >= 500 else
+                                                                        "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+class FileStore:
+    """response_format=url: encoded outputs kept in memory for ``ttl`` seconds (nothing is written to disk),
+    at most ``max_bytes`` in all (the oldest go first)."""
+
+    def __init__(self, ttl: float, max_bytes: int = 256 * 2**20) -> None:
+        self.ttl, self.max_bytes = ttl, max_bytes
+        self._files: OrderedDict[str, tuple[bytes, str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes, media_type: str) -> str:
+        name = secrets.token_urlsafe(16)
+        with self._lock:
+            self._expire()
+            self._files[name] = (data, media_type, time.monotonic() + self.ttl)
+            while sum(len(d) for d, _, _ in self._files.values()) > self.max_bytes and len(self._files) > 1:
+                self._files.popitem(last=False)
+        return name
+
+    def get(self, name: str) -> tuple[bytes, str] | None:
+        with self._lock:
+            self._expire()
+            found = self._files.get(name)
+        return None if found is None else found[:2]
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for name in [k for k, (_, _, until) in self._files.items() if until < now]:
+            del self._files[name]
+
+
+class ProgressHub:
+    """Per-step progress for the page: subscribers listen on a ``progress_id`` the page chose, the worker
+    thread publishes into their asyncio queues. Bounded: ``max_subscribers`` ids, events without a listener
+    are dropped."""
+
+    def __init__(self, max_subscribers: int = 256) -> None:
+        self.max_subscribers = max_subscribers
+        self._queues: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]]] = {}
+        self._lock = threading.Lock()
+
+    def subscribe(self, progress_id: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1024)
+        with self._lock:
+            if sum(len(v) for v in self._queues.values()) >= self.max_subscribers:
+                raise ApiError(429, "too many progress listeners", code="too_many_listeners",
+                               headers={"Retry-After": "1"})
+            self._queues.setdefault(progress_id, []).append((asyncio.get_running_loop(), queue))
+        return queue
+
+    def unsubscribe(self, progress_id: str, queue: asyncio.Queue) -> None:
+        with self._lock:
+            listeners = [q for q in self._queues.get(progress_id, []) if q[1] is not queue]
+            if listeners:
+                self._queues[progress_id] = listeners
+            else:
+                self._queues.pop(progress_id, None)
+
+    def publish(self, progress_id: str, event: dict) -> None:
+        with self._lock:
+            listeners = list(self._queues.get(progress_id, []))
+        for loop, queue in listeners:
+            loop.call_soon_threadsafe(_put_nowait, queue, event)
+
+
+def _put_nowait(queue: asyncio.Queue, event: dict) -> None:
+    if not queue.full():
+        queue.put_nowait(event)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("omnidit_requests", "Requests answered, by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.outputs = Counter("omnidit_outputs", "Images and clips generated", registry=r)
+        self.latency = Histogram("omnidit_request_seconds", "Generation request latency, arrival to answer",
+                                 buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300), registry=r)
+        self.batch_size = Histogram("omnidit_batch_size", "Outputs per sampling call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.queue_depth = Gauge("omnidit_queue_depth", "Requests waiting for a sampling call", registry=r)
+
+
+def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None = None, max_batch: int = 16,
+              batch_window: float = 0.02, max_queue: int = 64) -> FastAPI:
+    """The ASGI app serving ``pipelines`` (name -> loaded ``Pipeline``; the first is the default model)."""
+    if not pipelines:
+        raise OmniditError("no model to serve", hint="pass --model shapes (or a model folder)")
+    limits = limits or Limits()
+    metrics = Metrics()
+    batcher = Batcher(pipelines, max_batch=max_batch, window=batch_window, max_queue=max_queue)
+    batcher.stats.on_batch = lambda size, seconds: metrics.batch_size.observe(size)
+    metrics.queue_depth.set_function(lambda: batcher.depth)
+    files, hub = FileStore(limits.url_ttl), ProgressHub()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="omnidit", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    app.state.batcher, app.state.limits, app.state.metrics = batcher, limits, metrics
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        path = request.url.path
+        if api_key and path.startswith("/v1/") and not path.startswith("/v1/files/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                metrics.requests.labels(path, "401").inc()
+                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                      code="invalid_api_key")
+        response = await call_next(request)
+        if path.startswith("/v1/") and not path.startswith(("/v1/files/", "/v1/progress/")):
+            metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        param = ".".join(loc) or None
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "extra_forbidden":
+            message = f"unknown field '{param}'"
+        elif first.get("type") == "missing":
+            message = f"the field '{param}' is required"
+        else:
+            message = f"{param}: {message}" if param else message
+        return error_response(422, message, param=param, code=first.get("type"))
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error_response(error.status, error.message, error.param, error.code, error.headers)
+
+    @app.exception_handler(OmniditError)
+    async def _omnidit_error(request: Request, error: OmniditError) -> JSONResponse:
+        return error_response(400, str(error), code="invalid_request")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "models": list(pipelines), "queue_depth": batcher.depth}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(name, pipe) for name, pipe in pipelines.items()]}
+
+    @app.get("/v1/files/{name}")
+    async def stored(name: str) -> Response:
+        found = files.get(name.split(".")[0])
+        if found is None:
+            raise ApiError(404, "no such file: it expired or never existed", code="file_not_found")
+        return Response(found[0], media_type=found[1])
+
+    @app.get("/v1/progress/{progress_id}")
+    async def progress(progress_id: str, request: Request) -> StreamingResponse:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", progress_id):
+            raise ApiError(422, "progress_id: 1-64 letters, digits, '-' or '_'", param="progress_id")
+        queue = hub.subscribe(progress_id)
+
+        async def events():
+            try:
+                yield ": listening\n\n"
+                while not await request.is_disconnected():
+                    try:
+                        event = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    yield f"data: {json.dumps(event)}\n\n"
+                    if event.get("state") in ("done", "error"):
+                        break
+            finally:
+                hub.unsubscribe(progress_id, queue)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def generate(body: ImageRequest, request: Request, video: bool) -> dict:
+        started = time.monotonic()
+        name = body.model or next(iter(pipelines))
+        if name not in pipelines:
+            raise ApiError(404, f"the model '{name}' is not served here; served: {', '.join(pipelines)}",
+                           param="model", code="model_not_found")
+        pipe = pipelines[name]
+        makes_clips = pipe.config.data.frames > 1
+        if makes_clips != video:
+            where = "/v1/videos/generations" if makes_clips else "/v1/images/generations"
+            raise ApiError(400, f"the model '{name}' makes {'clips' if makes_clips else 'images'}: use {where}",
+                           param="model", code="wrong_endpoint")
+        job = _job(body, name, pipe, limits, video)
+        progress_id = body.progress_id
+        if progress_id:
+            job.progress = lambda event: hub.publish(progress_id, event)
+        try:
+            future = batcher.submit(job)
+        except QueueFull as full:
+            raise ApiError(429, f"{full}", code="queue_full", headers={"Retry-After": str(full.retry_after)}) from None
+        outputs = await _wait(future, job, request, started + limits.timeout, limits.timeout)
+        metrics.outputs.inc(len(job.seeds))
+        data = await asyncio.to_thread(_encode, body, name, pipe, job, outputs, files, str(request.base_url))
+        metrics.latency.observe(time.monotonic() - started)
+        job.notify({"state": "done", "step": job.kwargs["steps"], "steps": job.kwargs["steps"]})
+        return {"created": int(time.time()), "data": data}
+
+    @app.post("/v1/images/generations")
+    async def images(body: ImageRequest, request: Request) -> dict:
+        return await _publishing_errors(generate(body, request, video=False), body, hub)
+
+    @app.post("/v1/videos/generations")
+    async def videos(body: VideoRequest, request: Request) -> dict:
+        return await _publishing_errors(generate(body, request, video=True), body, hub)
+
+    return app
+
+
+async def _publishing_errors(work, body: ImageRequest, hub: ProgressHub) -> dict:
+    try:
+        return await work
+    except Exception as error:
+        if body.progress_id:
+            hub.publish(body.progress_id, {"state": "error", "message": getattr(error, "message", str(error))})
+        raise
+
+
+def _model_card(name: str, pipe) -> dict:
+    data = pipe.config.data
+    return {"id": name, "object": "model", "created": 0, "owned_by": "omnidit",
+            "kind": "video" if data.frames > 1 else "image", "size": f"{data.width}x{data.height}",
+            "frames": data.frames, "fps": data.fps, "steps": pipe.config.sample.steps, "cfg": pipe.config.sample.cfg}
+
+
+def _job(body: ImageRequest, name: str, pipe, limits: Limits, video: bool) -> Job:
+    """Check the request against the limits and the model; the job that draws it."""
+    if body.n > limits.max_n:
+        raise ApiError(422, f"n must be <= {limits.max_n}, got {body.n}", param="n")
+    for field_name, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt)):
+        if len(text) > limits.max_prompt_chars:
+            raise ApiError(422, f"{field_name} has {len(text)} characters; the limit is {limits.max_prompt_chars}",
+                           param=field_name)
+    if not body.prompt.strip():
+        raise ApiError(422, "prompt is empty", param="prompt")
+    width, height = pipe.config.data.width, pipe.config.data.height
+    if body.size not in (None, "auto"):
+        try:
+            width, height = parse_size(body.size)
+        except OmniditError:
+            raise ApiError(422, f"size must be 'WIDTHxHEIGHT' (e.g. '{width}x{height}') or 'auto', got {body.size!r}",
+                           param="size") from None
+    if width * height > limits.max_pixels:
+        raise ApiError(422, f"size {width}x{height} is above this server's limit of {limits.max_pixels} pixels",
+                       param="size")
+    steps = pipe.config.sample.steps if body.steps is None else body.steps
+    if steps > limits.max_steps:
+        raise ApiError(422, f"steps must be <= {limits.max_steps}, got {steps}", param="steps")
+    seed = random_seed() if body.seed is None else body.seed
+    kwargs = {"width": width, "height": height, "steps": steps, "cfg": body.guidance_scale,
+              "negative_prompt": body.negative_prompt}
+    if video:
+        frames = pipe.config.data.frames if body.frames is None else body.frames
+        if frames > limits.max_frames:
+            raise ApiError(422, f"frames must be <= {limits.max_frames}, got {frames}", param="frames")
+        kwargs.update(frames=frames, fps=pipe.config.data.fps if body.fps is None else body.fps)
+    return Job(name, body.prompt, [seed + i for i in range(body.n)], kwargs, video=video)
+
+
+async def _wait(future, job: Job, request: Request, deadline: float, timeout: float):
+    """The job's outputs; marks the job cancelled when the client goes away or the deadline passes, so the
+    worker drops it from the queue or stops its batch between steps."""
+    waiting = asyncio.wrap_future(future)
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ApiError(504, f"the request took longer than the server's timeout of {timeout:g} s",
+                               code="timeout")
+            done, _ = await asyncio.wait({waiting}, timeout=min(0.25, remaining))
+            if done:
+                break
+            if await request.is_disconnected():
+                raise ApiError(499, "the client closed the connection", code="client_closed")
+        try:
+            return waiting.result()
+        except Cancelled:
+            raise ApiError(504, "the request was cancelled", code="cancelled") from None
+    finally:
+        if not future.done():
+            job.cancelled.set()
+
+
+def _encode(body: ImageRequest, name: str, pipe, job: Job, outputs, files: FileStore, base_url: str) -> list[dict]:
+    """Each output as OpenAI's ``{"b64_json" | "url", "revised_prompt"}`` plus its ``seed``."""
+    from omnidit.images import image_bytes, to_pil
+
+    data = []
+    for seed, output in zip(job.seeds, outputs):
+        settings = {"prompt": body.prompt, "negative_prompt": body.negative_prompt or None, "seed": seed,
+                    "steps": job.kwargs["steps"], "cfg": pipe.config.sample.cfg if body.guidance_scale is None
+                    else body.guidance_scale, "sampler": pipe.config.sample.sampler,
+                    "size": f"{job.kwargs['width']}x{job.kwargs['height']}", "model": name, "software": "omnidit"}
+        settings = {k: v for k, v in settings.items() if v is not None}
+        if job.video:
+            payload, media = _clip_bytes(output, job.kwargs["fps"], body.output_format, settings)
+        else:
+            payload = image_bytes(to_pil(output), body.output_format, settings, body.output_compression)
+            media = f"image/{body.output_format}"
+        item: dict = {"revised_prompt": body.prompt, "seed": seed}
+        if body.response_format == "url":
+            item["url"] = f"{base_url}v1/files/{files.put(payload, media)}.{body.output_format}"
+        else:
+            item["b64_json"] = base64.b64encode(payload).decode()
+        data.append(item)
+    return data
+
+
+def _clip_bytes(clip, fps: float, output_format: str, settings: dict) -> tuple[bytes, str]:
+    """A clip (C, T, H, W) encoded through ``save_video`` in a temporary folder that is removed after."""
+    from omnidit.video_io import save_video
+
+    with tempfile.TemporaryDirectory(prefix="omnidit-serve-") as folder:
+        path = save_video(clip, Path(folder) / f"clip.{output_format}", fps, settings)
+        media = {"mp4": "video/mp4", "gif": "image/gif", "webp": "image/webp"}[output_format]
+        return path.read_bytes(), media

@@ -1,0 +1,115 @@
+"""``omnidit serve``: its flags, their checks, loading the models and running uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+
+from omnidit.errors import OmniditError
+from omnidit.validate import check_number, parse_size
+
+API_KEY_VARIABLE = "OMNIDIT_API_KEY"
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve models over HTTP: OpenAI's images API, a video endpoint and a web page",
+        description="Serve one or more models over HTTP: POST /v1/images/generations (OpenAI's images API; "
+                    "the official openai client works unchanged), POST /v1/videos/generations for video models, "
+                    "GET /v1/models, /health, /metrics (Prometheus) and a web page at /. Concurrent requests "
+                    "with matching settings are drawn in one batch; an image is the same batched or alone. "
+                    "Needs the serve extra: pip install -e '.[serve]'.")
+    p.add_argument("--model", action="append", default=None, metavar="[NAME=]MODEL",
+                   help="a shipped model's name (shapes, shapes-video) or a model folder, optionally named "
+                        "(mine=runs/x); repeat to serve several; the first is the default "
+                        "(default: shapes, and shapes-video when it is installed)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
+                                                       "(default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_VARIABLE} if set, else "
+                        "no key)")
+    p.add_argument("--max-batch", type=int, default=16, help="outputs per sampling call (default: 16)")
+    p.add_argument("--batch-window-ms", type=float, default=20.0,
+                   help="how long the first request of a batch waits for others to join it (default: 20)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond which new ones get 429 with Retry-After (default: 64)")
+    p.add_argument("--max-n", type=int, default=10, help="outputs per request (default: 10, as OpenAI's API)")
+    p.add_argument("--max-size", default="512x512",
+                   help="the largest image or frame, as WIDTHxHEIGHT: its pixel count bounds every request's size "
+                        "(default: 512x512)")
+    p.add_argument("--max-steps", type=int, default=200, help="sampling steps per request (default: 200)")
+    p.add_argument("--max-frames", type=int, default=64, help="frames per clip (default: 64)")
+    p.add_argument("--max-prompt-chars", type=int, default=1000, help="characters per prompt (default: 1000)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds from a request's arrival to its answer; past it, 504 and its work is dropped "
+                        "(default: 300)")
+    p.add_argument("--url-ttl", type=float, default=600.0,
+                   help="seconds a response_format=url result stays downloadable (kept in memory; default: 600)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+
+
+def parse_models(values: list[str] | None) -> dict[str, str]:
+    """--model values -> {name: model path or shipped name}, checked for duplicates."""
+    from omnidit.checkpoint import SHIPPED_MODELS, shipped_model_dir
+
+    if not values:
+        values = ["shapes"]
+        try:
+            if "shapes-video" in SHIPPED_MODELS and shipped_model_dir("shapes-video").is_dir():
+                values.append("shapes-video")
+        except OmniditError:
+            pass
+    models: dict[str, str] = {}
+    for value in values:
+        name, _, path = value.partition("=") if "=" in value else (None, "", value)
+        name = name or (value if value in SHIPPED_MODELS else Path(value).resolve().name)
+        if not name or not path:
+            raise OmniditError(f"--model {value!r} is empty on one side of '='", hint="e.g. --model mine=runs/x")
+        if name in models:
+            raise OmniditError(f"two models are named '{name}'", hint="name them: --model a=PATH --model b=PATH")
+        models[name] = path
+    return models
+
+
+def check_port_free(host: str, port: int) -> None:
+    """An OmniditError naming the port when something already listens there (uvicorn would log and exit)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise OmniditError(f"cannot listen on {host}:{port}: {error.strerror}",
+                               hint="choose another --port, or stop what uses it") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    check_number("--port", args.port, low=0, high=65535, integer=True)
+    for flag in ("max_batch", "max_queue", "max_n", "max_steps", "max_frames", "max_prompt_chars"):
+        check_number(f"--{flag.replace('_', '-')}", getattr(args, flag), low=1, high=10**6, integer=True)
+    check_number("--batch-window-ms", args.batch_window_ms, low=0, high=10_000)
+    check_number("--timeout", args.timeout, low=0, low_open=True, high=86_400)
+    check_number("--url-ttl", args.url_ttl, low=0, low_open=True, high=86_400)
+    width, height = parse_size(args.max_size)
+    try:
+        import uvicorn
+
+        from omnidit.serve.app import Limits, build_app
+    except ImportError as error:
+        raise OmniditError(f"omnidit serve needs {error.name}", hint="pip install -e '.[serve]'") from None
+    models = parse_models(args.model)
+    check_port_free(args.host, args.port)
+    from omnidit.pipeline import load_pipeline
+
+    pipelines = {name: load_pipeline(path, device=args.device) for name, path in models.items()}
+    limits = Limits(max_n=args.max_n, max_pixels=width * height, max_steps=args.max_steps,
+                    max_prompt_chars=args.max_prompt_chars, max_frames=args.max_frames, timeout=args.timeout,
+                    url_ttl=args.url_ttl)
+    api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    app = build_app(pipelines, limits, api_key, max_batch=args.max_batch, batch_window=args.batch_window_ms / 1000,
+                    max_queue=args.max_queue)
+    print(f"serving {', '.join(pipelines)} on http://{args.host}:{args.port}/ "
+          f"({'API key required' if api_key else 'no API key'}); Ctrl-C stops", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -1,0 +1,310 @@
+"""omnidit serve: the OpenAI images API with the official client, batching that does not change an image,
+limits and malformed requests, API keys, progress events, the video endpoint and the command line.
+
+Requests use 2 sampling steps of the shipped shapes model, so each costs a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from helpers import Live  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from omnidit.cli import main  # noqa: E402
+from omnidit.pipeline import load_pipeline  # noqa: E402
+from omnidit.serve.app import Limits, _wait, build_app  # noqa: E402
+from omnidit.serve.batching import Batcher, Job, QueueFull  # noqa: E402
+
+PROMPT = "a red circle above a blue square"
+FAST = {"steps": 2}
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return load_pipeline("shapes", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def live(shapes):
+    with Live(build_app({"shapes": shapes}, batch_window=0.3)) as server:
+        yield server
+
+
+def decode(item: dict) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+
+
+def test_the_official_openai_client_gets_pngs_with_their_settings(live):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(model="shapes", prompt=PROMPT, n=2, size="32x32",
+                                    extra_body={"seed": 5, **FAST})
+    assert len(result.data) == 2 and result.created > 0
+    images = [decode(item.model_dump()) for item in result.data]
+    assert all(im.size == (32, 32) and im.format == "PNG" for im in images)
+    assert images[0].text["prompt"] == PROMPT and images[0].text["seed"] == "5" and images[1].text["seed"] == "6"
+    assert images[0].text["parameters"].splitlines()[0] == PROMPT  # AUTOMATIC1111's chunk, read by other tools
+    assert "Seed: 5" in images[0].text["parameters"] and "Steps: 2" in images[0].text["parameters"]
+    assert result.data[0].revised_prompt == PROMPT
+    assert images[0].tobytes() != images[1].tobytes()
+
+
+def test_an_image_is_the_same_batched_or_alone(live):
+    def post(seed: int, n: int = 1) -> list[dict]:
+        reply = httpx.post(f"{live.url}/v1/images/generations", timeout=60,
+                           json={"prompt": PROMPT, "n": n, "seed": seed, **FAST})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["data"]
+
+    alone = post(11)[0]["b64_json"]
+    batches_before = live.app.state.batcher.stats.batches
+    results: dict[int, list[dict]] = {}
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, post(s, 2))) for s in (10, 20, 30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert live.app.state.batcher.stats.batches - batches_before < 3  # some requests shared a sampling call
+    assert results[10][1]["b64_json"] == alone  # image 1 of seed 10 is seed 11, here drawn in a batch
+    assert post(11)[0]["b64_json"] == alone  # and the same request again gives the same bytes
+
+
+def test_a_batch_holds_requests_with_the_same_settings_only(shapes):
+    done = threading.Event()
+    batches: list[int] = []
+    batcher = Batcher({"shapes": shapes}, max_batch=4, window=0.5)
+    batcher.stats.on_batch = lambda size, seconds: (batches.append(size), len(batches) == 2 and done.set())
+    jobs = [Job("shapes", PROMPT, [i], {"steps": 2, "width": 32, "height": 32}) for i in range(3)]
+    jobs.append(Job("shapes", PROMPT, [7], {"steps": 3, "width": 32, "height": 32}))
+    for job in jobs:
+        batcher.submit(job)
+    batcher.start()
+    assert done.wait(60)
+    batcher.stop()
+    assert batches == [3, 1]
+    assert all(tuple(j.future.result().shape) == (1, 3, 32, 32) for j in jobs)
+
+
+class SlowPipe:
+    """A pipeline whose sampling waits for ``release`` before each step: for queue and timeout tests."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe, self.config, self.release, self.steps_run = pipe, pipe.config, threading.Event(), 0
+
+    def generate(self, prompts, on_step=None, **kwargs):
+        def waiting(done, total):
+            self.steps_run += 1
+            self.release.wait(5)
+            on_step(done, total)
+
+        return self.pipe.generate(prompts, on_step=waiting, **kwargs)
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_admitted_requests_finish(shapes):
+    slow = SlowPipe(shapes)
+    with Live(build_app({"shapes": slow}, max_queue=1, max_batch=1, batch_window=0)) as server:
+        results: list = []
+        post = lambda: results.append(httpx.post(f"{server.url}/v1/images/generations", timeout=60,  # noqa: E731
+                                                 json={"prompt": PROMPT, "seed": 1, **FAST}))
+        first = threading.Thread(target=post)
+        first.start()
+        while slow.steps_run == 0:  # the first request is being drawn
+            time.sleep(0.01)
+        second = threading.Thread(target=post)
+        second.start()
+        while server.app.state.batcher.depth == 0:  # the second waits in the queue
+            time.sleep(0.01)
+        flood = [httpx.post(f"{server.url}/v1/images/generations", json={"prompt": PROMPT, **FAST}, timeout=10)
+                 for _ in range(5)]
+        assert all(r.status_code == 429 for r in flood)
+        assert int(flood[0].headers["retry-after"]) >= 1 and flood[0].json()["error"]["code"] == "queue_full"
+        slow.release.set()
+        first.join()
+        second.join()
+        assert [r.status_code for r in results] == [200, 200]
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'omnidit_requests_total{endpoint="/v1/images/generations",status="429"} 5.0' in metrics
+
+
+def test_past_the_timeout_a_request_gets_504_and_its_sampling_stops(shapes):
+    slow = SlowPipe(shapes)
+    app = build_app({"shapes": slow}, Limits(timeout=0.5), batch_window=0)
+    with TestClient(app) as client:
+        reply = client.post("/v1/images/generations", json={"prompt": PROMPT, "steps": 50})
+        assert reply.status_code == 504 and "timeout of 0.5 s" in reply.json()["error"]["message"]
+        slow.release.set()
+        time.sleep(0.5)
+        assert slow.steps_run < 50  # the worker stopped between steps once nobody waited
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"prompt": PROMPT, "n": 11}, 422, "n"),
+    ({"prompt": PROMPT, "n": 0}, 422, "n"),
+    ({"prompt": PROMPT, "size": "1024x1024"}, 422, "size"),
+    ({"prompt": PROMPT, "size": "big"}, 422, "size"),
+    ({"prompt": PROMPT, "steps": 201}, 422, "steps"),
+    ({"prompt": "x" * 1001}, 422, "prompt"),
+    ({"prompt": "   "}, 422, "prompt"),
+    ({"prompt": PROMPT, "n": "two"}, 422, "n"),
+    ({"prompt": PROMPT, "guidance_scale": -1}, 422, "guidance_scale"),
+    ({"prompt": PROMPT, "response_format": "file"}, 422, "response_format"),
+    ({"prompt": PROMPT, "sizes": "32x32"}, 422, "sizes"),
+    ({"n": 1}, 422, "prompt"),
+    ({"prompt": PROMPT, "model": "dall-e-3"}, 404, "model"),
+    ({"prompt": PROMPT, "size": "30x30"}, 400, None),  # not a multiple of the patch: the model's own check
+])
+def test_every_limit_and_malformed_field_has_its_status_and_names_the_field(shapes, body, status, param):
+    with TestClient(build_app({"shapes": shapes})) as client:
+        reply = client.post("/v1/images/generations", json=body)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_is_400(shapes):
+    with TestClient(build_app({"shapes": shapes})) as client:
+        reply = client.post("/v1/images/generations", content=b'{"prompt": ', headers={"content-type":
+                                                                                      "application/json"})
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_json"
+
+
+def test_the_api_key_is_checked_only_when_set(shapes):
+    with TestClient(build_app({"shapes": shapes}, api_key="sesame")) as client:
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
+        assert client.get("/health").status_code == 200  # health checks need no key
+    with TestClient(build_app({"shapes": shapes})) as client:
+        assert client.get("/v1/models").json()["data"][0]["id"] == "shapes"
+
+
+def test_url_results_are_served_and_other_formats_encode(shapes):
+    with TestClient(build_app({"shapes": shapes})) as client:
+        png = client.post("/v1/images/generations", json={"prompt": PROMPT, "seed": 3, **FAST}).json()
+        by_url = client.post("/v1/images/generations",
+                             json={"prompt": PROMPT, "seed": 3, "response_format": "url", **FAST}).json()
+        url = by_url["data"][0]["url"]
+        assert url.endswith(".png") and "b64_json" not in by_url["data"][0]
+        fetched = client.get(url)
+        assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+        assert fetched.content == base64.b64decode(png["data"][0]["b64_json"])
+        assert client.get("/v1/files/nothing.png").status_code == 404
+        jpeg = client.post("/v1/images/generations", json={"prompt": PROMPT, "output_format": "jpeg", **FAST})
+        assert decode(jpeg.json()["data"][0]).format == "JPEG"
+
+
+def test_negative_prompt_changes_the_image_and_is_recorded(shapes):
+    with TestClient(build_app({"shapes": shapes})) as client:
+        plain = client.post("/v1/images/generations", json={"prompt": PROMPT, "seed": 4, **FAST}).json()
+        steered = client.post("/v1/images/generations", json={"prompt": PROMPT, "seed": 4, **FAST,
+                                                               "negative_prompt": "a blue square"}).json()
+    image = decode(steered["data"][0])
+    assert image.tobytes() != decode(plain["data"][0]).tobytes()
+    assert "Negative prompt: a blue square" in image.text["parameters"]
+
+
+def test_progress_events_reach_a_listener(live):
+    events: list[dict] = []
+    listening = threading.Event()
+
+    def listen() -> None:
+        with httpx.stream("GET", f"{live.url}/v1/progress/p1", timeout=60) as stream:
+            for line in stream.iter_lines():
+                listening.set()
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+                    if events[-1]["state"] in ("done", "error"):
+                        return
+
+    thread = threading.Thread(target=listen)
+    thread.start()
+    assert listening.wait(10)
+    reply = httpx.post(f"{live.url}/v1/images/generations", timeout=60,
+                       json={"prompt": PROMPT, "steps": 3, "progress_id": "p1"})
+    thread.join(10)
+    assert reply.status_code == 200
+    assert [e["state"] for e in events] == ["queued", "running", "running", "running", "done"]
+    assert [e["step"] for e in events if e["state"] == "running"] == [1, 2, 3]
+
+
+def test_the_page_is_served(live):
+    page = httpx.get(live.url + "/")
+    assert page.status_code == 200 and "/v1/images/generations" in page.text and "EventSource" in page.text
+
+
+def test_a_disconnected_client_cancels_its_job():
+    import asyncio
+    from concurrent.futures import Future
+
+    class Gone:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    job = Job("m", PROMPT, [0], {})
+    with pytest.raises(Exception, match="closed the connection"):
+        asyncio.run(_wait(Future(), job, Gone(), time.monotonic() + 60, 60))
+    assert job.cancelled.is_set()
+
+
+def test_the_queue_bound_counts_waiting_requests(shapes):
+    batcher = Batcher({"shapes": shapes}, max_queue=2)  # not started: nothing leaves the queue
+    for seed in range(2):
+        batcher.submit(Job("shapes", PROMPT, [seed], FAST))
+    with pytest.raises(QueueFull):
+        batcher.submit(Job("shapes", PROMPT, [9], FAST))
+
+
+def test_video_models_answer_on_the_video_endpoint(shapes):
+    video = load_pipeline("shapes-video", device="cpu")
+    with TestClient(build_app({"shapes": shapes, "shapes-video": video})) as client:
+        reply = client.post("/v1/videos/generations", json={"model": "shapes-video", "prompt": "a red circle "
+                                                            "moving to the right", "frames": 4, **FAST})
+        assert reply.status_code == 200, reply.text
+        clip = base64.b64decode(reply.json()["data"][0]["b64_json"])
+        assert clip[4:8] == b"ftyp"  # an MP4
+        wrong = client.post("/v1/images/generations", json={"model": "shapes-video", "prompt": PROMPT})
+        assert wrong.status_code == 400 and "/v1/videos/generations" in wrong.json()["error"]["message"]
+        wrong = client.post("/v1/videos/generations", json={"model": "shapes", "prompt": PROMPT})
+        assert wrong.status_code == 400
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "70000"], "--port must be"),
+    (["--max-size", "big"], "size"),
+    (["--timeout", "0"], "--timeout must be"),
+    (["--model", "a=shapes", "--model", "a=shapes"], "two models are named 'a'"),
+])
+def test_serve_flags_are_checked_before_anything_loads(argv, message, capsys):
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_refuses_a_port_in_use(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--model", "shapes"]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a1111_parameters_read_back_as_other_tools_expect():
+    from omnidit.images import a1111_parameters
+
+    text = a1111_parameters({"prompt": "a red circle", "negative_prompt": "a square", "steps": 30, "sampler": "euler",
+                             "cfg": 4.0, "seed": 12, "size": "32x32", "model": "shapes"})
+    prompt, negative, pairs = text.split("\n")
+    assert prompt == "a red circle" and negative == "Negative prompt: a square"
+    assert dict(p.split(": ") for p in pairs.split(", ")) == {"Steps": "30", "Sampler": "euler", "CFG scale": "4.0",
+                                                              "Seed": "12", "Size": "32x32", "Model": "shapes"}
