@@ -308,3 +308,78 @@ def test_a1111_parameters_read_back_as_other_tools_expect():
     assert prompt == "a red circle" and negative == "Negative prompt: a square"
     assert dict(p.split(": ") for p in pairs.split(", ")) == {"Steps": "30", "Sampler": "euler", "CFG scale": "4.0",
                                                               "Seed": "12", "Size": "32x32", "Model": "shapes"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_server(port: int, tmp_path):
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "omnidit", "serve", "--model", "shapes", "--port", str(port)],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"the server did not start: {process.stdout.read().decode()[-2000:]}")
+
+
+def test_kill_9_mid_request_is_a_clean_connection_error_and_a_restart_serves_at_once(tmp_path):
+    import signal
+
+    port = _free_port()
+    server = _start_server(port, tmp_path)
+    errors: list[Exception] = []
+
+    def slow_request() -> None:
+        try:
+            httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=60,
+                       json={"prompt": PROMPT, "steps": 200, "n": 10, "progress_id": "k9"})
+        except httpx.HTTPError as error:
+            errors.append(error)
+
+    with httpx.stream("GET", f"http://127.0.0.1:{port}/v1/progress/k9", timeout=60) as progress:
+        lines = progress.iter_lines()
+        next(lines)  # listening
+        client = threading.Thread(target=slow_request)
+        client.start()
+        while '"running"' not in next(lines):  # wait until the request is being drawn
+            pass
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    client.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], (httpx.RemoteProtocolError, httpx.ReadError,
+                                                       httpx.ConnectError))
+    restarted = _start_server(port, tmp_path)
+    try:
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=60,
+                           json={"prompt": PROMPT, **FAST})
+        assert reply.status_code == 200
+    finally:
+        restarted.terminate()
+        restarted.wait(10)
+    assert list(tmp_path.iterdir()) == []  # nothing written where it ran
+
+
+@pytest.mark.slow
+def test_the_load_test_runs_bounded_without_errors(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "load.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    subprocess.run([sys.executable, str(script), "--clients", "4", "--seconds", "10", "--steps", "4",
+                    "--json", str(out)], check=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["one_client"]["errors"] == 0 and result["many_clients"]["errors"] == 0
+    assert result["one_client"]["requests"] > 0 and result["many_clients"]["mean_batch"] > 1
