@@ -123,3 +123,40 @@ def video_position_ids(frames: int, grid_h: int, grid_w: int, fps: float, tempor
     ids = image.repeat(1, len(times), 1)
     ids[0, :, 0] = times.repeat_interleave(grid_h * grid_w)
     return ids
+
+
+def check_audio_length(samples: int, frame: int) -> None:
+    """Raise a clear error unless ``samples`` is a positive multiple of the audio frame size."""
+    if samples <= 0 or samples % frame:
+        below = max(frame, samples // frame * frame)
+        raise OmniditError(f"{samples} audio samples do not split into frames of {frame} samples",
+                           hint=f"use a length that {frame} divides, e.g. {below} or {below + frame} samples")
+
+
+def audio_patchify(x: Tensor, frame: int) -> Tensor:
+    """(B, C, S) waveform -> (B, S / frame, C * frame) tokens: consecutive frames of samples, features ordered
+    (c, k) like a Conv1d kernel of stride ``frame``. Exactly invertible (``audio_unpatchify``)."""
+    b, c, s = x.shape
+    check_audio_length(s, frame)
+    return x.reshape(b, c, s // frame, frame).permute(0, 2, 1, 3).reshape(b, s // frame, c * frame)
+
+
+def audio_unpatchify(tokens: Tensor, samples: int, frame: int) -> Tensor:
+    """Inverse of ``audio_patchify``: (B, S / frame, C * frame) -> (B, C, S)."""
+    b, n, d = tokens.shape
+    if n * frame != samples or d % frame:
+        raise ValueError(f"{n} tokens of size {d} do not form {samples} samples in frames of {frame}")
+    return tokens.reshape(b, n, d // frame, frame).permute(0, 2, 1, 3).reshape(b, d // frame, samples)
+
+
+def audio_position_ids(samples: int, frame: int, sample_rate: float, num_axes: int = 3,
+                       device: torch.device | str = "cpu") -> Tensor:
+    """Position ids of audio frames: (1, samples / frame, num_axes) float32. Column 0 is the time in seconds at
+    which each frame starts (frame j at j * frame / rate), the convention of video frames (frame k at k / fps),
+    so an audio frame and a video frame that start at the same instant share their time coordinate; the
+    other axes are 0 (audio has no rows or columns)."""
+    check_number("the sample rate", sample_rate, low=0.0, low_open=True)
+    check_audio_length(samples, frame)
+    ids = torch.zeros(1, samples // frame, num_axes, dtype=torch.float64)
+    ids[0, :, 0] = torch.arange(samples // frame, dtype=torch.float64) * frame / sample_rate
+    return ids.float().to(device)

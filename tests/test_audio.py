@@ -1,0 +1,133 @@
+"""Audio, step one: tokens and their positions on the shared time axis, the tones data, its exact judge
+(right on ground truth, wrong on purpose-made mistakes) and WAV files."""
+
+from __future__ import annotations
+
+import dataclasses
+import wave
+
+import numpy as np
+import pytest
+import torch
+
+from omnidit.audio_io import load_wav, save_wav
+from omnidit.data.tones import DURATIONS, GLIDES, MIN_GAP, PITCHES, VOCABULARY, ToneDataset, render_tones, tone_caption
+from omnidit.errors import OmniditError
+from omnidit.evaluate.audio_judge import find_beeps, judge_tones, parse_tone_caption
+from omnidit.tokens import audio_patchify, audio_position_ids, audio_unpatchify, video_position_ids
+
+
+def test_audio_tokens_round_trip_exactly_and_order_features_like_a_conv1d():
+    x = torch.randn(2, 3, 4000, generator=torch.Generator().manual_seed(0))
+    tokens = audio_patchify(x, 400)
+    assert tokens.shape == (2, 10, 1200)
+    assert torch.equal(audio_unpatchify(tokens, 4000, 400), x)
+    assert torch.equal(tokens[1, 7, 400:800], x[1, 1, 2800:3200])  # token 7, channel 1: samples 2800..3199
+
+
+def test_a_length_the_frame_does_not_divide_names_the_nearest_lengths():
+    with pytest.raises(OmniditError, match="4001 audio samples .* 4000 or 4400"):
+        audio_patchify(torch.zeros(1, 1, 4001), 400)
+
+
+def test_an_audio_token_and_a_video_frame_at_the_same_instant_share_their_time():
+    audio = audio_position_ids(16000, 1000, 8000.0)  # 16 frames of 1/8 s
+    video = video_position_ids(16, 2, 2, fps=8.0)  # 16 frames at 8 fps, 4 patches each
+    assert audio.shape == (1, 16, 3) and torch.equal(audio[0, :, 1:], torch.zeros(16, 2))
+    assert torch.allclose(audio[0, :, 0], video[0, ::4, 0])
+    finer = audio_position_ids(16000, 250, 8000.0)  # four audio tokens per video frame
+    assert torch.allclose(finer[0, ::4, 0], video[0, ::4, 0]) and finer[0, 1, 0] == pytest.approx(1 / 32)
+
+
+def test_tones_clips_are_seeded_and_their_captions_use_the_vocabulary():
+    a, b = ToneDataset(seed=3), ToneDataset(seed=3)
+    assert torch.equal(a[5]["audio"], b[5]["audio"]) and a[5]["caption"] == b[5]["caption"]
+    assert not torch.equal(a[5]["audio"], a[6]["audio"])
+    seen = set()
+    for i in range(300):
+        scene = a.scene(i)
+        seen |= set(scene.caption.split())
+        gaps = [n.onset - (p.onset + p.seconds) for p, n in zip(scene.beeps, scene.beeps[1:])]
+        assert all(g >= MIN_GAP - 1e-9 for g in gaps) and scene.beeps[-1].onset + scene.beeps[-1].seconds <= 2.0
+        assert [(s.pitch, s.duration, s.glide) for s in parse_tone_caption(scene.caption)] == \
+            [(b.pitch, b.duration, b.glide) for b in scene.beeps]
+    assert seen == set(VOCABULARY)  # every word is used, and no other
+    audio = a[0]["audio"]
+    assert audio.shape == (1, 16000) and audio.abs().max() <= 0.5 + 1e-6
+
+
+def test_the_judge_is_right_on_600_ground_truth_clips():
+    data = ToneDataset(seed=11)
+    wrong = [(i, data[i]["caption"], judge_tones(data[i]["audio"], data[i]["caption"])[1]) for i in range(600)]
+    wrong = [w for w in wrong if w[1] and w[2]]
+    assert wrong == []
+
+
+def _variant(scene, i, **change):
+    beeps = list(scene.beeps)
+    beeps[i] = dataclasses.replace(beeps[i], **change)
+    return dataclasses.replace(scene, beeps=tuple(beeps))
+
+
+@pytest.mark.parametrize("mistake, reason", [
+    ("pitch", "should be"), ("duration", "should be"), ("glide", "should be"), ("missing", "missing beep"),
+    ("extra", "extra beep"),
+])
+def test_the_judge_fails_clips_made_wrong_on_purpose(mistake, reason):
+    data = ToneDataset(seed=2)
+    failed = 0
+    scenes = [data.scene(i) for i in range(200)]
+    if mistake == "extra":  # the caption leaves out the last beep: a clip needs two beeps for that
+        scenes = [scene for scene in scenes if len(scene.beeps) > 1]
+    for scene in scenes[:40]:
+        caption = scene.caption
+        if mistake == "pitch":  # the audio plays another pitch class than the caption says
+            other = [p for p in PITCHES if p != scene.beeps[0].pitch][0]
+            scene = _variant(scene, 0, frequency=PITCHES[other][0] * 1.05)
+        elif mistake == "duration":
+            b = scene.beeps[0]
+            if b.duration == "long":
+                scene = _variant(scene, 0, seconds=DURATIONS["short"][0])
+            else:
+                caption = tone_caption([dataclasses.replace(b, duration="long"), *scene.beeps[1:]])
+        elif mistake == "glide":
+            b = scene.beeps[0]
+            flipped = GLIDES[(GLIDES.index(b.glide) + 1) % 3]
+            scene = _variant(scene, 0, glide=flipped)
+        elif mistake == "missing":
+            scene = dataclasses.replace(scene, beeps=scene.beeps[1:])
+        elif mistake == "extra":
+            caption = tone_caption(scene.beeps[:-1])
+        ok, why, _ = judge_tones(torch.from_numpy(render_tones(scene, 2.0)), caption)
+        failed += not ok and reason in why
+    assert failed == 40
+
+
+def test_wav_round_trip_keeps_rate_length_channels_and_samples(tmp_path):
+    audio = torch.rand(2, 8000, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    path = save_wav(audio, tmp_path / "a.wav", 16000)
+    with wave.open(str(path)) as f:
+        assert (f.getnchannels(), f.getframerate(), f.getnframes(), f.getsampwidth()) == (2, 16000, 8000, 2)
+    back, rate = load_wav(path)
+    assert rate == 16000 and back.shape == (2, 8000)
+    assert (back - audio).abs().max() <= 0.5 / 32767 + 1e-7
+    assert [p.name for p in tmp_path.iterdir()] == ["a.wav"]  # no temporary file left
+
+
+def test_wav_errors_are_one_line(tmp_path):
+    (tmp_path / "bad.wav").write_bytes(b"not a wav")
+    with pytest.raises(OmniditError, match="cannot read .* as a WAV"):
+        load_wav(tmp_path / "bad.wav")
+    with pytest.raises(OmniditError, match="sample rate"):
+        save_wav(torch.zeros(1, 10), tmp_path / "x.wav", 12.5)
+    with pytest.raises(OmniditError, match="WAV"):
+        save_wav(torch.zeros(1, 10), tmp_path / "x.mp3", 8000)
+    save_wav(torch.zeros(1, 8000), tmp_path / "long.wav", 8000)
+    with pytest.raises(OmniditError, match="longer than"):
+        load_wav(tmp_path / "long.wav", max_seconds=0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.wav", "long.wav"]
+
+
+def test_find_beeps_hears_silence_as_nothing():
+    assert find_beeps(np.zeros(16000)) == []
+    assert find_beeps(np.random.default_rng(0).normal(0, 0.005, 16000)) == []
