@@ -102,6 +102,9 @@ class SlowPipe:
     def __init__(self, pipe) -> None:
         self.pipe, self.config, self.release, self.steps_run = pipe, pipe.config, threading.Event(), 0
 
+    def __getattr__(self, name):  # model, codec, ...: the real pipeline's
+        return getattr(self.pipe, name)
+
     def generate(self, prompts, on_step=None, **kwargs):
         def waiting(done, total):
             self.steps_run += 1
@@ -119,11 +122,14 @@ def test_a_full_queue_answers_429_with_retry_after_and_admitted_requests_finish(
                                                  json={"prompt": PROMPT, "seed": 1, **FAST}))
         first = threading.Thread(target=post)
         first.start()
+        deadline = time.monotonic() + 60
         while slow.steps_run == 0:  # the first request is being drawn
+            assert time.monotonic() < deadline and not results, results
             time.sleep(0.01)
         second = threading.Thread(target=post)
         second.start()
         while server.app.state.batcher.depth == 0:  # the second waits in the queue
+            assert time.monotonic() < deadline
             time.sleep(0.01)
         flood = [httpx.post(f"{server.url}/v1/images/generations", json={"prompt": PROMPT, **FAST}, timeout=10)
                  for _ in range(5)]
@@ -137,6 +143,15 @@ def test_a_full_queue_answers_429_with_retry_after_and_admitted_requests_finish(
         assert 'omnidit_requests_total{endpoint="/v1/images/generations",status="429"} 5.0' in metrics
 
 
+def _steps_settle(slow: SlowPipe, wait: float = 0.6) -> int:
+    """steps_run once it stops changing (the worker has dropped the work)."""
+    before = -1
+    while before != slow.steps_run:
+        before = slow.steps_run
+        time.sleep(wait)
+    return before
+
+
 def test_past_the_timeout_a_request_gets_504_and_its_sampling_stops(shapes):
     slow = SlowPipe(shapes)
     app = build_app({"shapes": slow}, Limits(timeout=0.5), batch_window=0)
@@ -144,8 +159,19 @@ def test_past_the_timeout_a_request_gets_504_and_its_sampling_stops(shapes):
         reply = client.post("/v1/images/generations", json={"prompt": PROMPT, "steps": 50})
         assert reply.status_code == 504 and "timeout of 0.5 s" in reply.json()["error"]["message"]
         slow.release.set()
-        time.sleep(0.5)
-        assert slow.steps_run < 50  # the worker stopped between steps once nobody waited
+        assert _steps_settle(slow) <= 3  # the worker stopped between steps once nobody waited
+
+
+def test_a_client_that_disconnects_stops_its_work(shapes):
+    slow = SlowPipe(shapes)
+    slow.release.set()  # steps at full speed: 200 of them take many seconds
+    with Live(build_app({"shapes": slow}, batch_window=0)) as server:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{server.url}/v1/images/generations", json={"prompt": PROMPT, "steps": 200, "n": 4},
+                       timeout=1.0)
+        assert _steps_settle(slow) < 200
+        reply = httpx.get(f"{server.url}/health")
+        assert reply.json()["queue_depth"] == 0
 
 
 @pytest.mark.parametrize("body, status, param", [
@@ -162,7 +188,9 @@ def test_past_the_timeout_a_request_gets_504_and_its_sampling_stops(shapes):
     ({"prompt": PROMPT, "sizes": "32x32"}, 422, "sizes"),
     ({"n": 1}, 422, "prompt"),
     ({"prompt": PROMPT, "model": "dall-e-3"}, 404, "model"),
-    ({"prompt": PROMPT, "size": "30x30"}, 400, None),  # not a multiple of the patch: the model's own check
+    ({"prompt": PROMPT, "size": "30x30"}, 422, "size"),  # not a multiple of the model's patch
+    ({"prompt": PROMPT, "size": "\u00b2x32"}, 422, "size"),  # a superscript two is a digit to str.isdigit
+    ({"prompt": PROMPT, "user": "u" * 300}, 422, "user"),
 ])
 def test_every_limit_and_malformed_field_has_its_status_and_names_the_field(shapes, body, status, param):
     with TestClient(build_app({"shapes": shapes})) as client:
@@ -383,3 +411,44 @@ def test_the_load_test_runs_bounded_without_errors(tmp_path):
     result = json.loads(out.read_text())
     assert result["one_client"]["errors"] == 0 and result["many_clients"]["errors"] == 0
     assert result["one_client"]["requests"] > 0 and result["many_clients"]["mean_batch"] > 1
+
+
+def test_unknown_routes_and_methods_answer_in_the_openai_error_shape(shapes):
+    with TestClient(build_app({"shapes": shapes})) as client:
+        missing, wrong = client.get("/v1/nothing"), client.get("/v1/images/generations")
+        metrics = client.get("/metrics").text
+    assert missing.status_code == 404 and missing.json()["error"]["message"]
+    assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+    assert 'endpoint="other",status="404"' in metrics and "/v1/nothing" not in metrics  # bounded label set
+
+
+class PickyPipe:
+    """Refuses any batch holding the prompt "bad", as a class-conditional model refuses a prompt without a
+    class: the other requests of its batch must still be drawn."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe, self.config = pipe, pipe.config
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def generate(self, prompts, **kwargs):
+        from omnidit.errors import OmniditError
+
+        if "bad" in prompts:
+            raise OmniditError("the prompt 'bad' names no class")
+        return self.pipe.generate(prompts, **kwargs)
+
+
+def test_one_bad_request_does_not_fail_the_others_in_its_batch(shapes):
+    batcher = Batcher({"m": PickyPipe(shapes)}, max_batch=8, window=0.3)
+    jobs = [Job("m", prompt, [i], {"steps": 2}) for i, prompt in enumerate([PROMPT, "bad", PROMPT])]
+    for job in jobs:
+        batcher.submit(job)
+    batcher.start()
+    try:
+        assert jobs[0].future.result(60).shape == (1, 3, 32, 32) and jobs[2].future.result(60).shape[0] == 1
+        with pytest.raises(Exception, match="names no class"):
+            jobs[1].future.result(60)
+    finally:
+        batcher.stop()

@@ -7,6 +7,7 @@ the range it must lie in. NaN and infinities never pass.
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from pathlib import Path
 
@@ -60,11 +61,11 @@ def check_output_path(flag: str, path: str | Path, example: str = "out.png") -> 
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'64x32' -> (width=64, height=32)."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) <= 0:
+    """'64x32' -> (width=64, height=32); each side 1 to 6 ASCII digits."""
+    found = re.fullmatch(r"\s*(\d{1,6})\s*x\s*(\d{1,6})\s*", str(text).lower(), re.ASCII)
+    if found is None or min(int(g) for g in found.groups()) <= 0:
         raise OmniditError(f"malformed size '{text}'", hint="use WIDTHxHEIGHT, e.g. --size 64x32")
-    return int(parts[0]), int(parts[1])
+    return int(found.group(1)), int(found.group(2))
 
 
 def random_seed() -> int:

@@ -29,9 +29,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omnidit.errors import OmniditError
 from omnidit.serve.batching import Batcher, Cancelled, Job, QueueFull
+from omnidit.tokens import check_frame_count, check_image_size
 from omnidit.validate import parse_size, random_seed
 
 PAGE = Path(__file__).with_name("page.html")
@@ -58,14 +60,14 @@ class ImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     prompt: str = Field(min_length=1)
-    model: str | None = None
+    model: str | None = Field(None, max_length=256)
     n: int = Field(1, ge=1)
     size: str | None = None  # "WxH"; None or "auto": the model's own size
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
     quality: Literal["auto", "standard"] | None = None  # accepted for compatibility: there is one quality
-    user: str | None = None  # accepted for compatibility: OpenAI's end-user id, unused here
+    user: str | None = Field(None, max_length=256)  # accepted for compatibility: OpenAI's end-user id, unused here
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, le=100)
@@ -182,6 +184,43 @@ class Metrics:
         self.queue_depth = Gauge("omnidit_queue_depth", "Requests waiting for a sampling call", registry=r)
 
 
+class _Guard:
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the endpoints):
+    checks the API key on /v1/ (but /v1/files/, whose URLs are the credential) and counts answers by endpoint
+    and status, with every path outside the fixed endpoints counted as "other" so that the series stay bounded."""
+
+    ENDPOINTS = ("/v1/images/generations", "/v1/videos/generations", "/v1/models", "/health", "/metrics", "/")
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path.startswith(("/v1/files/", "/v1/progress/")):
+            return await self.app(scope, receive, send)
+        label = path if path in self.ENDPOINTS else "other"
+        if self.api_key and path.startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                self.metrics.requests.labels(label, "401").inc()
+                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                          code="invalid_api_key")
+                return await response(scope, receive, send)
+        status = ["500"]
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.labels(label, status[0]).inc()
+
+
 def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None = None, max_batch: int = 16,
               batch_window: float = 0.02, max_queue: int = 64) -> FastAPI:
     """The ASGI app serving ``pipelines`` (name -> loaded ``Pipeline``; the first is the default model)."""
@@ -203,19 +242,7 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
     app = FastAPI(title="omnidit", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.batcher, app.state.limits, app.state.metrics = batcher, limits, metrics
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        path = request.url.path
-        if api_key and path.startswith("/v1/") and not path.startswith("/v1/files/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                metrics.requests.labels(path, "401").inc()
-                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                      code="invalid_api_key")
-        response = await call_next(request)
-        if path.startswith("/v1/") and not path.startswith(("/v1/files/", "/v1/progress/")):
-            metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -232,6 +259,15 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
         else:
             message = f"{param}: {message}" if param else message
         return error_response(422, message, param=param, code=first.get("type"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(error.status_code, str(error.detail), code="not_found" if error.status_code == 404
+                              else None, headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, error: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(error).__name__}: {error}"[:500], code="internal_error")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -358,6 +394,10 @@ def _job(body: ImageRequest, name: str, pipe, limits: Limits, video: bool) -> Jo
         except OmniditError:
             raise ApiError(422, f"size must be 'WIDTHxHEIGHT' (e.g. '{width}x{height}') or 'auto', got {body.size!r}",
                            param="size") from None
+    try:
+        check_image_size(height, width, pipe.model.config.patch_size * (pipe.codec.downsample if pipe.codec else 1))
+    except OmniditError as error:
+        raise ApiError(422, f"size: {error}", param="size") from None
     if width * height > limits.max_pixels:
         raise ApiError(422, f"size {width}x{height} is above this server's limit of {limits.max_pixels} pixels",
                        param="size")
@@ -371,6 +411,10 @@ def _job(body: ImageRequest, name: str, pipe, limits: Limits, video: bool) -> Jo
         frames = pipe.config.data.frames if body.frames is None else body.frames
         if frames > limits.max_frames:
             raise ApiError(422, f"frames must be <= {limits.max_frames}, got {frames}", param="frames")
+        try:
+            check_frame_count(frames, pipe.model.config.temporal_patch)
+        except OmniditError as error:
+            raise ApiError(422, f"frames: {error}", param="frames") from None
         kwargs.update(frames=frames, fps=pipe.config.data.fps if body.fps is None else body.fps)
     return Job(name, body.prompt, [seed + i for i in range(body.n)], kwargs, video=video)
 
@@ -397,6 +441,7 @@ async def _wait(future, job: Job, request: Request, deadline: float, timeout: fl
     finally:
         if not future.done():
             job.cancelled.set()
+            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it any more
 
 
 def _encode(body: ImageRequest, name: str, pipe, job: Job, outputs, files: FileStore, base_url: str) -> list[dict]:

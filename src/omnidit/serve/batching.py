@@ -103,14 +103,15 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        """Requests waiting (not yet in a sampling call)."""
+        """Requests waiting (not yet in a sampling call), not counting those whose clients went away."""
         with self._lock:
-            return len(self._queue)
+            return sum(not j.cancelled.is_set() for j in self._queue)
 
     def submit(self, job: Job) -> Future:
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the batcher has stopped")
+            self._queue = [j for j in self._queue if not self._drop_if_gone(j)]  # the gone free their places
             if len(self._queue) >= self.max_queue:
                 waiting = sum(len(j.seeds) for j in self._queue)
                 raise QueueFull(max(1, round(waiting * self.stats.last_seconds_per_output)))
@@ -161,8 +162,10 @@ class Batcher:
 
     def _draw(self, batch: list[Job]) -> None:
         live = [j for j in batch if j.future.set_running_or_notify_cancel()]
-        if not live:
-            return
+        if live:
+            self._draw_live(live)
+
+    def _draw_live(self, live: list[Job]) -> None:
         first = live[0]
         prompts = [j.prompt for j in live for _ in j.seeds]
         seeds = [s for j in live for s in j.seeds]
@@ -182,9 +185,16 @@ class Batcher:
             for j in live:
                 j.future.set_exception(Cancelled())
             return
+        except OmniditError as error:
+            if len(live) > 1:  # one request's problem (its prompt, the batch's memory) must not fail the others
+                for j in live:
+                    self._draw_live([j])
+                return
+            first.future.set_exception(error)
+            return
         except Exception as error:  # noqa: BLE001 - every waiting request gets the error, the worker goes on
             for j in live:
-                j.future.set_exception(error if isinstance(error, OmniditError) else RuntimeError(repr(error)))
+                j.future.set_exception(RuntimeError(f"{type(error).__name__}: {error}"))
             return
         seconds = time.monotonic() - start
         self.stats.batches += 1
