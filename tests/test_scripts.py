@@ -139,3 +139,12 @@ def test_self_verifiers_reports_each_rule_between_its_bounds(tiny_run, tmp_path,
     assert sv.main([*args[:2], "--seeds", "1", "--n", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("self_verifiers: error:") and err.count("\n") == 1, err
+
+
+def test_direction_probe_reads_the_first_direction_of_ground_truth_clips():
+    from omnidit.data.shapes_video import ShapesVideoDataset
+
+    probe = load_script("direction_probe")
+    data = ShapesVideoDataset(32, 32, 8, 8.0, seed=0, kinds={"single": 1.0})
+    read = [(probe.first_direction(data[i]["video"], 8.0), data.scene(i).objects[0].direction) for i in range(24)]
+    assert all(got == want for got, want in read), read
