@@ -131,3 +131,39 @@ def test_wav_errors_are_one_line(tmp_path):
 def test_find_beeps_hears_silence_as_nothing():
     assert find_beeps(np.zeros(16000)) == []
     assert find_beeps(np.random.default_rng(0).normal(0, 0.005, 16000)) == []
+
+
+def test_mp4_with_sound_round_trip_keeps_rate_length_streams_and_pitch(tmp_path):
+    av = pytest.importorskip("av")
+    from omnidit.video_io import load_audio, load_video, save_video
+
+    clip = torch.rand(3, 8, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    t = np.arange(8000) / 8000
+    sound = torch.from_numpy((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))[None]
+    path = save_video(clip, tmp_path / "clip.mp4", 8.0, {"prompt": "a beep"}, audio=sound, sample_rate=8000)
+    with av.open(str(path)) as container:
+        assert [s.type for s in container.streams] == ["video", "audio"]
+        assert container.streams.audio[0].rate == 8000 and container.streams.audio[0].codec_context.name == "aac"
+    audio, rate = load_audio(path)
+    assert rate == 8000 and audio.shape == (1, 8000)  # AAC's padding cut back to the true length
+    spectrum = np.abs(np.fft.rfft(audio[0].numpy()))
+    assert np.argmax(spectrum) * rate / audio.shape[1] == pytest.approx(440, abs=2)
+    frames = load_video(path)[0]
+    assert frames.shape[1] == 8  # the picture is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+
+
+def test_sound_is_refused_where_it_cannot_go(tmp_path):
+    from omnidit.video_io import load_audio, save_video
+
+    clip = torch.zeros(3, 4, 16, 16)
+    with pytest.raises(OmniditError, match="only .mp4 clips carry sound"):
+        save_video(clip, tmp_path / "c.gif", 8.0, audio=torch.zeros(1, 4000), sample_rate=8000)
+    with pytest.raises(OmniditError, match="sample rate"):
+        save_video(clip, tmp_path / "c.mp4", 8.0, audio=torch.zeros(1, 4000), sample_rate=100)
+    with pytest.raises(OmniditError, match="mono or stereo"):
+        save_video(clip, tmp_path / "c.mp4", 8.0, audio=torch.zeros(3, 4000), sample_rate=8000)
+    silent = save_video(clip, tmp_path / "silent.mp4", 8.0)
+    with pytest.raises(OmniditError, match="no sound track"):
+        load_audio(silent)
+    assert [p.name for p in tmp_path.iterdir()] == ["silent.mp4"]

@@ -39,16 +39,19 @@ _LIMITED_RANGE = 1  # AVCOL_RANGE_MPEG ("MPEG" in PyAV): the range players assum
 
 
 def save_video(frames: Tensor, path: str | Path, fps: float, metadata: dict | None = None, scale: int = 1, *,
-               max_strip_frames: int = 16) -> Path:
+               max_strip_frames: int = 16, audio: Tensor | None = None, sample_rate: int | None = None) -> Path:
     """Write a clip to ``path`` (.mp4, .gif, .webp or .png strip) and return the path.
 
     frames: float (3, T, H, W) in [-1, 1] or uint8 (T, H, W, 3). ``scale`` enlarges every frame that many times
     (nearest neighbour, so pixels stay crisp): 32x32 clips are hard to see at 1. A .png is a strip of at most
     ``max_strip_frames`` frames side by side (every k-th frame when there are more). Everything is checked before
     anything is written, and the file appears only once complete (written to a temporary name, then renamed).
+    ``audio`` (C, S) or (S,) float in [-1, 1] at ``sample_rate`` Hz: an .mp4 gets it as an AAC track.
     """
     path = Path(path)
     suffix = _check_suffix(path)
+    if audio is not None:
+        audio = _check_audio(audio, sample_rate, suffix)
     rgb = frames_to_uint8(frames)
     fps = _check_fps(fps, suffix)
     for name, value in (("scale", scale), ("max_strip_frames", max_strip_frames)):
@@ -57,6 +60,8 @@ def save_video(frames: Tensor, path: str | Path, fps: float, metadata: dict | No
     scale, max_strip_frames = int(scale), int(max_strip_frames)
     rgb = rgb.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else rgb
     info = {"fps": fps, "frames": rgb.shape[0], "width": rgb.shape[2], "height": rgb.shape[1], "scale": scale}
+    if audio is not None:  # AAC pads to whole frames of 1024 samples: load_audio cuts back to this length
+        info.update(sample_rate=int(sample_rate), audio_samples=int(audio.shape[1]))
     if suffix == ".png":
         stride = math.ceil(rgb.shape[0] / max_strip_frames)
         rgb, info["stride"] = rgb[::stride], stride
@@ -68,7 +73,10 @@ def save_video(frames: Tensor, path: str | Path, fps: float, metadata: dict | No
     # Same folder so the rename is atomic; same suffix so Pillow/PyAV pick the format.
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
-        writer(rgb, tmp, fps, document)
+        if audio is not None:
+            _write_mp4(rgb, tmp, fps, document, audio=audio, sample_rate=int(sample_rate))
+        else:
+            writer(rgb, tmp, fps, document)
         os.replace(tmp, path)
     except OSError as e:
         raise OmniditError(f"could not write {path}: {e}") from e
@@ -209,8 +217,25 @@ def _sws_flags(chroma: str):
     return Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolation[chroma]
 
 
-def _write_mp4(rgb: np.ndarray, path: Path, fps: float, document: str) -> None:
-    """H.264 yuv420p, BT.709 limited range (what players assume), fast start for streaming."""
+def _check_audio(audio, sample_rate: int | None, suffix: str) -> np.ndarray:
+    """Audio for a video file -> (C, S) float32 in [-1, 1], or an OmniditError."""
+    if suffix != ".mp4":
+        raise OmniditError(f"only .mp4 clips carry sound, not {suffix}", hint="save as .mp4, or the sound as .wav")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Integral) \
+            or not 8000 <= sample_rate <= 96_000:
+        raise OmniditError(f"the sample rate of a clip's sound must be a whole number of Hz in [8000, 96000], got "
+                           f"{sample_rate}", hint="e.g. 8000, 16000 or 48000")
+    x = audio.detach().cpu().float().numpy() if isinstance(audio, Tensor) else np.asarray(audio, np.float32)
+    x = x[None] if x.ndim == 1 else x
+    if x.ndim != 2 or x.shape[0] not in (1, 2) or x.shape[1] == 0 or not np.isfinite(x).all():
+        raise OmniditError(f"a clip's sound must be finite mono or stereo (C, S), got shape {tuple(x.shape)}")
+    return np.ascontiguousarray(np.clip(x, -1, 1), dtype=np.float32)
+
+
+def _write_mp4(rgb: np.ndarray, path: Path, fps: float, document: str, audio: np.ndarray | None = None,
+               sample_rate: int = 0) -> None:
+    """H.264 yuv420p, BT.709 limited range (what players assume), fast start for streaming; with ``audio``
+    (C, S) float32, an AAC track after the frames."""
     av = _import_av()
 
     # yuv420p stores chroma per 2x2 block, so x264 needs even sizes: pad by repeating the last row / column;
@@ -227,14 +252,49 @@ def _write_mp4(rgb: np.ndarray, path: Path, fps: float, document: str) -> None:
             codec = stream.codec_context
             codec.colorspace = codec.color_primaries = codec.color_trc = _BT709
             codec.color_range = _LIMITED_RANGE
+            sound = None if audio is None else container.add_stream(  # every stream before the first packet
+                "aac", rate=sample_rate, layout="mono" if audio.shape[0] == 1 else "stereo")
             for i, image in enumerate(rgb):
                 frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
                     format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG", interpolation=flags)
                 frame.pts = i  # the codec time base is 1 / rate
                 container.mux(stream.encode(frame))
             container.mux(stream.encode(None))
+            if sound is not None:
+                _mux_audio(av, container, sound, audio, sample_rate)
     except av.FFmpegError as e:
         raise OSError(_one_line(e)) from e
+
+
+def _mux_audio(av, container, stream, audio: np.ndarray, sample_rate: int) -> None:
+    """Encode ``audio`` (C, S) into the AAC ``stream`` in chunks of 1024 samples (AAC's frame size)."""
+    layout = "mono" if audio.shape[0] == 1 else "stereo"
+    for start in range(0, audio.shape[1], 1024):
+        chunk = np.ascontiguousarray(audio[:, start:start + 1024])
+        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = sample_rate, start
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+
+
+def load_audio(path: str | Path) -> tuple[Tensor, int]:
+    """The sound track of a video file: (audio (C, S) float32 in [-1, 1], sample rate), or an OmniditError
+    when it has none."""
+    av = _import_av()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise OmniditError(f"{path} has no sound track", hint="give a clip with sound, or a .wav")
+            stream = container.streams.audio[0]
+            chunks = [frame.to_ndarray() for frame in container.decode(stream)]
+            rate = stream.rate
+            _, info = _parse_document(container.metadata.get("comment"))
+    except av.FFmpegError as e:
+        raise OmniditError(f"cannot read the sound of {path}: {_one_line(e)}") from None
+    audio = np.concatenate(chunks, axis=1) if chunks else np.zeros((1, 0), np.float32)
+    if isinstance(info.get("audio_samples"), int):
+        audio = audio[:, :info["audio_samples"]]
+    return torch.from_numpy(np.clip(audio, -1, 1).astype(np.float32)), int(rate)
 
 
 def _write_gif(rgb: np.ndarray, path: Path, fps: float, document: str) -> None:
