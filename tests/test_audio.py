@@ -167,3 +167,20 @@ def test_sound_is_refused_where_it_cannot_go(tmp_path):
     with pytest.raises(OmniditError, match="no sound track"):
         load_audio(silent)
     assert [p.name for p in tmp_path.iterdir()] == ["silent.mp4"]
+
+
+def test_a_spectrogram_shows_a_tone_at_its_pitch(tmp_path):
+    from PIL import Image
+
+    from omnidit.audio_io import save_spectrogram, spectrogram
+
+    t = np.arange(8000) / 8000
+    image = spectrogram(np.sin(2 * np.pi * 1000 * t), 8000)  # bins of 8000 / 256 = 31.25 Hz
+    rows = image.shape[0]
+    assert rows == 129 and image.dtype == np.uint8
+    loudest_row = int(np.argmax(image.mean(axis=1)))
+    assert (rows - 1 - loudest_row) * 31.25 == pytest.approx(1000, abs=32)  # 0 Hz is the bottom row
+    path = save_spectrogram(torch.from_numpy(np.sin(2 * np.pi * 440 * t))[None], tmp_path / "s.png", 8000,
+                            {"prompt": "a beep"})
+    saved = Image.open(path)
+    assert saved.mode == "L" and saved.text["prompt"] == "a beep" and saved.text["sample_rate"] == "8000"

@@ -79,3 +79,31 @@ def load_wav(path: str | Path, max_seconds: float | None = None) -> tuple[Tensor
                            hint="convert it to 16-bit PCM")
     audio = torch.from_numpy(samples.reshape(-1, channels).T.astype(np.float32).copy())
     return audio.clamp(-1, 1), rate
+
+
+def spectrogram(audio: Tensor | np.ndarray, sample_rate: int, window: float = 0.032, hop: float = 0.008,
+                floor_db: float = -80.0) -> np.ndarray:
+    """Log-magnitude spectrogram of (C, S) or (S,) audio (channels mixed): (frequencies, windows) uint8, 0 Hz in
+    the last row (as drawn), 255 at the loudest bin and 0 at ``floor_db`` below it."""
+    x = audio.detach().cpu().double().numpy() if isinstance(audio, Tensor) else np.asarray(audio, np.float64)
+    x = x.mean(axis=0) if x.ndim == 2 else x
+    length, step = max(8, int(window * sample_rate)), max(1, int(hop * sample_rate))
+    if len(x) < length:
+        x = np.pad(x, (0, length - len(x)))
+    starts = np.arange(0, len(x) - length + 1, step)
+    frames = np.stack([x[s:s + length] for s in starts]) * np.hanning(length)
+    db = 20 * np.log10(np.abs(np.fft.rfft(frames, axis=1)).T + 1e-12)  # (F, W)
+    db = np.clip(db - db.max(), floor_db, 0.0)
+    return np.round((db - floor_db) / -floor_db * 255).astype(np.uint8)[::-1]
+
+
+def save_spectrogram(audio: Tensor | np.ndarray, path: str | Path, sample_rate: int,
+                     metadata: dict | None = None) -> Path:
+    """A spectrogram of ``audio`` as a greyscale PNG for looking at (time left to right, pitch upwards), with
+    ``metadata`` in its text chunks."""
+    from PIL import Image
+
+    from omnidit.images import save_png
+
+    image = Image.fromarray(spectrogram(audio, _check_rate(sample_rate)), mode="L")
+    return save_png(image, path, {**(metadata or {}), "sample_rate": sample_rate})
