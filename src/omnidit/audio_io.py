@@ -81,18 +81,34 @@ def load_wav(path: str | Path, max_seconds: float | None = None) -> tuple[Tensor
     return audio.clamp(-1, 1), rate
 
 
+def mono(audio: Tensor | np.ndarray) -> np.ndarray:
+    """(S,) or (C, S) audio -> (S,) float64, the channels averaged."""
+    x = audio.detach().cpu().double().numpy() if isinstance(audio, Tensor) else np.asarray(audio, np.float64)
+    if x.ndim == 2:
+        x = x.mean(axis=0)
+    if x.ndim != 1:
+        raise OmniditError(f"audio must be (S,) or (C, S), got shape {tuple(x.shape)}")
+    return x
+
+
+def stft_magnitude(x: np.ndarray, length: int, step: int, n_fft: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Hann-windowed short-time spectrum of (S,) samples -> (window starts (W,), magnitudes (W, n_fft // 2 + 1));
+    W is 0 when ``x`` is shorter than one window. ``n_fft`` > length zero-pads for finer frequency bins."""
+    starts = np.arange(0, len(x) - length + 1, step)
+    if len(starts) == 0:
+        return starts, np.zeros((0, (n_fft or length) // 2 + 1))
+    frames = np.stack([x[s:s + length] for s in starts]) * np.hanning(length)  # (W, L)
+    return starts, np.abs(np.fft.rfft(frames, n_fft or length, axis=1))
+
+
 def spectrogram(audio: Tensor | np.ndarray, sample_rate: int, window: float = 0.032, hop: float = 0.008,
                 floor_db: float = -80.0) -> np.ndarray:
     """Log-magnitude spectrogram of (C, S) or (S,) audio (channels mixed): (frequencies, windows) uint8, 0 Hz in
     the last row (as drawn), 255 at the loudest bin and 0 at ``floor_db`` below it."""
-    x = audio.detach().cpu().double().numpy() if isinstance(audio, Tensor) else np.asarray(audio, np.float64)
-    x = x.mean(axis=0) if x.ndim == 2 else x
+    x = mono(audio)
     length, step = max(8, int(window * sample_rate)), max(1, int(hop * sample_rate))
-    if len(x) < length:
-        x = np.pad(x, (0, length - len(x)))
-    starts = np.arange(0, len(x) - length + 1, step)
-    frames = np.stack([x[s:s + length] for s in starts]) * np.hanning(length)
-    db = 20 * np.log10(np.abs(np.fft.rfft(frames, axis=1)).T + 1e-12)  # (F, W)
+    x = np.pad(x, (0, max(0, length - len(x))))
+    db = 20 * np.log10(stft_magnitude(x, length, step)[1].T + 1e-12)  # (F, W)
     db = np.clip(db - db.max(), floor_db, 0.0)
     return np.round((db - floor_db) / -floor_db * 255).astype(np.uint8)[::-1]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import functools
 import json
 import math
 import numbers
@@ -67,16 +68,15 @@ def save_video(frames: Tensor, path: str | Path, fps: float, metadata: dict | No
         rgb, info["stride"] = rgb[::stride], stride
     document = _document(metadata, info)
     writer = {".mp4": _write_mp4, ".gif": _write_gif, ".webp": _write_webp, ".png": _write_strip}[suffix]
+    if audio is not None:  # _check_audio allowed it for .mp4 only
+        writer = functools.partial(_write_mp4, audio=audio, sample_rate=int(sample_rate))
     if suffix == ".mp4":
         _import_av()  # fail before creating anything
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder so the rename is atomic; same suffix so Pillow/PyAV pick the format.
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
-        if audio is not None:
-            _write_mp4(rgb, tmp, fps, document, audio=audio, sample_rate=int(sample_rate))
-        else:
-            writer(rgb, tmp, fps, document)
+        writer(rgb, tmp, fps, document)
         os.replace(tmp, path)
     except OSError as e:
         raise OmniditError(f"could not write {path}: {e}") from e

@@ -25,7 +25,7 @@ from omnidit.data.shapes_video import (
     render_video,
     video_tensor,
 )
-from omnidit.data.tones import FADE, SAMPLE_RATE
+from omnidit.data.tones import SAMPLE_RATE, Beep, render_beep
 from omnidit.errors import OmniditError
 
 COLOUR_PITCHES: dict[str, float] = {colour: 261.63 * 2 ** (3 * i / 12) for i, colour in enumerate(COLOURS)}
@@ -58,17 +58,12 @@ def bounces(scene: VideoScene, width: int, height: int, seconds: float) -> list[
 
 
 def render_bounce_audio(events: list[Bounce], seconds: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """The soundtrack of ``events``: (S,) float32, S = round(seconds * sample_rate); beeps that would run past
-    the end are cut there."""
+    """The soundtrack of ``events``: (S,) float32, S = round(seconds * sample_rate); steady ``tones`` beeps
+    (``render_beep``), cut at the end of the clip."""
     out = np.zeros(int(round(seconds * sample_rate)))
-    n = int(round(BEEP_SECONDS * sample_rate))
-    t = np.arange(n) / sample_rate
-    fade = np.minimum(1.0, np.minimum(t, t[-1] - t) / FADE)
     for event in events:
-        start = int(round(event.time * sample_rate))
-        beep = BEEP_AMPLITUDE * fade * np.sin(2 * np.pi * COLOUR_PITCHES[event.colour] * t)
-        end = min(len(out), start + n)
-        out[start:end] += beep[:end - start]
+        beep = Beep("", "", "steady", COLOUR_PITCHES[event.colour], event.time, BEEP_SECONDS)
+        render_beep(beep, sample_rate, out, BEEP_AMPLITUDE)
     return out.astype(np.float32)
 
 

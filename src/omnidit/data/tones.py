@@ -93,10 +93,12 @@ def make_tone_scene(rng: np.random.Generator, seconds: float) -> ToneScene:
     return ToneScene(tuple(beeps), tone_caption(beeps))
 
 
-def render_beep(beep: Beep, sample_rate: int, out: np.ndarray) -> None:
-    """Add ``beep`` into ``out`` (S,) float64 in place."""
-    start = int(round(beep.onset * sample_rate))
-    n = int(round(beep.seconds * sample_rate))
+def render_beep(beep: Beep, sample_rate: int, out: np.ndarray, amplitude: float = AMPLITUDE) -> None:
+    """Add ``beep`` into ``out`` (S,) float64 in place; a beep running past the end is cut there."""
+    start, whole = int(round(beep.onset * sample_rate)), int(round(beep.seconds * sample_rate))
+    n = min(whole, len(out) - start)
+    if n <= 0:
+        return
     t = np.arange(n) / sample_rate
     ratio = {"steady": 1.0, "rising": GLIDE, "falling": 1 / GLIDE}[beep.glide]
     if ratio == 1.0:
@@ -104,8 +106,9 @@ def render_beep(beep: Beep, sample_rate: int, out: np.ndarray) -> None:
     else:  # f(t) = f0 * ratio ** (t / d); the phase is its integral
         rate = math.log(ratio) / beep.seconds
         phase = 2 * np.pi * beep.frequency * np.expm1(rate * t) / rate
-    fade = np.minimum(1.0, np.minimum(t, t[-1] - t) / FADE)
-    out[start:start + n] += AMPLITUDE * fade * np.sin(phase)
+    end = (whole - 1) / sample_rate  # the fade out is where the whole beep ends, even when it is cut
+    fade = np.minimum(1.0, np.minimum(t, end - t) / FADE)
+    out[start:start + n] += amplitude * fade * np.sin(phase)
 
 
 def render_tones(scene: ToneScene, seconds: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

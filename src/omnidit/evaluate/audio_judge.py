@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from omnidit.audio_io import mono
 from omnidit.data.tones import DURATIONS, GLIDES, PITCHES, SAMPLE_RATE
 from omnidit.errors import OmniditError
 
@@ -75,16 +76,6 @@ def parse_tone_caption(caption: str) -> tuple[BeepSpec, ...]:
     return tuple(specs)
 
 
-def _as_array(audio: np.ndarray | torch.Tensor) -> np.ndarray:
-    x = audio.detach().cpu().float().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio, np.float64)
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim == 2:  # (C, S): mix down
-        x = x.mean(axis=0)
-    if x.ndim != 1:
-        raise OmniditError(f"audio must be (S,) or (C, S), got shape {tuple(x.shape)}")
-    return x
-
-
 def dominant_frequency(x: np.ndarray, sample_rate: int) -> float:
     """The strongest frequency of ``x`` in Hz: Hann window, FFT zero-padded to 8x, parabolic interpolation."""
     if len(x) < 8:
@@ -103,7 +94,7 @@ def pitch_class(frequency: float) -> str:
 
 def find_beeps(audio: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE) -> list[Event]:
     """Every beep in a clip, in time order."""
-    x = _as_array(audio)
+    x = mono(audio)
     hop = max(1, int(round(HOP * sample_rate)))
     windows = len(x) // hop
     if windows == 0:

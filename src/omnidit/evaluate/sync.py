@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
+from omnidit.audio_io import mono, stft_magnitude
 from omnidit.data.bounce import COLOUR_PITCHES, MIN_BOUNCE_GAP
 from omnidit.data.tones import SAMPLE_RATE
 from omnidit.evaluate.tracker import detect_clip, link, max_step
@@ -73,20 +73,12 @@ class SyncReport:
         return self.matched == self.bounces == self.beeps == self.pitch_matched
 
 
-def _mono(audio) -> np.ndarray:
-    x = audio.detach().cpu().double().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio, np.float64)
-    return x.mean(axis=0) if x.ndim == 2 else x
-
-
 def hear_beeps(audio, sample_rate: int = SAMPLE_RATE) -> list[Heard]:
     """Every beep in a soundtrack, with the colour whose pitch it sounds, in time order."""
-    x = _mono(audio)
     length, hop = int(round(WINDOW * sample_rate)), int(round(HOP * sample_rate))
-    if len(x) < length:
+    starts, spectrum = stft_magnitude(mono(audio), length, hop, FFT_SIZE)  # (W,), (W, F)
+    if len(starts) == 0:
         return []
-    starts = np.arange(0, len(x) - length + 1, hop)
-    frames = np.stack([x[s:s + length] for s in starts]) * np.hanning(length)  # (W, L)
-    spectrum = np.abs(np.fft.rfft(frames, FFT_SIZE, axis=1))  # (W, F)
     colours = list(COLOUR_PITCHES)
     bins = [int(round(COLOUR_PITCHES[c] * FFT_SIZE / sample_rate)) for c in colours]
     level = np.stack([spectrum[:, b - 2:b + 3].max(axis=1) for b in bins], axis=1)  # (W, colours)
@@ -117,7 +109,7 @@ def see_bounces(clip, fps: float) -> list[Seen]:
         if len(frames) < 3 or np.any(np.diff(frames) != 1):
             continue  # a track with gaps does not say where its object went between
         centres = np.array([d.centre_px for d in track.detections], dtype=np.float64)
-        times = []
+        tips = []  # in frames
         for axis in range(2):
             y = centres[:, axis]
             speed = float(np.median(np.abs(np.diff(y))))
@@ -129,11 +121,13 @@ def see_bounces(clip, fps: float) -> list[Seen]:
                     if b >= a and b >= c and b - min(a, c) >= MIN_STEP:
                         # the tip lies on the side of the higher neighbour
                         tip = i + 0.5 - (b - c) / (2 * speed) if c >= a else i - 0.5 + (b - a) / (2 * speed)
-                        times.append(float(np.clip(tip, i - 1, i + 1)) + frames[0])
-        for t in sorted(times):  # as in the data, a bounce within MIN_BOUNCE_GAP of the object's last is silent
-            if not found or found[-1][1] != id(track) or (t / fps - found[-1][0].time) >= MIN_BOUNCE_GAP:
-                found.append((Seen(t / fps, track.colour), id(track)))
-    return sorted((seen for seen, _ in found), key=lambda s: s.time)
+                        tips.append(float(np.clip(tip, i - 1, i + 1)) + frames[0])
+        last = -np.inf
+        for tip in sorted(tips):  # as in the data, a bounce within MIN_BOUNCE_GAP of the object's last is silent
+            if tip / fps - last >= MIN_BOUNCE_GAP:
+                found.append(Seen(tip / fps, track.colour))
+                last = tip / fps
+    return sorted(found, key=lambda s: s.time)
 
 
 def judge_sync(bounces: Sequence[Seen], beeps: Sequence[Heard], fps: float, frames: int) -> SyncReport:

@@ -47,7 +47,6 @@ class Job:
     progress: ProgressFn | None = None
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    created: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> tuple:
