@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -271,6 +272,10 @@ def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, T
     # The rotary time scale shapes no weight: an image model (every token at time 0) fine-tunes into a video
     # model of the same token size.
     grow += ("rope_time_scale",)
+    # A model may gain streams (a video model learning sound): the new streams' weights start fresh.
+    new_streams = [n for n in config.model.extra_streams if n not in source.model.extra_streams]
+    if all(config.model.extra_streams.get(n) == d for n, d in source.model.extra_streams.items()):
+        grow += ("extra_streams",)
     diff = [f"model.{k}: {v} there, {getattr(config.model, k)} here"
             for k, v in vars(source.model).items() if getattr(config.model, k) != v and k not in grow]
     diff += [f"{name}: {a} there, {b} here" for name, a, b in (
@@ -284,12 +289,22 @@ def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, T
     state = {k: v.float() if v.is_floating_point() else v for k, v in read_safetensors(file).items()}
     with torch.device("meta"):  # shapes only: clear errors for missing, extra or misshapen keys
         check_state_matches(MMDiT(source.model), state, file)
-    if (source.model.depth, source.model.depth_single) != (config.model.depth, config.model.depth_single):
-        with torch.random.fork_rng(devices=[]):  # the new blocks' weights: the same on every rank
+    deeper = (source.model.depth, source.model.depth_single) != (config.model.depth, config.model.depth_single)
+    if deeper or new_streams:
+        with torch.random.fork_rng(devices=[]):  # the new weights: the same on every rank
             torch.manual_seed(config.train.seed)
             fresh = MMDiT(config.model).state_dict()
-        state = deepen_state(state, source.model, config.model, fresh)
+        state = {**{k: v for k, v in fresh.items() if _stream_key(k, new_streams)}, **state}
+        if deeper:
+            state = deepen_state(state, source.model, config.model, fresh)
     return directory, state
+
+
+def _stream_key(key: str, names: Sequence[str]) -> bool:
+    """Whether a parameter name belongs to one of the extra streams ``names`` (its projections or block branch)."""
+    parts = key.split(".")
+    return (parts[0] in ("stream_in", "stream_out") and parts[1] in names
+            or "streams" in parts and parts[parts.index("streams") + 1] in names)
 
 
 def load_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[MMDiT, Config]:

@@ -342,7 +342,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         + (f", best of {config.sample.candidates} by the model's own denoising error"
            if config.sample.candidates > 1 else ""),
     ]
-    vocabulary = caption_vocabulary(config.data.name) if config.text.encoder != "none" else None
+    vocabulary = caption_vocabulary(config.data.name, config.data.mix_name) if config.text.encoder != "none" else None
     if vocabulary:
         lines.append(f"vocabulary    the {len(vocabulary)} words of its training captions: "
                      + ", ".join(sorted(vocabulary)))

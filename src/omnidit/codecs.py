@@ -97,6 +97,32 @@ class IdentityCodec:
         return latents.float().clamp(-1, 1)
 
 
+class WaveformCodec:
+    """Sound as the model sees it: the mono waveform (B, 1, S) in [-1, 1] times ``scale``, so that beeps of
+    amplitude ~0.4 with silence between them reach a spread nearer the unit noise (``data.audio_scale``).
+
+    The interface a learned audio autoencoder fills in its place (Stable Audio Open's VAE, say): ``encode``
+    (B, 1, S) -> (B, c, S / downsample) latents, normalised, and ``decode`` back; the model's audio tokens
+    are then frames of latents (``tokens.audio_patchify`` over c channels) at rate / downsample per second,
+    their position ids in seconds as now.
+    """
+
+    channels = 1
+    downsample = 1
+
+    def __init__(self, scale: float = 1.0) -> None:
+        if not scale > 0:
+            raise OmniditError(f"data.audio_scale must be positive, got {scale}", hint="e.g. 2.5")
+        self.scale = float(scale)
+        self.name = f"waveform:{self.scale:g}"
+
+    def encode(self, audio: Tensor) -> Tensor:
+        return audio * self.scale
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents / self.scale
+
+
 def _check_vae_folder(directory: Path) -> None:
     """Fail early, before importing diffusers, unless config.json describes an AutoencoderKL."""
     if not directory.exists():

@@ -26,7 +26,7 @@ DEFAULT_HELD_OUT = ["red triangle", "blue circle", "green square", "yellow diamo
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"  # shapes | shapes_video | digits | imagefolder
+    name: str = "shapes"  # shapes | shapes_video | bounce (clips with sound) | tones (sound) | digits | imagefolder
     width: int = 32
     height: int = 32
     frames: int = 1  # frames per clip (video data); 1 = still images
@@ -44,10 +44,22 @@ class DataConfig:
     # shapes only: the facts a counterfactual partner changes (train.counterfactual_weight), drawn from
     # "relation" (reversed), "colours" (the two objects swap colours), "count" (one object fewer)
     counterfactuals: list[str] = field(default_factory=lambda: ["relation"])
+    sample_rate: int = 8000  # audio samples per second (bounce, tones)
+    seconds: float = 2.0  # length of sound-only clips (tones); clips with video last frames / fps
+    audio_scale: float = 1.0  # the model sees the waveform times this (codecs.WaveformCodec)
+    # Every mix_every-th training batch comes from the data set mix_name instead (0 = never), at the same size,
+    # rate and seed: e.g. tones mixed into bounce, so that one model also makes sound from a caption alone.
+    mix_name: str = ""
+    mix_every: int = 0
 
     def __post_init__(self) -> None:
-        _check_ranges("data", self, positive=("width", "height", "frames", "fps"), non_negative=("cache_samples",),
-                      choices={"codec_dtype": ("fp32", "bf16", "fp16")})
+        _check_ranges("data", self, positive=("width", "height", "frames", "fps", "sample_rate", "seconds",
+                                                "audio_scale"),
+                      non_negative=("cache_samples", "mix_every"), choices={"codec_dtype": ("fp32", "bf16", "fp16")})
+        if bool(self.mix_name) != bool(self.mix_every) or self.mix_every == 1:
+            raise OmniditError(f"data.mix_name={self.mix_name!r} and data.mix_every={self.mix_every} go together: "
+                               "a second data set for every N-th batch, N >= 2",
+                               hint="e.g. data.mix_name=tones data.mix_every=4, or neither")
         if self.scene_kinds:
             if self.name != "shapes":
                 raise OmniditError(f"config key 'data.scene_kinds' applies to the shapes data set, not {self.name!r}",
@@ -129,8 +141,17 @@ class TrainConfig:
     # tokens, no loss there): the first frame, the first k or the first and last (Trainer.given_tubelets). It
     # teaches image-to-video, extension and interpolation to the same model. 0 = off.
     given_p: float = 0.0
+    # Several generated streams (video and audio): the probability that a sample's streams get independent times
+    # (UniDiffuser; otherwise they share one), and, drawn after it, that one whole stream, chosen at random, is
+    # given as clean context (video -> audio, audio -> video). 0 = off.
+    stream_given_p: float = 0.0
+    stream_independent_p: float = 0.0
 
     def __post_init__(self) -> None:
+        for key in ("stream_given_p", "stream_independent_p"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise OmniditError(f"train.{key} must lie in [0, 1], got {getattr(self, key)}",
+                                   hint=f"e.g. train.{key}=0.3")
         _check_ranges("train", self, positive=("steps", "batch_size", "log_every", "checkpoint_every", "lr"),
                       non_negative=("warmup_steps", "weight_decay", "grad_clip", "keep_last", "t_std", "eval_every"),
                       choices={"timesteps": ("uniform", "logit_normal"),

@@ -65,7 +65,9 @@ def wrap_model(model: nn.Module, world: World, parallel: str) -> nn.Module:
         return model
     if parallel == "ddp":
         device_ids = [model.img_in.weight.device.index] if model.img_in.weight.is_cuda else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # A batch of sound alone leaves the picture stream's weights without a gradient (and the reverse).
+        unused = bool(model.config.extra_streams)
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

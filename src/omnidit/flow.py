@@ -8,7 +8,7 @@ dx/dt = v and integrating from t = 1 down to t = 0 turns noise into data).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -126,21 +126,34 @@ def condition_keep_mask(n: int, p: float, generator: torch.Generator | None = No
     return torch.rand(n, generator=generator) >= p
 
 
-def velocity_errors(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, noise: Tensor) -> Tensor:
+def velocity_errors(model: VelocityModel, x0: Tensor | Mapping[str, Tensor], cond: Condition,
+                    t: Tensor | Mapping[str, Tensor], noise: Tensor | Mapping[str, Tensor]) -> Tensor:
     """(B,): each sample's mean squared error between the predicted and the true velocity.
 
     x0: (B, ...) clean data (tokens or pixels); t: (B,) times, or (B, N) per token for tokens x0 (B, N, D);
     noise: like x0. A token at t = 0 is given as clean context: x_t is the data itself, its velocity
     cannot be known, and it is left out of the mean (the sample's mean runs over its other tokens).
+
+    Several generated streams: x0, t and noise are mappings {name: ...} (the model takes and returns mappings);
+    a sample's error is the mean over its streams of each stream's mean, streams it is wholly given left out,
+    so a stream of few tokens (sound) weighs as much as one of many (video).
     """
-    x_t = interpolate(x0, noise, t)
-    v = model(x_t, t, cond)
+    if not isinstance(x0, Mapping):
+        return _stream_errors(model(interpolate(x0, noise, t), t, cond), x0, noise, t)[0]
+    v = model({n: interpolate(x0[n], noise[n], t[n]) for n in x0}, dict(t), cond)
+    errors, generated = zip(*(_stream_errors(v[n], x0[n], noise[n], t[n]) for n in x0))
+    weights = torch.stack(generated).to(errors[0].dtype)  # (S, B): 1 where the sample generates the stream
+    return (torch.stack(errors) * weights).sum(0) / weights.sum(0).clamp(min=1)
+
+
+def _stream_errors(v: Tensor, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """((B,) mean squared velocity error over the generated tokens, (B,) bool: the sample has any)."""
     errors = (v.float() - velocity_target(x0, noise).float()).pow(2)
     if t.dim() < 2:
-        return errors.flatten(1).mean(1)
+        return errors.flatten(1).mean(1), t.reshape(-1).expand(errors.shape[0]) > 0
     generated = (t > 0).to(errors.dtype)  # (B, N)
     per_token = errors.flatten(2).mean(2)  # (B, N)
-    return (per_token * generated).sum(1) / generated.sum(1).clamp(min=1)
+    return (per_token * generated).sum(1) / generated.sum(1).clamp(min=1), generated.sum(1) > 0
 
 
 def training_loss(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, noise: Tensor) -> Tensor:

@@ -120,7 +120,8 @@ class Pipeline:
         mc = self.model.config
         cond, null = Condition(), Condition()
         if self.text_encoder is not None:
-            warn_unknown_words(prompts + [negative_prompt], caption_vocabulary(self.config.data.name))
+            dc = self.config.data
+            warn_unknown_words(prompts + [negative_prompt], caption_vocabulary(dc.name, dc.mix_name))
             cond, null = self.text_encoder.encode(prompts), self.text_encoder.encode([negative_prompt])
         if mc.num_classes:
             cond.labels = labels_from_prompts(prompts, mc.num_classes)
@@ -210,6 +211,28 @@ class Pipeline:
             given_frames = range(min(pt, int(frames)))
         return self._generate(prompts, frames, fps, width, height, settings, seed, given, given_frames, progress,
                               negative_prompt, on_step)
+
+    @torch.inference_mode()
+    def generate_av(self, prompts: list[str], frames: int | None = None, fps: float | None = None,
+                    width: int | None = None, height: int | None = None, seconds: float | None = None,
+                    seed: int | Sequence[int] = 0, video: Tensor | None = None, audio: Tensor | None = None,
+                    given_frames: Sequence[int] | None = None, audio_only: bool = False,
+                    cfg_video: float | None = None, cfg_audio: float | None = None, progress: bool = False,
+                    negative_prompt: str = "", on_step: StepCallback | None = None, **sampling):
+        """One clip with sound per prompt, from a model with an ``audio`` stream -> ``av.AudioVideo`` (video
+        (B, C, T, H, W) or None, audio (B, 1, S), both in [-1, 1]). Unset settings come from the config.
+
+        Which streams are given picks the direction: nothing (text -> clip with sound), ``video`` (B or 1, C, T,
+        H, W) (video -> audio), ``audio`` (B or 1, 1, S) at the model's sample rate (audio -> video); with
+        ``given_frames`` only those frames of ``video`` and the sound over the same time (``audio``, if given)
+        are kept (extend a clip with its sound). Given streams come back exactly as given. ``audio_only``:
+        sound alone, ``seconds`` long (default data.seconds). ``cfg_video`` / ``cfg_audio``: each stream's
+        guidance scale (default the sampling cfg). ``seed``: sample i uses seed + i (or one seed each).
+        """
+        from omnidit.av import generate_av
+
+        return generate_av(self, prompts, frames, fps, width, height, seconds, seed, video, audio, given_frames,
+                           audio_only, cfg_video, cfg_audio, progress, negative_prompt, on_step, **sampling)
 
     def _generate(self, prompts: list[str], frames: int, fps: float, width: int | None, height: int | None,
                   settings: dict, seed: int | Sequence[int], given: Tensor | None, given_frames: Sequence[int],

@@ -9,6 +9,9 @@ that the patch size divides works, and any frame count that the temporal patch d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -160,3 +163,62 @@ def audio_position_ids(samples: int, frame: int, sample_rate: float, num_axes: i
     ids = torch.zeros(1, samples // frame, num_axes, dtype=torch.float64)
     ids[0, :, 0] = torch.arange(samples // frame, dtype=torch.float64) * frame / sample_rate
     return ids.float().to(device)
+
+
+def audio_frame_size(model_config) -> int:
+    """Samples per token of a model's ``audio`` stream (mono: its token features), or an error naming the fix."""
+    features = model_config.extra_streams.get("audio")
+    if not features:
+        raise OmniditError("this model has no audio stream",
+                           hint='add model.extra_streams={"audio": 200} (200 samples per token) to train on sound')
+    return int(features)
+
+
+def audio_tubelets(samples: int, frame: int, sample_rate: float, fps: float, temporal_patch: int,
+                   tubelets: int) -> Tensor:
+    """(samples / frame,) int64: the video tubelet in which each audio frame starts (the last one for frames past
+    the clip), so that sound can be given or generated over the same stretches of time as the picture."""
+    start = audio_position_ids(samples, frame, sample_rate)[0, :, 0].double()
+    return (start * fps / temporal_patch + 1e-9).floor().long().clamp(0, tubelets - 1)
+
+
+@dataclass
+class StreamLayout:
+    """What a sample of several generated streams looks like as tokens: position ids (1, N_s, A) and token
+    features per stream, in the model's stream order."""
+
+    ids: dict[str, Tensor]
+    features: dict[str, int]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.ids)
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        return {n: ids.shape[1] for n, ids in self.ids.items()}
+
+
+def stream_layout(model_config, streams: Sequence[str], frames: int, grid_h: int, grid_w: int, fps: float,
+                  samples: int = 0, sample_rate: float = 0.0, device: torch.device | str = "cpu") -> StreamLayout:
+    """The layout of ``streams`` ("img" for images and clips, "audio" for ``samples`` of sound) of a model."""
+    mc, ids, features = model_config, {}, {}
+    for name in (n for n in mc.generated_streams if n in streams):
+        if name == "img":
+            ids[name] = video_position_ids(frames, grid_h, grid_w, fps, mc.temporal_patch, len(mc.axes_dim), device)
+            features[name] = mc.token_dim
+        else:
+            ids[name] = audio_position_ids(samples, audio_frame_size(mc), sample_rate, len(mc.axes_dim), device)
+            features[name] = mc.extra_streams[name]
+    return StreamLayout(ids, features)
+
+
+def stream_tokens(data: dict[str, Tensor], model_config) -> dict[str, Tensor]:
+    """Data by stream ({"img": (B, C, H, W) or (B, C, T, H, W), "audio": (B, 1, S)}) -> tokens (B, N_s, D_s)."""
+    mc, out = model_config, {}
+    for name, x in data.items():
+        if name == "img":
+            out[name] = video_patchify(x if x.dim() == 5 else x[:, :, None], mc.patch_size, mc.temporal_patch)
+        else:
+            out[name] = audio_patchify(x, audio_frame_size(mc))
+    return out

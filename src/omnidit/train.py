@@ -34,25 +34,37 @@ from omnidit.checkpoint import (
     save_checkpoint,
     training_provenance,
 )
-from omnidit.codecs import load_codec
+from omnidit.codecs import WaveformCodec, load_codec
 from omnidit.condition import Condition
 from omnidit.config import Config
-from omnidit.data import batch_from_indices, build_dataset, counterfactual_batch
+from omnidit.data import batch_from_indices, batch_streams, build_dataset, counterfactual_batch, streams
 from omnidit.errors import OmniditError
 from omnidit.flow import (
     condition_keep_mask,
     counterfactual_loss,
     draw_given_tubelets,
     sample_timesteps,
+    stream_timesteps,
     token_times_with_context,
     training_loss,
 )
 from omnidit.model.mmdit import MMDiT
+from omnidit.optim import ema_decay_at, learning_rate, make_optimizer, parameter_groups, update_ema  # noqa: F401
 from omnidit.pipeline import Pipeline, resolve_device
 from omnidit.plot import plot_training_curves
 from omnidit.precompute import fields_for_config, open_cache
 from omnidit.text import load_text_encoder
-from omnidit.tokens import check_frame_count, check_image_size, patchify, video_patchify, video_position_ids
+from omnidit.tokens import (
+    StreamLayout,
+    audio_frame_size,
+    audio_tubelets,
+    patchify,
+    stream_layout,
+    stream_tokens,
+    video_patchify,
+    video_position_ids,
+)
+from omnidit.train_checks import check_compatible, check_streams  # noqa: F401
 from omnidit.validate import check_memory
 
 
@@ -67,60 +79,6 @@ class CounterfactualPairs(NamedTuple):
     t: Tensor
     noise: Tensor
     scale: float
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (linear weights, embeddings); none on biases and norm scales."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only, fused into one kernel per device where torch has one.
-
-    The fused kernel exists on CUDA and CPU. On a CPU it runs the update 3-5x faster than the default
-    multi-tensor path (``benchmarks/optimizer.py``; figures in docs/benchmarks.md).
-    """
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                             fused=device.type in ("cuda", "cpu"))
-
-
-def learning_rate(step: int, base_lr: float, warmup_steps: int, total_steps: int | None = None,
-                  schedule: str = "constant", min_ratio: float = 0.1, decay_steps: int = 0) -> float:
-    """Linear warmup over ``warmup_steps``, then one of:
-
-    - ``constant``: ``base_lr``;
-    - ``cosine``: a cosine from ``base_lr`` down to ``base_lr * min_ratio`` at ``total_steps``;
-    - ``wsd`` (warmup-stable-decay): ``base_lr`` until the last ``decay_steps`` steps (20% of
-      ``total_steps`` when 0), then linear down to ``base_lr * min_ratio`` at ``total_steps``. The
-      stable phase does not depend on ``total_steps``, so a run can be lengthened by resuming from a
-      checkpoint taken before the decay began.
-    """
-    def progress(start: int, length: int) -> float:  # fraction of [start, start + length) done, in [0, 1]
-        return min(1.0, max(0.0, (step - start) / max(1, length)))
-
-    if warmup_steps > 0 and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    if schedule == "cosine" and total_steps:
-        p = progress(warmup_steps, total_steps - warmup_steps)
-        return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-    if schedule == "wsd" and total_steps:
-        decay = decay_steps if decay_steps > 0 else total_steps // 5
-        return base_lr * (1 - (1 - min_ratio) * progress(total_steps - decay, decay))
-    return base_lr
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (shard by shard under FSDP)."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """Warm the EMA up: early on, average over roughly the steps seen so far."""
-    return min(decay, (1 + step) / (10 + step))
 
 
 def batch_indices(step: int, batch_size: int, num_samples: int | None, seed: int) -> list[int]:
@@ -139,51 +97,6 @@ def batch_indices(step: int, batch_size: int, num_samples: int | None, seed: int
             perm_epoch = epoch
         out.append(int(perm[i]))
     return out
-
-
-def check_compatible(config: Config, dataset, codec) -> None:
-    """Model, data, codec and text settings must agree; say which key to change when they do not."""
-    mc = config.model
-    if mc.in_channels != codec.channels:
-        what = "data" if config.data.codec == "identity" else "VAE latents"
-        raise OmniditError(f"model.in_channels is {mc.in_channels} but the '{config.data.name}' {what} have "
-                           f"{codec.channels} channels", hint=f"set model.in_channels={codec.channels}")
-    if mc.out_channels not in (0, mc.in_channels):
-        raise OmniditError(f"model.out_channels={mc.out_channels} differs from in_channels={mc.in_channels}: "
-                           "a velocity model predicts one value per input value", hint="set model.out_channels=0")
-    if dataset.num_classes and mc.num_classes not in (0, dataset.num_classes):
-        raise OmniditError(f"model.num_classes is {mc.num_classes} but the data has {dataset.num_classes} classes")
-    check_image_size(config.data.height, config.data.width, mc.patch_size * codec.downsample)
-    check_frame_count(config.data.frames, mc.temporal_patch)
-    clip = getattr(dataset, "frames", 1) > 1 or config.data.frames > 1
-    if clip and (getattr(dataset, "frames", 1), getattr(dataset, "fps", config.data.fps)) != (
-            config.data.frames, config.data.fps):
-        raise OmniditError(f"data.frames={config.data.frames} is for clips, but the '{config.data.name}' data are "
-                           "still images", hint="use data.name=shapes_video, or data.frames=1")
-    if clip and codec.downsample != 1:
-        raise OmniditError("clips train in pixel space: the image VAE in data.codec has no time axis",
-                           hint="set data.codec=identity")
-    if clip and config.data.cache_dir:
-        raise OmniditError("data.cache_dir caches images; clips train from the data directly",
-                           hint="drop data.cache_dir")
-    if config.train.given_p > 0 and config.data.frames // mc.temporal_patch < 2:
-        raise OmniditError("train.given_p gives some frames of a clip as context, but the data are single frames",
-                           hint="set train.given_p=0, or train on clips (data.frames > 1)")
-    if config.text.encoder == "none":
-        if mc.context_dim or mc.pooled_dim:
-            raise OmniditError("text.encoder is 'none' but the model reads text",
-                               hint="set model.context_dim=0 and model.pooled_dim=0 (class labels only)")
-        if not mc.num_classes:
-            raise OmniditError("the model has neither text nor class conditioning",
-                               hint="set text.encoder=minilm or model.num_classes")
-        return
-    from omnidit.text import text_encoder_dims
-
-    dim, pooled = text_encoder_dims(config.text.encoder)
-    if mc.context_dim not in (0, dim) or mc.pooled_dim not in (0, pooled):
-        raise OmniditError(f"the text encoder gives {dim}-d tokens and {pooled}-d pooled vectors, but the model has "
-                           f"context_dim={mc.context_dim}, pooled_dim={mc.pooled_dim}",
-                           hint=f"set model.context_dim={dim} model.pooled_dim={pooled}")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -208,9 +121,30 @@ class Trainer:
         self.out_dir = Path(tc.out_dir)
         self.dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out,
                                      scene_kinds=dc.scene_kinds, counterfactuals=dc.counterfactuals,
-                                     frames=dc.frames, fps=dc.fps)
-        self.codec = load_codec(dc.codec, self.dataset.channels, self.device, dc.codec_dtype)
+                                     frames=dc.frames, fps=dc.fps, sample_rate=dc.sample_rate, seconds=dc.seconds)
+        self.mix_dataset = build_dataset(dc.mix_name, dc.width, dc.height, seed=dc.seed, held_out=dc.held_out,
+                                         frames=dc.frames, fps=dc.fps, sample_rate=dc.sample_rate,
+                                         seconds=dc.seconds) if dc.mix_name else None
+        picture = self.dataset if "img" in streams(self.dataset) else self.mix_dataset
+        channels = picture.channels if picture is not None and "img" in streams(picture) else mc.in_channels
+        self.codec = load_codec(dc.codec, channels, self.device, dc.codec_dtype)
+        self.audio_codec = WaveformCodec(dc.audio_scale)
         check_compatible(config, self.dataset, self.codec)
+        # Several streams (sound), or a second data set: every batch goes through the streams path.
+        self.multi = streams(self.dataset) != ("img",) or self.mix_dataset is not None
+        if self.mix_dataset is not None:
+            check_compatible(config, self.mix_dataset, self.codec)
+        if self.multi:
+            filled = set(streams(self.dataset)) | set(streams(self.mix_dataset) if self.mix_dataset else ())
+            unfed = [n for n in mc.extra_streams if n not in filled]
+            if unfed:
+                raise OmniditError(f"the model's {unfed[0]} stream gets no data from '{dc.name}'"
+                                   + (f" or '{dc.mix_name}'" if dc.mix_name else ""),
+                                   hint=f"train on data with {unfed[0]} (e.g. data.name=bounce), or drop it from "
+                                        "model.extra_streams")
+            if tc.sample_every or tc.eval_every:
+                raise OmniditError("train.sample_every and train.eval_every draw images, not clips with sound",
+                                   hint="set them to 0 and evaluate checkpoints with omnidit eval")
         # With a precomputed cache, training reads latents and text features from disk: the text
         # encoder is loaded only when sampling needs it.
         self.cache = open_cache(dc.cache_dir, fields_for_config(config, self.dataset)) if dc.cache_dir else None
@@ -246,6 +180,12 @@ class Trainer:
         self.ids = video_position_ids(dc.frames, *self.grid, dc.fps, mc.temporal_patch, len(mc.axes_dim),
                                       device=self.device)  # (1, N, A); one frame = an image's ids
         self.num_tokens = self.ids.shape[1]
+        self.layouts: dict[int, StreamLayout] = {}
+        if self.multi:
+            for ds in filter(None, (self.dataset, self.mix_dataset)):
+                self.layouts[id(ds)] = stream_layout(mc, streams(ds), dc.frames, *self.grid, dc.fps,
+                                                     getattr(ds, "samples", 0), dc.sample_rate, self.device)
+            self.num_tokens = sum(self.layouts[id(self.dataset)].tokens.values())
         self.null_cond = self._null_condition()
         self.last_checkpoint: Path | None = None
         self.init_source: dict | None = None  # set by initialise_from, kept in every checkpoint
@@ -284,41 +224,60 @@ class Trainer:
         """
         tc, mc, world = self.config.train, self.config.model, self.world
         batch, local = tc.batch_size, tc.batch_size // world.world_size
-        source = self.cache if self.cache is not None else self.dataset
-        idx = batch_indices(self.step, batch, source.num_samples, self.config.data.seed)
+        if self.multi:
+            source, position = self.source_at(self.step)
+        else:
+            source, position = (self.cache if self.cache is not None else self.dataset), self.step
+        idx = batch_indices(position, batch, source.num_samples, self.config.data.seed)
         # Randomness for the whole global batch, drawn identically on every rank.
         keep = condition_keep_mask(batch, tc.cond_dropout, self.generator)
-        t = sample_timesteps(batch, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=self.generator)
-        noise = torch.randn((batch, self.num_tokens, mc.token_dim), generator=self.generator)
-        if tc.given_p > 0:  # clips with some frames given as clean context: t = 0 on their tokens
-            t = token_times_with_context(t, self.given_tubelets(batch), self.num_tokens)
-        counterfactual = tc.counterfactual_weight > 0
-        if counterfactual:
-            g = self.counterfactual_generator
-            t_cf = tc.counterfactual_t_min + (1 - tc.counterfactual_t_min) * torch.rand(batch, generator=g)
-            noise_cf = torch.randn(noise.shape, generator=g)
         mine = slice(world.rank * local, (world.rank + 1) * local)
-        if self.cache is not None:
-            latents, _, labels, cond = self.cache.batch(idx[mine])
-            if mc.num_classes:
-                cond.labels = labels
-            cond = cond.to(self.device)
-        else:
-            images, captions, labels = batch_from_indices(self.dataset, idx[mine])
-            latents = self.codec.encode(images.to(self.device))  # (b, c, h, w); identity for pixels
+        counterfactual = tc.counterfactual_weight > 0
+        if self.multi:
+            layout = self.layouts[id(source)]
+            ids = layout.ids
+            t, noise = self.stream_draws(batch, layout)
+            data, captions, labels = batch_streams(source, idx[mine])
+            if "img" in data:
+                data["img"] = self.codec.encode(data["img"].to(self.device))
+            if "audio" in data:
+                data["audio"] = self.audio_codec.encode(data["audio"])
+            x0 = stream_tokens({n: x.to(self.device) for n, x in data.items()}, mc)  # {name: (b, N_s, D_s)}
             cond = self.condition(captions, labels)
-        if latents.dim() == 4:  # images: clips of one frame
-            latents = latents[:, :, None]
-        x0 = video_patchify(latents.to(self.device), mc.patch_size, mc.temporal_patch)  # (b, N, c*pt*p*p)
-        pairs = self._counterfactual_pairs(idx[mine], x0, cond, labels, t_cf[mine], noise_cf[mine]) \
-            if counterfactual else None  # before the caption dropout: the pairs compare two real captions
+            t = {n: v[mine].to(self.device) for n, v in t.items()}
+            noise = {n: v[mine].to(self.device) for n, v in noise.items()}
+            pairs = None
+        else:
+            ids = self.ids
+            t = sample_timesteps(batch, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=self.generator)
+            noise = torch.randn((batch, self.num_tokens, mc.token_dim), generator=self.generator)
+            if tc.given_p > 0:  # clips with some frames given as clean context: t = 0 on their tokens
+                t = token_times_with_context(t, self.given_tubelets(batch), self.num_tokens)
+            if counterfactual:
+                g = self.counterfactual_generator
+                t_cf = tc.counterfactual_t_min + (1 - tc.counterfactual_t_min) * torch.rand(batch, generator=g)
+                noise_cf = torch.randn(noise.shape, generator=g)
+            if self.cache is not None:
+                latents, _, labels, cond = self.cache.batch(idx[mine])
+                if mc.num_classes:
+                    cond.labels = labels
+                cond = cond.to(self.device)
+            else:
+                images, captions, labels = batch_from_indices(self.dataset, idx[mine])
+                latents = self.codec.encode(images.to(self.device))  # (b, c, h, w); identity for pixels
+                cond = self.condition(captions, labels)
+            if latents.dim() == 4:  # images: clips of one frame
+                latents = latents[:, :, None]
+            x0 = video_patchify(latents.to(self.device), mc.patch_size, mc.temporal_patch)  # (b, N, c*pt*p*p)
+            pairs = self._counterfactual_pairs(idx[mine], x0, cond, labels, t_cf[mine], noise_cf[mine]) \
+                if counterfactual else None  # before the caption dropout: the pairs compare two real captions
+            t, noise = t[mine].to(self.device), noise[mine].to(self.device)
         cond = cond.where(keep[mine].to(self.device), self.null_cond)
-        t, noise = t[mine].to(self.device), noise[mine].to(self.device)
 
         self.model.train()
 
         def velocity(x: Tensor, tt: Tensor, c: Condition) -> Tensor:
-            return self.model(x, self.ids, tt, c)
+            return self.model(x, ids, tt, c)
 
         micro = local // tc.grad_accum
         total = torch.zeros((), device=self.device)
@@ -333,7 +292,8 @@ class Trainer:
             with self._no_sync(last), torch.autocast(self.device.type, self.amp_dtype,
                                                      enabled=self.amp_dtype is not None):
                 if part is not None:
-                    loss = training_loss(velocity, x0[part], cond.rows(part), t[part], noise[part])
+                    loss = training_loss(velocity, _rows(x0, part), cond.rows(part), _rows(t, part),
+                                         _rows(noise, part))
                     objective = loss / tc.grad_accum
                     total += loss.detach() / tc.grad_accum
                 else:
@@ -363,6 +323,44 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss_value, norm_value
+
+    def source_at(self, step: int) -> tuple:
+        """(data set, how many batches it gave before) for ``step``: every data.mix_every-th batch comes from the
+        mixed-in data set, the others from the main one, so the data position stays a function of the step."""
+        every = self.config.data.mix_every
+        if every and (step + 1) % every == 0:
+            return self.mix_dataset, step // every
+        return self.dataset, step - ((step + 1) // every if every else 0)
+
+    def stream_draws(self, batch: int, layout: StreamLayout) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per-token times {name: (batch, N_s)} and noise {name: (batch, N_s, D_s)} for a batch of several streams,
+        from the run's generator: one time per sample, or one per stream (train.stream_independent_p); then one
+        whole stream given at t = 0 (train.stream_given_p); then the frame patterns of train.given_p over the
+        picture and, over the same stretches of time, the sound (a clip extended with its sound)."""
+        tc, dc, mc, g = self.config.train, self.config.data, self.config.model, self.generator
+        names, tokens = layout.names, layout.tokens
+
+        def draw(n: int) -> Tensor:
+            return sample_timesteps(n, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=g)
+
+        times = stream_timesteps(draw(batch), names, tc.stream_independent_p, draw, g)
+        per_token = {n: times[n][:, None].expand(-1, tokens[n]).clone() for n in names}
+        if len(names) > 1 and tc.stream_given_p > 0:
+            whole = torch.rand(batch, generator=g) < tc.stream_given_p
+            which = torch.randint(0, len(names), (batch,), generator=g)
+            for i, n in enumerate(names):
+                per_token[n][whole & (which == i)] = 0.0
+        count = dc.frames // mc.temporal_patch
+        if tc.given_p > 0 and "img" in names and count > 1:
+            tubelets = self.given_tubelets(batch)  # (batch, T / pt)
+            per_token["img"][tubelets.repeat_interleave(tokens["img"] // count, dim=1)] = 0.0
+            if "audio" in names:
+                frame = audio_frame_size(mc)
+                where = audio_tubelets(tokens["audio"] * frame, frame, dc.sample_rate, dc.fps, mc.temporal_patch,
+                                       count)
+                per_token["audio"][tubelets[:, where]] = 0.0
+        noise = {n: torch.randn((batch, tokens[n], layout.features[n]), generator=g) for n in names}
+        return per_token, noise
 
     def given_tubelets(self, batch: int) -> Tensor:
         """(batch, T / pt) bool: the tubelets each clip of the batch is given as clean context
@@ -614,6 +612,11 @@ class Trainer:
                 f"training stopped at step {self.step}: the loss or gradients were non-finite for "
                 f"{self.bad_steps} steps in a row (steps {first}-{self.step}); the last good checkpoint is {where}",
                 hint="resume from it with a lower train.lr, a longer train.warmup_steps or train.precision=fp32")
+
+
+def _rows(x: Tensor | dict[str, Tensor], rows: slice) -> Tensor | dict[str, Tensor]:
+    """Rows of a batch tensor, or of each stream of a mapping."""
+    return {n: v[rows] for n, v in x.items()} if isinstance(x, dict) else x[rows]
 
 
 def _tensorboard(out_dir: Path):

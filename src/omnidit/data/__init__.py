@@ -1,8 +1,10 @@
 """Datasets with one interface: ``ds[i] -> {"image": (C, H, W) in [-1, 1], "caption": str, "label": int}``,
-or for clips ``{"video": (C, T, H, W) in [-1, 1], ...}``.
+or for clips ``{"video": (C, T, H, W) in [-1, 1], ...}``; data with sound add ``"audio": (1, S)`` in [-1, 1]
+(bounce), and sound-only data (tones) have ``"audio"`` and no picture.
 
 Every dataset also exposes ``num_samples`` (None = infinite), ``channels``, ``height``, ``width`` and
-``num_classes`` (0 = no classes; then ``label`` is -1); clip datasets also ``frames`` and ``fps``.
+``num_classes`` (0 = no classes; then ``label`` is -1); clip datasets also ``frames`` and ``fps``; data with
+sound ``sample_rate``, ``samples`` (per clip) and ``streams``, the generated streams an item fills (``streams(ds)``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from omnidit.data import digits, shapes, shapes_video
+from omnidit.data import digits, shapes, shapes_video, tones
 from omnidit.data.digits import DIGIT_NAMES, DigitsDataset
 from omnidit.data.imagefolder import ImageFolderDataset
 from omnidit.data.shapes import (
@@ -31,15 +33,24 @@ from omnidit.data.shapes import (
 )
 from omnidit.errors import OmniditError
 
-DATASETS = ("shapes", "shapes_video", "digits", "imagefolder")
+DATASETS = ("shapes", "shapes_video", "bounce", "tones", "digits", "imagefolder")
 SPLITS = ("train", "test", "all")
 
 
-def caption_vocabulary(name: str) -> frozenset[str] | None:
-    """Every word the captions of built-in data set ``name`` can contain; None for data with open captions
-    (imagefolder)."""
-    return {"shapes": shapes.VOCABULARY, "shapes_video": shapes_video.VOCABULARY,
-            "digits": digits.VOCABULARY}.get(name)
+def caption_vocabulary(name: str, mix_name: str = "") -> frozenset[str] | None:
+    """Every word the captions of built-in data set ``name`` (and of ``mix_name``, mixed into it) can contain;
+    None for data with open captions (imagefolder)."""
+    if mix_name:
+        parts = caption_vocabulary(name), caption_vocabulary(mix_name)
+        return None if None in parts else parts[0] | parts[1]
+    return {"shapes": shapes.VOCABULARY, "shapes_video": shapes_video.VOCABULARY, "bounce": shapes_video.VOCABULARY,
+            "tones": tones.VOCABULARY, "digits": digits.VOCABULARY}.get(name)
+
+
+def streams(ds) -> tuple[str, ...]:
+    """The generated streams an item of ``ds`` fills, in the model's order: ("img",), ("img", "audio") for clips
+    with sound, ("audio",) for sound alone."""
+    return tuple(getattr(ds, "streams", ("img",)))
 
 
 class ImageDataset(Protocol):
@@ -66,6 +77,8 @@ def build_dataset(
     counterfactuals: Sequence[str] = ("relation",),
     frames: int = 1,
     fps: float = 8.0,
+    sample_rate: int = 8000,
+    seconds: float = 2.0,
 ) -> ImageDataset:
     """Build a dataset by name.
 
@@ -73,7 +86,8 @@ def build_dataset(
     ``split`` selects the digits split ("train" | "test" | "all"); ``path`` is the imagefolder root;
     ``scene_kinds`` (shapes only) weights the scene kinds, None or {} meaning the default mix;
     ``counterfactuals`` (shapes only) names the facts a counterfactual partner changes; ``frames`` and
-    ``fps`` size the clips of shapes_video.
+    ``fps`` size the clips of shapes_video and bounce; ``sample_rate`` is the sound's (bounce, tones) and
+    ``seconds`` the length of a tones clip.
     """
     if name not in DATASETS:
         raise OmniditError(f"unknown dataset {name!r}", hint=f"choose one of: {', '.join(DATASETS)}")
@@ -87,6 +101,13 @@ def build_dataset(
         from omnidit.data.shapes_video import ShapesVideoDataset
 
         return ShapesVideoDataset(width, height, frames=frames, fps=fps, seed=seed, held_out=held_out)
+    if name == "bounce":
+        from omnidit.data.bounce import BounceDataset
+
+        return BounceDataset(width, height, frames=frames, fps=fps, sample_rate=sample_rate, seed=seed,
+                             held_out=held_out)
+    if name == "tones":
+        return tones.ToneDataset(seconds, sample_rate, seed=seed)
     if name == "digits":
         return DigitsDataset(width, height, split=split, seed=seed)
     if not path:
@@ -96,13 +117,24 @@ def build_dataset(
 
 def batch_from_indices(ds: ImageDataset, indices: Iterable[int]) -> tuple[Tensor, list[str], Tensor]:
     """Collate ``ds[i]`` for ``indices`` -> (images (B, C, H, W) or clips (B, C, T, H, W), captions [B],
-    labels (B,) int64)."""
+    labels (B,) int64). Sound-only items give their sound (B, 1, S) in the first place."""
+    data, captions, labels = batch_streams(ds, indices)
+    return data["img" if "img" in data else "audio"], captions, labels
+
+
+def batch_streams(ds: ImageDataset, indices: Iterable[int]) -> tuple[dict[str, Tensor], list[str], Tensor]:
+    """Collate ``ds[i]`` for ``indices`` by stream -> ({"img": (B, C, H, W) or (B, C, T, H, W), "audio":
+    (B, 1, S)}, the streams the items have; captions [B]; labels (B,) int64)."""
     items = [ds[int(i)] for i in indices]
     if not items:
         raise ValueError("batch_from_indices needs at least one index")
-    images = torch.stack([it["video"] if "video" in it else it["image"] for it in items])
+    data = {}
+    if "audio" not in items[0] or "video" in items[0]:
+        data["img"] = torch.stack([it["video"] if "video" in it else it["image"] for it in items])
+    if "audio" in items[0]:
+        data["audio"] = torch.stack([it["audio"] for it in items])
     labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
-    return images, [it["caption"] for it in items], labels
+    return data, [it["caption"] for it in items], labels
 
 
 def counterfactual_batch(ds: ImageDataset, indices: Sequence[int]) -> tuple[list[int], Tensor | None, list[str]]:
@@ -135,8 +167,10 @@ __all__ = [
     "ShapeObject",
     "ShapesDataset",
     "batch_from_indices",
+    "batch_streams",
     "build_dataset",
     "counterfactual_batch",
     "parse_held_out",
     "render_scene",
+    "streams",
 ]

@@ -75,6 +75,7 @@ class BounceDataset(Dataset):
     channels = 3
     num_classes = 0
     num_samples = None
+    streams = ("img", "audio")
 
     def __init__(self, width: int = 32, height: int = 32, frames: int = 16, fps: float = 8.0,
                  sample_rate: int = SAMPLE_RATE, seed: int = 0, **video_options) -> None:

@@ -126,6 +126,7 @@ class ToneDataset(Dataset):
     num_samples = None
     num_classes = 0
     channels = 1
+    streams = ("audio",)
 
     def __init__(self, seconds: float = 2.0, sample_rate: int = SAMPLE_RATE, seed: int = 0) -> None:
         check_clip_seconds(seconds, sample_rate)

@@ -1,0 +1,180 @@
+"""Training and sampling several generated streams (a clip and its sound) with one model: the trainer's stream
+batches, exact resume with a mixed-in sound-only data set, growing a video model a sound stream, and every
+sampling direction keeping its given stream bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from omnidit.errors import OmniditError
+
+# 16x16 clips of 4 frames at 8 fps (0.5 s, 4000 samples at 8 kHz: 20 audio tokens of 200), tones mixed in.
+AV = {
+    "model": {"preset": "tiny", "patch_size": 8, "hidden_size": 32, "num_heads": 2, "axes_dim": [4, 6, 6],
+              "depth": 1, "depth_single": 1, "rope_time_scale": 8.0, "extra_streams": {"audio": 200}},
+    "data": {"name": "bounce", "width": 16, "height": 16, "frames": 4, "fps": 8.0, "sample_rate": 8000,
+             "audio_scale": 3.0, "mix_name": "tones", "mix_every": 2, "seconds": 2.0},
+    "train": {"steps": 4, "batch_size": 4, "given_p": 0.5, "stream_given_p": 0.4, "stream_independent_p": 0.3,
+              "checkpoint_every": 2, "keep_last": 3},
+}
+
+
+def av_config(make_tiny_config, out_dir, **train):
+    sections = {k: dict(v) for k, v in AV.items()}
+    sections["train"].update(train)
+    return make_tiny_config(out_dir, **sections)
+
+
+@pytest.fixture(scope="module")
+def av_run(tmp_path_factory, make_tiny_config):
+    from omnidit.train import train
+
+    run = tmp_path_factory.mktemp("av") / "run"
+    train(av_config(make_tiny_config, run), progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def av_pipeline(av_run):
+    from omnidit.pipeline import load_pipeline
+
+    return load_pipeline(av_run, device="cpu")
+
+
+def test_pack_round_trip():
+    from omnidit.av import pack, unpack
+    from omnidit.tokens import StreamLayout
+
+    layout = StreamLayout({"img": torch.zeros(1, 6, 3), "audio": torch.zeros(1, 4, 3)}, {"img": 5, "audio": 7})
+    streams = {"img": torch.randn(2, 6, 5), "audio": torch.randn(2, 4, 7)}
+    x = pack(streams)
+    assert x.shape == (2, 6 * 5 + 4 * 7, 1)
+    back = unpack(x, layout)
+    assert all(torch.equal(back[n], streams[n]) for n in streams)
+
+
+def test_av_training_resumes_exactly_across_the_mixed_data(av_run, make_tiny_config, tmp_path):
+    """4 steps straight (steps 1 and 3 are tones batches, sound alone) equal 2 steps, a restart, 2 more."""
+    from omnidit.train import train
+
+    split = tmp_path / "split"
+    train(av_config(make_tiny_config, split, steps=2), progress=False)
+    train(av_config(make_tiny_config, split), progress=False)
+    a = load_file(av_run / "checkpoint-0000004" / "model.safetensors")
+    b = load_file(split / "checkpoint-0000004" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("stream_in.audio") for k in a)
+    # The sound stream learned something: its output layer left its zero initialisation.
+    assert a["stream_out.audio.linear.weight"].abs().sum() > 0
+
+
+def test_mixed_batches_alternate_between_the_data_sets(av_run, make_tiny_config, tmp_path):
+    from omnidit.train import Trainer
+
+    trainer = Trainer(av_config(make_tiny_config, tmp_path / "x"), progress=False)
+    sources = [trainer.source_at(s) for s in range(6)]
+    assert [type(ds).__name__ for ds, _ in sources] == ["BounceDataset", "ToneDataset"] * 3
+    assert [k for _, k in sources] == [0, 0, 1, 1, 2, 2]  # each data set read in order
+
+
+def test_stream_draws_give_whole_streams_and_frames_with_their_sound(make_tiny_config, tmp_path):
+    from omnidit.train import Trainer
+
+    trainer = Trainer(av_config(make_tiny_config, tmp_path / "x", stream_given_p=1.0, stream_independent_p=0.0,
+                                given_p=0.0), progress=False)
+    layout = trainer.layouts[id(trainer.dataset)]
+    t, noise = trainer.stream_draws(64, layout)
+    whole = {n: (t[n] == 0).all(1) for n in t}
+    assert bool((whole["img"] ^ whole["audio"]).all())  # exactly one stream given in every sample
+    assert 10 < int(whole["img"].sum()) < 54  # both ways round
+    assert noise["img"].shape == (64, 4 * 4, 192) and noise["audio"].shape == (64, 20, 200)
+
+    trainer = Trainer(av_config(make_tiny_config, tmp_path / "y", stream_given_p=0.0, given_p=1.0), progress=False)
+    t, _ = trainer.stream_draws(64, layout)
+    frames_given = (t["img"] == 0).reshape(64, 4, 4).all(2)  # (B, tubelets): 4 frames of 4 tokens
+    assert bool(frames_given.any(1).all()) and not bool(frames_given.all(1).any())
+    # Audio token j (25 ms) lies in frame floor(j * 0.025 * 8): given exactly where its frame is.
+    assert torch.equal(t["audio"] == 0, frames_given[:, torch.arange(20) // 5])
+
+
+def test_growing_a_video_model_a_sound_stream_keeps_its_weights(tiny_run, make_tiny_config, tmp_path):
+    from omnidit.checkpoint import initial_weights, read_config
+
+    source = read_config(tiny_run / "checkpoint-0000020")
+    config = make_tiny_config(tmp_path / "grow", model={"extra_streams": {"audio": 200}},
+                              train={"init_from": str(tiny_run)})
+    _, state = initial_weights(tiny_run, config)
+    old = load_file(tiny_run / "checkpoint-0000020" / "ema.safetensors")
+    assert all(torch.equal(state[k], old[k].float()) for k in old)
+    new = sorted(set(state) - set(old))
+    assert new and all("audio" in k for k in new)
+    assert float(state["stream_out.audio.linear.weight"].abs().sum()) == 0  # adaLN-Zero: a fresh stream
+    assert source.model.extra_streams == {}
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"model": {"extra_streams": {}}}, "no audio stream"),
+    ({"data": {"mix_every": 0}}, "go together"),
+    ({"model": {"extra_streams": {"audio": 300}}}, "do not split into frames of 300"),
+    ({"train": {"stream_given_p": 1.5}}, "stream_given_p must lie in [0, 1]"),
+])
+def test_av_config_errors_name_the_fix(make_tiny_config, tmp_path, sections, message):
+    from omnidit.train import Trainer
+
+    merged = {k: dict(v) for k, v in AV.items()}
+    for k, v in sections.items():
+        merged[k].update(v)
+    with pytest.raises(OmniditError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Trainer(make_tiny_config(tmp_path / "x", **merged), progress=False)
+
+
+def test_text_to_clip_with_sound_is_seeded(av_pipeline):
+    a = av_pipeline.generate_av(["a red circle moving left"], seed=3, steps=2)
+    b = av_pipeline.generate_av(["a red circle moving left"], seed=3, steps=2)
+    assert a.video.shape == (1, 3, 4, 16, 16) and a.audio.shape == (1, 1, 4000)
+    assert torch.equal(a.video, b.video) and torch.equal(a.audio, b.audio)
+    c = av_pipeline.generate_av(["a red circle moving left"], seed=4, steps=2)
+    assert not torch.equal(a.audio, c.audio)
+
+
+def test_every_direction_keeps_its_given_stream_bit_identical(av_pipeline):
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand((1, 3, 4, 16, 16), generator=g) * 2 - 1
+    audio = (torch.rand((1, 1, 4000), generator=g) * 2 - 1) * 0.5
+    prompts = ["a red circle moving left", "a blue square moving up"]
+    v2a = av_pipeline.generate_av(prompts, video=video, steps=2, cfg_audio=2.0)
+    assert torch.equal(v2a.video, video.expand(2, -1, -1, -1, -1))
+    a2v = av_pipeline.generate_av(prompts, audio=audio, steps=2, cfg_video=2.0)
+    assert torch.equal(a2v.audio, audio.expand(2, -1, -1))
+    extend = av_pipeline.generate_av(prompts, video=video, audio=audio, given_frames=[0, 1], steps=2)
+    assert torch.equal(extend.video[:, :, :2], video[:, :, :2].expand(2, -1, -1, -1, -1))
+    assert torch.equal(extend.audio[..., :2000], audio[..., :2000].expand(2, -1, -1))  # 0.25 s of sound
+    assert not torch.equal(extend.audio[..., 2000:], audio[..., 2000:].expand(2, -1, -1))
+
+
+def test_sound_alone_and_per_stream_guidance(av_pipeline):
+    alone = av_pipeline.generate_av(["a short low beep"], audio_only=True, seconds=2.0, steps=2)
+    assert alone.video is None and alone.audio.shape == (1, 1, 16000)
+    assert float(alone.audio.abs().max()) <= 1.0
+    same = av_pipeline.generate_av(["a red circle"], steps=2, cfg_video=3.0, cfg_audio=3.0)
+    default = av_pipeline.generate_av(["a red circle"], steps=2, cfg=3.0)
+    assert torch.equal(same.audio, default.audio)
+    apart = av_pipeline.generate_av(["a red circle"], steps=2, cfg_video=3.0, cfg_audio=1.0)
+    assert not torch.equal(apart.audio, same.audio)  # the sound's own scale changed it
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"frames": 0}, "frame count"),
+    ({"fps": 7.0}, "whole number of audio tokens"),
+    ({"audio_only": True, "seconds": 2.01}, "do not split into frames"),
+    ({"audio": torch.zeros(1, 1, 3999)}, "given audio must be"),
+    ({"video": torch.zeros(1, 3, 4, 8, 8)}, "given video must be"),
+    ({"given_frames": [0]}, "need the clip"),
+    ({"video": torch.zeros(1, 3, 4, 16, 16), "given_frames": [9]}, "outside the 4 frames"),
+    ({"candidates": 2}, "candidates"),
+])
+def test_generate_av_rejects_bad_input_with_one_line(av_pipeline, kwargs, message):
+    with pytest.raises(OmniditError, match=message):
+        av_pipeline.generate_av(["a red circle"], steps=1, **kwargs)
