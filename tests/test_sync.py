@@ -64,8 +64,11 @@ def test_the_tracker_sees_the_bounces_of_ground_truth_clips(data):
     reports = [judge_sync(see_bounces(data[i]["video"], FPS), truth(data, i), FPS, FRAMES) for i in range(120)]
     bounces = sum(r.bounces for r in reports)
     matched = sum(r.matched for r in reports)
-    assert matched / bounces >= 0.95, f"{matched} of {bounces}"  # measured: 531 of the bounces, 0.96+
-    assert sum(r.pitch_matched for r in reports) / matched >= 0.98  # measured 523 of 531 to the right object
+    # Measured on 500 clips: 99.2% of the bounces seen are real (within a frame), 99.8% of those on the right
+    # object, and 97% of the real bounces are seen (the rest: two bounces a frame or two apart).
+    assert matched / bounces >= 0.98, f"{matched} of {bounces}"
+    assert sum(r.pitch_matched for r in reports) / matched >= 0.99
+    assert sum(len(r.extra) for r in reports) <= 0.05 * bounces  # real bounces the tracker did not see
 
 
 def _judge_audio(data, i, events):

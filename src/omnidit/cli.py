@@ -147,10 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", default=None,
                    help="checkpoint or run folder, or a folder of images with a manifest.json "
                         "(default: the shipped shapes model)")
-    p.add_argument("--suite", default=None, choices=["shapes", "digits", "video"],
-                   help="which suite (default: from the model's data.name, video for video models; shapes for "
-                        "image folders)")
-    p.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--suite", default=None, choices=["shapes", "digits", "video", "audio", "av"],
+                   help="which suite (default: from the model's data.name: video for video models, av for clips "
+                        "with sound, audio for sound alone; shapes for image folders)")
+    p.add_argument("--n-per-prompt", type=int, default=None,
+                   help="samples per prompt (default: 4 for images, 1 for clips and sound)")
     p.add_argument("--limit", type=int, default=None, help="prompts per category, for a quick seeded run")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's sample.cfg)")
@@ -213,12 +214,14 @@ def cmd_precompute(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from omnidit.evaluate.runner import evaluate_folder, evaluate_model
+    from omnidit.evaluate.runner import SUITES, evaluate_folder, evaluate_model
 
-    if args.n_per_prompt < 1 or (args.limit is not None and args.limit < 1) or args.batch_size < 1:
+    if (args.n_per_prompt is not None and args.n_per_prompt < 1) or (args.limit is not None and args.limit < 1) \
+            or args.batch_size < 1:
         raise OmniditError("--n-per-prompt, --limit and --batch-size must be at least 1")
-    check_number("--n-per-prompt", args.n_per_prompt, low=1, high=MAX_PER_PROMPT, integer=True,
-                 hint="every image is kept in memory for the Fréchet distance; run seeds apart and merge")
+    if args.n_per_prompt is not None:
+        check_number("--n-per-prompt", args.n_per_prompt, low=1, high=MAX_PER_PROMPT, integer=True,
+                     hint="every image is kept in memory for the Fréchet distance; run seeds apart and merge")
     check_number("--batch-size", args.batch_size, low=1, high=4096, integer=True)
     args.seed = resolve_seed(args.seed)
     check_sampling_numbers(args)
@@ -235,10 +238,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from omnidit.pipeline import load_pipeline
 
         pipe = load_pipeline(target, device=args.device, use_ema=not args.no_ema)
-        suite = args.suite or ("video" if pipe.config.data.frames > 1 else pipe.config.data.name)
-        if suite not in ("shapes", "digits", "video"):
-            raise OmniditError(f"no suite for data '{suite}'", hint="pass --suite shapes, digits or video")
-        report = evaluate_model(pipe, suite, n_per_prompt=args.n_per_prompt, seed=args.seed, limit=args.limit,
+        name = pipe.config.data.name
+        suite = args.suite or {"bounce": "av", "tones": "audio"}.get(name, "video" if pipe.config.data.frames > 1
+                                                                      else name)
+        if suite not in SUITES:
+            raise OmniditError(f"no suite for data '{suite}'", hint=f"pass --suite {', '.join(SUITES)}")
+        n_per_prompt = args.n_per_prompt or (4 if suite in ("shapes", "digits") else 1)
+        report = evaluate_model(pipe, suite, n_per_prompt=n_per_prompt, seed=args.seed, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
                                 **sampling_args(args))
     grid = args.grid or (str(Path(args.json).with_name(f"eval_{report.suite}.png")) if args.json else None)

@@ -24,7 +24,7 @@ from omnidit.pipeline import SAMPLING_KEYS
 if TYPE_CHECKING:
     from omnidit.evaluate.shapes_suite import PromptSpec
 
-SUITES = ("shapes", "digits", "video")
+SUITES = ("shapes", "digits", "video", "audio", "av")
 SEED_STRIDE = 1_000_003  # image i of a run with seed s uses noise seed s * SEED_STRIDE + i
 
 
@@ -52,6 +52,7 @@ class EvalReport:
     frechet: float | None = None
     settings: dict = field(default_factory=dict)
     judged: list[Judged] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # suite-specific figures, top-level keys of the JSON (av: directions)
 
     def relation_accuracy(self) -> dict | None:
         """Shapes suite: {"rate", "axis_rate", "images"} over the position images that hold exactly the
@@ -72,6 +73,7 @@ class EvalReport:
         relation = self.relation_accuracy()
         if relation is not None:
             out["relation_accuracy"] = relation
+        out.update(self.details)
         out["failures"] = [self._failure(j) for j in self.judged if not j.passed]
         return out
 
@@ -91,6 +93,10 @@ class EvalReport:
         lines += ["-" * (width + 17), f"{'overall':<{width}}  {self.overall:5.3f}  {self.n_images:7d}"]
         if self.frechet is not None:
             lines.append(f"{'frechet distance':<{width}}  {self.frechet:.3f}")
+        for name, d in self.details.get("directions", {}).items():
+            sync, pitch = (f"{d[k]:.3f}" if d[k] is not None else "-" for k in ("sync_within_one_frame", "pitch_match"))
+            lines.append(f"{name}: sync within one frame {sync}, pitch match {pitch} over {d['bounces']} bounces "
+                         f"({d['missing']} missing, {d['extra']} extra beeps)")
         relation = self.relation_accuracy()
         if relation is not None and relation["images"]:
             lines.append(f"relation accuracy {relation['rate']:.3f}, axis accuracy {relation['axis_rate']:.3f} "
@@ -215,6 +221,10 @@ def evaluate_video(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None
                            hint="pass a video model, e.g. shapes-video, or --suite shapes")
 
     def generate(prompts: list[str], seeds: list[int], firsts: Tensor | None) -> Tensor:
+        if "audio" in pipe.model.config.extra_streams:  # a clip with its sound, as the model makes them
+            given = {} if firsts is None else {"video": firsts[:, :, None].expand(-1, -1, dc.frames, -1, -1),
+                                               "given_frames": range(pipe.model.config.temporal_patch)}
+            return pipe.generate_av(prompts, seed=seeds, progress=progress, **given, **sampling).video
         return pipe.generate_video(prompts, seed=seeds, first_frame=firsts, progress=progress, **sampling)
 
     return evaluate_video_model(generate, seed=seed, limit=limit, n_per_prompt=n_per_prompt, width=dc.width,
@@ -224,7 +234,10 @@ def evaluate_video(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None
 
 def evaluate_model(pipe, suite: str, **kwargs) -> EvalReport:
     """Dispatch to the named suite; records the sampling settings in the report."""
-    runners = {"shapes": evaluate_shapes_model, "digits": evaluate_digits_model, "video": evaluate_video}
+    from omnidit.evaluate.av_suite import evaluate_audio, evaluate_av
+
+    runners = {"shapes": evaluate_shapes_model, "digits": evaluate_digits_model, "video": evaluate_video,
+               "audio": evaluate_audio, "av": evaluate_av}
     if suite not in runners:
         raise OmniditError(f"unknown suite '{suite}'", hint=f"choose one of {', '.join(SUITES)}")
     report = runners[suite](pipe, **kwargs)

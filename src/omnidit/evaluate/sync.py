@@ -33,7 +33,7 @@ FLOOR = 2.0  # magnitude (sum over a window of amplitude x Hann) below which not
 REL = 0.3
 MIN_RUN = 0.03  # seconds
 ONSET_LAG = -0.001  # seconds from a run's first window centre to the true onset (measured on ground truth)
-MIN_STEP = 0.3  # px: slower frame steps are not read as motion along that axis
+MIN_STEP = 1.0  # px per frame: slower steps along an axis (a still axis's detection jitter) are not motion
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def see_bounces(clip, fps: float) -> list[Seen]:
             for i in range(1, len(y) - 1):
                 for sign in (1.0, -1.0):  # a maximum, then a minimum
                     a, b, c = sign * y[i - 1], sign * y[i], sign * y[i + 1]
-                    if b >= a and b >= c and b - min(a, c) >= MIN_STEP:
+                    if b >= a and b >= c and b - min(a, c) >= max(MIN_STEP, 0.5 * speed):
                         # the tip lies on the side of the higher neighbour
                         tip = i + 0.5 - (b - c) / (2 * speed) if c >= a else i - 0.5 + (b - a) / (2 * speed)
                         tips.append(float(np.clip(tip, i - 1, i + 1)) + frames[0])
