@@ -82,3 +82,29 @@ def digits_run(tmp_path_factory) -> Path:
     config = load_config(CONFIGS / "digits.json", DIGITS_OVERRIDES + [f"train.out_dir={run}"])
     train(config, progress=False)
     return run
+
+
+# 16x16 clips of 4 frames at 8 fps (0.5 s, 4000 samples at 8 kHz: 20 audio tokens of 200), tones mixed in.
+AV = {
+    "model": {"preset": "tiny", "patch_size": 8, "hidden_size": 32, "num_heads": 2, "axes_dim": [4, 6, 6],
+              "depth": 1, "depth_single": 1, "rope_time_scale": 8.0, "extra_streams": {"audio": 200}},
+    "data": {"name": "bounce", "width": 16, "height": 16, "frames": 4, "fps": 8.0, "sample_rate": 8000,
+             "audio_scale": 3.0, "mix_name": "tones", "mix_every": 2, "seconds": 2.0},
+    "train": {"steps": 4, "batch_size": 4, "given_p": 0.5, "stream_given_p": 0.4, "stream_independent_p": 0.3,
+              "checkpoint_every": 2, "keep_last": 3},
+}
+
+
+def av_config(make_tiny_config, out_dir, **train):
+    sections = {k: dict(v) for k, v in AV.items()}
+    sections["train"].update(train)
+    return make_tiny_config(out_dir, **sections)
+
+
+@pytest.fixture(scope="session")
+def av_run(tmp_path_factory, make_tiny_config):
+    from omnidit.train import train
+
+    run = tmp_path_factory.mktemp("av") / "run"
+    train(av_config(make_tiny_config, run), progress=False)
+    return run

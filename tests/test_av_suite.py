@@ -116,15 +116,10 @@ def test_av_suite_fails_wrong_pitches():
 
 
 @pytest.fixture(scope="module")
-def tiny_av(tmp_path_factory, make_tiny_config):
-    from test_av import av_config
-
+def tiny_av(av_run):
     from omnidit.pipeline import load_pipeline
-    from omnidit.train import train
 
-    run = tmp_path_factory.mktemp("avsuite") / "run"
-    train(av_config(make_tiny_config, run, steps=2), progress=False)
-    return load_pipeline(run, device="cpu")
+    return load_pipeline(av_run, device="cpu")
 
 
 def test_av_and_audio_suites_run_on_a_model_and_write_the_json(tiny_av, tmp_path):

@@ -119,7 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "data.fps; with --extend, the clip's own)")
     p.add_argument("--image", default=None, help="video models: image-to-video, the clip starts with this image")
     p.add_argument("--extend", default=None, help="video models: continue this clip (MP4, GIF, WebP) by --frames new "
-                                                  "frames; the output is the clip followed by them")
+                                                  "frames; the output is the clip followed by them (models with "
+                                                  "sound: an MP4 with its sound, continued with both)")
+    p.add_argument("--audio-only", action="store_true",
+                   help="models with sound: make sound alone from the caption (-o beeps.wav), --seconds long")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="models with sound: the length of --audio-only sound (default: the model's data.seconds)")
+    p.add_argument("--video", default=None,
+                   help="models with sound: video -> audio, make the sound for this clip (MP4, GIF, WebP)")
+    p.add_argument("--audio", default=None,
+                   help="models with sound: audio -> video, make a clip for this sound (WAV, or a clip's sound track) "
+                        "at the model's sample rate; its length sets the clip's")
+    p.add_argument("--cfg-video", type=float, default=None,
+                   help="models with sound: guidance scale of the picture (default: --cfg)")
+    p.add_argument("--cfg-audio", type=float, default=None,
+                   help="models with sound: guidance scale of the sound (default: --cfg)")
     _add_sampler_flags(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")

@@ -69,11 +69,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if (Path(args.model) / "model_index.json").is_file():  # a diffusers pipeline folder (Flux / SD3)
         args.output = args.output or "out.png"
         _check_image_output(args)
-        if any(v is not None for v in (args.frames, args.fps, args.image, args.extend)) or args.scale != 1:
+        if any(v not in (None, False) for v in (args.frames, args.fps, args.image, args.extend, args.audio_only,
+                                                 args.video, args.audio, args.seconds)) or args.scale != 1:
             raise OmniditError("--frames, --fps, --image, --extend and --scale apply to omnidit models, not to a "
                                "diffusers pipeline folder", hint="drop them")
         return _generate_diffusers_pipeline(args, width, height)
     pipe = load_pipeline(args.model, device=args.device, use_ema=not args.no_ema)
+    if "audio" in pipe.model.config.extra_streams:
+        from omnidit.generate_av_command import cmd_generate_av
+
+        return cmd_generate_av(args, pipe, width, height)
+    sound = [f for f, v in (("--audio-only", args.audio_only), ("--video", args.video), ("--audio", args.audio),
+                            ("--seconds", args.seconds), ("--cfg-video", args.cfg_video),
+                            ("--cfg-audio", args.cfg_audio)) if v not in (None, False)]
+    if sound:
+        raise OmniditError(f"{sound[0]} is for models with sound; this one has none",
+                           hint="use a model with an audio stream (train one with configs/shapes_av.json)")
     if pipe.config.data.frames > 1:
         return _generate_clips(args, pipe, width, height)
     args.output = args.output or "out.png"
