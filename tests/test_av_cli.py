@@ -94,3 +94,21 @@ def test_sound_flags_on_a_model_without_sound_are_refused(tiny_run, capsys, tmp_
     code, out, err = run_main(capsys, "generate", "a red circle", "--model", tiny_run, "--audio-only", "-o",
                               tmp_path / "x.wav")
     assert_one_line_error(code, err, "--audio-only is for models with sound")
+
+
+def test_demo_writes_a_clip_with_sound(av_run, capsys, tmp_path, monkeypatch):
+    """The demo's clip with sound (run_demo_av, which `omnidit demo` calls with the shipped shapes-av), and
+    `omnidit demo --model` on a model with sound (a row of frames per prompt)."""
+    from omnidit import checkpoint
+    from omnidit.checkpoint import list_checkpoints, shipped_model_dir
+    from omnidit.demo import DEMO_AV_PROMPT, run_demo_av
+
+    monkeypatch.setattr(checkpoint, "AV_MODEL_DIR", list_checkpoints(av_run)[-1])
+    path, seconds = run_demo_av(tmp_path / "demo_av.mp4", shipped_model_dir("shapes-av"), steps=1, progress=False)
+    frames, _, meta = load_video(path)
+    assert frames.shape == (3, 4, 64, 64) and meta["prompt"] == DEMO_AV_PROMPT  # enlarged 4x
+    assert load_audio(path)[0].shape == (1, 4000) and seconds > 0
+    code, out, err = run_main(capsys, "demo", "--model", av_run, "--steps", "1", "-o", tmp_path / "d.png",
+                              "--no-progress")
+    assert code == 0, err
+    assert (tmp_path / "d.png").is_file()

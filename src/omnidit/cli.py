@@ -270,8 +270,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from omnidit.checkpoint import SHIPPED_MODELS, shipped_model_dir
-    from omnidit.demo import run_demo
+    from omnidit.checkpoint import shipped_model_dir
+    from omnidit.demo import run_demo, run_demo_av
 
     check_counts(args.num_images, args.steps)
     check_number("-n", args.num_images, low=1, high=16, integer=True, hint="the demo draws six prompts a row each")
@@ -280,16 +280,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
                                     steps=args.steps, device=args.device, progress=not args.no_progress)
     count, kind = drawn.split()
     print(f"wrote {path} ({drawn} in {seconds:.1f} s of sampling: {int(count) / seconds:.2f} {kind}/s)")
-    if args.model is None and "shapes-video" in SHIPPED_MODELS:
-        try:
-            video_dir = shipped_model_dir("shapes-video")
-        except OmniditError:
-            print("(the shapes-video model is not in this installation: docs/video_model.md)")
-            return
+    if args.model is not None:
+        return
+    try:
+        video_dir = shipped_model_dir("shapes-video")
+    except OmniditError:
+        print("(the shapes-video model is not in this installation: docs/video_model.md)")
+    else:
         out = Path(args.output).with_name(Path(args.output).stem + "_video.png")
         path, seconds, drawn = run_demo(out, video_dir, seed=args.seed, steps=args.steps, device=args.device,
                                         progress=not args.no_progress)
         print(f"wrote {path} ({drawn} in {seconds:.1f} s of sampling)")
+    try:
+        av_dir = shipped_model_dir("shapes-av")
+    except OmniditError:
+        print("(the shapes-av model, clips with sound, is not in this installation: docs/av_model.md)")
+        return
+    out = Path(args.output).with_name(Path(args.output).stem + "_av.mp4")
+    path, seconds = run_demo_av(out, av_dir, seed=args.seed, steps=args.steps, device=args.device,
+                                progress=not args.no_progress)
+    print(f"wrote {path} (a clip with sound in {seconds:.1f} s of sampling)")
 
 
 def cmd_eval_prompts(args: argparse.Namespace) -> None:

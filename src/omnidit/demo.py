@@ -1,5 +1,5 @@
 """`omnidit demo`: a labelled grid of example prompts from the shipped shapes model, in seconds on a CPU;
-with a video model, a row of frames per prompt."""
+with a video model, a row of frames per prompt; with a model with sound, a clip with its sound (MP4)."""
 
 from __future__ import annotations
 
@@ -32,11 +32,18 @@ DEMO_VIDEO_PROMPTS = (
 )
 
 
+# Two objects bouncing, each beeping at its colour's pitch (red C4, blue D#5) when it bounces.
+DEMO_AV_PROMPT = "a red circle moving to the right quickly and a blue square moving up quickly"
+
+
 def demo_video_grid(pipe, prompts: tuple[str, ...] = DEMO_VIDEO_PROMPTS, seed: int = 0, steps: int | None = None,
                     progress: bool = True) -> Image.Image:
     """One clip per prompt in one seeded call (the model's training length and fps); a row per prompt showing
-    every frame left to right, enlarged 3x."""
-    clips = pipe.generate_video(list(prompts), seed=seed, steps=steps, progress=progress)  # (P, C, T, H, W)
+    every frame left to right, enlarged 3x. A model with sound makes each clip with its sound (then dropped)."""
+    if "audio" in pipe.model.config.extra_streams:
+        clips = pipe.generate_av(list(prompts), seed=seed, steps=steps, progress=progress).video
+    else:
+        clips = pipe.generate_video(list(prompts), seed=seed, steps=steps, progress=progress)  # (P, C, T, H, W)
     rows = [(prompt, [to_pil(clip[:, k]) for k in range(clip.shape[1])]) for prompt, clip in zip(prompts, clips)]
     return labelled_grid(rows, scale=max(1, 96 // max(clips.shape[3:])))
 
@@ -72,3 +79,23 @@ def run_demo(output: str | Path, model: str | Path | None = None, n_per_prompt: 
                 "model": str(model_dir.resolve()), "software": "omnidit demo"}
     drawn = f"{len(prompts)} clips" if video else f"{len(prompts) * n_per_prompt} images"
     return save_png(grid, output, settings), seconds, drawn
+
+
+def run_demo_av(output: str | Path, model: str | Path, seed: int = 0, steps: int | None = None,
+                device: str = "auto", progress: bool = True) -> tuple[Path, float]:
+    """One clip with its sound from DEMO_AV_PROMPT (the model's training length, enlarged 4x) as an MP4 at
+    ``output``; returns (path, seconds of sampling)."""
+    from omnidit.checkpoint import resolve_model_dir
+    from omnidit.pipeline import load_pipeline
+    from omnidit.video_io import save_video
+
+    model_dir = resolve_model_dir(model)
+    pipe = load_pipeline(model_dir, device=device)
+    start = time.perf_counter()
+    made = pipe.generate_av([DEMO_AV_PROMPT], seed=seed, steps=steps, progress=progress)
+    seconds = time.perf_counter() - start
+    settings = {"prompt": DEMO_AV_PROMPT, "seed": seed, **pipe.sampling_settings(steps),
+                "model": str(model_dir.resolve()), "software": "omnidit demo"}
+    path = save_video(made.video[0], output, made.fps, settings, scale=4, audio=made.audio[0],
+                      sample_rate=made.sample_rate)
+    return path, seconds
