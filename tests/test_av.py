@@ -154,3 +154,39 @@ def test_sound_alone_and_per_stream_guidance(av_pipeline):
 def test_generate_av_rejects_bad_input_with_one_line(av_pipeline, kwargs, message):
     with pytest.raises(OmniditError, match=message):
         av_pipeline.generate_av(["a red circle"], steps=1, **kwargs)
+
+
+def test_the_sampler_itself_keeps_given_tokens_bit_identical(av_pipeline, monkeypatch):
+    """Beneath the API's guarantee (given streams are returned as given): the packed sampler state keeps every
+    given token's features exactly, in each direction."""
+    import omnidit.av as av
+
+    seen = []
+    real = av.sample
+
+    def spy(*args, **kwargs):
+        x = real(*args, **kwargs)
+        seen.append((x, kwargs["given"], kwargs["given_tokens"]))
+        return x
+
+    monkeypatch.setattr(av, "sample", spy)
+    g = torch.Generator().manual_seed(1)
+    video = torch.rand((1, 3, 4, 16, 16), generator=g) * 2 - 1
+    audio = (torch.rand((1, 1, 4000), generator=g) * 2 - 1) * 0.5
+    for given in ({"video": video}, {"audio": audio}, {"video": video, "audio": audio, "given_frames": [0, 1]}):
+        av_pipeline.generate_av(["a red circle", "a blue square"], steps=2, cfg_audio=2.0, **given)
+    assert len(seen) == 3
+    for x, mask, clean in seen:
+        mask = mask.expand(x.shape[0], -1)
+        assert 0 < int(mask[0].sum()) < mask.shape[1]
+        assert torch.equal(x[..., 0][mask], clean[..., 0][mask])
+
+
+def test_lengths_in_samples_and_tubelets_are_exact():
+    from omnidit.tokens import audio_tubelets, clip_samples
+
+    assert clip_samples(7, 25.0, 22050) == 6174  # 7 / 25 * 22050 in floats is 6173.999...
+    t = audio_tubelets(16000, 160, 16000, 25.0, 1, 25)  # 4 audio frames per video frame, exactly
+    assert torch.equal(t, torch.arange(25).repeat_interleave(4))
+    t = audio_tubelets(48000, 400, 48000, 24.0, 2, 12)  # 10 audio frames per tubelet of 2 frames
+    assert torch.equal(t, torch.arange(12).repeat_interleave(10))

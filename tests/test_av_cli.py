@@ -76,6 +76,9 @@ def _write(tmp_path):
     (["--audio-only", "-o", "{d}/x.mp4"], ["without a picture"]),
     (["--video", "{d}/mute.mp4", "--audio", "{d}/silent.wav"], ["pass one of them"]),
     (["--seconds", "1"], ["--seconds sets the length of sound alone"]),
+    (["--audio-only", "--seconds", "1e9"], ["--seconds must be > 0 and <= 60"]),
+    (["--audio-only", "--frames", "4"], ["--frames sets the picture"]),
+    (["--video", "{d}/mute.mp4", "--frames", "8"], ["--frames is set by the given clip"]),
     (["-o", "{d}/x.gif"], ["cannot be written"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(av_run, capsys, tmp_path, args, fragments):

@@ -36,7 +36,7 @@ class DataModel:
     """A 'model' that returns the data itself: the clip and sound of the scene each caption came from, optionally
     with the sound moved later by ``delay`` seconds or every beep at the next colour's pitch (wrong on purpose)."""
 
-    def __init__(self, delay: float = 0.0, wrong_pitch: bool = False):
+    def __init__(self, delay: float = 0.0, wrong_pitch: bool = False, still: bool = False):
         self.config = fake_config()
         self.model = SimpleNamespace(config=self.config.model)
         dc = self.config.data
@@ -45,7 +45,7 @@ class DataModel:
         self.scenes = {self.bounce[i]["caption"]: i for i in range(40)}
         self.tone_data = ToneDataset(2.0, 8000, EVAL_SEED)
         self.tones = {self.tone_data.scene(i).caption: i for i in range(3000)}
-        self.delay, self.wrong_pitch = delay, wrong_pitch
+        self.delay, self.wrong_pitch, self.still = delay, wrong_pitch, still
 
     def sampling_settings(self, **kwargs):
         return {}
@@ -66,7 +66,12 @@ class DataModel:
             return AudioVideo(None, torch.stack([self.tone_data[self.tones[p]]["audio"] for p in prompts]), 8.0, 8000)
         index = [self.scenes[p] for p in prompts]
         video = torch.stack([self.bounce[i]["video"] for i in index])
-        return AudioVideo(video, torch.stack([self.sound(i) for i in index]), 8.0, 8000)
+        audio = torch.stack([self.sound(i) for i in index])
+        if self.still:  # the first frame held, and silence (the given half kept, as a model must)
+            kept = len(kwargs.get("given_frames", [0]))
+            video[:, :, kept:] = video[:, :, kept - 1:kept]
+            audio[..., kept * 1000:] = 0
+        return AudioVideo(video, audio, 8.0, 8000)
 
 
 def test_audio_prompts_fill_every_category_and_novel_ones_are_new():
@@ -107,6 +112,15 @@ def test_av_suite_fails_sound_three_frames_late():
     report = evaluate_av(DataModel(delay=3 / 8), limit=24, progress=False)
     d = report.to_json()["directions"]["video_to_audio"]
     assert d["sync_within_one_frame"] < 0.3 and d["missing"] > 0 and report.categories["video_to_audio"] < 0.3
+
+
+def test_a_still_silent_clip_is_wrong_in_every_direction_that_makes_a_picture():
+    report = evaluate_av(DataModel(still=True), limit=12, progress=False)
+    for direction in ("text_to_av", "audio_to_video", "extend"):
+        assert report.categories[direction] == 0.0, direction
+    faults = report.to_json()["directions"]["extend"]["picture_faults"]
+    assert faults == 12
+    assert report.categories["video_to_audio"] < 0.5  # the true clip given, silence made: missing beeps
 
 
 def test_av_suite_fails_wrong_pitches():

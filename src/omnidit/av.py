@@ -32,11 +32,16 @@ from omnidit.tokens import (
     check_audio_length,
     check_frame_count,
     check_image_size,
+    clip_samples,
+    exact,
+    given_tubelets,
     stream_layout,
     stream_tokens,
     video_unpatchify,
 )
 from omnidit.validate import check_memory, check_number
+
+MAX_SECONDS = 60.0  # one sampling window holds the whole clip: bounded memory
 
 
 @dataclass
@@ -80,7 +85,7 @@ def generate_av(pipeline, prompts: list[str], frames: int | None = None, fps: fl
                 cfg_audio: float | None = None, progress: bool = False, negative_prompt: str = "",
                 on_step: StepCallback | None = None, **sampling) -> AudioVideo:
     """One clip with sound per prompt from a model with an ``audio`` stream; see ``Pipeline.generate_av``."""
-    from omnidit.pipeline import SAMPLING_KEYS, guided
+    from omnidit.pipeline import SAMPLING_KEYS
 
     model, config = pipeline.model, pipeline.config
     mc, dc = model.config, config.data
@@ -98,10 +103,12 @@ def generate_av(pipeline, prompts: list[str], frames: int | None = None, fps: fl
     if audio_only:
         if video is not None or given_frames:
             raise OmniditError("sound alone cannot be given a video or frames", hint="drop audio_only")
-        seconds = dc.seconds if seconds is None else check_number("seconds", seconds, low=0, low_open=True)
-        samples = int(round(seconds * rate))
-        if abs(samples - seconds * rate) > 1e-6 * rate:
+        seconds = dc.seconds if seconds is None else check_number("seconds", seconds, low=0, low_open=True,
+                                                                  high=MAX_SECONDS)
+        exact_samples = exact(seconds) * rate
+        if exact_samples.denominator != 1:
             raise OmniditError(f"{seconds:g} s is not a whole number of samples at {rate} Hz")
+        samples = int(exact_samples)
         check_audio_length(samples, frame)
         layout = stream_layout(mc, ("audio",), 1, 1, 1, 1.0, samples, rate, pipeline.device)
         frames, fps, height, width = 0, float(dc.fps), 0, 0
@@ -111,12 +118,15 @@ def generate_av(pipeline, prompts: list[str], frames: int | None = None, fps: fl
         width, height = width or dc.width, height or dc.height
         check_frame_count(frames, mc.temporal_patch)
         check_image_size(height, width, mc.patch_size)
-        samples = frames / fps * rate
-        if not float(samples).is_integer() or samples % frame:
+        if frames / fps > MAX_SECONDS:
+            raise OmniditError(f"{frames} frames at {fps:g} fps last {frames / fps:g} s, longer than the "
+                               f"{MAX_SECONDS:g} s one sampling window holds", hint="make a shorter clip")
+        exact_samples = clip_samples(frames, fps, rate)
+        if exact_samples.denominator != 1 or exact_samples % frame:
             raise OmniditError(f"{frames} frames at {fps:g} fps last {frames / fps:g} s, which is not a whole number "
                                f"of audio tokens of {frame} samples at {rate} Hz",
                                hint=f"use a length that is a multiple of {frame / rate:g} s")
-        samples = int(samples)
+        samples = int(exact_samples)
         layout = stream_layout(mc, ("img", "audio"), frames, height // mc.patch_size, width // mc.patch_size, fps,
                                samples, rate, pipeline.device)
     codec = WaveformCodec(dc.audio_scale)
@@ -127,10 +137,8 @@ def generate_av(pipeline, prompts: list[str], frames: int | None = None, fps: fl
     names = layout.names
     scales = {"img": settings["cfg"] if cfg_video is None else check_number("cfg_video", cfg_video, low=0, high=100),
               "audio": settings["cfg"] if cfg_audio is None else check_number("cfg_audio", cfg_audio, low=0, high=100)}
-    settings = {**settings, "cfg": max(scales[n] for n in names) if len({scales[n] for n in names}) > 1
-                else scales[names[0]]}
     tokens = sum(layout.tokens.values())
-    rows = 2 if guided(settings) else 1
+    rows = 2 if any(scales[n] != 1.0 for n in names) or settings["skip_scale"] else 1
     check_memory(batch * rows * sampling_bytes_per_sample(mc, tokens, config.text.max_length), pipeline.device,
                  f"sampling {batch} clip(s) with sound", hint="draw fewer at once or make them shorter")
 
@@ -182,8 +190,8 @@ def generate_av(pipeline, prompts: list[str], frames: int | None = None, fps: fl
 
 def _noise(layout: StreamLayout, mc, seeds: list[int], frames: int, height: int, width: int,
            samples: int) -> dict[str, Tensor]:
-    """Each sample's starting noise from its own seed: the clip's first (so a seed starts the picture as
-    ``Pipeline.generate_video`` does), then the sound's, from one generator."""
+    """Each sample's starting noise from its own seed, from one generator: the clip's first (so that with a
+    list of seeds the picture starts as ``Pipeline.generate_video``'s does), then the sound's."""
     per_stream: dict[str, list[Tensor]] = {n: [] for n in layout.names}
     for s in seeds:
         g = torch.Generator().manual_seed(s)
@@ -219,19 +227,10 @@ def _given_tokens(layout: StreamLayout, mc, video: Tensor | None, audio: Tensor 
         return masks, clean
     if "img" not in layout.names:
         raise OmniditError("given frames need a clip", hint="drop audio_only")
-    pt = mc.temporal_patch
-    indices = sorted({int(i) for i in given_frames})
-    if not indices:
-        raise OmniditError("given_frames is empty", hint="name the frames to keep, e.g. [0, 1, 2, 3]")
-    if indices[0] < 0 or indices[-1] >= frames:
-        raise OmniditError(f"given frame {indices[-1] if indices[0] >= 0 else indices[0]} lies outside the {frames} "
-                           f"frames being generated", hint=f"use frame indices 0..{frames - 1}")
-    tubelets = sorted({i // pt for i in indices})
-    if len(tubelets) * pt != len(indices):
-        raise OmniditError(f"the given frames {indices} do not fill whole tubelets of {pt} frames",
-                           hint=f"give frames in complete groups of {pt}")
     if video is None:
         raise OmniditError("given frames need the clip they come from", hint="pass video=")
+    pt = mc.temporal_patch
+    tubelets = given_tubelets(given_frames, frames, pt)
     count = frames // pt
     known = torch.zeros(count, dtype=torch.bool, device=device)
     known[tubelets] = True
@@ -239,5 +238,5 @@ def _given_tokens(layout: StreamLayout, mc, video: Tensor | None, audio: Tensor 
     if audio is not None:
         frame = audio_frame_size(mc)
         where = audio_tubelets(layout.tokens["audio"] * frame, frame, rate, fps, pt, count)
-        masks["audio"] = known[where][None]
+        masks["audio"] = known[where.to(device)][None]
     return masks, clean

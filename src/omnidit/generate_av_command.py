@@ -9,14 +9,16 @@ spectrogram of the sound. Every input is read and checked before sampling, and n
 from __future__ import annotations
 
 import argparse
+from fractions import Fraction
 from pathlib import Path
 
 import torch
 
+from omnidit.av import MAX_SECONDS
 from omnidit.errors import OmniditError
+from omnidit.tokens import clip_samples, exact
 from omnidit.validate import check_number, check_output_path
 
-MAX_SECONDS = 60.0  # one attention window holds the whole clip: bounded memory
 SILENT = 1e-4  # a given sound whose samples all stay below this is silent
 SUFFIXES = (".mp4", ".wav", ".png")
 
@@ -44,6 +46,15 @@ def cmd_generate_av(args: argparse.Namespace, pipe, width: int | None, height: i
                            hint=f"drop --audio-only to make sound for {given[0]}")
     if args.seconds is not None and not args.audio_only:
         raise OmniditError("--seconds sets the length of sound alone", hint="use --frames for a clip with sound")
+    if args.seconds is not None:
+        check_number("--seconds", args.seconds, low=0, low_open=True, high=MAX_SECONDS)
+    picture_flags = [f for f, v in (("--frames", args.frames), ("--fps", args.fps), ("--size", args.size),
+                                    ("--cfg-video", args.cfg_video), ("--scale", args.scale if args.scale != 1
+                                                                      else None)) if v is not None]
+    if args.audio_only and picture_flags:
+        raise OmniditError(f"{picture_flags[0]} sets the picture, and --audio-only makes none", hint="drop it")
+    if (args.video or args.audio) and args.frames is not None:
+        raise OmniditError(f"--frames is set by the given {'clip' if args.video else 'sound'}", hint="drop --frames")
     if args.frames is not None:
         check_number("--frames", args.frames, low=1, high=int(MAX_SECONDS * dc.fps), integer=True)
     if args.fps is not None:
@@ -99,20 +110,17 @@ def given_inputs(args: argparse.Namespace, pipe, width: int, height: int) -> dic
     if args.video:
         video, fps, _ = load_video(args.video, max_frames=int(MAX_SECONDS * 1000), size=(width, height))
         fps = args.fps or fps
-        _check_clip_length(video.shape[1], fps, pipe)
+        _check_clip_length(video.shape[1], fps)
         return {"video": video[None], "frames": video.shape[1], "fps": fps}
     if args.audio:
         audio = read_sound(args.audio, dc.sample_rate)
         fps = args.fps or dc.fps
-        frames = audio.shape[-1] / dc.sample_rate * fps
-        if abs(frames - round(frames)) > 1e-6 or round(frames) % mc.temporal_patch:
+        frames = Fraction(audio.shape[-1]) / exact(dc.sample_rate) * exact(fps)
+        if frames.denominator != 1 or frames % mc.temporal_patch:
             raise OmniditError(f"the sound in {args.audio} lasts {audio.shape[-1] / dc.sample_rate:g} s, which is not "
                                f"a whole number of frames at {fps:g} fps",
                                hint=f"give a sound that lasts a multiple of {mc.temporal_patch / fps:g} s")
-        if args.frames is not None and args.frames != round(frames):
-            raise OmniditError(f"--frames {args.frames} differs from the {round(frames)} frames the sound in "
-                               f"{args.audio} lasts", hint="drop --frames: the sound sets the clip's length")
-        return {"audio": audio[None], "frames": int(round(frames)), "fps": fps}
+        return {"audio": audio[None], "frames": int(frames), "fps": fps}
     if args.image:
         from omnidit.generate_command import _read_image
 
@@ -129,10 +137,13 @@ def given_inputs(args: argparse.Namespace, pipe, width: int, height: int) -> dic
         if args.frames is None and clip.shape[1] >= dc.frames:
             raise OmniditError(f"the clip to extend has {clip.shape[1]} frames, the model's whole window "
                                f"({dc.frames})", hint="pass --frames N for the new frames to add")
-        _check_clip_length(frames, fps, pipe)
+        _check_clip_length(frames, fps)
         sound, rate = load_audio(args.extend)
         _check_rate(rate, dc.sample_rate, args.extend)
-        kept = round(clip.shape[1] / fps * rate)
+        kept = clip_samples(clip.shape[1], fps, rate)
+        if kept.denominator != 1:
+            raise OmniditError(f"{clip.shape[1]} frames at {fps:g} fps are not a whole number of samples at {rate} Hz")
+        kept = int(kept)
         sound = _mono(sound)[:, :kept]
         if sound.shape[-1] != kept:
             raise OmniditError(f"the sound of {args.extend} is shorter than its {clip.shape[1]} frames")
@@ -141,14 +152,14 @@ def given_inputs(args: argparse.Namespace, pipe, width: int, height: int) -> dic
             raise OmniditError(f"the clip to extend has {clip.shape[1]} frames, not whole tubelets of {pt}")
         video = torch.zeros(1, 3, frames, height, width)
         video[:, :, :clip.shape[1]] = clip
-        audio = torch.zeros(1, 1, round(frames / fps * rate))
+        audio = torch.zeros(1, 1, int(clip_samples(frames, fps, rate)))
         audio[..., :kept] = sound
         return {"video": video, "audio": audio, "given_frames": list(range(clip.shape[1])), "frames": frames,
                 "fps": fps}
     return {}
 
 
-def _check_clip_length(frames: int, fps: float, pipe) -> None:
+def _check_clip_length(frames: int, fps: float) -> None:
     if frames / fps > MAX_SECONDS:
         raise OmniditError(f"{frames} frames at {fps:g} fps last {frames / fps:g} s, longer than the "
                            f"{MAX_SECONDS:g} s one window holds", hint="give a shorter clip")

@@ -35,6 +35,7 @@ from omnidit.selection import best_candidates, candidate_seeds, denoising_scores
 from omnidit.tokens import (
     check_frame_count,
     check_image_size,
+    given_tubelets,
     video_patchify,
     video_position_ids,
     video_unpatchify,
@@ -336,14 +337,7 @@ class Pipeline:
             got = None if given is None else tuple(given.shape)
             raise OmniditError(f"the given frames must be a (B or 1, C, T, H, W) = (B, {', '.join(map(str, want))}) "
                                f"clip, got {got}", hint="give frames of the size and length being generated")
-        indices = sorted({int(i) for i in given_frames})
-        if indices[0] < 0 or indices[-1] >= frames:
-            raise OmniditError(f"given frame {indices[-1] if indices[0] >= 0 else indices[0]} lies outside the "
-                               f"{frames} frames being generated", hint=f"use frame indices 0..{frames - 1}")
-        tubelets = sorted({i // pt for i in indices})
-        if len(tubelets) * pt != len(indices):
-            raise OmniditError(f"the given frames {indices} do not fill whole tubelets of {pt} frames",
-                               hint=f"give frames in complete groups of {pt}, starting at multiples of {pt}")
+        tubelets = given_tubelets(given_frames, frames, pt)
         per_frame = (height // mc.patch_size) * (width // mc.patch_size)
         known = torch.zeros(frames // pt, dtype=torch.bool)
         known[tubelets] = True

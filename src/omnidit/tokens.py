@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -174,12 +175,43 @@ def audio_frame_size(model_config) -> int:
     return int(features)
 
 
+def exact(value: float) -> Fraction:
+    """A rate (fps, Hz) as an exact fraction, so that lengths in samples and frames are compared exactly
+    (29.97 fps stays 2997/100; float products like 7 / 25 * 22050 do not round)."""
+    return Fraction(value).limit_denominator(1_000_000)
+
+
+def clip_samples(frames: int, fps: float, sample_rate: float) -> Fraction:
+    """The samples of sound that ``frames`` frames at ``fps`` last, exactly (a Fraction; whole when they fit)."""
+    return Fraction(int(frames)) / exact(fps) * exact(sample_rate)
+
+
 def audio_tubelets(samples: int, frame: int, sample_rate: float, fps: float, temporal_patch: int,
                    tubelets: int) -> Tensor:
     """(samples / frame,) int64: the video tubelet in which each audio frame starts (the last one for frames past
-    the clip), so that sound can be given or generated over the same stretches of time as the picture."""
-    start = audio_position_ids(samples, frame, sample_rate)[0, :, 0].double()
-    return (start * fps / temporal_patch + 1e-9).floor().long().clamp(0, tubelets - 1)
+    the clip), so that sound can be given or generated over the same stretches of time as the picture. Exact:
+    frame j starts at j * frame / rate seconds, in tubelet floor(j * frame * fps / (rate * pt))."""
+    check_audio_length(samples, frame)
+    per_sample = exact(fps) / (exact(sample_rate) * temporal_patch)  # tubelets per sample
+    index = [int(j * frame * per_sample) for j in range(samples // frame)]  # int() floors these non-negatives
+    return torch.tensor(index, dtype=torch.long).clamp(0, tubelets - 1)
+
+
+def given_tubelets(given_frames: Sequence[int], frames: int, temporal_patch: int) -> list[int]:
+    """The tubelets that ``given_frames`` fill, sorted, or an error: a frame outside the clip, or frames that do
+    not fill whole tubelets."""
+    indices = sorted({int(i) for i in given_frames})
+    if not indices:
+        raise OmniditError("no frames are given", hint="name the frames to keep, e.g. [0, 1, 2, 3]")
+    if indices[0] < 0 or indices[-1] >= frames:
+        raise OmniditError(f"given frame {indices[-1] if indices[0] >= 0 else indices[0]} lies outside the "
+                           f"{frames} frames being generated", hint=f"use frame indices 0..{frames - 1}")
+    tubelets = sorted({i // temporal_patch for i in indices})
+    if len(tubelets) * temporal_patch != len(indices):
+        raise OmniditError(f"the given frames {indices} do not fill whole tubelets of {temporal_patch} frames",
+                           hint=f"give frames in complete groups of {temporal_patch}, starting at multiples of "
+                                f"{temporal_patch}")
+    return tubelets
 
 
 @dataclass

@@ -64,7 +64,7 @@ from omnidit.tokens import (
     video_patchify,
     video_position_ids,
 )
-from omnidit.train_checks import check_compatible, check_streams  # noqa: F401
+from omnidit.train_checks import check_compatible
 from omnidit.validate import check_memory
 
 
@@ -134,14 +134,19 @@ class Trainer:
         self.multi = streams(self.dataset) != ("img",) or self.mix_dataset is not None
         if self.mix_dataset is not None:
             check_compatible(config, self.mix_dataset, self.codec)
+        filled = set(streams(self.dataset)) | set(streams(self.mix_dataset) if self.mix_dataset else ())
+        unfed = [n for n in mc.extra_streams if n not in filled]
+        if unfed:
+            raise OmniditError(f"the model's {unfed[0]} stream gets no data from '{dc.name}'"
+                               + (f" or '{dc.mix_name}'" if dc.mix_name else ""),
+                               hint=f"train on data with {unfed[0]} (e.g. data.name=bounce), or drop it from "
+                                    "model.extra_streams")
         if self.multi:
-            filled = set(streams(self.dataset)) | set(streams(self.mix_dataset) if self.mix_dataset else ())
-            unfed = [n for n in mc.extra_streams if n not in filled]
-            if unfed:
-                raise OmniditError(f"the model's {unfed[0]} stream gets no data from '{dc.name}'"
-                                   + (f" or '{dc.mix_name}'" if dc.mix_name else ""),
-                                   hint=f"train on data with {unfed[0]} (e.g. data.name=bounce), or drop it from "
-                                        "model.extra_streams")
+            for key, value in (("data.cache_dir", dc.cache_dir), ("train.counterfactual_weight",
+                                                                 tc.counterfactual_weight)):
+                if value:
+                    raise OmniditError(f"{key} works on one image data set, not with sound or data.mix_name",
+                                       hint=f"drop {key}")
             if tc.sample_every or tc.eval_every:
                 raise OmniditError("train.sample_every and train.eval_every draw images, not clips with sound",
                                    hint="set them to 0 and evaluate checkpoints with omnidit eval")
@@ -185,7 +190,7 @@ class Trainer:
             for ds in filter(None, (self.dataset, self.mix_dataset)):
                 self.layouts[id(ds)] = stream_layout(mc, streams(ds), dc.frames, *self.grid, dc.fps,
                                                      getattr(ds, "samples", 0), dc.sample_rate, self.device)
-            self.num_tokens = sum(self.layouts[id(self.dataset)].tokens.values())
+            self.num_tokens = max(sum(layout.tokens.values()) for layout in self.layouts.values())  # the larger
         self.null_cond = self._null_condition()
         self.last_checkpoint: Path | None = None
         self.init_source: dict | None = None  # set by initialise_from, kept in every checkpoint

@@ -6,7 +6,13 @@ from __future__ import annotations
 from omnidit.config import Config
 from omnidit.data import streams
 from omnidit.errors import OmniditError
-from omnidit.tokens import audio_frame_size, check_audio_length, check_frame_count, check_image_size
+from omnidit.tokens import (
+    audio_frame_size,
+    check_audio_length,
+    check_frame_count,
+    check_image_size,
+    clip_samples,
+)
 
 
 def check_streams(config: Config, dataset) -> None:
@@ -17,20 +23,13 @@ def check_streams(config: Config, dataset) -> None:
         raise OmniditError(f"the '{dc.name}' data have {missing[0]}, but the model has no {missing[0]} stream",
                            hint='add model.extra_streams={"audio": 200} (samples per token)')
     if "audio" in streams(dataset):
-        if dataset.sample_rate != dc.sample_rate:  # never: the data take the config's rate
-            raise OmniditError(f"the data's sample rate {dataset.sample_rate} differs from data.sample_rate")
         check_audio_length(dataset.samples, audio_frame_size(mc))
         if "img" in streams(dataset):
-            tubelet = mc.temporal_patch / dc.fps * dc.sample_rate  # samples per video tubelet
+            tubelet = clip_samples(mc.temporal_patch, dc.fps, dc.sample_rate)  # samples per video tubelet
             if tubelet % audio_frame_size(mc):
                 raise OmniditError(f"audio tokens of {audio_frame_size(mc)} samples do not tile a video tubelet of "
-                                   f"{tubelet:g} samples", hint="use an audio frame that divides "
+                                   f"{float(tubelet):g} samples", hint="use an audio frame that divides "
                                    f"{dc.sample_rate} / {dc.fps:g} x {mc.temporal_patch} samples")
-    if config.data.cache_dir and "audio" in streams(dataset):
-        raise OmniditError("data.cache_dir caches images; sound trains from the data directly",
-                           hint="drop data.cache_dir")
-    if config.train.counterfactual_weight > 0 and streams(dataset) != ("img",):
-        raise OmniditError("train.counterfactual_weight needs image data", hint="set train.counterfactual_weight=0")
 
 
 def check_compatible(config: Config, dataset, codec) -> None:

@@ -14,11 +14,15 @@ in every direction:
 - ``text_to_av``: the caption alone; bounces seen in the made clip against beeps heard in the made sound;
 - ``video_to_audio``: the true clip given; its true bounces against the beeps heard in the made sound;
 - ``audio_to_video``: the true sound given; the bounces seen in the made clip against its true beeps;
-- ``extend``: the first half of the clip and its sound given; the second half judged as in text_to_av.
+- ``extend``: the first half of the clip and its sound given, which fixes the motion: the beeps made after the
+  cut against the true bounces there, and the made picture must bounce there too.
+
+A made picture in which the tracker follows no object or an object stands still is wrong however it sounds.
 
 Per direction the report gives ``sync_within_one_frame`` (bounces with a beep within one frame, over all
 bounces judged), ``pitch_match`` (of those, the beep at the bouncing object's pitch), the mean sync error,
-missing and extra beeps, the bounces judged, and ``clips_right`` (clips where every bounce has its beep at its
+missing and extra beeps, the bounces judged, clips with no bounce to judge, clips with a faulty picture, and
+``clips_right`` (clips where every bounce has its beep at its
 pitch and no beep is extra), the direction's score; ``overall`` is the mean over directions.
 """
 
@@ -36,7 +40,7 @@ from omnidit.data.tones import ToneDataset
 from omnidit.errors import OmniditError
 from omnidit.evaluate.audio_judge import judge_tones
 from omnidit.evaluate.runner import EvalReport, Judged, _aggregate, _seeds
-from omnidit.evaluate.sync import Heard, Seen, SyncReport, hear_beeps, judge_sync, see_bounces
+from omnidit.evaluate.sync import Heard, Seen, SyncReport, hear_beeps, judge_sync, moving_objects, see_bounces
 
 AUDIO_CATEGORIES = ("one_beep", "two_beeps", "three_beeps", "four_beeps", "novel_sequences")
 AV_DIRECTIONS = ("text_to_av", "video_to_audio", "audio_to_video", "extend")
@@ -155,24 +159,42 @@ def _require_audio(pipe) -> None:
 def judge_direction(direction: str, video: Tensor, audio: Tensor, truth: Sequence, fps: float, sample_rate: int,
                     given_frames: int = 0) -> SyncReport:
     """The sync judgement of one clip (3, T, H, W) with sound (1, S) made in ``direction``; ``truth``: the
-    scene's true bounces (``bounce.Bounce``); ``given_frames``: frames given to ``extend`` (only later
-    events are judged)."""
+    scene's true bounces (``bounce.Bounce``); ``given_frames``: the frames given to ``extend``.
+
+    - text_to_av: bounces seen in the made clip against beeps heard in the made sound;
+    - video_to_audio: the true bounces against the beeps heard;
+    - audio_to_video: the bounces seen against the true beeps;
+    - extend: the given frames fix the motion, so the true bounces after the cut are known: the beeps heard
+      after it are judged against them, and the made picture must bounce there too.
+
+    A made picture in which the tracker follows no object, or in which an object stands still, is wrong
+    (``picture_fault``): silence over a still clip has no bounce to miss.
+    """
     frames = video.shape[1]
     true = [Seen(b.time, b.colour) for b in truth]
-    seen = true if direction == "video_to_audio" else see_bounces(video, fps)
-    heard = [Heard(b.time, b.colour) for b in truth] if direction == "audio_to_video" else hear_beeps(audio,
-                                                                                                     sample_rate)
-    if direction != "extend":
-        return judge_sync(seen, heard, fps, frames)
-    # The given half is the data's: judge the bounces made after it, and the beeps from a frame before (a bounce
-    # just after the cut may sound just before it); a beep before the cut, or within a frame of a bounce before
-    # it, is not extra.
-    start = given_frames / fps
-    before = [s.time for s in seen if s.time < start]
-    report = judge_sync([s for s in seen if s.time >= start], [h for h in heard if h.time >= start - 1 / fps],
-                        fps, frames)
-    report.extra = [t for t in report.extra if t >= start and not any(abs(t - b) <= 1 / fps for b in before)]
-    report.beeps = report.matched + len(report.extra)
+    if direction == "video_to_audio":
+        return judge_sync(true, hear_beeps(audio, sample_rate), fps, frames)
+    objects, moving = moving_objects(video, fps)
+    fault = "no object seen" if not objects else f"{objects - moving} object(s) standing still" \
+        if moving < objects else ""
+    seen = see_bounces(video, fps)
+    if direction == "audio_to_video":
+        report = judge_sync(seen, [Heard(b.time, b.colour) for b in truth], fps, frames)
+    elif direction == "text_to_av":
+        report = judge_sync(seen, hear_beeps(audio, sample_rate), fps, frames)
+    else:  # extend: judged after the cut (a beep may sound up to a frame before a bounce just after it)
+        start = given_frames / fps
+        after = [t for t in true if t.time >= start]
+        report = judge_sync(after, [h for h in hear_beeps(audio, sample_rate) if h.time >= start - 1 / fps],
+                            fps, frames)
+        before = [t.time for t in true if t.time < start]
+        report.extra = [t for t in report.extra if t >= start and not any(abs(t - b) <= 1 / fps for b in before)]
+        report.beeps = report.matched + len(report.extra)
+        picture = judge_sync(after, [Heard(s.time, s.colour) for s in seen if s.time >= start - 1 / fps], fps,
+                             frames)
+        if not fault and picture.missing:
+            fault = f"the clip does not bounce where the given motion does (at {picture.missing[0]:.3f} s)"
+    report.picture_fault = fault
     return report
 
 
@@ -188,7 +210,8 @@ def _direction_inputs(direction: str, videos: Tensor, audios: Tensor, frames: in
 
 def evaluate_av(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None = None, batch_size: int = 16,
                 progress: bool = True, frechet: bool = False, **sampling) -> EvalReport:
-    """The av suite (module docstring): every scene sampled in every direction and judged for sync."""
+    """The av suite (module docstring): every scene sampled in every direction and judged for sync. (``frechet``
+    is accepted for the runner's sake: this suite has no Fréchet distance; the video suite reports one.)"""
     from tqdm.auto import tqdm
 
     from omnidit.data.bounce import BounceDataset
@@ -228,6 +251,8 @@ def evaluate_av(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None = 
 
 
 def _reason(report: SyncReport) -> str:
+    if report.picture_fault:
+        return report.picture_fault
     if report.missing:
         return f"no beep within a frame of the bounce at {report.missing[0]:.3f} s"
     if report.pitch_matched < report.matched:
@@ -246,4 +271,6 @@ def _summary(reports: Sequence[SyncReport]) -> dict:
             "mean_abs_error_ms": float(np.mean(errors)) if errors else None,
             "bounces": bounces, "missing": sum(len(r.missing) for r in reports),
             "extra": sum(len(r.extra) for r in reports), "clips": len(reports),
+            "clips_without_bounces": sum(r.bounces == 0 for r in reports),
+            "picture_faults": sum(bool(r.picture_fault) for r in reports),
             "clips_right": sum(r.right for r in reports) / len(reports) if reports else None}

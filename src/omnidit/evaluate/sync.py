@@ -59,6 +59,7 @@ class SyncReport:
     errors_ms: list[float] = field(default_factory=list)
     missing: list[float] = field(default_factory=list)  # times of bounces without a beep
     extra: list[float] = field(default_factory=list)  # times of beeps without a bounce
+    picture_fault: str = ""  # what is wrong with a made clip itself (nothing moves, ...); any makes it wrong
 
     @property
     def sync_within_one_frame(self) -> float:
@@ -70,7 +71,7 @@ class SyncReport:
 
     @property
     def right(self) -> bool:
-        return self.matched == self.bounces == self.beeps == self.pitch_matched
+        return self.matched == self.bounces == self.beeps == self.pitch_matched and not self.picture_fault
 
 
 def hear_beeps(audio, sample_rate: int = SAMPLE_RATE) -> list[Heard]:
@@ -93,6 +94,18 @@ def hear_beeps(audio, sample_rate: int = SAMPLE_RATE) -> list[Heard]:
                 centre = (starts[start] + length / 2) / sample_rate
                 found.append(Heard(float(centre + ONSET_LAG), colour))
     return sorted(found, key=lambda h: h.time)
+
+
+def moving_objects(clip, fps: float) -> tuple[int, int]:
+    """(objects the tracker follows through a clip, how many of them move at least MIN_STEP px per frame)."""
+    detections, (width, height) = detect_clip(clip)
+    tracks = link(detections, max_step(fps, min(width, height)))
+    moving = 0
+    for track in tracks:
+        centres = np.array([d.centre_px for d in track.detections], dtype=np.float64)
+        steps = np.abs(np.diff(centres, axis=0)) / np.diff(np.array(track.frames))[:, None] if len(centres) > 1 else []
+        moving += bool(len(steps)) and float(np.median(steps, axis=0).max()) >= MIN_STEP
+    return len(tracks), moving
 
 
 def see_bounces(clip, fps: float) -> list[Seen]:
