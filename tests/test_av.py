@@ -190,3 +190,41 @@ def test_lengths_in_samples_and_tubelets_are_exact():
     assert torch.equal(t, torch.arange(25).repeat_interleave(4))
     t = audio_tubelets(48000, 400, 48000, 24.0, 2, 12)  # 10 audio frames per tubelet of 2 frames
     assert torch.equal(t, torch.arange(12).repeat_interleave(10))
+
+
+def test_the_spectrogram_codec_keeps_what_the_judges_hear():
+    from omnidit.codecs import SpectrogramCodec
+    from omnidit.data.tones import ToneDataset
+    from omnidit.evaluate.audio_judge import judge_tones
+
+    codec = SpectrogramCodec(200)
+    data = ToneDataset(seed=11)
+    audio = torch.stack([data[i]["audio"] for i in range(40)])
+    latents = codec.encode(audio)
+    assert latents.shape == (40, 201, 80)  # one column per 200 samples
+    assert float(latents.min()) >= 0.0 and 0.2 < float(latents.std()) < 1.0 and float(latents.max()) < 10
+    back = codec.decode(latents)
+    assert back.shape == audio.shape and torch.equal(codec.decode(latents), back)  # deterministic
+    right = sum(judge_tones(back[i], data.scene(i).caption)[0] for i in range(40))
+    assert right >= 38  # measured: 199 of 200 (a beep split in two by the phase reconstruction)
+
+
+def test_a_model_trains_and_samples_through_the_spectrogram_codec(make_tiny_config, tmp_path):
+    from omnidit.pipeline import load_pipeline
+    from omnidit.train import train
+
+    sections = {k: dict(v) for k, v in AV.items()}
+    sections["model"]["extra_streams"] = {"audio": 101}  # one column of 101 bins (hop 100) per token
+    sections["data"].update(audio_codec="spectrogram", audio_hop=100)
+    sections["train"].update(steps=2)
+    train(make_tiny_config(tmp_path / "run", **sections), progress=False)
+    pipe = load_pipeline(tmp_path / "run", device="cpu")
+    made = pipe.generate_av(["a red circle"], steps=2)
+    assert made.audio.shape == (1, 1, 4000) and made.video.shape == (1, 3, 4, 16, 16)
+    audio = made.audio * 0 + 0.3 * torch.sin(torch.arange(4000) / 8000 * 2 * torch.pi * 440)
+    a2v = pipe.generate_av(["a red circle"], audio=audio, steps=2)
+    assert torch.equal(a2v.audio, audio)
+    sections["model"]["extra_streams"] = {"audio": 150}
+    with pytest.raises(OmniditError, match="not a whole number of the spectrogram:100 codec's 101-channel"):
+        from omnidit.train import Trainer
+        Trainer(make_tiny_config(tmp_path / "bad", **sections), progress=False)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from omnidit.codecs import WaveformCodec
+from omnidit.codecs import load_audio_codec
 from omnidit.condition import Condition
 from omnidit.errors import OmniditError
 from omnidit.flops import sampling_bytes_per_sample
@@ -97,7 +97,8 @@ def generate_av(pipeline, prompts: list[str], frames: int | None = None, fps: fl
         raise OmniditError("best-of-N candidates are not scored for clips with sound", hint="use --candidates 1")
     if settings["sampler"] not in SAMPLERS:
         raise OmniditError(f"unknown sampler '{settings['sampler']}'", hint=f"choose one of {', '.join(SAMPLERS)}")
-    frame = audio_frame_size(mc)
+    codec = load_audio_codec(dc)
+    frame = audio_frame_size(mc, codec)  # samples per sound token
     rate = dc.sample_rate
     batch = len(prompts)
     if audio_only:
@@ -110,7 +111,7 @@ def generate_av(pipeline, prompts: list[str], frames: int | None = None, fps: fl
             raise OmniditError(f"{seconds:g} s is not a whole number of samples at {rate} Hz")
         samples = int(exact_samples)
         check_audio_length(samples, frame)
-        layout = stream_layout(mc, ("audio",), 1, 1, 1, 1.0, samples, rate, pipeline.device)
+        layout = stream_layout(mc, ("audio",), 1, 1, 1, 1.0, samples, rate, pipeline.device, codec)
         frames, fps, height, width = 0, float(dc.fps), 0, 0
     else:
         frames = dc.frames if frames is None else check_number("the frame count", frames, low=1, integer=True)
@@ -128,8 +129,7 @@ def generate_av(pipeline, prompts: list[str], frames: int | None = None, fps: fl
                                hint=f"use a length that is a multiple of {frame / rate:g} s")
         samples = int(exact_samples)
         layout = stream_layout(mc, ("img", "audio"), frames, height // mc.patch_size, width // mc.patch_size, fps,
-                               samples, rate, pipeline.device)
-    codec = WaveformCodec(dc.audio_scale)
+                               samples, rate, pipeline.device, codec)
     video = _check_given("video", video, (mc.in_channels, frames, height, width), batch,
                          f"{frames} frames of {width}x{height}")
     audio = _check_given("audio", audio, (1, samples), batch, f"{samples} samples ({samples / rate:g} s at {rate} Hz)")
@@ -172,7 +172,7 @@ def generate_av(pipeline, prompts: list[str], frames: int | None = None, fps: fl
     seeds = [int(seed) + i for i in range(batch)] if isinstance(seed, int) else [int(s) for s in seed]
     if len(seeds) != batch:
         raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
-    noise = pack(_noise(layout, mc, seeds, frames, height, width, samples)).to(pipeline.device)
+    noise = pack(_noise(layout, mc, seeds, frames, height, width)).to(pipeline.device)
     clean_packed = pack({n: clean[n].expand(batch, -1, -1) for n in names}) if given is not None else None
     x = sample(velocity, noise, settings["steps"], settings["sampler"], settings["shift"], progress=progress,
                given=given, given_tokens=clean_packed, on_step=on_step)
@@ -181,31 +181,30 @@ def generate_av(pipeline, prompts: list[str], frames: int | None = None, fps: fl
     if "img" in out:
         clip = video_unpatchify(out["img"], frames, height, width, mc.patch_size, mc.temporal_patch)
         clip = clip.clamp(-1, 1).float().cpu()
-    sound = codec.decode(audio_unpatchify(out["audio"], samples, frame)).clamp(-1, 1).float().cpu()
-    if audio is not None:  # the given sound exactly as given (the codec's scale may round in its last bit)
+    latent_frames = samples // codec.hop
+    latents = audio_unpatchify(out["audio"], latent_frames, latent_frames // layout.tokens["audio"])
+    sound = codec.decode(latents).clamp(-1, 1).float().cpu()
+    if audio is not None:  # the given sound exactly as given (a codec need not invert exactly)
         kept = masks["audio"].repeat_interleave(frame, dim=1)[:, None].cpu()  # (1, 1, S)
         sound = torch.where(kept, audio.cpu(), sound)
     return AudioVideo(clip, sound, fps, rate)
 
 
-def _noise(layout: StreamLayout, mc, seeds: list[int], frames: int, height: int, width: int,
-           samples: int) -> dict[str, Tensor]:
+def _noise(layout: StreamLayout, mc, seeds: list[int], frames: int, height: int, width: int) -> dict[str, Tensor]:
     """Each sample's starting noise from its own seed, from one generator: the clip's first (so that with a
-    list of seeds the picture starts as ``Pipeline.generate_video``'s does), then the sound's."""
+    list of seeds the picture starts as ``Pipeline.generate_video``'s does), then the sound tokens'."""
     per_stream: dict[str, list[Tensor]] = {n: [] for n in layout.names}
     for s in seeds:
         g = torch.Generator().manual_seed(s)
-        data = {}
         if "img" in layout.names:
-            data["img"] = torch.randn((1, mc.in_channels, frames, height, width), generator=g)
-        data["audio"] = torch.randn((1, 1, samples), generator=g)
-        for n, x in stream_tokens(data, mc).items():
-            per_stream[n].append(x)
+            clip = torch.randn((1, mc.in_channels, frames, height, width), generator=g)
+            per_stream["img"].append(stream_tokens({"img": clip}, mc)["img"])
+        per_stream["audio"].append(torch.randn((1, layout.tokens["audio"], layout.features["audio"]), generator=g))
     return {n: torch.cat(v) for n, v in per_stream.items()}
 
 
 def _given_tokens(layout: StreamLayout, mc, video: Tensor | None, audio: Tensor | None,
-                  given_frames: Sequence[int] | None, frames: int, fps: float, rate: int, codec: WaveformCodec,
+                  given_frames: Sequence[int] | None, frames: int, fps: float, rate: int, codec,
                   device: torch.device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Per stream: the mask of given tokens (1, N_s) and the clean tokens (B or 1, N_s, D_s) (zeros where none).
 
@@ -216,7 +215,7 @@ def _given_tokens(layout: StreamLayout, mc, video: Tensor | None, audio: Tensor 
         data["img"] = video.to(device)
     if audio is not None:
         data["audio"] = codec.encode(audio.to(device))
-    tokens = stream_tokens(data, mc)
+    tokens = stream_tokens(data, mc, codec)
     masks, clean = {}, {}
     for n in layout.names:
         masks[n] = torch.zeros(1, layout.tokens[n], dtype=torch.bool, device=device)
@@ -236,7 +235,7 @@ def _given_tokens(layout: StreamLayout, mc, video: Tensor | None, audio: Tensor 
     known[tubelets] = True
     masks["img"] = known.repeat_interleave(layout.tokens["img"] // count)[None]
     if audio is not None:
-        frame = audio_frame_size(mc)
+        frame = audio_frame_size(mc, codec)
         where = audio_tubelets(layout.tokens["audio"] * frame, frame, rate, fps, pt, count)
         masks["audio"] = known[where.to(device)][None]
     return masks, clean

@@ -46,7 +46,9 @@ class DataConfig:
     counterfactuals: list[str] = field(default_factory=lambda: ["relation"])
     sample_rate: int = 8000  # audio samples per second (bounce, tones)
     seconds: float = 2.0  # length of sound-only clips (tones); clips with video last frames / fps
-    audio_scale: float = 1.0  # the model sees the waveform times this (codecs.WaveformCodec)
+    audio_codec: str = "waveform"  # how sound becomes latents: waveform (samples) | spectrogram (log magnitude)
+    audio_scale: float = 1.0  # waveform: the model sees the samples times this (codecs.WaveformCodec)
+    audio_hop: int = 200  # spectrogram: samples between its columns (codecs.SpectrogramCodec)
     # Every mix_every-th training batch comes from the data set mix_name instead (0 = never), at the same size,
     # rate and seed: e.g. tones mixed into bounce, so that one model also makes sound from a caption alone.
     mix_name: str = ""
@@ -54,8 +56,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_ranges("data", self, positive=("width", "height", "frames", "fps", "sample_rate", "seconds",
-                                                "audio_scale"),
-                      non_negative=("cache_samples", "mix_every"), choices={"codec_dtype": ("fp32", "bf16", "fp16")})
+                                                "audio_scale", "audio_hop"),
+                      non_negative=("cache_samples", "mix_every"),
+                      choices={"codec_dtype": ("fp32", "bf16", "fp16"), "audio_codec": ("waveform", "spectrogram")})
         if bool(self.mix_name) != bool(self.mix_every) or self.mix_every == 1:
             raise OmniditError(f"data.mix_name={self.mix_name!r} and data.mix_every={self.mix_every} go together: "
                                "a second data set for every N-th batch, N >= 2",

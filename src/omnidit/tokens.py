@@ -166,13 +166,24 @@ def audio_position_ids(samples: int, frame: int, sample_rate: float, num_axes: i
     return ids.float().to(device)
 
 
-def audio_frame_size(model_config) -> int:
-    """Samples per token of a model's ``audio`` stream (mono: its token features), or an error naming the fix."""
+def audio_frame_size(model_config, codec) -> int:
+    """Samples per token of a model's ``audio`` stream with a sound codec (``codecs.load_audio_codec``): its token
+    features are runs of latent frames of ``codec.channels`` features, ``codec.hop`` samples each."""
+    return audio_latent_frames(model_config, codec) * codec.hop
+
+
+def audio_latent_frames(model_config, codec) -> int:
+    """Latent frames per sound token: the stream's token features over the codec's channels, or an error."""
     features = model_config.extra_streams.get("audio")
     if not features:
         raise OmniditError("this model has no audio stream",
-                           hint='add model.extra_streams={"audio": 200} (200 samples per token) to train on sound')
-    return int(features)
+                           hint='add model.extra_streams={"audio": N} (N token features) to train on sound')
+    if features % codec.channels:
+        raise OmniditError(f"the model's audio tokens have {features} features, which is not a whole number of the "
+                           f"{codec.name} codec's {codec.channels}-channel latent frames",
+                           hint=f"use a multiple of {codec.channels} features, e.g. model.extra_streams="
+                                f'{{"audio": {codec.channels * max(1, features // codec.channels)}}}')
+    return features // codec.channels
 
 
 def exact(value: float) -> Fraction:
@@ -232,25 +243,29 @@ class StreamLayout:
 
 
 def stream_layout(model_config, streams: Sequence[str], frames: int, grid_h: int, grid_w: int, fps: float,
-                  samples: int = 0, sample_rate: float = 0.0, device: torch.device | str = "cpu") -> StreamLayout:
-    """The layout of ``streams`` ("img" for images and clips, "audio" for ``samples`` of sound) of a model."""
+                  samples: int = 0, sample_rate: float = 0.0, device: torch.device | str = "cpu",
+                  audio_codec=None) -> StreamLayout:
+    """The layout of ``streams`` ("img" for images and clips, "audio" for ``samples`` of sound through
+    ``audio_codec``) of a model."""
     mc, ids, features = model_config, {}, {}
     for name in (n for n in mc.generated_streams if n in streams):
         if name == "img":
             ids[name] = video_position_ids(frames, grid_h, grid_w, fps, mc.temporal_patch, len(mc.axes_dim), device)
             features[name] = mc.token_dim
         else:
-            ids[name] = audio_position_ids(samples, audio_frame_size(mc), sample_rate, len(mc.axes_dim), device)
+            ids[name] = audio_position_ids(samples, audio_frame_size(mc, audio_codec), sample_rate, len(mc.axes_dim),
+                                           device)
             features[name] = mc.extra_streams[name]
     return StreamLayout(ids, features)
 
 
-def stream_tokens(data: dict[str, Tensor], model_config) -> dict[str, Tensor]:
-    """Data by stream ({"img": (B, C, H, W) or (B, C, T, H, W), "audio": (B, 1, S)}) -> tokens (B, N_s, D_s)."""
+def stream_tokens(data: dict[str, Tensor], model_config, audio_codec=None) -> dict[str, Tensor]:
+    """Data by stream ({"img": (B, C, H, W) or (B, C, T, H, W), "audio": latents (B, c, L) of ``audio_codec``})
+    -> tokens (B, N_s, D_s)."""
     mc, out = model_config, {}
     for name, x in data.items():
         if name == "img":
             out[name] = video_patchify(x if x.dim() == 5 else x[:, :, None], mc.patch_size, mc.temporal_patch)
         else:
-            out[name] = audio_patchify(x, audio_frame_size(mc))
+            out[name] = audio_patchify(x, audio_latent_frames(mc, audio_codec))
     return out

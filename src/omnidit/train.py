@@ -34,7 +34,7 @@ from omnidit.checkpoint import (
     save_checkpoint,
     training_provenance,
 )
-from omnidit.codecs import WaveformCodec, load_codec
+from omnidit.codecs import load_audio_codec, load_codec
 from omnidit.condition import Condition
 from omnidit.config import Config
 from omnidit.data import batch_from_indices, batch_streams, build_dataset, counterfactual_batch, streams
@@ -128,7 +128,7 @@ class Trainer:
         picture = self.dataset if "img" in streams(self.dataset) else self.mix_dataset
         channels = picture.channels if picture is not None and "img" in streams(picture) else mc.in_channels
         self.codec = load_codec(dc.codec, channels, self.device, dc.codec_dtype)
-        self.audio_codec = WaveformCodec(dc.audio_scale)
+        self.audio_codec = load_audio_codec(dc)
         check_compatible(config, self.dataset, self.codec)
         # Several streams (sound), or a second data set: every batch goes through the streams path.
         self.multi = streams(self.dataset) != ("img",) or self.mix_dataset is not None
@@ -189,7 +189,8 @@ class Trainer:
         if self.multi:
             for ds in filter(None, (self.dataset, self.mix_dataset)):
                 self.layouts[id(ds)] = stream_layout(mc, streams(ds), dc.frames, *self.grid, dc.fps,
-                                                     getattr(ds, "samples", 0), dc.sample_rate, self.device)
+                                                     getattr(ds, "samples", 0), dc.sample_rate, self.device,
+                                                     self.audio_codec)
             self.num_tokens = max(sum(layout.tokens.values()) for layout in self.layouts.values())  # the larger
         self.null_cond = self._null_condition()
         self.last_checkpoint: Path | None = None
@@ -247,7 +248,7 @@ class Trainer:
                 data["img"] = self.codec.encode(data["img"].to(self.device))
             if "audio" in data:
                 data["audio"] = self.audio_codec.encode(data["audio"])
-            x0 = stream_tokens({n: x.to(self.device) for n, x in data.items()}, mc)  # {name: (b, N_s, D_s)}
+            x0 = stream_tokens({n: x.to(self.device) for n, x in data.items()}, mc, self.audio_codec)  # (b, N_s, D_s)
             cond = self.condition(captions, labels)
             t = {n: v[mine].to(self.device) for n, v in t.items()}
             noise = {n: v[mine].to(self.device) for n, v in noise.items()}
@@ -360,7 +361,7 @@ class Trainer:
             tubelets = self.given_tubelets(batch)  # (batch, T / pt)
             per_token["img"][tubelets.repeat_interleave(tokens["img"] // count, dim=1)] = 0.0
             if "audio" in names:
-                frame = audio_frame_size(mc)
+                frame = audio_frame_size(mc, self.audio_codec)
                 where = audio_tubelets(tokens["audio"] * frame, frame, dc.sample_rate, dc.fps, mc.temporal_patch,
                                        count)
                 per_token["audio"][tubelets[:, where]] = 0.0

@@ -3,6 +3,7 @@ names the key to change."""
 
 from __future__ import annotations
 
+from omnidit.codecs import load_audio_codec
 from omnidit.config import Config
 from omnidit.data import streams
 from omnidit.errors import OmniditError
@@ -23,11 +24,12 @@ def check_streams(config: Config, dataset) -> None:
         raise OmniditError(f"the '{dc.name}' data have {missing[0]}, but the model has no {missing[0]} stream",
                            hint='add model.extra_streams={"audio": 200} (samples per token)')
     if "audio" in streams(dataset):
-        check_audio_length(dataset.samples, audio_frame_size(mc))
+        frame = audio_frame_size(mc, load_audio_codec(dc))  # samples per sound token
+        check_audio_length(dataset.samples, frame)
         if "img" in streams(dataset):
             tubelet = clip_samples(mc.temporal_patch, dc.fps, dc.sample_rate)  # samples per video tubelet
-            if tubelet % audio_frame_size(mc):
-                raise OmniditError(f"audio tokens of {audio_frame_size(mc)} samples do not tile a video tubelet of "
+            if tubelet % frame:
+                raise OmniditError(f"audio tokens of {frame} samples do not tile a video tubelet of "
                                    f"{float(tubelet):g} samples", hint="use an audio frame that divides "
                                    f"{dc.sample_rate} / {dc.fps:g} x {mc.temporal_patch} samples")
 
