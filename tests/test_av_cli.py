@@ -115,3 +115,10 @@ def test_demo_writes_a_clip_with_sound(av_run, capsys, tmp_path, monkeypatch):
                               "--no-progress")
     assert code == 0, err
     assert (tmp_path / "d.png").is_file()
+
+
+def test_info_describes_the_sound(av_run, capsys):
+    code, out, err = run_main(capsys, "info", av_run)
+    assert code == 0, err
+    assert "sound         8000 Hz through the waveform:3 codec, 200 samples (25 ms) per token" in out
+    assert "one batch in 2 from tones" in out

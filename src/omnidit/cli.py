@@ -372,6 +372,15 @@ def cmd_info(args: argparse.Namespace) -> None:
         + (f", best of {config.sample.candidates} by the model's own denoising error"
            if config.sample.candidates > 1 else ""),
     ]
+    if "audio" in mc.extra_streams:
+        from omnidit.codecs import load_audio_codec
+        from omnidit.tokens import audio_frame_size
+
+        dc, codec = config.data, load_audio_codec(config.data)
+        frame = audio_frame_size(mc, codec)
+        lines.insert(-1, f"sound         {dc.sample_rate} Hz through the {codec.name} codec, {frame} samples "
+                         f"({1000 * frame / dc.sample_rate:g} ms) per token of {mc.extra_streams['audio']} features"
+                         + (f"; one batch in {dc.mix_every} from {dc.mix_name}" if dc.mix_name else ""))
     vocabulary = caption_vocabulary(config.data.name, config.data.mix_name) if config.text.encoder != "none" else None
     if vocabulary:
         lines.append(f"vocabulary    the {len(vocabulary)} words of its training captions: "
