@@ -63,6 +63,8 @@ def _write(tmp_path):
     save_wav(torch.rand(1, 4100) * 0.2 - 0.1, tmp_path / "odd.wav", 8000)
     (tmp_path / "broken.wav").write_bytes(b"RIFF....not a wav")
     save_video(torch.zeros(3, 4, 16, 16), tmp_path / "mute.mp4", 8.0)
+    save_video(torch.zeros(3, 2, 16, 16), tmp_path / "short.mp4", 8.0, audio=torch.full((1, 1000), 0.1),
+               sample_rate=8000)  # 2 frames (0.25 s) with 0.125 s of sound
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -72,6 +74,7 @@ def _write(tmp_path):
     (["--audio", "{d}/broken.wav"], ["cannot read"]),
     (["--audio", "{d}/none.wav"], ["no such sound file"]),
     (["--extend", "{d}/mute.mp4", "--frames", "2"], ["has no sound track"]),
+    (["--extend", "{d}/short.mp4", "--frames", "2"], ["the sound of", "is shorter than its 2 frames"]),
     (["--audio-only", "--seconds", "0.51"], ["do not split into frames of 200"]),
     (["--audio-only", "-o", "{d}/x.mp4"], ["without a picture"]),
     (["--video", "{d}/mute.mp4", "--audio", "{d}/silent.wav"], ["pass one of them"]),
