@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from omnidit.calibrate_command import add_calibrate_parser, cmd_calibrate
 from omnidit.errors import OmniditError
 from omnidit.generate_command import (
     MAX_GRID,
@@ -39,7 +40,7 @@ def _keys_epilog() -> str:
 
 
 def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    """The sampling flags (--sampler, --shift, --cfg-interval, --skip-*, --candidates), shared by generate and
+    """The sampling flags (--sampler, --shift, --cfg-interval, --skip-*, --candidates, --cache*), shared by generate and
     eval (unset: the model's sample config)."""
     p.add_argument("--sampler", default=None, help="euler or heun (default: the model's sample.sampler)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift toward noise (default: sample.shift)")
@@ -59,6 +60,19 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    help="best of N: sample each image from N seeds and keep the one with the lowest denoising error "
                         "under its prompt, judged by the model itself; about N times the time "
                         "(default: the model's sample.candidates)")
+    p.add_argument("--cache", default=None, choices=["none", "first_block", "teacache", "magcache", "interval"],
+                   help="step caching: at steps where the output barely changes, run only the first block and reuse "
+                        "the rest's last output: first_block (its residual barely changed), teacache and magcache "
+                        "(need 'omnidit calibrate MODEL' once), interval (every --cache-interval-th step); "
+                        "docs/sampling.md (default: the model's sample.cache, none)")
+    p.add_argument("--cache-threshold", type=float, default=None, metavar="X",
+                   help="the cache's skip threshold: larger skips more steps (default: the method's own, about a "
+                        "third of the steps skipped)")
+    p.add_argument("--cache-forecast", default=None, choices=["copy", "taylor"],
+                   help="a skipped step reuses the last computed residual (copy) or extrapolates the last two in t "
+                        "(taylor, TaylorSeer's first order) (default: copy)")
+    p.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                   help="--cache interval: compute every N-th step (default 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
 
     add_serve_parser(sub)
+    add_calibrate_parser(sub)
 
     p = sub.add_parser("info", help="describe a checkpoint folder")
     p.add_argument("model", nargs="?", default=None,
@@ -393,7 +408,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 COMMANDS = {"train": cmd_train, "precompute": cmd_precompute, "generate": cmd_generate, "demo": cmd_demo,
             "eval": cmd_eval, "eval-prompts": cmd_eval_prompts, "convert": cmd_convert, "info": cmd_info,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "calibrate": cmd_calibrate}
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

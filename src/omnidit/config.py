@@ -195,10 +195,17 @@ class SampleConfig:
     skip_blocks: list[int] = field(default_factory=list)  # the single-stream blocks that weaker model leaves out
     skip_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # skip guidance only at LO <= t <= HI
     candidates: int = 1  # best-of-N: sample N seeds per image, keep the one with the lowest denoising error
+    cache: str = "none"  # step caching (omnidit.step_cache): none | first_block | teacache | magcache | interval
+    cache_threshold: float = 0.0  # its skip threshold (0 = the method's default)
+    cache_forecast: str = "copy"  # a skipped step reuses the last residual (copy) or extrapolates it (taylor)
+    cache_interval: int = 2  # cache 'interval': compute every N-th step
 
     def __post_init__(self) -> None:
-        _check_ranges("sample", self, positive=("steps", "shift", "candidates"), non_negative=("skip_scale",),
-                      choices={"sampler": tuple(SAMPLERS)})
+        from omnidit.step_cache import FORECASTS, METHODS
+
+        _check_ranges("sample", self, positive=("steps", "shift", "candidates", "cache_interval"),
+                      non_negative=("skip_scale", "cache_threshold"),
+                      choices={"sampler": tuple(SAMPLERS), "cache": METHODS, "cache_forecast": FORECASTS})
         for key in ("cfg_interval", "skip_interval"):
             try:
                 setattr(self, key, list(check_cfg_interval(getattr(self, key))))

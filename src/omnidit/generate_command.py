@@ -335,9 +335,10 @@ def _generate_diffusers_pipeline(args: argparse.Namespace, width: int | None, he
     if width is None:
         raise OmniditError("a pipeline folder needs --size", hint="e.g. --size 1024x1024")
     if any(v is not None for v in (args.shift, args.cfg_interval, args.skip_scale, args.skip_blocks,
-                                   args.skip_interval, args.candidates)):
-        raise OmniditError("--shift, --cfg-interval, --skip-* and --candidates apply to omnidit models, not to a "
-                           "diffusers pipeline folder",
+                                   args.skip_interval, args.candidates, args.cache, args.cache_threshold,
+                                   args.cache_forecast, args.cache_interval)):
+        raise OmniditError("--shift, --cfg-interval, --skip-*, --cache* and --candidates apply to omnidit models, "
+                           "not to a diffusers pipeline folder",
                            hint="drop them: the folder's scheduler config sets the shift, and guidance runs at "
                                 "every step")
     loader, default_guidance = loaders[family]

@@ -44,7 +44,7 @@ from omnidit.validate import USABLE_FRACTION, available_memory, check_memory, ch
 
 # The sampling arguments of Pipeline.generate and sampling_settings (None = the config's sample section).
 SAMPLING_KEYS = ("steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks", "skip_interval",
-                 "candidates")
+                 "candidates", "cache", "cache_threshold", "cache_forecast", "cache_interval")
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -104,6 +104,7 @@ class Pipeline:
     text_encoder: object | None = None  # omnidit.text.TextEncoder when the model reads text
     device: torch.device = torch.device("cpu")
     codec: object | None = None  # omnidit.codecs.LatentCodec; None means pixels (identity)
+    model_dir: Path | None = None  # the folder it was loaded from (its step-cache calibration lives there)
 
     @property
     def channels(self) -> int:
@@ -134,9 +135,12 @@ class Pipeline:
     def sampling_settings(self, steps: int | None = None, cfg: float | None = None, sampler: str | None = None,
                           shift: float | None = None, cfg_interval: Sequence[float] | None = None,
                           skip_scale: float | None = None, skip_blocks: Sequence[int] | None = None,
-                          skip_interval: Sequence[float] | None = None, candidates: int | None = None) -> dict:
+                          skip_interval: Sequence[float] | None = None, candidates: int | None = None,
+                          cache: str | None = None, cache_threshold: float | None = None,
+                          cache_forecast: str | None = None, cache_interval: int | None = None) -> dict:
         """{"steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale", "skip_blocks", "skip_interval",
-        "candidates"}: the given values, the config's ``sample`` section for unset ones."""
+        "candidates", "cache", "cache_threshold", "cache_forecast", "cache_interval"}: the given values, the
+        config's ``sample`` section for unset ones."""
         s = self.config.sample
         candidates = s.candidates if candidates is None else candidates
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
@@ -157,7 +161,36 @@ class Pipeline:
                 "cfg_interval": list(s.cfg_interval if cfg_interval is None else check_cfg_interval(cfg_interval)),
                 "skip_scale": skip_scale, "skip_blocks": skip_blocks if skip_scale else [],
                 "skip_interval": list(s.skip_interval if skip_interval is None else check_cfg_interval(skip_interval)),
-                "candidates": candidates}
+                "candidates": candidates, **self._cache_settings(steps, cache, cache_threshold, cache_forecast,
+                                                                 cache_interval)}
+
+    def _cache_settings(self, steps: int, method: str | None, threshold: float | None, forecast: str | None,
+                        interval: int | None) -> dict:
+        """The step-cache keys of sampling_settings, checked (CacheSettings), with the threshold resolved."""
+        from omnidit.step_cache import CacheSettings
+
+        s = self.config.sample
+        cache = CacheSettings(s.cache if method is None else method,
+                              s.cache_threshold if threshold is None else threshold,
+                              s.cache_interval if interval is None else interval,
+                              s.cache_forecast if forecast is None else forecast, steps)
+        return {"cache": cache.method, "cache_threshold": cache.threshold, "cache_forecast": cache.forecast,
+                "cache_interval": cache.interval}
+
+    def step_cache(self, settings: dict):
+        """A context manager that caches steps on the model as ``settings`` say, for one sampling run."""
+        from omnidit.step_cache import CacheSettings, using_step_cache
+
+        cache = CacheSettings(settings["cache"], settings["cache_threshold"], settings["cache_interval"],
+                              settings["cache_forecast"], settings["steps"])
+        return using_step_cache(self.model, cache, self.calibration if cache.method != "none" else None)
+
+    @property
+    def calibration(self):
+        """The model folder's step-cache calibration (omnidit calibrate), or None."""
+        from omnidit.step_cache import Calibration
+
+        return Calibration.load(self.model_dir) if self.model_dir is not None else None
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], width: int | None = None, height: int | None = None,
@@ -166,17 +199,20 @@ class Pipeline:
                  cfg_interval: Sequence[float] | None = None, skip_scale: float | None = None,
                  skip_blocks: Sequence[int] | None = None, skip_interval: Sequence[float] | None = None,
                  candidates: int | None = None, progress: bool = False, negative_prompt: str = "",
-                 on_step: StepCallback | None = None) -> Tensor:
+                 on_step: StepCallback | None = None, cache: str | None = None, cache_threshold: float | None = None,
+                 cache_forecast: str | None = None, cache_interval: int | None = None) -> Tensor:
         """One image per prompt: (B, C, H, W) in [-1, 1]. Unset settings come from the config.
 
         ``seed``: one seed for the whole batch, or one per prompt (then each image is independent of
         what else is in the batch, which evaluators rely on). ``candidates`` N > 1: sample each image from
         N seeds (the first is its own) and keep the one the model itself scores best (omnidit.selection),
         at about N times the cost. ``negative_prompt``: what guidance steers away from (default the empty
-        prompt). ``on_step(done, total)`` runs after each sampler step (raise from it to stop).
+        prompt). ``on_step(done, total)`` runs after each sampler step (raise from it to stop). ``cache`` and
+        its ``cache_*`` settings: step caching (omnidit.step_cache), e.g. ``cache="teacache"``.
         """
         settings = self.sampling_settings(steps, cfg, sampler, shift, cfg_interval, skip_scale, skip_blocks,
-                                          skip_interval, candidates)
+                                          skip_interval, candidates, cache, cache_threshold, cache_forecast,
+                                          cache_interval)
         clips = self._generate(prompts, 1, 1.0, width, height, settings, seed, None, (), progress, negative_prompt,
                                on_step)
         return clips[:, :, 0]
@@ -295,8 +331,9 @@ class Pipeline:
             per_image = [candidate_seeds(int(k), n) for k in seed]
             noise = torch.cat([initial_noise((1, *shape), seeds[j]) for j in range(n) for seeds in per_image])
         noise = video_patchify(noise.to(self.device), mc.patch_size, mc.temporal_patch)
-        x = sample(velocity, noise, steps, sampler, shift, progress=progress, given=mask, given_tokens=tokens,
-                   on_step=on_step)
+        with self.step_cache(settings):
+            x = sample(velocity, noise, steps, sampler, shift, progress=progress, given=mask, given_tokens=tokens,
+                       on_step=on_step)
         if n > 1:
             scores = denoising_scores(model_fn, x, cond.without_full_mask())
             x = best_candidates(x, scores, n)
@@ -366,5 +403,9 @@ def load_pipeline(model_dir: str | Path, device: str = "auto", use_ema: bool = T
     from omnidit.checkpoint import load_model
 
     dev = resolve_device(device)
+    from omnidit.checkpoint import resolve_model_dir
+
     model, config = load_model(model_dir, use_ema=use_ema, device=dev)
-    return build_pipeline(model, config, dev)
+    pipe = build_pipeline(model, config, dev)
+    pipe.model_dir = resolve_model_dir(model_dir)
+    return pipe

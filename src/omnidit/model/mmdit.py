@@ -329,6 +329,7 @@ class MMDiT(nn.Module):
         if cfg.pos_table_size:  # fixed, not trained: a buffer that checkpoints carry (SD3 stores its own)
             self.register_buffer("pos_table", sincos_2d_table(cfg.pos_table_size, dim))
         self.gradient_checkpointing = False
+        self.step_cache = None  # an omnidit.step_cache.StepCache while one is installed (using_step_cache)
         self._positions_cache: tuple | None = None  # (weakrefs to ids, key, (tables, pe)); see positions()
         self.initialize_weights()
 
@@ -459,19 +460,47 @@ class MMDiT(nn.Module):
         block_names = [*names, "txt"] if txt is not None else names
         uniform = all(v is stream_vecs[0] for v in stream_vecs)
         block_vec = stream_vecs[0] if uniform else stream_vecs
-        for block in self.double_blocks:
-            streams = self._run(block, streams, block_vec, pe, mask, block_names)
-        outs = streams[:len(names)]
-        if self.single_blocks:
-            joint = torch.cat(streams, dim=1)  # (B, N + L, D)
-            joint_vec = stream_vecs[0] if uniform else [(v, s.shape[1]) for v, s in zip(stream_vecs, streams)]
-            for i, block in enumerate(self.single_blocks):
-                if i not in skip_single:
-                    joint = self._run(block, joint, joint_vec, pe, mask)
-            outs = joint[:, :n_gen].split(list(lengths.values()), dim=1)
+        joint_vec = stream_vecs[0] if uniform else [(v, s.shape[1]) for v, s in zip(stream_vecs, streams)]
+        blocks = [*self.double_blocks, *(b for i, b in enumerate(self.single_blocks) if i not in skip_single)]
+
+        def run(state: list[Tensor] | Tensor, start: int, stop: int) -> list[Tensor] | Tensor:
+            """Blocks start..stop-1 on a list of streams (double blocks) or the joint sequence (single)."""
+            for j in range(start, stop):
+                if j < len(self.double_blocks):
+                    state = self._run(blocks[j], state, block_vec, pe, mask, block_names)
+                else:
+                    state = torch.cat(state, dim=1) if isinstance(state, list) else state  # (B, N + L, D)
+                    state = self._run(blocks[j], state, joint_vec, pe, mask)
+            return state
+
+        def generated(state: list[Tensor] | Tensor) -> Tensor:  # the generated tokens, (B, N, D)
+            return state[:, :n_gen] if isinstance(state, Tensor) else torch.cat(state[:len(names)], dim=1)
+
+        cache = getattr(self, "step_cache", None)
+        if cache is None or self.training or len(blocks) < 2:
+            hidden = generated(run(streams, 0, len(blocks)))
+        else:  # step caching (omnidit.step_cache): the first block always runs, the rest when the cache says
+            first = run(streams, 0, 1)
+            key = (tuple(skip_single), batch, tuple(lengths.values()))
+            t_now = float(torch.stack([ts.max() for ts in times.values()]).max())
+            hidden = cache.hidden(key, t_now, generated(streams), generated(first),
+                                  lambda: generated(run(first, 1, len(blocks))),
+                                  lambda: self._modulated_input(streams, block_vec, joint_vec, n_gen))
+        outs = hidden.split(list(lengths.values()), dim=1)
         result = {n: (self.final_layer if n == "img" else self.stream_out[n])(h, vecs[n])
                   for n, h in zip(names, outs)}  # (B, N_s, out features) each
         return result["img"] if single else result
+
+    def _modulated_input(self, streams: list[Tensor], block_vec, joint_vec, n_gen: int) -> Tensor:
+        """The first block's normalised, modulated input of the first generated stream (TeaCache's signal)."""
+        if self.double_blocks:
+            branch = self.double_blocks[0].streams[self.double_blocks[0].names[0]]
+            vec = block_vec[0] if isinstance(block_vec, list) else block_vec
+            shift, scale = branch.mod(vec)[:2]
+            return modulate(branch.norm1(streams[0]), shift, scale)
+        block = self.single_blocks[0]
+        shift, scale = block.mod(joint_vec)[:2]
+        return modulate(block.pre_norm(torch.cat(streams, dim=1)), shift, scale)[:, :n_gen]
 
     def _text_vector(self, times: dict[str, Tensor], cond: Condition) -> Tensor:
         """The text stream's vector: the conditioning vector at each sample's largest time. (B, D)."""
