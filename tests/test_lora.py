@@ -160,3 +160,30 @@ def test_files_that_do_not_fit_are_errors(tmp_path):
         add_lora(tiny_model(), rank=0)
     with pytest.raises(OmniditError, match="no LoRA adapter named 'zzz'"):
         set_adapters(model, {"zzz": 1.0})
+
+
+def test_generate_applies_lora_files_by_weight(tiny_run, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    from test_cli import assert_one_line_error, run_main
+
+    from omnidit.checkpoint import load_model
+
+    model, _ = load_model(tiny_run)
+    add_lora(model, rank=2)
+    train_like(model, "default", 5)
+    path = save_lora(model, tmp_path / "style.safetensors", layout="kohya")
+    images = {}
+    for name, extra in (("plain", []), ("off", ["--lora", f"{path}:0"]), ("on", ["--lora", str(path)])):
+        code, out, err = run_main(capsys, "generate", "a red circle", "--model", tiny_run, "-o",
+                                  tmp_path / f"{name}.png", "--no-progress", *extra)
+        assert code == 0, err
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    assert np.array_equal(images["plain"], images["off"]) and not np.array_equal(images["plain"], images["on"])
+    from safetensors.torch import save_file
+
+    save_file({"foo.lora_A.weight": torch.zeros(2, 3)}, str(tmp_path / "other.safetensors"))
+    code, out, err = run_main(capsys, "generate", "a red circle", "--model", tiny_run, "-o", tmp_path / "x.png",
+                              "--lora", tmp_path / "other.safetensors")
+    assert_one_line_error(code, err, "0 of 1 keys")
+    assert not (tmp_path / "x.png").exists()

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_flags(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]",
+                   help="apply a LoRA adapter file (PEFT/diffusers or kohya layout, safetensors) at WEIGHT "
+                        "(default 1); repeat for several (docs/lora.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("demo", help="draw example prompts with the shipped shapes model (seconds on a CPU)",

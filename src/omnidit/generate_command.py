@@ -70,11 +70,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.output = args.output or "out.png"
         _check_image_output(args)
         if any(v not in (None, False) for v in (args.frames, args.fps, args.image, args.extend, args.audio_only,
-                                                 args.video, args.audio, args.seconds)) or args.scale != 1:
-            raise OmniditError("--frames, --fps, --image, --extend and --scale apply to omnidit models, not to a "
-                               "diffusers pipeline folder", hint="drop them")
+                                                 args.video, args.audio, args.seconds, args.lora)) or args.scale != 1:
+            raise OmniditError("--frames, --fps, --image, --extend, --lora and --scale apply to omnidit models, not "
+                               "to a diffusers pipeline folder", hint="drop them")
         return _generate_diffusers_pipeline(args, width, height)
     pipe = load_pipeline(args.model, device=args.device, use_ema=not args.no_ema)
+    if args.lora:
+        from omnidit.lora import apply_lora_specs
+
+        apply_lora_specs(pipe.model, args.lora)
     if "audio" in pipe.model.config.extra_streams:
         from omnidit.generate_av_command import cmd_generate_av
 
@@ -97,7 +101,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     files = output_files(args.output, args.num_images, 1, width, height, args.scale)
     settings = {"prompt": args.prompt, "seed": args.seed, **pipe.sampling_settings(**sampling),
                 "size": f"{width}x{height}", "num_images": args.num_images,
-                "model": str(Path(args.model).resolve()), "ema": not args.no_ema, "software": "omnidit"}
+                "model": str(Path(args.model).resolve()), "ema": not args.no_ema, "software": "omnidit",
+                **({"lora": args.lora} if args.lora else {})}
     batch = batch_size(args, pipe, 1, width, height, sampling)
 
     def draw(seeds: list[int], progress: bool):

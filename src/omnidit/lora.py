@@ -238,6 +238,25 @@ def load_lora(model: nn.Module, path: str | Path, name: str | None = None, weigh
     return name
 
 
+def apply_lora_specs(model: nn.Module, specs: list[str] | None) -> list[str]:
+    """``--lora FILE[:WEIGHT]`` flags: load each file at its weight (default 1); returns the specs as applied."""
+    applied = []
+    for spec in specs or []:
+        path, weight = spec, 1.0
+        head, sep, tail = spec.rpartition(":")
+        if sep and head:
+            try:
+                weight = float(tail)
+                path = head
+            except ValueError:
+                pass
+        if not -10 <= weight <= 10:
+            raise OmniditError(f"--lora {spec}: the weight {weight:g} lies outside [-10, 10]", hint="e.g. FILE:0.8")
+        name = load_lora(model, path, weight=weight)
+        applied.append(f"{name}:{weight:g}")
+    return applied
+
+
 def merge_lora(model: nn.Module) -> None:
     """Fold the active adapters (at their weights) into the base weights: no cost per call afterwards."""
     for layer in lora_layers(model).values():
