@@ -1,4 +1,5 @@
-"""The ``omnidit`` command line: train | precompute | generate | demo | eval | eval-prompts | convert | serve | info.
+"""The ``omnidit`` command line: train | precompute | generate | inpaint | demo | eval | eval-prompts | convert |
+serve | info | calibrate.
 
 User mistakes (missing files, bad sizes, unknown config keys, corrupt checkpoints) print one line
 ``omnidit: error: ... (hint: ...)`` and exit with code 2; there is no traceback for them.
@@ -15,6 +16,7 @@ from omnidit.calibrate_command import add_calibrate_parser, cmd_calibrate
 from omnidit.errors import OmniditError
 from omnidit.generate_command import (
     MAX_GRID,
+    add_sampler_flags,
     check_counts,
     check_sampling_numbers,
     cmd_generate,
@@ -22,6 +24,7 @@ from omnidit.generate_command import (
     resolve_seed,
     sampling_args,
 )
+from omnidit.inpaint_command import add_inpaint_parser, cmd_inpaint
 from omnidit.serve.command import add_serve_parser, cmd_serve
 from omnidit.validate import check_number, check_output_path
 
@@ -37,42 +40,6 @@ def _keys_epilog() -> str:
     from omnidit.config import all_keys
 
     return "config keys (override with section.key=value):\n  " + "\n  ".join(all_keys())
-
-
-def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    """The sampling flags (--sampler, --shift, --cfg-interval, --skip-*, --candidates, --cache*), shared by generate and
-    eval (unset: the model's sample config)."""
-    p.add_argument("--sampler", default=None, help="euler or heun (default: the model's sample.sampler)")
-    p.add_argument("--shift", type=float, default=None, help="timestep shift toward noise (default: sample.shift)")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="guide only at times LO <= t <= HI (1 = noise, 0 = data); other steps cost one model call "
-                        "instead of two (default: the model's sample.cfg_interval, 0 1 = every step)")
-    p.add_argument("--skip-scale", type=float, default=None, metavar="S",
-                   help="skip-layer guidance: also move S times away from the model without --skip-blocks, at one "
-                        "more model call per step; 0 = off (default: the model's sample.skip_scale)")
-    p.add_argument("--skip-blocks", type=int, nargs="+", default=None, metavar="I",
-                   help="the single-stream blocks (from 0) that skip-layer guidance leaves out "
-                        "(default: the model's sample.skip_blocks)")
-    p.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="apply skip-layer guidance only at times LO <= t <= HI (1 = noise; default: the model's "
-                        "sample.skip_interval)")
-    p.add_argument("--candidates", type=int, default=None, metavar="N",
-                   help="best of N: sample each image from N seeds and keep the one with the lowest denoising error "
-                        "under its prompt, judged by the model itself; about N times the time "
-                        "(default: the model's sample.candidates)")
-    p.add_argument("--cache", default=None, choices=["none", "first_block", "teacache", "magcache", "interval"],
-                   help="step caching: at steps where the output barely changes, run only the first block and reuse "
-                        "the rest's last output: first_block (its residual barely changed), teacache and magcache "
-                        "(need 'omnidit calibrate MODEL' once), interval (every --cache-interval-th step); "
-                        "docs/sampling.md (default: the model's sample.cache, none)")
-    p.add_argument("--cache-threshold", type=float, default=None, metavar="X",
-                   help="the cache's skip threshold: larger skips more steps (default: the method's own, about a "
-                        "third of the steps skipped)")
-    p.add_argument("--cache-forecast", default=None, choices=["copy", "taylor"],
-                   help="a skipped step reuses the last computed residual (copy) or extrapolates the last two in t "
-                        "(taylor, TaylorSeer's first order) (default: copy)")
-    p.add_argument("--cache-interval", type=int, default=None, metavar="N",
-                   help="--cache interval: compute every N-th step (default 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models with sound: guidance scale of the picture (default: --cfg)")
     p.add_argument("--cfg-audio", type=float, default=None,
                    help="models with sound: guidance scale of the sound (default: --cfg)")
-    _add_sampler_flags(p)
+    add_sampler_flags(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]",
@@ -178,15 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", default=None,
                    help="checkpoint or run folder, or a folder of images with a manifest.json "
                         "(default: the shipped shapes model)")
-    p.add_argument("--suite", default=None, choices=["shapes", "digits", "video", "audio", "av"],
+    p.add_argument("--suite", default=None, choices=["shapes", "digits", "video", "audio", "av", "edit"],
                    help="which suite (default: from the model's data.name: video for video models, av for clips "
-                        "with sound, audio for sound alone; shapes for image folders)")
+                        "with sound, audio for sound alone; shapes for image folders); edit: inpainting "
+                        "faithfulness on shapes scenes (recolour, replace, restore)")
+    p.add_argument("--inpaint-mode", default="auto", choices=["auto", "tokens", "blend"],
+                   help="--suite edit: how the kept pixels take part in sampling (omnidit inpaint --mode; "
+                        "default: auto)")
     p.add_argument("--n-per-prompt", type=int, default=None,
-                   help="samples per prompt (default: 4 for images, 1 for clips and sound)")
+                   help="samples per prompt (default: 4 for images, 1 for clips, sound and edits)")
     p.add_argument("--limit", type=int, default=None, help="prompts per category, for a quick seeded run")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's sample.cfg)")
-    _add_sampler_flags(p)
+    add_sampler_flags(p)
     p.add_argument("--seed", type=int, default=0, help="noise seed of the run (default: 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images generated per batch (default: 64)")
     p.add_argument("--json", default=None, help="write the scores as JSON to this path (with every failed image's "
@@ -221,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_calibrate_parser(sub)
+    add_inpaint_parser(sub)
 
     p = sub.add_parser("info", help="describe a checkpoint folder")
     p.add_argument("model", nargs="?", default=None,
@@ -264,6 +236,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise OmniditError(f"--grid must end in .png, got {args.grid}", hint="e.g. --grid eval.png")
     target = Path(model_or_shipped(args.target))
     if (target / "manifest.json").is_file():
+        if args.suite == "edit":
+            raise OmniditError("the edit suite inpaints its own scenes, so it needs a model, not a folder of images",
+                               hint="pass a model folder or name")
         report = evaluate_folder(target, args.suite or "shapes", progress=not args.no_progress,
                                  frechet=not args.no_fd)
     else:
@@ -276,9 +251,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if suite not in SUITES:
             raise OmniditError(f"no suite for data '{suite}'", hint=f"pass --suite {', '.join(SUITES)}")
         n_per_prompt = args.n_per_prompt or (4 if suite in ("shapes", "digits") else 1)
+        extra = {"inpaint_mode": args.inpaint_mode} if suite == "edit" else {}
         report = evaluate_model(pipe, suite, n_per_prompt=n_per_prompt, seed=args.seed, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
-                                **sampling_args(args))
+                                **sampling_args(args), **extra)
     grid = args.grid or (str(Path(args.json).with_name(f"eval_{report.suite}.png")) if args.json else None)
     report.save(args.json, grid)
     print(report.table())
@@ -411,7 +387,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 COMMANDS = {"train": cmd_train, "precompute": cmd_precompute, "generate": cmd_generate, "demo": cmd_demo,
             "eval": cmd_eval, "eval-prompts": cmd_eval_prompts, "convert": cmd_convert, "info": cmd_info,
-            "serve": cmd_serve, "calibrate": cmd_calibrate}
+            "serve": cmd_serve, "calibrate": cmd_calibrate, "inpaint": cmd_inpaint}
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

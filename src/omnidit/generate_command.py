@@ -17,10 +17,46 @@ MAX_OUTPUTS = 1_000_000  # -n: many more than anyone will look at, few enough th
 
 
 def sampling_args(args: argparse.Namespace) -> dict:
-    """The sampler flags (``_add_sampler_flags``) as Pipeline.generate's keyword arguments; None = the model's."""
+    """The sampler flags (``add_sampler_flags``) as Pipeline.generate's keyword arguments; None = the model's."""
     from omnidit.pipeline import SAMPLING_KEYS
 
     return {k: getattr(args, k) for k in SAMPLING_KEYS}
+
+
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """The sampling flags (--sampler, --shift, --cfg-interval, --skip-*, --candidates, --cache*), shared by generate and
+    eval (unset: the model's sample config)."""
+    p.add_argument("--sampler", default=None, help="euler or heun (default: the model's sample.sampler)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift toward noise (default: sample.shift)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at times LO <= t <= HI (1 = noise, 0 = data); other steps cost one model call "
+                        "instead of two (default: the model's sample.cfg_interval, 0 1 = every step)")
+    p.add_argument("--skip-scale", type=float, default=None, metavar="S",
+                   help="skip-layer guidance: also move S times away from the model without --skip-blocks, at one "
+                        "more model call per step; 0 = off (default: the model's sample.skip_scale)")
+    p.add_argument("--skip-blocks", type=int, nargs="+", default=None, metavar="I",
+                   help="the single-stream blocks (from 0) that skip-layer guidance leaves out "
+                        "(default: the model's sample.skip_blocks)")
+    p.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="apply skip-layer guidance only at times LO <= t <= HI (1 = noise; default: the model's "
+                        "sample.skip_interval)")
+    p.add_argument("--candidates", type=int, default=None, metavar="N",
+                   help="best of N: sample each image from N seeds and keep the one with the lowest denoising error "
+                        "under its prompt, judged by the model itself; about N times the time "
+                        "(default: the model's sample.candidates)")
+    p.add_argument("--cache", default=None, choices=["none", "first_block", "teacache", "magcache", "interval"],
+                   help="step caching: at steps where the output barely changes, run only the first block and reuse "
+                        "the rest's last output: first_block (its residual barely changed), teacache and magcache "
+                        "(need 'omnidit calibrate MODEL' once), interval (every --cache-interval-th step); "
+                        "docs/sampling.md (default: the model's sample.cache, none)")
+    p.add_argument("--cache-threshold", type=float, default=None, metavar="X",
+                   help="the cache's skip threshold: larger skips more steps (default: the method's own, about a "
+                        "third of the steps skipped)")
+    p.add_argument("--cache-forecast", default=None, choices=["copy", "taylor"],
+                   help="a skipped step reuses the last computed residual (copy) or extrapolates the last two in t "
+                        "(taylor, TaylorSeer's first order) (default: copy)")
+    p.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                   help="--cache interval: compute every N-th step (default 2)")
 
 
 def resolve_seed(seed: int, outputs: int = 1) -> int:

@@ -271,10 +271,25 @@ class Pipeline:
         return generate_av(self, prompts, frames, fps, width, height, seconds, seed, video, audio, given_frames,
                            audio_only, cfg_video, cfg_audio, progress, negative_prompt, on_step, **sampling)
 
+    def inpaint(self, prompts: list[str], image: Tensor, mask: Tensor, mode: str = "auto",
+                seed: int | Sequence[int] = 0, progress: bool = False, negative_prompt: str = "",
+                on_step: StepCallback | None = None, **sampling) -> Tensor:
+        """Fill the pixels of ``image`` (B or 1, C, H, W) in [-1, 1] where ``mask`` (H, W) is True, one result per
+        prompt: (B, C, H, W); every other pixel comes back exactly as given. ``mode``: auto, tokens or blend
+        (omnidit.inpaint); ``sampling``: the keys of ``SAMPLING_KEYS``."""
+        from omnidit.inpaint import inpaint
+
+        return inpaint(self, prompts, image, mask, mode, seed, progress, negative_prompt, on_step, **sampling)
+
     def _generate(self, prompts: list[str], frames: int, fps: float, width: int | None, height: int | None,
                   settings: dict, seed: int | Sequence[int], given: Tensor | None, given_frames: Sequence[int],
-                  progress: bool, negative_prompt: str = "", on_step: StepCallback | None = None) -> Tensor:
-        """The one path from prompts to clips (an image is a clip of one frame at time 0): (B, C, T, H, W)."""
+                  progress: bool, negative_prompt: str = "", on_step: StepCallback | None = None,
+                  token_mask: Tensor | None = None, given_noised: bool = False) -> Tensor:
+        """The one path from prompts to clips (an image is a clip of one frame at time 0): (B, C, T, H, W).
+
+        ``token_mask`` (N,) bool: the tokens of ``given`` (in the model's token space) that are known, instead of
+        whole ``given_frames`` (inpainting); ``given_noised``: they follow their noised path (sampling.sample)
+        rather than sitting at t = 0."""
         mc = self.model.config
         if mc.out_channels not in (0, mc.in_channels):
             raise OmniditError(f"this model outputs {mc.out_channels} channels per {mc.in_channels} input channels "
@@ -299,11 +314,12 @@ class Pipeline:
         if sampler not in SAMPLERS:
             raise OmniditError(f"unknown sampler '{sampler}'", hint=f"choose one of {', '.join(SAMPLERS)}")
         mask = tokens = None
-        if given_frames:
+        if given_frames or token_mask is not None:
             if n > 1:
-                raise OmniditError("best-of-N candidates cannot be scored with given frames",
-                                   hint="use --candidates 1 for image-to-video and extension")
-            mask, tokens = self._given_tokens(given, given_frames, len(prompts), frames, height, width)
+                raise OmniditError("best-of-N candidates cannot be scored with given frames or pixels",
+                                   hint="use --candidates 1 for image-to-video, extension and inpainting")
+            mask, tokens = self._given_tokens(given, given_frames, len(prompts), frames, height, width, token_mask)
+        time_mask = None if given_noised else mask  # noised given tokens share the sampler's t
         cond, null = self.conditions(prompts, negative_prompt)
         if n > 1:
             cond = Condition.cat([cond] * n)  # candidate-major: rows j * B .. j * B + B - 1 are candidate j
@@ -311,10 +327,10 @@ class Pipeline:
         ids = video_position_ids(frames, grid_h, grid_w, fps, mc.temporal_patch, len(mc.axes_dim), self.device)
 
         def model_fn(x: Tensor, t: Tensor, c: Condition) -> Tensor:
-            return self.model(x, ids, token_times(t, mask), c)
+            return self.model(x, ids, token_times(t, time_mask), c)
 
         def skip_fn(x: Tensor, t: Tensor, c: Condition) -> Tensor:  # skip-layer guidance's weaker model
-            return self.model(x, ids, token_times(t, mask), c, skip_single=settings["skip_blocks"])
+            return self.model(x, ids, token_times(t, time_mask), c, skip_single=settings["skip_blocks"])
 
         if not guided(settings):
             cond = cond.without_full_mask()  # one check here, none per step
@@ -333,7 +349,7 @@ class Pipeline:
         noise = video_patchify(noise.to(self.device), mc.patch_size, mc.temporal_patch)
         with self.step_cache(settings):
             x = sample(velocity, noise, steps, sampler, shift, progress=progress, given=mask, given_tokens=tokens,
-                       on_step=on_step)
+                       on_step=on_step, given_noised=given_noised)
         if n > 1:
             scores = denoising_scores(model_fn, x, cond.without_full_mask())
             x = best_candidates(x, scores, n)
@@ -365,8 +381,9 @@ class Pipeline:
         return int(USABLE_FRACTION * free // max(1, self._bytes_per_sample(frames, width, height, settings)))
 
     def _given_tokens(self, given: Tensor | None, given_frames: Sequence[int], batch: int, frames: int,
-                      height: int, width: int) -> tuple[Tensor, Tensor]:
-        """The token mask (1, N) and the clean tokens (B or 1, N, D) of the given frames."""
+                      height: int, width: int, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The token mask (1, N) and the clean tokens (B or 1, N, D) of the given frames (or of the tokens that
+        ``token_mask`` (N,) marks)."""
         mc = self.model.config
         pt = mc.temporal_patch
         want = (mc.in_channels, frames, height, width)
@@ -374,11 +391,14 @@ class Pipeline:
             got = None if given is None else tuple(given.shape)
             raise OmniditError(f"the given frames must be a (B or 1, C, T, H, W) = (B, {', '.join(map(str, want))}) "
                                f"clip, got {got}", hint="give frames of the size and length being generated")
-        tubelets = given_tubelets(given_frames, frames, pt)
-        per_frame = (height // mc.patch_size) * (width // mc.patch_size)
-        known = torch.zeros(frames // pt, dtype=torch.bool)
-        known[tubelets] = True
-        mask = known.repeat_interleave(per_frame)[None].to(self.device)  # (1, N)
+        if token_mask is not None:
+            mask = token_mask.reshape(1, -1).to(self.device)
+        else:
+            tubelets = given_tubelets(given_frames, frames, pt)
+            per_frame = (height // mc.patch_size) * (width // mc.patch_size)
+            known = torch.zeros(frames // pt, dtype=torch.bool)
+            known[tubelets] = True
+            mask = known.repeat_interleave(per_frame)[None].to(self.device)  # (1, N)
         tokens = video_patchify(given.to(self.device, torch.float32), mc.patch_size, pt)
         return mask, tokens
 

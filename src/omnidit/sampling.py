@@ -43,6 +43,20 @@ def keep_given(velocity_fn: VelocityFn, given: Tensor) -> VelocityFn:
     return fn
 
 
+def follow_noised_path(velocity_fn: VelocityFn, given: Tensor, path_velocity: Tensor) -> VelocityFn:
+    """A velocity_fn that moves the given tokens (``given``: (B or 1, N) bool) along their exact straight path
+    from their noise to their clean value (``path_velocity`` = noise - clean, like x), so that the model always
+    sees them noised to the current t like everything else: inpainting for a model never trained with clean
+    context tokens (the "blend" of SDEdit / diffusers' inpaint pipelines, done exactly: a step of any sampler
+    along a constant velocity lands on the path)."""
+    mask = given[..., None]  # (B or 1, N, 1)
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        return torch.where(mask, path_velocity, velocity_fn(x, t))
+
+    return fn
+
+
 def timestep_schedule(steps: int, shift: float = 1.0, device: str | torch.device = "cpu") -> Tensor:
     """Times 1 -> 0 in ``steps`` uniform steps, then shifted toward noise: (steps + 1,) float32."""
     if steps < 1:
@@ -167,17 +181,23 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> Tensor:
 
 def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, sampler: str = "euler", shift: float = 1.0,
            progress: bool = False, given: Tensor | None = None, given_tokens: Tensor | None = None,
-           on_step: StepCallback | None = None) -> Tensor:
+           on_step: StepCallback | None = None, given_noised: bool = False) -> Tensor:
     """Integrate from ``noise`` (t = 1) to data (t = 0) with the named sampler.
 
     ``given`` (B or 1, N) bool and ``given_tokens`` (like noise): tokens known as clean context start as
     ``given_tokens`` and stay exactly so (``keep_given``); velocity_fn should show them to the model at t = 0
-    (``token_times``). noise: (B, N, D) tokens when something is given. ``on_step(done, total)`` runs after
-    each step.
+    (``token_times``). With ``given_noised`` they instead travel their straight path from their noise to
+    ``given_tokens`` (``follow_noised_path``; the model sees one t for all tokens) and end exactly as given.
+    noise: (B, N, D) tokens when something is given. ``on_step(done, total)`` runs after each step.
     """
     if sampler not in SAMPLERS:
         raise OmniditError(f"unknown sampler '{sampler}'", hint=f"choose one of {', '.join(SAMPLERS)}")
     ts = timestep_schedule(steps, shift, device=noise.device)
+    if given is not None and given_noised:
+        clean = given_tokens.to(noise.dtype)
+        x = SAMPLERS[sampler](follow_noised_path(velocity_fn, given, noise - clean), noise, ts, progress=progress,
+                              on_step=on_step)
+        return torch.where(given[..., None], clean, x)  # the path ends there up to rounding: make it exact
     if given is not None:
         noise = torch.where(given[..., None], given_tokens.to(noise.dtype), noise)
         velocity_fn = keep_given(velocity_fn, given)

@@ -24,7 +24,7 @@ from omnidit.pipeline import SAMPLING_KEYS
 if TYPE_CHECKING:
     from omnidit.evaluate.shapes_suite import PromptSpec
 
-SUITES = ("shapes", "digits", "video", "audio", "av")
+SUITES = ("shapes", "digits", "video", "audio", "av", "edit")
 SEED_STRIDE = 1_000_003  # image i of a run with seed s uses noise seed s * SEED_STRIDE + i
 
 
@@ -97,6 +97,9 @@ class EvalReport:
             sync, pitch = (f"{d[k]:.3f}" if d[k] is not None else "-" for k in ("sync_within_one_frame", "pitch_match"))
             lines.append(f"{name}: sync within one frame {sync}, pitch match {pitch} over {d['bounces']} bounces "
                          f"({d['missing']} missing, {d['extra']} extra beeps)")
+        if "kept_exact" in self.details:
+            lines.append(f"pixels outside the mask exact in {self.details['kept_exact']:.3f} of the results "
+                         f"(inpainting mode {self.details['inpaint_mode']})")
         relation = self.relation_accuracy()
         if relation is not None and relation["images"]:
             lines.append(f"relation accuracy {relation['rate']:.3f}, axis accuracy {relation['axis_rate']:.3f} "
@@ -235,9 +238,10 @@ def evaluate_video(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None
 def evaluate_model(pipe, suite: str, **kwargs) -> EvalReport:
     """Dispatch to the named suite; records the sampling settings in the report."""
     from omnidit.evaluate.av_suite import evaluate_audio, evaluate_av
+    from omnidit.evaluate.edit_suite import evaluate_edit
 
     runners = {"shapes": evaluate_shapes_model, "digits": evaluate_digits_model, "video": evaluate_video,
-               "audio": evaluate_audio, "av": evaluate_av}
+               "audio": evaluate_audio, "av": evaluate_av, "edit": evaluate_edit}
     if suite not in runners:
         raise OmniditError(f"unknown suite '{suite}'", hint=f"choose one of {', '.join(SUITES)}")
     report = runners[suite](pipe, **kwargs)

@@ -1,0 +1,153 @@
+"""``omnidit inpaint IMAGE MASK PROMPT``: regenerate the masked part of an image (or grow it: --outpaint), keeping
+every other pixel exactly (omnidit.inpaint)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from omnidit.errors import OmniditError
+
+MAX_PAD = 1024  # --outpaint pixels per side
+
+
+def add_inpaint_parser(sub) -> None:
+    from omnidit.generate_command import add_sampler_flags
+
+    p = sub.add_parser("inpaint", help="regenerate the masked part of an image, or grow it (--outpaint)",
+                       description="Generate the pixels of IMAGE that MASK marks from PROMPT (a description of the "
+                                   "whole image reads best, e.g. the caption with the new object in it); every pixel "
+                                   "outside the mask stays exactly as it was. The mask is rounded up to the model's "
+                                   "tokens (4-pixel squares for the shapes model) for sampling, and only the mask's "
+                                   "own pixels are replaced. docs/editing.md")
+    p.add_argument("image", help="the image to edit (PNG or JPEG)")
+    p.add_argument("mask", help="what to regenerate: a mask image of the same size (white = generate, black = keep), "
+                                "'box:X0,Y0,X1,Y1' (fractions of the width and height, e.g. box:0,0,0.5,1 = the left "
+                                "half), or 'none' with --outpaint")
+    p.add_argument("prompt", help='what the result shows, e.g. "a yellow diamond above a blue square"')
+    p.add_argument("-o", "--output", default="out.png", help="output PNG (default: out.png)")
+    p.add_argument("--outpaint", type=int, nargs=4, default=None, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
+                   help="grow the canvas by these many pixels on each side and generate them (with the mask's "
+                        "pixels, if any)")
+    p.add_argument("--mode", default="auto", choices=["auto", "tokens", "blend"],
+                   help="how the kept pixels take part: tokens (clean context at t = 0; for models trained with "
+                        "given frames), blend (they follow their noised path, so the model sees one t; any model); "
+                        "auto picks by the model's training (default: auto)")
+    p.add_argument("--model", default=None, help="a shipped model's name, a checkpoint folder or a run folder "
+                                                  "(default: the shipped shapes model)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: sample.cfg)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; result i uses SEED+i; -1 = random (default: 0)")
+    p.add_argument("-n", "--num-images", type=int, default=1, help="results, tiled into one grid (default: 1)")
+    p.add_argument("--scale", type=int, default=1, help="enlarge the output N times for viewing (default: 1)")
+    add_sampler_flags(p)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]",
+                   help="apply a LoRA adapter file at WEIGHT (default 1); repeatable (docs/lora.md)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def read_mask(spec: str, width: int, height: int):
+    """--mask as (H, W) bool (True = generate): 'none', 'box:X0,Y0,X1,Y1' in fractions, or an image file."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    if spec == "none":
+        return torch.zeros(height, width, dtype=torch.bool)
+    if spec.startswith("box:"):
+        try:
+            x0, y0, x1, y1 = (float(v) for v in spec[4:].split(","))
+        except ValueError:
+            raise OmniditError(f"cannot read the box '{spec}'", hint="write box:X0,Y0,X1,Y1 with fractions, "
+                                                                     "e.g. box:0.25,0.25,0.75,0.75") from None
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise OmniditError(f"the box '{spec}' is not inside the image",
+                               hint="0 <= X0 < X1 <= 1 and 0 <= Y0 < Y1 <= 1, fractions of the width and height")
+        mask = torch.zeros(height, width, dtype=torch.bool)
+        mask[round(y0 * height):round(y1 * height), round(x0 * width):round(x1 * width)] = True
+        return mask
+    try:
+        with Image.open(spec) as im:
+            grey = np.asarray(im.convert("L"))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise OmniditError(f"cannot read the mask {spec}: {type(e).__name__}",
+                           hint="pass a PNG mask (white = generate), box:X0,Y0,X1,Y1 or none") from None
+    if grey.shape != (height, width):
+        raise OmniditError(f"the mask {spec} is {grey.shape[1]}x{grey.shape[0]} but the image is {width}x{height}",
+                           hint="give a mask of the image's size")
+    return torch.from_numpy(grey > 127)
+
+
+def _read_rgb(path: str):
+    """An image file as (3, H, W) in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise OmniditError(f"cannot read the image {path}: {type(e).__name__}",
+                           hint="pass a PNG or JPEG file that exists") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    from omnidit.generate_command import (
+        _scaled,
+        check_counts,
+        check_sampling_numbers,
+        model_or_shipped,
+        resolve_seed,
+        sampling_args,
+    )
+    from omnidit.images import make_grid, save_png, to_pil
+    from omnidit.inpaint import pad_for_outpainting
+    from omnidit.pipeline import load_pipeline
+    from omnidit.validate import check_number, check_output_path
+
+    if not args.prompt.strip():
+        raise OmniditError("the prompt is empty", hint='describe the result, e.g. "a red circle"')
+    check_counts(args.num_images, args.steps)
+    check_number("-n", args.num_images, low=1, high=64, integer=True, hint="at most 64 results are tiled")
+    check_number("--scale", args.scale, low=1, high=64, integer=True)
+    check_sampling_numbers(args)
+    check_output_path("-o", args.output)
+    if not args.output.lower().endswith(".png"):
+        raise OmniditError(f"output file must end in .png, got {args.output}")
+    for value in args.outpaint or ():
+        check_number("--outpaint", value, low=0, high=MAX_PAD, integer=True)
+    if args.mask == "none" and not any(args.outpaint or ()):
+        raise OmniditError("the mask is 'none' and nothing is outpainted, so there is nothing to generate",
+                           hint="give a mask, a box:X0,Y0,X1,Y1, or --outpaint LEFT TOP RIGHT BOTTOM")
+    image = _read_rgb(args.image)
+    mask = read_mask(args.mask, image.shape[2], image.shape[1])
+    if args.outpaint:
+        canvas, mask = pad_for_outpainting(image[None], mask, args.outpaint)
+        image = canvas[0]
+    args.seed = resolve_seed(args.seed, args.num_images)
+    pipe = load_pipeline(model_or_shipped(args.model), device=args.device, use_ema=not args.no_ema)
+    if pipe.config.data.frames > 1 or pipe.model.config.extra_streams:
+        raise OmniditError("inpaint works on image models; this one makes clips",
+                           hint="use an image model, e.g. the shipped shapes model")
+    if args.lora:
+        from omnidit.lora import apply_lora_specs
+
+        apply_lora_specs(pipe.model, args.lora)
+    sampling = sampling_args(args)
+    n = args.num_images
+    results = pipe.inpaint([args.prompt] * n, image, mask, mode=args.mode, progress=not args.no_progress,
+                           seed=[args.seed + i for i in range(n)], **sampling)
+    from omnidit.inpaint import resolve_mode
+
+    settings = {"prompt": args.prompt, "seed": args.seed, "inpaint": str(Path(args.image).resolve()),
+                "mask": args.mask, "mode": resolve_mode(args.mode, pipe.config),
+                **({"outpaint": args.outpaint} if args.outpaint else {}),
+                **pipe.sampling_settings(**{**sampling, "candidates": sampling["candidates"] or 1}),
+                "model": str(Path(model_or_shipped(args.model)).resolve()), "software": "omnidit",
+                **({"lora": args.lora} if args.lora else {})}
+    pil = [_scaled(to_pil(img), args.scale) for img in results]
+    print(f"wrote {save_png(pil[0] if n == 1 else make_grid(pil), args.output, settings)}")

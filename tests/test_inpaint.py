@@ -1,0 +1,184 @@
+"""Inpainting and outpainting (omnidit.inpaint, omnidit inpaint): the kept pixels come back bit for bit in both
+modes, the blend mode's given tokens travel exactly their noised path, the mask rounds up to whole tokens, and
+the command's mistakes are one-line errors with nothing written."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_cli import assert_one_line_error, run_main
+
+from omnidit.errors import OmniditError
+from omnidit.inpaint import pad_for_outpainting, resolve_mode, token_mask
+from omnidit.sampling import sample
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_blend_moves_given_tokens_along_their_exact_noised_path(sampler):
+    """What the model sees of a given token at time t is (1 - t) x0 + t noise, and the result ends exactly at x0."""
+    gen = torch.Generator().manual_seed(0)
+    noise, clean = torch.randn(2, 6, 3, generator=gen), torch.randn(2, 6, 3, generator=gen)
+    given = torch.tensor([[True, False, True, False, False, True]])
+    seen = []
+
+    def velocity(x, t):
+        seen.append((x.clone(), t.clone()))
+        return torch.sin(x) + t  # anything: the generated tokens follow it
+
+    out = sample(velocity, noise, 5, sampler, shift=2.0, given=given, given_tokens=clean, given_noised=True)
+    for x, t in seen:
+        path = (1 - t) * clean + t * noise
+        torch.testing.assert_close(x[given.expand(2, -1)], path[given.expand(2, -1)], atol=1e-5, rtol=0)
+    assert torch.equal(out[given.expand(2, -1)], clean[given.expand(2, -1)])
+    assert not torch.allclose(out[~given.expand(2, -1)], clean[~given.expand(2, -1)])
+
+
+def test_token_mask_rounds_up_to_whole_tokens():
+    mask = torch.zeros(8, 12, dtype=torch.bool)
+    mask[0, 0] = mask[5, 11] = True
+    tokens = token_mask(mask, 4)  # a 2 x 3 grid of 4-pixel tokens
+    assert tokens.tolist() == [True, False, False, False, False, True]
+
+
+def test_outpainting_canvas_keeps_the_image_inside_and_marks_the_border():
+    image = torch.rand(1, 3, 4, 8) * 2 - 1
+    canvas, mask = pad_for_outpainting(image, None, (4, 0, 0, 4))
+    assert canvas.shape == (1, 3, 8, 12) and torch.equal(canvas[:, :, :4, 4:], image)
+    assert int(mask.sum()) == 8 * 12 - 4 * 8 and not mask[:4, 4:].any()
+    inner = torch.zeros(4, 8, dtype=torch.bool)
+    inner[0, 0] = True
+    assert pad_for_outpainting(image, inner, (4, 0, 0, 4))[1][0, 4]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_run):
+    from omnidit.pipeline import load_pipeline
+
+    return load_pipeline(tiny_run, device="cpu")
+
+
+@pytest.mark.parametrize("mode", ["tokens", "blend"])
+def test_inpainting_keeps_every_unmasked_pixel_and_fills_the_mask(tiny_pipe, mode):
+    image = tiny_pipe.generate(["a red circle"], seed=1)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[2:7, 3:13] = True  # not token-aligned: rounded up for sampling, pasted back by pixel
+    out = tiny_pipe.inpaint(["a green square", "a blue circle"], image, mask, mode=mode, seed=[5, 6])
+    assert out.shape == (2, 3, 16, 16)
+    assert torch.equal(out[:, :, ~mask], image.expand(2, -1, -1, -1)[:, :, ~mask])
+    assert (out[:, :, mask] - image[:, :, mask]).abs().mean() > 0.01
+    again = tiny_pipe.inpaint(["a blue circle"], image, mask, mode=mode, seed=6)
+    torch.testing.assert_close(again[0], out[1], atol=1e-5, rtol=0)  # a seed gives the same result in any batch
+
+
+def test_the_modes_differ_and_auto_follows_training(tiny_pipe, av_run):
+    from omnidit.pipeline import load_pipeline
+
+    image = tiny_pipe.generate(["a red circle"], seed=1)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[:8] = True
+    tokens, blend = (tiny_pipe.inpaint(["a red circle"], image, mask, mode=m, seed=0) for m in ("tokens", "blend"))
+    assert not torch.allclose(tokens, blend)
+    assert resolve_mode("auto", tiny_pipe.config) == "blend"
+    assert resolve_mode("auto", load_pipeline(av_run, device="cpu").config) == "tokens"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(mask=torch.zeros(16, 16, dtype=torch.bool)), "selects no pixels"),
+    (dict(mask=torch.ones(8, 16, dtype=torch.bool)), "mask is 16x8"),
+    (dict(image=torch.zeros(1, 3, 15, 15), mask=torch.ones(15, 15, dtype=torch.bool)), "tokens do not divide"),
+    (dict(mode="paint"), "unknown inpainting mode"),
+    (dict(candidates=2), "candidates cannot be scored"),
+])
+def test_bad_inpainting_inputs_are_clear_errors(tiny_pipe, bad, message):
+    args = {"image": torch.zeros(1, 3, 16, 16), "mask": torch.ones(16, 16, dtype=torch.bool), **bad}
+    with pytest.raises(OmniditError, match=message):
+        tiny_pipe.inpaint(["a red circle"], **args)
+
+
+def _png(path, array) -> str:
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def test_inpaint_command_keeps_pixels_outside_the_box_and_outpaints(tmp_path, tiny_run, capsys):
+    rng = np.random.default_rng(0)
+    source = _png(tmp_path / "in.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    out = tmp_path / "out.png"
+    code, _, err = run_main(capsys, "inpaint", source, "box:0.25,0,0.75,0.5", "a red circle", "--model", tiny_run,
+                            "-o", out, "--no-progress", "--seed", "3")
+    assert code == 0, err
+    before, after = np.asarray(Image.open(source)), np.asarray(Image.open(out))
+    keep = np.ones((16, 16), dtype=bool)
+    keep[0:8, 4:12] = False
+    assert np.array_equal(before[keep], after[keep]) and not np.array_equal(before[~keep], after[~keep])
+    with Image.open(out) as im:
+        assert im.info["mode"] == "blend" and im.info["mask"] == "box:0.25,0,0.75,0.5" and im.info["seed"] == "3"
+    grown = tmp_path / "grown.png"
+    code, _, err = run_main(capsys, "inpaint", source, "none", "a red circle", "--model", tiny_run, "--outpaint", 0,
+                            8, 0, 0, "-o", grown, "--no-progress")
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(grown))[8:], before)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["none"], "nothing to generate"),
+    (["box:0.5,0,0.2,1"], "is not inside the image"),
+    (["box:a,b"], "cannot read the box"),
+    (["MASK8"], "mask .* is 8x8 but the image is 16x16"),
+    (["missing.png"], "cannot read the mask"),
+    (["box:0,0,1,1", "--outpaint", "2", "0", "0", "-1"], "--outpaint"),
+    (["box:0,0,1,1", "--mode", "paint"], "invalid choice"),
+    (["box:0,0,1,1", "-o", "out.jpg"], "must end in .png"),
+])
+def test_inpaint_command_errors_are_one_line_and_write_nothing(tmp_path, tiny_run, capsys, extra, message):
+    source = _png(tmp_path / "in.png", np.zeros((16, 16, 3), dtype=np.uint8))
+    mask8 = _png(tmp_path / "m8.png", np.zeros((8, 8), dtype=np.uint8))
+    extra = [mask8 if e == "MASK8" else e for e in extra]
+    args = ["inpaint", source, extra[0], "a red circle", "--model", str(tiny_run), *extra[1:]]
+    if "-o" not in extra:
+        args += ["-o", str(tmp_path / "out.png")]
+    code, _, err = run_main(capsys, *args)
+    assert_one_line_error(code, err)
+    assert re.search(message, err), err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_inpaint_command_refuses_a_video_model(tmp_path, av_run, capsys):
+    source = _png(tmp_path / "in.png", np.zeros((16, 16, 3), dtype=np.uint8))
+    code, _, err = run_main(capsys, "inpaint", source, "box:0,0,1,1", "a red circle", "--model", av_run, "-o",
+                            tmp_path / "out.png")
+    assert_one_line_error(code, err, "image models")
+
+
+def test_the_edit_judge_passes_every_perfect_edit_and_no_unedited_input():
+    from omnidit.evaluate.edit_suite import CATEGORIES, edit_cases, judge_edit
+
+    cases = edit_cases(32, 32, ["red triangle", "blue circle", "green square", "yellow diamond"], 24)
+    assert [c["category"] for c in cases] == [c for c in CATEGORIES for _ in range(24)]
+    assert all(judge_edit(c, c["answer"])[0] for c in cases)
+    assert not any(judge_edit(c, c["image"])[0] for c in cases)
+    for c in cases:  # the masked pixels are where the answer differs from the input, and only there
+        differs = (c["answer"] != c["image"]).any(dim=0)
+        assert not differs[~c["mask"]].any() and differs[c["mask"]].any()
+        assert "red triangle" not in c["prompt"] and "blue circle" not in c["prompt"]
+
+
+def test_edit_suite_runs_on_a_model_and_reports_exact_kept_pixels(tmp_path, tiny_run, capsys):
+    out = tmp_path / "edit.json"
+    code, stdout, err = run_main(capsys, "eval", tiny_run, "--suite", "edit", "--limit", "1", "--json", out,
+                                 "--no-progress", "--inpaint-mode", "tokens")
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["suite"] == "edit" and report["n_images"] == 3 and report["kept_exact"] == 1.0
+    assert set(report["categories"]) == {"recolour", "replace", "restore"} and report["inpaint_mode"] == "tokens"
+    assert "pixels outside the mask exact in 1.000" in stdout
+
+
+def test_the_edit_suite_needs_an_image_model(av_run, capsys):
+    code, _, err = run_main(capsys, "eval", av_run, "--suite", "edit", "--limit", "1")
+    assert_one_line_error(code, err, "edit suite needs an image model")
