@@ -1,6 +1,7 @@
 """Inpainting and outpainting (omnidit.inpaint, omnidit inpaint): the kept pixels come back bit for bit in both
 modes, the blend mode's given tokens travel exactly their noised path, the mask rounds up to whole tokens, and
-the command's mistakes are one-line errors with nothing written."""
+the command's mistakes are one-line errors with nothing written. The edit suite's judge passes perfect edits and
+no unedited input. Inversion and prompt editing: tests/test_editing.py."""
 
 from __future__ import annotations
 
@@ -158,14 +159,15 @@ def test_inpaint_command_refuses_a_video_model(tmp_path, av_run, capsys):
 def test_the_edit_judge_passes_every_perfect_edit_and_no_unedited_input():
     from omnidit.evaluate.edit_suite import CATEGORIES, edit_cases, judge_edit
 
-    cases = edit_cases(32, 32, ["red triangle", "blue circle", "green square", "yellow diamond"], 24)
-    assert [c["category"] for c in cases] == [c for c in CATEGORIES for _ in range(24)]
+    cases = edit_cases(32, 32, ["red triangle", "blue circle", "green square", "yellow diamond"], 16)
+    assert [c["category"] for c in cases] == [c for c in CATEGORIES for _ in range(16)]
     assert all(judge_edit(c, c["answer"])[0] for c in cases)
     assert not any(judge_edit(c, c["image"])[0] for c in cases)
     for c in cases:  # the masked pixels are where the answer differs from the input, and only there
         differs = (c["answer"] != c["image"]).any(dim=0)
         assert not differs[~c["mask"]].any() and differs[c["mask"]].any()
         assert "red triangle" not in c["prompt"] and "blue circle" not in c["prompt"]
+        assert (c["source"] == c["prompt"]) == c["category"].endswith("restore")
 
 
 def test_edit_suite_runs_on_a_model_and_reports_exact_kept_pixels(tmp_path, tiny_run, capsys):
@@ -174,9 +176,11 @@ def test_edit_suite_runs_on_a_model_and_reports_exact_kept_pixels(tmp_path, tiny
                                  "--no-progress", "--inpaint-mode", "tokens")
     assert code == 0, err
     report = json.loads(out.read_text())
-    assert report["suite"] == "edit" and report["n_images"] == 3 and report["kept_exact"] == 1.0
-    assert set(report["categories"]) == {"recolour", "replace", "restore"} and report["inpaint_mode"] == "tokens"
-    assert "pixels outside the mask exact in 1.000" in stdout
+    assert report["suite"] == "edit" and report["n_images"] == 5 and report["kept_exact"] == 1.0
+    assert set(report["categories"]) == {"inpaint_recolour", "inpaint_replace", "inpaint_restore", "edit_recolour",
+                                         "edit_replace"} and report["inpaint_mode"] == "tokens"
+    assert report["reconstruction_psnr"] > 20 and report["inject_until"] == 0.5
+    assert "pixels outside the mask exact in 1.000" in stdout and "PSNR" in stdout
 
 
 def test_the_edit_suite_needs_an_image_model(av_run, capsys):

@@ -1,5 +1,5 @@
 """The ``omnidit`` command line: train | precompute | generate | inpaint | demo | eval | eval-prompts | convert |
-serve | info | calibrate.
+serve | info | calibrate | edit.
 
 User mistakes (missing files, bad sizes, unknown config keys, corrupt checkpoints) print one line
 ``omnidit: error: ... (hint: ...)`` and exit with code 2; there is no traceback for them.
@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from omnidit.calibrate_command import add_calibrate_parser, cmd_calibrate
+from omnidit.edit_command import add_edit_parser, add_inpaint_parser, cmd_edit, cmd_inpaint
 from omnidit.errors import OmniditError
 from omnidit.generate_command import (
     MAX_GRID,
@@ -24,7 +25,6 @@ from omnidit.generate_command import (
     resolve_seed,
     sampling_args,
 )
-from omnidit.inpaint_command import add_inpaint_parser, cmd_inpaint
 from omnidit.serve.command import add_serve_parser, cmd_serve
 from omnidit.validate import check_number, check_output_path
 
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_calibrate_parser(sub)
     add_inpaint_parser(sub)
+    add_edit_parser(sub)
 
     p = sub.add_parser("info", help="describe a checkpoint folder")
     p.add_argument("model", nargs="?", default=None,
@@ -387,7 +388,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 COMMANDS = {"train": cmd_train, "precompute": cmd_precompute, "generate": cmd_generate, "demo": cmd_demo,
             "eval": cmd_eval, "eval-prompts": cmd_eval_prompts, "convert": cmd_convert, "info": cmd_info,
-            "serve": cmd_serve, "calibrate": cmd_calibrate, "inpaint": cmd_inpaint}
+            "serve": cmd_serve, "calibrate": cmd_calibrate, "inpaint": cmd_inpaint,
+            "edit": cmd_edit}
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -188,7 +188,7 @@ class TrainConfig:
 class SampleConfig:
     steps: int = 30
     cfg: float = 4.0
-    sampler: str = "euler"  # euler | heun
+    sampler: str = "euler"  # euler | heun | midpoint
     shift: float = 1.0
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only at times LO <= t <= HI
     skip_scale: float = 0.0  # skip-layer guidance: push away from the model without skip_blocks (0 = off)

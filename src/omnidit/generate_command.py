@@ -26,7 +26,7 @@ def sampling_args(args: argparse.Namespace) -> dict:
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     """The sampling flags (--sampler, --shift, --cfg-interval, --skip-*, --candidates, --cache*), shared by generate and
     eval (unset: the model's sample config)."""
-    p.add_argument("--sampler", default=None, help="euler or heun (default: the model's sample.sampler)")
+    p.add_argument("--sampler", default=None, help="euler, heun or midpoint (default: the model's sample.sampler)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift toward noise (default: sample.shift)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only at times LO <= t <= HI (1 = noise, 0 = data); other steps cost one model call "

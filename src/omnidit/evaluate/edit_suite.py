@@ -1,19 +1,21 @@
-"""The edit suite: exact faithfulness of inpainting on rendered shapes scenes, judged by the detector.
+"""The edit suite: exact faithfulness of inpainting and of prompt editing on shapes scenes, judged by the detector.
 
 Each case is a ground-truth two-object scene (the shapes data's pair and relation kinds, drawn with EDIT_SEED,
-a data seed no recipe trains on). The first object's box, grown by MASK_MARGIN pixels, is masked and the
-model fills it from a caption:
+a data seed no recipe trains on), whose first object is to change:
 
-- ``recolour``: the caption names the first object in another colour ("a red circle above a blue square"
-  becomes "a green circle above a blue square");
-- ``replace``: the caption names another shape in the same colour;
-- ``restore``: the object is painted out (background) and the caption is the scene's own: the model must
-  draw it back.
+- ``inpaint_recolour`` / ``inpaint_replace``: the first object's box, grown by MASK_MARGIN pixels, is masked and
+  filled from the caption that names the object in another colour ("a red circle above a blue square" becomes
+  "a green circle above a blue square") or as another shape in the same colour;
+- ``inpaint_restore``: the object is painted out (background) and the caption is the scene's own: the model
+  must draw it back;
+- ``edit_recolour`` / ``edit_replace``: no mask: the image is inverted under its own caption and sampled back
+  under the edited one (omnidit.editing, value injection).
 
 A case passes when the detector finds exactly two objects: the requested one (colour and shape) centred inside
-the mask, and the other one unchanged (same colour and shape, box IoU >= KEEP_IOU with its detected box before).
-Pixels outside the mask must come back bit for bit (``kept_exact`` in the report; the inpainting code
-guarantees it, the suite checks it). Colour-shape pairs held out from the model's training are never used.
+the first object's (grown) box, and the other one unchanged (same colour and shape, box IoU >= KEEP_IOU with its
+detected box before). For inpainting, the pixels outside the mask must come back bit for bit (``kept_exact``);
+for editing, the report adds ``reconstruction_psnr``: the mean PSNR of every case's image inverted and sampled
+back under its own caption (no edit). Colour-shape pairs held out from the model's training are never used.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from omnidit.data.shapes import _describe as describe
 from omnidit.errors import OmniditError
 
 EDIT_SEED = 7_777
-CATEGORIES = ("recolour", "replace", "restore")
+CATEGORIES = ("inpaint_recolour", "inpaint_replace", "inpaint_restore", "edit_recolour", "edit_replace")
 MASK_MARGIN = 2  # pixels around the object's box: its anti-aliased rim and a little room
 KEEP_IOU = 0.8
 DEFAULT_CASES = 16  # per category
@@ -65,7 +67,8 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 
 
 def edit_cases(width: int, height: int, held_out, per_category: int = DEFAULT_CASES) -> list[dict]:
-    """``per_category`` cases of each category: {"category", "prompt", "image" (3, H, W) in [-1, 1], "mask" (H, W)
+    """``per_category`` cases of each category: {"category", "prompt", "source" (the input's own caption), "image"
+    (3, H, W) in [-1, 1], "mask" (H, W)
     bool, "want" (colour, shape) of the filled object, "keep" (the other object as the detector sees it before the
     edit), "box" (mask pixels),
     "answer" (the edited scene rendered: what a perfect edit gives)}."""
@@ -84,20 +87,21 @@ def edit_cases(width: int, height: int, held_out, per_category: int = DEFAULT_CA
         if _overlaps(box, other.box, width, height):
             continue  # the mask would cut into the object that must stay
         category = min(CATEGORIES, key=lambda c: len(cases[c]))
-        if category == "recolour":
+        change = category.split("_")[1]
+        if change == "recolour":
             options = [c for c in COLOURS if c not in (first.colour, other.colour) and (c, first.shape) in allowed]
             edited = replace(first, colour=options[int(rng.integers(len(options)))]) if options else None
-        elif category == "replace":
+        elif change == "replace":
             options = [s for s in SHAPES if s not in (first.shape, other.shape) and (first.colour, s) in allowed]
             edited = replace(first, shape=options[int(rng.integers(len(options)))]) if options else None
         else:
             edited = first
         if edited is None:
             continue
-        pixels = render_scene(scene if category != "restore" else Scene((other,), "", "single"), width, height)
+        pixels = render_scene(scene if change != "restore" else Scene((other,), "", "single"), width, height)
         mask = torch.zeros(height, width, dtype=torch.bool)
         mask[box[1]:box[3], box[0]:box[2]] = True
-        if category == "restore":
+        if change == "restore":
             pixels = pixels.copy()
             pixels[box[1]:box[3], box[0]:box[2]] = BACKGROUND
         before = [d for d in detect_objects(pixels) if (d.colour, d.shape) == (other.colour, other.shape)]
@@ -105,7 +109,9 @@ def edit_cases(width: int, height: int, held_out, per_category: int = DEFAULT_CA
             continue  # the detector must see the object that stays before the edit, to see it after
         prompt = describe(scene.kind, (edited, other), scene.relation, with_size=False)
         answer = to_tensor(render_scene(Scene((edited, other), prompt, scene.kind), width, height))
-        cases[category].append({"category": category, "prompt": prompt, "image": to_tensor(pixels), "mask": mask,
+        source = describe(scene.kind, (first, other), scene.relation, with_size=False)
+        cases[category].append({"category": category, "prompt": prompt, "source": source,
+                                "image": to_tensor(pixels), "mask": mask,
                                 "want": (edited.colour, edited.shape), "keep": before[0], "box": box,
                                 "answer": answer})
     return [case for c in CATEGORIES for case in cases[c][:per_category]]
@@ -133,9 +139,12 @@ def judge_edit(case: dict, result: torch.Tensor) -> tuple[bool, str]:
 
 
 def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None = None, batch_size: int = 16,
-                  progress: bool = True, frechet: bool = False, inpaint_mode: str = "auto", **sampling):
-    """The edit suite on an image model: ``limit`` cases per category (default DEFAULT_CASES), ``n_per_prompt``
-    seeds each. -> EvalReport (details: kept_exact, the fraction of results whose unmasked pixels are exact)."""
+                  progress: bool = True, frechet: bool = False, inpaint_mode: str = "auto",
+                  inject_until: float | None = None, **sampling):
+    """The edit suite on an image model: ``limit`` cases per category (default DEFAULT_CASES). Inpainting draws
+    ``n_per_prompt`` seeds per case; editing is deterministic (one result per case) and uses the model's steps and
+    guidance scale. -> EvalReport (details: kept_exact, reconstruction_psnr, the inpainting mode)."""
+    from omnidit.editing import DEFAULT_INJECT_UNTIL, edit
     from omnidit.evaluate.runner import EvalReport, Judged, _aggregate, _seeds
     from omnidit.inpaint import resolve_mode
 
@@ -145,15 +154,29 @@ def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None 
                            hint="pass a shapes model, e.g. the shipped one")
     cases = edit_cases(dc.width, dc.height, dc.held_out, limit or DEFAULT_CASES)
     seeds = _seeds(seed, len(cases) * n_per_prompt)
-    judged, exact = [], 0
+    settings = pipe.sampling_settings(**{k: sampling.get(k) for k in ("steps", "cfg", "shift")})
+    until = DEFAULT_INJECT_UNTIL if inject_until is None else inject_until
+    judged, exact, inpainted, psnrs = [], 0, 0, []
     for i, case in enumerate(tqdm(cases, desc="edit", unit="case", disable=not progress)):
-        case_seeds = seeds[i * n_per_prompt:(i + 1) * n_per_prompt]
-        results = pipe.inpaint([case["prompt"]] * n_per_prompt, case["image"], case["mask"], mode=inpaint_mode,
-                               seed=case_seeds, **sampling)
+        if case["category"].startswith("edit_"):
+            image = case["image"][None]
+            edited = edit(pipe, image, case["source"], case["prompt"], settings["steps"], settings["cfg"],
+                          inject_until=until, shift=settings["shift"])
+            back = edit(pipe, image, case["source"], case["source"], settings["steps"], 1.0, inject_until=1.0,
+                        shift=settings["shift"])
+            psnrs.append(float(10 * torch.log10(4 / ((back - image) ** 2).mean().clamp_min(1e-12))))
+            results, case_seeds = edited, [None]
+        else:
+            case_seeds = seeds[i * n_per_prompt:(i + 1) * n_per_prompt]
+            results = pipe.inpaint([case["prompt"]] * n_per_prompt, case["image"], case["mask"], mode=inpaint_mode,
+                                   seed=case_seeds, **sampling)
         for result, k in zip(results, case_seeds):
-            exact += bool(torch.equal(result[:, ~case["mask"]], case["image"][:, ~case["mask"]]))
+            if k is not None:
+                inpainted += 1
+                exact += bool(torch.equal(result[:, ~case["mask"]], case["image"][:, ~case["mask"]]))
             passed, reason = judge_edit(case, result)
             judged.append(Judged(case["category"], case["prompt"], result, passed, reason, seed=k))
     overall, scores = _aggregate("edit", judged, CATEGORIES)
-    details = {"kept_exact": exact / len(judged), "inpaint_mode": resolve_mode(inpaint_mode, pipe.config)}
+    details = {"kept_exact": exact / max(1, inpainted), "inpaint_mode": resolve_mode(inpaint_mode, pipe.config),
+               "reconstruction_psnr": sum(psnrs) / len(psnrs) if psnrs else None, "inject_until": until}
     return EvalReport("edit", overall, scores, len(judged), None, judged=judged, details=details)

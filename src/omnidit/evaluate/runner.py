@@ -98,8 +98,11 @@ class EvalReport:
             lines.append(f"{name}: sync within one frame {sync}, pitch match {pitch} over {d['bounces']} bounces "
                          f"({d['missing']} missing, {d['extra']} extra beeps)")
         if "kept_exact" in self.details:
-            lines.append(f"pixels outside the mask exact in {self.details['kept_exact']:.3f} of the results "
-                         f"(inpainting mode {self.details['inpaint_mode']})")
+            lines.append(f"pixels outside the mask exact in {self.details['kept_exact']:.3f} of the inpainted "
+                         f"results (mode {self.details['inpaint_mode']})")
+        if self.details.get("reconstruction_psnr") is not None:
+            lines.append(f"inversion and back under the same caption: PSNR {self.details['reconstruction_psnr']:.1f} "
+                         f"dB; edits inject values down to t = {self.details['inject_until']}")
         relation = self.relation_accuracy()
         if relation is not None and relation["images"]:
             lines.append(f"relation accuracy {relation['rate']:.3f}, axis accuracy {relation['axis_rate']:.3f} "

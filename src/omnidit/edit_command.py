@@ -1,5 +1,6 @@
 """``omnidit inpaint IMAGE MASK PROMPT``: regenerate the masked part of an image (or grow it: --outpaint), keeping
-every other pixel exactly (omnidit.inpaint)."""
+every other pixel exactly (omnidit.inpaint); ``omnidit edit IMAGE --from A --to B``: change an image by prompt
+through flow inversion (omnidit.editing)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,76 @@ def add_inpaint_parser(sub) -> None:
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]",
                    help="apply a LoRA adapter file at WEIGHT (default 1); repeatable (docs/lora.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_edit_parser(sub) -> None:
+    p = sub.add_parser("edit", help="change an image by prompt: invert it under --from, sample back under --to",
+                       description="Take IMAGE back to noise with the model's own ODE under its caption (--from), "
+                                   "then sample it back under the changed caption (--to), with the inversion's "
+                                   "attention values injected over the noisier steps so that what the captions "
+                                   "share stays in place. docs/editing.md")
+    p.add_argument("image", help="the image to change (PNG or JPEG)")
+    p.add_argument("--from", dest="source", required=True, help='what the image shows, e.g. "a red circle above a '
+                                                                'blue square"')
+    p.add_argument("--to", dest="target", required=True, help='what it should show, e.g. "a green circle above a '
+                                                              'blue square"')
+    p.add_argument("-o", "--output", default="out.png", help="output PNG (default: out.png)")
+    p.add_argument("--model", default=None, help="a shipped model's name, a checkpoint folder or a run folder "
+                                                  "(default: the shipped shapes model)")
+    p.add_argument("--steps", type=int, default=None, help="inversion and sampling steps (default: sample.steps)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale toward --to (default: sample.cfg)")
+    p.add_argument("--invert-cfg", type=float, default=1.0, help="guidance scale of the inversion under --from; 1 "
+                                                                 "(none) inverts most faithfully (default: 1)")
+    p.add_argument("--inject-until", type=float, default=None, metavar="T",
+                   help="inject the inversion's values at times t >= T (1 = noise): 1 turns injection off, 0 "
+                        "keeps everything; lower keeps more of the input (default: 0.5)")
+    p.add_argument("--inject-blocks", type=int, nargs="+", default=None, metavar="I",
+                   help="the single-stream blocks (from 0) that take the injected values (default: all)")
+    p.add_argument("--scale", type=int, default=1, help="enlarge the output N times for viewing (default: 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]",
+                   help="apply a LoRA adapter file at WEIGHT (default 1); repeatable (docs/lora.md)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from omnidit.editing import DEFAULT_INJECT_UNTIL, edit
+    from omnidit.generate_command import _scaled, model_or_shipped
+    from omnidit.images import save_png, to_pil
+    from omnidit.pipeline import load_pipeline
+    from omnidit.validate import check_number, check_output_path
+
+    for flag, text in (("--from", args.source), ("--to", args.target)):
+        if not text.strip():
+            raise OmniditError(f"{flag} is empty", hint='describe the image, e.g. "a red circle"')
+    if args.steps is not None:
+        check_number("--steps", args.steps, low=1, high=10_000, integer=True)
+    if args.cfg is not None:
+        check_number("--cfg", args.cfg, low=0, high=100)
+    check_number("--invert-cfg", args.invert_cfg, low=0, high=100)
+    until = check_number("--inject-until", DEFAULT_INJECT_UNTIL if args.inject_until is None else args.inject_until,
+                         low=0, high=1, hint="1 turns injection off, 0 keeps everything")
+    check_number("--scale", args.scale, low=1, high=64, integer=True)
+    check_output_path("-o", args.output)
+    if not args.output.lower().endswith(".png"):
+        raise OmniditError(f"output file must end in .png, got {args.output}")
+    image = _read_rgb(args.image)
+    pipe = load_pipeline(model_or_shipped(args.model), device=args.device, use_ema=not args.no_ema)
+    if args.lora:
+        from omnidit.lora import apply_lora_specs
+
+        apply_lora_specs(pipe.model, args.lora)
+    s = pipe.config.sample
+    steps, cfg = args.steps or s.steps, s.cfg if args.cfg is None else args.cfg
+    result = edit(pipe, image, args.source, args.target, steps, cfg, args.invert_cfg, args.inject_blocks, until,
+                  progress=not args.no_progress)[0]
+    settings = {"prompt": args.target, "edit_from": args.source, "image": str(Path(args.image).resolve()),
+                "steps": steps, "cfg": cfg, "invert_cfg": args.invert_cfg, "inject_until": until,
+                "inject_blocks": args.inject_blocks or "all", "sampler": "midpoint",
+                "model": str(Path(model_or_shipped(args.model)).resolve()), "software": "omnidit",
+                **({"lora": args.lora} if args.lora else {})}
+    print(f"wrote {save_png(_scaled(to_pil(result), args.scale), args.output, settings)}")
 
 
 def read_mask(spec: str, width: int, height: int):
