@@ -313,9 +313,14 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
     """Build the model from a checkpoint folder and load its (EMA, if present) weights; eval mode."""
     directory = resolve_model_dir(path)
     config = read_config(directory)
-    model = MMDiT(config.model)
     file = weights_file(directory, use_ema)
-    load_state_into(model, read_safetensors(file), file)
+    if config.train.lora_rank:  # a LoRA run's checkpoint holds the adapter; the base is train.init_from's
+        from omnidit.lora import merged_lora_model
+
+        model = merged_lora_model(config, read_safetensors(file), file)
+    else:
+        model = MMDiT(config.model)
+        load_state_into(model, read_safetensors(file), file)
     return model.to(device).eval().requires_grad_(False), config
 
 

@@ -346,7 +346,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     mc = config.model
     lines = [
         f"checkpoint    {directory}",
-        f"parameters    {n_params:,} ({n_params / 1e6:.2f}M)",
+        f"parameters    {n_params:,} ({n_params / 1e6:.2f}M)" if not config.train.lora_rank else
+        f"parameters    a LoRA adapter of {n_params:,} ({n_params / 1e6:.2f}M), rank {config.train.lora_rank}, on "
+        f"{config.train.init_from}'s weights",
         f"step          {step if step is not None else 'unknown'}"
         + (f" (fine-tuned from {source.get('folder')}, step {source.get('step') or 'unknown'})" if source else ""),
         f"images seen   {f'{seen:,}' if seen is not None else 'unknown'}",

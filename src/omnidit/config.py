@@ -120,6 +120,11 @@ class TrainConfig:
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
     init_from: str = ""  # fine-tune: start from this model folder's (EMA) weights, fresh optimizer, step 0
     init_grow: bool = False  # with init_from: the source may have fewer blocks; new ones start as identities
+    # LoRA fine-tuning of train.init_from's model: adapters of this rank train, every other weight stays frozen, and
+    # checkpoints hold the adapters alone (plus adapter.safetensors for --lora). 0 = train every weight.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # the adapters' alpha (scale alpha / rank); 0 = the rank
+    lora_targets: str = ""  # regular expression over module paths; "" = the attention and MLP projections
     lr_schedule: str = "constant"  # constant | cosine | wsd (after the warmup, down to lr * lr_min_ratio)
     lr_min_ratio: float = 0.1
     lr_decay_steps: int = 0  # wsd only: length of the final linear decay (0 = 20% of steps)
@@ -170,6 +175,18 @@ class TrainConfig:
             raise OmniditError(f"train.lr_decay_steps={self.lr_decay_steps} is longer than the {self.steps} steps "
                                f"after {self.warmup_steps} warmup steps",
                                hint="use a shorter train.lr_decay_steps (0 = the last 20% of train.steps)")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0 \
+                or not self.lora_alpha >= 0:
+            raise OmniditError(f"train.lora_rank must be a whole number >= 0 and train.lora_alpha >= 0, got "
+                               f"{self.lora_rank!r} and {self.lora_alpha!r}", hint="e.g. train.lora_rank=8")
+        if self.lora_rank and not self.init_from:
+            raise OmniditError("train.lora_rank trains adapters on an existing model, and train.init_from is empty",
+                               hint="set train.init_from to the model to adapt, e.g. train.init_from=shapes")
+        if self.lora_rank and (self.init_grow or self.parallel == "fsdp"):
+            raise OmniditError("train.lora_rank works with DDP or one process, without train.init_grow",
+                               hint="drop train.init_grow and use train.parallel=ddp")
+        if self.lora_targets and not self.lora_rank:
+            raise OmniditError("train.lora_targets is set but train.lora_rank is 0", hint="e.g. train.lora_rank=8")
         if not self.counterfactual_weight >= 0:
             raise OmniditError(f"train.counterfactual_weight must be >= 0, got {self.counterfactual_weight}",
                                hint="0 turns the counterfactual pairs off; e.g. train.counterfactual_weight=2")

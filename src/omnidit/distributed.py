@@ -93,10 +93,11 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_full_state(model: nn.Module, state: dict[str, Tensor], optimizer: torch.optim.Optimizer | None = None,
-                    optimizer_state: dict | None = None) -> None:
-    """Load full state dicts into a (possibly wrapped or sharded) model and its optimizer."""
+                    optimizer_state: dict | None = None, strict: bool = True) -> None:
+    """Load full state dicts into a (possibly wrapped or sharded) model and its optimizer; ``strict=False`` lets
+    ``state`` cover part of the model (a LoRA run's adapter)."""
     # A copy: set_model_state_dict rewrites the dict it gets (DDP "module." prefixes, its own entries).
-    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=strict))
     if optimizer is not None and optimizer_state is not None:
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
 

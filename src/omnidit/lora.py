@@ -284,3 +284,54 @@ def describe(model: nn.Module) -> str:
 def metadata(path: str | Path) -> dict:
     """A LoRA file's metadata (layout, rank, alpha when written by omnidit)."""
     return json.loads(json.dumps(_read(Path(path))[1]))
+
+
+# ---- training adapters with omnidit's trainer (train.lora_rank) ---------------------------------------------
+
+ADAPTER_FILE = "adapter.safetensors"  # in each checkpoint of a LoRA run: the EMA adapter, for --lora
+
+
+def adapter_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The adapter entries of a LoRA-wrapped model's state dict: the only weights a LoRA run trains and saves."""
+    return {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def prepare_lora_training(model: nn.Module, config) -> dict:
+    """train.lora_rank: load train.init_from's weights into ``model`` (a fresh MMDiT of ``config.model``) and add
+    an adapter of train.lora_rank / lora_alpha on train.lora_targets, every other weight frozen. Returns the
+    provenance of the weights started from (kept in every checkpoint, as for train.init_from)."""
+    from omnidit.checkpoint import initial_weights, training_provenance
+
+    tc = config.train
+    directory, state = initial_weights(tc.init_from, config)
+    model.load_state_dict(state, strict=True)
+    add_lora(model, tc.lora_rank, tc.lora_alpha or None, tc.lora_targets or DEFAULT_TARGETS)
+    source = {"folder": str(tc.init_from), **training_provenance(directory)}
+    source.pop("init_from", None)
+    return source
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
+    """Load a LoRA run's adapter-only ``state`` into a model prepared like it (every adapter weight, nothing else)."""
+    expected = adapter_state(model.state_dict())
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        first = f"missing key '{missing[0]}'" if missing else f"unexpected key '{unexpected[0]}'"
+        raise OmniditError(f"{source} does not hold the adapter that config.json describes: {first}",
+                           hint="train.lora_rank, lora_targets and the model must be those the run trained with")
+    model.load_state_dict(state, strict=False)
+
+
+def merged_lora_model(config, adapter: dict[str, Tensor], source: Path) -> nn.Module:
+    """A plain MMDiT for sampling: train.init_from's weights with a LoRA run's ``adapter`` folded in."""
+    from omnidit.model import MMDiT
+
+    wrapped = MMDiT(config.model)
+    prepare_lora_training(wrapped, config)
+    load_adapter_state(wrapped, adapter, source)
+    merge_lora(wrapped)
+    model = MMDiT(config.model)
+    model.load_state_dict({k.replace(".base_layer.", "."): v for k, v in wrapped.state_dict().items()
+                           if ".lora_" not in k}, strict=True)
+    return model

@@ -165,6 +165,11 @@ class Trainer:
             self.text_encoder = load_text_encoder(config.text.encoder, config.text.max_length, device=self.device)
         torch.manual_seed(tc.seed)  # parameter init: identical on every rank
         model = MMDiT(mc).to(self.device)
+        lora_source = None
+        if tc.lora_rank:  # the base weights now, frozen; only the adapter trains (and is saved)
+            from omnidit.lora import prepare_lora_training
+
+            lora_source = prepare_lora_training(model, config)
         model.gradient_checkpointing = tc.gradient_checkpointing
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.model = D.wrap_model(model, self.world, tc.parallel)
@@ -194,7 +199,7 @@ class Trainer:
             self.num_tokens = max(sum(layout.tokens.values()) for layout in self.layouts.values())  # the larger
         self.null_cond = self._null_condition()
         self.last_checkpoint: Path | None = None
-        self.init_source: dict | None = None  # set by initialise_from, kept in every checkpoint
+        self.init_source: dict | None = lora_source  # set by initialise_from, kept in every checkpoint
 
     # ---- conditioning -------------------------------------------------------------------------
     def _null_condition(self) -> Condition:
@@ -400,6 +405,11 @@ class Trainer:
         # Gathered onto rank 0 only (the other ranks get empty dicts).
         model_state, ema_state = D.full_model_state(self.model), D.full_model_state(self.ema)
         optimizer_state = D.full_optimizer_state(self.model, self.optimizer)
+        lora = self.config.train.lora_rank > 0
+        if lora:  # the frozen base is train.init_from's: the adapter alone is the run's
+            from omnidit.lora import ADAPTER_FILE, adapter_state, save_lora
+
+            model_state, ema_state = adapter_state(model_state), adapter_state(ema_state)
         path = self.out_dir / f"{CHECKPOINT_PREFIX}{self.step:07d}"
         if self.world.is_main:
             tensors, meta = optimizer_state_to_flat(optimizer_state)
@@ -412,6 +422,8 @@ class Trainer:
             if self.init_source:
                 meta["init_from"] = self.init_source
             save_checkpoint(path, self.config, model_state, ema_state, tensors, meta)
+            if lora:  # the EMA adapter in the PEFT layout, for generate --lora on the base model
+                save_lora(D.unwrap(self.ema), path / ADAPTER_FILE)
             prune_checkpoints(self.out_dir, self.config.train.keep_last)
         D.barrier(self.world)
         self.last_checkpoint = path
@@ -424,9 +436,16 @@ class Trainer:
             return None
         latest = checkpoints[-1]
         tensors, meta = load_training_state(latest)
-        D.load_full_state(self.model, read_safetensors(latest / "model.safetensors"), self.optimizer,
-                          optimizer_state_from_flat(tensors, meta))
-        D.load_full_state(self.ema, read_safetensors(latest / "ema.safetensors"))
+        model_state, ema_state = (read_safetensors(latest / f) for f in ("model.safetensors", "ema.safetensors"))
+        lora = self.config.train.lora_rank > 0
+        if lora:  # adapter-only checkpoints: every adapter weight must be there
+            from omnidit.lora import load_adapter_state
+
+            load_adapter_state(D.unwrap(self.model), model_state, latest / "model.safetensors")
+            load_adapter_state(D.unwrap(self.ema), ema_state, latest / "ema.safetensors")
+        D.load_full_state(self.model, model_state, self.optimizer, optimizer_state_from_flat(tensors, meta),
+                          strict=not lora)
+        D.load_full_state(self.ema, ema_state, strict=not lora)
         self.generator.set_state(tensors["rng/generator"])
         if "rng/counterfactual_generator" in tensors:  # absent in checkpoints from before it existed
             self.counterfactual_generator.set_state(tensors["rng/counterfactual_generator"])
@@ -537,7 +556,10 @@ class Trainer:
     def run(self) -> Path:
         tc, main = self.config.train, self.world.is_main
         resumed = self.resume() if tc.resume else None
-        if resumed is None and tc.init_from:
+        if resumed is None and tc.lora_rank:  # the base weights were loaded with the adapter (__init__)
+            if main:
+                tqdm.write(f"LoRA rank {tc.lora_rank} on the weights of {tc.init_from} (only the adapter trains)")
+        elif resumed is None and tc.init_from:
             source = self.initialise_from(tc.init_from)
             if main:
                 tqdm.write(f"initialised from the weights in {source} (fine-tuning from step 0)")

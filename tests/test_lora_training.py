@@ -1,0 +1,106 @@
+"""LoRA fine-tuning with omnidit's trainer (train.lora_rank): only the adapter trains and is saved, a LoRA
+checkpoint loads as an ordinary model (its base from train.init_from, the adapter folded in) and equals the base
+with adapter.safetensors applied through --lora, runs resume exactly, and mistakes are one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config_dict
+from safetensors.torch import load_file
+
+from omnidit.config import config_from_dict
+from omnidit.errors import OmniditError
+
+
+def _lora_config(out_dir, base, steps=4, **train):
+    return config_from_dict(tiny_config_dict(out_dir, train={"steps": steps, "checkpoint_every": 2, "lr": 1e-2,
+                                                             "init_from": str(base), "lora_rank": 2,
+                                                             "warmup_steps": 0, **train}))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_run):
+    from omnidit.train import train
+
+    run = tmp_path_factory.mktemp("lora") / "run"
+    train(_lora_config(run, tiny_run / "checkpoint-0000020"), progress=False)
+    return run
+
+
+def test_only_the_adapter_trains_and_is_saved(lora_run, tiny_run):
+    final = lora_run / "checkpoint-0000004"
+    for name in ("model.safetensors", "ema.safetensors"):
+        state = load_file(str(final / name))
+        assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
+        assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in state.items())  # B left zero: it trained
+    base = (tiny_run / "checkpoint-0000020" / "model.safetensors").stat().st_size
+    assert (final / "model.safetensors").stat().st_size < base / 2
+    assert (final / "adapter.safetensors").is_file()
+
+
+def test_a_lora_checkpoint_is_its_base_with_the_adapter(lora_run, tiny_run):
+    from omnidit.lora import apply_lora_specs
+    from omnidit.pipeline import load_pipeline
+
+    tuned = load_pipeline(lora_run, device="cpu")
+    base = load_pipeline(tiny_run / "checkpoint-0000020", device="cpu")
+    prompts = ["a red circle", "two blue squares"]
+    before = base.generate(prompts, seed=[1, 2])
+    apply_lora_specs(base.model, [str(lora_run / "checkpoint-0000004" / "adapter.safetensors")])
+    with_adapter = base.generate(prompts, seed=[1, 2])
+    after = tuned.generate(prompts, seed=[1, 2])
+    torch.testing.assert_close(after, with_adapter, atol=1e-4, rtol=0)
+    assert (after - before).abs().mean() > 1e-3
+    assert not any(".lora_" in k or "base_layer" in k for k in tuned.model.state_dict())  # a plain, merged model
+
+
+def test_a_lora_run_resumes_exactly(tmp_path, tiny_run, lora_run):
+    from omnidit.train import train
+
+    run = tmp_path / "run"
+    train(_lora_config(run, tiny_run / "checkpoint-0000020", steps=2), progress=False)
+    train(_lora_config(run, tiny_run / "checkpoint-0000020", steps=4), progress=False)
+    for name in ("model.safetensors", "ema.safetensors"):
+        resumed = load_file(str(run / "checkpoint-0000004" / name))
+        straight = load_file(str(lora_run / "checkpoint-0000004" / name))
+        assert resumed.keys() == straight.keys()
+        for k in straight:
+            torch.testing.assert_close(resumed[k], straight[k], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"lora_rank": 2, "init_from": ""}, "train.init_from is empty"),
+    ({"lora_rank": -1, "init_from": "x"}, "train.lora_rank must be a whole number"),
+    ({"lora_rank": 2, "init_from": "x", "parallel": "fsdp"}, "DDP or one process"),
+    ({"lora_targets": ".*qkv"}, "train.lora_rank is 0"),
+])
+def test_lora_config_mistakes_are_clear_errors(tmp_path, train, message):
+    with pytest.raises(OmniditError, match=message):
+        config_from_dict(tiny_config_dict(tmp_path, train=train))
+
+
+def test_lora_targets_that_match_nothing_are_an_error(tmp_path, tiny_run):
+    from omnidit.train import train
+
+    with pytest.raises(OmniditError, match="matches no linear layer"):
+        train(_lora_config(tmp_path / "run", tiny_run / "checkpoint-0000020", lora_targets="nothing"), progress=False)
+
+
+def test_a_lora_run_on_two_processes_follows_the_single_process_one(tmp_path):
+    import subprocess
+
+    from test_distributed import env, failure, final_weights, train_cmd
+
+    base = tmp_path / "base"
+    subprocess.run(train_cmd(base, "train.steps=2", "train.checkpoint_every=2"), check=True, env=env(),
+                   capture_output=True, timeout=300)
+    lora = ["train.steps=3", "train.checkpoint_every=3", f"train.init_from={base}", "train.lora_rank=2"]
+    single, double = tmp_path / "one", tmp_path / "two"
+    subprocess.run(train_cmd(single, *lora), check=True, env=env(), capture_output=True, timeout=300)
+    done = subprocess.run(train_cmd(double, *lora, nproc=2), env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, failure(done)
+    a, b = final_weights(single), final_weights(double)
+    assert a.keys() == b.keys() and all(".lora_" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
