@@ -218,7 +218,15 @@ def load_lora(model: nn.Module, path: str | Path, name: str | None = None, weigh
     tensors, meta = _read(path)
     if not tensors:
         raise OmniditError(f"{path} holds no tensors")
-    parts = parse_lora_file(tensors, meta, model)
+    try:
+        parts = parse_lora_file(tensors, meta, model)
+    except OmniditError as own_names_error:  # perhaps a file for diffusers' or the original Flux / SD3 names
+        from omnidit.convert.lora_keys import foreign_lora
+
+        foreign = foreign_lora(tensors, meta, model.config) if hasattr(model, "config") else None
+        if foreign is None:
+            raise own_names_error from None
+        parts = parse_lora_file(foreign[1], {}, model)
     name = name or re.sub(r"\W", "_", path.stem)
     # One rank and alpha for the adapter: modules of a lower rank are padded with zeros (the same product), and
     # a module's own alpha / r is folded into its B where it differs.
