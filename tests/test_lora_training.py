@@ -104,3 +104,30 @@ def test_a_lora_run_on_two_processes_follows_the_single_process_one(tmp_path):
     assert a.keys() == b.keys() and all(".lora_" in k for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
+def test_eval_and_serve_take_adapters(tmp_path, lora_run, tiny_run, capsys):
+    import json
+
+    from test_cli import assert_one_line_error, run_main
+
+    from omnidit.pipeline import load_pipeline
+    from omnidit.serve.command import apply_serve_loras
+
+    adapter = lora_run / "checkpoint-0000004" / "adapter.safetensors"
+    out = tmp_path / "eval.json"
+    code, _, err = run_main(capsys, "eval", tiny_run, "--suite", "shapes", "--limit", "1", "--n-per-prompt", "1",
+                            "--no-fd", "--no-progress", "--lora", f"{adapter}:0.5", "--json", out)
+    assert code == 0, err
+    assert json.loads(out.read_text())["settings"]["lora"] == [f"{adapter}:0.5"]
+    code, _, err = run_main(capsys, "eval", tiny_run, "--suite", "shapes", "--limit", "1", "--lora",
+                            tmp_path / "missing.safetensors")
+    assert_one_line_error(code, err, "LoRA file not found")
+
+    base = tiny_run / "checkpoint-0000020"
+    pipes = {"a": load_pipeline(base, device="cpu"), "b": load_pipeline(base, device="cpu")}
+    applied = apply_serve_loras(pipes, [str(adapter), f"b={adapter}:0.5"])
+    assert applied == {"a": ["adapter:1"], "b": ["adapter:0.5"]}
+    tuned = load_pipeline(lora_run, device="cpu")
+    torch.testing.assert_close(pipes["a"].generate(["a red circle"], seed=3),
+                               tuned.generate(["a red circle"], seed=3), atol=1e-4, rtol=0)

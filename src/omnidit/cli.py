@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which suite (default: from the model's data.name: video for video models, av for clips "
                         "with sound, audio for sound alone; shapes for image folders); edit: inpainting "
                         "faithfulness on shapes scenes (recolour, replace, restore)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]",
+                   help="score the model with a LoRA adapter file applied at WEIGHT (default 1); repeatable "
+                        "(docs/lora.md)")
     p.add_argument("--inpaint-mode", default="auto", choices=["auto", "tokens", "blend"],
                    help="--suite edit: how the kept pixels take part in sampling (omnidit inpaint --mode; "
                         "default: auto)")
@@ -237,6 +240,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise OmniditError(f"--grid must end in .png, got {args.grid}", hint="e.g. --grid eval.png")
     target = Path(model_or_shipped(args.target))
     if (target / "manifest.json").is_file():
+        if args.lora:
+            raise OmniditError("--lora applies to a model, not to a folder of images", hint="drop --lora")
         if args.suite == "edit":
             raise OmniditError("the edit suite inpaints its own scenes, so it needs a model, not a folder of images",
                                hint="pass a model folder or name")
@@ -246,6 +251,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from omnidit.pipeline import load_pipeline
 
         pipe = load_pipeline(target, device=args.device, use_ema=not args.no_ema)
+        if args.lora:
+            from omnidit.lora import apply_lora_specs
+
+            apply_lora_specs(pipe.model, args.lora)
         name = pipe.config.data.name
         suite = args.suite or {"bounce": "av", "tones": "audio"}.get(name, "video" if pipe.config.data.frames > 1
                                                                       else name)
@@ -256,6 +265,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         report = evaluate_model(pipe, suite, n_per_prompt=n_per_prompt, seed=args.seed, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
                                 **sampling_args(args), **extra)
+    if args.lora:
+        report.settings["lora"] = args.lora
     grid = args.grid or (str(Path(args.json).with_name(f"eval_{report.suite}.png")) if args.json else None)
     report.save(args.json, grid)
     print(report.table())

@@ -25,6 +25,9 @@ def add_serve_parser(sub) -> None:
                    help="a shipped model's name (shapes, shapes-video) or a model folder, optionally named "
                         "(mine=runs/x); repeat to serve several; the first is the default "
                         "(default: shapes, and shapes-video when it is installed)")
+    p.add_argument("--lora", action="append", default=None, metavar="[NAME=]FILE[:WEIGHT]",
+                   help="apply a LoRA adapter file to the served model NAME (default: the first) at WEIGHT "
+                        "(default 1); repeatable (docs/lora.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
                                                        "(default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -85,6 +88,20 @@ def check_port_free(host: str, port: int) -> None:
                                hint="choose another --port, or stop what uses it") from None
 
 
+def apply_serve_loras(pipelines: dict, specs: list[str] | None) -> dict[str, list[str]]:
+    """--lora [NAME=]FILE[:WEIGHT]: each adapter onto the named served model (default: the first one)."""
+    from omnidit.lora import apply_lora_specs
+
+    applied: dict[str, list[str]] = {}
+    default = next(iter(pipelines))
+    for spec in specs or []:
+        name, sep, rest = spec.partition("=")
+        if not sep or name not in pipelines:
+            name, rest = default, spec
+        applied.setdefault(name, []).extend(apply_lora_specs(pipelines[name].model, [rest]))
+    return applied
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     check_number("--port", args.port, low=0, high=65535, integer=True)
     for flag in ("max_batch", "max_queue", "max_n", "max_steps", "max_frames", "max_prompt_chars"):
@@ -104,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from omnidit.pipeline import load_pipeline
 
     pipelines = {name: load_pipeline(path, device=args.device) for name, path in models.items()}
+    apply_serve_loras(pipelines, args.lora)
     limits = Limits(max_n=args.max_n, max_pixels=width * height, max_steps=args.max_steps,
                     max_prompt_chars=args.max_prompt_chars, max_frames=args.max_frames, timeout=args.timeout,
                     url_ttl=args.url_ttl)
