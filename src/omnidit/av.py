@@ -174,7 +174,7 @@ def generate_av(pipeline, prompts: list[str], frames: int | None = None, fps: fl
         raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
     noise = pack(_noise(layout, mc, seeds, frames, height, width)).to(pipeline.device)
     clean_packed = pack({n: clean[n].expand(batch, -1, -1) for n in names}) if given is not None else None
-    with pipeline.step_cache(settings):
+    with pipeline.step_cache(settings), pipeline.precision():
         x = sample(velocity, noise, settings["steps"], settings["sampler"], settings["shift"], progress=progress,
                    given=given, given_tokens=clean_packed, on_step=on_step)
     out = unpack(x, layout)

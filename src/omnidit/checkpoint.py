@@ -314,6 +314,12 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
     directory = resolve_model_dir(path)
     config = read_config(directory)
     file = weights_file(directory, use_ema)
+    from omnidit.quantize import load_quantized, read_scheme
+
+    scheme = read_scheme(directory)
+    if scheme is not None:  # an omnidit quantize folder: int8 layers or bf16 compute
+        return load_quantized(directory, config, scheme, torch.device(device)).to(device).eval() \
+            .requires_grad_(False), config
     if config.train.lora_rank:  # a LoRA run's checkpoint holds the adapter; the base is train.init_from's
         from omnidit.lora import merged_lora_model
 

@@ -1,5 +1,5 @@
 """The ``omnidit`` command line: train | precompute | generate | inpaint | demo | eval | eval-prompts | convert |
-serve | info | calibrate | edit.
+serve | info | calibrate | edit | quantize.
 
 User mistakes (missing files, bad sizes, unknown config keys, corrupt checkpoints) print one line
 ``omnidit: error: ... (hint: ...)`` and exit with code 2; there is no traceback for them.
@@ -195,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_calibrate_parser(sub)
+    p = sub.add_parser("quantize", help="write a quantized copy of a model (w8a8 int8 or bf16) that loads directly",
+                       description="Write MODEL as a quantized model folder at OUT (safetensors and JSON): w8a8 runs "
+                                   "the transformer blocks' linear layers as dynamic int8 on x86 CPUs; bf16 stores "
+                                   "bfloat16 weights and samples under bfloat16 autocast. generate, eval, serve and "
+                                   "load_pipeline read OUT like any model. Speed and quality against float32: "
+                                   "benchmarks/quantize.py.")
+    p.add_argument("model", help="a shipped model's name, a checkpoint or run folder")
+    p.add_argument("out", help="the folder to write (must not exist)")
+    p.add_argument("--scheme", required=True, choices=["w8a8", "bf16"], help="w8a8 (CPU int8) or bf16")
+    p.add_argument("--no-ema", action="store_true", help="quantize the raw weights instead of the EMA weights")
     add_inpaint_parser(sub)
     add_edit_parser(sub)
 
@@ -338,6 +348,16 @@ def _ema_description(directory: Path) -> str:
     return "no"
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from omnidit.quantize import quantize_folder
+
+    if Path(args.out).exists():
+        raise OmniditError(f"{args.out} already exists", hint="pick a new folder name")
+    out = quantize_folder(model_or_shipped(args.model), args.out, args.scheme, use_ema=not args.no_ema)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"wrote {out} ({args.scheme}, {size / 2**20:.1f} MiB)")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from omnidit.checkpoint import (
         list_checkpoints,
@@ -348,16 +368,20 @@ def cmd_info(args: argparse.Namespace) -> None:
     )
     from omnidit.data import caption_vocabulary
 
+    from omnidit.quantize import read_scheme
+
     directory = resolve_model_dir(model_or_shipped(args.model))
     config = read_config(directory)
     weights = read_safetensors(directory / "model.safetensors")
-    n_params = sum(t.numel() for t in weights.values())
+    n_params = sum(t.numel() for k, t in weights.items() if not k.endswith(".weight_scale"))
+    scheme = read_scheme(directory)
     history = training_provenance(directory)
     step, seen, source = history.get("step"), history.get("images_seen"), history.get("init_from")
     mc = config.model
     lines = [
         f"checkpoint    {directory}",
-        f"parameters    {n_params:,} ({n_params / 1e6:.2f}M)" if not config.train.lora_rank else
+        f"parameters    {n_params:,} ({n_params / 1e6:.2f}M)"
+        + (f", quantized {scheme} (omnidit quantize)" if scheme else "") if not config.train.lora_rank else
         f"parameters    a LoRA adapter of {n_params:,} ({n_params / 1e6:.2f}M), rank {config.train.lora_rank}, on "
         f"{config.train.init_from}'s weights",
         f"step          {step if step is not None else 'unknown'}"
@@ -402,7 +426,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 COMMANDS = {"train": cmd_train, "precompute": cmd_precompute, "generate": cmd_generate, "demo": cmd_demo,
             "eval": cmd_eval, "eval-prompts": cmd_eval_prompts, "convert": cmd_convert, "info": cmd_info,
             "serve": cmd_serve, "calibrate": cmd_calibrate, "inpaint": cmd_inpaint,
-            "edit": cmd_edit}
+            "edit": cmd_edit, "quantize": cmd_quantize}
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -110,7 +110,8 @@ def invert(pipe, image: Tensor, prompt: str, steps: int = 30, cfg: float = 1.0, 
     to; sampling them back down the same grid with ``sampling.midpoint`` reconstructs the image."""
     tokens, ids, _ = _tokens_and_ids(pipe, image)
     ts = timestep_schedule(steps, pipe.config.sample.shift if shift is None else shift, pipe.device).flip(0)
-    return midpoint(_velocity(pipe, [prompt] * len(tokens), cfg, ids, None), tokens, ts, progress=progress)
+    with pipe.precision():
+        return midpoint(_velocity(pipe, [prompt] * len(tokens), cfg, ids, None), tokens, ts, progress=progress)
 
 
 @torch.inference_mode()
@@ -132,7 +133,7 @@ def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: fl
     blocks = range(len(pipe.model.single_blocks)) if inject_blocks is None else inject_blocks
     bank = ValueBank(pipe.model, blocks, tokens.shape[1], len(tokens))
     ts = timestep_schedule(steps, pipe.config.sample.shift if shift is None else shift, pipe.device)
-    with bank.hooked():
+    with bank.hooked(), pipe.precision():
         bank.mode = "record"
         noise = midpoint(_velocity(pipe, [source] * len(tokens), invert_cfg, ids, bank), tokens, ts.flip(0),
                          progress=progress)

@@ -6,6 +6,7 @@ sample grids and the evaluators share one path from prompt to pixels.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from collections.abc import Collection, Sequence
@@ -185,6 +186,12 @@ class Pipeline:
                               settings["cache_forecast"], settings["steps"])
         return using_step_cache(self.model, cache, self.calibration if cache.method != "none" else None)
 
+    def precision(self):
+        """A context manager for the model's compute precision: bfloat16 autocast for a ``bf16`` quantized folder
+        (omnidit.quantize), nothing otherwise."""
+        dtype = getattr(self.model, "autocast_dtype", None)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     @property
     def calibration(self):
         """The model folder's step-cache calibration (omnidit calibrate), or None."""
@@ -347,7 +354,7 @@ class Pipeline:
             per_image = [candidate_seeds(int(k), n) for k in seed]
             noise = torch.cat([initial_noise((1, *shape), seeds[j]) for j in range(n) for seeds in per_image])
         noise = video_patchify(noise.to(self.device), mc.patch_size, mc.temporal_patch)
-        with self.step_cache(settings):
+        with self.step_cache(settings), self.precision():
             x = sample(velocity, noise, steps, sampler, shift, progress=progress, given=mask, given_tokens=tokens,
                        on_step=on_step, given_noised=given_noised)
         if n > 1:

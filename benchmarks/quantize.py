@@ -1,0 +1,118 @@
+"""Quantized sampling (omnidit quantize) against float32 in one run: images/s and the shapes suite's score of the
+shipped model as float32, w8a8 (dynamic int8) and bf16 (bfloat16 autocast), plus the time of one sampling call of
+a wider random model of the same shape family, where the matrices are large enough for int8 kernels to pay.
+
+**Peer: internal** (float32 of the same weights, the same prompts and seeds). Timings alternate the schemes
+``--repeats`` times and keep each one's best, so a busy machine slows all of them alike.
+
+Example:
+    python benchmarks/quantize.py --limit 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from omnidit.checkpoint import save_checkpoint
+from omnidit.config import config_from_dict
+from omnidit.evaluate.runner import evaluate_model
+from omnidit.model import MMDiT
+from omnidit.pipeline import load_pipeline
+from omnidit.quantize import SCHEMES, quantize_folder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import device_description  # noqa: E402
+
+PROMPTS = ["a red circle above a blue square", "two green triangles", "a small purple diamond",
+           "a yellow square to the left of a cyan circle"] * 4
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="shapes", help="a shipped model name or model folder (default shapes)")
+    p.add_argument("--limit", type=int, default=4, help="prompts per suite category for the score (default 4)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds, best kept (default 3)")
+    p.add_argument("--wide", type=int, default=768, help="hidden size of the wider random model (default 768)")
+    p.add_argument("--json", type=Path, default=Path("benchmarks/results/quantize.json"))
+    return p.parse_args(argv)
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def wide_model(folder: Path, hidden: int) -> Path:
+    """A random model like the shipped one but ``hidden`` wide (heads of 64), as a model folder."""
+    config = config_from_dict({"model": {"preset": "tiny", "hidden_size": hidden, "num_heads": hidden // 64,
+                                         "axes_dim": [16, 24, 24], "depth": 2, "depth_single": 4, "patch_size": 4},
+                               "data": {"name": "shapes", "width": 32, "height": 32},
+                               "sample": {"steps": 30, "cfg": 4.0}})
+    torch.manual_seed(0)
+    model = MMDiT(config.model)
+    return save_checkpoint(folder, config, model.state_dict())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    plain = {"candidates": 1, "skip_scale": 0.0}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for label, source in (("shapes", args.model), (f"random width {args.wide}", wide_model(tmp / "wide",
+                                                                                               args.wide))):
+            folders = {"fp32": source, **{s: quantize_folder(source, tmp / f"{label}-{s}".replace(" ", "_"), s)
+                                          for s in SCHEMES}}
+            pipes = {name: load_pipeline(folder, device="cpu") for name, folder in folders.items()}
+            for pipe in pipes.values():  # warm up
+                pipe.generate(PROMPTS[:2], seed=0, steps=2, **plain)
+            timed = {name: [] for name in pipes}
+            for _ in range(args.repeats):  # alternate, so a busy machine slows every scheme alike
+                for name, pipe in pipes.items():
+                    timed[name].append(best_time(lambda p=pipe: p.generate(PROMPTS, seed=0, **plain), 1))
+            reference = pipes["fp32"].generate(PROMPTS, seed=0, **plain)
+            for name, pipe in pipes.items():
+                row = {"model": label, "scheme": name, "seconds": min(timed[name]),
+                       "images_per_s": len(PROMPTS) / min(timed[name]),
+                       "mean_abs_diff": float((pipe.generate(PROMPTS, seed=0, **plain) - reference).abs().mean()),
+                       "mib": sum(f.stat().st_size for f in Path(folders[name] if name != "fp32" else
+                                                                  pipe.model_dir).iterdir() if f.is_file()) / 2**20}
+                if label == "shapes":
+                    report = evaluate_model(pipe, "shapes", n_per_prompt=1, limit=args.limit, progress=False,
+                                            frechet=False, **plain)
+                    row["overall"] = report.overall
+                rows.append(row)
+                print(f"{label} {name}: {row['images_per_s']:.1f} images/s, overall {row.get('overall', '-')}")
+    for r in rows:
+        base = next(b for b in rows if b["model"] == r["model"] and b["scheme"] == "fp32")
+        r["speedup"] = base["seconds"] / r["seconds"]
+    meta = {"device_name": device_description(torch.device("cpu")), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "limit": args.limit, "repeats": args.repeats,
+            "images_per_call": len(PROMPTS), "seconds": round(time.perf_counter() - start, 1),
+            "command": "python benchmarks/quantize.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    print(f"\n{meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads; {len(PROMPTS)} images per "
+          f"call, 30 steps with guidance, one candidate; best of {args.repeats}")
+    print(f"{'model':<18} {'scheme':<6} {'images/s':>9} {'speedup':>8} {'|diff|':>7} {'MiB':>6} {'overall':>8}")
+    for r in rows:
+        overall = f"{r['overall']:.3f}" if "overall" in r else "-"
+        print(f"{r['model']:<18} {r['scheme']:<6} {r['images_per_s']:>9.1f} {r['speedup']:>7.2f}x "
+              f"{r['mean_abs_diff']:>7.3f} {r['mib']:>6.1f} {overall:>8}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Quantized model folders that sampling loads directly: real int8 and bf16 compute, no simulated speed.
+
+Schemes (``omnidit quantize MODEL OUT --scheme ...``):
+
+- ``w8a8``: the transformer blocks' linear layers run as dynamic int8 (weights int8 per output channel,
+  activations quantized per call) through torch's x86 kernels (fbgemm / oneDNN with VNNI); CPUs only. The folder
+  stores each such weight as int8 with its float32 scale per row (``{layer}.weight`` and
+  ``{layer}.weight_scale``); everything else stays float32.
+- ``bf16``: every weight stored in bfloat16 and sampling run under bfloat16 autocast (AVX-512 BF16 / AMX on CPUs,
+  tensor cores on GPUs); half the file.
+
+A quantized folder is a model folder (config.json, model.safetensors) plus ``quantization.json`` naming the
+scheme; ``checkpoint.load_model`` reads it. Speed and quality against float32 are measured side by side in one
+run by ``benchmarks/quantize.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from omnidit.errors import OmniditError
+
+SCHEMES = ("w8a8", "bf16")
+QUANTIZATION_FILE = "quantization.json"
+# The blocks' per-token linears hold nearly all weights and FLOPs; the modulation layers (mod.lin) act once per
+# sample, not per token, and stay float.
+BLOCK_LINEARS = r"(double_blocks|single_blocks)\..*(?<!\.mod\.lin)"
+
+
+def _block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(BLOCK_LINEARS, n)}
+
+
+def int8_per_row(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per output row: (int8 values like weight, float32 scales (out,)); weight ~= values * scale."""
+    scale = weight.float().abs().amax(dim=1).clamp_min(1e-12) / 127
+    return torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_folder(src: str | Path, dst: str | Path, scheme: str, use_ema: bool = True) -> Path:
+    """Write the model at ``src`` as a ``scheme`` folder at ``dst`` (safetensors and JSON); returns it."""
+    from omnidit.checkpoint import PROVENANCE_FILE, load_model, resolve_model_dir, save_checkpoint, \
+        training_provenance
+
+    if scheme not in SCHEMES:
+        raise OmniditError(f"unknown quantization scheme '{scheme}'", hint=f"choose one of {', '.join(SCHEMES)}")
+    directory = resolve_model_dir(src)
+    if (directory / QUANTIZATION_FILE).is_file():
+        raise OmniditError(f"{directory} is already quantized", hint="quantize the float model it was made from")
+    model, config = load_model(directory, use_ema=use_ema)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if scheme == "bf16":
+        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+    else:
+        for name in _block_linears(model):
+            state[f"{name}.weight"], state[f"{name}.weight_scale"] = int8_per_row(state[f"{name}.weight"])
+    out = save_checkpoint(dst, config, state)
+    provenance = training_provenance(directory)
+    (out / PROVENANCE_FILE).write_text(json.dumps({**provenance, "quantized": scheme}, indent=2) + "\n")
+    (out / QUANTIZATION_FILE).write_text(json.dumps({"scheme": scheme, "source": str(directory)}, indent=2) + "\n")
+    return out
+
+
+def read_scheme(directory: Path) -> str | None:
+    """The folder's quantization scheme, or None for a float model."""
+    from omnidit.config import read_json
+
+    path = directory / QUANTIZATION_FILE
+    if not path.is_file():
+        return None
+    scheme = read_json(path, "quantization").get("scheme")
+    if scheme not in SCHEMES:
+        raise OmniditError(f"{path} names an unknown scheme '{scheme}'", hint=f"one of {', '.join(SCHEMES)}")
+    return scheme
+
+
+def load_quantized(directory: Path, config, scheme: str, device: torch.device) -> nn.Module:
+    """The model of a quantized folder, ready to sample (eval mode, no grad)."""
+    from omnidit.checkpoint import load_state_into, read_safetensors
+    from omnidit.model import MMDiT
+
+    file = directory / "model.safetensors"
+    state = read_safetensors(file)
+    model = MMDiT(config.model)
+    if scheme == "bf16":
+        load_state_into(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, file)
+        model.autocast_dtype = torch.bfloat16  # sampling runs under autocast (Pipeline)
+        return model
+    if torch.device(device).type != "cpu":
+        raise OmniditError("w8a8 runs on CPUs (torch's x86 int8 kernels)", hint="use --scheme bf16 on a GPU")
+    linears = _block_linears(model)
+    scales = {name: state.pop(f"{name}.weight_scale") for name in linears}
+    ints = {name: state.pop(f"{name}.weight") for name in linears}
+    for name in linears:  # placeholders for the strict load; replaced below
+        state[f"{name}.weight"] = torch.zeros_like(linears[name].weight)
+    load_state_into(model, state, file)
+    for name, layer in linears.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, int8_linear(ints[name], scales[name], layer.bias))
+    return model
+
+
+def int8_linear(values: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
+    """torch's dynamic int8 Linear holding exactly ``values`` (int8, (out, in)) times ``scale`` (out,)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        weight = torch._make_per_channel_quantized_tensor(values, scale.double(),
+                                                          torch.zeros(len(scale), dtype=torch.long), 0)
+        layer = DynamicInt8Linear(values.shape[1], values.shape[0], bias_=bias is not None, dtype=torch.qint8)
+        layer.set_weight_bias(weight, None if bias is None else bias.detach().float())
+    return layer
