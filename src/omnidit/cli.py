@@ -367,7 +367,6 @@ def cmd_info(args: argparse.Namespace) -> None:
         training_provenance,
     )
     from omnidit.data import caption_vocabulary
-
     from omnidit.quantize import read_scheme
 
     directory = resolve_model_dir(model_or_shipped(args.model))

@@ -45,8 +45,7 @@ def int8_per_row(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 def quantize_folder(src: str | Path, dst: str | Path, scheme: str, use_ema: bool = True) -> Path:
     """Write the model at ``src`` as a ``scheme`` folder at ``dst`` (safetensors and JSON); returns it."""
-    from omnidit.checkpoint import PROVENANCE_FILE, load_model, resolve_model_dir, save_checkpoint, \
-        training_provenance
+    from omnidit.checkpoint import PROVENANCE_FILE, load_model, resolve_model_dir, save_checkpoint, training_provenance
 
     if scheme not in SCHEMES:
         raise OmniditError(f"unknown quantization scheme '{scheme}'", hint=f"choose one of {', '.join(SCHEMES)}")
