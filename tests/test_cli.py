@@ -358,3 +358,13 @@ def test_class_conditional_labels_are_respected(digits_run, tmp_path, capsys):
 def test_class_conditional_rejects_unreadable_labels(digits_run, tmp_path, capsys, prompt):
     code, _, err = run_main(capsys, "generate", prompt, "--model", digits_run, *GEN, "-o", tmp_path / "x.png")
     assert_one_line_error(code, err, "cannot read a class label", prompt)
+
+
+def test_a_reader_that_leaves_early_is_not_an_error():
+    """omnidit info | head -1: the closed pipe ends the command quietly, with no traceback."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"{sys.executable} -m omnidit info | head -1", shell=True, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.startswith("checkpoint") and "Traceback" not in done.stderr, done.stderr

@@ -8,6 +8,7 @@ User mistakes (missing files, bad sizes, unknown config keys, corrupt checkpoint
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -446,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("omnidit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (omnidit info | head): not an error, and no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's final flush must not fail
+        return 0
     return 0
 
 
