@@ -361,10 +361,11 @@ def test_class_conditional_rejects_unreadable_labels(digits_run, tmp_path, capsy
 
 
 def test_a_reader_that_leaves_early_is_not_an_error():
-    """omnidit info | head -1: the closed pipe ends the command quietly, with no traceback."""
+    """omnidit info | true: the reader is gone before omnidit writes (it starts in about a second), so the write
+    meets a closed pipe; that ends the command quietly, with no traceback."""
     import subprocess
     import sys
 
-    done = subprocess.run(f"{sys.executable} -m omnidit info | head -1", shell=True, capture_output=True, text=True,
+    done = subprocess.run(f"{sys.executable} -m omnidit info | true", shell=True, capture_output=True, text=True,
                           timeout=120)
-    assert done.stdout.startswith("checkpoint") and "Traceback" not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
