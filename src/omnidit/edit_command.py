@@ -69,7 +69,7 @@ def add_edit_parser(sub) -> None:
                                                                  "(none) inverts most faithfully (default: 1)")
     p.add_argument("--inject-until", type=float, default=None, metavar="T",
                    help="inject the inversion's values at times t >= T (1 = noise): 1 turns injection off, 0 "
-                        "keeps everything; lower keeps more of the input (default: 0.5)")
+                        "keeps everything; lower keeps more of the input (default: 0.9)")
     p.add_argument("--inject-blocks", type=int, nargs="+", default=None, metavar="I",
                    help="the single-stream blocks (from 0) that take the injected values (default: all)")
     p.add_argument("--scale", type=int, default=1, help="enlarge the output N times for viewing (default: 1)")
