@@ -112,3 +112,12 @@ def test_edit_command_errors_are_one_line_and_write_nothing(tmp_path, tiny_run, 
     code, _, err = run_main(capsys, *args)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "out.png").exists()
+
+
+def test_injection_at_no_blocks_is_plain_sampling_from_the_inverted_noise(shapes):
+    image = shapes.generate([SOURCE], seed=3, steps=8)
+    target = "a green circle above a blue square"
+    none = edit(shapes, image, SOURCE, target, steps=8, cfg=2.0, inject_blocks=[], inject_until=0.0)
+    off = edit(shapes, image, SOURCE, target, steps=8, cfg=2.0, inject_until=1.0)
+    assert torch.equal(none, off)
+    assert not torch.equal(none, edit(shapes, image, SOURCE, target, steps=8, cfg=2.0, inject_until=0.0))
