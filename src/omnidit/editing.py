@@ -48,7 +48,7 @@ class ValueBank:
             values = out[:, :self.n_tokens, 2 * dim:3 * dim]  # linear1 -> (q, k, v, mlp) per token; image first
             if self.mode == "record":  # the conditional rows (the first B of a guided batch)
                 self.saved[(index, round(self.t, 6))] = values[:self.batch].detach().clone()
-            elif self.mode == "inject" and self.t >= self.inject_until:
+            elif self.mode == "inject" and self.inject_until < 1.0 and self.t >= self.inject_until:
                 stored = self._nearest(index)
                 out = out.clone()
                 out[:, :self.n_tokens, 2 * dim:3 * dim] = stored.repeat(out.shape[0] // stored.shape[0], 1, 1)
