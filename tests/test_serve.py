@@ -452,3 +452,19 @@ def test_one_bad_request_does_not_fail_the_others_in_its_batch(shapes):
             jobs[1].future.result(60)
     finally:
         batcher.stop()
+
+
+def test_a_model_with_sound_answers_with_an_mp4_that_has_its_sound(av_run, tmp_path):
+    from omnidit.video_io import load_audio
+
+    av = load_pipeline(av_run, device="cpu")
+    with TestClient(build_app({"av": av})) as client:
+        reply = client.post("/v1/videos/generations", json={"model": "av", "prompt": "a red circle moving to the "
+                                                            "right", **FAST})
+        assert reply.status_code == 200, reply.text
+        (tmp_path / "c.mp4").write_bytes(base64.b64decode(reply.json()["data"][0]["b64_json"]))
+        audio, rate = load_audio(tmp_path / "c.mp4")
+        assert rate == av.config.data.sample_rate and audio.shape[-1] >= 0.9 * av.config.data.sample_rate * 0.5
+        gif = client.post("/v1/videos/generations", json={"model": "av", "prompt": "a red circle moving to the "
+                                                          "right", "output_format": "gif", **FAST})
+        assert gif.status_code == 200 and base64.b64decode(gif.json()["data"][0]["b64_json"])[:3] == b"GIF"

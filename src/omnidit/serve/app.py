@@ -456,7 +456,11 @@ def _encode(body: ImageRequest, name: str, pipe, job: Job, outputs, files: FileS
                     "size": f"{job.kwargs['width']}x{job.kwargs['height']}", "model": name, "software": "omnidit"}
         settings = {k: v for k, v in settings.items() if v is not None}
         if job.video:
-            payload, media = _clip_bytes(output, job.kwargs["fps"], body.output_format, settings)
+            clip, sound = output if isinstance(output, tuple) else (output, None)  # a model with sound: both
+            if sound is not None and body.output_format != "mp4":
+                sound = None  # GIF and WebP carry no sound; MP4 gets an AAC track
+            payload, media = _clip_bytes(clip, job.kwargs["fps"], body.output_format, settings, sound,
+                                         pipe.config.data.sample_rate)
         else:
             payload = image_bytes(to_pil(output), body.output_format, settings, body.output_compression)
             media = f"image/{body.output_format}"
@@ -469,11 +473,14 @@ def _encode(body: ImageRequest, name: str, pipe, job: Job, outputs, files: FileS
     return data
 
 
-def _clip_bytes(clip, fps: float, output_format: str, settings: dict) -> tuple[bytes, str]:
-    """A clip (C, T, H, W) encoded through ``save_video`` in a temporary folder that is removed after."""
+def _clip_bytes(clip, fps: float, output_format: str, settings: dict, audio=None,
+                sample_rate: int | None = None) -> tuple[bytes, str]:
+    """A clip (C, T, H, W), with its sound (1, S) when given, encoded through ``save_video`` in a temporary folder
+    that is removed after."""
     from omnidit.video_io import save_video
 
     with tempfile.TemporaryDirectory(prefix="omnidit-serve-") as folder:
-        path = save_video(clip, Path(folder) / f"clip.{output_format}", fps, settings)
+        path = save_video(clip, Path(folder) / f"clip.{output_format}", fps, settings, audio=audio,
+                          sample_rate=sample_rate if audio is not None else None)
         media = {"mp4": "video/mp4", "gif": "image/gif", "webp": "image/webp"}[output_format]
         return path.read_bytes(), media

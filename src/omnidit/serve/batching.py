@@ -178,8 +178,12 @@ class Batcher:
         start = time.monotonic()
         try:
             pipe = self.pipelines[first.model]
-            draw = pipe.generate_video if first.video else pipe.generate
-            outputs: Tensor = draw(prompts, seed=seeds, on_step=on_step, **first.kwargs)
+            if first.video and "audio" in pipe.model.config.extra_streams:  # a clip with its sound: (video, audio)
+                made = pipe.generate_av(prompts, seed=seeds, on_step=on_step, **first.kwargs)
+                outputs = list(zip(made.video, made.audio))
+            else:
+                draw = pipe.generate_video if first.video else pipe.generate
+                outputs = draw(prompts, seed=seeds, on_step=on_step, **first.kwargs)
         except Cancelled:
             for j in live:
                 j.future.set_exception(Cancelled())
