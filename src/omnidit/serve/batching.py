@@ -14,8 +14,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from torch import Tensor
-
 from omnidit.errors import OmniditError
 
 ProgressFn = Callable[[dict], None]  # receives {"state": "queued" | "running", "step": k, "steps": n}
