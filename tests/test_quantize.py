@@ -85,3 +85,26 @@ def test_quantize_command(tmp_path, tiny_run, capsys):
     code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w4")
     assert_one_line_error(code, err, "invalid choice")
     assert not (tmp_path / "y").exists()
+
+
+def test_speed_presets_quantize_and_change_only_the_defaults(tiny_run, tmp_path, capsys):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    from omnidit.pipeline import load_pipeline
+    from omnidit.quantize import apply_speed
+
+    pipe = load_pipeline(tiny_run, device="cpu")
+    apply_speed(pipe, "faster")
+    assert isinstance(pipe.model.single_blocks[0].linear1, DynamicInt8Linear)
+    settings = pipe.sampling_settings()
+    assert settings["cache"] == "first_block" and settings["candidates"] == 1
+    assert pipe.sampling_settings(cache="none", candidates=2)["cache"] == "none"  # explicit settings win
+    with pytest.raises(OmniditError, match="unknown speed"):
+        apply_speed(pipe, "ludicrous")
+    code, _, err = run_main(capsys, "generate", "a red circle", "--model", tiny_run, "--speed", "fast", "-o",
+                            tmp_path / "f.png", "--no-progress")
+    assert code == 0, err
+    from PIL import Image
+
+    with Image.open(tmp_path / "f.png") as im:
+        assert im.info["speed"] == "fast" and im.info["cache"] == "first_block"

@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-images", type=int, default=3, help="images per prompt (default: 3; clips: 1)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--speed", default=None, choices=["default", "fast", "faster"],
+                   help="fast: int8 linears on a CPU (bf16 on a GPU) and step caching; faster: also one candidate "
+                        "(docs/sampling.md)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -275,9 +278,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         extra = {"inpaint_mode": args.inpaint_mode} if suite == "edit" else {}
         report = evaluate_model(pipe, suite, n_per_prompt=n_per_prompt, seed=args.seed, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
-                                **sampling_args(args), **extra)
+                                **sampling_args(args, pipe), **extra)
     if args.lora:
         report.settings["lora"] = args.lora
+    if args.speed:
+        report.settings["speed"] = args.speed
     grid = args.grid or (str(Path(args.json).with_name(f"eval_{report.suite}.png")) if args.json else None)
     report.save(args.json, grid)
     print(report.table())
@@ -294,7 +299,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     check_number("-n", args.num_images, low=1, high=16, integer=True, hint="the demo draws six prompts a row each")
     args.seed = resolve_seed(args.seed)
     path, seconds, drawn = run_demo(args.output, args.model, n_per_prompt=args.num_images, seed=args.seed,
-                                    steps=args.steps, device=args.device, progress=not args.no_progress)
+                                    steps=args.steps, device=args.device, progress=not args.no_progress,
+                                    speed=args.speed)
     count, kind = drawn.split()
     print(f"wrote {path} ({drawn} in {seconds:.1f} s of sampling: {int(count) / seconds:.2f} {kind}/s)")
     if args.model is not None:

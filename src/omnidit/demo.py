@@ -59,14 +59,18 @@ def demo_grid(pipe, prompts: tuple[str, ...] = DEMO_PROMPTS, n_per_prompt: int =
 
 
 def run_demo(output: str | Path, model: str | Path | None = None, n_per_prompt: int = 3, seed: int = 0,
-             steps: int | None = None, device: str = "auto", progress: bool = True) -> tuple[Path, float, str]:
+             steps: int | None = None, device: str = "auto", progress: bool = True,
+             speed: str | None = None) -> tuple[Path, float, str]:
     """Load the model (default: the shipped shapes model; a name such as shapes-video works too), draw the demo
-    grid to ``output``; returns (path, seconds of sampling, what was drawn, e.g. "18 images" or "5 clips")."""
+    grid to ``output``; returns (path, seconds of sampling, what was drawn, e.g. "18 images" or "5 clips").
+    ``speed``: a --speed preset (quantize.apply_speed)."""
     from omnidit.checkpoint import default_model_dir, resolve_model_dir
     from omnidit.pipeline import load_pipeline
+    from omnidit.quantize import apply_speed
 
     model_dir = resolve_model_dir(model) if model is not None else default_model_dir()
     pipe = load_pipeline(model_dir, device=device)
+    apply_speed(pipe, speed)
     video = pipe.config.data.frames > 1
     start = time.perf_counter()
     if video:

@@ -208,7 +208,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
         from omnidit.lora import apply_lora_specs
 
         apply_lora_specs(pipe.model, args.lora)
-    sampling = sampling_args(args)
+    sampling = sampling_args(args, pipe)
     n = args.num_images
     results = pipe.inpaint([args.prompt] * n, image, mask, mode=args.mode, progress=not args.no_progress,
                            seed=[args.seed + i for i in range(n)], **sampling)

@@ -63,7 +63,7 @@ def cmd_generate_av(args: argparse.Namespace, pipe, width: int | None, height: i
     kwargs = dict(given_inputs(args, pipe, width, height))
     frames = kwargs.pop("frames", args.frames or dc.frames)
     fps = kwargs.pop("fps", args.fps or dc.fps)
-    sampling = sampling_args(args)
+    sampling = sampling_args(args, pipe)
     common = dict(cfg_video=args.cfg_video, cfg_audio=args.cfg_audio, **sampling)
     if args.audio_only:
         common.update(audio_only=True, seconds=dc.seconds if args.seconds is None else args.seconds)

@@ -16,10 +16,15 @@ MAX_EXTEND_FRAMES = 4096  # frames --extend reads or adds: minutes of video, bou
 MAX_OUTPUTS = 1_000_000  # -n: many more than anyone will look at, few enough that a typo fails fast
 
 
-def sampling_args(args: argparse.Namespace) -> dict:
-    """The sampler flags (``add_sampler_flags``) as Pipeline.generate's keyword arguments; None = the model's."""
+def sampling_args(args: argparse.Namespace, pipe=None) -> dict:
+    """The sampler flags (``add_sampler_flags``) as Pipeline.generate's keyword arguments; None = the model's.
+    With ``pipe``, ``--speed`` is applied to it first (quantize.apply_speed: its sampling defaults change)."""
     from omnidit.pipeline import SAMPLING_KEYS
 
+    if pipe is not None and getattr(args, "speed", None):
+        from omnidit.quantize import apply_speed
+
+        apply_speed(pipe, args.speed)
     return {k: getattr(args, k) for k in SAMPLING_KEYS}
 
 
@@ -44,6 +49,10 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    help="best of N: sample each image from N seeds and keep the one with the lowest denoising error "
                         "under its prompt, judged by the model itself; about N times the time "
                         "(default: the model's sample.candidates)")
+    p.add_argument("--speed", default=None, choices=["default", "fast", "faster"],
+                   help="one knob for speed: fast = int8 linear layers on a CPU (bf16 compute on a GPU) and "
+                        "first-block step caching, the model's quality within the suite's noise; faster = also one "
+                        "candidate instead of best-of-N; flags given explicitly win (docs/sampling.md)")
     p.add_argument("--cache", default=None, choices=["none", "first_block", "teacache", "magcache", "interval"],
                    help="step caching: at steps where the output barely changes, run only the first block and reuse "
                         "the rest's last output: first_block (its residual barely changed), teacache and magcache "
@@ -132,13 +141,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if any(v is not None for v in (args.frames, args.fps, args.image, args.extend)):
         raise OmniditError("--frames, --fps, --image and --extend are for video models; this one makes images",
                            hint="use a video model, e.g. --model shapes-video")
-    sampling = sampling_args(args)
+    sampling = sampling_args(args, pipe)
     width, height = width or pipe.config.data.width, height or pipe.config.data.height
     files = output_files(args.output, args.num_images, 1, width, height, args.scale)
     settings = {"prompt": args.prompt, "seed": args.seed, **pipe.sampling_settings(**sampling),
                 "size": f"{width}x{height}", "num_images": args.num_images,
                 "model": str(Path(args.model).resolve()), "ema": not args.no_ema, "software": "omnidit",
-                **({"lora": args.lora} if args.lora else {})}
+                **({"lora": args.lora} if args.lora else {}), **({"speed": args.speed} if args.speed else {})}
     batch = batch_size(args, pipe, 1, width, height, sampling)
 
     def draw(seeds: list[int], progress: bool):
@@ -253,7 +262,7 @@ def _generate_clips(args: argparse.Namespace, pipe, width: int | None, height: i
         check_number("--fps", args.fps, low=0.0, low_open=True, high=1000)
     dc = pipe.config.data
     width, height = width or dc.width, height or dc.height
-    sampling = sampling_args(args)
+    sampling = sampling_args(args, pipe)
     frames = args.frames or dc.frames  # new frames when extending
     if args.extend:
         given, clip_fps, _ = load_video(args.extend, max_frames=MAX_EXTEND_FRAMES, size=(width, height))

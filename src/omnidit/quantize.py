@@ -116,3 +116,42 @@ def int8_linear(values: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module
         layer = DynamicInt8Linear(values.shape[1], values.shape[0], bias_=bias is not None, dtype=torch.qint8)
         layer.set_weight_bias(weight, None if bias is None else bias.detach().float())
     return layer
+
+
+# ---- the --speed presets --------------------------------------------------------------------------------------
+
+SPEEDS = ("default", "fast", "faster")
+
+
+def quantize_in_memory(model: nn.Module, scheme: str) -> nn.Module:
+    """``model`` (a float MMDiT, eval) made to compute as ``scheme`` in place, without writing a folder: w8a8 swaps
+    the blocks' per-token linears for int8 ones from its current weights, bf16 marks it for autocast."""
+    if scheme == "bf16":
+        model.autocast_dtype = torch.bfloat16
+        return model
+    if next(model.parameters()).device.type != "cpu":
+        raise OmniditError("w8a8 runs on CPUs (torch's x86 int8 kernels)", hint="use bf16 on a GPU")
+    for name, layer in _block_linears(model).items():
+        parent, _, child = name.rpartition(".")
+        values, scale = int8_per_row(layer.weight.detach())
+        setattr(model.get_submodule(parent), child, int8_linear(values, scale, layer.bias))
+    return model
+
+
+def apply_speed(pipe, speed: str | None) -> None:
+    """``--speed``: make ``pipe`` faster in place. ``fast``: int8 linears on a CPU (bf16 compute on a GPU) and
+    first-block step caching as the model's default, at its quality within the suite's noise; ``faster``: also
+    one candidate instead of best-of-N (which costs quality where the model's defaults draw several). The preset
+    changes the pipeline's ``sample`` defaults, so settings passed explicitly still win; docs/sampling.md."""
+    if speed in (None, "default"):
+        return
+    if speed not in SPEEDS:
+        raise OmniditError(f"unknown speed '{speed}'", hint=f"choose one of {', '.join(SPEEDS)}")
+    quantized = pipe.model_dir is not None and read_scheme(pipe.model_dir) is not None  # omnidit quantize
+    if not quantized and getattr(pipe.model, "autocast_dtype", None) is None:
+        quantize_in_memory(pipe.model, "w8a8" if pipe.device.type == "cpu" else "bf16")
+    sample = pipe.config.sample
+    if sample.cache == "none":
+        sample.cache = "first_block"
+    if speed == "faster":
+        sample.candidates = 1

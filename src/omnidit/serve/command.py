@@ -28,6 +28,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--lora", action="append", default=None, metavar="[NAME=]FILE[:WEIGHT]",
                    help="apply a LoRA adapter file to the served model NAME (default: the first) at WEIGHT "
                         "(default 1); repeatable (docs/lora.md)")
+    p.add_argument("--speed", default=None, choices=["default", "fast", "faster"],
+                   help="serve every model at a --speed preset (docs/sampling.md): fast = int8 linears on a CPU "
+                        "(bf16 on a GPU) and step caching; faster = also one candidate")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
                                                        "(default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -122,6 +125,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     pipelines = {name: load_pipeline(path, device=args.device) for name, path in models.items()}
     apply_serve_loras(pipelines, args.lora)
+    from omnidit.quantize import apply_speed
+
+    for pipe in pipelines.values():
+        apply_speed(pipe, args.speed)
     limits = Limits(max_n=args.max_n, max_pixels=width * height, max_steps=args.max_steps,
                     max_prompt_chars=args.max_prompt_chars, max_frames=args.max_frames, timeout=args.timeout,
                     url_ttl=args.url_ttl)
