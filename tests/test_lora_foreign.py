@@ -130,3 +130,35 @@ def test_a_diffusers_sd3_lora_loads_with_parity(tmp_path, variant):
     model = sd3_tests.loaded_omnidit(fresh)
     load_lora(model, tmp_path / "sd3.safetensors")
     assert_close(sd3_tests.run_omnidit(model, inputs), sd3_tests.run_sd3(sd3, inputs), rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_omnidit_saves_flux_adapters_that_diffusers_loads_and_that_come_back_exactly(tmp_path, layout):
+    """An adapter trained on the omnidit model of a Flux transformer, saved in diffusers' (or the original) names:
+    diffusers' own load_lora_adapter runs it with the same outputs, and loading the file back into omnidit gives
+    the very same tensors."""
+    from omnidit.lora import add_lora, save_lora
+
+    flux = tiny_flux(guidance=False)
+    base = {k: v.clone() for k, v in flux.state_dict().items()}
+    model = loaded_omnidit(flux)
+    add_lora(model, rank=2, alpha=2.0)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    path = save_lora(model, tmp_path / "out.safetensors", layout=layout)
+    inputs = flux_inputs(False, 4, 6)
+    ours = run_omnidit(model, inputs)
+    if layout == "diffusers":
+        from safetensors.torch import load_file
+
+        theirs = tiny_flux(guidance=False)
+        theirs.load_state_dict(base)
+        theirs.load_lora_adapter(load_file(str(path)), prefix="transformer")
+        assert_close(run_flux(theirs, inputs), ours, rtol=1e-5)
+    fresh = omnidit_from(base)
+    load_lora(fresh, path, name="back")
+    saved, back = lora_state_dict(model), lora_state_dict(fresh, "back")
+    assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)

@@ -113,9 +113,19 @@ def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
 
 
 def lora_state_dict(model: nn.Module, name: str = "default", layout: str = "peft") -> dict[str, Tensor]:
-    """Adapter ``name``'s weights in ``layout`` (module docstring), on the CPU."""
-    if layout not in LAYOUTS:
-        raise OmniditError(f"unknown LoRA layout '{layout}'", hint=f"choose one of {', '.join(LAYOUTS)}")
+    """Adapter ``name``'s weights in ``layout`` (module docstring; "diffusers" and "original": the names of the Flux
+    or SD3 transformer the model was converted from, convert.lora_keys.to_foreign), on the CPU."""
+    if layout not in (*LAYOUTS, "diffusers", "original"):
+        raise OmniditError(f"unknown LoRA layout '{layout}'",
+                           hint=f"choose one of {', '.join(LAYOUTS)}, diffusers, original")
+    if layout in ("diffusers", "original"):
+        from omnidit.convert.lora_keys import to_foreign
+
+        layer = next((m for m in lora_layers(model).values() if name in m.lora_A), None)
+        if layer is None:
+            raise OmniditError(f"the model has no LoRA adapter named '{name}'")
+        scale = layer.lora_alpha[name] / layer.r[name]
+        return to_foreign(lora_state_dict(model, name, "peft"), scale, model.config, layout)
     out = {}
     for path, layer in lora_layers(model).items():
         if name not in layer.lora_A:
@@ -139,8 +149,9 @@ def save_lora(model: nn.Module, path: str | Path, name: str = "default", layout:
 
     tensors = lora_state_dict(model, name, layout)
     layer = next(m for m in lora_layers(model).values() if name in m.lora_A)
+    folded = layout in ("diffusers", "original")  # the scale is in B: alpha = r for every loader
     meta = {"format": "pt", "lora_layout": layout, "lora_rank": str(layer.r[name]),
-            "lora_alpha": str(layer.lora_alpha[name])}
+            "lora_alpha": str(layer.r[name] if folded else layer.lora_alpha[name])}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)

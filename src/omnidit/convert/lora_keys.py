@@ -107,6 +107,11 @@ def _fuse(rule: Rule, parts: list[str], entries: dict[str, dict], default_alpha:
     sizes = list(rule.sizes) or [present[0][1].shape[0]]
     if len(sizes) != len(parts):
         raise OmniditError(f"cannot place the LoRA of {', '.join(parts)} in {rule.omnidit}")
+    if len(present) == len(parts) and all(torch.equal(p[0], present[0][0]) for p in present):
+        # One A shared by every part (as save_foreign writes a fused adapter): B stacks, the rank stays.
+        b = torch.cat([p[1] for p in present])
+        module = rule.omnidit.removesuffix(".weight")
+        return {f"{module}.lora_A.weight": present[0][0], f"{module}.lora_B.weight": swap_halves(b) if rule.swap else b}
     a = torch.cat([p[0] for p in present])
     b = torch.zeros(sum(sizes), a.shape[0])
     row, col = 0, 0
@@ -122,3 +127,38 @@ def _fuse(rule: Rule, parts: list[str], entries: dict[str, dict], default_alpha:
         b = swap_halves(b)
     module = rule.omnidit.removesuffix(".weight")
     return {f"{module}.lora_A.weight": a, f"{module}.lora_B.weight": b}
+
+
+FOREIGN_LAYOUTS = {"diffusers": ("diffusers Flux", "diffusers SD3"), "original": ("original Flux", "original SD3")}
+_SAVE_PREFIX = {"diffusers": "transformer.", "original": "diffusion_model."}
+
+
+def to_foreign(tensors: dict[str, Tensor], scale: float, config, layout: str) -> dict[str, Tensor]:
+    """An omnidit adapter (PEFT-layout ``tensors`` of omnidit module names, scale alpha / r) in the names of the
+    Flux or SD3 transformer that ``config`` has the shape of: ``layout`` "diffusers" or "original". A fused
+    module's adapter becomes one per part, each with the same A and its rows of B (the scale folded in, so the
+    file needs alpha = r, which every loader assumes by default); loading it back gives the same tensors."""
+    for name, make_rules in _rule_sets(config):
+        if name not in FOREIGN_LAYOUTS[layout]:
+            continue
+        try:
+            rules = {r.omnidit.removesuffix(".weight"): r for r in make_rules() if r.omnidit.endswith(".weight")}
+        except OmniditError:
+            continue
+        out = {}
+        for key in tensors:
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key.removesuffix(".lora_A.weight")
+            rule = rules.get(module)
+            if rule is None:
+                raise OmniditError(f"the {name} transformer has no module for omnidit's {module}",
+                                   hint="save this adapter in the peft or kohya layout")
+            a, b = tensors[key], tensors[f"{module}.lora_B.weight"] * scale
+            b = swap_halves(b) if rule.swap else b
+            for part, rows in zip(rule.parts, b.split(list(rule.sizes) or [b.shape[0]])):
+                foreign = _SAVE_PREFIX[layout] + part.removesuffix(".weight")
+                out[f"{foreign}.lora_A.weight"], out[f"{foreign}.lora_B.weight"] = a.clone(), rows.clone()
+        return out
+    raise OmniditError(f"this model has neither the Flux nor the SD3 shape, so it has no {layout} names",
+                       hint="save its adapters in the peft or kohya layout")
