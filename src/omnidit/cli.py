@@ -262,13 +262,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         report = evaluate_folder(target, args.suite or "shapes", progress=not args.no_progress,
                                  frechet=not args.no_fd)
     else:
+        from omnidit.lora import apply_lora_specs
         from omnidit.pipeline import load_pipeline
 
         pipe = load_pipeline(target, device=args.device, use_ema=not args.no_ema)
-        if args.lora:
-            from omnidit.lora import apply_lora_specs
-
-            apply_lora_specs(pipe.model, args.lora)
+        apply_lora_specs(pipe.model, args.lora)
         name = pipe.config.data.name
         suite = args.suite or {"bounce": "av", "tones": "audio"}.get(name, "video" if pipe.config.data.frames > 1
                                                                       else name)

@@ -83,7 +83,8 @@ def add_edit_parser(sub) -> None:
 def cmd_edit(args: argparse.Namespace) -> None:
     from omnidit.editing import DEFAULT_INJECT_UNTIL, edit
     from omnidit.generate_command import _scaled, model_or_shipped
-    from omnidit.images import save_png, to_pil
+    from omnidit.images import read_rgb_tensor, save_png, to_pil
+    from omnidit.lora import apply_lora_specs
     from omnidit.pipeline import load_pipeline
     from omnidit.validate import check_number, check_output_path
 
@@ -101,12 +102,9 @@ def cmd_edit(args: argparse.Namespace) -> None:
     check_output_path("-o", args.output)
     if not args.output.lower().endswith(".png"):
         raise OmniditError(f"output file must end in .png, got {args.output}")
-    image = _read_rgb(args.image)
+    image = read_rgb_tensor(args.image)
     pipe = load_pipeline(model_or_shipped(args.model), device=args.device, use_ema=not args.no_ema)
-    if args.lora:
-        from omnidit.lora import apply_lora_specs
-
-        apply_lora_specs(pipe.model, args.lora)
+    apply_lora_specs(pipe.model, args.lora)
     s = pipe.config.sample
     steps, cfg = args.steps or s.steps, s.cfg if args.cfg is None else args.cfg
     result = edit(pipe, image, args.source, args.target, steps, cfg, args.invert_cfg, args.inject_blocks, until,
@@ -121,9 +119,9 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
 def read_mask(spec: str, width: int, height: int):
     """--mask as (H, W) bool (True = generate): 'none', 'box:X0,Y0,X1,Y1' in fractions, or an image file."""
-    import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
+
+    from omnidit.images import read_image_file
 
     if spec == "none":
         return torch.zeros(height, width, dtype=torch.bool)
@@ -139,31 +137,11 @@ def read_mask(spec: str, width: int, height: int):
         mask = torch.zeros(height, width, dtype=torch.bool)
         mask[round(y0 * height):round(y1 * height), round(x0 * width):round(x1 * width)] = True
         return mask
-    try:
-        with Image.open(spec) as im:
-            grey = np.asarray(im.convert("L"))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise OmniditError(f"cannot read the mask {spec}: {type(e).__name__}",
-                           hint="pass a PNG mask (white = generate), box:X0,Y0,X1,Y1 or none") from None
+    grey = read_image_file(spec, "L", "the mask", hint="pass a PNG mask (white = generate), box:X0,Y0,X1,Y1 or none")
     if grey.shape != (height, width):
         raise OmniditError(f"the mask {spec} is {grey.shape[1]}x{grey.shape[0]} but the image is {width}x{height}",
                            hint="give a mask of the image's size")
     return torch.from_numpy(grey > 127)
-
-
-def _read_rgb(path: str):
-    """An image file as (3, H, W) in [-1, 1]."""
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise OmniditError(f"cannot read the image {path}: {type(e).__name__}",
-                           hint="pass a PNG or JPEG file that exists") from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
@@ -175,8 +153,9 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
         resolve_seed,
         sampling_args,
     )
-    from omnidit.images import make_grid, save_png, to_pil
-    from omnidit.inpaint import pad_for_outpainting
+    from omnidit.images import make_grid, read_rgb_tensor, save_png, to_pil
+    from omnidit.inpaint import pad_for_outpainting, resolve_mode
+    from omnidit.lora import apply_lora_specs
     from omnidit.pipeline import load_pipeline
     from omnidit.validate import check_number, check_output_path
 
@@ -194,7 +173,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     if args.mask == "none" and not any(args.outpaint or ()):
         raise OmniditError("the mask is 'none' and nothing is outpainted, so there is nothing to generate",
                            hint="give a mask, a box:X0,Y0,X1,Y1, or --outpaint LEFT TOP RIGHT BOTTOM")
-    image = _read_rgb(args.image)
+    image = read_rgb_tensor(args.image)
     mask = read_mask(args.mask, image.shape[2], image.shape[1])
     if args.outpaint:
         canvas, mask = pad_for_outpainting(image[None], mask, args.outpaint)
@@ -204,16 +183,11 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     if pipe.config.data.frames > 1 or pipe.model.config.extra_streams:
         raise OmniditError("inpaint works on image models; this one makes clips",
                            hint="use an image model, e.g. the shipped shapes model")
-    if args.lora:
-        from omnidit.lora import apply_lora_specs
-
-        apply_lora_specs(pipe.model, args.lora)
+    apply_lora_specs(pipe.model, args.lora)
     sampling = sampling_args(args, pipe)
     n = args.num_images
     results = pipe.inpaint([args.prompt] * n, image, mask, mode=args.mode, progress=not args.no_progress,
                            seed=[args.seed + i for i in range(n)], **sampling)
-    from omnidit.inpaint import resolve_mode
-
     settings = {"prompt": args.prompt, "seed": args.seed, "inpaint": str(Path(args.image).resolve()),
                 "mask": args.mask, "mode": resolve_mode(args.mode, pipe.config),
                 **({"outpaint": args.outpaint} if args.outpaint else {}),

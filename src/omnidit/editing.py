@@ -38,7 +38,7 @@ class ValueBank:
             raise OmniditError(f"value injection can only use the model's single-stream blocks 0 to {depth - 1}, "
                                f"got {list(blocks)}", hint=f"e.g. --inject-blocks {' '.join(map(str, range(depth)))}")
         self.model, self.blocks, self.n_tokens, self.batch = model, list(blocks), n_tokens, batch
-        self.saved: dict[tuple[int, float], Tensor] = {}
+        self.saved: dict[int, dict[float, Tensor]] = {b: {} for b in self.blocks}  # block -> time -> values
         self.mode, self.t, self.inject_until = "off", 0.0, 1.0
 
     def _hook(self, index: int):
@@ -47,7 +47,7 @@ class ValueBank:
         def hook(module, args, out: Tensor):
             values = out[:, :self.n_tokens, 2 * dim:3 * dim]  # linear1 -> (q, k, v, mlp) per token; image first
             if self.mode == "record":  # the conditional rows (the first B of a guided batch)
-                self.saved[(index, round(self.t, 6))] = values[:self.batch].detach().clone()
+                self.saved[index][round(self.t, 6)] = values[:self.batch].detach().clone()
             elif self.mode == "inject" and self.inject_until < 1.0 and self.t >= self.inject_until:
                 stored = self._nearest(index)
                 out = out.clone()
@@ -58,8 +58,8 @@ class ValueBank:
 
     def _nearest(self, index: int) -> Tensor:
         """The values recorded at the time nearest the current one (the grids share every time but t = 1)."""
-        times = [t for (b, t) in self.saved if b == index]
-        return self.saved[(index, min(times, key=lambda t: abs(t - self.t)))]
+        saved = self.saved[index]
+        return saved[min(saved, key=lambda t: abs(t - self.t))]
 
     @contextmanager
     def hooked(self):

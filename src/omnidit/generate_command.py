@@ -98,6 +98,7 @@ def model_or_shipped(path: str | None) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from omnidit.images import make_grid, save_png, to_pil
+    from omnidit.lora import apply_lora_specs
     from omnidit.pipeline import load_pipeline
 
     if not args.prompt.strip():
@@ -120,10 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                "to a diffusers pipeline folder", hint="drop them")
         return _generate_diffusers_pipeline(args, width, height)
     pipe = load_pipeline(args.model, device=args.device, use_ema=not args.no_ema)
-    if args.lora:
-        from omnidit.lora import apply_lora_specs
-
-        apply_lora_specs(pipe.model, args.lora)
+    apply_lora_specs(pipe.model, args.lora)
     if "audio" in pipe.model.config.extra_streams:
         from omnidit.generate_av_command import cmd_generate_av
 
@@ -318,20 +316,13 @@ def tile_clips(clips):
 
 def _read_image(path: str, width: int, height: int):
     """An image file as (3, H, W) in [-1, 1], which must have the clip's size."""
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
+    from omnidit.images import read_rgb_tensor
 
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise OmniditError(f"cannot read the image {path}: {type(e).__name__}",
-                           hint="pass a PNG or JPEG file that exists") from None
-    if rgb.shape[:2] != (height, width):
-        raise OmniditError(f"the image {path} is {rgb.shape[1]}x{rgb.shape[0]} but the clip is {width}x{height}",
-                           hint=f"pass --size {rgb.shape[1]}x{rgb.shape[0]}, or an image of {width}x{height}")
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1
+    image = read_rgb_tensor(path)
+    if tuple(image.shape[1:]) != (height, width):
+        raise OmniditError(f"the image {path} is {image.shape[2]}x{image.shape[1]} but the clip is {width}x{height}",
+                           hint=f"pass --size {image.shape[2]}x{image.shape[1]}, or an image of {width}x{height}")
+    return image
 
 
 def extend_clip(pipe, prompts: list[str], clip, new_frames: int, fps: float, seed: int | list[int] = 0,

@@ -119,3 +119,21 @@ def image_bytes(image: Image.Image, image_format: str = "png", metadata: dict[st
     else:
         raise OmniditError(f"unknown image format '{image_format}'", hint="choose png, jpeg or webp")
     return buffer.getvalue()
+
+
+def read_image_file(path: str | Path, mode: str = "RGB", what: str = "the image",
+                    hint: str = "pass a PNG or JPEG file that exists"):
+    """An image file as a uint8 array ((H, W, 3) for RGB, (H, W) for L), or a one-line error naming ``what``."""
+    import numpy as np
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert(mode)).copy()
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise OmniditError(f"cannot read {what} {path}: {type(e).__name__}", hint=hint) from None
+
+
+def read_rgb_tensor(path: str | Path) -> Tensor:
+    """An image file as (3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(read_image_file(path)).permute(2, 0, 1).float() / 127.5 - 1

@@ -99,9 +99,15 @@ def load_quantized(directory: Path, config, scheme: str, device: torch.device) -
     for name in linears:  # placeholders for the strict load; replaced below
         state[f"{name}.weight"] = torch.zeros_like(linears[name].weight)
     load_state_into(model, state, file)
-    for name, layer in linears.items():
+    return _to_int8(model, {name: (ints[name], scales[name]) for name in linears})
+
+
+def _to_int8(model: nn.Module, rows: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
+    """Swap each named linear of ``model`` for torch's int8 one holding its (int8 values, scales) and its bias."""
+    for name, (values, scale) in rows.items():
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, int8_linear(ints[name], scales[name], layer.bias))
+        bias = model.get_submodule(name).bias
+        setattr(model.get_submodule(parent), child, int8_linear(values, scale, bias))
     return model
 
 
@@ -131,11 +137,7 @@ def quantize_in_memory(model: nn.Module, scheme: str) -> nn.Module:
         return model
     if next(model.parameters()).device.type != "cpu":
         raise OmniditError("w8a8 runs on CPUs (torch's x86 int8 kernels)", hint="use bf16 on a GPU")
-    for name, layer in _block_linears(model).items():
-        parent, _, child = name.rpartition(".")
-        values, scale = int8_per_row(layer.weight.detach())
-        setattr(model.get_submodule(parent), child, int8_linear(values, scale, layer.bias))
-    return model
+    return _to_int8(model, {name: int8_per_row(layer.weight.detach()) for name, layer in _block_linears(model).items()})
 
 
 def apply_speed(pipe, speed: str | None) -> None:
