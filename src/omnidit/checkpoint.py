@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from omnidit import __version__
 from omnidit.config import Config, config_from_dict, read_json
 from omnidit.errors import OmniditError
-from omnidit.model.mmdit import MMDiT, MMDiTConfig
+from omnidit.model.layers import MLPEmbedder
+from omnidit.model.mmdit import TIME_EMBED_DIM, MMDiT, MMDiTConfig
 
 FORMAT = "omnidit-checkpoint/1"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -274,6 +275,11 @@ def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, T
     # The rotary time scale shapes no weight: an image model (every token at time 0) fine-tunes into a video
     # model of the same token size.
     grow += ("rope_time_scale",)
+    # A distillation student learns to take the guidance scale as an input (omnidit.distill_train): its guidance
+    # embedding starts with a zero output, so that it begins as the teacher's conditional model.
+    new_guidance = config.model.guidance_embed and not source.model.guidance_embed
+    if new_guidance:
+        grow += ("guidance_embed",)
     # A model may gain streams (a video model learning sound): the new streams' weights start fresh.
     new_streams = [n for n in config.model.extra_streams if n not in source.model.extra_streams]
     if all(config.model.extra_streams.get(n) == d for n, d in source.model.extra_streams.items()):
@@ -299,6 +305,14 @@ def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, T
         state = {**{k: v for k, v in fresh.items() if _stream_key(k, new_streams)}, **state}
         if deeper:
             state = deepen_state(state, source.model, config.model, fresh)
+    if new_guidance:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.train.seed)
+            embed = MLPEmbedder(TIME_EMBED_DIM, config.model.hidden_size)
+        nn.init.normal_(embed.in_layer.weight, std=0.02)
+        nn.init.zeros_(embed.out_layer.weight)
+        nn.init.zeros_(embed.out_layer.bias)
+        state.update({f"guidance_in.{k}": v.detach() for k, v in embed.state_dict().items()})
     return directory, state
 
 

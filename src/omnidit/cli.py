@@ -1,5 +1,5 @@
 """The ``omnidit`` command line: train | precompute | generate | inpaint | demo | eval | eval-prompts | convert |
-serve | info | calibrate | edit | quantize.
+serve | info | calibrate | edit | quantize | distill.
 
 User mistakes (missing files, bad sizes, unknown config keys, corrupt checkpoints) print one line
 ``omnidit: error: ... (hint: ...)`` and exit with code 2; there is no traceback for them.
@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from omnidit.calibrate_command import add_calibrate_parser, cmd_calibrate
+from omnidit.distill_command import add_distill_parser, cmd_distill
 from omnidit.edit_command import add_edit_parser, add_inpaint_parser, cmd_edit, cmd_inpaint
 from omnidit.errors import OmniditError
 from omnidit.generate_command import (
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_calibrate_parser(sub)
+    add_distill_parser(sub)
     p = sub.add_parser("quantize", help="write a quantized copy of a model (w8a8 int8 or bf16) that loads directly",
                        description="Write MODEL as a quantized model folder at OUT (safetensors and JSON): w8a8 runs "
                                    "the transformer blocks' linear layers as dynamic int8 on x86 CPUs; bf16 stores "
@@ -430,7 +432,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 COMMANDS = {"train": cmd_train, "precompute": cmd_precompute, "generate": cmd_generate, "demo": cmd_demo,
             "eval": cmd_eval, "eval-prompts": cmd_eval_prompts, "convert": cmd_convert, "info": cmd_info,
             "serve": cmd_serve, "calibrate": cmd_calibrate, "inpaint": cmd_inpaint,
-            "edit": cmd_edit, "quantize": cmd_quantize}
+            "edit": cmd_edit, "quantize": cmd_quantize, "distill": cmd_distill}
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -443,7 +445,13 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _print_warning
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # Overrides after an option (omnidit distill T OUT --method m train.steps=9) land here: take them as such.
+        if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         COMMANDS[args.command](args)
     except OmniditError as e:
         print(f"omnidit: error: {e}", file=sys.stderr)

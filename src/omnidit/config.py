@@ -230,6 +230,44 @@ class SampleConfig:
                 raise OmniditError(f"config key 'sample.{key}': {e.message}", hint=e.hint) from None
 
 
+DISTILL_METHODS = ("guidance", "progressive", "dmd")
+
+
+@dataclass
+class DistillConfig:
+    """omnidit distill (omnidit.distill_train): the student trains as the train section says, from the teacher's
+    weights, toward the teacher (omnidit.distill holds each method's loss). method "" = an ordinary training run."""
+
+    method: str = ""  # "" (not a distillation) | guidance | progressive | dmd
+    teacher: str = ""  # the teacher's model folder, run folder or shipped name
+    # Guidance scales drawn per sample, uniform in [LO, HI]; the student takes the scale as an input
+    # (model.guidance_embed). [] = [1, 1.5 x the teacher's cfg] for guidance, [cfg, cfg] for the few-step methods.
+    guidance: list[float] = field(default_factory=list)
+    student_steps: int = 4  # the steps the student samples with (progressive, dmd); guidance keeps the teacher's
+    teacher_steps: int = 32  # progressive: the first teacher's steps; each stage halves them down to student_steps
+    fake_lr_ratio: float = 1.0  # dmd: the fake-score model's learning rate / train.lr
+    generator_every: int = 5  # dmd: the student steps every N-th step, the fake denoiser every step (DMD2's TTUR)
+    dmd_t_range: list[float] = field(default_factory=lambda: [0.02, 0.98])  # dmd: where scores are compared
+
+    def __post_init__(self) -> None:
+        if self.method not in ("", *DISTILL_METHODS):
+            raise OmniditError(f"unknown distillation method '{self.method}'",
+                               hint=f"choose one of {', '.join(DISTILL_METHODS)}")
+        _check_ranges("distill", self, positive=("student_steps", "teacher_steps", "fake_lr_ratio", "generator_every"))
+        if self.guidance and (len(self.guidance) != 2 or not 0 <= self.guidance[0] <= self.guidance[1]):
+            raise OmniditError(f"distill.guidance must be [LO, HI] with 0 <= LO <= HI, got {self.guidance}",
+                               hint="e.g. distill.guidance=[1,6], or [4,4] for one scale")
+        if len(self.dmd_t_range) != 2 or not 0 < self.dmd_t_range[0] < self.dmd_t_range[1] < 1:
+            raise OmniditError(f"distill.dmd_t_range must be [LO, HI] with 0 < LO < HI < 1, got {self.dmd_t_range}",
+                               hint="e.g. distill.dmd_t_range=[0.02,0.98]")
+        if self.method == "progressive":
+            ratio = self.teacher_steps / self.student_steps
+            if ratio < 2 or ratio != 2 ** round(math.log2(ratio)):
+                raise OmniditError(f"progressive distillation halves the steps: distill.teacher_steps "
+                                   f"({self.teacher_steps}) must be student_steps ({self.student_steps}) times a power "
+                                   "of two >= 2", hint="e.g. distill.teacher_steps=32 distill.student_steps=4")
+
+
 @dataclass
 class Config:
     model: MMDiTConfig = field(default_factory=MMDiTConfig)
@@ -237,6 +275,7 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:  # the sample section's skip blocks must exist in the model section
         try:

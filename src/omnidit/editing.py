@@ -73,14 +73,14 @@ class ValueBank:
 
 def _velocity(pipe, prompts: list[str], cfg: float, ids: Tensor, bank: ValueBank | None):
     """The (guided when cfg != 1) velocity under ``prompts`` that tells the value bank the current time."""
-    cond, null = pipe.conditions(prompts)
+    cond, null = pipe.conditions(prompts, guidance=cfg)
 
     def model_fn(x: Tensor, t: Tensor, c) -> Tensor:
         if bank is not None:
             bank.t = float(t)
         return pipe.model(x, ids, t, c)
 
-    if cfg == 1.0:
+    if cfg == 1.0 or pipe.model.config.guidance_embed:  # a model that takes the scale as an input: one pass
         cond = cond.without_full_mask()
         return lambda x, t: model_fn(x, t, cond)
     return classifier_free_guidance(model_fn, cond, null, cfg)

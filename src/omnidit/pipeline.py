@@ -80,9 +80,10 @@ def labels_from_prompts(prompts: list[str], num_classes: int) -> Tensor:
     return torch.tensor(labels, dtype=torch.long)
 
 
-def guided(settings: dict) -> bool:
-    """Whether sampling with ``settings`` runs a second (unconditional or skip-layer) row per sample."""
-    return settings["cfg"] != 1.0 or bool(settings["skip_scale"])
+def guided(settings: dict, guidance_input: bool = False) -> bool:
+    """Whether sampling with ``settings`` runs a second (unconditional or skip-layer) row per sample. A model that
+    takes the guidance scale as an input (``guidance_input``: a distilled student, Flux dev) needs none for cfg."""
+    return settings["cfg"] != 1.0 and not guidance_input or bool(settings["skip_scale"])
 
 
 def warn_unknown_words(prompts: Sequence[str], vocabulary: Collection[str] | None) -> None:
@@ -112,9 +113,11 @@ class Pipeline:
         """Channels of the images the pipeline returns."""
         return self.config.model.in_channels if self.codec is None or self.codec.downsample == 1 else 3
 
-    def conditions(self, prompts: list[str], negative_prompt: str = "") -> tuple[Condition, Condition]:
+    def conditions(self, prompts: list[str], negative_prompt: str = "", guidance: float | None = None
+                   ) -> tuple[Condition, Condition]:
         """(cond, null_cond) for a batch of prompts; null_cond has batch 1: the empty prompt, or
-        ``negative_prompt`` (what guidance steers away from)."""
+        ``negative_prompt`` (what guidance steers away from). A model that takes the guidance scale as an input
+        gets ``guidance`` (default the config's cfg) in both."""
         for p in prompts:
             if not isinstance(p, str) or (self.text_encoder is not None and not p.strip()):
                 raise OmniditError("the prompt is empty", hint='pass a description, e.g. "a red circle"')
@@ -131,6 +134,10 @@ class Pipeline:
             null.labels = torch.tensor([self.model.null_label])
         if mc.pooled_dim and cond.pooled is None or mc.context_dim and cond.txt is None:
             raise OmniditError("this model reads text but the pipeline has no text encoder")
+        if mc.guidance_embed:
+            scale = float(self.config.sample.cfg if guidance is None else guidance)
+            cond.guidance = torch.full((len(prompts),), scale)
+            null.guidance = torch.full((1,), scale)
         return cond.to(self.device), null.to(self.device)
 
     def sampling_settings(self, steps: int | None = None, cfg: float | None = None, sampler: str | None = None,
@@ -327,7 +334,7 @@ class Pipeline:
                                    hint="use --candidates 1 for image-to-video, extension and inpainting")
             mask, tokens = self._given_tokens(given, given_frames, len(prompts), frames, height, width, token_mask)
         time_mask = None if given_noised else mask  # noised given tokens share the sampler's t
-        cond, null = self.conditions(prompts, negative_prompt)
+        cond, null = self.conditions(prompts, negative_prompt, guidance=cfg)
         if n > 1:
             cond = Condition.cat([cond] * n)  # candidate-major: rows j * B .. j * B + B - 1 are candidate j
         grid_h, grid_w = height // mc.patch_size, width // mc.patch_size
@@ -339,10 +346,11 @@ class Pipeline:
         def skip_fn(x: Tensor, t: Tensor, c: Condition) -> Tensor:  # skip-layer guidance's weaker model
             return self.model(x, ids, token_times(t, time_mask), c, skip_single=settings["skip_blocks"])
 
-        if not guided(settings):
+        if not guided(settings, mc.guidance_embed):
             cond = cond.without_full_mask()  # one check here, none per step
             velocity = lambda x, t: model_fn(x, t, cond)  # noqa: E731
         else:
+            cfg = 1.0 if mc.guidance_embed else cfg  # the scale is the model's input: no unconditional row
             velocity = classifier_free_guidance(model_fn, cond, null, cfg, settings["cfg_interval"], skip_fn,
                                                 settings["skip_scale"], settings["skip_interval"])
         shape = (mc.in_channels, frames, height, width)
@@ -372,7 +380,7 @@ class Pipeline:
         factor = self.codec.downsample if self.codec is not None else 1
         tokens = -(-frames // mc.temporal_patch) * (height // factor // mc.patch_size) * (width // factor //
                                                                                              mc.patch_size)
-        rows = settings["candidates"] * (2 if guided(settings) else 1)
+        rows = settings["candidates"] * (2 if guided(settings, mc.guidance_embed) else 1)
         dtype_bytes = next(self.model.parameters()).element_size()
         return rows * sampling_bytes_per_sample(mc, tokens, self.config.text.max_length, dtype_bytes)
 

@@ -268,18 +268,7 @@ class Trainer:
                 g = self.counterfactual_generator
                 t_cf = tc.counterfactual_t_min + (1 - tc.counterfactual_t_min) * torch.rand(batch, generator=g)
                 noise_cf = torch.randn(noise.shape, generator=g)
-            if self.cache is not None:
-                latents, _, labels, cond = self.cache.batch(idx[mine])
-                if mc.num_classes:
-                    cond.labels = labels
-                cond = cond.to(self.device)
-            else:
-                images, captions, labels = batch_from_indices(self.dataset, idx[mine])
-                latents = self.codec.encode(images.to(self.device))  # (b, c, h, w); identity for pixels
-                cond = self.condition(captions, labels)
-            if latents.dim() == 4:  # images: clips of one frame
-                latents = latents[:, :, None]
-            x0 = video_patchify(latents.to(self.device), mc.patch_size, mc.temporal_patch)  # (b, N, c*pt*p*p)
+            x0, cond, labels = self.image_batch(idx[mine])
             pairs = self._counterfactual_pairs(idx[mine], x0, cond, labels, t_cf[mine], noise_cf[mine]) \
                 if counterfactual else None  # before the caption dropout: the pairs compare two real captions
             t, noise = t[mine].to(self.device), noise[mine].to(self.device)
@@ -334,6 +323,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss_value, norm_value
+
+    def image_batch(self, indices: list[int]) -> tuple[Tensor, Condition, Tensor]:
+        """The tokens (b, N, c*pt*p*p), condition and labels of these items of the image or clip data set (or of
+        its precomputed cache)."""
+        mc = self.config.model
+        if self.cache is not None:
+            latents, _, labels, cond = self.cache.batch(indices)
+            if mc.num_classes:
+                cond.labels = labels
+            cond = cond.to(self.device)
+        else:
+            images, captions, labels = batch_from_indices(self.dataset, indices)
+            latents = self.codec.encode(images.to(self.device))  # (b, c, h, w); identity for pixels
+            cond = self.condition(captions, labels)
+        if latents.dim() == 4:  # images: clips of one frame
+            latents = latents[:, :, None]
+        return video_patchify(latents.to(self.device), mc.patch_size, mc.temporal_patch), cond, labels
 
     def source_at(self, step: int) -> tuple:
         """(data set, how many batches it gave before) for ``step``: every data.mix_every-th batch comes from the
@@ -418,6 +424,9 @@ class Trainer:
             tensors["rng/torch"] = torch.get_rng_state()
             if torch.cuda.is_available():
                 tensors["rng/cuda"] = torch.cuda.get_rng_state()
+            extra_tensors, extra_meta = self.extra_state()
+            tensors.update(extra_tensors)
+            meta.update(extra_meta)
             meta.update(step=self.step, world_size=self.world.world_size)
             if self.init_source:
                 meta["init_from"] = self.init_source
@@ -428,6 +437,13 @@ class Trainer:
         D.barrier(self.world)
         self.last_checkpoint = path
         return path
+
+    def extra_state(self) -> tuple[dict[str, Tensor], dict]:
+        """More (tensors, JSON metadata) for the checkpoint's training state (a distillation's extra models)."""
+        return {}, {}
+
+    def load_extra_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Restore what ``extra_state`` saved."""
 
     def resume(self) -> Path | None:
         """Load the latest checkpoint of ``out_dir`` if there is one (every rank reads it); returns it."""
@@ -453,6 +469,7 @@ class Trainer:
         if "rng/cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng/cuda"])
         self.step = int(meta["step"])
+        self.load_extra_state(tensors, meta)
         self.init_source = meta.get("init_from")
         self.last_checkpoint = latest
         return latest

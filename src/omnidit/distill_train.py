@@ -1,0 +1,326 @@
+"""``omnidit distill``: train a student toward a teacher, with the trainer's loop, checkpoints and exact resume.
+
+The student is an ordinary omnidit model: the teacher's architecture plus a guidance-scale input
+(``model.guidance_embed``, Flux dev's), initialised from the teacher's weights, with a ``sample`` section that says
+how it samples (its steps, its guidance scale as an input, no unconditional pass, one candidate). Each method's loss
+lives in omnidit.distill; this module draws the batches, runs the teacher and keeps the extra state:
+
+- ``guidance``: the teacher guided at a scale drawn per sample (its CFG and skip-layer guidance), on data noised to
+  the trainer's times; the student takes the scale as an input. Sampling steps stay the teacher's.
+- ``progressive``: stages of halving (distill.teacher_steps -> ... -> distill.student_steps); at each stage boundary
+  the student's EMA becomes the next stage's teacher (kept in the checkpoints for exact resume).
+- ``dmd``: distribution matching with a fake denoiser trained online on the student's samples (two time-scale
+  updates: the generator steps every distill.generator_every-th step), with backward simulation for N steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from omnidit import distributed as D
+from omnidit.condition import Condition
+from omnidit.config import Config, apply_overrides, config_from_dict, parse_override
+from omnidit.distill import (
+    Velocity,
+    dmd_generator_loss,
+    fake_score_loss,
+    guidance_distillation_loss,
+    guided_velocity,
+    progressive_distillation_loss,
+)
+from omnidit.errors import OmniditError
+from omnidit.flow import interpolate, sample_timesteps
+from omnidit.model.mmdit import MMDiT
+from omnidit.optim import ema_decay_at, learning_rate, make_optimizer, update_ema
+from omnidit.sampling import timestep_schedule
+from omnidit.train import Trainer, batch_indices
+
+# The train section of a distillation when the command line says nothing else: short, from the teacher's weights.
+DEFAULT_TRAIN = {"steps": {"guidance": 1500, "progressive": 3000, "dmd": 3000},
+                 "lr": {"guidance": 1e-4, "progressive": 1e-4, "dmd": 2e-5},
+                 "batch_size": 32, "warmup_steps": 50, "ema_decay": 0.995, "cond_dropout": 0.0, "log_every": 25,
+                 "checkpoint_every": 250, "keep_last": 2, "lr_schedule": "constant"}
+# Keys the student may not change: the weights only make sense with the teacher's.
+FIXED_MODEL_KEYS_HINT = "drop the model.* overrides: a student has the teacher's architecture"
+
+
+def student_config(teacher: str | Path, out_dir: str | Path, method: str, overrides: Sequence[str] = ()) -> Config:
+    """The config of a distillation run: the teacher's, with a guidance input, the distill section and a short
+    train section (``DEFAULT_TRAIN``), then ``overrides`` (dotted keys). Every contradiction with the teacher is
+    one clear error."""
+    from omnidit.checkpoint import read_config, resolve_model_dir
+
+    try:
+        directory = resolve_model_dir(teacher)
+        source = read_config(directory)
+    except OmniditError as e:
+        raise OmniditError(f"the teacher {teacher}: {e.message}",
+                           hint="pass a model folder (a run, a checkpoint-* or exported folder) or a shipped name, "
+                                "e.g. shapes") from None
+    if source.train.lora_rank:
+        raise OmniditError(f"the teacher {teacher} is a LoRA adapter, not a whole model",
+                           hint="merge it first (omnidit convert) or distil its base model")
+    d = source.to_dict()
+    d["model"]["guidance_embed"] = True
+    d["train"] = {key: (value[method] if isinstance(value, dict) else value) for key, value in DEFAULT_TRAIN.items()}
+    d["train"].update(out_dir=str(out_dir), init_from=str(teacher),  # the times the teacher was trained at
+                      **{k: getattr(source.train, k) for k in ("timesteps", "t_mean", "t_std", "t_shift")})
+    d["distill"] = {"method": method, "teacher": str(teacher)}
+    keys = [parse_override(o)[0] for o in overrides]
+    d = apply_overrides(d, list(overrides))
+    config = config_from_dict(d)
+    changed = [f"model.{k}: {v} in the teacher, {getattr(config.model, k)} here" for k, v in vars(source.model).items()
+               if k != "guidance_embed" and getattr(config.model, k) != v]
+    if not config.model.guidance_embed:
+        changed.append("model.guidance_embed: a student takes the guidance scale as an input, it must stay true")
+    changed += [f"{key}: {a} in the teacher, {b} here" for key, a, b in (
+        ("text.encoder", source.text.encoder, config.text.encoder),
+        ("text.max_length", source.text.max_length, config.text.max_length),
+        ("data.codec", source.data.codec, config.data.codec)) if a != b]
+    if changed:
+        raise OmniditError(f"the student's config contradicts the teacher's ({'; '.join(changed)})",
+                           hint=FIXED_MODEL_KEYS_HINT)
+    if config.train.lora_rank or config.train.parallel == "fsdp" or config.train.init_grow:
+        raise OmniditError("distillation trains every weight of the student, under DDP or in one process",
+                           hint="drop train.lora_rank, train.init_grow and train.parallel=fsdp")
+    if len(config.model.generated_streams) != 1:
+        raise OmniditError("distillation works on models of one generated stream (images or silent clips) for now",
+                           hint="distil an image or video model")
+    # How the student samples: its own steps, the scale as an input (no unconditional pass), one candidate.
+    s, dc = config.sample, config.distill
+    if "sample.steps" not in keys and method != "guidance":
+        s.steps = dc.student_steps
+    if method == "progressive" and s.steps != dc.student_steps:
+        raise OmniditError(f"sample.steps={s.steps} contradicts distill.student_steps={dc.student_steps}: a "
+                           "progressive student samples on the grid it was trained on",
+                           hint="drop sample.steps")
+    for key, value in (("skip_scale", 0.0), ("skip_blocks", []), ("candidates", 1), ("cache", "none"),
+                       ("cache_threshold", 0.0)):
+        if f"sample.{key}" not in keys:
+            setattr(s, key, value)
+    if "sample.cfg_interval" not in keys:
+        s.cfg_interval = [0.0, 1.0]
+    if not dc.guidance:
+        dc.guidance = [1.0, 1.5 * source.sample.cfg] if method == "guidance" else [source.sample.cfg] * 2
+    if "sample.cfg" not in keys:
+        s.cfg = source.sample.cfg if dc.guidance[0] <= source.sample.cfg <= dc.guidance[1] else dc.guidance[1]
+    return config
+
+
+class Distiller(Trainer):
+    """A Trainer whose step is a distillation method's (config.distill.method); everything else is the trainer's."""
+
+    def __init__(self, config: Config, progress: bool = True) -> None:
+        from omnidit.checkpoint import load_model
+
+        dc = config.distill
+        if not dc.method or not dc.teacher:
+            raise OmniditError("a distillation needs distill.method and distill.teacher",
+                               hint="run it with omnidit distill TEACHER OUT --method guidance")
+        super().__init__(config, progress)
+        if self.multi:
+            raise OmniditError("distillation works on image or silent-clip data for now", hint="distil an image model")
+        self.teacher, teacher_config = load_model(dc.teacher, device=self.device)
+        self.teacher_sample = teacher_config.sample
+        self.scales = tuple(float(g) for g in dc.guidance)
+        self.shift = config.sample.shift
+        self.stage_teacher: MMDiT | None = None  # progressive: the teacher of the current stage after the first
+        self.stage = 0
+        self.fake = self.fake_optimizer = None
+        if dc.method == "dmd":  # the fake denoiser starts as the teacher's weights (initialise_from)
+            torch.manual_seed(config.train.seed + 1)
+            fake = MMDiT(config.model).to(self.device)
+            self.fake = D.wrap_model(fake, self.world, config.train.parallel)
+            self.fake_optimizer = make_optimizer(self.fake, config.train.lr * dc.fake_lr_ratio,
+                                                 config.train.weight_decay, self.device)
+        self.generator_updated = True  # dmd: whether the last step updated the student (else the fake only)
+
+    # ---- the teacher and the student as velocities ---------------------------------------------
+    def teacher_velocity(self, model: MMDiT, cond: Condition, scale: Tensor) -> Velocity:
+        """The teacher's guided velocity at ``scale`` (B,): one pass for a model that takes the scale as an input,
+        else classifier-free guidance (+ skip-layer guidance) with the teacher's own sampling settings."""
+        ids = self.ids
+        if model.config.guidance_embed:
+            with_scale = replace(cond, guidance=scale)
+            return lambda x, t: model(x, ids, t, with_scale)
+        s = self.teacher_sample
+        plain = replace(cond, guidance=None)
+        both = Condition.cat([plain, self.null_cond.repeat(plain.batch_size)])
+        (lo, hi), (skip_lo, skip_hi) = s.cfg_interval, s.skip_interval
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            v_cond, v_uncond = model(torch.cat([x, x]), ids, torch.cat([t, t]), both).chunk(2)
+            w = torch.where((t >= lo) & (t <= hi), scale, torch.ones_like(scale))
+            v_skip = None
+            if s.skip_scale:
+                inside = ((t >= skip_lo) & (t <= skip_hi)).reshape(-1, 1, 1)
+                v_skip = torch.where(inside, model(x, ids, t, plain, skip_single=s.skip_blocks), v_cond)
+            return guided_velocity(v_cond, v_uncond, w, v_skip, s.skip_scale)
+
+        return velocity
+
+    def student_velocity(self, model: nn.Module, cond: Condition, scale: Tensor) -> Velocity:
+        with_scale = replace(cond, guidance=scale)
+        return lambda x, t: model(x, self.ids, t, with_scale)
+
+    # ---- progressive stages ----------------------------------------------------------------------
+    def stages(self) -> int:
+        dc = self.config.distill
+        return round(math.log2(dc.teacher_steps / dc.student_steps))
+
+    def stage_at(self, step: int) -> int:
+        per_stage = max(1, self.config.train.steps // self.stages())
+        return min(step // per_stage, self.stages() - 1)
+
+    def _advance_stage(self) -> None:
+        """At a stage boundary the student's EMA becomes the teacher (frozen)."""
+        stage = self.stage_at(self.step)
+        if stage > self.stage:
+            self.stage_teacher = copy.deepcopy(D.unwrap(self.ema)).requires_grad_(False).eval()
+            self.stage = stage
+
+    # ---- one step ------------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        tc, dc, world = self.config.train, self.config.distill, self.world
+        batch, local = tc.batch_size, tc.batch_size // world.world_size
+        mine = slice(world.rank * local, (world.rank + 1) * local)
+        source = self.cache if self.cache is not None else self.dataset
+        idx = batch_indices(self.step, batch, source.num_samples, self.config.data.seed)
+        # Every draw for the global batch from the one seeded generator, identically on every rank.
+        g = self.generator
+        lo, hi = self.scales
+        scale = (lo + (hi - lo) * torch.rand(batch, generator=g))[mine].to(self.device)
+        noise = torch.randn((batch, self.num_tokens, self.config.model.token_dim), generator=g)[mine].to(self.device)
+        x0, cond, _ = self.image_batch(idx[mine])
+        self.model.train()
+        student = self.student_velocity(self.model, cond, scale)
+        if dc.method == "guidance":
+            t = sample_timesteps(batch, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=g)[mine]
+            t = t.to(self.device)
+            loss = guidance_distillation_loss(student, self.teacher_velocity(self.teacher, cond, scale),
+                                              interpolate(x0, noise, t), t)
+            fake_loss = None
+        elif dc.method == "progressive":
+            self._advance_stage()
+            n = dc.teacher_steps // 2 ** (self.stage + 1)  # the student's steps in this stage
+            grid = timestep_schedule(2 * n, self.shift)  # the stage teacher's, (2n + 1,) from 1 to 0
+            i = torch.randint(0, n, (batch,), generator=g)[mine]
+            t, t_mid, t_next = (grid[2 * i + k].to(self.device) for k in range(3))
+            teacher = self.teacher if self.stage_teacher is None else self.stage_teacher
+            loss = progressive_distillation_loss(student, self.teacher_velocity(teacher, cond, scale),
+                                                 interpolate(x0, noise, t), t, t_mid, t_next)
+            fake_loss = None
+        else:
+            loss, fake_loss = self._dmd_losses(batch, mine, cond, scale, noise)
+        objective = loss if fake_loss is None else loss + fake_loss
+        objective.backward()
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        values = [D.all_reduce_mean(loss.detach(), world), grad_norm.to(loss)]
+        if fake_loss is not None:
+            fake_norm = nn.utils.clip_grad_norm_(self.fake.parameters(), max_norm)
+            values += [D.all_reduce_mean(fake_loss.detach(), world), fake_norm.to(loss)]
+        values = torch.stack(values).tolist()  # one host sync per step
+        if all(math.isfinite(v) for v in values):
+            lr = learning_rate(self.step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.lr_min_ratio,
+                               tc.lr_decay_steps)
+            if self.generator_updated:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.step()
+                update_ema(self.ema, self.model, ema_decay_at(self.step, tc.ema_decay))
+            if fake_loss is not None:
+                for group in self.fake_optimizer.param_groups:
+                    group["lr"] = lr * dc.fake_lr_ratio
+                self.fake_optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.fake_optimizer is not None:
+            self.fake_optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return values[0], values[1]
+
+    def _dmd_losses(self, batch: int, mine: slice, cond: Condition, scale: Tensor, noise: Tensor
+                    ) -> tuple[Tensor, Tensor]:
+        """(generator loss, fake denoiser loss) of one DMD step. The student's sample comes from backward
+        simulation (DMD2 §4.5): i steps of its own sampler without gradients, then its clean estimate at t_i."""
+        dc, g = self.config.distill, self.generator
+        n = dc.student_steps
+        grid = timestep_schedule(n, self.shift).to(self.device)
+        depth = torch.randint(0, n, (batch,), generator=g)[mine].to(self.device)
+        t_lo, t_hi = dc.dmd_t_range
+        t_score = (t_lo + (t_hi - t_lo) * torch.rand(batch, generator=g))[mine].to(self.device)
+        t_fake = torch.rand(batch, generator=g)[mine].to(self.device)
+        score_noise = torch.randn(noise.shape, generator=g)
+        fake_noise = torch.randn(noise.shape, generator=g)
+        score_noise, fake_noise = score_noise.to(self.device), fake_noise.to(self.device)
+        self.generator_updated = self.step % dc.generator_every == 0
+        x = noise
+        with torch.no_grad():
+            for j in range(int(depth.max())):
+                t = grid[j].expand(x.shape[0])
+                moved = x + (grid[j + 1] - grid[j]) * self.student_velocity(self.model, cond, scale)(x, t)
+                x = torch.where((depth > j).reshape(-1, 1, 1), moved, x)
+        t_i = grid[depth]
+        with torch.set_grad_enabled(self.generator_updated):
+            x0 = x - t_i.reshape(-1, 1, 1) * self.student_velocity(self.model, cond, scale)(x, t_i)
+        fake = self.student_velocity(self.fake, cond, scale)
+        if self.generator_updated:
+            real = self.teacher_velocity(self.teacher, cond, scale)
+            loss = dmd_generator_loss(x0, real, fake, t_score, score_noise)
+        else:
+            loss = x0.sum() * 0.0  # logged as 0 on the fake-only steps
+        return loss, fake_score_loss(fake, x0, t_fake, fake_noise)
+
+    # ---- extra state: the stage teacher, the fake denoiser ---------------------------------------
+    def extra_state(self) -> tuple[dict[str, Tensor], dict]:
+        tensors, meta = {}, {"distill_stage": self.stage}
+        if self.stage_teacher is not None:
+            tensors.update({f"stage_teacher/{k}": v for k, v in self.stage_teacher.state_dict().items()})
+        if self.fake is not None:
+            from omnidit.checkpoint import optimizer_state_to_flat
+
+            tensors.update({f"fake/{k}": v for k, v in D.unwrap(self.fake).state_dict().items()})
+            flat, fake_meta = optimizer_state_to_flat(self.fake_optimizer.state_dict())
+            tensors.update({f"fake_{k}": v for k, v in flat.items()})
+            meta["fake_optimizer"] = fake_meta
+        return tensors, meta
+
+    def load_extra_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        self.stage = int(meta.get("distill_stage", 0))
+        teacher = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("stage_teacher/")}
+        if teacher:
+            self.stage_teacher = copy.deepcopy(D.unwrap(self.ema)).requires_grad_(False).eval()
+            self.stage_teacher.load_state_dict(teacher)
+        if self.fake is not None:
+            from omnidit.checkpoint import optimizer_state_from_flat
+
+            D.unwrap(self.fake).load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items()
+                                                 if k.startswith("fake/")})
+            flat = {k[len("fake_"):]: v for k, v in tensors.items() if k.startswith("fake_optim/")}
+            self.fake_optimizer.load_state_dict(optimizer_state_from_flat(flat, meta["fake_optimizer"]))
+
+    def initialise_from(self, path: str | Path) -> Path:
+        directory = super().initialise_from(path)
+        if self.fake is not None:
+            D.unwrap(self.fake).load_state_dict(D.unwrap(self.model).state_dict())
+        return directory
+
+
+def distill(config: Config, progress: bool = True) -> Path:
+    """Run the distillation the config describes; returns the final checkpoint folder."""
+    distiller = Distiller(config, progress=progress)
+    try:
+        return distiller.run()
+    finally:
+        D.shutdown(distiller.world)
+

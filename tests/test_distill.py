@@ -1,0 +1,385 @@
+"""Distillation: each loss on Gaussian data whose exact flow is known, students that reach the exact samples'
+moments, guidance distillation on a tiny model, and omnidit distill end to end (students load like any model,
+exact resume after SIGKILL, the CLI's errors)."""
+
+from __future__ import annotations
+
+import copy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from omnidit.checkpoint import SAVE_DELAY_ENV, list_checkpoints, load_model, read_safetensors
+from omnidit.condition import Condition
+from omnidit.distill import (
+    dmd_generator_loss,
+    fake_score_loss,
+    guidance_distillation_loss,
+    guided_velocity,
+    progressive_distillation_loss,
+    two_step_target,
+)
+from omnidit.flow import interpolate
+from omnidit.model.mmdit import MMDiT, MMDiTConfig
+from omnidit.sampling import timestep_schedule
+
+REPO = Path(__file__).resolve().parents[1]
+MEAN, STD = 1.5, 0.4  # the "data": N(MEAN, STD^2) in every coordinate
+
+
+def gaussian_velocity(x: Tensor, t: Tensor, mean: float | Tensor = MEAN, std: float | Tensor = STD) -> Tensor:
+    """The exact rectified-flow velocity E[eps - x0 | x_t] for data N(mean, std^2), x_t = (1 - t) x0 + t eps."""
+    t = t.reshape(-1, *([1] * (x.dim() - 1)))
+    var = (1 - t) ** 2 * std**2 + t**2
+    centred = x - (1 - t) * mean
+    return (t - (1 - t) * std**2) / var * centred - mean
+
+
+def test_the_gaussian_velocity_is_exact():
+    # Integrating it finely from noise gives the data's moments (the reference every test below relies on).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 1, 1, generator=g)
+    ts = timestep_schedule(400)
+    for i in range(400):
+        x = x + (ts[i + 1] - ts[i]) * gaussian_velocity(x, ts[i].expand(len(x)))
+    assert abs(x.mean() - MEAN) < 0.02 and abs(x.std() - STD) < 0.01
+
+
+def data(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return MEAN + STD * torch.randn(n, 1, 1, generator=g), torch.randn(n, 1, 1, generator=g)
+
+
+# ---- each loss: zero at the exact student, positive elsewhere ------------------------------------
+def test_guided_velocity_is_cfg_with_a_scale_per_sample():
+    v_c, v_u, v_s = torch.randn(3, 2, 4, 5).unbind(0)
+    scale = torch.tensor([1.0, 3.0])
+    v = guided_velocity(v_c, v_u, scale, v_s, skip_scale=0.5)
+    for i in range(2):
+        want = v_u[i] + scale[i] * (v_c[i] - v_u[i]) + 0.5 * (v_c[i] - v_s[i])
+        assert torch.allclose(v[i], want)
+    assert torch.allclose(guided_velocity(v_c, v_u, 1.0), v_c, atol=1e-6)
+
+
+def test_guidance_distillation_loss_is_zero_exactly_at_the_guided_teacher():
+    # Two Gaussian "conditions" stand for v_cond and v_uncond; the exact student is their guided combination.
+    x0, noise = data(512, 1)
+    t = torch.rand(512)
+    x_t = interpolate(x0, noise, t)
+    scale = 1 + 4 * torch.rand(512)
+
+    def teacher(x, tt):
+        return guided_velocity(gaussian_velocity(x, tt), gaussian_velocity(x, tt, 0.0, 1.0), scale)
+
+    assert guidance_distillation_loss(teacher, teacher, x_t, t) == 0
+    conditional_only = guidance_distillation_loss(lambda x, tt: gaussian_velocity(x, tt), teacher, x_t, t)
+    assert conditional_only > 1e-2
+
+
+def test_progressive_loss_is_zero_at_the_two_step_student_and_positive_elsewhere():
+    x0, noise = data(512, 2)
+    grid = timestep_schedule(8, shift=2.0)
+    i = torch.randint(0, 4, (512,), generator=torch.Generator().manual_seed(3))
+    t, t_mid, t_next = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
+    x_t = interpolate(x0, noise, t)
+    target = two_step_target(gaussian_velocity, x_t, t, t_mid, t_next)
+    # A one-step Euler move with the target velocity lands exactly where the teacher's two moves land.
+    x_mid = x_t + (t_mid - t).reshape(-1, 1, 1) * gaussian_velocity(x_t, t)
+    x_next = x_mid + (t_next - t_mid).reshape(-1, 1, 1) * gaussian_velocity(x_mid, t_mid)
+    assert torch.allclose(x_t + (t_next - t).reshape(-1, 1, 1) * target, x_next, atol=1e-5)
+    exact = {}
+
+    def student(x, tt):  # the exact student for these very inputs
+        return exact.setdefault("v", two_step_target(gaussian_velocity, x, tt, t_mid, t_next))
+
+    assert progressive_distillation_loss(student, gaussian_velocity, x_t, t, t_mid, t_next) < 1e-10
+    assert progressive_distillation_loss(gaussian_velocity, gaussian_velocity, x_t, t, t_mid, t_next) > 1e-5
+
+
+def test_the_grids_of_progressive_stages_nest():
+    # A student of n steps takes the even points of its teacher's 2n-step grid: the stages line up.
+    for n in (1, 2, 4, 8):
+        for shift in (1.0, 3.0):
+            assert torch.allclose(timestep_schedule(2 * n, shift)[::2], timestep_schedule(n, shift), atol=1e-6)
+
+
+def test_dmd_loss_is_zero_when_the_distributions_agree_and_pulls_toward_the_teacher():
+    x0, noise = data(4096, 4)
+    t = 0.02 + 0.96 * torch.rand(4096, generator=torch.Generator().manual_seed(5))
+    x0.requires_grad_(True)
+    loss = dmd_generator_loss(x0, gaussian_velocity, gaussian_velocity, t, noise)
+    loss.backward()
+    assert loss == 0 and x0.grad.abs().max() == 0
+    # A student whose samples sit too high (mean 2.0): the fake denoiser knows its distribution exactly.
+    shifted = (x0.detach() + 0.5).requires_grad_(True)
+    loss = dmd_generator_loss(shifted, gaussian_velocity,
+                              lambda x, tt: gaussian_velocity(x, tt, MEAN + 0.5, STD), t, noise)
+    loss.backward()
+    assert loss > 0 and shifted.grad.mean() > 0  # descending moves the samples down, toward the teacher's mean
+
+
+def test_fake_score_loss_is_the_flow_loss_and_smallest_at_the_true_denoiser():
+    x0, noise = data(20000, 6)
+    t = torch.rand(20000, generator=torch.Generator().manual_seed(7))
+    right = fake_score_loss(gaussian_velocity, x0, t, noise)
+    wrong = fake_score_loss(lambda x, tt: gaussian_velocity(x, tt, MEAN + 0.3, STD), x0, t, noise)
+    assert right < wrong
+
+
+# ---- students on the Gaussian reach the exact samples' moments -------------------------------------
+class AffineStudent(nn.Module):
+    """v(x, t) = a(t) x + b(t) (the exact flow of Gaussian data has this form), a and b from a small MLP on t."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, 32), nn.SiLU(), nn.Linear(32, 2))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        a, b = self.net(t.reshape(-1, 1).float()).unbind(-1)
+        return a.reshape(-1, 1, 1) * x + b.reshape(-1, 1, 1)
+
+
+def euler_samples(velocity, steps: int, n: int = 20000, shift: float = 1.0) -> Tensor:
+    x = torch.randn(n, 1, 1, generator=torch.Generator().manual_seed(99))
+    ts = timestep_schedule(steps, shift)
+    with torch.no_grad():
+        for i in range(steps):
+            x = x + (ts[i + 1] - ts[i]) * velocity(x, ts[i].expand(n))
+    return x
+
+
+def test_progressive_stages_reach_the_gaussian_in_two_steps_and_one():
+    torch.manual_seed(0)
+    student, teacher = AffineStudent(), gaussian_velocity
+    teacher_steps = 32
+    for stage in range(5):  # 32 -> 16 -> 8 -> 4 -> 2 -> 1
+        n = teacher_steps // 2 ** (stage + 1)
+        grid = timestep_schedule(2 * n)
+        optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+        for it in range(250):
+            x0, noise = data(256, 1000 * stage + it)
+            i = torch.randint(0, n, (256,), generator=torch.Generator().manual_seed(it))
+            t, t_mid, t_next = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
+            loss = progressive_distillation_loss(student, teacher, interpolate(x0, noise, t), t, t_mid, t_next)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        frozen = copy.deepcopy(student).requires_grad_(False)
+        teacher = frozen
+        if n <= 2:
+            x = euler_samples(student, n)
+            assert abs(x.mean() - MEAN) < 0.05 and abs(x.std() - STD) < 0.05, (n, x.mean(), x.std())
+    # The undistilled exact flow in one Euler step is far off (it lands on the mean, with no spread).
+    x = euler_samples(gaussian_velocity, 1)
+    assert abs(x.std() - STD) > 0.3
+
+
+def test_dmd_one_step_generator_reaches_the_gaussian():
+    # Generator x = z - v(z, 1) with v = a z + b; the fake denoiser is exact for the generator's own Gaussian
+    # N(-b, (1 - a)^2), so only the DMD gradient is under test.
+    a, b = torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.Adam([a, b], lr=0.02)
+    for it in range(600):
+        z, noise = torch.randn(2, 512, 1, 1, generator=torch.Generator().manual_seed(it)).unbind(0)
+        x0 = z - (a * z + b)
+        t = 0.02 + 0.96 * torch.rand(512, generator=torch.Generator().manual_seed(10_000 + it))
+        mean, std = (-b).detach(), (1 - a).abs().detach()
+        loss = dmd_generator_loss(x0, gaussian_velocity, lambda x, tt, m=mean, s=std: gaussian_velocity(x, tt, m, s),
+                                  t, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        x = euler_samples(lambda x, t: a * x + b, 1)
+    assert abs(x.mean() - MEAN) < 0.03 and abs(x.std() - STD) < 0.03, (x.mean(), x.std())
+
+
+# ---- guidance distillation on a tiny model ---------------------------------------------------------
+def tiny_model(guidance: bool) -> MMDiT:
+    cfg = MMDiTConfig(in_channels=1, patch_size=2, hidden_size=32, num_heads=2, depth=1, depth_single=1,
+                      context_dim=0, pooled_dim=0, num_classes=3, axes_dim=[4, 6, 6], guidance_embed=guidance)
+    return MMDiT(cfg)
+
+
+def test_guidance_distilled_student_matches_the_guided_teacher_at_trained_scales():
+    torch.manual_seed(0)
+    teacher = tiny_model(False)
+    for p in teacher.parameters():  # adaLN-Zero starts at zero output: give the teacher a non-trivial field
+        nn.init.normal_(p, std=0.2)
+    teacher.requires_grad_(False)
+    student = tiny_model(True)
+    state = teacher.state_dict()
+    state.update({k: v for k, v in student.state_dict().items() if k.startswith("guidance_in.")})
+    student.load_state_dict(state)
+    ids = torch.zeros(1, 4, 3)
+    ids[0, :, 1], ids[0, :, 2] = torch.tensor([0.0, 0, 1, 1]), torch.tensor([0.0, 1, 0, 1])
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(16, 4, 4, generator=g), torch.rand(16, generator=g)
+    labels = torch.randint(0, 3, (16,), generator=g)
+    cond, null = Condition(labels=labels), Condition(labels=torch.full((16,), 3))
+
+    def teacher_at(scale):
+        def v(xx, tt):
+            v_c = teacher(xx, ids, tt, cond)
+            v_u = teacher(xx, ids, tt, null)
+            return guided_velocity(v_c, v_u, scale)
+        return v
+
+    def student_at(scale):
+        return lambda xx, tt: student(xx, ids, tt, Condition(labels=labels, guidance=scale))
+
+    def error(scale):
+        with torch.no_grad():
+            want, got = teacher_at(scale)(x, t), student_at(scale)(x, t)
+        return ((got - want).norm() / want.norm()).item()
+
+    three = torch.full((16,), 3.0)
+    before = error(three)
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    for it in range(300):
+        scale = 1 + 4 * torch.rand(16, generator=torch.Generator().manual_seed(it))
+        loss = guidance_distillation_loss(student_at(scale), teacher_at(scale), x, t)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert before > 0.3
+    for s in (1.5, 3.0, 4.5):
+        assert error(torch.full((16,), s)) < 0.1 * before, s
+
+
+# ---- omnidit distill end to end ---------------------------------------------------------------------
+TEACHER_OVERRIDES = ["model.hidden_size=64", "model.num_heads=2", "model.depth=1", "model.depth_single=1",
+                     "train.steps=10", "train.batch_size=8", "train.lr=1e-3", "train.warmup_steps=2",
+                     "train.checkpoint_every=10", "train.log_every=5", "train.device=cpu", "sample.steps=4",
+                     "sample.skip_scale=1.0", "sample.skip_blocks=[0]", "train.tensorboard=false"]
+STUDENT = ["train.batch_size=4", "train.log_every=1", "train.device=cpu", "train.tensorboard=false",
+           "train.warmup_steps=1", "train.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory) -> Path:
+    """A seconds-long class-conditional digits run with skip-layer guidance in its sampling settings."""
+    from omnidit.config import load_config
+    from omnidit.train import train
+
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    train(load_config(REPO / "configs" / "digits.json", [*TEACHER_OVERRIDES, f"train.out_dir={run}"]), progress=False)
+    return run
+
+
+def distill_cmd(teacher: Path, out: Path, method: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "omnidit", "distill", str(teacher), str(out), "--method", method, *STUDENT,
+            *overrides, "--no-progress"]
+
+
+def run_distill(teacher: Path, out: Path, method: str, *overrides: str) -> Path:
+    from omnidit.distill_train import distill, student_config
+
+    return distill(student_config(teacher, out, method, [*STUDENT, *overrides]), progress=False)
+
+
+@pytest.mark.parametrize("method", ["guidance", "progressive", "dmd"])
+def test_each_method_writes_an_ordinary_student_that_samples_without_guidance_passes(digits_teacher, tmp_path,
+                                                                                      method):
+    from omnidit.pipeline import guided, load_pipeline
+
+    extra = {"guidance": [], "progressive": ["distill.teacher_steps=8", "distill.student_steps=2"],
+             "dmd": ["distill.student_steps=2", "distill.generator_every=2"]}[method]
+    final = run_distill(digits_teacher, tmp_path / "s", method, "train.steps=4", "train.checkpoint_every=2", *extra)
+    model, config = load_model(final)
+    assert config.model.guidance_embed and config.distill.method == method
+    s = config.sample
+    assert s.skip_scale == 0 and s.candidates == 1 and s.steps == (4 if method == "guidance" else 2)
+    pipe = load_pipeline(final, device="cpu")
+    assert not guided(pipe.sampling_settings(), guidance_input=True)
+    images = pipe.generate(["3", "7"], seed=0)
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    # The scale is the model's input: another cfg draws another image, at the same cost.
+    assert not torch.equal(images, pipe.generate(["3", "7"], seed=0, cfg=1.0))
+    losses = [r for r in (final.parent / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
+    assert len(losses) == 4
+
+
+def test_a_new_guidance_input_starts_as_the_teachers_conditional_model(digits_teacher, tmp_path):
+    from omnidit.checkpoint import initial_weights
+    from omnidit.distill_train import student_config
+
+    config = student_config(digits_teacher, tmp_path / "s", "guidance", STUDENT)
+    _, state = initial_weights(digits_teacher, config)
+    student = MMDiT(config.model)
+    student.load_state_dict(state)
+    teacher, _ = load_model(digits_teacher)
+    x, ids = torch.randn(2, 64, 4), torch.zeros(1, 64, 3)
+    cond = Condition(labels=torch.tensor([1, 2]))
+    with torch.no_grad():
+        assert torch.allclose(student(x, ids, torch.tensor([0.3, 0.8]), Condition(labels=cond.labels,
+                                                                                  guidance=torch.tensor([2.0, 5.0]))),
+                              teacher(x, ids, torch.tensor([0.3, 0.8]), cond), atol=1e-6)
+
+
+def final_state(run: Path) -> dict[str, Tensor]:
+    last = list_checkpoints(run)[-1]
+    return {**read_safetensors(last / "model.safetensors"),
+            **{f"ema/{k}": v for k, v in read_safetensors(last / "ema.safetensors").items()},
+            **{f"state/{k}": v for k, v in read_safetensors(last / "training_state" / "state.safetensors").items()
+               if not k.startswith("rng/")}}
+
+
+def test_dmd_resumes_exactly_with_its_fake_denoiser(digits_teacher, tmp_path):
+    extra = ["distill.student_steps=2", "distill.generator_every=2", "train.checkpoint_every=3"]
+    run_distill(digits_teacher, tmp_path / "straight", "dmd", "train.steps=6", *extra)
+    run_distill(digits_teacher, tmp_path / "halves", "dmd", "train.steps=3", *extra)
+    run_distill(digits_teacher, tmp_path / "halves", "dmd", "train.steps=6", *extra)
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "halves")
+    assert any(k.startswith("state/fake/") for k in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teacher, tmp_path):
+    from tests.test_distributed import env
+
+    steps = ["train.steps=8", "train.checkpoint_every=2", "train.keep_last=5", "distill.teacher_steps=8",
+             "distill.student_steps=2"]  # two stages of four steps: the kill lands in the second
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(distill_cmd(digits_teacher, straight, "progressive", *steps), check=True, env=env(),
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen(distill_cmd(digits_teacher, killed, "progressive", *steps),
+                            env=env(**{SAVE_DELAY_ENV: "5"}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint-0000006.tmp" / "model.safetensors").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the third save"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list_checkpoints(killed)[-1].name == "checkpoint-0000004"
+    subprocess.run(distill_cmd(digits_teacher, killed, "progressive", *steps), check=True, env=env(),
+                   capture_output=True, timeout=300)
+    a, b = final_state(straight), final_state(killed)
+    assert any(k.startswith("state/stage_teacher/") for k in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["NOT_A_MODEL", "--method", "guidance"], "NOT_A_MODEL: model folder not found"),
+    (["TEACHER", "--method", "consistency"], "invalid choice: 'consistency'"),
+    (["TEACHER", "--method", "guidance", "model.depth=3"], "contradicts the teacher's (model.depth: 1 in the"),
+    (["TEACHER", "--method", "guidance", "model.guidance_embed=false"], "it must stay true"),
+    (["TEACHER", "--method", "progressive", "distill.teacher_steps=12"], "must be student_steps (4) times a power"),
+    (["TEACHER", "--method", "progressive", "sample.steps=8"], "contradicts distill.student_steps=4"),
+    (["TEACHER", "--method", "dmd", "distill.dmd_t_range=[0.5]"], "distill.dmd_t_range must be [LO, HI]"),
+])
+def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_path, args, message):
+    out = tmp_path / "student"
+    args = [str(digits_teacher) if a == "TEACHER" else str(tmp_path / a) if a == "NOT_A_MODEL" else a for a in args]
+    done = subprocess.run([sys.executable, "-m", "omnidit", "distill", args[0], str(out), *args[1:]],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert not out.exists()
