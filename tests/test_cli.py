@@ -316,6 +316,7 @@ def test_top_level_help_in_a_fresh_process():
               "--skip-interval", "--seed", "--limit", "--json", "--no-fd",
               "target"]),
     ("info", ["model"]),
+    ("distill", ["teacher", "out", "--method", "section.key=value", "--no-progress"]),
 ])
 def test_subcommand_help_documents_every_flag(capsys, command, required):
     text = _help(capsys, command)

@@ -383,3 +383,22 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_pa
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["progressive", "dmd"])
+def test_two_processes_follow_the_single_process_distillation(digits_teacher, tmp_path, method):
+    from tests.test_distributed import env, failure
+
+    steps = ["train.steps=4", "train.checkpoint_every=4", "distill.teacher_steps=8", "distill.student_steps=2",
+             "distill.generator_every=2"]
+    single, double = tmp_path / "one", tmp_path / "two"
+    subprocess.run(distill_cmd(digits_teacher, single, method, *steps), check=True, env=env(), capture_output=True,
+                   timeout=300)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "omnidit"]
+    done = subprocess.run([*launcher, *distill_cmd(digits_teacher, double, method, *steps)[3:]], env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, failure(done)
+    a, b = final_state(single), final_state(double)
+    assert a.keys() == b.keys()
+    for k in a:  # same global batch and draws; only the order of float sums differs
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")

@@ -391,13 +391,17 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"parameters    a LoRA adapter of {n_params:,} ({n_params / 1e6:.2f}M), rank {config.train.lora_rank}, on "
         f"{config.train.init_from}'s weights",
         f"step          {step if step is not None else 'unknown'}"
-        + (f" (fine-tuned from {source.get('folder')}, step {source.get('step') or 'unknown'})" if source else ""),
+        + (f" ({'distilled' if config.distill.method else 'fine-tuned'} from {source.get('folder')}, step "
+           f"{source.get('step') or 'unknown'})" if source else ""),
         f"images seen   {f'{seen:,}' if seen is not None else 'unknown'}",
         f"ema weights   {_ema_description(directory)}",
         f"architecture  width {mc.hidden_size}, {mc.num_heads} heads, {mc.depth} double + {mc.depth_single} single "
         f"blocks, patch {mc.patch_size}, {mc.in_channels} channels",
         f"conditioning  text={config.text.encoder} (context {mc.context_dim}, pooled {mc.pooled_dim}), "
-        f"classes={mc.num_classes}, guidance_embed={mc.guidance_embed}",
+        f"classes={mc.num_classes}, guidance_embed={mc.guidance_embed}"
+        + (" (the cfg scale is an input: one pass per step)" if mc.guidance_embed else ""),
+        *([f"distillation  {config.distill.method} from {config.distill.teacher} (omnidit distill; "
+           f"docs/distillation.md)"] if config.distill.method else []),
         f"data          {config.data.name} {config.data.width}x{config.data.height}"
         + (f", {config.data.frames} frames at {config.data.fps:g} fps (tubelets of {mc.temporal_patch} "
            f"frame{'s' if mc.temporal_patch > 1 else ''})"

@@ -260,9 +260,9 @@ class Distiller(Trainer):
         t_lo, t_hi = dc.dmd_t_range
         t_score = (t_lo + (t_hi - t_lo) * torch.rand(batch, generator=g))[mine].to(self.device)
         t_fake = torch.rand(batch, generator=g)[mine].to(self.device)
-        score_noise = torch.randn(noise.shape, generator=g)
-        fake_noise = torch.randn(noise.shape, generator=g)
-        score_noise, fake_noise = score_noise.to(self.device), fake_noise.to(self.device)
+        shape = (batch, *noise.shape[1:])  # drawn for the global batch, like every draw: each rank keeps its rows
+        score_noise = torch.randn(shape, generator=g)[mine].to(self.device)
+        fake_noise = torch.randn(shape, generator=g)[mine].to(self.device)
         self.generator_updated = self.step % dc.generator_every == 0
         x = noise
         with torch.no_grad():

@@ -1,0 +1,94 @@
+"""Distilled students against their teacher in one run: the shapes suite per category (the teacher at 1/2/4/8/30
+steps with one candidate and at its defaults; each student at 1/2/4 steps), and images/s of each student at its own
+settings against the teacher's defaults (alternated, best of three rounds, a warm-up first).
+
+**Peer: internal** (the teacher itself, same prompts and seeds). Issue #31's targets: a 4-step student >= 0.88
+overall, a 1-step student >= 0.75, the 4-step student >= 20x the images/s of the teacher's defaults.
+
+Example:
+    python benchmarks/distillation.py --student progressive=runs/shapes_pd --student dmd=runs/shapes_dmd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from omnidit.evaluate.runner import evaluate_model
+from omnidit.pipeline import load_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import device_description  # noqa: E402
+
+TEACHER_STEPS = (1, 2, 4, 8, 30)
+STUDENT_STEPS = (1, 2, 4)
+SPEED_PROMPTS = ["a red circle above a blue square", "two green triangles", "a yellow diamond",
+                 "a pink square to the left of a cyan circle"] * 4
+
+
+def score(pipe, limit: int | None, seed: int, **sampling) -> dict:
+    report = evaluate_model(pipe, "shapes", limit=limit, seed=seed, progress=False, frechet=False, **sampling)
+    return {"overall": report.overall, "categories": report.categories, "images": report.n_images,
+            "settings": {k: report.settings[k] for k in ("steps", "cfg", "skip_scale", "candidates")}}
+
+
+def images_per_second(pipes: dict, rounds: int = 3) -> dict[str, float]:
+    """Each pipeline at its own defaults on the same 16 prompts, alternated; best round of each."""
+    best = {name: float("inf") for name in pipes}
+    for pipe in pipes.values():  # warm-up
+        pipe.generate(SPEED_PROMPTS[:2], seed=0)
+    for _ in range(rounds):
+        for name, pipe in pipes.items():
+            t0 = time.perf_counter()
+            pipe.generate(SPEED_PROMPTS, seed=0)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: len(SPEED_PROMPTS) / seconds for name, seconds in best.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default="shapes")
+    p.add_argument("--student", action="append", default=[], metavar="NAME=DIR", help="a student folder (repeat)")
+    p.add_argument("--limit", type=int, default=None, help="prompts per category (default: the whole suite)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=Path("benchmarks/results/distillation.json"))
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    teacher = load_pipeline(args.teacher, device="cpu")
+    students = {name: load_pipeline(path, device="cpu") for name, path in (s.split("=", 1) for s in args.student)}
+    rows = [{"model": "teacher", "label": "defaults", **score(teacher, args.limit, args.seed)}]
+    rows += [{"model": "teacher", "label": f"{n} steps, one candidate",
+              **score(teacher, args.limit, args.seed, steps=n, candidates=1)} for n in TEACHER_STEPS]
+    for name, pipe in students.items():
+        rows += [{"model": name, "label": f"{n} steps", **score(pipe, args.limit, args.seed, steps=n)}
+                 for n in STUDENT_STEPS]
+        print(f"{name}: " + ", ".join(f"{r['label']} {r['overall']:.3f}" for r in rows if r["model"] == name),
+              flush=True)
+    speed = images_per_second({"teacher": teacher, **students})
+    meta = {"device_name": device_description(torch.device("cpu")), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "teacher": args.teacher, "students": dict(s.split("=", 1)
+                                                                                        for s in args.student),
+            "limit": args.limit, "seed": args.seed, "seconds": round(time.perf_counter() - start, 1),
+            "images_per_s": speed, "speedup": {k: v / speed["teacher"] for k, v in speed.items()},
+            "command": "python benchmarks/distillation.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    categories = list(rows[0]["categories"])
+    print(f"\n{meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads; shapes suite"
+          + (f", {args.limit} prompts per category" if args.limit else "") + f", seed {args.seed}")
+    print(f"{'model':<14} {'setting':<24} " + " ".join(f"{c[:8]:>8}" for c in categories) + f" {'overall':>8}")
+    for r in rows:
+        print(f"{r['model']:<14} {r['label']:<24} " + " ".join(f"{r['categories'][c]:>8.3f}" for c in categories)
+              + f" {r['overall']:>8.3f}")
+    print("\nimages/s at each model's own defaults: " + ", ".join(
+        f"{k} {v:.1f} ({meta['speedup'][k]:.1f}x)" for k, v in speed.items()))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
