@@ -402,3 +402,26 @@ def test_two_processes_follow_the_single_process_distillation(digits_teacher, tm
     assert a.keys() == b.keys()
     for k in a:  # same global batch and draws; only the order of float sums differs
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_a_video_model_distils_with_the_same_command(tmp_path):
+    # The same code path for clips: the teacher's frames and fps come with its config; the student draws clips.
+    from helpers import build, tiny_config
+
+    from omnidit.checkpoint import save_checkpoint
+    from omnidit.config import Config
+    from omnidit.pipeline import load_pipeline
+
+    cfg = tiny_config(context_dim=384, pooled_dim=384, rope_time_scale=8.0)
+    config = Config()
+    config.model = cfg
+    config.data.name, config.data.width, config.data.height, config.data.frames, config.data.fps = \
+        "shapes_video", 16, 16, 4, 8.0
+    state = build(cfg).state_dict()
+    teacher = save_checkpoint(tmp_path / "teacher", config, state, state)
+    final = run_distill(teacher, tmp_path / "student", "progressive", "train.steps=2", "train.checkpoint_every=2",
+                        "distill.teacher_steps=4", "distill.student_steps=2")
+    pipe = load_pipeline(final, device="cpu")
+    assert pipe.config.data.frames == 4 and pipe.config.sample.steps == 2
+    clips = pipe.generate_video(["a red circle moving to the right"], seed=0)
+    assert clips.shape == (1, 3, 4, 16, 16) and torch.isfinite(clips).all()

@@ -311,8 +311,10 @@ class Distiller(Trainer):
 
     def initialise_from(self, path: str | Path) -> Path:
         directory = super().initialise_from(path)
-        if self.fake is not None:
-            D.unwrap(self.fake).load_state_dict(D.unwrap(self.model).state_dict())
+        if self.fake is not None:  # the fake denoiser starts as the teacher (the student may start elsewhere)
+            from omnidit.checkpoint import initial_weights
+
+            D.unwrap(self.fake).load_state_dict(initial_weights(self.config.distill.teacher, self.config)[1])
         return directory
 
 
