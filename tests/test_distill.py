@@ -373,6 +373,7 @@ def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teach
     (["TEACHER", "--method", "progressive", "distill.teacher_steps=12"], "must be student_steps (4) times a power"),
     (["TEACHER", "--method", "progressive", "sample.steps=8"], "contradicts distill.student_steps=4"),
     (["TEACHER", "--method", "dmd", "distill.dmd_t_range=[0.5]"], "distill.dmd_t_range must be [LO, HI]"),
+    (["TEACHER", "--method", "dmd", "train.grad_accum=2"], "distillation takes one batch per step"),
 ])
 def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_path, args, message):
     out = tmp_path / "student"

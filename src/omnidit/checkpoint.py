@@ -261,6 +261,18 @@ def deepen_state(state: dict[str, Tensor], a: MMDiTConfig, b: MMDiTConfig,
     return grown
 
 
+def weight_differences(source: Config, config: Config, ignore: Sequence[str] = (), there: str = "there"
+                       ) -> list[str]:
+    """What makes ``source``'s weights meaningless for ``config``: each differing model key (but ``ignore``), text
+    encoder, text length or latent codec, as "key: A there, B here"."""
+    diff = [f"model.{k}: {v} {there}, {getattr(config.model, k)} here"
+            for k, v in vars(source.model).items() if getattr(config.model, k) != v and k not in ignore]
+    return diff + [f"{name}: {a} {there}, {b} here" for name, a, b in (
+        ("text.encoder", source.text.encoder, config.text.encoder),
+        ("text.max_length", source.text.max_length, config.text.max_length),
+        ("data.codec", source.data.codec, config.data.codec)) if a != b]
+
+
 def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, Tensor]]:
     """``train.init_from``: (the model folder used, its EMA weights in fp32, or the raw ones when it has no
     EMA) for a model of ``config``, deepened with ``deepen_state`` under ``train.init_grow``. Every
@@ -286,12 +298,7 @@ def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, T
     new_streams = [n for n in config.model.extra_streams if n not in source.model.extra_streams]
     if all(config.model.extra_streams.get(n) == d for n, d in source.model.extra_streams.items()):
         grow += ("extra_streams",)
-    diff = [f"model.{k}: {v} there, {getattr(config.model, k)} here"
-            for k, v in vars(source.model).items() if getattr(config.model, k) != v and k not in grow]
-    diff += [f"{name}: {a} there, {b} here" for name, a, b in (
-        ("text.encoder", source.text.encoder, config.text.encoder),
-        ("text.max_length", source.text.max_length, config.text.max_length),
-        ("data.codec", source.data.codec, config.data.codec)) if a != b]
+    diff = weight_differences(source, config, ignore=grow)
     if diff:
         raise OmniditError(f"train.init_from={path} holds a model trained differently ({'; '.join(diff)})",
                            hint="use that folder's settings in this config, or drop train.init_from")

@@ -40,7 +40,7 @@ from omnidit.flow import interpolate, sample_timesteps
 from omnidit.model.mmdit import MMDiT
 from omnidit.optim import ema_decay_at, learning_rate, make_optimizer, update_ema
 from omnidit.sampling import timestep_schedule
-from omnidit.train import Trainer, batch_indices
+from omnidit.train import Trainer, batch_indices, train
 
 # The train section of a distillation when the command line says nothing else: short, from the teacher's weights.
 DEFAULT_TRAIN = {"steps": {"guidance": 1500, "progressive": 3000, "dmd": 3000},
@@ -55,7 +55,7 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
     """The config of a distillation run: the teacher's, with a guidance input, the distill section and a short
     train section (``DEFAULT_TRAIN``), then ``overrides`` (dotted keys). Every contradiction with the teacher is
     one clear error."""
-    from omnidit.checkpoint import read_config, resolve_model_dir
+    from omnidit.checkpoint import read_config, resolve_model_dir, weight_differences
 
     try:
         directory = resolve_model_dir(teacher)
@@ -76,20 +76,19 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
     keys = [parse_override(o)[0] for o in overrides]
     d = apply_overrides(d, list(overrides))
     config = config_from_dict(d)
-    changed = [f"model.{k}: {v} in the teacher, {getattr(config.model, k)} here" for k, v in vars(source.model).items()
-               if k != "guidance_embed" and getattr(config.model, k) != v]
+    changed = weight_differences(source, config, ignore=("guidance_embed",), there="in the teacher")
     if not config.model.guidance_embed:
         changed.append("model.guidance_embed: a student takes the guidance scale as an input, it must stay true")
-    changed += [f"{key}: {a} in the teacher, {b} here" for key, a, b in (
-        ("text.encoder", source.text.encoder, config.text.encoder),
-        ("text.max_length", source.text.max_length, config.text.max_length),
-        ("data.codec", source.data.codec, config.data.codec)) if a != b]
     if changed:
         raise OmniditError(f"the student's config contradicts the teacher's ({'; '.join(changed)})",
                            hint=FIXED_MODEL_KEYS_HINT)
     if config.train.lora_rank or config.train.parallel == "fsdp" or config.train.init_grow:
         raise OmniditError("distillation trains every weight of the student, under DDP or in one process",
                            hint="drop train.lora_rank, train.init_grow and train.parallel=fsdp")
+    if config.train.grad_accum != 1 or config.train.counterfactual_weight or config.train.given_p:
+        raise OmniditError("distillation takes one batch per step, with no counterfactual pairs or given frames",
+                           hint="drop train.grad_accum, train.counterfactual_weight and train.given_p (a smaller "
+                                "train.batch_size saves memory)")
     if len(config.model.generated_streams) != 1:
         raise OmniditError("distillation works on models of one generated stream (images or silent clips) for now",
                            hint="distil an image or video model")
@@ -320,9 +319,5 @@ class Distiller(Trainer):
 
 def distill(config: Config, progress: bool = True) -> Path:
     """Run the distillation the config describes; returns the final checkpoint folder."""
-    distiller = Distiller(config, progress=progress)
-    try:
-        return distiller.run()
-    finally:
-        D.shutdown(distiller.world)
+    return train(config, progress, runner=Distiller)
 

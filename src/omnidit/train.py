@@ -672,9 +672,10 @@ def _tensorboard(out_dir: Path):
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
-def train(config: Config, progress: bool = True) -> Path:
-    """Train as the config says and return the final checkpoint folder."""
-    trainer = Trainer(config, progress=progress)
+def train(config: Config, progress: bool = True, runner: type[Trainer] = Trainer) -> Path:
+    """Train as the config says and return the final checkpoint folder (``runner``: a Trainer subclass such as
+    omnidit.distill_train.Distiller)."""
+    trainer = runner(config, progress=progress)
     try:
         return trainer.run()
     finally:
