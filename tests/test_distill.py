@@ -426,3 +426,35 @@ def test_a_video_model_distils_with_the_same_command(tmp_path):
     assert pipe.config.data.frames == 4 and pipe.config.sample.steps == 2
     clips = pipe.generate_video(["a red circle moving to the right"], seed=0)
     assert clips.shape == (1, 3, 4, 16, 16) and torch.isfinite(clips).all()
+
+
+def test_a_recipe_runs_its_stages_in_order_and_resumes(digits_teacher, tmp_path, capsys):
+    import json
+
+    from omnidit.cli import main
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"stages": [
+        {"name": "g", "method": "guidance", "teacher": "teacher", "overrides": ["train.steps=2"]},
+        {"name": "p", "method": "progressive", "teacher": "g", "init_from": "g",
+         "overrides": ["train.steps=2", "distill.teacher_steps=4", "distill.student_steps=2"]}]}))
+    out = tmp_path / "out"
+    args = ["distill", str(digits_teacher), str(out), "--recipe", str(recipe), *STUDENT, "train.checkpoint_every=2",
+            "--no-progress"]
+    assert main(args) == 0
+    _, config = load_model(out / "p")
+    assert config.distill.method == "progressive" and config.distill.teacher == str(out / "g")
+    assert config.train.init_from == str(out / "g") and config.sample.steps == 2
+    before = read_safetensors(list_checkpoints(out / "p")[-1] / "model.safetensors")
+    assert main(args) == 0  # finished stages are runs at their last step: nothing more trains
+    after = read_safetensors(list_checkpoints(out / "p")[-1] / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    capsys.readouterr()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"stages": [{"name": "p", "method": "progressive", "teacher": "g"}]}))
+    assert main(["distill", str(digits_teacher), str(tmp_path / "o2"), "--recipe", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "'g' is neither 'teacher' nor an earlier stage" in err and len(err.strip().splitlines()) == 1
+    assert main(["distill", str(digits_teacher), str(tmp_path / "o3")]) == 2
+    assert "needs --method or --recipe" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def add_distill_parser(sub) -> None:
     from omnidit.config import DISTILL_METHODS
@@ -15,15 +17,31 @@ def add_distill_parser(sub) -> None:
                                    "(generate, eval, convert and quantize take it). docs/distillation.md.")
     p.add_argument("teacher", help="the teacher: a model, run or checkpoint folder, or a shipped name (shapes)")
     p.add_argument("out", help="the run folder of the student (train.out_dir)")
-    p.add_argument("--method", required=True, choices=DISTILL_METHODS, help="the distillation method")
+    p.add_argument("--method", choices=DISTILL_METHODS, help="the distillation method (or --recipe)")
+    p.add_argument("--recipe", default=None, metavar="JSON",
+                   help="run several distillations in order, each in OUT/NAME (e.g. configs/recipes/turbo.json, "
+                        "shapes-turbo's); overrides apply to every stage")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="override the student's config, e.g. train.steps=500 distill.student_steps=2")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
 
 def cmd_distill(args) -> None:
-    from omnidit.distill_train import distill, student_config
+    from omnidit.distill_train import distill, read_recipe, student_config
+    from omnidit.errors import OmniditError
 
-    config = student_config(args.teacher, args.out, args.method, args.overrides)
-    final = distill(config, progress=not args.no_progress)
-    print(f"saved {final}")
+    if (args.method is None) == (args.recipe is None):
+        raise OmniditError("omnidit distill needs --method or --recipe (one of them)",
+                           hint="e.g. --method guidance, or --recipe configs/recipes/turbo.json")
+    if args.method:
+        stages = [(args.out, args.method, args.teacher, [])]
+    else:
+        stages = read_recipe(args.recipe, args.teacher, args.out)
+    # Every stage's config first: a mistake in the last stage stops the recipe before anything trains.
+    for out, method, teacher, overrides in stages:
+        if teacher == args.teacher or Path(teacher).exists():  # the later stages' teachers do not exist yet
+            student_config(teacher, out, method, [*overrides, *args.overrides])
+    for out, method, teacher, overrides in stages:
+        final = distill(student_config(teacher, out, method, [*overrides, *args.overrides]),
+                        progress=not args.no_progress)
+        print(f"saved {final}")

@@ -321,3 +321,45 @@ def distill(config: Config, progress: bool = True) -> Path:
     """Run the distillation the config describes; returns the final checkpoint folder."""
     return train(config, progress, runner=Distiller)
 
+
+
+RECIPE_KEYS = {"name", "method", "teacher", "init_from", "overrides"}
+
+
+def read_recipe(path: str | Path, teacher: str, out: str | Path) -> list[tuple[str, str, str, list[str]]]:
+    """The stages of a recipe file as (run folder, method, teacher, overrides), in order.
+
+    A recipe is JSON: {"stages": [{"name": N, "method": M, "teacher": REF, "init_from": REF, "overrides": [...]}]}.
+    A REF is "teacher" (the command's TEACHER) or the name of an earlier stage (its run folder, OUT/NAME);
+    init_from (optional) is where the student starts when not at its teacher. Each stage resumes like any run, so
+    running the recipe again continues where it stopped and skips finished stages."""
+    from omnidit.config import read_json
+
+    recipe = read_json(path, "distillation recipe")
+    stages = recipe.get("stages") if isinstance(recipe, dict) else None
+    if not stages or not isinstance(stages, list) or set(recipe) != {"stages"}:
+        raise OmniditError(f"the recipe {path} must be {{\"stages\": [...]}} with at least one stage",
+                           hint="see configs/recipes/turbo.json")
+    folders, out_stages = {"teacher": teacher}, []
+    for i, stage in enumerate(stages):
+        where = f"stage {i + 1} of the recipe {path}"
+        if not isinstance(stage, dict) or not {"name", "method", "teacher"} <= set(stage) or set(stage) - RECIPE_KEYS:
+            raise OmniditError(f"{where} must have name, method and teacher (and optionally init_from, overrides), "
+                               f"got {sorted(stage) if isinstance(stage, dict) else stage!r}",
+                               hint="see configs/recipes/turbo.json")
+        name, overrides = str(stage["name"]), stage.get("overrides", [])
+        if name in folders or not name.replace("_", "").replace("-", "").isalnum():
+            raise OmniditError(f"{where}: the name '{name}' is taken or not a plain folder name",
+                               hint="give each stage its own name of letters, digits, - and _")
+        refs = {key: stage[key] for key in ("teacher", "init_from") if key in stage}
+        unknown = [r for r in refs.values() if r not in folders]
+        if unknown:
+            raise OmniditError(f"{where}: '{unknown[0]}' is neither 'teacher' nor an earlier stage",
+                               hint=f"use one of {', '.join(folders)}")
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise OmniditError(f"{where}: overrides must be a list of 'section.key=value' strings")
+        if "init_from" in refs:
+            overrides = [*overrides, f"train.init_from={folders[refs['init_from']]}"]
+        folders[name] = str(Path(out) / name)
+        out_stages.append((folders[name], str(stage["method"]), folders[refs["teacher"]], overrides))
+    return out_stages
