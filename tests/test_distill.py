@@ -455,6 +455,9 @@ def test_a_recipe_runs_its_stages_in_order_and_resumes(digits_teacher, tmp_path,
     assert main(["distill", str(digits_teacher), str(tmp_path / "o2"), "--recipe", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "'g' is neither 'teacher' nor an earlier stage" in err and len(err.strip().splitlines()) == 1
+    bad.write_text(json.dumps({"stages": [{"name": "p", "method": "consistency", "teacher": "teacher"}]}))
+    assert main(["distill", str(digits_teacher), str(tmp_path / "o2"), "--recipe", str(bad)]) == 2
+    assert "unknown distillation method 'consistency'" in capsys.readouterr().err
     assert main(["distill", str(digits_teacher), str(tmp_path / "o3")]) == 2
     assert "needs --method or --recipe" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

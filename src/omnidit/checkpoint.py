@@ -318,9 +318,9 @@ def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, T
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.train.seed)
             embed = MLPEmbedder(TIME_EMBED_DIM, config.model.hidden_size)
-        nn.init.normal_(embed.in_layer.weight, std=0.02)
-        nn.init.zeros_(embed.out_layer.weight)
-        nn.init.zeros_(embed.out_layer.bias)
+            nn.init.normal_(embed.in_layer.weight, std=0.02)
+            nn.init.zeros_(embed.out_layer.weight)
+            nn.init.zeros_(embed.out_layer.bias)
         state.update({f"guidance_in.{k}": v.detach() for k, v in embed.state_dict().items()})
     return directory, state
 

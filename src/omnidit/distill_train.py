@@ -100,8 +100,9 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
         raise OmniditError(f"sample.steps={s.steps} contradicts distill.student_steps={dc.student_steps}: a "
                            "progressive student samples on the grid it was trained on",
                            hint="drop sample.steps")
+    euler = [("sampler", "euler")] if method != "guidance" else []  # the steps the few-step methods train on
     for key, value in (("skip_scale", 0.0), ("skip_blocks", []), ("candidates", 1), ("cache", "none"),
-                       ("cache_threshold", 0.0)):
+                       ("cache_threshold", 0.0), *euler):
         if f"sample.{key}" not in keys:
             setattr(s, key, value)
     if "sample.cfg_interval" not in keys:
@@ -117,7 +118,7 @@ class Distiller(Trainer):
     """A Trainer whose step is a distillation method's (config.distill.method); everything else is the trainer's."""
 
     def __init__(self, config: Config, progress: bool = True) -> None:
-        from omnidit.checkpoint import load_model
+        from omnidit.checkpoint import initial_weights, load_model
 
         dc = config.distill
         if not dc.method or not dc.teacher:
@@ -135,8 +136,9 @@ class Distiller(Trainer):
         self.fake = self.fake_optimizer = None
         if dc.method == "dmd":  # the fake denoiser starts as the teacher's weights (initialise_from)
             torch.manual_seed(config.train.seed + 1)
-            fake = MMDiT(config.model).to(self.device)
-            self.fake = D.wrap_model(fake, self.world, config.train.parallel)
+            fake = MMDiT(config.model)
+            fake.load_state_dict(initial_weights(dc.teacher, config)[1])  # it starts as the teacher (resume overwrites)
+            self.fake = D.wrap_model(fake.to(self.device), self.world, config.train.parallel)
             self.fake_optimizer = make_optimizer(self.fake, config.train.lr * dc.fake_lr_ratio,
                                                  config.train.weight_decay, self.device)
         self.generator_updated = True  # dmd: whether the last step updated the student (else the fake only)
@@ -187,7 +189,7 @@ class Distiller(Trainer):
 
     # ---- one step ------------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
-        tc, dc, world = self.config.train, self.config.distill, self.world
+        tc, world = self.config.train, self.world
         batch, local = tc.batch_size, tc.batch_size // world.world_size
         mine = slice(world.rank * local, (world.rank + 1) * local)
         source = self.cache if self.cache is not None else self.dataset
@@ -199,6 +201,15 @@ class Distiller(Trainer):
         noise = torch.randn((batch, self.num_tokens, self.config.model.token_dim), generator=g)[mine].to(self.device)
         x0, cond, _ = self.image_batch(idx[mine])
         self.model.train()
+        with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss, fake_loss = self._losses(batch, mine, x0, cond, scale, noise)
+        objective = loss if fake_loss is None else loss + fake_loss
+        return self._update(loss, fake_loss, objective)
+
+    def _losses(self, batch: int, mine: slice, x0: Tensor, cond: Condition, scale: Tensor, noise: Tensor
+                ) -> tuple[Tensor, Tensor | None]:
+        """(the student's loss, the fake denoiser's or None) of the method, on this rank's rows."""
+        tc, dc, g = self.config.train, self.config.distill, self.generator
         student = self.student_velocity(self.model, cond, scale)
         if dc.method == "guidance":
             t = sample_timesteps(batch, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=g)[mine]
@@ -218,7 +229,11 @@ class Distiller(Trainer):
             fake_loss = None
         else:
             loss, fake_loss = self._dmd_losses(batch, mine, cond, scale, noise)
-        objective = loss if fake_loss is None else loss + fake_loss
+        return loss, fake_loss
+
+    def _update(self, loss: Tensor, fake_loss: Tensor | None, objective: Tensor) -> tuple[float, float]:
+        """Backward, clip, step (the student only on its steps), EMA; returns (loss, gradient norm)."""
+        tc, dc, world = self.config.train, self.config.distill, self.world
         objective.backward()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -255,7 +270,8 @@ class Distiller(Trainer):
         dc, g = self.config.distill, self.generator
         n = dc.student_steps
         grid = timestep_schedule(n, self.shift).to(self.device)
-        depth = torch.randint(0, n, (batch,), generator=g)[mine].to(self.device)
+        depth_all = torch.randint(0, n, (batch,), generator=g)
+        depth, steps = depth_all[mine].to(self.device), int(depth_all.max())  # every rank runs as many passes
         t_lo, t_hi = dc.dmd_t_range
         t_score = (t_lo + (t_hi - t_lo) * torch.rand(batch, generator=g))[mine].to(self.device)
         t_fake = torch.rand(batch, generator=g)[mine].to(self.device)
@@ -265,7 +281,7 @@ class Distiller(Trainer):
         self.generator_updated = self.step % dc.generator_every == 0
         x = noise
         with torch.no_grad():
-            for j in range(int(depth.max())):
+            for j in range(steps):
                 t = grid[j].expand(x.shape[0])
                 moved = x + (grid[j + 1] - grid[j]) * self.student_velocity(self.model, cond, scale)(x, t)
                 x = torch.where((depth > j).reshape(-1, 1, 1), moved, x)
@@ -308,13 +324,6 @@ class Distiller(Trainer):
             flat = {k[len("fake_"):]: v for k, v in tensors.items() if k.startswith("fake_optim/")}
             self.fake_optimizer.load_state_dict(optimizer_state_from_flat(flat, meta["fake_optimizer"]))
 
-    def initialise_from(self, path: str | Path) -> Path:
-        directory = super().initialise_from(path)
-        if self.fake is not None:  # the fake denoiser starts as the teacher (the student may start elsewhere)
-            from omnidit.checkpoint import initial_weights
-
-            D.unwrap(self.fake).load_state_dict(initial_weights(self.config.distill.teacher, self.config)[1])
-        return directory
 
 
 def distill(config: Config, progress: bool = True) -> Path:
@@ -333,7 +342,7 @@ def read_recipe(path: str | Path, teacher: str, out: str | Path) -> list[tuple[s
     A REF is "teacher" (the command's TEACHER) or the name of an earlier stage (its run folder, OUT/NAME);
     init_from (optional) is where the student starts when not at its teacher. Each stage resumes like any run, so
     running the recipe again continues where it stopped and skips finished stages."""
-    from omnidit.config import read_json
+    from omnidit.config import DISTILL_METHODS, read_json
 
     recipe = read_json(path, "distillation recipe")
     stages = recipe.get("stages") if isinstance(recipe, dict) else None
@@ -356,6 +365,9 @@ def read_recipe(path: str | Path, teacher: str, out: str | Path) -> list[tuple[s
         if unknown:
             raise OmniditError(f"{where}: '{unknown[0]}' is neither 'teacher' nor an earlier stage",
                                hint=f"use one of {', '.join(folders)}")
+        if stage["method"] not in DISTILL_METHODS:
+            raise OmniditError(f"{where}: unknown distillation method '{stage['method']}'",
+                               hint=f"choose one of {', '.join(DISTILL_METHODS)}")
         if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
             raise OmniditError(f"{where}: overrides must be a list of 'section.key=value' strings")
         if "init_from" in refs:
