@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from omnidit.evaluate.runner import evaluate_model
 from omnidit.pipeline import load_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import device_description  # noqa: E402
+from train_throughput import run_meta, write_report  # noqa: E402
 
 TEACHER_STEPS = (1, 2, 4, 8, 30)
 STUDENT_STEPS = (1, 2, 4)
@@ -75,12 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: " + ", ".join(f"{r['label']} {r['overall']:.3f}" for r in rows if r["model"] == name),
               flush=True)
     speed = {} if args.no_speed else images_per_second({"teacher": teacher, **students})
-    meta = {"device_name": device_description(torch.device("cpu")), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "teacher": args.teacher, "students": dict(s.split("=", 1)
-                                                                                        for s in args.student),
-            "limit": args.limit, "seed": args.seed, "seconds": round(time.perf_counter() - start, 1),
-            "images_per_s": speed, "speedup": {k: v / speed["teacher"] for k, v in speed.items()} if speed else {},
-            "command": "python benchmarks/distillation.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    meta = run_meta("distillation.py", argv, torch.device("cpu"), start, teacher=args.teacher,
+                    students=dict(s.split("=", 1) for s in args.student), limit=args.limit, seed=args.seed,
+                    images_per_s=speed, speedup={k: v / speed["teacher"] for k, v in speed.items()} if speed else {})
     categories = list(rows[0]["categories"])
     print(f"\n{meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads; shapes suite"
           + (f", {args.limit} prompts per category" if args.limit else "") + f", seed {args.seed}")
@@ -91,9 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     if speed:
         print("\nimages/s at each model's own defaults: " + ", ".join(
             f"{k} {v:.1f} ({meta['speedup'][k]:.1f}x)" for k, v in speed.items()))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_report(args.json, meta, rows)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from omnidit.pipeline import load_pipeline
 from omnidit.quantize import SCHEMES, quantize_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import device_description  # noqa: E402
+from train_throughput import run_meta, write_report  # noqa: E402
 
 PROMPTS = ["a red circle above a blue square", "two green triangles", "a small purple diamond",
            "a yellow square to the left of a cyan circle"] * 4
@@ -98,10 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         base = next(b for b in rows if b["model"] == r["model"] and b["scheme"] == "fp32")
         r["speedup"] = base["seconds"] / r["seconds"]
-    meta = {"device_name": device_description(torch.device("cpu")), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "limit": args.limit, "repeats": args.repeats,
-            "images_per_call": len(PROMPTS), "seconds": round(time.perf_counter() - start, 1),
-            "command": "python benchmarks/quantize.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    meta = run_meta("quantize.py", argv, torch.device("cpu"), start, limit=args.limit, repeats=args.repeats,
+                    images_per_call=len(PROMPTS))
     print(f"\n{meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads; {len(PROMPTS)} images per "
           f"call, 30 steps with guidance, one candidate; best of {args.repeats}")
     print(f"{'model':<18} {'scheme':<6} {'images/s':>9} {'speedup':>8} {'|diff|':>7} {'MiB':>6} {'overall':>8}")
@@ -109,9 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         overall = f"{r['overall']:.3f}" if "overall" in r else "-"
         print(f"{r['model']:<18} {r['scheme']:<6} {r['images_per_s']:>9.1f} {r['speedup']:>7.2f}x "
               f"{r['mean_abs_diff']:>7.3f} {r['mib']:>6.1f} {overall:>8}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_report(args.json, meta, rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from omnidit.pipeline import load_pipeline
 from omnidit.quantize import SPEEDS, apply_speed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import device_description  # noqa: E402
+from train_throughput import run_meta, write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,19 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         r["speedup"] = rows[0]["seconds"] / r["seconds"]
         r["score_change"] = r["overall"] - rows[0]["overall"]
-    meta = {"device_name": device_description(torch.device("cpu")), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "model": args.model, "limit": args.limit,
-            "seconds": round(time.perf_counter() - start, 1),
-            "command": "python benchmarks/speed_presets.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    meta = run_meta("speed_presets.py", argv, torch.device("cpu"), start, model=args.model, limit=args.limit)
     print(f"\n{meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads; shapes suite, {args.limit} "
           f"prompts per category")
     print(f"{'speed':<8} {'overall':>8} {'vs default':>10} {'speedup':>8}  settings")
     for r in rows:
         print(f"{r['speed']:<8} {r['overall']:>8.3f} {r['score_change']:>+10.3f} {r['speedup']:>7.2f}x  "
               f"{r['settings']}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_report(args.json, meta, rows)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from omnidit.pipeline import load_pipeline
 from omnidit.step_cache import calibrate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import device_description  # noqa: E402
+from train_throughput import run_meta, write_report  # noqa: E402
 
 JOBS = {  # name -> sampling keyword arguments
     "none": {},
@@ -79,19 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         r["speedup"] = base["seconds"] / r["seconds"]
         r["score_change"] = r["overall"] - base["overall"]
-    meta = {"device_name": device_description(torch.device(args.device)), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "model": args.model, "limit": args.limit,
-            "n_per_prompt": args.n_per_prompt, "seconds": round(time.perf_counter() - start, 1),
-            "command": "python benchmarks/step_cache.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    meta = run_meta("step_cache.py", argv, torch.device(args.device), start, model=args.model, limit=args.limit,
+                    n_per_prompt=args.n_per_prompt)
     print(f"\n{meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads; shapes suite, "
           f"{args.limit} prompts per category, {args.n_per_prompt} per prompt; the model's sampling settings")
     print(f"{'cache':<22} {'overall':>8} {'vs none':>8} {'skipped':>8} {'speedup':>8}")
     for r in rows:
         print(f"{r['job']:<22} {r['overall']:>8.3f} {r['score_change']:>+8.3f} {r['saved_fraction']:>8.0%} "
               f"{r['speedup']:>7.2f}x")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_report(args.json, meta, rows)
 
 
 if __name__ == "__main__":

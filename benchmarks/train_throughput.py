@@ -105,6 +105,20 @@ def device_description(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
 
 
+def run_meta(script: str, argv: list[str] | None, device: torch.device, start: float, **fields) -> dict:
+    """The header every benchmark's JSON carries: machine, torch, threads, its own fields, wall time, command."""
+    return {"device_name": device_description(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), **fields, "seconds": round(time.perf_counter() - start, 1),
+            "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)}
+
+
+def write_report(path: Path, meta: dict, rows: list[dict]) -> None:
+    """Write {**meta, "rows": rows} as JSON and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def _rss_bytes() -> int:
     # Peak resident set size of this process so far; Linux reports KiB, macOS bytes.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
