@@ -5,17 +5,15 @@ exact resume after SIGKILL, the CLI's errors)."""
 from __future__ import annotations
 
 import copy
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from omnidit.checkpoint import SAVE_DELAY_ENV, list_checkpoints, load_model, read_safetensors
+from omnidit.checkpoint import list_checkpoints, load_model, read_safetensors
 from omnidit.condition import Condition
 from omnidit.distill import (
     dmd_generator_loss,
@@ -342,21 +340,14 @@ def test_dmd_resumes_exactly_with_its_fake_denoiser(digits_teacher, tmp_path):
 
 
 def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teacher, tmp_path):
-    from tests.test_distributed import env
+    from tests.test_distributed import env, kill_during_save
 
     steps = ["train.steps=8", "train.checkpoint_every=2", "train.keep_last=5", "distill.teacher_steps=8",
              "distill.student_steps=2"]  # two stages of four steps: the kill lands in the second
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(distill_cmd(digits_teacher, straight, "progressive", *steps), check=True, env=env(),
                    capture_output=True, timeout=300)
-    proc = subprocess.Popen(distill_cmd(digits_teacher, killed, "progressive", *steps),
-                            env=env(**{SAVE_DELAY_ENV: "5"}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "checkpoint-0000006.tmp" / "model.safetensors").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before the third save"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_during_save(distill_cmd(digits_teacher, killed, "progressive", *steps), killed, 6)
     assert list_checkpoints(killed)[-1].name == "checkpoint-0000004"
     subprocess.run(distill_cmd(digits_teacher, killed, "progressive", *steps), check=True, env=env(),
                    capture_output=True, timeout=300)

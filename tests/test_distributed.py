@@ -99,21 +99,25 @@ def test_counterfactual_pairs_run_on_two_processes(tmp_path, parallel):
     assert len(losses(run)) == 3 and all(math.isfinite(x) for x in losses(run))
 
 
+def kill_during_save(cmd: list[str], run: Path, step: int) -> None:
+    """Start ``cmd`` with every save paused after writing model.safetensors into its .tmp folder, and SIGKILL it
+    while it writes the checkpoint of ``step``."""
+    proc = subprocess.Popen(cmd, env=env(**{SAVE_DELAY_ENV: "5"}), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run / f"checkpoint-{step:07d}.tmp" / "model.safetensors").exists():
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before the save of step {step}"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_sigkill_during_a_save_then_resume_is_bit_identical(tmp_path):
     steps = ["train.steps=12", "train.checkpoint_every=4", "train.keep_last=5"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(train_cmd(straight, *steps), check=True, env=env(), capture_output=True, timeout=300)
 
-    # Every save now pauses after writing model.safetensors into the .tmp folder: kill the run
-    # while it writes the second checkpoint.
-    proc = subprocess.Popen(train_cmd(killed, *steps), env=env(**{SAVE_DELAY_ENV: "5"}),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "checkpoint-0000008.tmp" / "model.safetensors").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before the second save"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_during_save(train_cmd(killed, *steps), killed, 8)  # while it writes the second checkpoint
     assert [p.name for p in list_checkpoints(killed)] == ["checkpoint-0000004"]  # the previous one is intact
     assert read_safetensors(killed / "checkpoint-0000004" / "model.safetensors")  # and loads
 
