@@ -5,12 +5,17 @@ The server runs in this process (uvicorn in a thread, the shipped shapes model u
 already running one (--url). Each client posts ``POST /v1/images/generations`` requests back to back (one
 image each, seed = a counter, the model's default settings unless --steps) until --seconds have passed;
 requests that are in flight then finish and count. Reported per phase: requests/s, images/s, latency
-p50 / p95 / p99, the mean batch size (from the server's /metrics), errors, and the server process's
-resident memory at the start and end of the phase (in-process server only). The ratio row is images/s of N
-clients over one client: dynamic batching's gain (the issue's target: >= 3x at 8 clients, zero errors).
+p50 / p95 / p99, the mean batch size (from the server's /metrics; with replicas, of whichever replica answers
+the scrape), errors, and the server process's resident memory sampled through the phase (in-process server
+only). The ratio row is images/s of N clients over one client: dynamic batching's gain (the issue's target:
+>= 3x at 8 clients, zero errors). ``--ceiling`` also times the pipeline itself, in this process and without
+HTTP, at batch 1 and at --max-batch: the most that batching can give on this machine.
 
-Example:
-    python benchmarks/serve_load.py --clients 8 --seconds 60 --json benchmarks/results/serve_load.json
+``--replicas N`` serves through ``omnidit serve --replicas N`` (Ray Serve) started from this process.
+
+Examples:
+    python benchmarks/serve_load.py --clients 8 --seconds 60 --ceiling --json benchmarks/results/serve_load.json
+    python benchmarks/serve_load.py --clients 8 --seconds 300 --only-many   # the 5-minute memory run
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import json
 import re
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -55,7 +61,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-def run_phase(url: str, clients: int, seconds: float, steps: int | None, seed_base: int) -> dict:
+def run_phase(url: str, clients: int, seconds: float, steps: int | None, seed_base: int,
+              rss_every: float = 15.0) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
     images = [0]
@@ -88,10 +95,15 @@ def run_phase(url: str, clients: int, seconds: float, steps: int | None, seed_ba
 
     batch_before = batch_totals(url)
     rss_before = rss_mib()
+    rss_samples: list[tuple[float, float]] = []
     started = time.monotonic()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
+    while any(t.is_alive() for t in threads):
+        threads[0].join(rss_every)
+        if rss_before is not None:
+            rss_samples.append((round(time.monotonic() - started, 1), rss_mib()))
     for t in threads:
         t.join()
     wall = time.monotonic() - started
@@ -102,7 +114,25 @@ def run_phase(url: str, clients: int, seconds: float, steps: int | None, seed_ba
             "p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95),
             "p99_s": percentile(latencies, 0.99), "mean_latency_s": statistics.fmean(latencies) if latencies else None,
             "mean_batch": (batch_after[0] - batch_before[0]) / batches if batches else None,
-            "rss_mib_start": rss_before, "rss_mib_end": rss_mib()}
+            "rss_mib_start": rss_before, "rss_mib_end": rss_mib(), "rss_mib_samples": rss_samples}
+
+
+def batching_ceiling(model: str, max_batch: int, steps: int | None, rounds: int = 3) -> dict:
+    """The pipeline's images/s at batch 1 and at ``max_batch`` in this process (no HTTP, no queue), each the
+    best of ``rounds``: the most that dynamic batching can gain on this machine."""
+    from omnidit.pipeline import load_pipeline
+
+    pipe = load_pipeline(model, device="cpu")
+    best = {}
+    for batch in (1, max_batch):
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            pipe.generate([PROMPTS[i % len(PROMPTS)] for i in range(batch)], seed=list(range(batch)), steps=steps)
+            times.append(time.perf_counter() - start)
+        best[batch] = batch / min(times)
+    return {"images_per_s_batch_1": best[1], f"images_per_s_batch_{max_batch}": best[max_batch],
+            "ratio": best[max_batch] / best[1]}
 
 
 def main() -> None:
@@ -114,8 +144,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps per request (default: the model's)")
     parser.add_argument("--max-batch", type=int, default=16, help="the in-process server's --max-batch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="serve with omnidit serve --replicas N (Ray Serve) started from this process")
+    parser.add_argument("--only-many", action="store_true", help="skip the one-client phase")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also time the pipeline alone at batch 1 and --max-batch (batching's ceiling)")
+    parser.add_argument("--ceiling-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
+    if args.ceiling_only:
+        print(json.dumps(batching_ceiling(args.model, args.max_batch, args.steps)))
+        return
 
     import torch
 
@@ -123,13 +162,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     server = None
     url = args.url
-    if url is None:
+    if url is None and args.replicas:
+        from omnidit.serve.app import Limits
+        from omnidit.serve.replicas import serve_replicas
+
+        port = free_port()
+        serve_replicas({args.model: args.model}, None, None, "cpu", {"limits": Limits(), "max_batch": args.max_batch},
+                       "127.0.0.1", port, args.replicas, block=False)
+        url = f"http://127.0.0.1:{port}"
+    elif url is None:
         import uvicorn
 
         from omnidit.pipeline import load_pipeline
         from omnidit.serve.app import build_app
+        from omnidit.serve.batching import reserve_torch_threads
 
-        app = build_app({args.model: load_pipeline(args.model, device="cpu")}, max_batch=args.max_batch)
+        threads = reserve_torch_threads()  # as omnidit serve does
+        app = build_app({args.model: load_pipeline(args.model, device="cpu")}, max_batch=args.max_batch,
+                        threads=threads)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         threading.Thread(target=server.run, daemon=True).start()
         while not server.started:
@@ -137,20 +187,33 @@ def main() -> None:
         url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPTS[0], "steps": 2}, timeout=600)  # warm-up
 
-    one = run_phase(url, 1, args.seconds, args.steps, seed_base=0)
+    one = None if args.only_many else run_phase(url, 1, args.seconds, args.steps, seed_base=0)
     many = run_phase(url, args.clients, args.seconds, args.steps, seed_base=10**6)
-    ratio = many["images_per_s"] / one["images_per_s"] if one["images_per_s"] else float("nan")
+    ratio = many["images_per_s"] / one["images_per_s"] if one and one["images_per_s"] else float("nan")
     print(f"{'clients':>8} {'req/s':>7} {'img/s':>7} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'batch':>6} "
           f"{'errors':>6} {'RSS MiB start->end':>19}")
-    for row in (one, many):
+    for row in [r for r in (one, many) if r]:
         rss = (f"{row['rss_mib_start']:.0f} -> {row['rss_mib_end']:.0f}" if row["rss_mib_start"] else "n/a")
         print(f"{row['clients']:>8} {row['requests_per_s']:>7.2f} {row['images_per_s']:>7.2f} {row['p50_s']:>7.2f} "
               f"{row['p95_s']:>7.2f} {row['p99_s']:>7.2f} {row['mean_batch'] or 0:>6.2f} {row['errors']:>6} "
               f"{rss:>19}")
     print(f"images/s, {args.clients} clients / 1 client: {ratio:.2f}x")
+    ceiling = None
+    if args.ceiling:
+        if server is not None:
+            server.should_exit = True  # its worker must not share the cores with the timing
+            time.sleep(1)
+        # In a fresh process: torch threads used from two threads of one process slow each other (see
+        # omnidit.serve.batching.reserve_torch_threads).
+        command = [sys.executable, __file__, "--ceiling-only", "--model", args.model, "--max-batch",
+                   str(args.max_batch)] + (["--steps", str(args.steps)] if args.steps else [])
+        ceiling = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+        print(f"the pipeline alone, batch {args.max_batch} / batch 1: {ceiling['ratio']:.2f}x images/s "
+              f"({ceiling['images_per_s_batch_1']:.2f} -> {ceiling[f'images_per_s_batch_{args.max_batch}']:.2f})")
     result = {"device": device_description(torch.device("cpu")), "torch_threads": torch.get_num_threads(),
               "model": args.model, "steps": args.steps, "seconds_per_phase": args.seconds,
-              "one_client": one, "many_clients": many, "ratio_images_per_s": ratio,
+              "replicas": args.replicas, "one_client": one, "many_clients": many, "ratio_images_per_s": ratio,
+              "batching_ceiling": ceiling,
               "command": "python " + " ".join(sys.argv)}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +221,18 @@ def main() -> None:
         print(f"wrote {args.json}")
     if server is not None:
         server.should_exit = True
+    if args.replicas:
+        from omnidit.serve.replicas import stop_replicas
+
+        stop_replicas()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -344,13 +344,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _start_server(port: int, tmp_path):
+def _start_server(port: int, tmp_path, *extra: str, wait: float = 60):
     import subprocess
     import sys
 
-    process = subprocess.Popen([sys.executable, "-m", "omnidit", "serve", "--model", "shapes", "--port", str(port)],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
+    process = subprocess.Popen([sys.executable, "-m", "omnidit", "serve", "--model", "shapes", "--port", str(port),
+                                *extra], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:

@@ -257,20 +257,26 @@ def load_lora(model: nn.Module, path: str | Path, name: str | None = None, weigh
     return name
 
 
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``FILE[:WEIGHT]`` -> (file, weight): the weight defaults to 1 and must lie in [-10, 10]."""
+    path, weight = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+            path = head
+        except ValueError:
+            pass
+    if not -10 <= weight <= 10:
+        raise OmniditError(f"--lora {spec}: the weight {weight:g} lies outside [-10, 10]", hint="e.g. FILE:0.8")
+    return path, weight
+
+
 def apply_lora_specs(model: nn.Module, specs: list[str] | None) -> list[str]:
     """``--lora FILE[:WEIGHT]`` flags: load each file at its weight (default 1); returns the specs as applied."""
     applied = []
     for spec in specs or []:
-        path, weight = spec, 1.0
-        head, sep, tail = spec.rpartition(":")
-        if sep and head:
-            try:
-                weight = float(tail)
-                path = head
-            except ValueError:
-                pass
-        if not -10 <= weight <= 10:
-            raise OmniditError(f"--lora {spec}: the weight {weight:g} lies outside [-10, 10]", hint="e.g. FILE:0.8")
+        path, weight = parse_lora_spec(spec)
         name = load_lora(model, path, weight=weight)
         applied.append(f"{name}:{weight:g}")
     return applied

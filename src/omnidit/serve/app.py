@@ -14,6 +14,7 @@ import base64
 import contextlib
 import hmac
 import json
+import os
 import re
 import secrets
 import tempfile
@@ -222,13 +223,16 @@ class _Guard:
 
 
 def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None = None, max_batch: int = 16,
-              batch_window: float = 0.02, max_queue: int = 64) -> FastAPI:
-    """The ASGI app serving ``pipelines`` (name -> loaded ``Pipeline``; the first is the default model)."""
+              batch_window: float = 0.02, max_queue: int = 64, threads: int | None = None,
+              url_results: bool = True) -> FastAPI:
+    """The ASGI app serving ``pipelines`` (name -> loaded ``Pipeline``; the first is the default model).
+    ``threads``: torch threads of the sampling worker (``batching.reserve_torch_threads``); ``url_results``
+    False refuses response_format=url (replicas: the file would live in one replica only)."""
     if not pipelines:
         raise OmniditError("no model to serve", hint="pass --model shapes (or a model folder)")
     limits = limits or Limits()
     metrics = Metrics()
-    batcher = Batcher(pipelines, max_batch=max_batch, window=batch_window, max_queue=max_queue)
+    batcher = Batcher(pipelines, max_batch=max_batch, window=batch_window, max_queue=max_queue, threads=threads)
     batcher.stats.on_batch = lambda size, seconds: metrics.batch_size.observe(size)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     files, hub = FileStore(limits.url_ttl), ProgressHub()
@@ -283,7 +287,8 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": list(pipelines), "queue_depth": batcher.depth}
+        # pid: which process answered (replicas behind Ray Serve are separate processes)
+        return {"status": "ok", "models": list(pipelines), "queue_depth": batcher.depth, "pid": os.getpid()}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -335,6 +340,10 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
             where = "/v1/videos/generations" if makes_clips else "/v1/images/generations"
             raise ApiError(400, f"the model '{name}' makes {'clips' if makes_clips else 'images'}: use {where}",
                            param="model", code="wrong_endpoint")
+        if body.response_format == "url" and not url_results:
+            raise ApiError(400, "response_format=url is off on a server with several replicas (the file would "
+                                "live in one of them only): ask for b64_json", param="response_format",
+                           code="url_unavailable")
         job = _job(body, name, pipe, limits, video)
         progress_id = body.progress_id
         if progress_id:

@@ -55,6 +55,16 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--url-ttl", type=float, default=600.0,
                    help="seconds a response_format=url result stays downloadable (kept in memory; default: 600)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="run N copies of the server behind Ray Serve's proxy, each in its own process with its own "
+                        "batching (needs the ray extra: pip install -e '.[ray]'); response_format=url is then "
+                        "refused (use b64_json) (default: 1, no Ray)")
+    p.add_argument("--ray-address", default=None,
+                   help="run the replicas on this Ray cluster (e.g. 'auto' after 'ray start --head' here, or "
+                        "HOST:6379) instead of a Ray started for this command; every machine needs the models")
+    p.add_argument("--replica-cpus", type=float, default=None,
+                   help="CPUs Ray reserves for each replica, also its torch threads (default: this machine's "
+                        "cores shared by the replicas; 1 on a --ray-address cluster)")
 
 
 def parse_models(values: list[str] | None) -> dict[str, str]:
@@ -91,22 +101,67 @@ def check_port_free(host: str, port: int) -> None:
                                hint="choose another --port, or stop what uses it") from None
 
 
+def split_serve_lora(spec: str, served: list[str]) -> tuple[str, str]:
+    """--lora [NAME=]FILE[:WEIGHT] -> (served model's name, FILE[:WEIGHT]); NAME defaults to the first model."""
+    name, sep, rest = spec.partition("=")
+    return (name, rest) if sep and name in served else (served[0], spec)
+
+
 def apply_serve_loras(pipelines: dict, specs: list[str] | None) -> dict[str, list[str]]:
     """--lora [NAME=]FILE[:WEIGHT]: each adapter onto the named served model (default: the first one)."""
     from omnidit.lora import apply_lora_specs
 
     applied: dict[str, list[str]] = {}
-    default = next(iter(pipelines))
     for spec in specs or []:
-        name, sep, rest = spec.partition("=")
-        if not sep or name not in pipelines:
-            name, rest = default, spec
+        name, rest = split_serve_lora(spec, list(pipelines))
         applied.setdefault(name, []).extend(apply_lora_specs(pipelines[name].model, [rest]))
     return applied
 
 
+def build_served_app(models: dict[str, str], loras: list[str] | None, speed: str | None, device: str, **app_options):
+    """Load ``models`` (name -> shipped name or folder) with their LoRA adapters at a --speed preset and
+    return the server's ASGI app; ``app_options`` go to ``build_app``. The calling thread keeps one torch
+    thread and the sampling worker gets the rest (``reserve_torch_threads``)."""
+    from omnidit.pipeline import load_pipeline
+    from omnidit.quantize import apply_speed
+    from omnidit.serve.app import build_app
+    from omnidit.serve.batching import reserve_torch_threads
+
+    threads = reserve_torch_threads()
+    pipelines = {name: load_pipeline(path, device=device) for name, path in models.items()}
+    apply_serve_loras(pipelines, loras)
+    for pipe in pipelines.values():
+        apply_speed(pipe, speed)
+    return build_app(pipelines, threads=threads, **app_options)
+
+
+def _check_for_replicas(models: dict[str, str], loras: list[str] | None) -> tuple[dict[str, str], list[str]]:
+    """What the replicas will load, checked here first (a replica's error would reach us buried in Ray's):
+    models resolve to folders with a readable config and LoRA files exist. Returns the models and --lora specs
+    with absolute paths, since a replica's process need not share this one's working folder."""
+    from omnidit.checkpoint import SHIPPED_MODELS, read_config, resolve_model_dir
+    from omnidit.lora import parse_lora_spec
+
+    resolved = {}
+    for name, path in models.items():
+        folder = resolve_model_dir(path)
+        read_config(folder)
+        resolved[name] = path if path in SHIPPED_MODELS and not Path(path).exists() else str(folder.resolve())
+    specs = []
+    for spec in loras or []:
+        name, rest = split_serve_lora(spec, list(models))
+        file, weight = parse_lora_spec(rest)
+        if not Path(file).is_file():
+            raise OmniditError(f"--lora {spec}: no such file {file}", hint="check the path")
+        specs.append(f"{name}={Path(file).resolve()}:{weight:g}")
+    return resolved, specs
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     check_number("--port", args.port, low=0, high=65535, integer=True)
+    check_number("--replicas", args.replicas, low=1, high=1024, integer=True)
+    if args.replica_cpus is not None:
+        check_number("--replica-cpus", args.replica_cpus, low=0, low_open=True, high=4096)
     for flag in ("max_batch", "max_queue", "max_n", "max_steps", "max_frames", "max_prompt_chars"):
         check_number(f"--{flag.replace('_', '-')}", getattr(args, flag), low=1, high=10**6, integer=True)
     check_number("--batch-window-ms", args.batch_window_ms, low=0, high=10_000)
@@ -116,25 +171,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from omnidit.serve.app import Limits, build_app
+        from omnidit.serve.app import Limits
     except ImportError as error:
         raise OmniditError(f"omnidit serve needs {error.name}", hint="pip install -e '.[serve]'") from None
     models = parse_models(args.model)
     check_port_free(args.host, args.port)
-    from omnidit.pipeline import load_pipeline
-
-    pipelines = {name: load_pipeline(path, device=args.device) for name, path in models.items()}
-    apply_serve_loras(pipelines, args.lora)
-    from omnidit.quantize import apply_speed
-
-    for pipe in pipelines.values():
-        apply_speed(pipe, args.speed)
     limits = Limits(max_n=args.max_n, max_pixels=width * height, max_steps=args.max_steps,
                     max_prompt_chars=args.max_prompt_chars, max_frames=args.max_frames, timeout=args.timeout,
                     url_ttl=args.url_ttl)
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
-    app = build_app(pipelines, limits, api_key, max_batch=args.max_batch, batch_window=args.batch_window_ms / 1000,
-                    max_queue=args.max_queue)
-    print(f"serving {', '.join(pipelines)} on http://{args.host}:{args.port}/ "
+    app_options = {"limits": limits, "api_key": api_key, "max_batch": args.max_batch,
+                   "batch_window": args.batch_window_ms / 1000, "max_queue": args.max_queue}
+    if args.replicas > 1 or args.ray_address:
+        from omnidit.serve.replicas import serve_replicas
+
+        resolved, loras = _check_for_replicas(models, args.lora)
+        serve_replicas(resolved, loras, args.speed, args.device, app_options, args.host, args.port, args.replicas,
+                       args.ray_address, args.replica_cpus)
+        return
+    app = build_served_app(models, args.lora, args.speed, args.device, **app_options)
+    print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/ "
           f"({'API key required' if api_key else 'no API key'}); Ctrl-C stops", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
