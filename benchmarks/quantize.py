@@ -1,6 +1,8 @@
 """Quantized sampling (omnidit quantize) against float32 in one run: images/s and the shapes suite's score of the
-shipped model as float32, w8a8 (dynamic int8) and bf16 (bfloat16 autocast), plus the time of one sampling call of
-a wider random model of the same shape family, where the matrices are large enough for int8 kernels to pay.
+shipped model as float32, w8a8 (dynamic int8), bf16 (bfloat16 autocast), and the weight-only w8, w4 and w4 with
+Hadamard rotation (w4-rot), plus the time of one sampling call of a wider random model of the same shape family,
+where the matrices are large enough for int8 kernels to pay. Per scheme also: the folder's size, the model's
+tensors in memory, and the blocks' linear weights' relative error (dequantized against float32).
 
 **Peer: internal** (float32 of the same weights, the same prompts and seeds). Timings alternate the schemes
 ``--repeats`` times and keep each one's best, so a busy machine slows all of them alike.
@@ -24,11 +26,13 @@ from omnidit.config import config_from_dict
 from omnidit.evaluate.runner import evaluate_model
 from omnidit.model import MMDiT
 from omnidit.pipeline import load_pipeline
-from omnidit.quantize import SCHEMES, quantize_folder
+from omnidit.quantize import WeightOnlyLinear, _block_linears, quantize_folder, rotate_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import run_meta, write_report  # noqa: E402
 
+VARIANTS = {"w8a8": ("w8a8", False), "bf16": ("bf16", False), "w8": ("w8", False), "w4": ("w4", False),
+            "w4-rot": ("w4", True)}  # label: (scheme, Hadamard rotation)
 PROMPTS = ["a red circle above a blue square", "two green triangles", "a small purple diamond",
            "a yellow square to the left of a cyan circle"] * 4
 
@@ -38,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="shapes", help="a shipped model name or model folder (default shapes)")
     p.add_argument("--limit", type=int, default=4, help="prompts per suite category for the score (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds, best kept (default 3)")
-    p.add_argument("--wide", type=int, default=768, help="hidden size of the wider random model (default 768)")
+    p.add_argument("--wide", type=int, default=768, help="hidden size of the wider random model; 0 skips it "
+                                                         "(default 768)")
+    p.add_argument("--schemes", default=",".join(VARIANTS), help=f"which to run (default {','.join(VARIANTS)})")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/quantize.json"))
     return p.parse_args(argv)
 
@@ -63,6 +69,28 @@ def wide_model(folder: Path, hidden: int) -> Path:
     return save_checkpoint(folder, config, model.state_dict())
 
 
+def tensor_mib(model: torch.nn.Module) -> float:
+    """The model's parameters and buffers in memory (int8 / packed int4 weights count at their size)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    total += sum(m.weight().numel() for m in model.modules() if isinstance(m, DynamicInt8Linear))  # packed int8
+    return total / 2**20
+
+
+def weight_error(model: torch.nn.Module, reference: torch.nn.Module) -> float | None:
+    """Mean over the blocks' linears of |W_dequantized - W| / |W| (weight-only schemes; None otherwise)."""
+    errors = []
+    for name, dense in _block_linears(reference).items():
+        layer = model.get_submodule(name)
+        if not isinstance(layer, WeightOnlyLinear):
+            return None
+        restored = layer.dequantized()
+        restored = rotate_groups(restored, layer.group) if layer.rotate else restored  # H H = I
+        errors.append(float((restored - dense.weight).norm() / dense.weight.norm()))
+    return sum(errors) / len(errors)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -70,10 +98,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for label, source in (("shapes", args.model), (f"random width {args.wide}", wide_model(tmp / "wide",
-                                                                                               args.wide))):
-            folders = {"fp32": source, **{s: quantize_folder(source, tmp / f"{label}-{s}".replace(" ", "_"), s)
-                                          for s in SCHEMES}}
+        models = [("shapes", args.model)]
+        if args.wide:
+            models.append((f"random width {args.wide}", wide_model(tmp / "wide", args.wide)))
+        chosen = [v.strip() for v in args.schemes.split(",") if v.strip()]
+        for label, source in models:
+            folders = {"fp32": source}
+            for variant in chosen:
+                scheme, rotate = VARIANTS[variant]
+                folders[variant] = quantize_folder(source, tmp / f"{label}-{variant}".replace(" ", "_"), scheme,
+                                                   rotate=rotate)
             pipes = {name: load_pipeline(folder, device="cpu") for name, folder in folders.items()}
             for pipe in pipes.values():  # warm up
                 pipe.generate(PROMPTS[:2], seed=0, steps=2, **plain)
@@ -87,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
                        "images_per_s": len(PROMPTS) / min(timed[name]),
                        "mean_abs_diff": float((pipe.generate(PROMPTS, seed=0, **plain) - reference).abs().mean()),
                        "mib": sum(f.stat().st_size for f in Path(folders[name] if name != "fp32" else
-                                                                  pipe.model_dir).iterdir() if f.is_file()) / 2**20}
+                                                                  pipe.model_dir).iterdir() if f.is_file()) / 2**20,
+                       "tensor_mib": tensor_mib(pipe.model),
+                       "weight_error": weight_error(pipe.model, pipes["fp32"].model)}
                 if label == "shapes":
                     report = evaluate_model(pipe, "shapes", n_per_prompt=1, limit=args.limit, progress=False,
                                             frechet=False, **plain)
@@ -101,11 +137,13 @@ def main(argv: list[str] | None = None) -> None:
                     images_per_call=len(PROMPTS))
     print(f"\n{meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads; {len(PROMPTS)} images per "
           f"call, 30 steps with guidance, one candidate; best of {args.repeats}")
-    print(f"{'model':<18} {'scheme':<6} {'images/s':>9} {'speedup':>8} {'|diff|':>7} {'MiB':>6} {'overall':>8}")
+    print(f"{'model':<18} {'scheme':<6} {'images/s':>9} {'speedup':>8} {'|diff|':>7} {'MiB':>6} {'mem MiB':>8} "
+          f"{'W err':>6} {'overall':>8}")
     for r in rows:
         overall = f"{r['overall']:.3f}" if "overall" in r else "-"
+        error = f"{r['weight_error']:.4f}" if r["weight_error"] is not None else "-"
         print(f"{r['model']:<18} {r['scheme']:<6} {r['images_per_s']:>9.1f} {r['speedup']:>7.2f}x "
-              f"{r['mean_abs_diff']:>7.3f} {r['mib']:>6.1f} {overall:>8}")
+              f"{r['mean_abs_diff']:>7.3f} {r['mib']:>6.1f} {r['tensor_mib']:>8.1f} {error:>6} {overall:>8}")
     write_report(args.json, meta, rows)
 
 

@@ -100,10 +100,12 @@ def run_phase(url: str, clients: int, seconds: float, steps: int | None, seed_ba
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
+    next_sample = started + rss_every
     while any(t.is_alive() for t in threads):
-        threads[0].join(rss_every)
-        if rss_before is not None:
+        time.sleep(0.2)
+        if rss_before is not None and time.monotonic() >= next_sample:
             rss_samples.append((round(time.monotonic() - started, 1), rss_mib()))
+            next_sample += rss_every
     for t in threads:
         t.join()
     wall = time.monotonic() - started
@@ -162,6 +164,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     server = None
     url = args.url
+    threads = torch.get_num_threads()
     if url is None and args.replicas:
         from omnidit.serve.app import Limits
         from omnidit.serve.replicas import serve_replicas
@@ -177,7 +180,7 @@ def main() -> None:
         from omnidit.serve.app import build_app
         from omnidit.serve.batching import reserve_torch_threads
 
-        threads = reserve_torch_threads()  # as omnidit serve does
+        threads = reserve_torch_threads()  # as omnidit serve does: the sampling worker gets them
         app = build_app({args.model: load_pipeline(args.model, device="cpu")}, max_batch=args.max_batch,
                         threads=threads)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
@@ -210,7 +213,7 @@ def main() -> None:
         ceiling = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
         print(f"the pipeline alone, batch {args.max_batch} / batch 1: {ceiling['ratio']:.2f}x images/s "
               f"({ceiling['images_per_s_batch_1']:.2f} -> {ceiling[f'images_per_s_batch_{args.max_batch}']:.2f})")
-    result = {"device": device_description(torch.device("cpu")), "torch_threads": torch.get_num_threads(),
+    result = {"device": device_description(torch.device("cpu")), "torch_threads": threads,
               "model": args.model, "steps": args.steps, "seconds_per_phase": args.seconds,
               "replicas": args.replicas, "one_client": one, "many_clients": many, "ratio_images_per_s": ratio,
               "batching_ceiling": ceiling,

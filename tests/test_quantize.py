@@ -10,7 +10,17 @@ from safetensors.torch import load_file
 from test_cli import assert_one_line_error, run_main
 
 from omnidit.errors import OmniditError
-from omnidit.quantize import int8_per_row, load_quantized, quantize_folder
+from omnidit.quantize import (
+    WeightOnlyLinear,
+    hadamard,
+    int4_per_group,
+    int8_per_row,
+    load_quantized,
+    quantize_folder,
+    rotate_groups,
+    unpack_int4,
+    weight_only,
+)
 
 
 def test_int8_rows_round_trip_within_half_a_step():
@@ -18,6 +28,42 @@ def test_int8_rows_round_trip_within_half_a_step():
     values, scale = int8_per_row(w)
     assert values.dtype == torch.int8 and (values.abs().amax(dim=1) == 127).all()
     assert ((values.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+
+
+def test_int4_groups_pack_two_per_byte_and_round_trip_within_half_a_step():
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 3, 8)[:, None]
+    packed, scale = int4_per_group(w, 32)
+    assert packed.dtype == torch.uint8 and packed.shape == (8, 64) and scale.shape == (8, 4)
+    restored = unpack_int4(packed, scale)
+    step = scale.repeat_interleave(32, dim=1)
+    assert ((restored - w).abs() <= step / 2 + 1e-6).all()
+    assert torch.allclose(restored.abs().unflatten(1, (4, 32)).amax(dim=2), w.abs().unflatten(1, (4, 32)).amax(dim=2))
+    exact = torch.arange(-7, 8).float().repeat(8, 2)[:, :16] * 0.5  # values on the grid come back bit-exact
+    assert torch.equal(unpack_int4(*int4_per_group(exact, 16)), exact)
+
+
+def test_hadamard_rotation_is_orthonormal_and_leaves_a_float_linear_unchanged():
+    h = hadamard(64)
+    assert torch.allclose(h @ h, torch.eye(64), atol=1e-6) and torch.equal(h, h.T)
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(5, 128, generator=g), torch.randn(24, 128, generator=g)
+    assert torch.allclose(rotate_groups(x, 64) @ rotate_groups(w, 64).T, x @ w.T, atol=1e-4)
+    with pytest.raises(OmniditError, match="power-of-2"):
+        hadamard(48)
+
+
+def test_rotation_spreads_an_outlier_so_int4_error_falls():
+    """One large weight per group sets the group's scale: unrotated, the rest round to few levels; rotated,
+    the outlier is spread over the group. The layer's output error must fall more than two-fold."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 128, generator=g) * 0.02
+    w[:, ::64] = 1.0  # one outlier in each group of 64
+    x = torch.randn(16, 128, generator=g)
+    errors = {}
+    for rotate in (False, True):
+        layer = WeightOnlyLinear(*weight_only(w, "w4", 64, rotate), None, bits=4, group=64, rotate=rotate)
+        errors[rotate] = (layer(x) - x @ w.T).norm() / (x @ w.T).norm()
+    assert errors[True] < errors[False] / 2, errors
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +106,32 @@ def test_bf16_stores_bfloat16_and_samples_under_autocast(folders, tiny_run):
     assert (out - ref).abs().mean() < 0.05
 
 
+@pytest.mark.parametrize("scheme, rotate", [("w8", False), ("w4", False), ("w4", True)])
+def test_weight_only_folders_store_small_weights_and_sample_close_to_float(tiny_run, tmp_path, scheme, rotate):
+    from omnidit.pipeline import load_pipeline
+
+    out = quantize_folder(tiny_run, tmp_path / scheme, scheme, group=32, rotate=rotate)
+    stored = load_file(str(out / "model.safetensors"))
+    weight = stored["single_blocks.0.linear1.weight"]
+    assert weight.dtype == (torch.uint8 if scheme == "w4" else torch.int8)
+    pipe = load_pipeline(out, device="cpu")
+    layer = pipe.model.single_blocks[0].linear1
+    assert isinstance(layer, WeightOnlyLinear) and layer.rotate == rotate and layer.values.dtype == weight.dtype
+    assert not isinstance(pipe.model.single_blocks[0].mod.lin, WeightOnlyLinear)
+    float_pipe = load_pipeline(tiny_run, device="cpu")
+    dense = float_pipe.model.single_blocks[0].linear1.weight
+    restored = layer.dequantized() if not rotate else rotate_groups(layer.dequantized(), 32)  # H H = I
+    assert ((restored - dense).norm() / dense.norm()) < (0.01 if scheme == "w8" else 0.15)
+    prompts = ["a red circle", "two blue squares"]
+    ref, got = float_pipe.generate(prompts, seed=[1, 2]), pipe.generate(prompts, seed=[1, 2])
+    assert 0 < (got - ref).abs().mean() < (0.05 if scheme == "w8" else 0.15)
+
+
 def test_quantize_refuses_what_it_cannot_do(folders, tmp_path):
     with pytest.raises(OmniditError, match="already quantized"):
         quantize_folder(folders["w8a8"], tmp_path / "again", "bf16")
     with pytest.raises(OmniditError, match="unknown quantization scheme"):
-        quantize_folder(folders["w8a8"], tmp_path / "x", "w4")
+        quantize_folder(folders["w8a8"], tmp_path / "x", "w3")
     from omnidit.checkpoint import read_config
 
     with pytest.raises(OmniditError, match="w8a8 runs on CPUs"):
@@ -82,8 +149,14 @@ def test_quantize_command(tmp_path, tiny_run, capsys):
     assert code == 0 and (tmp_path / "x.png").is_file(), err
     code, _, err = run_main(capsys, "quantize", tiny_run, out, "--scheme", "bf16")
     assert_one_line_error(code, err, "already exists")
-    code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w4")
+    code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w3")
     assert_one_line_error(code, err, "invalid choice")
+    code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w8a8", "--rotate")
+    assert_one_line_error(code, err, "--rotate applies to the weight-only schemes")
+    code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w4", "--group-size", "48")
+    assert_one_line_error(code, err, "--group-size must be a power of 2")
+    code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w4", "--group-size", "4096")
+    assert_one_line_error(code, err, "does not divide the inputs of")
     assert not (tmp_path / "y").exists()
 
 

@@ -201,15 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_calibrate_parser(sub)
     add_distill_parser(sub)
-    p = sub.add_parser("quantize", help="write a quantized copy of a model (w8a8 int8 or bf16) that loads directly",
+    p = sub.add_parser("quantize", help="write a quantized copy of a model (int8, int4 or bf16) that loads directly",
                        description="Write MODEL as a quantized model folder at OUT (safetensors and JSON): w8a8 runs "
                                    "the transformer blocks' linear layers as dynamic int8 on x86 CPUs; bf16 stores "
-                                   "bfloat16 weights and samples under bfloat16 autocast. generate, eval, serve and "
-                                   "load_pipeline read OUT like any model. Speed and quality against float32: "
-                                   "benchmarks/quantize.py.")
+                                   "bfloat16 weights and samples under bfloat16 autocast; w8 and w4 keep those "
+                                   "weights int8 per row or int4 per group for memory, on any device, and "
+                                   "dequantize them at each call. generate, eval, serve and load_pipeline read OUT "
+                                   "like any model. Speed and quality against float32: benchmarks/quantize.py.")
     p.add_argument("model", help="a shipped model's name, a checkpoint or run folder")
     p.add_argument("out", help="the folder to write (must not exist)")
-    p.add_argument("--scheme", required=True, choices=["w8a8", "bf16"], help="w8a8 (CPU int8) or bf16")
+    p.add_argument("--scheme", required=True, choices=["w8a8", "bf16", "w8", "w4"],
+                   help="w8a8 (CPU int8 compute), bf16, w8 (int8 weights only) or w4 (int4 weights only)")
+    p.add_argument("--group-size", type=int, default=64,
+                   help="w4: inputs sharing one scale, a power of 2 dividing every layer's inputs; also the block "
+                        "of --rotate (default: 64)")
+    p.add_argument("--rotate", action="store_true",
+                   help="w8 / w4: rotate each group of inputs by a Hadamard matrix before quantizing, so outlier "
+                        "weights do not set their group's scale (docs/sampling.md)")
     p.add_argument("--no-ema", action="store_true", help="quantize the raw weights instead of the EMA weights")
     add_inpaint_parser(sub)
     add_edit_parser(sub)
@@ -360,7 +368,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     if Path(args.out).exists():
         raise OmniditError(f"{args.out} already exists", hint="pick a new folder name")
-    out = quantize_folder(model_or_shipped(args.model), args.out, args.scheme, use_ema=not args.no_ema)
+    out = quantize_folder(model_or_shipped(args.model), args.out, args.scheme, use_ema=not args.no_ema,
+                          group=args.group_size, rotate=args.rotate)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {out} ({args.scheme}, {size / 2**20:.1f} MiB)")
 

@@ -8,6 +8,13 @@ Schemes (``omnidit quantize MODEL OUT --scheme ...``):
   ``{layer}.weight_scale``); everything else stays float32.
 - ``bf16``: every weight stored in bfloat16 and sampling run under bfloat16 autocast (AVX-512 BF16 / AMX on CPUs,
   tensor cores on GPUs); half the file.
+- ``w8`` / ``w4``: weight-only, for memory on any device: the blocks' linear weights stay int8 per output row
+  (``w8``) or int4 per group of ``group_size`` inputs with a float32 scale per group (``w4``, two values packed
+  per byte), and each call dequantizes them into the compute dtype, so a call costs a little more than float,
+  never less. With ``rotate`` each group of inputs is rotated by an orthonormal Hadamard matrix H before
+  quantizing (W H quantized; the activations multiplied by H at each call, since x Wᵀ = (x H)(W H)ᵀ): an outlier
+  weight is spread over its group, so it no longer sets the scale of all the others (the rotation of
+  QuaRot / LRQ-DiT, here block-diagonal within each quantization group).
 
 A quantized folder is a model folder (config.json, model.safetensors) plus ``quantization.json`` naming the
 scheme; ``checkpoint.load_model`` reads it. Speed and quality against float32 are measured side by side in one
@@ -26,7 +33,8 @@ from torch import Tensor, nn
 
 from omnidit.errors import OmniditError
 
-SCHEMES = ("w8a8", "bf16")
+SCHEMES = ("w8a8", "bf16", "w8", "w4")
+WEIGHT_ONLY = ("w8", "w4")
 QUANTIZATION_FILE = "quantization.json"
 # The blocks' per-token linears hold nearly all weights and FLOPs; the modulation layers (mod.lin) act once per
 # sample, not per token, and stay float.
@@ -43,8 +51,92 @@ def int8_per_row(weight: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
-def quantize_folder(src: str | Path, dst: str | Path, scheme: str, use_ema: bool = True) -> Path:
-    """Write the model at ``src`` as a ``scheme`` folder at ``dst`` (safetensors and JSON); returns it."""
+def int4_per_group(weight: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """Symmetric int4 per group of ``group`` inputs: (uint8 (out, in // 2), two values in [-7, 7] per byte, low
+    nibble first; float32 scales (out, in // group)); weight ~= values * scale of their group."""
+    rows = weight.float().unflatten(1, (-1, group))  # (out, groups, group)
+    scale = rows.abs().amax(dim=2).clamp_min(1e-12) / 7
+    values = (torch.round(rows / scale[..., None]).clamp(-7, 7).to(torch.int16) + 8).flatten(1)  # 1..15
+    return (values[:, 0::2] | (values[:, 1::2] << 4)).to(torch.uint8), scale
+
+
+def unpack_int4(packed: Tensor, scale: Tensor) -> Tensor:
+    """``int4_per_group``'s output back to a float32 weight (out, in)."""
+    low, high = (packed & 15).to(torch.int8) - 8, (packed >> 4).to(torch.int8) - 8
+    values = torch.stack((low, high), dim=2).flatten(1).float()  # (out, in)
+    return (values.unflatten(1, (scale.shape[1], -1)) * scale[..., None]).flatten(1)
+
+
+def hadamard(n: int) -> Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of order ``n`` (a power of 2): symmetric, H H = I."""
+    if n < 1 or n & (n - 1):
+        raise OmniditError(f"a Hadamard rotation needs a power-of-2 size, got {n}", hint="e.g. --group-size 64")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / n ** 0.5
+
+
+def rotate_groups(x: Tensor, group: int) -> Tensor:
+    """x (..., in) with each run of ``group`` features multiplied by ``hadamard(group)``."""
+    return (x.unflatten(-1, (-1, group)) @ hadamard(group).to(x)).flatten(-2)
+
+
+class WeightOnlyLinear(nn.Module):
+    """A linear layer whose weight is kept int8 per row (``bits`` 8) or packed int4 per group (``bits`` 4) and
+    dequantized into the input's dtype at each call; ``rotate``: the weight was quantized as W H (per group), so
+    the input is rotated by H first. x: (..., in) -> (..., out)."""
+
+    def __init__(self, values: Tensor, scale: Tensor, bias: Tensor | None, bits: int, group: int | None = None,
+                 rotate: bool = False) -> None:
+        super().__init__()
+        self.bits, self.group, self.rotate = bits, group, rotate
+        self.in_features = values.shape[1] * (2 if bits == 4 else 1)
+        self.out_features = values.shape[0]
+        self.register_buffer("values", values)
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def dequantized(self) -> Tensor:
+        if self.bits == 4:
+            return unpack_int4(self.values, self.scale)
+        return self.values.float() * self.scale[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rotate:
+            x = rotate_groups(x, self.group)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.dequantized().to(x.dtype), bias)
+
+
+def weight_only(weight: Tensor, scheme: str, group: int, rotate: bool) -> tuple[Tensor, Tensor]:
+    """(stored values, scales) of one linear weight (out, in) under ``w8`` or ``w4``."""
+    if rotate:
+        weight = rotate_groups(weight.float(), group)
+    return int4_per_group(weight, group) if scheme == "w4" else int8_per_row(weight)
+
+
+def check_weight_only(model: nn.Module, scheme: str, group: int, rotate: bool) -> None:
+    """One-line errors for options the model's layers cannot take."""
+    if scheme not in WEIGHT_ONLY:
+        if rotate:
+            raise OmniditError(f"--rotate applies to the weight-only schemes (w8, w4), not {scheme}",
+                               hint="drop --rotate or use --scheme w4")
+        return
+    if scheme == "w4" or rotate:
+        if group < 2 or group & (group - 1):
+            raise OmniditError(f"--group-size must be a power of 2 (>= 2), got {group}", hint="e.g. 64")
+        bad = [n for n, m in _block_linears(model).items() if m.in_features % group]
+        if bad:
+            raise OmniditError(f"--group-size {group} does not divide the inputs of {bad[0]} "
+                               f"({model.get_submodule(bad[0]).in_features})", hint="choose a smaller power of 2")
+
+
+def quantize_folder(src: str | Path, dst: str | Path, scheme: str, use_ema: bool = True, group: int = 64,
+                    rotate: bool = False) -> Path:
+    """Write the model at ``src`` as a ``scheme`` folder at ``dst`` (safetensors and JSON); returns it.
+    ``group`` and ``rotate``: the weight-only schemes' group size (w4; and the rotation's block) and Hadamard
+    rotation."""
     from omnidit.checkpoint import PROVENANCE_FILE, load_model, resolve_model_dir, save_checkpoint, training_provenance
 
     if scheme not in SCHEMES:
@@ -53,30 +145,43 @@ def quantize_folder(src: str | Path, dst: str | Path, scheme: str, use_ema: bool
     if (directory / QUANTIZATION_FILE).is_file():
         raise OmniditError(f"{directory} is already quantized", hint="quantize the float model it was made from")
     model, config = load_model(directory, use_ema=use_ema)
+    check_weight_only(model, scheme, group, rotate)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if scheme == "bf16":
         state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
     else:
         for name in _block_linears(model):
-            state[f"{name}.weight"], state[f"{name}.weight_scale"] = int8_per_row(state[f"{name}.weight"])
+            weight = state[f"{name}.weight"]
+            state[f"{name}.weight"], state[f"{name}.weight_scale"] = (
+                int8_per_row(weight) if scheme == "w8a8" else weight_only(weight, scheme, group, rotate))
     out = save_checkpoint(dst, config, state)
     provenance = training_provenance(directory)
     (out / PROVENANCE_FILE).write_text(json.dumps({**provenance, "quantized": scheme}, indent=2) + "\n")
-    (out / QUANTIZATION_FILE).write_text(json.dumps({"scheme": scheme, "source": str(directory)}, indent=2) + "\n")
+    about = {"scheme": scheme, "source": str(directory)}
+    if scheme in WEIGHT_ONLY:
+        about.update(group_size=group if scheme == "w4" or rotate else None, rotate=rotate)
+    (out / QUANTIZATION_FILE).write_text(json.dumps(about, indent=2) + "\n")
     return out
 
 
 def read_scheme(directory: Path) -> str | None:
     """The folder's quantization scheme, or None for a float model."""
+    about = read_quantization(directory)
+    return None if about is None else about["scheme"]
+
+
+def read_quantization(directory: Path) -> dict | None:
+    """The folder's quantization.json (scheme and options), checked; None for a float model."""
     from omnidit.config import read_json
 
     path = directory / QUANTIZATION_FILE
     if not path.is_file():
         return None
-    scheme = read_json(path, "quantization").get("scheme")
-    if scheme not in SCHEMES:
-        raise OmniditError(f"{path} names an unknown scheme '{scheme}'", hint=f"one of {', '.join(SCHEMES)}")
-    return scheme
+    about = read_json(path, "quantization")
+    if about.get("scheme") not in SCHEMES:
+        raise OmniditError(f"{path} names an unknown scheme '{about.get('scheme')}'",
+                           hint=f"one of {', '.join(SCHEMES)}")
+    return about
 
 
 def load_quantized(directory: Path, config, scheme: str, device: torch.device) -> nn.Module:
@@ -91,7 +196,7 @@ def load_quantized(directory: Path, config, scheme: str, device: torch.device) -
         load_state_into(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, file)
         model.autocast_dtype = torch.bfloat16  # sampling runs under autocast (Pipeline)
         return model
-    if torch.device(device).type != "cpu":
+    if scheme == "w8a8" and torch.device(device).type != "cpu":
         raise OmniditError("w8a8 runs on CPUs (torch's x86 int8 kernels)", hint="use --scheme bf16 on a GPU")
     linears = _block_linears(model)
     scales = {name: state.pop(f"{name}.weight_scale") for name in linears}
@@ -99,7 +204,16 @@ def load_quantized(directory: Path, config, scheme: str, device: torch.device) -
     for name in linears:  # placeholders for the strict load; replaced below
         state[f"{name}.weight"] = torch.zeros_like(linears[name].weight)
     load_state_into(model, state, file)
-    return _to_int8(model, {name: (ints[name], scales[name]) for name in linears})
+    rows = {name: (ints[name], scales[name]) for name in linears}
+    if scheme == "w8a8":
+        return _to_int8(model, rows)
+    about = read_quantization(directory)
+    for name, (values, scale) in rows.items():
+        parent, _, child = name.rpartition(".")
+        layer = WeightOnlyLinear(values, scale, model.get_submodule(name).bias, 4 if scheme == "w4" else 8,
+                                 about.get("group_size"), bool(about.get("rotate")))
+        setattr(model.get_submodule(parent), child, layer)
+    return model
 
 
 def _to_int8(model: nn.Module, rows: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
