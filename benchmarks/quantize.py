@@ -81,7 +81,7 @@ def tensor_mib(model: torch.nn.Module) -> float:
 def weight_error(model: torch.nn.Module, reference: torch.nn.Module) -> float | None:
     """Mean over the blocks' linears of |W_dequantized - W| / |W| (weight-only schemes; None otherwise)."""
     errors = []
-    for name, dense in _block_linears(reference).items():
+    for name, dense in _block_linears(reference, modulation=True).items():
         layer = model.get_submodule(name)
         if not isinstance(layer, WeightOnlyLinear):
             return None

@@ -62,7 +62,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_phase(url: str, clients: int, seconds: float, steps: int | None, seed_base: int,
-              rss_every: float = 15.0) -> dict:
+              rss_every: float = 15.0, in_process: bool = True) -> dict:
+    """One phase; the memory columns only when the server runs in this process (``in_process``)."""
     latencies: list[float] = []
     errors: list[str] = []
     images = [0]
@@ -94,7 +95,7 @@ def run_phase(url: str, clients: int, seconds: float, steps: int | None, seed_ba
                         errors.append(f"{reply.status_code} {reply.text[:200]}")
 
     batch_before = batch_totals(url)
-    rss_before = rss_mib()
+    rss_before = rss_mib() if in_process else None
     rss_samples: list[tuple[float, float]] = []
     started = time.monotonic()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
@@ -116,7 +117,8 @@ def run_phase(url: str, clients: int, seconds: float, steps: int | None, seed_ba
             "p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95),
             "p99_s": percentile(latencies, 0.99), "mean_latency_s": statistics.fmean(latencies) if latencies else None,
             "mean_batch": (batch_after[0] - batch_before[0]) / batches if batches else None,
-            "rss_mib_start": rss_before, "rss_mib_end": rss_mib(), "rss_mib_samples": rss_samples}
+            "rss_mib_start": rss_before, "rss_mib_end": rss_mib() if in_process else None,
+            "rss_mib_samples": rss_samples}
 
 
 def batching_ceiling(model: str, max_batch: int, steps: int | None, rounds: int = 3) -> dict:
@@ -190,8 +192,9 @@ def main() -> None:
         url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPTS[0], "steps": 2}, timeout=600)  # warm-up
 
-    one = None if args.only_many else run_phase(url, 1, args.seconds, args.steps, seed_base=0)
-    many = run_phase(url, args.clients, args.seconds, args.steps, seed_base=10**6)
+    local = server is not None
+    one = None if args.only_many else run_phase(url, 1, args.seconds, args.steps, seed_base=0, in_process=local)
+    many = run_phase(url, args.clients, args.seconds, args.steps, seed_base=10**6, in_process=local)
     ratio = many["images_per_s"] / one["images_per_s"] if one and one["images_per_s"] else float("nan")
     print(f"{'clients':>8} {'req/s':>7} {'img/s':>7} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'batch':>6} "
           f"{'errors':>6} {'RSS MiB start->end':>19}")

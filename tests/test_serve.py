@@ -242,6 +242,29 @@ def test_negative_prompt_changes_the_image_and_is_recorded(shapes):
     assert "Negative prompt: a blue square" in image.text["parameters"]
 
 
+def test_a_request_can_ask_for_a_faster_preset_without_changing_the_served_model(shapes):
+    import torch
+
+    from omnidit.images import to_pil
+    from omnidit.quantize import speed_variant
+
+    body = {"prompt": PROMPT, "seed": 4, **FAST}
+    with TestClient(build_app({"shapes": shapes})) as client:
+        before = client.post("/v1/images/generations", json=body).json()["data"][0]
+        fast = client.post("/v1/images/generations", json={**body, "speed": "faster"}).json()["data"][0]
+        after = client.post("/v1/images/generations", json=body).json()["data"][0]
+    assert before["b64_json"] == after["b64_json"] != fast["b64_json"]  # the served model is untouched
+    assert isinstance(shapes.model.single_blocks[0].linear1, torch.nn.Linear) and shapes.config.sample.candidates == 2
+    expected = speed_variant(shapes, "faster").generate([PROMPT], seed=[4], steps=2)[0]
+    assert decode(fast).tobytes() == to_pil(expected).tobytes()
+    assert "speed" in decode(fast).text and "speed" not in decode(before).text
+    assert Job("m", "p", [0], {}, speed="fast").key != Job("m", "p", [0], {}).key  # never batched together
+    with TestClient(build_app({"shapes": shapes}, speed="fast")) as client:
+        slower = client.post("/v1/images/generations", json={**body, "speed": "default"})
+    assert slower.status_code == 400 and slower.json()["error"]["param"] == "speed"
+    assert "fast or faster" in slower.json()["error"]["message"]
+
+
 def test_progress_events_reach_a_listener(live):
     events: list[dict] = []
     listening = threading.Event()

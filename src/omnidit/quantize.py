@@ -8,9 +8,9 @@ Schemes (``omnidit quantize MODEL OUT --scheme ...``):
   ``{layer}.weight_scale``); everything else stays float32.
 - ``bf16``: every weight stored in bfloat16 and sampling run under bfloat16 autocast (AVX-512 BF16 / AMX on CPUs,
   tensor cores on GPUs); half the file.
-- ``w8`` / ``w4``: weight-only, for memory on any device: the blocks' linear weights stay int8 per output row
-  (``w8``) or int4 per group of ``group_size`` inputs with a float32 scale per group (``w4``, two values packed
-  per byte), and each call dequantizes them into the compute dtype, so a call costs a little more than float,
+- ``w8`` / ``w4``: weight-only, for memory on any device: all the blocks' linear weights (modulation layers
+  included) stay int8 per output row (``w8``) or int4 per group of ``group_size`` inputs with a float32 scale
+  per group (``w4``, two values packed per byte), and each call dequantizes them into the compute dtype, so a call costs a little more than float,
   never less. With ``rotate`` each group of inputs is rotated by an orthonormal Hadamard matrix H before
   quantizing (W H quantized; the activations multiplied by H at each call, since x Wᵀ = (x H)(W H)ᵀ): an outlier
   weight is spread over its group, so it no longer sets the scale of all the others (the rotation of
@@ -36,13 +36,16 @@ from omnidit.errors import OmniditError
 SCHEMES = ("w8a8", "bf16", "w8", "w4")
 WEIGHT_ONLY = ("w8", "w4")
 QUANTIZATION_FILE = "quantization.json"
-# The blocks' per-token linears hold nearly all weights and FLOPs; the modulation layers (mod.lin) act once per
-# sample, not per token, and stay float.
+# The blocks' per-token linears hold nearly all FLOPs; the modulation layers (mod.lin) act once per sample, not
+# per token, so int8 compute gains nothing there and they stay float in w8a8. They do hold a third or more of the
+# weights, so the weight-only schemes, which are for memory, take them too.
 BLOCK_LINEARS = r"(double_blocks|single_blocks)\..*(?<!\.mod\.lin)"
+BLOCK_LINEARS_WITH_MODULATION = r"(double_blocks|single_blocks)\..*"
 
 
-def _block_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(BLOCK_LINEARS, n)}
+def _block_linears(model: nn.Module, modulation: bool = False) -> dict[str, nn.Linear]:
+    pattern = BLOCK_LINEARS_WITH_MODULATION if modulation else BLOCK_LINEARS
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)}
 
 
 def int8_per_row(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,6 +100,12 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("scale", scale.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
+    @property
+    def weight(self) -> Tensor:
+        """The effective float weight (out, in), dequantized on each access (and un-rotated)."""
+        weight = self.dequantized()
+        return rotate_groups(weight, self.group) if self.rotate else weight
+
     def dequantized(self) -> Tensor:
         if self.bits == 4:
             return unpack_int4(self.values, self.scale)
@@ -126,7 +135,7 @@ def check_weight_only(model: nn.Module, scheme: str, group: int, rotate: bool) -
     if scheme == "w4" or rotate:
         if group < 2 or group & (group - 1):
             raise OmniditError(f"--group-size must be a power of 2 (>= 2), got {group}", hint="e.g. 64")
-        bad = [n for n, m in _block_linears(model).items() if m.in_features % group]
+        bad = [n for n, m in _block_linears(model, modulation=True).items() if m.in_features % group]
         if bad:
             raise OmniditError(f"--group-size {group} does not divide the inputs of {bad[0]} "
                                f"({model.get_submodule(bad[0]).in_features})", hint="choose a smaller power of 2")
@@ -150,7 +159,7 @@ def quantize_folder(src: str | Path, dst: str | Path, scheme: str, use_ema: bool
     if scheme == "bf16":
         state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
     else:
-        for name in _block_linears(model):
+        for name in _block_linears(model, modulation=scheme in WEIGHT_ONLY):
             weight = state[f"{name}.weight"]
             state[f"{name}.weight"], state[f"{name}.weight_scale"] = (
                 int8_per_row(weight) if scheme == "w8a8" else weight_only(weight, scheme, group, rotate))
@@ -198,7 +207,7 @@ def load_quantized(directory: Path, config, scheme: str, device: torch.device) -
         return model
     if scheme == "w8a8" and torch.device(device).type != "cpu":
         raise OmniditError("w8a8 runs on CPUs (torch's x86 int8 kernels)", hint="use --scheme bf16 on a GPU")
-    linears = _block_linears(model)
+    linears = _block_linears(model, modulation=scheme in WEIGHT_ONLY)
     scales = {name: state.pop(f"{name}.weight_scale") for name in linears}
     ints = {name: state.pop(f"{name}.weight") for name in linears}
     for name in linears:  # placeholders for the strict load; replaced below
@@ -252,6 +261,17 @@ def quantize_in_memory(model: nn.Module, scheme: str) -> nn.Module:
     if next(model.parameters()).device.type != "cpu":
         raise OmniditError("w8a8 runs on CPUs (torch's x86 int8 kernels)", hint="use bf16 on a GPU")
     return _to_int8(model, {name: int8_per_row(layer.weight.detach()) for name, layer in _block_linears(model).items()})
+
+
+def speed_variant(pipe, speed: str):
+    """A copy of ``pipe`` at the preset ``speed`` (``apply_speed``): its own model and config, sharing the text
+    encoder and codec, so the original keeps sampling as before (the server's per-request ``speed``)."""
+    import copy
+    import dataclasses
+
+    variant = dataclasses.replace(pipe, model=copy.deepcopy(pipe.model), config=copy.deepcopy(pipe.config))
+    apply_speed(variant, speed)
+    return variant
 
 
 def apply_speed(pipe, speed: str | None) -> None:

@@ -58,9 +58,10 @@ class Modulation(nn.Module):
         per_token = isinstance(vec, TokenVectors)
         v = vec.vectors if per_token else vec
         # In the weights' precision even under bf16 autocast: a rounding error in a scale or gate
-        # is applied to every token of the block.
+        # is applied to every token of the block. (The bias has the weight's dtype, and reading it costs
+        # nothing for a weight-only quantized layer, whose weight would be dequantized.)
         with torch.autocast(v.device.type, enabled=False):
-            out = self.lin(nn.functional.silu(v.to(self.lin.weight.dtype)))
+            out = self.lin(nn.functional.silu(v.to(self.lin.bias.dtype)))
         if per_token:  # (B, K, C) -> each token's row, (B, N, C)
             return torch.gather(out, 1, vec.index[..., None].expand(-1, -1, out.shape[-1]))
         out = out[:, None, :]

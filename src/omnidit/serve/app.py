@@ -73,6 +73,7 @@ class ImageRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, le=100)
     negative_prompt: str = ""
+    speed: Literal["default", "fast", "faster"] | None = None  # omnidit's --speed presets, per request
     progress_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -224,10 +225,11 @@ class _Guard:
 
 def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None = None, max_batch: int = 16,
               batch_window: float = 0.02, max_queue: int = 64, threads: int | None = None,
-              url_results: bool = True) -> FastAPI:
+              url_results: bool = True, speed: str | None = None) -> FastAPI:
     """The ASGI app serving ``pipelines`` (name -> loaded ``Pipeline``; the first is the default model).
     ``threads``: torch threads of the sampling worker (``batching.reserve_torch_threads``); ``url_results``
-    False refuses response_format=url (replicas: the file would live in one replica only)."""
+    False refuses response_format=url (replicas: the file would live in one replica only); ``speed``: the
+    --speed preset the pipelines already run at (a request may ask for that one or a faster one)."""
     if not pipelines:
         raise OmniditError("no model to serve", hint="pass --model shapes (or a model folder)")
     limits = limits or Limits()
@@ -345,6 +347,7 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
                                 "live in one of them only): ask for b64_json", param="response_format",
                            code="url_unavailable")
         job = _job(body, name, pipe, limits, video)
+        job.speed = _request_speed(body.speed, speed)
         progress_id = body.progress_id
         if progress_id:
             job.progress = lambda event: hub.publish(progress_id, event)
@@ -368,6 +371,20 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
         return await _publishing_errors(generate(body, request, video=True), body, hub)
 
     return app
+
+
+def _request_speed(asked: str | None, served: str | None) -> str | None:
+    """The preset a job runs at beyond the server's own (None: the served pipeline as it is). A preset cannot
+    be undone on a copy of an already quantized model, so a request may not ask for a slower one."""
+    from omnidit.quantize import SPEEDS
+
+    served = served or "default"
+    if asked is None or asked == served:
+        return None
+    if SPEEDS.index(asked) < SPEEDS.index(served):
+        raise ApiError(400, f"this server runs at --speed {served}; a request may ask for "
+                            f"{' or '.join(SPEEDS[SPEEDS.index(served):])}", param="speed", code="speed_unavailable")
+    return asked
 
 
 async def _publishing_errors(work, body: ImageRequest, hub: ProgressHub) -> dict:
@@ -462,7 +479,8 @@ def _encode(body: ImageRequest, name: str, pipe, job: Job, outputs, files: FileS
         settings = {"prompt": body.prompt, "negative_prompt": body.negative_prompt or None, "seed": seed,
                     "steps": job.kwargs["steps"], "cfg": pipe.config.sample.cfg if body.guidance_scale is None
                     else body.guidance_scale, "sampler": pipe.config.sample.sampler,
-                    "size": f"{job.kwargs['width']}x{job.kwargs['height']}", "model": name, "software": "omnidit"}
+                    "size": f"{job.kwargs['width']}x{job.kwargs['height']}", "model": name,
+                    "speed": job.speed, "software": "omnidit"}
         settings = {k: v for k, v in settings.items() if v is not None}
         if job.video:
             clip, sound = output if isinstance(output, tuple) else (output, None)  # a model with sound: both

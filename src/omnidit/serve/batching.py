@@ -58,13 +58,14 @@ class Job:
     seeds: list[int]
     kwargs: dict
     video: bool = False
+    speed: str | None = None  # a --speed preset other than the server's (omnidit.quantize.speed_variant)
     progress: ProgressFn | None = None
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
     def key(self) -> tuple:
-        return self.model, self.video, tuple(sorted((k, repr(v)) for k, v in self.kwargs.items()))
+        return self.model, self.video, self.speed, tuple(sorted((k, repr(v)) for k, v in self.kwargs.items()))
 
     def notify(self, event: dict) -> None:
         if self.progress is not None:
@@ -97,6 +98,7 @@ class Batcher:
         self.pipelines = pipelines
         self.max_batch, self.window, self.max_queue = max_batch, window, max_queue
         self.threads = threads
+        self._variants: dict[tuple[str, str], object] = {}  # (model, speed) -> pipeline, made on first use
         self.stats = BatchStats()
         self._queue: list[Job] = []
         self._lock = threading.Condition()
@@ -183,6 +185,16 @@ class Batcher:
         if live:
             self._draw_live(live)
 
+    def _pipeline(self, model: str, speed: str | None):
+        """The served pipeline, or its copy at ``speed`` (made once, in this thread, on first use)."""
+        if speed is None:
+            return self.pipelines[model]
+        if (model, speed) not in self._variants:
+            from omnidit.quantize import speed_variant
+
+            self._variants[model, speed] = speed_variant(self.pipelines[model], speed)
+        return self._variants[model, speed]
+
     def _draw_live(self, live: list[Job]) -> None:
         first = live[0]
         prompts = [j.prompt for j in live for _ in j.seeds]
@@ -196,7 +208,7 @@ class Batcher:
 
         start = time.monotonic()
         try:
-            pipe = self.pipelines[first.model]
+            pipe = self._pipeline(first.model, first.speed)
             if first.video and "audio" in pipe.model.config.extra_streams:  # a clip with its sound: (video, audio)
                 made = pipe.generate_av(prompts, seed=seeds, on_step=on_step, **first.kwargs)
                 outputs = list(zip(made.video, made.audio))

@@ -132,7 +132,7 @@ def build_served_app(models: dict[str, str], loras: list[str] | None, speed: str
     apply_serve_loras(pipelines, loras)
     for pipe in pipelines.values():
         apply_speed(pipe, speed)
-    return build_app(pipelines, threads=threads, **app_options)
+    return build_app(pipelines, threads=threads, speed=speed, **app_options)
 
 
 def _check_for_replicas(models: dict[str, str], loras: list[str] | None) -> tuple[dict[str, str], list[str]]:
