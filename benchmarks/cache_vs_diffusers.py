@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 import tempfile
 import time
@@ -30,15 +29,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from omnidit.calibrate_command import calibration_prompts
-from omnidit.checkpoint import shipped_model_dir
 from omnidit.condition import Condition
 from omnidit.convert.flux import omnidit_config_to_flux, omnidit_to_flux
 from omnidit.evaluate.runner import evaluate_model
-from omnidit.pipeline import load_pipeline
-from omnidit.step_cache import calibrate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_cache import calibrated_copy  # noqa: E402
 from train_throughput import run_meta, write_report  # noqa: E402
 
 PLAIN = {"candidates": 1, "skip_scale": 0.0}
@@ -104,11 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        source = shipped_model_dir(args.model) if not Path(args.model).exists() else Path(args.model)
-        folder = Path(tmp) / "model"
-        shutil.copytree(source, folder)
-        ours = load_pipeline(folder, device="cpu")
-        calibrate(ours, calibration_prompts(ours.config, 4)).save(folder)  # TeaCache's fit, as omnidit calibrate
+        ours = calibrated_copy(args.model, Path(tmp) / "model")  # TeaCache's fit, as omnidit calibrate
         cfg = ours.model.config
         peer = FluxTransformer2DModel(**omnidit_config_to_flux(cfg))
         peer.load_state_dict(omnidit_to_flux(ours.model.state_dict(), cfg), strict=True)

@@ -52,15 +52,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def calibrated_copy(model: str, folder: Path, device: str = "cpu"):
+    """The model (a shipped name or folder) copied to ``folder`` and calibrated there as ``omnidit calibrate``
+    does (4 captions), so that the installed package is not written; its loaded pipeline."""
+    source = shipped_model_dir(model) if not Path(model).exists() else Path(model)
+    shutil.copytree(source, folder)
+    pipe = load_pipeline(folder, device=device)
+    calibrate(pipe, calibration_prompts(pipe.config, 4)).save(folder)
+    return pipe
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        source = shipped_model_dir(args.model) if not Path(args.model).exists() else Path(args.model)
-        folder = Path(tmp) / "model"
-        shutil.copytree(source, folder)
-        pipe = load_pipeline(folder, device=args.device)
-        calibrate(pipe, calibration_prompts(pipe.config, 4)).save(folder)
+        pipe = calibrated_copy(args.model, Path(tmp) / "model", args.device)
         # Warm up (text encoder, prompt cache, detector, kernels), so the first timed job pays for nothing extra.
         evaluate_model(pipe, "shapes", n_per_prompt=1, limit=1, progress=False, frechet=False)
         rows = []

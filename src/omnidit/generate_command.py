@@ -18,13 +18,16 @@ MAX_OUTPUTS = 1_000_000  # -n: many more than anyone will look at, few enough th
 
 def sampling_args(args: argparse.Namespace, pipe=None) -> dict:
     """The sampler flags (``add_sampler_flags``) as Pipeline.generate's keyword arguments; None = the model's.
-    With ``pipe``, ``--speed`` is applied to it first (quantize.apply_speed: its sampling defaults change)."""
+    With ``pipe``, ``--speed`` is applied to it first (quantize.apply_speed: its sampling defaults change), then
+    ``--compile`` (MMDiT.compile_blocks)."""
     from omnidit.pipeline import SAMPLING_KEYS
 
     if pipe is not None and getattr(args, "speed", None):
         from omnidit.quantize import apply_speed
 
         apply_speed(pipe, args.speed)
+    if pipe is not None and getattr(args, "compile", False):
+        pipe.model.compile_blocks()
     return {k: getattr(args, k) for k in SAMPLING_KEYS}
 
 
@@ -53,6 +56,9 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    help="one knob for speed: fast = int8 linear layers on a CPU (bf16 compute on a GPU) and "
                         "first-block step caching, the model's quality within the suite's noise; faster = also one "
                         "candidate instead of best-of-N; flags given explicitly win (docs/sampling.md)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (regional compilation) before sampling: the first "
+                        "call pays for compiling, later steps and calls reuse it (docs/sampling.md)")
     p.add_argument("--cache", default=None, choices=["none", "first_block", "teacache", "magcache", "interval"],
                    help="step caching: at steps where the output barely changes, run only the first block and reuse "
                         "the rest's last output: first_block (its residual barely changed), teacache and magcache "

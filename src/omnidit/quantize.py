@@ -10,11 +10,11 @@ Schemes (``omnidit quantize MODEL OUT --scheme ...``):
   tensor cores on GPUs); half the file.
 - ``w8`` / ``w4``: weight-only, for memory on any device: all the blocks' linear weights (modulation layers
   included) stay int8 per output row (``w8``) or int4 per group of ``group_size`` inputs with a float32 scale
-  per group (``w4``, two values packed per byte), and each call dequantizes them into the compute dtype, so a call costs a little more than float,
-  never less. With ``rotate`` each group of inputs is rotated by an orthonormal Hadamard matrix H before
-  quantizing (W H quantized; the activations multiplied by H at each call, since x Wᵀ = (x H)(W H)ᵀ): an outlier
-  weight is spread over its group, so it no longer sets the scale of all the others (the rotation of
-  QuaRot / LRQ-DiT, here block-diagonal within each quantization group).
+  per group (``w4``, two values packed per byte), and each call dequantizes them into the compute dtype, so a
+  call costs a little more than float, never less. With ``rotate`` each group of inputs is rotated by an
+  orthonormal Hadamard matrix H before quantizing (W H quantized; the activations multiplied by H at each call,
+  since x Wᵀ = (x H)(W H)ᵀ): an outlier weight is spread over its group, so it no longer sets the scale of all
+  the others (the rotation of QuaRot / LRQ-DiT, here block-diagonal within each quantization group).
 
 A quantized folder is a model folder (config.json, model.safetensors) plus ``quantization.json`` naming the
 scheme; ``checkpoint.load_model`` reads it. Speed and quality against float32 are measured side by side in one

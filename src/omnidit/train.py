@@ -176,8 +176,7 @@ class Trainer:
         self.ema = D.wrap_model(ema, self.world, tc.parallel) if tc.parallel == "fsdp" else ema
         self.net = D.unwrap(self.model)  # the MMDiT inside (blocks, config)
         if tc.compile:
-            for block in [*self.net.double_blocks, *self.net.single_blocks]:
-                block.compile()
+            self.net.compile_blocks()
         self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, self.device)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
         self.generator = torch.Generator().manual_seed(tc.seed)
