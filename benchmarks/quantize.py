@@ -1,8 +1,9 @@
 """Quantized sampling (omnidit quantize) against float32 in one run: images/s and the shapes suite's score of the
-shipped model as float32, w8a8 (dynamic int8), bf16 (bfloat16 autocast), and the weight-only w8, w4 and w4 with
-Hadamard rotation (w4-rot), plus the time of one sampling call of a wider random model of the same shape family,
-where the matrices are large enough for int8 kernels to pay. Per scheme also: the folder's size, the model's
-tensors in memory, and the blocks' linear weights' relative error (dequantized against float32).
+shipped model as float32, w8a8 (dynamic int8; also with SmoothQuant balancing at alpha 0.5), bf16 (bfloat16
+autocast), and the weight-only w8, w4 and w4 with Hadamard rotation (w4-rot), plus the time of one sampling call
+of a wider random model of the same shape family, where the matrices are large enough for int8 kernels to pay.
+Per scheme also: the folder's size, the model's tensors in memory, and the blocks' linear weights' relative
+error (dequantized against float32).
 
 **Peer: internal** (float32 of the same weights, the same prompts and seeds). Timings alternate the schemes
 ``--repeats`` times and keep each one's best, so a busy machine slows all of them alike.
@@ -31,8 +32,9 @@ from omnidit.quantize import WeightOnlyLinear, _block_linears, quantize_folder, 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import run_meta, write_report  # noqa: E402
 
-VARIANTS = {"w8a8": ("w8a8", False), "bf16": ("bf16", False), "w8": ("w8", False), "w4": ("w4", False),
-            "w4-rot": ("w4", True)}  # label: (scheme, Hadamard rotation)
+VARIANTS = {  # label: quantize_folder's keyword arguments
+    "w8a8": {"scheme": "w8a8"}, "w8a8-smooth": {"scheme": "w8a8", "smooth": 0.5}, "bf16": {"scheme": "bf16"},
+    "w8": {"scheme": "w8"}, "w4": {"scheme": "w4"}, "w4-rot": {"scheme": "w4", "rotate": True}}
 PROMPTS = ["a red circle above a blue square", "two green triangles", "a small purple diamond",
            "a yellow square to the left of a cyan circle"] * 4
 
@@ -105,9 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         for label, source in models:
             folders = {"fp32": source}
             for variant in chosen:
-                scheme, rotate = VARIANTS[variant]
-                folders[variant] = quantize_folder(source, tmp / f"{label}-{variant}".replace(" ", "_"), scheme,
-                                                   rotate=rotate)
+                folders[variant] = quantize_folder(source, tmp / f"{label}-{variant}".replace(" ", "_"),
+                                                   **VARIANTS[variant])
             pipes = {name: load_pipeline(folder, device="cpu") for name, folder in folders.items()}
             for pipe in pipes.values():  # warm up
                 pipe.generate(PROMPTS[:2], seed=0, steps=2, **plain)
@@ -137,12 +138,12 @@ def main(argv: list[str] | None = None) -> None:
                     images_per_call=len(PROMPTS))
     print(f"\n{meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads; {len(PROMPTS)} images per "
           f"call, 30 steps with guidance, one candidate; best of {args.repeats}")
-    print(f"{'model':<18} {'scheme':<6} {'images/s':>9} {'speedup':>8} {'|diff|':>7} {'MiB':>6} {'mem MiB':>8} "
+    print(f"{'model':<18} {'scheme':<11} {'images/s':>9} {'speedup':>8} {'|diff|':>7} {'MiB':>6} {'mem MiB':>8} "
           f"{'W err':>6} {'overall':>8}")
     for r in rows:
         overall = f"{r['overall']:.3f}" if "overall" in r else "-"
         error = f"{r['weight_error']:.4f}" if r["weight_error"] is not None else "-"
-        print(f"{r['model']:<18} {r['scheme']:<6} {r['images_per_s']:>9.1f} {r['speedup']:>7.2f}x "
+        print(f"{r['model']:<18} {r['scheme']:<11} {r['images_per_s']:>9.1f} {r['speedup']:>7.2f}x "
               f"{r['mean_abs_diff']:>7.3f} {r['mib']:>6.1f} {r['tensor_mib']:>8.1f} {error:>6} {overall:>8}")
     write_report(args.json, meta, rows)
 

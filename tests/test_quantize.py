@@ -11,13 +11,16 @@ from test_cli import assert_one_line_error, run_main
 
 from omnidit.errors import OmniditError
 from omnidit.quantize import (
+    SmoothedLinear,
     WeightOnlyLinear,
     hadamard,
     int4_per_group,
+    int8_linear,
     int8_per_row,
     load_quantized,
     quantize_folder,
     rotate_groups,
+    smoothing_factors,
     unpack_int4,
     weight_only,
 )
@@ -64,6 +67,20 @@ def test_rotation_spreads_an_outlier_so_int4_error_falls():
         layer = WeightOnlyLinear(*weight_only(w, "w4", 64, rotate), None, bits=4, group=64, rotate=rotate)
         errors[rotate] = (layer(x) - x @ w.T).norm() / (x @ w.T).norm()
     assert errors[True] < errors[False] / 2, errors
+
+
+def test_smoothing_moves_activation_outliers_into_the_weights_so_int8_error_falls():
+    """A few input channels with activations 50x the rest set the per-call activation scale: unsmoothed, the
+    other channels round to few levels. Balancing the channels (alpha 0.5) must cut the output error >2-fold."""
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(64, 128, generator=g) * 0.05, torch.randn(32, 128, generator=g)
+    x[:, :4] *= 50
+    exact = x @ w.T
+    plain = int8_linear(*int8_per_row(w), None)
+    s = smoothing_factors(x.abs().amax(dim=0), w, 0.5)
+    smoothed = SmoothedLinear(int8_linear(*int8_per_row(w * s), None), s)
+    errors = [float((layer(x) - exact).norm() / exact.norm()) for layer in (plain, smoothed)]
+    assert errors[1] < errors[0] / 2, errors
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +144,22 @@ def test_weight_only_folders_store_small_weights_and_sample_close_to_float(tiny_
     assert 0 < (got - ref).abs().mean() < (0.05 if scheme == "w8" else 0.15)
 
 
+def test_a_smoothed_w8a8_folder_stores_its_factors_and_samples_close_to_float(tiny_run, tmp_path):
+    from omnidit.pipeline import load_pipeline
+
+    out = quantize_folder(tiny_run, tmp_path / "smooth", "w8a8", smooth=0.5)
+    stored = load_file(str(out / "model.safetensors"))
+    factors = stored["single_blocks.0.linear1.smooth"]
+    assert factors.shape == (64,) and (factors > 0).all() and not torch.allclose(factors, torch.ones(64))
+    assert "single_blocks.0.mod.lin.smooth" not in stored  # per-sample modulation stays float
+    pipe = load_pipeline(out, device="cpu")
+    layer = pipe.model.single_blocks[0].linear1
+    assert isinstance(layer, SmoothedLinear) and torch.equal(layer.smooth, factors)
+    prompts = ["a red circle", "two blue squares"]
+    ref = load_pipeline(tiny_run, device="cpu").generate(prompts, seed=[1, 2])
+    assert 0 < (pipe.generate(prompts, seed=[1, 2]) - ref).abs().mean() < 0.05
+
+
 def test_quantize_refuses_what_it_cannot_do(folders, tmp_path):
     with pytest.raises(OmniditError, match="already quantized"):
         quantize_folder(folders["w8a8"], tmp_path / "again", "bf16")
@@ -153,6 +186,10 @@ def test_quantize_command(tmp_path, tiny_run, capsys):
     assert_one_line_error(code, err, "invalid choice")
     code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w8a8", "--rotate")
     assert_one_line_error(code, err, "--rotate applies to the weight-only schemes")
+    code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w4", "--smooth", "0.5")
+    assert_one_line_error(code, err, "--smooth is w8a8's channel balancing")
+    code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w8a8", "--smooth", "1.5")
+    assert_one_line_error(code, err, "an alpha in (0, 1)")
     code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w4", "--group-size", "48")
     assert_one_line_error(code, err, "--group-size must be a power of 2")
     code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w4", "--group-size", "4096")

@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate", action="store_true",
                    help="w8 / w4: rotate each group of inputs by a Hadamard matrix before quantizing, so outlier "
                         "weights do not set their group's scale (docs/sampling.md)")
+    p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                   help="w8a8: balance each input channel between activations and weights (SmoothQuant, alpha in "
+                        "(0, 1), e.g. 0.5) from a short calibration run of the model (docs/sampling.md)")
     p.add_argument("--no-ema", action="store_true", help="quantize the raw weights instead of the EMA weights")
     add_inpaint_parser(sub)
     add_edit_parser(sub)
@@ -369,7 +372,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if Path(args.out).exists():
         raise OmniditError(f"{args.out} already exists", hint="pick a new folder name")
     out = quantize_folder(model_or_shipped(args.model), args.out, args.scheme, use_ema=not args.no_ema,
-                          group=args.group_size, rotate=args.rotate)
+                          group=args.group_size, rotate=args.rotate, smooth=args.smooth)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {out} ({args.scheme}, {size / 2**20:.1f} MiB)")
 

@@ -5,7 +5,10 @@ Schemes (``omnidit quantize MODEL OUT --scheme ...``):
 - ``w8a8``: the transformer blocks' linear layers run as dynamic int8 (weights int8 per output channel,
   activations quantized per call) through torch's x86 kernels (fbgemm / oneDNN with VNNI); CPUs only. The folder
   stores each such weight as int8 with its float32 scale per row (``{layer}.weight`` and
-  ``{layer}.weight_scale``); everything else stays float32.
+  ``{layer}.weight_scale``); everything else stays float32. With ``smooth`` α (SmoothQuant's channel balancing,
+  as ViDiT-Q uses for DiTs), a calibration run records each input channel's largest activation |X_j| and the
+  layer is stored as W diag(s) with s_j = max|X_j|^α / max|W_j|^(1-α) (``{layer}.smooth``), its input divided
+  by s at each call: channels whose activations are outliers no longer set the scale of every activation.
 - ``bf16``: every weight stored in bfloat16 and sampling run under bfloat16 autocast (AVX-512 BF16 / AMX on CPUs,
   tensor cores on GPUs); half the file.
 - ``w8`` / ``w4``: weight-only, for memory on any device: all the blocks' linear weights (modulation layers
@@ -141,11 +144,56 @@ def check_weight_only(model: nn.Module, scheme: str, group: int, rotate: bool) -
                                f"({model.get_submodule(bad[0]).in_features})", hint="choose a smaller power of 2")
 
 
+SMOOTH_STEPS = 8  # sampling steps of the smoothing calibration run (4 captions, one candidate)
+
+
+def activation_maxima(model: nn.Module, config, names: list[str]) -> dict[str, Tensor]:
+    """Each named linear's largest |input| per input channel (in,) over one sampling run of 4 of the model's
+    own captions (``omnidit calibrate``'s), every step and guidance branch included."""
+    from omnidit.calibrate_command import calibration_prompts
+    from omnidit.pipeline import build_pipeline
+
+    maxima: dict[str, Tensor] = {}
+
+    def record(name: str):
+        def hook(module, args) -> None:
+            seen = args[0].detach().abs().flatten(0, -2).amax(dim=0).float()
+            maxima[name] = seen if name not in maxima else torch.maximum(maxima[name], seen)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
+    try:
+        build_pipeline(model.eval(), config).generate(calibration_prompts(config, 4), seed=0, steps=SMOOTH_STEPS,
+                                                      candidates=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maxima
+
+
+def smoothing_factors(act_max: Tensor, weight: Tensor, alpha: float) -> Tensor:
+    """SmoothQuant's s (in,): max|X_j|^α / max_i |W_ij|^(1-α), so that X / s and W s share the range."""
+    w_max = weight.float().abs().amax(dim=0).clamp_min(1e-5)
+    return (act_max.clamp_min(1e-5) ** alpha / w_max ** (1 - alpha)).clamp(1e-4, 1e4)
+
+
+class SmoothedLinear(nn.Module):
+    """``layer`` (torch's int8 linear holding W diag(s)) with its input divided by ``smooth`` (s) first."""
+
+    def __init__(self, layer: nn.Module, smooth: Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("smooth", smooth.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x / self.smooth.to(x.dtype))
+
+
 def quantize_folder(src: str | Path, dst: str | Path, scheme: str, use_ema: bool = True, group: int = 64,
-                    rotate: bool = False) -> Path:
+                    rotate: bool = False, smooth: float | None = None) -> Path:
     """Write the model at ``src`` as a ``scheme`` folder at ``dst`` (safetensors and JSON); returns it.
     ``group`` and ``rotate``: the weight-only schemes' group size (w4; and the rotation's block) and Hadamard
-    rotation."""
+    rotation; ``smooth``: w8a8's channel balancing α in (0, 1) (a calibration run of the model first)."""
     from omnidit.checkpoint import PROVENANCE_FILE, load_model, resolve_model_dir, save_checkpoint, training_provenance
 
     if scheme not in SCHEMES:
@@ -153,20 +201,29 @@ def quantize_folder(src: str | Path, dst: str | Path, scheme: str, use_ema: bool
     directory = resolve_model_dir(src)
     if (directory / QUANTIZATION_FILE).is_file():
         raise OmniditError(f"{directory} is already quantized", hint="quantize the float model it was made from")
+    if smooth is not None and (scheme != "w8a8" or not 0 < smooth < 1):
+        raise OmniditError(f"--smooth is w8a8's channel balancing, an alpha in (0, 1); got {smooth} with {scheme}",
+                           hint="e.g. --scheme w8a8 --smooth 0.5")
     model, config = load_model(directory, use_ema=use_ema)
     check_weight_only(model, scheme, group, rotate)
+    maxima = activation_maxima(model, config, list(_block_linears(model))) if smooth else {}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if scheme == "bf16":
         state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
     else:
         for name in _block_linears(model, modulation=scheme in WEIGHT_ONLY):
             weight = state[f"{name}.weight"]
+            if name in maxima:  # X W^T = (X / s)(W s)^T
+                state[f"{name}.smooth"] = smoothing_factors(maxima[name], weight, smooth)
+                weight = weight.float() * state[f"{name}.smooth"]
             state[f"{name}.weight"], state[f"{name}.weight_scale"] = (
                 int8_per_row(weight) if scheme == "w8a8" else weight_only(weight, scheme, group, rotate))
     out = save_checkpoint(dst, config, state)
     provenance = training_provenance(directory)
     (out / PROVENANCE_FILE).write_text(json.dumps({**provenance, "quantized": scheme}, indent=2) + "\n")
     about = {"scheme": scheme, "source": str(directory)}
+    if smooth:
+        about["smooth"] = smooth
     if scheme in WEIGHT_ONLY:
         about.update(group_size=group if scheme == "w4" or rotate else None, rotate=rotate)
     (out / QUANTIZATION_FILE).write_text(json.dumps(about, indent=2) + "\n")
@@ -210,12 +267,17 @@ def load_quantized(directory: Path, config, scheme: str, device: torch.device) -
     linears = _block_linears(model, modulation=scheme in WEIGHT_ONLY)
     scales = {name: state.pop(f"{name}.weight_scale") for name in linears}
     ints = {name: state.pop(f"{name}.weight") for name in linears}
+    smooths = {name: state.pop(f"{name}.smooth") for name in linears if f"{name}.smooth" in state}
     for name in linears:  # placeholders for the strict load; replaced below
         state[f"{name}.weight"] = torch.zeros_like(linears[name].weight)
     load_state_into(model, state, file)
     rows = {name: (ints[name], scales[name]) for name in linears}
     if scheme == "w8a8":
-        return _to_int8(model, rows)
+        _to_int8(model, rows)
+        for name, factors in smooths.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, SmoothedLinear(model.get_submodule(name), factors))
+        return model
     about = read_quantization(directory)
     for name, (values, scale) in rows.items():
         parent, _, child = name.rpartition(".")
