@@ -26,7 +26,7 @@ import torch
 from omnidit.calibrate_command import calibration_prompts
 from omnidit.checkpoint import shipped_model_dir
 from omnidit.evaluate.runner import evaluate_model
-from omnidit.pipeline import load_pipeline
+from omnidit.pipeline import Pipeline, load_pipeline
 from omnidit.step_cache import calibrate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def calibrated_copy(model: str, folder: Path, device: str = "cpu"):
+def calibrated_copy(model: str, folder: Path, device: str = "cpu") -> Pipeline:
     """The model (a shipped name or folder) copied to ``folder`` and calibrated there as ``omnidit calibrate``
     does (4 captions), so that the installed package is not written; its loaded pipeline."""
     source = shipped_model_dir(model) if not Path(model).exists() else Path(model)

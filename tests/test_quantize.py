@@ -190,6 +190,8 @@ def test_quantize_command(tmp_path, tiny_run, capsys):
     assert_one_line_error(code, err, "--smooth is w8a8's channel balancing")
     code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w8a8", "--smooth", "1.5")
     assert_one_line_error(code, err, "an alpha in (0, 1)")
+    code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w8", "--group-size", "32")
+    assert_one_line_error(code, err, "--group-size applies to w4 and to --rotate")
     code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w4", "--group-size", "48")
     assert_one_line_error(code, err, "--group-size must be a power of 2")
     code, _, err = run_main(capsys, "quantize", tiny_run, tmp_path / "y", "--scheme", "w4", "--group-size", "4096")

@@ -258,6 +258,10 @@ def test_a_request_can_ask_for_a_faster_preset_without_changing_the_served_model
     expected = speed_variant(shapes, "faster").generate([PROMPT], seed=[4], steps=2)[0]
     assert decode(fast).tobytes() == to_pil(expected).tobytes()
     assert "speed" in decode(fast).text and "speed" not in decode(before).text
+    fast_pipe = speed_variant(shapes, "fast")  # quantizes: its own model
+    faster = speed_variant(fast_pipe, "faster")  # already int8: shares that model, only the settings change
+    assert fast_pipe.model is not shapes.model and faster.model is fast_pipe.model
+    assert faster.config.sample.candidates == 1 and fast_pipe.config.sample.candidates == 2
     assert Job("m", "p", [0], {}, speed="fast").key != Job("m", "p", [0], {}).key  # never batched together
     with TestClient(build_app({"shapes": shapes}, speed="fast")) as client:
         slower = client.post("/v1/images/generations", json={**body, "speed": "default"})

@@ -62,6 +62,7 @@ def test_the_worker_keeps_the_threads_the_loading_thread_gave_up():
 @pytest.mark.parametrize("argv, message", [
     (["--replicas", "0"], "--replicas must be"),
     (["--replicas", "2", "--replica-cpus", "0"], "--replica-cpus must be"),
+    (["--replica-cpus", "1"], "--replica-cpus applies to replicas"),
     (["--replicas", "2", "--model", "no/such/folder"], "model folder not found"),
     (["--replicas", "2", "--lora", "missing.safetensors"], "no such file missing.safetensors"),
 ])

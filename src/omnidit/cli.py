@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the folder to write (must not exist)")
     p.add_argument("--scheme", required=True, choices=["w8a8", "bf16", "w8", "w4"],
                    help="w8a8 (CPU int8 compute), bf16, w8 (int8 weights only) or w4 (int4 weights only)")
-    p.add_argument("--group-size", type=int, default=64,
+    p.add_argument("--group-size", type=int, default=None,
                    help="w4: inputs sharing one scale, a power of 2 dividing every layer's inputs; also the block "
                         "of --rotate (default: 64)")
     p.add_argument("--rotate", action="store_true",
@@ -371,8 +371,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     if Path(args.out).exists():
         raise OmniditError(f"{args.out} already exists", hint="pick a new folder name")
+    if args.group_size is not None and args.scheme != "w4" and not args.rotate:
+        raise OmniditError(f"--group-size applies to w4 and to --rotate, not to {args.scheme} alone",
+                           hint="drop --group-size, or use --scheme w4")
     out = quantize_folder(model_or_shipped(args.model), args.out, args.scheme, use_ema=not args.no_ema,
-                          group=args.group_size, rotate=args.rotate, smooth=args.smooth)
+                          group=args.group_size or 64, rotate=args.rotate, smooth=args.smooth)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {out} ({args.scheme}, {size / 2**20:.1f} MiB)")
 

@@ -26,15 +26,21 @@ run by ``benchmarks/quantize.py``.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from omnidit.errors import OmniditError
+
+if TYPE_CHECKING:
+    from omnidit.config import Config
+    from omnidit.pipeline import Pipeline
 
 SCHEMES = ("w8a8", "bf16", "w8", "w4")
 WEIGHT_ONLY = ("w8", "w4")
@@ -67,12 +73,14 @@ def int4_per_group(weight: Tensor, group: int) -> tuple[Tensor, Tensor]:
 
 
 def unpack_int4(packed: Tensor, scale: Tensor) -> Tensor:
-    """``int4_per_group``'s output back to a float32 weight (out, in)."""
+    """``int4_per_group``'s output, packed uint8 (out, in // 2) and scales (out, groups), back to a float32
+    weight (out, in)."""
     low, high = (packed & 15).to(torch.int8) - 8, (packed >> 4).to(torch.int8) - 8
     values = torch.stack((low, high), dim=2).flatten(1).float()  # (out, in)
     return (values.unflatten(1, (scale.shape[1], -1)) * scale[..., None]).flatten(1)
 
 
+@functools.lru_cache(maxsize=16)
 def hadamard(n: int) -> Tensor:
     """The orthonormal Sylvester-Hadamard matrix of order ``n`` (a power of 2): symmetric, H H = I."""
     if n < 1 or n & (n - 1):
@@ -83,9 +91,11 @@ def hadamard(n: int) -> Tensor:
     return h / n ** 0.5
 
 
-def rotate_groups(x: Tensor, group: int) -> Tensor:
-    """x (..., in) with each run of ``group`` features multiplied by ``hadamard(group)``."""
-    return (x.unflatten(-1, (-1, group)) @ hadamard(group).to(x)).flatten(-2)
+def rotate_groups(x: Tensor, group: int, h: Tensor | None = None) -> Tensor:
+    """x (..., in) with each run of ``group`` features multiplied by ``hadamard(group)`` (or ``h``, that matrix
+    already on x's device)."""
+    return (x.unflatten(-1, (-1, group)) @ (hadamard(group) if h is None else h).to(x.dtype)
+            .to(x.device)).flatten(-2)
 
 
 class WeightOnlyLinear(nn.Module):
@@ -102,6 +112,8 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("values", values)
         self.register_buffer("scale", scale.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
+        # The rotation lives with the layer (moved with .to(device), not rebuilt per call); not saved.
+        self.register_buffer("rotation", hadamard(group).clone() if rotate else None, persistent=False)
 
     @property
     def weight(self) -> Tensor:
@@ -110,13 +122,14 @@ class WeightOnlyLinear(nn.Module):
         return rotate_groups(weight, self.group) if self.rotate else weight
 
     def dequantized(self) -> Tensor:
+        """The stored weight as float32 (out, in): W H per group when ``rotate``."""
         if self.bits == 4:
             return unpack_int4(self.values, self.scale)
         return self.values.float() * self.scale[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rotate:
-            x = rotate_groups(x, self.group)
+            x = rotate_groups(x, self.group, self.rotation)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, self.dequantized().to(x.dtype), bias)
 
@@ -147,7 +160,7 @@ def check_weight_only(model: nn.Module, scheme: str, group: int, rotate: bool) -
 SMOOTH_STEPS = 8  # sampling steps of the smoothing calibration run (4 captions, one candidate)
 
 
-def activation_maxima(model: nn.Module, config, names: list[str]) -> dict[str, Tensor]:
+def activation_maxima(model: nn.Module, config: Config, names: list[str]) -> dict[str, Tensor]:
     """Each named linear's largest |input| per input channel (in,) over one sampling run of 4 of the model's
     own captions (``omnidit calibrate``'s), every step and guidance branch included."""
     from omnidit.calibrate_command import calibration_prompts
@@ -178,7 +191,8 @@ def smoothing_factors(act_max: Tensor, weight: Tensor, alpha: float) -> Tensor:
 
 
 class SmoothedLinear(nn.Module):
-    """``layer`` (torch's int8 linear holding W diag(s)) with its input divided by ``smooth`` (s) first."""
+    """``layer`` (torch's int8 linear holding W diag(s)) with its input divided by ``smooth`` (s, (in,)) first:
+    x (..., in) -> (..., out)."""
 
     def __init__(self, layer: nn.Module, smooth: Tensor) -> None:
         super().__init__()
@@ -325,15 +339,25 @@ def quantize_in_memory(model: nn.Module, scheme: str) -> nn.Module:
     return _to_int8(model, {name: int8_per_row(layer.weight.detach()) for name, layer in _block_linears(model).items()})
 
 
-def speed_variant(pipe, speed: str):
-    """A copy of ``pipe`` at the preset ``speed`` (``apply_speed``): its own model and config, sharing the text
-    encoder and codec, so the original keeps sampling as before (the server's per-request ``speed``)."""
+def speed_variant(pipe: Pipeline, speed: str) -> Pipeline:
+    """``pipe`` at the preset ``speed`` (``apply_speed``) without changing ``pipe``: its own config, and its own
+    model only when the preset would quantize it (otherwise the model, like the text encoder and codec, is
+    shared, so a preset that only changes settings costs no memory). The server's per-request ``speed``."""
     import copy
     import dataclasses
 
-    variant = dataclasses.replace(pipe, model=copy.deepcopy(pipe.model), config=copy.deepcopy(pipe.config))
+    model = copy.deepcopy(pipe.model) if speed_quantizes(pipe) else pipe.model
+    variant = dataclasses.replace(pipe, model=model, config=copy.deepcopy(pipe.config))
     apply_speed(variant, speed)
     return variant
+
+
+def speed_quantizes(pipe: Pipeline) -> bool:
+    """Whether a fast preset would change ``pipe``'s model: a float model that no scheme or preset has touched."""
+    quantized = pipe.model_dir is not None and read_scheme(pipe.model_dir) is not None  # omnidit quantize
+    if quantized or getattr(pipe.model, "autocast_dtype", None) is not None:
+        return False
+    return pipe.device.type != "cpu" or bool(_block_linears(pipe.model))
 
 
 def apply_speed(pipe, speed: str | None) -> None:
@@ -345,8 +369,7 @@ def apply_speed(pipe, speed: str | None) -> None:
         return
     if speed not in SPEEDS:
         raise OmniditError(f"unknown speed '{speed}'", hint=f"choose one of {', '.join(SPEEDS)}")
-    quantized = pipe.model_dir is not None and read_scheme(pipe.model_dir) is not None  # omnidit quantize
-    if not quantized and getattr(pipe.model, "autocast_dtype", None) is None:
+    if speed_quantizes(pipe):
         quantize_in_memory(pipe.model, "w8a8" if pipe.device.type == "cpu" else "bf16")
     sample = pipe.config.sample
     if sample.cache == "none":

@@ -30,9 +30,16 @@ def reserve_torch_threads() -> int:
     slower on 2 cores when the main thread had loaded the model with 2 threads. A single-threaded main thread
     (loading, the event loop, encoding) never starts a team, and the worker keeps every core.
     """
+    global _reserved_threads
     threads = torch.get_num_threads()
+    if threads == 1 and _reserved_threads:  # called again from a thread it already reserved
+        threads = _reserved_threads
+    _reserved_threads = threads
     torch.set_num_threads(1)
     return threads
+
+
+_reserved_threads: int | None = None  # what the first reserve_torch_threads call found
 
 
 class QueueFull(Exception):

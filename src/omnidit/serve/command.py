@@ -6,8 +6,12 @@ import argparse
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omnidit.errors import OmniditError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 from omnidit.validate import check_number, parse_size
 
 API_KEY_VARIABLE = "OMNIDIT_API_KEY"
@@ -118,7 +122,8 @@ def apply_serve_loras(pipelines: dict, specs: list[str] | None) -> dict[str, lis
     return applied
 
 
-def build_served_app(models: dict[str, str], loras: list[str] | None, speed: str | None, device: str, **app_options):
+def build_served_app(models: dict[str, str], loras: list[str] | None, speed: str | None, device: str,
+                     **app_options) -> FastAPI:
     """Load ``models`` (name -> shipped name or folder) with their LoRA adapters at a --speed preset and
     return the server's ASGI app; ``app_options`` go to ``build_app``. The calling thread keeps one torch
     thread and the sampling worker gets the rest (``reserve_torch_threads``)."""
@@ -162,6 +167,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     check_number("--replicas", args.replicas, low=1, high=1024, integer=True)
     if args.replica_cpus is not None:
         check_number("--replica-cpus", args.replica_cpus, low=0, low_open=True, high=4096)
+        if args.replicas == 1 and not args.ray_address:
+            raise OmniditError("--replica-cpus applies to replicas", hint="add --replicas N (or --ray-address)")
     for flag in ("max_batch", "max_queue", "max_n", "max_steps", "max_frames", "max_prompt_chars"):
         check_number(f"--{flag.replace('_', '-')}", getattr(args, flag), low=1, high=10**6, integer=True)
     check_number("--batch-window-ms", args.batch_window_ms, low=0, high=10_000)

@@ -23,7 +23,7 @@ APP_NAME = "omnidit"
 
 
 def replica_builder(models: dict[str, str], loras: list[str] | None, speed: str | None, device: str,
-                    threads: int | None, app_options: dict) -> Callable:
+                    threads: int | None, app_options: dict) -> Callable[[], object]:
     """A function of no arguments that loads the models and returns the server's ASGI app; Ray runs it in
     each replica (it is pickled with what it closes over, so it holds only names, paths and numbers)."""
 
@@ -54,14 +54,26 @@ def serve_replicas(models: dict[str, str], loras: list[str] | None, speed: str |
     local = address is None
     if replica_cpus is None:
         replica_cpus = max(1.0, (os.cpu_count() or 1) / replicas) if local else 1.0
-    gpus = 1 if device.startswith("cuda") or (device == "auto" and _has_cuda()) else 0
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines would bury ours
-    if local:
-        ray.init(num_cpus=max(replicas * replica_cpus, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-    else:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        if local:
+            ray.init(num_cpus=max(replicas * replica_cpus, os.cpu_count() or 1), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except Exception as error:  # noqa: BLE001 - a wrong address, a RAY_ADDRESS clash: one line, not Ray's traceback
+        raise OmniditError(f"Ray did not start: {_last_line(error)}",
+                           hint="check --ray-address (e.g. 'auto' after 'ray start --head')") from None
+    # Ray gives each replica the GPU it reserved as cuda:0 (CUDA_VISIBLE_DEVICES), and a replica that asks for a
+    # GPU the cluster lacks would wait for ever, so both are settled here.
+    gpus = 1 if device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0)) else 0
+    if gpus and ray.cluster_resources().get("GPU", 0) < replicas:
+        have = ray.cluster_resources().get("GPU", 0)
+        stop_replicas(local)
+        raise OmniditError(f"{replicas} replicas need {replicas} GPUs; the Ray cluster has {have:g}",
+                           hint="use fewer --replicas, or --device cpu")
+    device = "cuda" if gpus else device
     options = dict(app_options, url_results=False)
     build = replica_builder(models, loras, speed, device, max(1, int(replica_cpus)), options)
     # A replica batches the requests it holds, so Ray must let it hold as many as its own queue admits; past
@@ -74,7 +86,7 @@ def serve_replicas(models: dict[str, str], loras: list[str] | None, speed: str |
         serve.start(http_options={"host": host, "port": port})
         serve.run(deployment.bind(), name=APP_NAME, route_prefix="/")
     except Exception as error:  # noqa: BLE001 - a replica's failure reaches us as Ray's error with its traceback
-        stop_replicas()
+        stop_replicas(local)
         raise OmniditError(f"the replicas did not start: {_last_line(error)}",
                            hint="run without --replicas to see the error in full") from None
     if not block:
@@ -88,23 +100,22 @@ def serve_replicas(models: dict[str, str], loras: list[str] | None, speed: str |
     except KeyboardInterrupt:
         pass
     finally:
-        stop_replicas()
+        stop_replicas(local)
 
 
-def stop_replicas() -> None:
-    """Shut Ray Serve and this process's Ray down (a no-op when they are not running)."""
+def stop_replicas(local: bool = True) -> None:
+    """Remove the omnidit application, and when Ray was started for it (``local``), Serve and Ray themselves; on
+    a shared cluster the other applications keep running. A no-op when Ray is not running."""
     import ray
     from ray import serve
 
-    if ray.is_initialized():
+    if not ray.is_initialized():
+        return
+    if local:
         serve.shutdown()
-        ray.shutdown()
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    else:
+        serve.delete(APP_NAME)
+    ray.shutdown()
 
 
 def _last_line(error: Exception) -> str:
