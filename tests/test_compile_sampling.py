@@ -40,3 +40,19 @@ def test_generate_compile_flag(tiny_run, tmp_path, capsys):
                             "-o", tmp_path / "x.png", "--no-progress")
     torch._dynamo.reset()
     assert code == 0 and (tmp_path / "x.png").is_file(), err
+
+
+def test_a_speed_copy_of_a_compiled_model_is_compiled_too_and_serves(compiled):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from omnidit.quantize import speed_variant
+    from omnidit.serve.app import build_app
+
+    fast = speed_variant(compiled, "fast")  # int8 linears in its own copy, compiled again
+    assert fast.model is not compiled.model and fast.model.compiled
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in fast.model.single_blocks)
+    body = {"prompt": "a red circle", "seed": 1, "steps": 2}
+    with TestClient(build_app({"tiny": compiled})) as client:
+        replies = [client.post("/v1/images/generations", json=b) for b in (body, {**body, "speed": "fast"})]
+    assert [r.status_code for r in replies] == [200, 200], [r.text for r in replies]

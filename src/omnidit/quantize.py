@@ -349,6 +349,8 @@ def speed_variant(pipe: Pipeline, speed: str) -> Pipeline:
     model = copy.deepcopy(pipe.model) if speed_quantizes(pipe) else pipe.model
     variant = dataclasses.replace(pipe, model=model, config=copy.deepcopy(pipe.config))
     apply_speed(variant, speed)
+    if model is not pipe.model and getattr(pipe.model, "compiled", False):
+        model.compile_blocks()  # a deep copy does not carry torch.compile's wrappers
     return variant
 
 

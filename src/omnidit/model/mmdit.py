@@ -430,6 +430,7 @@ class MMDiT(nn.Module):
         around the blocks, so they neither break the graphs nor recompile them per step."""
         for block in [*self.double_blocks, *self.single_blocks]:
             block.compile()
+        self.compiled = True  # read by quantize.speed_variant: a copy of the model compiles its own blocks
 
     def forward(self, x: Tensor | Mapping[str, Tensor], x_ids: Tensor | Mapping[str, Tensor],
                 t: Tensor | Mapping[str, Tensor], cond: Condition,

@@ -59,6 +59,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--url-ttl", type=float, default=600.0,
                    help="seconds a response_format=url result stays downloadable (kept in memory; default: 600)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each model's transformer blocks (regional compilation) before serving; the "
+                        "first request at each size pays for compiling (docs/sampling.md)")
     p.add_argument("--replicas", type=int, default=1,
                    help="run N copies of the server behind Ray Serve's proxy, each in its own process with its own "
                         "batching (needs the ray extra: pip install -e '.[ray]'); response_format=url is then "
@@ -123,10 +126,10 @@ def apply_serve_loras(pipelines: dict, specs: list[str] | None) -> dict[str, lis
 
 
 def build_served_app(models: dict[str, str], loras: list[str] | None, speed: str | None, device: str,
-                     **app_options) -> FastAPI:
-    """Load ``models`` (name -> shipped name or folder) with their LoRA adapters at a --speed preset and
-    return the server's ASGI app; ``app_options`` go to ``build_app``. The calling thread keeps one torch
-    thread and the sampling worker gets the rest (``reserve_torch_threads``)."""
+                     compile_blocks: bool = False, **app_options) -> FastAPI:
+    """Load ``models`` (name -> shipped name or folder) with their LoRA adapters at a --speed preset (and
+    compiled, with ``compile_blocks``) and return the server's ASGI app; ``app_options`` go to ``build_app``.
+    The calling thread keeps one torch thread and the sampling worker gets the rest (``reserve_torch_threads``)."""
     from omnidit.pipeline import load_pipeline
     from omnidit.quantize import apply_speed
     from omnidit.serve.app import build_app
@@ -137,6 +140,8 @@ def build_served_app(models: dict[str, str], loras: list[str] | None, speed: str
     apply_serve_loras(pipelines, loras)
     for pipe in pipelines.values():
         apply_speed(pipe, speed)
+        if compile_blocks:
+            pipe.model.compile_blocks()
     return build_app(pipelines, threads=threads, speed=speed, **app_options)
 
 
@@ -188,7 +193,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     url_ttl=args.url_ttl)
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     app_options = {"limits": limits, "api_key": api_key, "max_batch": args.max_batch,
-                   "batch_window": args.batch_window_ms / 1000, "max_queue": args.max_queue}
+                   "batch_window": args.batch_window_ms / 1000, "max_queue": args.max_queue,
+                   "compile_blocks": args.compile}
     if args.replicas > 1 or args.ray_address:
         from omnidit.serve.replicas import serve_replicas
 
