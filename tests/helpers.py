@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -129,3 +130,16 @@ class Live:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def assert_shipped_folder(name: str, folder_name: str, max_bytes: int) -> Path:
+    """A model shipped in the package: found by ``name`` in its folder, small, float16, with its provenance."""
+    from omnidit.checkpoint import SHIPPED_MODELS, read_safetensors, shipped_model_dir
+
+    folder = shipped_model_dir(name)
+    assert folder.name == folder_name and name in SHIPPED_MODELS
+    weights = folder / "model.safetensors"
+    assert weights.stat().st_size <= max_bytes
+    assert {t.dtype for t in read_safetensors(weights).values()} == {torch.float16}
+    assert (folder / "provenance.json").is_file()
+    return folder

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_shipped_folder
 from test_cli import run_main
 
 from omnidit.audio_io import load_wav
-from omnidit.checkpoint import SHIPPED_MODELS, shipped_model_dir
 from omnidit.pipeline import load_pipeline
 from omnidit.video_io import load_audio
 
@@ -34,10 +34,7 @@ def scenes():
 
 
 def test_shipped_av_model_is_small_float16_with_a_sound_stream(av):
-    folder = shipped_model_dir("shapes-av")
-    assert folder.name == "av_model" and "shapes-av" in SHIPPED_MODELS
-    assert (folder / "model.safetensors").stat().st_size <= MAX_SHIPPED_BYTES
-    assert (folder / "provenance.json").is_file()
+    assert_shipped_folder("shapes-av", "av_model", MAX_SHIPPED_BYTES)
     assert av.config.data.name == "bounce" and av.config.data.mix_name == "tones"
     assert av.model.config.extra_streams == {"audio": 201} and av.config.data.audio_codec == "spectrogram"
 

@@ -4,9 +4,9 @@ one pass per step and no guidance pass in the steps its config names, and draws 
 from __future__ import annotations
 
 import pytest
+from helpers import assert_shipped_folder
 from test_cli import run_main
 
-from omnidit.checkpoint import SHIPPED_MODELS, shipped_model_dir
 from omnidit.pipeline import guided, load_pipeline
 
 MAX_SHIPPED_BYTES = 12 * 1024 * 1024
@@ -18,10 +18,7 @@ def turbo():
 
 
 def test_shipped_student_is_small_float16_and_samples_in_a_few_single_passes(turbo):
-    folder = shipped_model_dir("shapes-turbo")
-    assert folder.name == "turbo_model" and "shapes-turbo" in SHIPPED_MODELS
-    assert (folder / "model.safetensors").stat().st_size <= MAX_SHIPPED_BYTES
-    assert (folder / "provenance.json").is_file()
+    assert_shipped_folder("shapes-turbo", "turbo_model", MAX_SHIPPED_BYTES)
     settings = turbo.sampling_settings()
     assert settings["steps"] <= 4 and settings["candidates"] == 1 and not settings["skip_scale"]
     assert turbo.model.config.guidance_embed and not guided(settings, guidance_input=True)

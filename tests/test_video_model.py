@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_shipped_folder
 from test_cli import run_main
 
-from omnidit.checkpoint import SHIPPED_MODELS, shipped_model_dir
 from omnidit.evaluate.video_suite import judge_clip, judge_continuation
 from omnidit.pipeline import load_pipeline
 
@@ -20,10 +20,7 @@ def video():
 
 
 def test_shipped_video_model_is_small_float16_and_a_video_model(video):
-    folder = shipped_model_dir("shapes-video")
-    assert folder.name == "video_model" and "shapes-video" in SHIPPED_MODELS
-    assert (folder / "model.safetensors").stat().st_size <= MAX_SHIPPED_BYTES
-    assert (folder / "provenance.json").is_file()
+    assert_shipped_folder("shapes-video", "video_model", MAX_SHIPPED_BYTES)
     assert video.config.data.name == "shapes_video" and video.config.data.frames == 8
     assert video.config.data.fps == 8.0 and video.config.text.encoder == "minilm"
 

@@ -331,7 +331,6 @@ def distill(config: Config, progress: bool = True) -> Path:
     return train(config, progress, runner=Distiller)
 
 
-
 RECIPE_KEYS = {"name", "method", "teacher", "init_from", "overrides"}
 
 

@@ -119,7 +119,7 @@ class WeightOnlyLinear(nn.Module):
     def weight(self) -> Tensor:
         """The effective float weight (out, in), dequantized on each access (and un-rotated)."""
         weight = self.dequantized()
-        return rotate_groups(weight, self.group) if self.rotate else weight
+        return rotate_groups(weight, self.group, self.rotation) if self.rotate else weight
 
     def dequantized(self) -> Tensor:
         """The stored weight as float32 (out, in): W H per group when ``rotate``."""
@@ -289,25 +289,27 @@ def load_quantized(directory: Path, config, scheme: str, device: torch.device) -
     if scheme == "w8a8":
         _to_int8(model, rows)
         for name, factors in smooths.items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, SmoothedLinear(model.get_submodule(name), factors))
+            _swap_module(model, name, SmoothedLinear(model.get_submodule(name), factors))
         return model
     about = read_quantization(directory)
     for name, (values, scale) in rows.items():
-        parent, _, child = name.rpartition(".")
-        layer = WeightOnlyLinear(values, scale, model.get_submodule(name).bias, 4 if scheme == "w4" else 8,
-                                 about.get("group_size"), bool(about.get("rotate")))
-        setattr(model.get_submodule(parent), child, layer)
+        _swap_module(model, name, WeightOnlyLinear(values, scale, model.get_submodule(name).bias,
+                                                   4 if scheme == "w4" else 8, about.get("group_size"),
+                                                   bool(about.get("rotate"))))
     return model
 
 
 def _to_int8(model: nn.Module, rows: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
     """Swap each named linear of ``model`` for torch's int8 one holding its (int8 values, scales) and its bias."""
     for name, (values, scale) in rows.items():
-        parent, _, child = name.rpartition(".")
-        bias = model.get_submodule(name).bias
-        setattr(model.get_submodule(parent), child, int8_linear(values, scale, bias))
+        _swap_module(model, name, int8_linear(values, scale, model.get_submodule(name).bias))
     return model
+
+
+def _swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where ``model``'s submodule ``name`` (dotted) was."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
 
 
 def int8_linear(values: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:

@@ -67,9 +67,9 @@ def serve_replicas(models: dict[str, str], loras: list[str] | None, speed: str |
                            hint="check --ray-address (e.g. 'auto' after 'ray start --head')") from None
     # Ray gives each replica the GPU it reserved as cuda:0 (CUDA_VISIBLE_DEVICES), and a replica that asks for a
     # GPU the cluster lacks would wait for ever, so both are settled here.
-    gpus = 1 if device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0)) else 0
-    if gpus and ray.cluster_resources().get("GPU", 0) < replicas:
-        have = ray.cluster_resources().get("GPU", 0)
+    have = ray.cluster_resources().get("GPU", 0)
+    gpus = 1 if device.startswith("cuda") or (device == "auto" and have) else 0
+    if gpus and have < replicas:
         stop_replicas(local)
         raise OmniditError(f"{replicas} replicas need {replicas} GPUs; the Ray cluster has {have:g}",
                            hint="use fewer --replicas, or --device cpu")
