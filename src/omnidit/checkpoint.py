@@ -219,6 +219,18 @@ def load_state_into(model: torch.nn.Module, state: dict[str, Tensor], source: Pa
     model.load_state_dict(state, strict=True)
 
 
+def load_adapter_only(model: torch.nn.Module, state: dict[str, Tensor], expected: dict[str, Tensor], source: Path,
+                      what: str, hint: str) -> None:
+    """Load an adapter-only checkpoint's ``state`` into ``model`` when its keys are exactly ``expected``'s (the
+    adapter's entries of the model's state dict); else a one-line error naming ``what`` and the first bad key."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        first = f"missing key '{missing[0]}'" if missing else f"unexpected key '{unexpected[0]}'"
+        raise OmniditError(f"{source} does not hold the {what} that config.json describes: {first}", hint=hint)
+    model.load_state_dict(state, strict=False)
+
+
 def check_state_matches(model: torch.nn.Module, state: dict[str, Tensor], source: Path) -> None:
     """Raise a one-line error naming ``source`` and the first key that is missing, unexpected or of
     the wrong shape; ``model`` may live on the meta device."""
@@ -347,6 +359,10 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
         from omnidit.lora import merged_lora_model
 
         model = merged_lora_model(config, read_safetensors(file), file)
+    elif config.train.layout_boxes:  # a layout run's checkpoint: the adapter, on train.init_from's model
+        from omnidit.layout import layout_model
+
+        model = layout_model(config, read_safetensors(file), file)
     else:
         model = MMDiT(config.model)
         load_state_into(model, read_safetensors(file), file)

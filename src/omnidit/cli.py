@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]",
                    help="apply a LoRA adapter file (PEFT/diffusers or kohya layout, safetensors) at WEIGHT "
                         "(default 1); repeat for several (docs/lora.md)")
+    p.add_argument("--box", action="append", nargs=5, default=None, metavar=("PHRASE", "X0", "Y0", "X1", "Y1"),
+                   help="models with a layout adapter: draw PHRASE inside this box (fractions of the width and "
+                        "height, y down); repeat for several (docs/editing.md#layout-boxes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("demo", help="draw example prompts with the shipped shapes model (seconds on a CPU)",
@@ -150,10 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", default=None,
                    help="checkpoint or run folder, or a folder of images with a manifest.json "
                         "(default: the shipped shapes model)")
-    p.add_argument("--suite", default=None, choices=["shapes", "digits", "video", "audio", "av", "edit"],
+    p.add_argument("--suite", default=None, choices=["shapes", "digits", "video", "audio", "av", "edit", "layout"],
                    help="which suite (default: from the model's data.name: video for video models, av for clips "
-                        "with sound, audio for sound alone; shapes for image folders); edit: inpainting "
-                        "faithfulness on shapes scenes (recolour, replace, restore)")
+                        "with sound, audio for sound alone; shapes for image folders); edit: inpainting and "
+                        "prompt-edit faithfulness on shapes scenes; layout: objects drawn in their boxes by a model "
+                        "with a layout adapter (docs/editing.md)")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]",
                    help="score the model with a LoRA adapter file applied at WEIGHT (default 1); repeatable "
                         "(docs/lora.md)")
@@ -269,9 +273,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if (target / "manifest.json").is_file():
         if args.lora:
             raise OmniditError("--lora applies to a model, not to a folder of images", hint="drop --lora")
-        if args.suite == "edit":
-            raise OmniditError("the edit suite inpaints its own scenes, so it needs a model, not a folder of images",
-                               hint="pass a model folder or name")
+        if args.suite in ("edit", "layout"):
+            raise OmniditError(f"the {args.suite} suite draws its own scenes, so it needs a model, not a folder of "
+                               "images", hint="pass a model folder or name")
         report = evaluate_folder(target, args.suite or "shapes", progress=not args.no_progress,
                                  frechet=not args.no_fd)
     else:

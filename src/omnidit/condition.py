@@ -1,4 +1,4 @@
-"""The conditioning that travels with a batch: text tokens, pooled vector, class labels, guidance.
+"""The conditioning that travels with a batch: text tokens, pooled vector, class labels, guidance, layout boxes.
 
 Every field is optional; a model uses the ones its config asks for. Batch helpers (``cat``,
 ``where``, ``repeat``) exist so that CFG batching and condition dropout are one line each.
@@ -18,7 +18,9 @@ class Condition:
 
     txt: (B, L, C) text token features; txt_mask: (B, L) bool, True for real tokens;
     pooled: (B, P) pooled text vector; labels: (B,) int64 class ids; guidance: (B,) guidance scale
-    (for guidance-distilled models).
+    (for guidance-distilled models); layout_phrases: (B, M, P) each box's pooled phrase vector,
+    layout_boxes: (B, M, 4) the boxes (x0, y0, x1, y1) in [0, 1], layout_mask: (B, M) bool, True for real
+    boxes (for a model with a layout adapter, omnidit.layout).
     """
 
     txt: Tensor | None = None
@@ -26,6 +28,9 @@ class Condition:
     pooled: Tensor | None = None
     labels: Tensor | None = None
     guidance: Tensor | None = None
+    layout_phrases: Tensor | None = None
+    layout_boxes: Tensor | None = None
+    layout_mask: Tensor | None = None
 
     def _tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

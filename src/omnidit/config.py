@@ -125,6 +125,9 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 0.0  # the adapters' alpha (scale alpha / rank); 0 = the rank
     lora_targets: str = ""  # regular expression over module paths; "" = the attention and MLP projections
+    # A layout adapter (omnidit.layout) on train.init_from's model, taking up to this many boxes; every base weight
+    # stays frozen and checkpoints hold the adapter alone. Shapes data (its scenes give the boxes). 0 = none.
+    layout_boxes: int = 0
     lr_schedule: str = "constant"  # constant | cosine | wsd (after the warmup, down to lr * lr_min_ratio)
     lr_min_ratio: float = 0.1
     lr_decay_steps: int = 0  # wsd only: length of the final linear decay (0 = 20% of steps)
@@ -185,6 +188,13 @@ class TrainConfig:
         if self.lora_rank and (self.init_grow or self.parallel == "fsdp"):
             raise OmniditError("train.lora_rank works with DDP or one process, without train.init_grow",
                                hint="drop train.init_grow and use train.parallel=ddp")
+        if isinstance(self.layout_boxes, bool) or not isinstance(self.layout_boxes, int) or self.layout_boxes < 0:
+            raise OmniditError(f"train.layout_boxes must be a whole number >= 0, got {self.layout_boxes!r}",
+                               hint="e.g. train.layout_boxes=8")
+        if self.layout_boxes and (not self.init_from or self.lora_rank or self.init_grow or self.parallel == "fsdp"):
+            raise OmniditError("train.layout_boxes trains a layout adapter on the model of train.init_from, alone, "
+                               "with DDP or one process",
+                               hint="set train.init_from (e.g. shapes) and drop train.lora_rank, init_grow and fsdp")
         if self.lora_targets and not self.lora_rank:
             raise OmniditError("train.lora_targets is set but train.lora_rank is 0", hint="e.g. train.lora_rank=8")
         if not self.counterfactual_weight >= 0:

@@ -104,6 +104,7 @@ def model_or_shipped(path: str | None) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from omnidit.images import make_grid, save_png, to_pil
+    from omnidit.layout import check_layout, parse_box
     from omnidit.lora import apply_lora_specs
     from omnidit.pipeline import load_pipeline
 
@@ -117,17 +118,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.output is not None:
         check_output_path("-o", args.output)
     width, height = parse_size(args.size) if args.size else (None, None)
+    boxes = [parse_box(values) for values in args.box or ()]
     args.model = model_or_shipped(args.model)
     if (Path(args.model) / "model_index.json").is_file():  # a diffusers pipeline folder (Flux / SD3)
         args.output = args.output or "out.png"
         _check_image_output(args)
         if any(v not in (None, False) for v in (args.frames, args.fps, args.image, args.extend, args.audio_only,
-                                                 args.video, args.audio, args.seconds, args.lora)) or args.scale != 1:
-            raise OmniditError("--frames, --fps, --image, --extend, --lora and --scale apply to omnidit models, not "
-                               "to a diffusers pipeline folder", hint="drop them")
+                                                 args.video, args.audio, args.seconds, args.lora, args.box)) \
+                or args.scale != 1:
+            raise OmniditError("--frames, --fps, --image, --extend, --lora, --box and --scale apply to omnidit "
+                               "models, not to a diffusers pipeline folder", hint="drop them")
         return _generate_diffusers_pipeline(args, width, height)
     pipe = load_pipeline(args.model, device=args.device, use_ema=not args.no_ema)
     apply_lora_specs(pipe.model, args.lora)
+    if boxes:
+        check_layout(pipe.model, pipe.config.data.frames, boxes)
     if "audio" in pipe.model.config.extra_streams:
         from omnidit.generate_av_command import cmd_generate_av
 
@@ -151,12 +156,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     settings = {"prompt": args.prompt, "seed": args.seed, **pipe.sampling_settings(**sampling),
                 "size": f"{width}x{height}", "num_images": args.num_images,
                 "model": str(Path(args.model).resolve()), "ema": not args.no_ema, "software": "omnidit",
-                **({"lora": args.lora} if args.lora else {}), **({"speed": args.speed} if args.speed else {})}
+                **({"lora": args.lora} if args.lora else {}), **({"speed": args.speed} if args.speed else {}),
+                **({"boxes": [[b.phrase, *b.coords] for b in boxes]} if boxes else {})}
     batch = batch_size(args, pipe, 1, width, height, sampling)
 
     def draw(seeds: list[int], progress: bool):
         return pipe.generate([args.prompt] * len(seeds), width=width, height=height, seed=seeds, progress=progress,
-                             **sampling)
+                             boxes=boxes or None, **sampling)
 
     grid = []
     for first, images in draw_in_batches(draw, args.seed, args.num_images, batch, not args.no_progress):

@@ -338,14 +338,10 @@ def prepare_lora_training(model: nn.Module, config) -> dict:
 
 def load_adapter_state(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
     """Load a LoRA run's adapter-only ``state`` into a model prepared like it (every adapter weight, nothing else)."""
-    expected = adapter_state(model.state_dict())
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        first = f"missing key '{missing[0]}'" if missing else f"unexpected key '{unexpected[0]}'"
-        raise OmniditError(f"{source} does not hold the adapter that config.json describes: {first}",
-                           hint="train.lora_rank, lora_targets and the model must be those the run trained with")
-    model.load_state_dict(state, strict=False)
+    from omnidit.checkpoint import load_adapter_only
+
+    load_adapter_only(model, state, adapter_state(model.state_dict()), source, "adapter",
+                      "train.lora_rank, lora_targets and the model must be those the run trained with")
 
 
 def merged_lora_model(config, adapter: dict[str, Tensor], source: Path) -> nn.Module:

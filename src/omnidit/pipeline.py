@@ -21,6 +21,7 @@ from omnidit.config import Config
 from omnidit.data import caption_vocabulary
 from omnidit.errors import OmniditError, PromptWarning, shorten
 from omnidit.flops import sampling_bytes_per_sample
+from omnidit.layout import with_layout
 from omnidit.model.mmdit import MMDiT
 from omnidit.sampling import (
     SAMPLERS,
@@ -214,7 +215,8 @@ class Pipeline:
                  skip_blocks: Sequence[int] | None = None, skip_interval: Sequence[float] | None = None,
                  candidates: int | None = None, progress: bool = False, negative_prompt: str = "",
                  on_step: StepCallback | None = None, cache: str | None = None, cache_threshold: float | None = None,
-                 cache_forecast: str | None = None, cache_interval: int | None = None) -> Tensor:
+                 cache_forecast: str | None = None, cache_interval: int | None = None,
+                 boxes: Sequence | None = None) -> Tensor:
         """One image per prompt: (B, C, H, W) in [-1, 1]. Unset settings come from the config.
 
         ``seed``: one seed for the whole batch, or one per prompt (then each image is independent of
@@ -222,13 +224,14 @@ class Pipeline:
         N seeds (the first is its own) and keep the one the model itself scores best (omnidit.selection),
         at about N times the cost. ``negative_prompt``: what guidance steers away from (default the empty
         prompt). ``on_step(done, total)`` runs after each sampler step (raise from it to stop). ``cache`` and
-        its ``cache_*`` settings: step caching (omnidit.step_cache), e.g. ``cache="teacache"``.
+        its ``cache_*`` settings: step caching (omnidit.step_cache), e.g. ``cache="teacache"``. ``boxes``: for a
+        model with a layout adapter, a list of ``omnidit.layout.Box`` for every prompt or one list per prompt.
         """
         settings = self.sampling_settings(steps, cfg, sampler, shift, cfg_interval, skip_scale, skip_blocks,
                                           skip_interval, candidates, cache, cache_threshold, cache_forecast,
                                           cache_interval)
         clips = self._generate(prompts, 1, 1.0, width, height, settings, seed, None, (), progress, negative_prompt,
-                               on_step)
+                               on_step, boxes=boxes)
         return clips[:, :, 0]
 
     @torch.inference_mode()
@@ -298,12 +301,13 @@ class Pipeline:
     def _generate(self, prompts: list[str], frames: int, fps: float, width: int | None, height: int | None,
                   settings: dict, seed: int | Sequence[int], given: Tensor | None, given_frames: Sequence[int],
                   progress: bool, negative_prompt: str = "", on_step: StepCallback | None = None,
-                  token_mask: Tensor | None = None, given_noised: bool = False) -> Tensor:
+                  token_mask: Tensor | None = None, given_noised: bool = False, boxes: Sequence | None = None
+                  ) -> Tensor:
         """The one path from prompts to clips (an image is a clip of one frame at time 0): (B, C, T, H, W).
 
         ``token_mask`` (N,) bool: the tokens of ``given`` (in the model's token space) that are known, instead of
         whole ``given_frames`` (inpainting); ``given_noised``: they follow their noised path (sampling.sample)
-        rather than sitting at t = 0."""
+        rather than sitting at t = 0; ``boxes``: layout boxes (see ``generate``)."""
         mc = self.model.config
         if mc.out_channels not in (0, mc.in_channels):
             raise OmniditError(f"this model outputs {mc.out_channels} channels per {mc.in_channels} input channels "
@@ -337,6 +341,8 @@ class Pipeline:
         cond, null = self.conditions(prompts, negative_prompt, guidance=cfg)
         if n > 1:
             cond = Condition.cat([cond] * n)  # candidate-major: rows j * B .. j * B + B - 1 are candidate j
+        if boxes is not None:
+            cond, null = with_layout(self.model, self.text_encoder, cond, null, boxes, len(prompts), frames)
         grid_h, grid_w = height // mc.patch_size, width // mc.patch_size
         ids = video_position_ids(frames, grid_h, grid_w, fps, mc.temporal_patch, len(mc.axes_dim), self.device)
 

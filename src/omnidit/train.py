@@ -165,11 +165,7 @@ class Trainer:
             self.text_encoder = load_text_encoder(config.text.encoder, config.text.max_length, device=self.device)
         torch.manual_seed(tc.seed)  # parameter init: identical on every rank
         model = MMDiT(mc).to(self.device)
-        lora_source = None
-        if tc.lora_rank:  # the base weights now, frozen; only the adapter trains (and is saved)
-            from omnidit.lora import prepare_lora_training
-
-            lora_source = prepare_lora_training(model, config)
+        adapter_source = self.prepare_model(model)
         model.gradient_checkpointing = tc.gradient_checkpointing
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.model = D.wrap_model(model, self.world, tc.parallel)
@@ -198,7 +194,34 @@ class Trainer:
             self.num_tokens = max(sum(layout.tokens.values()) for layout in self.layouts.values())  # the larger
         self.null_cond = self._null_condition()
         self.last_checkpoint: Path | None = None
-        self.init_source: dict | None = lora_source  # set by initialise_from, kept in every checkpoint
+        self.init_source: dict | None = adapter_source  # set by initialise_from, kept in every checkpoint
+
+    # ---- adapters: a frozen base, only the adapter trains and is saved ----------------------------------
+    def prepare_model(self, model: MMDiT) -> dict | None:
+        """Adapter runs (train.lora_rank): load the base weights into ``model`` (before the EMA copy and the
+        optimizer are made), freeze them and add the adapter; returns the base's provenance. None otherwise."""
+        if not self.config.train.lora_rank:
+            return None
+        from omnidit.lora import prepare_lora_training
+
+        return prepare_lora_training(model, self.config)
+
+    @property
+    def adapter_only(self) -> bool:
+        """Whether checkpoints hold the adapter alone (the base is train.init_from's)."""
+        return self.config.train.lora_rank > 0
+
+    def adapter_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The adapter's entries of a full state dict."""
+        from omnidit.lora import adapter_state
+
+        return adapter_state(state)
+
+    def load_adapter_state(self, model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
+        """Load an adapter-only checkpoint's ``state`` into ``model`` (every adapter weight, nothing else)."""
+        from omnidit.lora import load_adapter_state
+
+        load_adapter_state(model, state, source)
 
     # ---- conditioning -------------------------------------------------------------------------
     def _null_condition(self) -> Condition:
@@ -410,11 +433,8 @@ class Trainer:
         # Gathered onto rank 0 only (the other ranks get empty dicts).
         model_state, ema_state = D.full_model_state(self.model), D.full_model_state(self.ema)
         optimizer_state = D.full_optimizer_state(self.model, self.optimizer)
-        lora = self.config.train.lora_rank > 0
-        if lora:  # the frozen base is train.init_from's: the adapter alone is the run's
-            from omnidit.lora import ADAPTER_FILE, adapter_state, save_lora
-
-            model_state, ema_state = adapter_state(model_state), adapter_state(ema_state)
+        if self.adapter_only:  # the frozen base is train.init_from's: the adapter alone is the run's
+            model_state, ema_state = self.adapter_state(model_state), self.adapter_state(ema_state)
         path = self.out_dir / f"{CHECKPOINT_PREFIX}{self.step:07d}"
         if self.world.is_main:
             tensors, meta = optimizer_state_to_flat(optimizer_state)
@@ -430,7 +450,9 @@ class Trainer:
             if self.init_source:
                 meta["init_from"] = self.init_source
             save_checkpoint(path, self.config, model_state, ema_state, tensors, meta)
-            if lora:  # the EMA adapter in the PEFT layout, for generate --lora on the base model
+            if self.config.train.lora_rank:  # the EMA adapter in the PEFT layout, for --lora on the base model
+                from omnidit.lora import ADAPTER_FILE, save_lora
+
                 save_lora(D.unwrap(self.ema), path / ADAPTER_FILE)
             prune_checkpoints(self.out_dir, self.config.train.keep_last)
         D.barrier(self.world)
@@ -452,15 +474,13 @@ class Trainer:
         latest = checkpoints[-1]
         tensors, meta = load_training_state(latest)
         model_state, ema_state = (read_safetensors(latest / f) for f in ("model.safetensors", "ema.safetensors"))
-        lora = self.config.train.lora_rank > 0
-        if lora:  # adapter-only checkpoints: every adapter weight must be there
-            from omnidit.lora import load_adapter_state
-
-            load_adapter_state(D.unwrap(self.model), model_state, latest / "model.safetensors")
-            load_adapter_state(D.unwrap(self.ema), ema_state, latest / "ema.safetensors")
+        partial = self.adapter_only
+        if partial:  # adapter-only checkpoints: every adapter weight must be there
+            self.load_adapter_state(D.unwrap(self.model), model_state, latest / "model.safetensors")
+            self.load_adapter_state(D.unwrap(self.ema), ema_state, latest / "ema.safetensors")
         D.load_full_state(self.model, model_state, self.optimizer, optimizer_state_from_flat(tensors, meta),
-                          strict=not lora)
-        D.load_full_state(self.ema, ema_state, strict=not lora)
+                          strict=not partial)
+        D.load_full_state(self.ema, ema_state, strict=not partial)
         self.generator.set_state(tensors["rng/generator"])
         if "rng/counterfactual_generator" in tensors:  # absent in checkpoints from before it existed
             self.counterfactual_generator.set_state(tensors["rng/counterfactual_generator"])
@@ -673,7 +693,11 @@ def _tensorboard(out_dir: Path):
 
 def train(config: Config, progress: bool = True, runner: type[Trainer] = Trainer) -> Path:
     """Train as the config says and return the final checkpoint folder (``runner``: a Trainer subclass such as
-    omnidit.distill_train.Distiller)."""
+    omnidit.distill_train.Distiller); a layout adapter run (train.layout_boxes) takes omnidit.layout_train's."""
+    if runner is Trainer and config.train.layout_boxes:
+        from omnidit.layout_train import LayoutTrainer
+
+        runner = LayoutTrainer
     trainer = runner(config, progress=progress)
     try:
         return trainer.run()

@@ -24,7 +24,7 @@ from omnidit.pipeline import SAMPLING_KEYS
 if TYPE_CHECKING:
     from omnidit.evaluate.shapes_suite import PromptSpec
 
-SUITES = ("shapes", "digits", "video", "audio", "av", "edit")
+SUITES = ("shapes", "digits", "video", "audio", "av", "edit", "layout")
 SEED_STRIDE = 1_000_003  # image i of a run with seed s uses noise seed s * SEED_STRIDE + i
 
 
@@ -242,9 +242,11 @@ def evaluate_model(pipe, suite: str, **kwargs) -> EvalReport:
     """Dispatch to the named suite; records the sampling settings in the report."""
     from omnidit.evaluate.av_suite import evaluate_audio, evaluate_av
     from omnidit.evaluate.edit_suite import evaluate_edit
+    from omnidit.evaluate.layout_suite import evaluate_layout
 
     runners = {"shapes": evaluate_shapes_model, "digits": evaluate_digits_model, "video": evaluate_video,
-               "audio": evaluate_audio, "av": evaluate_av, "edit": evaluate_edit}
+               "audio": evaluate_audio, "av": evaluate_av, "edit": evaluate_edit,
+               "layout": evaluate_layout}
     if suite not in runners:
         raise OmniditError(f"unknown suite '{suite}'", hint=f"choose one of {', '.join(SUITES)}")
     report = runners[suite](pipe, **kwargs)
