@@ -186,3 +186,36 @@ def test_edit_suite_runs_on_a_model_and_reports_exact_kept_pixels(tmp_path, tiny
 def test_the_edit_suite_needs_an_image_model(av_run, capsys):
     code, _, err = run_main(capsys, "eval", av_run, "--suite", "edit", "--limit", "1")
     assert_one_line_error(code, err, "edit suite needs an image model")
+
+
+def test_mask_aware_training_draws_rectangles_to_generate_or_keep():
+    from omnidit.flow import draw_given_regions, given_token_times
+
+    given = draw_given_regions(4000, 2, 4, 6, 0.5, torch.Generator().manual_seed(0))  # 2 tubelets of 4x6 tokens
+    assert given.shape == (4000, 48)
+    some = given.any(1)
+    assert abs(some.float().mean() - 0.5) < 0.03
+    frames = given[some].view(-1, 2, 4, 6)
+    assert torch.equal(frames[:, 0], frames[:, 1])  # the same region in every frame
+    generate = ~frames[:, 0]
+    assert generate.any((1, 2)).all() and frames[:, 0].any((1, 2)).all()  # each keeps some of both
+    def rectangle(region: torch.Tensor) -> bool:  # its bounding box, filled
+        rows, cols = region.any(1).nonzero().flatten(), region.any(0).nonzero().flatten()
+        return bool(region[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()) and region.sum() == len(rows) * len(cols)
+
+    inside = torch.tensor([rectangle(r) for r in generate])  # inpainting: a rectangle to generate
+    outside = torch.tensor([rectangle(~r) for r in generate])  # outpainting: a rectangle given
+    assert (inside | outside).all()
+    assert inside.float().mean() > 0.72 and outside.float().mean() > 0.22  # 3 : 1 (rows of the grid count twice)
+    assert not draw_given_regions(50, 1, 1, 8, 1.0, torch.Generator().manual_seed(0)).any()  # one row: none
+    t = given_token_times(torch.tensor([0.5, 0.75]), torch.tensor([[True, False], [False, False]]))
+    assert t.tolist() == [[0.0, 0.5], [0.75, 0.75]]
+
+
+def test_a_region_trained_model_inpaints_with_given_tokens_by_default(tmp_path, make_tiny_config):
+    from omnidit.pipeline import load_pipeline
+    from omnidit.train import train
+
+    final = train(make_tiny_config(tmp_path / "run", train={"steps": 2, "checkpoint_every": 2, "region_p": 1.0}),
+                  progress=False)
+    assert resolve_mode("auto", load_pipeline(final, device="cpu").config) == "tokens"

@@ -176,7 +176,7 @@ def test_generate_box_errors_are_one_line_and_write_nothing(tmp_path, layout_run
     assert not (tmp_path / "out.png").exists()
 
 
-def test_generate_with_boxes_writes_them_in_the_metadata(tmp_path, layout_run, tiny_run, capsys):
+def test_generate_with_boxes_writes_them_in_the_metadata_and_info_names_the_adapter(tmp_path, layout_run, tiny_run, capsys):
     from PIL import Image
 
     out = tmp_path / "out.png"
@@ -184,6 +184,8 @@ def test_generate_with_boxes_writes_them_in_the_metadata(tmp_path, layout_run, t
                             "--box", "a red circle", 0.5, 0.5, 1, 1)
     assert code == 0, err
     assert Image.open(out).info["boxes"] == "[['a red circle', 0.5, 0.5, 1.0, 1.0]]"
+    code, out, _ = run_main(capsys, "info", layout_run)
+    assert code == 0 and "a layout adapter for up to 4 boxes" in out
     code, _, err = run_main(capsys, "generate", "a red circle", "--model", tiny_run, "-o", tmp_path / "no.png",
                             "--box", "a red circle", 0.5, 0.5, 1, 1)
     assert_one_line_error(code, err, "no layout adapter")

@@ -403,12 +403,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     history = training_provenance(directory)
     step, seen, source = history.get("step"), history.get("images_seen"), history.get("init_from")
     mc = config.model
+    tc = config.train
+    adapter = f"a LoRA adapter of rank {tc.lora_rank}" if tc.lora_rank else \
+        f"a layout adapter for up to {tc.layout_boxes} boxes" if tc.layout_boxes else None
     lines = [
         f"checkpoint    {directory}",
         f"parameters    {n_params:,} ({n_params / 1e6:.2f}M)"
-        + (f", quantized {scheme} (omnidit quantize)" if scheme else "") if not config.train.lora_rank else
-        f"parameters    a LoRA adapter of {n_params:,} ({n_params / 1e6:.2f}M), rank {config.train.lora_rank}, on "
-        f"{config.train.init_from}'s weights",
+        + (f", quantized {scheme} (omnidit quantize)" if scheme else "") if adapter is None else
+        f"parameters    {adapter}: {n_params:,} ({n_params / 1e6:.2f}M), on the weights of {tc.init_from}",
         f"step          {step if step is not None else 'unknown'}"
         + (f" ({'distilled' if config.distill.method else 'fine-tuned'} from {source.get('folder')}, step "
            f"{source.get('step') or 'unknown'})" if source else ""),

@@ -152,6 +152,10 @@ class TrainConfig:
     # tokens, no loss there): the first frame, the first k or the first and last (Trainer.given_tubelets). It
     # teaches image-to-video, extension and interpolation to the same model. 0 = off.
     given_p: float = 0.0
+    # Images and clips: the probability that a sample is given as clean context except a random rectangle of
+    # tokens (over all frames) to generate, or, one time in four, the rectangle alone (flow.draw_given_regions):
+    # mask-aware training for omnidit inpaint (--mode tokens, the default for such a model). 0 = off.
+    region_p: float = 0.0
     # Several generated streams (video and audio): the probability that a sample's streams get independent times
     # (UniDiffuser; otherwise they share one), and, drawn after it, that one whole stream, chosen at random, is
     # given as clean context (video -> audio, audio -> video). 0 = off.
@@ -200,9 +204,11 @@ class TrainConfig:
         if not self.counterfactual_weight >= 0:
             raise OmniditError(f"train.counterfactual_weight must be >= 0, got {self.counterfactual_weight}",
                                hint="0 turns the counterfactual pairs off; e.g. train.counterfactual_weight=2")
-        if not 0 <= self.given_p <= 1:
-            raise OmniditError(f"train.given_p must lie in [0, 1], got {self.given_p}",
-                               hint="e.g. train.given_p=0.3: three clips in ten get some frames given")
+        for key, example in (("given_p", "three clips in ten get some frames given"),
+                             ("region_p", "three samples in ten get all but a region given")):
+            if not 0 <= getattr(self, key) <= 1:
+                raise OmniditError(f"train.{key} must lie in [0, 1], got {getattr(self, key)}",
+                                   hint=f"e.g. train.{key}=0.3: {example}")
         if not 0 <= self.counterfactual_t_min < 1:
             raise OmniditError(f"train.counterfactual_t_min must lie in [0, 1), got {self.counterfactual_t_min}",
                                hint="the loss is meant for high noise: e.g. train.counterfactual_t_min=0.8")

@@ -64,9 +64,9 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
         raise OmniditError(f"the teacher {teacher}: {e.message}",
                            hint="pass a model folder (a run, a checkpoint-* or exported folder) or a shipped name, "
                                 "e.g. shapes") from None
-    if source.train.lora_rank:
-        raise OmniditError(f"the teacher {teacher} is a LoRA adapter, not a whole model",
-                           hint="merge it first (omnidit convert) or distil its base model")
+    if source.train.lora_rank or source.train.layout_boxes:
+        raise OmniditError(f"the teacher {teacher} is an adapter (LoRA or layout), not a whole model",
+                           hint="merge a LoRA first (omnidit convert) or distil the base model")
     d = source.to_dict()
     d["model"]["guidance_embed"] = True
     d["train"] = {key: (value[method] if isinstance(value, dict) else value) for key, value in DEFAULT_TRAIN.items()}
@@ -85,10 +85,11 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
     if config.train.lora_rank or config.train.parallel == "fsdp" or config.train.init_grow:
         raise OmniditError("distillation trains every weight of the student, under DDP or in one process",
                            hint="drop train.lora_rank, train.init_grow and train.parallel=fsdp")
-    if config.train.grad_accum != 1 or config.train.counterfactual_weight or config.train.given_p:
-        raise OmniditError("distillation takes one batch per step, with no counterfactual pairs or given frames",
-                           hint="drop train.grad_accum, train.counterfactual_weight and train.given_p (a smaller "
-                                "train.batch_size saves memory)")
+    if config.train.grad_accum != 1 or config.train.counterfactual_weight or config.train.given_p \
+            or config.train.region_p or config.train.layout_boxes:
+        raise OmniditError("distillation takes one batch per step, with no counterfactual pairs, given tokens or "
+                           "layout", hint="drop train.grad_accum, counterfactual_weight, given_p, region_p and "
+                                          "layout_boxes (a smaller train.batch_size saves memory)")
     if len(config.model.generated_streams) != 1:
         raise OmniditError("distillation works on models of one generated stream (images or silent clips) for now",
                            hint="distil an image or video model")

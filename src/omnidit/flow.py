@@ -72,6 +72,34 @@ def draw_given_tubelets(batch: int, count: int, p: float, generator: torch.Gener
     return (first_k | last) & ((u < p) & (count > 1))[:, None]
 
 
+def draw_given_regions(batch: int, tubelets: int, grid_h: int, grid_w: int, p: float, generator: torch.Generator,
+                       ) -> Tensor:
+    """(batch, tubelets * grid_h * grid_w) bool: the tokens each sample is given as clean context (mask-aware
+    training for inpainting and outpainting).
+
+    With probability ``p`` a sample gets a rectangle of tokens, 1 .. grid - 1 tokens on each side at a uniform
+    place, over all its tubelets: three times in four everything but the rectangle is given (inpainting),
+    otherwise the rectangle alone (outpainting); so a sample always keeps tokens to generate and tokens given.
+    Otherwise nothing is given. A grid of one row or column gets no regions.
+    """
+    u, outside = torch.rand(batch, generator=generator), torch.rand(batch, generator=generator) < 0.25
+    sides = []
+    for grid in (grid_h, grid_w):
+        size = torch.randint(1, max(grid - 1, 1) + 1, (batch,), generator=generator)
+        start = (torch.rand(batch, generator=generator) * (grid - size + 1)).floor().long()
+        index = torch.arange(grid)[None]
+        sides.append((index >= start[:, None]) & (index < (start + size)[:, None]))  # (B, grid)
+    inside = (sides[0][:, :, None] & sides[1][:, None, :]).flatten(1).repeat(1, tubelets)  # (B, N)
+    given = torch.where(outside[:, None], inside, ~inside)
+    return given & ((u < p) & (min(grid_h, grid_w) > 1))[:, None]
+
+
+def given_token_times(t: Tensor, given: Tensor) -> Tensor:
+    """Per-token times (B, N): 0 on the ``given`` (B, N) tokens, ``t`` ((B,) or (B, N)) elsewhere."""
+    t = t[:, None].expand(-1, given.shape[1]) if t.dim() == 1 else t
+    return torch.where(given, torch.zeros((), dtype=t.dtype), t)
+
+
 def token_times_with_context(t: Tensor, given: Tensor, num_tokens: int) -> Tensor:
     """Per-token times (B, N): 0 on the tokens of given tubelets (given: (B, T / pt) bool), t (B,) elsewhere."""
     per_tubelet = num_tokens // given.shape[1]

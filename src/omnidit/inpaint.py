@@ -4,8 +4,8 @@ The mask is rounded up to whole tokens (a token is generated when any of its pix
 are given, by one of two mechanisms (``mode``):
 
 - ``tokens``: the given tokens are clean context at t = 0, exactly as image-to-video gives frames (the modalities
-  issue's per-token timesteps). Right for a model trained with clean context tokens (``train.given_p`` or
-  ``train.stream_given_p`` > 0).
+  issue's per-token timesteps). Right for a model trained with clean context tokens (``train.given_p``,
+  ``train.region_p`` or ``train.stream_given_p`` > 0).
 - ``blend``: the given tokens travel their straight path from their noise to the image, so the model sees every
   token noised to the same t, as in training (``sampling.follow_noised_path``; SDEdit's and diffusers' inpaint
   pipelines blend the same way). Right for any model, and the choice of ``auto`` for one never trained with
@@ -29,7 +29,7 @@ INPAINT_MODES = ("auto", "tokens", "blend")
 
 def trained_with_context(config) -> bool:
     """Whether the model saw clean context tokens (t = 0) next to noised ones in training."""
-    return config.train.given_p > 0 or config.train.stream_given_p > 0
+    return config.train.given_p > 0 or config.train.stream_given_p > 0 or config.train.region_p > 0
 
 
 def resolve_mode(mode: str, config) -> str:

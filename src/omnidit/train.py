@@ -42,7 +42,9 @@ from omnidit.errors import OmniditError
 from omnidit.flow import (
     condition_keep_mask,
     counterfactual_loss,
+    draw_given_regions,
     draw_given_tubelets,
+    given_token_times,
     sample_timesteps,
     stream_timesteps,
     token_times_with_context,
@@ -142,8 +144,8 @@ class Trainer:
                                hint=f"train on data with {unfed[0]} (e.g. data.name=bounce), or drop it from "
                                     "model.extra_streams")
         if self.multi:
-            for key, value in (("data.cache_dir", dc.cache_dir), ("train.counterfactual_weight",
-                                                                 tc.counterfactual_weight)):
+            for key, value in (("data.cache_dir", dc.cache_dir), ("train.region_p", tc.region_p),
+                               ("train.counterfactual_weight", tc.counterfactual_weight)):
                 if value:
                     raise OmniditError(f"{key} works on one image data set, not with sound or data.mix_name",
                                        hint=f"drop {key}")
@@ -286,6 +288,9 @@ class Trainer:
             noise = torch.randn((batch, self.num_tokens, mc.token_dim), generator=self.generator)
             if tc.given_p > 0:  # clips with some frames given as clean context: t = 0 on their tokens
                 t = token_times_with_context(t, self.given_tubelets(batch), self.num_tokens)
+            if tc.region_p > 0:  # all but a rectangle given (mask-aware training for inpainting)
+                tubelets = self.config.data.frames // mc.temporal_patch
+                t = given_token_times(t, draw_given_regions(batch, tubelets, *self.grid, tc.region_p, self.generator))
             if counterfactual:
                 g = self.counterfactual_generator
                 t_cf = tc.counterfactual_t_min + (1 - tc.counterfactual_t_min) * torch.rand(batch, generator=g)
