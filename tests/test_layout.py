@@ -176,7 +176,7 @@ def test_generate_box_errors_are_one_line_and_write_nothing(tmp_path, layout_run
     assert not (tmp_path / "out.png").exists()
 
 
-def test_generate_with_boxes_writes_them_in_the_metadata_and_info_names_the_adapter(tmp_path, layout_run, tiny_run, capsys):
+def test_generate_writes_the_boxes_in_the_metadata_and_info_names_the_adapter(tmp_path, layout_run, tiny_run, capsys):
     from PIL import Image
 
     out = tmp_path / "out.png"

@@ -11,7 +11,8 @@ from omnidit.errors import OmniditError
 from omnidit.flow import training_loss
 from omnidit.model.mmdit import MMDiT
 from omnidit.tokens import image_position_ids, patchify
-from omnidit.train import Trainer, batch_indices, ema_decay_at, learning_rate, parameter_groups
+from omnidit.train import Trainer, ema_decay_at, learning_rate, parameter_groups
+from omnidit.train_batches import batch_indices
 
 
 def test_thirty_steps_on_tiny_shapes_reduce_the_loss(tmp_path):

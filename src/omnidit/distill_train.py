@@ -40,7 +40,8 @@ from omnidit.flow import interpolate, sample_timesteps
 from omnidit.model.mmdit import MMDiT
 from omnidit.optim import ema_decay_at, learning_rate, make_optimizer, update_ema
 from omnidit.sampling import timestep_schedule
-from omnidit.train import Trainer, batch_indices, train
+from omnidit.train import Trainer, train
+from omnidit.train_batches import batch_indices
 
 # The train section of a distillation when the command line says nothing else: short, from the teacher's weights.
 DEFAULT_TRAIN = {"steps": {"guidance": 1500, "progressive": 3000, "dmd": 3000},

@@ -15,7 +15,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -37,19 +36,9 @@ from omnidit.checkpoint import (
 from omnidit.codecs import load_audio_codec, load_codec
 from omnidit.condition import Condition
 from omnidit.config import Config
-from omnidit.data import batch_from_indices, batch_streams, build_dataset, counterfactual_batch, streams
+from omnidit.data import batch_from_indices, batch_streams, build_dataset, streams
 from omnidit.errors import OmniditError
-from omnidit.flow import (
-    condition_keep_mask,
-    counterfactual_loss,
-    draw_given_regions,
-    draw_given_tubelets,
-    given_token_times,
-    sample_timesteps,
-    stream_timesteps,
-    token_times_with_context,
-    training_loss,
-)
+from omnidit.flow import condition_keep_mask, counterfactual_loss, training_loss
 from omnidit.model.mmdit import MMDiT
 from omnidit.optim import ema_decay_at, learning_rate, make_optimizer, parameter_groups, update_ema  # noqa: F401
 from omnidit.pipeline import Pipeline, resolve_device
@@ -58,47 +47,14 @@ from omnidit.precompute import fields_for_config, open_cache
 from omnidit.text import load_text_encoder
 from omnidit.tokens import (
     StreamLayout,
-    audio_frame_size,
-    audio_tubelets,
-    patchify,
     stream_layout,
     stream_tokens,
     video_patchify,
     video_position_ids,
 )
+from omnidit.train_batches import batch_indices, counterfactual_pairs, image_draws, stream_draws
 from omnidit.train_checks import check_compatible
 from omnidit.validate import check_memory
-
-
-class CounterfactualPairs(NamedTuple):
-    """Arguments of flow.counterfactual_loss for R rows and their partners, plus the weight ``scale``
-    (0 for a stand-in when the batch has no pairs). x0, x0_cf, noise: (R, N, D); t: (R,)."""
-
-    x0: Tensor
-    x0_cf: Tensor
-    cond: Condition
-    cond_cf: Condition
-    t: Tensor
-    noise: Tensor
-    scale: float
-
-
-def batch_indices(step: int, batch_size: int, num_samples: int | None, seed: int) -> list[int]:
-    """Dataset indices of the (global) batch at ``step``: the data position is a function of the step.
-
-    Finite datasets are read in a fresh seeded permutation every epoch; infinite ones in order.
-    """
-    start = step * batch_size
-    if num_samples is None:
-        return list(range(start, start + batch_size))
-    out, perm_epoch, perm = [], -1, None
-    for pos in range(start, start + batch_size):
-        epoch, i = divmod(pos, num_samples)
-        if epoch != perm_epoch:
-            perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            perm_epoch = epoch
-        out.append(int(perm[i]))
-    return out
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -271,7 +227,7 @@ class Trainer:
         if self.multi:
             layout = self.layouts[id(source)]
             ids = layout.ids
-            t, noise = self.stream_draws(batch, layout)
+            t, noise = stream_draws(self.config, layout, batch, self.generator, self.audio_codec)
             data, captions, labels = batch_streams(source, idx[mine])
             if "img" in data:
                 data["img"] = self.codec.encode(data["img"].to(self.device))
@@ -284,19 +240,14 @@ class Trainer:
             pairs = None
         else:
             ids = self.ids
-            t = sample_timesteps(batch, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=self.generator)
-            noise = torch.randn((batch, self.num_tokens, mc.token_dim), generator=self.generator)
-            if tc.given_p > 0:  # clips with some frames given as clean context: t = 0 on their tokens
-                t = token_times_with_context(t, self.given_tubelets(batch), self.num_tokens)
-            if tc.region_p > 0:  # all but a rectangle given (mask-aware training for inpainting)
-                tubelets = self.config.data.frames // mc.temporal_patch
-                t = given_token_times(t, draw_given_regions(batch, tubelets, *self.grid, tc.region_p, self.generator))
+            t, noise = image_draws(self.config, batch, self.num_tokens, self.grid, self.generator)
             if counterfactual:
                 g = self.counterfactual_generator
                 t_cf = tc.counterfactual_t_min + (1 - tc.counterfactual_t_min) * torch.rand(batch, generator=g)
                 noise_cf = torch.randn(noise.shape, generator=g)
             x0, cond, labels = self.image_batch(idx[mine])
-            pairs = self._counterfactual_pairs(idx[mine], x0, cond, labels, t_cf[mine], noise_cf[mine]) \
+            pairs = counterfactual_pairs(self.dataset, idx[mine], x0, cond, labels, t_cf[mine], noise_cf[mine],
+                                         self.codec.encode, self.condition, mc.patch_size, self.device) \
                 if counterfactual else None  # before the caption dropout: the pairs compare two real captions
             t, noise = t[mine].to(self.device), noise[mine].to(self.device)
         cond = cond.where(keep[mine].to(self.device), self.null_cond)
@@ -375,62 +326,6 @@ class Trainer:
         if every and (step + 1) % every == 0:
             return self.mix_dataset, step // every
         return self.dataset, step - ((step + 1) // every if every else 0)
-
-    def stream_draws(self, batch: int, layout: StreamLayout) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Per-token times {name: (batch, N_s)} and noise {name: (batch, N_s, D_s)} for a batch of several streams,
-        from the run's generator: one time per sample, or one per stream (train.stream_independent_p); then one
-        whole stream given at t = 0 (train.stream_given_p); then the frame patterns of train.given_p over the
-        picture and, over the same stretches of time, the sound (a clip extended with its sound)."""
-        tc, dc, mc, g = self.config.train, self.config.data, self.config.model, self.generator
-        names, tokens = layout.names, layout.tokens
-
-        def draw(n: int) -> Tensor:
-            return sample_timesteps(n, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=g)
-
-        times = stream_timesteps(draw(batch), names, tc.stream_independent_p, draw, g)
-        per_token = {n: times[n][:, None].expand(-1, tokens[n]).clone() for n in names}
-        if len(names) > 1 and tc.stream_given_p > 0:
-            whole = torch.rand(batch, generator=g) < tc.stream_given_p
-            which = torch.randint(0, len(names), (batch,), generator=g)
-            for i, n in enumerate(names):
-                per_token[n][whole & (which == i)] = 0.0
-        count = dc.frames // mc.temporal_patch
-        if tc.given_p > 0 and "img" in names and count > 1:
-            tubelets = self.given_tubelets(batch)  # (batch, T / pt)
-            per_token["img"][tubelets.repeat_interleave(tokens["img"] // count, dim=1)] = 0.0
-            if "audio" in names:
-                frame = audio_frame_size(mc, self.audio_codec)
-                where = audio_tubelets(tokens["audio"] * frame, frame, dc.sample_rate, dc.fps, mc.temporal_patch,
-                                       count)
-                per_token["audio"][tubelets[:, where]] = 0.0
-        noise = {n: torch.randn((batch, tokens[n], layout.features[n]), generator=g) for n in names}
-        return per_token, noise
-
-    def given_tubelets(self, batch: int) -> Tensor:
-        """(batch, T / pt) bool: the tubelets each clip of the batch is given as clean context
-        (``draw_given_tubelets`` with train.given_p, from the run's generator, so resume stays exact)."""
-        count = self.config.data.frames // self.config.model.temporal_patch
-        return draw_given_tubelets(batch, count, self.config.train.given_p, self.generator)
-
-    def _counterfactual_pairs(self, indices: list[int], x0: Tensor, cond: Condition, labels: Tensor,
-                              t: Tensor, noise: Tensor) -> CounterfactualPairs:
-        """The rows of this batch that have a counterfactual partner, for flow.counterfactual_loss.
-
-        x0: (b, N, D) and cond (the batch's encoded captions) on the device; t: (b,), noise: (b, N, D)
-        on the CPU. Only the partners' captions are encoded here. When no row has a partner,
-        a stand-in (row 0 paired with itself) with scale 0: every rank still runs the pass, so that the
-        gradient all-reduce sees the same passes everywhere.
-        """
-        rows, images_cf, captions_cf = counterfactual_batch(self.dataset, indices)
-        at = torch.tensor(rows or [0])  # CPU indices: they index CPU and device tensors alike
-        mine = cond.rows(at.to(self.device))
-        if rows:
-            x0_cf = patchify(self.codec.encode(images_cf.to(self.device)), self.config.model.patch_size)
-            cond_cf = self.condition(captions_cf, labels[at])
-        else:
-            x0_cf, cond_cf = x0[at], mine
-        return CounterfactualPairs(x0[at], x0_cf, mine, cond_cf, t[at].to(self.device), noise[at].to(self.device),
-                                   1.0 if rows else 0.0)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:
@@ -597,9 +492,10 @@ class Trainer:
     def run(self) -> Path:
         tc, main = self.config.train, self.world.is_main
         resumed = self.resume() if tc.resume else None
-        if resumed is None and tc.lora_rank:  # the base weights were loaded with the adapter (__init__)
+        if resumed is None and self.adapter_only:  # the base weights were loaded with the adapter (__init__)
             if main:
-                tqdm.write(f"LoRA rank {tc.lora_rank} on the weights of {tc.init_from} (only the adapter trains)")
+                what = f"LoRA rank {tc.lora_rank}" if tc.lora_rank else f"a layout adapter ({tc.layout_boxes} boxes)"
+                tqdm.write(f"{what} on the weights of {tc.init_from} (only the adapter trains)")
         elif resumed is None and tc.init_from:
             source = self.initialise_from(tc.init_from)
             if main:

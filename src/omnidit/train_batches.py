@@ -1,0 +1,135 @@
+"""What the trainer draws for a step: which items (a function of the step), and every random draw of the *global*
+batch (times, noise, tokens given as clean context) from the run's seeded generator, so that runs resume exactly
+and N processes follow one; and the counterfactual partners of a batch's rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from omnidit.condition import Condition
+from omnidit.config import Config
+from omnidit.data import counterfactual_batch
+from omnidit.flow import (
+    draw_given_regions,
+    draw_given_tubelets,
+    given_token_times,
+    sample_timesteps,
+    stream_timesteps,
+    token_times_with_context,
+)
+from omnidit.tokens import StreamLayout, audio_frame_size, audio_tubelets, patchify
+
+
+def batch_indices(step: int, batch_size: int, num_samples: int | None, seed: int) -> list[int]:
+    """Dataset indices of the (global) batch at ``step``: the data position is a function of the step.
+
+    Finite datasets are read in a fresh seeded permutation every epoch; infinite ones in order.
+    """
+    start = step * batch_size
+    if num_samples is None:
+        return list(range(start, start + batch_size))
+    out, perm_epoch, perm = [], -1, None
+    for pos in range(start, start + batch_size):
+        epoch, i = divmod(pos, num_samples)
+        if epoch != perm_epoch:
+            perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            perm_epoch = epoch
+        out.append(int(perm[i]))
+    return out
+
+
+def _times(config: Config, n: int, generator: torch.Generator) -> Tensor:
+    tc = config.train
+    return sample_timesteps(n, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=generator)
+
+
+def _given_tubelets(config: Config, batch: int, generator: torch.Generator) -> Tensor:
+    """(batch, T / pt) bool: the tubelets of each clip given as clean context (train.given_p)."""
+    count = config.data.frames // config.model.temporal_patch
+    return draw_given_tubelets(batch, count, config.train.given_p, generator)
+
+
+def image_draws(config: Config, batch: int, num_tokens: int, grid: tuple[int, int], generator: torch.Generator
+                ) -> tuple[Tensor, Tensor]:
+    """Times and noise for a batch of images or silent clips of ``num_tokens`` tokens on a token ``grid``
+    (rows, columns): t (batch,), or (batch, N) when some tokens are given at t = 0 (the frame patterns of
+    train.given_p, the regions of train.region_p); noise (batch, N, token features)."""
+    tc, mc = config.train, config.model
+    t = _times(config, batch, generator)
+    noise = torch.randn((batch, num_tokens, mc.token_dim), generator=generator)
+    if tc.given_p > 0:  # clips with some frames given as clean context
+        t = token_times_with_context(t, _given_tubelets(config, batch, generator), num_tokens)
+    if tc.region_p > 0:  # all but a rectangle given (mask-aware training for inpainting)
+        tubelets = config.data.frames // mc.temporal_patch
+        t = given_token_times(t, draw_given_regions(batch, tubelets, *grid, tc.region_p, generator))
+    return t, noise
+
+
+def stream_draws(config: Config, layout: StreamLayout, batch: int, generator: torch.Generator, audio_codec
+                 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Per-token times {name: (batch, N_s)} and noise {name: (batch, N_s, D_s)} for a batch of several streams:
+    one time per sample, or one per stream (train.stream_independent_p); then one whole stream given at t = 0
+    (train.stream_given_p); then the frame patterns of train.given_p over the picture and, over the same
+    stretches of time, the sound (a clip extended with its sound)."""
+    tc, dc, mc, g = config.train, config.data, config.model, generator
+    names, tokens = layout.names, layout.tokens
+    times = stream_timesteps(_times(config, batch, g), names, tc.stream_independent_p,
+                             lambda n: _times(config, n, g), g)
+    per_token = {n: times[n][:, None].expand(-1, tokens[n]).clone() for n in names}
+    if len(names) > 1 and tc.stream_given_p > 0:
+        whole = torch.rand(batch, generator=g) < tc.stream_given_p
+        which = torch.randint(0, len(names), (batch,), generator=g)
+        for i, n in enumerate(names):
+            per_token[n][whole & (which == i)] = 0.0
+    count = dc.frames // mc.temporal_patch
+    if tc.given_p > 0 and "img" in names and count > 1:
+        tubelets = _given_tubelets(config, batch, g)  # (batch, T / pt)
+        per_token["img"][tubelets.repeat_interleave(tokens["img"] // count, dim=1)] = 0.0
+        if "audio" in names:
+            frame = audio_frame_size(mc, audio_codec)
+            where = audio_tubelets(tokens["audio"] * frame, frame, dc.sample_rate, dc.fps, mc.temporal_patch, count)
+            per_token["audio"][tubelets[:, where]] = 0.0
+    noise = {n: torch.randn((batch, tokens[n], layout.features[n]), generator=g) for n in names}
+    return per_token, noise
+
+
+class CounterfactualPairs(NamedTuple):
+    """Arguments of flow.counterfactual_loss for R rows and their partners, plus the weight ``scale``
+    (0 for a stand-in when the batch has no pairs). x0, x0_cf, noise: (R, N, D); t: (R,)."""
+
+    x0: Tensor
+    x0_cf: Tensor
+    cond: Condition
+    cond_cf: Condition
+    t: Tensor
+    noise: Tensor
+    scale: float
+
+
+def counterfactual_pairs(dataset, indices: list[int], x0: Tensor, cond: Condition, labels: Tensor, t: Tensor,
+                         noise: Tensor, encode: Callable[[Tensor], Tensor],
+                         condition: Callable[[list[str], Tensor], Condition], patch_size: int,
+                         device: torch.device) -> CounterfactualPairs:
+    """The rows of this batch (``indices`` of ``dataset``) that have a counterfactual partner, for
+    flow.counterfactual_loss.
+
+    x0: (b, N, D) and cond (the batch's encoded captions) on the device; t: (b,), noise: (b, N, D) on the CPU;
+    ``encode``: images to latents (the codec); ``condition``: captions and labels to a Condition. Only the
+    partners' captions are encoded here. When no row has a partner, a stand-in (row 0 paired with itself) with
+    scale 0: every rank still runs the pass, so that the gradient all-reduce sees the same passes everywhere.
+    """
+    rows, images_cf, captions_cf = counterfactual_batch(dataset, indices)
+    at = torch.tensor(rows or [0])  # CPU indices: they index CPU and device tensors alike
+    mine = cond.rows(at.to(device))
+    if rows:
+        x0_cf = patchify(encode(images_cf.to(device)), patch_size)
+        cond_cf = condition(captions_cf, labels[at])
+    else:
+        x0_cf, cond_cf = x0[at], mine
+    return CounterfactualPairs(x0[at], x0_cf, mine, cond_cf, t[at].to(device), noise[at].to(device),
+                               1.0 if rows else 0.0)
