@@ -57,18 +57,19 @@ def test_mixed_batches_alternate_between_the_data_sets(av_run, make_tiny_config,
 
 def test_stream_draws_give_whole_streams_and_frames_with_their_sound(make_tiny_config, tmp_path):
     from omnidit.train import Trainer
+    from omnidit.train_batches import stream_draws
 
     trainer = Trainer(av_config(make_tiny_config, tmp_path / "x", stream_given_p=1.0, stream_independent_p=0.0,
                                 given_p=0.0), progress=False)
     layout = trainer.layouts[id(trainer.dataset)]
-    t, noise = trainer.stream_draws(64, layout)
+    t, noise = stream_draws(trainer.config, layout, 64, trainer.generator, trainer.audio_codec)
     whole = {n: (t[n] == 0).all(1) for n in t}
     assert bool((whole["img"] ^ whole["audio"]).all())  # exactly one stream given in every sample
     assert 10 < int(whole["img"].sum()) < 54  # both ways round
     assert noise["img"].shape == (64, 4 * 4, 192) and noise["audio"].shape == (64, 20, 200)
 
     trainer = Trainer(av_config(make_tiny_config, tmp_path / "y", stream_given_p=0.0, given_p=1.0), progress=False)
-    t, _ = trainer.stream_draws(64, layout)
+    t, _ = stream_draws(trainer.config, layout, 64, trainer.generator, trainer.audio_codec)
     frames_given = (t["img"] == 0).reshape(64, 4, 4).all(2)  # (B, tubelets): 4 frames of 4 tokens
     assert bool(frames_given.any(1).all()) and not bool(frames_given.all(1).any())
     # Audio token j (25 ms) lies in frame floor(j * 0.025 * 8): given exactly where its frame is.

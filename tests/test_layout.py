@@ -64,6 +64,21 @@ def test_the_adapter_starts_as_the_identity_and_skips_rows_without_boxes():
     torch.testing.assert_close(model(x, ids, t, with_boxes), out, atol=0, rtol=0)
 
 
+def test_gradient_checkpointing_gives_the_same_adapter_gradients():
+    model, adapter, x, ids, _, with_boxes = _model_and_inputs()
+    for block in adapter.blocks:
+        torch.nn.init.normal_(block.proj.weight, std=0.2)
+    model.train()
+    grads = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        adapter.zero_grad()
+        model(x, ids, torch.tensor([0.3, 0.8]), with_boxes).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in adapter.parameters()]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
 def test_layout_tokens_sit_at_their_box_centres_on_the_token_grid():
     model, adapter, *_ = _model_and_inputs()
     ids = video_position_ids(1, 4, 8, 1.0, 1, 3)  # 4 rows, 8 columns of tokens
@@ -207,3 +222,47 @@ def test_the_layout_judge_passes_perfect_layouts_and_fails_moved_objects():
         flipped = [Box(b.phrase, 1 - b.x1, 1 - b.y1, 1 - b.x0, 1 - b.y0) for b in boxes]  # mirrored through the centre
         moved, _, _ = placed_objects(flipped, want, to_tensor(render_scene(scene, 32, 32)))
         assert not all(moved) or scene.kind == "count", scene
+
+
+def test_the_move_judge_passes_every_perfect_move_and_no_unmoved_input():
+    from omnidit.evaluate.edit_suite import MOVE, judge_edit, move_cases
+
+    cases = move_cases(32, 32, ["red triangle"], 6)
+    assert len(cases) == 6 and {c["category"] for c in cases} == {MOVE}
+    for case in cases:
+        assert judge_edit(case, case["answer"])[0], case["prompt"]
+        assert not judge_edit(case, case["image"])[0], case["prompt"]
+        assert case["mask"].any() and len(case["boxes"]) == 2
+
+
+def test_inpaint_takes_boxes_for_a_move(tmp_path, layout_run, tiny_run, capsys):
+    import numpy as np
+    from PIL import Image
+
+    source = tmp_path / "in.png"
+    Image.fromarray(np.full((16, 16, 3), 255, dtype=np.uint8)).save(source)
+    out = tmp_path / "moved.png"
+    code, _, err = run_main(capsys, "inpaint", source, "box:0.5,0.5,1,1", "a red circle", "--model", layout_run,
+                            "--box", "a red circle", 0.5, 0.5, 1, 1, "--steps", 2, "-o", out)
+    assert code == 0, err
+    assert Image.open(out).info["boxes"] == "[['a red circle', 0.5, 0.5, 1.0, 1.0]]"
+    code, _, err = run_main(capsys, "inpaint", source, "box:0.5,0.5,1,1", "a red circle", "--model", tiny_run,
+                            "--box", "a red circle", 0.5, 0.5, 1, 1, "-o", tmp_path / "no.png")
+    assert_one_line_error(code, err, "no layout adapter")
+    assert not (tmp_path / "no.png").exists()
+
+
+def test_the_layout_and_edit_suites_run_with_and_without_an_adapter(tmp_path, layout_run, tiny_run, capsys):
+    import json
+
+    for model, given in ((layout_run, True), (tiny_run, False)):
+        code, _, err = run_main(capsys, "eval", model, "--suite", "layout", "--limit", 1, "--no-progress",
+                                "--json", tmp_path / "layout.json")
+        assert code == 0, err
+        report = json.loads((tmp_path / "layout.json").read_text())
+        assert report["boxes_given"] is given and set(report["categories"]) == {"single", "count", "pair", "relation"}
+        assert report["objects"] >= 4 and 0 <= report["objects_placed"] <= 1
+    code, _, err = run_main(capsys, "eval", layout_run, "--suite", "edit", "--limit", 1, "--no-progress",
+                            "--json", tmp_path / "edit.json")
+    assert code == 0, err
+    assert "inpaint_move" in json.loads((tmp_path / "edit.json").read_text())["categories"]

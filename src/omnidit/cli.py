@@ -19,6 +19,7 @@ from omnidit.edit_command import add_edit_parser, add_inpaint_parser, cmd_edit, 
 from omnidit.errors import OmniditError
 from omnidit.generate_command import (
     MAX_GRID,
+    add_box_flag,
     add_sampler_flags,
     check_counts,
     check_sampling_numbers,
@@ -123,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]",
                    help="apply a LoRA adapter file (PEFT/diffusers or kohya layout, safetensors) at WEIGHT "
                         "(default 1); repeat for several (docs/lora.md)")
-    p.add_argument("--box", action="append", nargs=5, default=None, metavar=("PHRASE", "X0", "Y0", "X1", "Y1"),
-                   help="models with a layout adapter: draw PHRASE inside this box (fractions of the width and "
-                        "height, y down); repeat for several (docs/editing.md#layout-boxes)")
+    add_box_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("demo", help="draw example prompts with the shipped shapes model (seconds on a CPU)",

@@ -13,7 +13,7 @@ MAX_PAD = 1024  # --outpaint pixels per side
 
 
 def add_inpaint_parser(sub) -> None:
-    from omnidit.generate_command import add_sampler_flags
+    from omnidit.generate_command import add_box_flag, add_sampler_flags
 
     p = sub.add_parser("inpaint", help="regenerate the masked part of an image, or grow it (--outpaint)",
                        description="Generate the pixels of IMAGE that MASK marks from PROMPT (a description of the "
@@ -46,6 +46,7 @@ def add_inpaint_parser(sub) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]",
                    help="apply a LoRA adapter file at WEIGHT (default 1); repeatable (docs/lora.md)")
+    add_box_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -155,6 +156,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     )
     from omnidit.images import make_grid, read_rgb_tensor, save_png, to_pil
     from omnidit.inpaint import pad_for_outpainting, resolve_mode
+    from omnidit.layout import check_layout, parse_box
     from omnidit.lora import apply_lora_specs
     from omnidit.pipeline import load_pipeline
     from omnidit.validate import check_number, check_output_path
@@ -173,6 +175,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     if args.mask == "none" and not any(args.outpaint or ()):
         raise OmniditError("the mask is 'none' and nothing is outpainted, so there is nothing to generate",
                            hint="give a mask, a box:X0,Y0,X1,Y1, or --outpaint LEFT TOP RIGHT BOTTOM")
+    boxes = [parse_box(values) for values in args.box or ()]
     image = read_rgb_tensor(args.image)
     mask = read_mask(args.mask, image.shape[2], image.shape[1])
     if args.outpaint:
@@ -184,15 +187,18 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
         raise OmniditError("inpaint works on image models; this one makes clips",
                            hint="use an image model, e.g. the shipped shapes model")
     apply_lora_specs(pipe.model, args.lora)
+    if boxes:
+        check_layout(pipe.model, 1, boxes)
     sampling = sampling_args(args, pipe)
     n = args.num_images
     results = pipe.inpaint([args.prompt] * n, image, mask, mode=args.mode, progress=not args.no_progress,
-                           seed=[args.seed + i for i in range(n)], **sampling)
+                           seed=[args.seed + i for i in range(n)], boxes=boxes or None, **sampling)
     settings = {"prompt": args.prompt, "seed": args.seed, "inpaint": str(Path(args.image).resolve()),
                 "mask": args.mask, "mode": resolve_mode(args.mode, pipe.config),
                 **({"outpaint": args.outpaint} if args.outpaint else {}),
                 **pipe.sampling_settings(**{**sampling, "candidates": sampling["candidates"] or 1}),
                 "model": str(Path(model_or_shipped(args.model)).resolve()), "software": "omnidit",
-                **({"lora": args.lora} if args.lora else {})}
+                **({"lora": args.lora} if args.lora else {}),
+                **({"boxes": [[b.phrase, *b.coords] for b in boxes]} if boxes else {})}
     pil = [_scaled(to_pil(img), args.scale) for img in results]
     print(f"wrote {save_png(pil[0] if n == 1 else make_grid(pil), args.output, settings)}")

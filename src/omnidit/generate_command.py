@@ -95,6 +95,13 @@ def check_counts(num_images: int, steps: int | None) -> None:
         check_number("--steps", steps, low=1, high=10_000, integer=True)
 
 
+def add_box_flag(p: argparse.ArgumentParser) -> None:
+    """--box PHRASE X0 Y0 X1 Y1 (repeatable), for models with a layout adapter."""
+    p.add_argument("--box", action="append", nargs=5, default=None, metavar=("PHRASE", "X0", "Y0", "X1", "Y1"),
+                   help="models with a layout adapter: draw PHRASE inside this box (fractions of the width and "
+                        "height, y down); repeat for several (docs/editing.md#layout-boxes)")
+
+
 def model_or_shipped(path: str | None) -> str:
     """The model path a command was given, or the shipped shapes model's folder when none was."""
     from omnidit.checkpoint import default_model_dir

@@ -82,13 +82,14 @@ def check_inputs(image: Tensor, mask: Tensor, channels: int) -> tuple[Tensor, Te
 
 def inpaint(pipe, prompts: list[str], image: Tensor, mask: Tensor, mode: str = "auto",
             seed: int | Sequence[int] = 0, progress: bool = False, negative_prompt: str = "",
-            on_step=None, **sampling) -> Tensor:
+            on_step=None, boxes: Sequence | None = None, **sampling) -> Tensor:
     """Fill the masked pixels of ``image`` according to each prompt: (B, C, H, W) in [-1, 1].
 
     image: (B or 1, C, H, W) in [-1, 1] (one image is shared by every prompt); mask: (H, W) bool, True = generate.
     ``mode``: ``auto``, ``tokens`` or ``blend`` (the module docstring). ``sampling``: the keys of
     ``pipeline.SAMPLING_KEYS``; best-of-N candidates default to 1 here, as they cannot be scored with given
-    pixels. Pixels outside the mask come back exactly as given.
+    pixels. Pixels outside the mask come back exactly as given. ``boxes``: layout boxes for a model with a layout
+    adapter (``Pipeline.generate``), e.g. to draw an object in a new place (a move).
     """
     from omnidit.pipeline import SAMPLING_KEYS
 
@@ -115,5 +116,5 @@ def inpaint(pipe, prompts: list[str], image: Tensor, mask: Tensor, mode: str = "
             given = pipe.codec.encode(given)
         generated = pipe._generate(prompts, 1, 1.0, width, height, settings, seed, given[:, :, None], (), progress,
                                    negative_prompt, on_step, token_mask=~token_mask(mask, cell),
-                                   given_noised=mode == "blend")[:, :, 0]
+                                   given_noised=mode == "blend", boxes=boxes)[:, :, 0]
     return torch.where(mask, generated, image.cpu().clamp(-1, 1))

@@ -119,7 +119,9 @@ class LayoutAdapter(nn.Module):
         self.embed = nn.Sequential(nn.Linear(cfg.pooled_dim + 8 * FOURIER_FREQUENCIES, dim), nn.SiLU(),
                                    nn.Linear(dim, dim))
         self.blocks = nn.ModuleList(LayoutAttention(dim, cfg.num_heads) for _ in range(cfg.depth + cfg.depth_single))
-        self._call: tuple | None = None  # what the blocks' hooks read during one forward of the model
+        # What the blocks' hooks read: set by each forward of the model and kept until the next one, so that
+        # gradient checkpointing's recomputation of a block in the backward pass sees the same layout.
+        self._call: tuple | None = None
 
     def tokens(self, phrases: Tensor, boxes: Tensor) -> Tensor:
         """(B, M, P) phrase vectors and (B, M, 4) boxes -> (B, M, D) layout tokens."""
@@ -157,9 +159,6 @@ class LayoutAdapter(nn.Module):
         active = mask.any(dim=1)[:, None, None]  # (B, 1, 1): a sample without boxes gets nothing added
         self._call = (tokens, self.positions(img_ids, cond.layout_boxes), attend, active, n)
 
-    def _end(self, model: nn.Module, args: tuple, output) -> None:
-        self._call = None
-
     def _after_block(self, index: int, block: nn.Module, args: tuple, output):
         """Forward hook of block ``index``: add the layout attention to the image tokens of its output (the first
         stream of a double-stream block's list, the first N rows of a single-stream block's joint sequence)."""
@@ -180,7 +179,6 @@ def add_layout_adapter(model: nn.Module, max_boxes: int) -> LayoutAdapter:
     adapter = LayoutAdapter(model, max_boxes)
     model.add_module(ADAPTER, adapter)
     model.register_forward_pre_hook(adapter._begin, with_kwargs=True)
-    model.register_forward_hook(adapter._end)
     blocks = [*model.double_blocks, *model.single_blocks]
     for index, block in enumerate(blocks):
         block.register_forward_hook(_BlockHook(adapter, index))

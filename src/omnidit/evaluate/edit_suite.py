@@ -10,6 +10,9 @@ a data seed no recipe trains on), whose first object is to change:
   must draw it back;
 - ``edit_recolour`` / ``edit_replace``: no mask: the image is inverted under its own caption and sampled back
   under the edited one (omnidit.editing, value injection).
+- ``inpaint_move`` (models with a layout adapter only, omnidit.layout): the first object's old and new boxes,
+  each grown by MASK_MARGIN pixels, are masked and inpainted under the scene's caption with layout boxes for both
+  objects, the first at its new place (a box of its size elsewhere on the canvas, clear of the other object).
 
 A case passes when the detector finds exactly two objects: the requested one (colour and shape) centred inside
 the first object's (grown) box, and the other one unchanged (same colour and shape, box IoU >= KEEP_IOU with its
@@ -39,9 +42,11 @@ from omnidit.data.shapes import (
 )
 from omnidit.data.shapes import _describe as describe
 from omnidit.errors import OmniditError
+from omnidit.layout import layout_adapter
 
 EDIT_SEED = 7_777
 CATEGORIES = ("inpaint_recolour", "inpaint_replace", "inpaint_restore", "edit_recolour", "edit_replace")
+MOVE = "inpaint_move"  # a category of models with a layout adapter
 MASK_MARGIN = 2  # pixels around the object's box: its anti-aliased rim and a little room
 KEEP_IOU = 0.8
 DEFAULT_CASES = 16  # per category
@@ -117,6 +122,45 @@ def edit_cases(width: int, height: int, held_out, per_category: int = DEFAULT_CA
     return [case for c in CATEGORIES for case in cases[c][:per_category]]
 
 
+def move_cases(width: int, height: int, held_out, count: int) -> list[dict]:
+    """``count`` move cases (the keys of ``edit_cases``, plus "boxes": the layout, the first object at its new
+    place), from their own random stream so that the other categories' cases stay as they are."""
+    from omnidit.data.shapes import GAP, _separated
+    from omnidit.evaluate.detector import detect_objects
+    from omnidit.layout import Box
+
+    held = parse_held_out(held_out) if not isinstance(held_out, frozenset) else held_out
+    rng = np.random.default_rng(EDIT_SEED + 1)
+    cases = []
+    for _ in range(100 * count):
+        if len(cases) == count:
+            break
+        scene = make_scene(rng, width, height, allowed_pairs(held), {"pair": 1.0})
+        first, other = scene.objects
+        side_x, side_y = first.box[2] - first.box[0], first.box[3] - first.box[1]
+        x0, y0 = float(rng.uniform(0, 1 - side_x)), float(rng.uniform(0, 1 - side_y))
+        new = (x0, y0, x0 + side_x, y0 + side_y)
+        old_px, new_px = (_pixel_box(b, width, height, MASK_MARGIN) for b in (first.box, new))
+        if _iou(new, first.box) > 0 or not _separated(new, other.box, GAP) \
+                or any(_overlaps(b, other.box, width, height) for b in (old_px, new_px)):
+            continue  # not a move, or the object would touch the other one, or the mask would cut into it
+        before = [d for d in detect_objects(render_scene(scene, width, height))
+                  if (d.colour, d.shape) == (other.colour, other.shape)]
+        if len(before) != 1:
+            continue
+        moved = replace(first, box=new)
+        mask = torch.zeros(height, width, dtype=torch.bool)
+        for b in (old_px, new_px):
+            mask[b[1]:b[3], b[0]:b[2]] = True
+        prompt = describe("pair", (first, other), None, with_size=False)
+        boxes = [Box(describe("single", (o,), None, with_size=False), *o.box) for o in (moved, other)]
+        cases.append({"category": MOVE, "prompt": prompt, "source": prompt,
+                      "image": to_tensor(render_scene(scene, width, height)), "mask": mask,
+                      "want": (first.colour, first.shape), "keep": before[0], "box": new_px, "boxes": boxes,
+                      "answer": to_tensor(render_scene(Scene((moved, other), prompt, "pair"), width, height))})
+    return cases
+
+
 def judge_edit(case: dict, result: torch.Tensor) -> tuple[bool, str]:
     """Whether ``result`` (3, H, W) in [-1, 1] holds the requested object inside the mask and the other unchanged."""
     from omnidit.evaluate.detector import detect_objects
@@ -153,6 +197,10 @@ def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None 
         raise OmniditError("the edit suite needs an image model of the shapes data",
                            hint="pass a shapes model, e.g. the shipped one")
     cases = edit_cases(dc.width, dc.height, dc.held_out, limit or DEFAULT_CASES)
+    categories = CATEGORIES
+    if layout_adapter(pipe.model) is not None:  # it can place the moved object
+        cases += move_cases(dc.width, dc.height, dc.held_out, limit or DEFAULT_CASES)
+        categories = (*CATEGORIES, MOVE)
     seeds = _seeds(seed, len(cases) * n_per_prompt)
     settings = pipe.sampling_settings(**{k: sampling.get(k) for k in ("steps", "cfg", "shift")})
     until = DEFAULT_INJECT_UNTIL if inject_until is None else inject_until
@@ -169,14 +217,14 @@ def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None 
         else:
             case_seeds = seeds[i * n_per_prompt:(i + 1) * n_per_prompt]
             results = pipe.inpaint([case["prompt"]] * n_per_prompt, case["image"], case["mask"], mode=inpaint_mode,
-                                   seed=case_seeds, **sampling)
+                                   seed=case_seeds, boxes=case.get("boxes"), **sampling)
         for result, k in zip(results, case_seeds):
             if k is not None:
                 inpainted += 1
                 exact += bool(torch.equal(result[:, ~case["mask"]], case["image"][:, ~case["mask"]]))
             passed, reason = judge_edit(case, result)
             judged.append(Judged(case["category"], case["prompt"], result, passed, reason, seed=k))
-    overall, scores = _aggregate("edit", judged, CATEGORIES)
+    overall, scores = _aggregate("edit", judged, categories)
     details = {"kept_exact": exact / max(1, inpainted), "inpaint_mode": resolve_mode(inpaint_mode, pipe.config),
                "reconstruction_psnr": sum(psnrs) / len(psnrs) if psnrs else None, "inject_until": until}
     return EvalReport("edit", overall, scores, len(judged), None, judged=judged, details=details)
