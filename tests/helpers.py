@@ -66,6 +66,20 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
+def assert_resume_matches(make_config, straight: Path, run: Path, steps: int = 4) -> None:
+    """A run trained to steps / 2 and then resumed to ``steps`` (``make_config(out_dir, steps)``) holds bit for bit
+    the raw and EMA weights of ``straight``, the same run trained in one go."""
+    from safetensors.torch import load_file
+
+    from omnidit.train import train
+
+    train(make_config(run, steps // 2), progress=False)
+    train(make_config(run, steps), progress=False)
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_same_state(load_file(str(run / f"checkpoint-{steps:07d}" / name)),
+                          load_file(str(straight / f"checkpoint-{steps:07d}" / name)))
+
+
 def rewrite_weights(file, edit):
     """Load a safetensors file, let ``edit(state)`` change it in place, save it back; returns the file."""
     from safetensors.torch import load_file, save_file

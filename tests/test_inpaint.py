@@ -212,6 +212,23 @@ def test_mask_aware_training_draws_rectangles_to_generate_or_keep():
     assert t.tolist() == [[0.0, 0.5], [0.75, 0.75]]
 
 
+def test_region_p_gives_rectangles_at_t_0_and_leaves_other_draws_as_they_were(make_tiny_config, tmp_path):
+    from omnidit.flow import sample_timesteps
+    from omnidit.train_batches import image_draws
+
+    off, on = (make_tiny_config(tmp_path, train={"region_p": p}) for p in (0.0, 1.0))
+    t, noise = image_draws(off, 8, 16, (4, 4), torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    tc = off.train
+    assert torch.equal(t, sample_timesteps(8, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=g))
+    assert torch.equal(noise, torch.randn(noise.shape, generator=g))
+    t_on, noise_on = image_draws(on, 8, 16, (4, 4), torch.Generator().manual_seed(3))
+    assert t_on.shape == (8, 16) and torch.equal(noise_on, noise)  # regions are drawn after the noise
+    given = t_on == 0
+    assert given.any(1).all() and (~given).any(1).all()
+    assert torch.equal(t_on[~given], t[:, None].expand(-1, 16)[~given])
+
+
 def test_a_region_trained_model_inpaints_with_given_tokens_by_default(tmp_path, make_tiny_config):
     from omnidit.pipeline import load_pipeline
     from omnidit.train import train

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import tiny_config_dict
-from helpers import build, random_condition, tiny_config
+from helpers import assert_resume_matches, build, random_condition, tiny_config
 from safetensors.torch import load_file
 from test_cli import assert_one_line_error, run_main
 
@@ -151,17 +151,8 @@ def test_a_layout_run_trains_and_saves_the_adapter_alone_and_samples_with_boxes(
 
 
 def test_a_layout_run_resumes_exactly(tmp_path, tiny_run, layout_run):
-    from omnidit.train import train
-
-    run = tmp_path / "run"
-    train(_layout_config(run, tiny_run / "checkpoint-0000020", steps=2), progress=False)
-    train(_layout_config(run, tiny_run / "checkpoint-0000020", steps=4), progress=False)
-    for name in ("model.safetensors", "ema.safetensors"):
-        resumed = load_file(str(run / "checkpoint-0000004" / name))
-        straight = load_file(str(layout_run / "checkpoint-0000004" / name))
-        assert resumed.keys() == straight.keys()
-        for k in straight:
-            torch.testing.assert_close(resumed[k], straight[k], atol=0, rtol=0)
+    base = tiny_run / "checkpoint-0000020"
+    assert_resume_matches(lambda run, steps: _layout_config(run, base, steps), layout_run, tmp_path / "run")
 
 
 @pytest.mark.parametrize("train, message", [
@@ -266,3 +257,47 @@ def test_the_layout_and_edit_suites_run_with_and_without_an_adapter(tmp_path, la
                             "--json", tmp_path / "edit.json")
     assert code == 0, err
     assert "inpaint_move" in json.loads((tmp_path / "edit.json").read_text())["categories"]
+
+
+def test_boxes_are_batch_invariant_with_candidates_guidance_and_skip_layers(layout_run):
+    from omnidit.pipeline import load_pipeline
+
+    pipe = load_pipeline(layout_run, device="cpu")
+    adapter = pipe.model.layout_adapter
+    with torch.no_grad():  # a visible adapter, so that a wrong row would show
+        for block in adapter.blocks:
+            block.proj.weight.normal_(std=0.2, generator=torch.Generator().manual_seed(0))
+    a, b = [Box("a red circle", 0.0, 0.0, 0.5, 0.5)], [Box("a blue square", 0.5, 0.5, 1.0, 1.0)]
+    settings = dict(candidates=2, skip_scale=1.0, skip_blocks=[0], steps=3)
+    both = pipe.generate(["a red circle", "a blue square"], seed=[1, 2], boxes=[a, b], **settings)
+    torch.testing.assert_close(both[1:], pipe.generate(["a blue square"], seed=[2], boxes=[b], **settings),
+                               atol=1e-5, rtol=0)
+    assert (both[1] - pipe.generate(["a blue square"], seed=[2], boxes=[a], **settings)[0]).abs().max() > 1e-3
+
+
+def test_inpainting_with_boxes_keeps_the_pixels_outside_the_mask(layout_run):
+    from omnidit.pipeline import load_pipeline
+
+    pipe = load_pipeline(layout_run, device="cpu")
+    with torch.no_grad():
+        for block in pipe.model.layout_adapter.blocks:
+            block.proj.weight.normal_(std=0.2, generator=torch.Generator().manual_seed(0))
+    image = pipe.generate(["a red circle"], seed=1, steps=2)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[8:, 8:] = True
+    boxed = pipe.inpaint(["a red circle"], image, mask, seed=0, steps=2, boxes=[Box("a red circle", .5, .5, 1, 1)])
+    plain = pipe.inpaint(["a red circle"], image, mask, seed=0, steps=2)
+    assert torch.equal(boxed[:, :, ~mask], image[:, :, ~mask]) and (boxed - plain).abs().max() > 1e-3
+
+
+def test_adapter_folders_are_refused_where_they_are_not_whole_models(layout_run, make_tiny_config, tmp_path):
+    from omnidit.convert.export import export_diffusers
+    from omnidit.quantize import quantize_folder
+    from omnidit.train import Trainer
+
+    with pytest.raises(OmniditError, match="is a layout adapter"):
+        quantize_folder(layout_run, tmp_path / "q", "w8")
+    with pytest.raises(OmniditError, match="holds an adapter"):
+        export_diffusers(layout_run, tmp_path / "d")
+    with pytest.raises(OmniditError, match="LayoutTrainer"):
+        Trainer(_layout_config(tmp_path / "run", layout_run), progress=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_config_dict
+from helpers import assert_resume_matches
 from safetensors.torch import load_file
 
 from omnidit.config import config_from_dict
@@ -56,17 +57,8 @@ def test_a_lora_checkpoint_is_its_base_with_the_adapter(lora_run, tiny_run):
 
 
 def test_a_lora_run_resumes_exactly(tmp_path, tiny_run, lora_run):
-    from omnidit.train import train
-
-    run = tmp_path / "run"
-    train(_lora_config(run, tiny_run / "checkpoint-0000020", steps=2), progress=False)
-    train(_lora_config(run, tiny_run / "checkpoint-0000020", steps=4), progress=False)
-    for name in ("model.safetensors", "ema.safetensors"):
-        resumed = load_file(str(run / "checkpoint-0000004" / name))
-        straight = load_file(str(lora_run / "checkpoint-0000004" / name))
-        assert resumed.keys() == straight.keys()
-        for k in straight:
-            torch.testing.assert_close(resumed[k], straight[k], atol=0, rtol=0)
+    base = tiny_run / "checkpoint-0000020"
+    assert_resume_matches(lambda run, steps: _lora_config(run, base, steps), lora_run, tmp_path / "run")
 
 
 @pytest.mark.parametrize("train, message", [

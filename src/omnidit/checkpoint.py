@@ -222,6 +222,16 @@ def load_state_into(model: torch.nn.Module, state: dict[str, Tensor], source: Pa
     model.load_state_dict(state, strict=True)
 
 
+def load_adapter_base(model: torch.nn.Module, config: Config) -> dict:
+    """Adapter runs (LoRA, layout): load train.init_from's weights into ``model`` (before the adapter is added) and
+    return their provenance, which every checkpoint keeps, as for train.init_from."""
+    directory, state = initial_weights(config.train.init_from, config)
+    model.load_state_dict(state, strict=True)
+    source = {"folder": str(config.train.init_from), **training_provenance(directory)}
+    source.pop("init_from", None)
+    return source
+
+
 def load_adapter_only(model: torch.nn.Module, state: dict[str, Tensor], expected: dict[str, Tensor], source: Path,
                       what: str, hint: str) -> None:
     """Load an adapter-only checkpoint's ``state`` into ``model`` when its keys are exactly ``expected``'s (the

@@ -140,7 +140,7 @@ class TrainConfig:
     sample_every: int = 0  # save a grid of EMA samples every N steps (0 = never)
     tensorboard: bool = True  # also log to OUT_DIR/tensorboard when tensorboard is installed
     eval_every: int = 0  # run a small evaluation of the EMA model every N steps (0 = never)
-    eval_suite: str = "auto"  # auto (from data.name) | shapes | digits
+    eval_suite: str = "auto"  # auto (data.name's; layout for layout adapter runs) | shapes | digits | video | layout
     eval_limit: int = 2  # prompts per category in the in-training evaluation
     eval_n_per_prompt: int = 2
     # Counterfactual pairs (docs/training.md): add this weight times flow.counterfactual_loss on the
@@ -149,7 +149,7 @@ class TrainConfig:
     counterfactual_weight: float = 0.0
     counterfactual_t_min: float = 0.8
     # Clips only: the probability that a training clip has some frames given as clean context (t = 0 on their
-    # tokens, no loss there): the first frame, the first k or the first and last (Trainer.given_tubelets). It
+    # tokens, no loss there): the first frame, the first k or the first and last (flow.draw_given_tubelets). It
     # teaches image-to-video, extension and interpolation to the same model. 0 = off.
     given_p: float = 0.0
     # Images and clips: the probability that a sample is given as clean context except a random rectangle of
@@ -170,7 +170,7 @@ class TrainConfig:
         _check_ranges("train", self, positive=("steps", "batch_size", "log_every", "checkpoint_every", "lr"),
                       non_negative=("warmup_steps", "weight_decay", "grad_clip", "keep_last", "t_std", "eval_every"),
                       choices={"timesteps": ("uniform", "logit_normal"),
-                               "eval_suite": ("auto", "shapes", "digits", "video")})
+                               "eval_suite": ("auto", "shapes", "digits", "video", "layout")})
         _check_ranges("train", self, positive=("eval_limit", "eval_n_per_prompt", "grad_accum", "nan_patience"),
                       non_negative=("sample_every", "lr_min_ratio", "lr_decay_steps"),
                       choices={"lr_schedule": ("constant", "cosine", "wsd"), "precision": ("auto", "fp32", "bf16"),

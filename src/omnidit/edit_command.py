@@ -156,7 +156,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     )
     from omnidit.images import make_grid, read_rgb_tensor, save_png, to_pil
     from omnidit.inpaint import pad_for_outpainting, resolve_mode
-    from omnidit.layout import check_layout, parse_box
+    from omnidit.layout import box_metadata, check_layout, parse_boxes
     from omnidit.lora import apply_lora_specs
     from omnidit.pipeline import load_pipeline
     from omnidit.validate import check_number, check_output_path
@@ -175,7 +175,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     if args.mask == "none" and not any(args.outpaint or ()):
         raise OmniditError("the mask is 'none' and nothing is outpainted, so there is nothing to generate",
                            hint="give a mask, a box:X0,Y0,X1,Y1, or --outpaint LEFT TOP RIGHT BOTTOM")
-    boxes = [parse_box(values) for values in args.box or ()]
+    boxes = parse_boxes(args.box)
     image = read_rgb_tensor(args.image)
     mask = read_mask(args.mask, image.shape[2], image.shape[1])
     if args.outpaint:
@@ -199,6 +199,6 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
                 **pipe.sampling_settings(**{**sampling, "candidates": sampling["candidates"] or 1}),
                 "model": str(Path(model_or_shipped(args.model)).resolve()), "software": "omnidit",
                 **({"lora": args.lora} if args.lora else {}),
-                **({"boxes": [[b.phrase, *b.coords] for b in boxes]} if boxes else {})}
+                **box_metadata(boxes)}
     pil = [_scaled(to_pil(img), args.scale) for img in results]
     print(f"wrote {save_png(pil[0] if n == 1 else make_grid(pil), args.output, settings)}")

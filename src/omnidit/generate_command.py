@@ -111,7 +111,7 @@ def model_or_shipped(path: str | None) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from omnidit.images import make_grid, save_png, to_pil
-    from omnidit.layout import check_layout, parse_box
+    from omnidit.layout import box_metadata, check_layout, parse_boxes
     from omnidit.lora import apply_lora_specs
     from omnidit.pipeline import load_pipeline
 
@@ -125,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.output is not None:
         check_output_path("-o", args.output)
     width, height = parse_size(args.size) if args.size else (None, None)
-    boxes = [parse_box(values) for values in args.box or ()]
+    boxes = parse_boxes(args.box)
     args.model = model_or_shipped(args.model)
     if (Path(args.model) / "model_index.json").is_file():  # a diffusers pipeline folder (Flux / SD3)
         args.output = args.output or "out.png"
@@ -164,7 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 "size": f"{width}x{height}", "num_images": args.num_images,
                 "model": str(Path(args.model).resolve()), "ema": not args.no_ema, "software": "omnidit",
                 **({"lora": args.lora} if args.lora else {}), **({"speed": args.speed} if args.speed else {}),
-                **({"boxes": [[b.phrase, *b.coords] for b in boxes]} if boxes else {})}
+                **box_metadata(boxes)}
     batch = batch_size(args, pipe, 1, width, height, sampling)
 
     def draw(seeds: list[int], progress: bool):

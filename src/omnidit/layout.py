@@ -18,6 +18,7 @@ layout fields runs the base model exactly; a sample whose layout has no boxes ge
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -61,12 +62,22 @@ def parse_box(values: Sequence[str]) -> Box:
     return check_box(Box(phrase, *coords))
 
 
+def parse_boxes(flags: Sequence[Sequence[str]] | None) -> list[Box]:
+    """The boxes of the command line's repeated ``--box`` flags (none: an empty list)."""
+    return [parse_box(values) for values in flags or ()]
+
+
+def box_metadata(boxes: Sequence[Box]) -> dict:
+    """The PNG metadata entry that records ``boxes`` (nothing when there are none)."""
+    return {"boxes": [[b.phrase, *b.coords] for b in boxes]} if boxes else {}
+
+
 def check_box(box: Box) -> Box:
     """``box`` if its phrase is not empty and it is a box of positive area inside [0, 1]; else a one-line error."""
     hint = "give x0 < x1 and y0 < y1, each in [0, 1] (fractions of the width and height, y down)"
     if not isinstance(box.phrase, str) or not box.phrase.strip():
         raise OmniditError("a layout box has an empty phrase", hint='name what goes in it, e.g. "a red circle"')
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1 for v in box.coords):
+    if not all(isinstance(v, numbers.Real) and math.isfinite(v) and 0 <= v <= 1 for v in box.coords):
         raise OmniditError(f"the box of {box.phrase!r} {list(box.coords)} is not inside [0, 1]", hint=hint)
     if not (box.x0 < box.x1 and box.y0 < box.y1):
         raise OmniditError(f"the box of {box.phrase!r} {list(box.coords)} has no area", hint=hint)
@@ -110,9 +121,9 @@ class LayoutAdapter(nn.Module):
     def __init__(self, model: nn.Module, max_boxes: int) -> None:
         super().__init__()
         cfg = model.config
-        if not cfg.pooled_dim:
-            raise OmniditError("a layout adapter reads phrases through the model's pooled text vector, and this "
-                               "model has none", hint="use a text-conditioned model such as the shapes model")
+        if not cfg.pooled_dim or not cfg.rope or cfg.extra_streams:
+            raise OmniditError("a layout adapter needs an image model with rotary positions and a pooled text vector "
+                               "(its phrases)", hint="use a text-conditioned image model such as the shapes model")
         dim = cfg.hidden_size
         self.max_boxes, self.phrase_dim = int(max_boxes), cfg.pooled_dim
         self.axes_dim, self.theta = tuple(cfg.axes_dim), cfg.rope_theta
@@ -166,6 +177,9 @@ class LayoutAdapter(nn.Module):
             return None
         tokens, pe, attend, active, n = self._call
         img = output[0] if isinstance(output, list) else output[:, :n]
+        if img.shape[0] != tokens.shape[0]:  # e.g. a recomputation after another forward: never a wrong layout
+            raise RuntimeError(f"the layout adapter's state belongs to another forward pass (batch {tokens.shape[0]}, "
+                               f"this block has {img.shape[0]}); call backward before the next forward")
         img = img + active * self.blocks[index](img, tokens, pe, attend)
         return [img, *output[1:]] if isinstance(output, list) else torch.cat([img, output[:, n:]], dim=1)
 
@@ -285,16 +299,11 @@ def scene_boxes(scene) -> list[Box]:
 def prepare_layout_training(model: nn.Module, config) -> dict:
     """train.layout_boxes: load train.init_from's weights into ``model`` (a fresh MMDiT of ``config.model``),
     freeze them and add a layout adapter for train.layout_boxes boxes. Returns the provenance of the base."""
-    from omnidit.checkpoint import initial_weights, training_provenance
+    from omnidit.checkpoint import load_adapter_base
 
-    tc = config.train
-    directory, state = initial_weights(tc.init_from, config)
-    model.load_state_dict(state, strict=True)
+    source = load_adapter_base(model, config)
     model.requires_grad_(False)
-    device = next(model.parameters()).device
-    add_layout_adapter(model, tc.layout_boxes).to(device)
-    source = {"folder": str(tc.init_from), **training_provenance(directory)}
-    source.pop("init_from", None)
+    add_layout_adapter(model, config.train.layout_boxes).to(next(model.parameters()).device)
     return source
 
 

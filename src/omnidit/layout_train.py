@@ -36,7 +36,7 @@ class LayoutTrainer(Trainer):
         if dc.name != "shapes" or dc.frames != 1 or dc.mix_name or dc.cache_dir or tc.counterfactual_weight:
             raise OmniditError("a layout adapter trains on shapes images (their scenes give the boxes), without "
                                "data.mix_name, data.cache_dir or train.counterfactual_weight",
-                               hint="use data.name=shapes with one frame, e.g. configs/recipes/layout.json")
+                               hint="use data.name=shapes with one frame, e.g. configs/layout.json")
         if config.text.encoder == "none":
             raise OmniditError("a layout adapter reads its phrases with the model's text encoder",
                                hint="train it on a text-conditioned model")
@@ -54,6 +54,22 @@ class LayoutTrainer(Trainer):
 
     def load_adapter_state(self, model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
         load_layout_state(model, state, source)
+
+    def eval_suite(self) -> str | None:
+        """The layout suite (auto): scored without boxes, the shapes suite would only show the frozen base."""
+        return "layout" if self.config.train.eval_suite == "auto" else super().eval_suite()
+
+    def save_samples(self) -> None:
+        """A grid of EMA samples of the first scenes, with their boxes."""
+        from omnidit.images import make_grid, save_png, to_pil
+
+        scenes = [self.dataset.scene(i) for i in range(8)]
+        images = self.pipeline().generate([s.caption for s in scenes], seed=0,
+                                          boxes=[scene_boxes(s)[:self.config.train.layout_boxes] for s in scenes])
+        if self.world.is_main:
+            save_png(make_grid([to_pil(x) for x in images], columns=4),
+                     self.out_dir / "samples" / f"step_{self.step:07d}.png",
+                     {"prompts": " | ".join(s.caption for s in scenes)})
 
     def _null_condition(self) -> Condition:
         return without_boxes(super()._null_condition(), self.config.train.layout_boxes, self.config.model.pooled_dim)

@@ -325,14 +325,11 @@ def prepare_lora_training(model: nn.Module, config) -> dict:
     """train.lora_rank: load train.init_from's weights into ``model`` (a fresh MMDiT of ``config.model``) and add
     an adapter of train.lora_rank / lora_alpha on train.lora_targets, every other weight frozen. Returns the
     provenance of the weights started from (kept in every checkpoint, as for train.init_from)."""
-    from omnidit.checkpoint import initial_weights, training_provenance
+    from omnidit.checkpoint import load_adapter_base
 
     tc = config.train
-    directory, state = initial_weights(tc.init_from, config)
-    model.load_state_dict(state, strict=True)
+    source = load_adapter_base(model, config)
     add_lora(model, tc.lora_rank, tc.lora_alpha or None, tc.lora_targets or DEFAULT_TARGETS)
-    source = {"folder": str(tc.init_from), **training_provenance(directory)}
-    source.pop("init_from", None)
     return source
 
 

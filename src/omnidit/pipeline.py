@@ -341,7 +341,7 @@ class Pipeline:
         cond, null = self.conditions(prompts, negative_prompt, guidance=cfg)
         if n > 1:
             cond = Condition.cat([cond] * n)  # candidate-major: rows j * B .. j * B + B - 1 are candidate j
-        if boxes is not None:
+        if boxes:  # an empty list: no layout, as for a model without an adapter
             cond, null = with_layout(self.model, self.text_encoder, cond, null, boxes, len(prompts), frames)
         grid_h, grid_w = height // mc.patch_size, width // mc.patch_size
         ids = video_position_ids(frames, grid_h, grid_w, fps, mc.temporal_patch, len(mc.axes_dim), self.device)

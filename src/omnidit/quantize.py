@@ -208,7 +208,14 @@ def quantize_folder(src: str | Path, dst: str | Path, scheme: str, use_ema: bool
     """Write the model at ``src`` as a ``scheme`` folder at ``dst`` (safetensors and JSON); returns it.
     ``group`` and ``rotate``: the weight-only schemes' group size (w4; and the rotation's block) and Hadamard
     rotation; ``smooth``: w8a8's channel balancing α in (0, 1) (a calibration run of the model first)."""
-    from omnidit.checkpoint import PROVENANCE_FILE, load_model, resolve_model_dir, save_checkpoint, training_provenance
+    from omnidit.checkpoint import (
+        PROVENANCE_FILE,
+        load_model,
+        read_config,
+        resolve_model_dir,
+        save_checkpoint,
+        training_provenance,
+    )
 
     if scheme not in SCHEMES:
         raise OmniditError(f"unknown quantization scheme '{scheme}'", hint=f"choose one of {', '.join(SCHEMES)}")
@@ -218,6 +225,9 @@ def quantize_folder(src: str | Path, dst: str | Path, scheme: str, use_ema: bool
     if smooth is not None and (scheme != "w8a8" or not 0 < smooth < 1):
         raise OmniditError(f"--smooth is w8a8's channel balancing, an alpha in (0, 1); got {smooth} with {scheme}",
                            hint="e.g. --scheme w8a8 --smooth 0.5")
+    if read_config(directory).train.layout_boxes:
+        raise OmniditError(f"{directory} is a layout adapter, which omnidit quantize does not take yet",
+                           hint="quantize its base model, or sample the adapter in float")
     model, config = load_model(directory, use_ema=use_ema)
     check_weight_only(model, scheme, group, rotate)
     maxima = activation_maxima(model, config, list(_block_linears(model))) if smooth else {}

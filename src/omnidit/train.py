@@ -158,6 +158,9 @@ class Trainer:
     def prepare_model(self, model: MMDiT) -> dict | None:
         """Adapter runs (train.lora_rank): load the base weights into ``model`` (before the EMA copy and the
         optimizer are made), freeze them and add the adapter; returns the base's provenance. None otherwise."""
+        if self.config.train.layout_boxes:
+            raise OmniditError("train.layout_boxes runs train with omnidit.layout_train.LayoutTrainer",
+                               hint="use omnidit.train.train(config) or omnidit train")
         if not self.config.train.lora_rank:
             return None
         from omnidit.lora import prepare_lora_training

@@ -158,6 +158,10 @@ def export_diffusers(src: str | Path, dst: str | Path, family: str = "auto", use
     dst = Path(dst)
     _require_new_folder(dst)
     directory = resolve_model_dir(src)
+    train = read_config(directory).train
+    if train.lora_rank or train.layout_boxes:
+        raise OmniditError(f"{directory} holds an adapter (LoRA or layout), not a whole model",
+                           hint="export its base model (a LoRA file loads onto the diffusers model as it is)")
     config = read_config(directory).model
     fam = FAMILIES[choose_family(config, family)]
     file = weights_file(directory, use_ema)

@@ -127,7 +127,7 @@ def move_cases(width: int, height: int, held_out, count: int) -> list[dict]:
     place), from their own random stream so that the other categories' cases stay as they are."""
     from omnidit.data.shapes import GAP, _separated
     from omnidit.evaluate.detector import detect_objects
-    from omnidit.layout import Box
+    from omnidit.layout import scene_boxes
 
     held = parse_held_out(held_out) if not isinstance(held_out, frozenset) else held_out
     rng = np.random.default_rng(EDIT_SEED + 1)
@@ -153,11 +153,11 @@ def move_cases(width: int, height: int, held_out, count: int) -> list[dict]:
         for b in (old_px, new_px):
             mask[b[1]:b[3], b[0]:b[2]] = True
         prompt = describe("pair", (first, other), None, with_size=False)
-        boxes = [Box(describe("single", (o,), None, with_size=False), *o.box) for o in (moved, other)]
+        after = Scene((moved, other), prompt, "pair")
         cases.append({"category": MOVE, "prompt": prompt, "source": prompt,
                       "image": to_tensor(render_scene(scene, width, height)), "mask": mask,
-                      "want": (first.colour, first.shape), "keep": before[0], "box": new_px, "boxes": boxes,
-                      "answer": to_tensor(render_scene(Scene((moved, other), prompt, "pair"), width, height))})
+                      "want": (first.colour, first.shape), "keep": before[0], "box": new_px,
+                      "boxes": scene_boxes(after), "answer": to_tensor(render_scene(after, width, height))})
     return cases
 
 
