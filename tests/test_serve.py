@@ -495,3 +495,24 @@ def test_a_model_with_sound_answers_with_an_mp4_that_has_its_sound(av_run, tmp_p
         gif = client.post("/v1/videos/generations", json={"model": "av", "prompt": "a red circle moving to the "
                                                           "right", "output_format": "gif", **FAST})
         assert gif.status_code == 200 and base64.b64decode(gif.json()["data"][0]["b64_json"])[:3] == b"GIF"
+
+
+def test_layout_boxes_reach_a_layout_model_and_are_refused_elsewhere(shapes):
+    layout = load_pipeline("shapes-layout", device="cpu")
+    boxes = [{"phrase": "a red circle", "box": [0.5, 0.5, 0.95, 0.95]}]
+    with TestClient(build_app({"shapes": shapes, "layout": layout})) as client:
+        def post(**body):
+            return client.post("/v1/images/generations", json={"prompt": "a red circle", "seed": 5, **FAST, **body})
+
+        boxed, plain = post(model="layout", boxes=boxes), post(model="layout")
+        assert boxed.status_code == 200 and plain.status_code == 200
+        image = decode(boxed.json()["data"][0])
+        assert image.info["boxes"] == "[['a red circle', 0.5, 0.5, 0.95, 0.95]]"
+        assert image.tobytes() != decode(plain.json()["data"][0]).tobytes()
+        assert post(model="layout", boxes=boxes).json()["data"][0]["b64_json"] == boxed.json()["data"][0]["b64_json"]
+        for body, message in (({"model": "shapes", "boxes": boxes}, "no layout adapter"),
+                              ({"model": "layout", "boxes": [{"phrase": "a red circle", "box": [0.5, 0.5, 0.4, 0.9]}]},
+                               "no area")):
+            reply = post(**body)
+            assert reply.status_code == 422 and reply.json()["error"]["param"] == "boxes", reply.text
+            assert message in reply.json()["error"]["message"]

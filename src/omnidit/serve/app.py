@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omnidit.errors import OmniditError
+from omnidit.layout import Box, box_metadata, check_box, check_layout
 from omnidit.serve.batching import Batcher, Cancelled, Job, QueueFull
 from omnidit.tokens import check_frame_count, check_image_size
 from omnidit.validate import parse_size, random_seed
@@ -54,10 +55,18 @@ class Limits:
     url_ttl: float = 600.0  # seconds a response_format=url file stays available
 
 
+class LayoutBox(BaseModel):
+    """A phrase and its box (x0, y0, x1, y1) in fractions of the width and height, y down (omnidit.layout)."""
+
+    model_config = ConfigDict(extra="forbid")
+    phrase: str
+    box: list[float] = Field(min_length=4, max_length=4)
+
+
 class ImageRequest(BaseModel):
-    """OpenAI's image generation request; ``seed``, ``steps``, ``guidance_scale``, ``negative_prompt`` and
-    ``progress_id`` are omnidit's extensions. Unknown fields are refused (as OpenAI does), so a typo is
-    not silently ignored."""
+    """OpenAI's image generation request; ``seed``, ``steps``, ``guidance_scale``, ``negative_prompt``, ``boxes``
+    (models with a layout adapter) and ``progress_id`` are omnidit's extensions. Unknown fields are refused (as
+    OpenAI does), so a typo is not silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
     prompt: str = Field(min_length=1)
@@ -74,6 +83,7 @@ class ImageRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=100)
     negative_prompt: str = ""
     speed: Literal["default", "fast", "faster"] | None = None  # omnidit's --speed presets, per request
+    boxes: list[LayoutBox] | None = None  # layout boxes, for a model with a layout adapter
     progress_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -433,6 +443,12 @@ def _job(body: ImageRequest, name: str, pipe, limits: Limits, video: bool) -> Jo
     seed = random_seed() if body.seed is None else body.seed
     kwargs = {"width": width, "height": height, "steps": steps, "cfg": body.guidance_scale,
               "negative_prompt": body.negative_prompt}
+    if body.boxes:  # part of the job's key: only requests with the same boxes share a sampling call
+        try:
+            kwargs["boxes"] = [check_box(Box(b.phrase, *b.box)) for b in body.boxes]
+            check_layout(pipe.model, 2 if video else 1, kwargs["boxes"])
+        except OmniditError as error:
+            raise ApiError(422, f"boxes: {error}", param="boxes") from None
     if video:
         frames = pipe.config.data.frames if body.frames is None else body.frames
         if frames > limits.max_frames:
@@ -480,7 +496,7 @@ def _encode(body: ImageRequest, name: str, pipe, job: Job, outputs, files: FileS
                     "steps": job.kwargs["steps"], "cfg": pipe.config.sample.cfg if body.guidance_scale is None
                     else body.guidance_scale, "sampler": pipe.config.sample.sampler,
                     "size": f"{job.kwargs['width']}x{job.kwargs['height']}", "model": name,
-                    "speed": job.speed, "software": "omnidit"}
+                    "speed": job.speed, "software": "omnidit", **box_metadata(job.kwargs.get("boxes", ()))}
         settings = {k: v for k, v in settings.items() if v is not None}
         if job.video:
             clip, sound = output if isinstance(output, tuple) else (output, None)  # a model with sound: both
