@@ -152,11 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", default=None,
                    help="checkpoint or run folder, or a folder of images with a manifest.json "
                         "(default: the shipped shapes model)")
-    p.add_argument("--suite", default=None, choices=["shapes", "digits", "video", "audio", "av", "edit", "layout"],
+    p.add_argument("--suite", default=None, choices=["shapes", "digits", "video", "audio", "av", "edit", "layout",
+                                                     "new_shape"],
                    help="which suite (default: from the model's data.name: video for video models, av for clips "
                         "with sound, audio for sound alone; shapes for image folders); edit: inpainting and "
                         "prompt-edit faithfulness on shapes scenes; layout: objects drawn in their boxes by a model "
-                        "with a layout adapter (docs/editing.md)")
+                        "with a layout adapter (docs/editing.md); new_shape: a shape the shipped models never saw "
+                        "(data.new_shapes, docs/lora.md), in every colour")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]",
                    help="score the model with a LoRA adapter file applied at WEIGHT (default 1); repeatable "
                         "(docs/lora.md)")
@@ -272,7 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if (target / "manifest.json").is_file():
         if args.lora:
             raise OmniditError("--lora applies to a model, not to a folder of images", hint="drop --lora")
-        if args.suite in ("edit", "layout"):
+        if args.suite in ("edit", "layout", "new_shape"):
             raise OmniditError(f"the {args.suite} suite draws its own scenes, so it needs a model, not a folder of "
                                "images", hint="pass a model folder or name")
         report = evaluate_folder(target, args.suite or "shapes", progress=not args.no_progress,
@@ -288,7 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                                                       else name)
         if suite not in SUITES:
             raise OmniditError(f"no suite for data '{suite}'", hint=f"pass --suite {', '.join(SUITES)}")
-        n_per_prompt = args.n_per_prompt or (4 if suite in ("shapes", "digits") else 1)
+        n_per_prompt = args.n_per_prompt or (4 if suite in ("shapes", "digits", "new_shape") else 1)
         extra = {"inpaint_mode": args.inpaint_mode} if suite == "edit" else {}
         report = evaluate_model(pipe, suite, n_per_prompt=n_per_prompt, seed=args.seed, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omnidit.data.shapes import check_counterfactual_facts, check_scene_kinds
+from omnidit.data.shapes import check_counterfactual_facts, check_new_shapes, check_scene_kinds
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import PRESETS, MMDiTConfig
 from omnidit.sampling import SAMPLERS, check_cfg_interval, check_skip_blocks
@@ -53,6 +53,9 @@ class DataConfig:
     # rate and seed: e.g. tones mixed into bounce, so that one model also makes sound from a caption alone.
     mix_name: str = ""
     mix_every: int = 0
+    # shapes only: shapes no shipped model has seen (omnidit.data.shapes.NEW_SHAPES, e.g. ["cross"]), drawn in every
+    # colour besides the usual four: data to teach a model a new shape (a LoRA, docs/lora.md)
+    new_shapes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_ranges("data", self, positive=("width", "height", "frames", "fps", "sample_rate", "seconds",
@@ -69,6 +72,10 @@ class DataConfig:
                                    hint="drop data.scene_kinds")
             check_scene_kinds(self.scene_kinds, "config key 'data.scene_kinds'")
         check_counterfactual_facts(self.counterfactuals, "config key 'data.counterfactuals'")
+        check_new_shapes(self.new_shapes, "config key 'data.new_shapes'")
+        if self.new_shapes and self.name != "shapes":
+            raise OmniditError(f"config key 'data.new_shapes' applies to the shapes data set, not {self.name!r}",
+                               hint="drop data.new_shapes")
         if list(self.counterfactuals) != ["relation"] and self.name != "shapes":
             raise OmniditError(f"config key 'data.counterfactuals' applies to the shapes data set, not {self.name!r}",
                                hint="drop data.counterfactuals")

@@ -19,6 +19,7 @@ from torch import Tensor
 from omnidit.condition import Condition
 from omnidit.config import Config
 from omnidit.data import caption_vocabulary
+from omnidit.data.shapes import NEW_SHAPE_WORDS
 from omnidit.errors import OmniditError, PromptWarning, shorten
 from omnidit.flops import sampling_bytes_per_sample
 from omnidit.layout import with_layout
@@ -128,7 +129,10 @@ class Pipeline:
         cond, null = Condition(), Condition()
         if self.text_encoder is not None:
             dc = self.config.data
-            warn_unknown_words(prompts + [negative_prompt], caption_vocabulary(dc.name, dc.mix_name))
+            vocabulary = caption_vocabulary(dc.name, dc.mix_name)
+            if dc.new_shapes and vocabulary is not None:
+                vocabulary = vocabulary | NEW_SHAPE_WORDS
+            warn_unknown_words(prompts + [negative_prompt], vocabulary)
             cond, null = self.text_encoder.encode(prompts), self.text_encoder.encode([negative_prompt])
         if mc.num_classes:
             cond.labels = labels_from_prompts(prompts, mc.num_classes)

@@ -79,6 +79,7 @@ def build_dataset(
     fps: float = 8.0,
     sample_rate: int = 8000,
     seconds: float = 2.0,
+    new_shapes: Sequence[str] = (),
 ) -> ImageDataset:
     """Build a dataset by name.
 
@@ -87,7 +88,7 @@ def build_dataset(
     ``scene_kinds`` (shapes only) weights the scene kinds, None or {} meaning the default mix;
     ``counterfactuals`` (shapes only) names the facts a counterfactual partner changes; ``frames`` and
     ``fps`` size the clips of shapes_video and bounce; ``sample_rate`` is the sound's (bounce, tones) and
-    ``seconds`` the length of a tones clip.
+    ``seconds`` the length of a tones clip; ``new_shapes`` (shapes only): shapes of NEW_SHAPES drawn too.
     """
     if name not in DATASETS:
         raise OmniditError(f"unknown dataset {name!r}", hint=f"choose one of: {', '.join(DATASETS)}")
@@ -96,7 +97,7 @@ def build_dataset(
     parse_held_out(held_out)  # validate even where unused, so a typo never passes silently
     if name == "shapes":
         return ShapesDataset(width, height, seed=seed, held_out=held_out, kinds=scene_kinds or None,
-                             counterfactuals=counterfactuals)
+                             counterfactuals=counterfactuals, new_shapes=new_shapes)
     if name == "shapes_video":
         from omnidit.data.shapes_video import ShapesVideoDataset
 

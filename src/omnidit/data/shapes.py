@@ -22,6 +22,9 @@ from torch.utils.data import Dataset
 from omnidit.errors import OmniditError
 
 SHAPES = ("circle", "square", "triangle", "diamond")
+# Shapes no shipped model has seen: a data set draws them only when asked (``new_shapes``, data.new_shapes), e.g. to
+# teach one to a model with a LoRA; the detector fits them only when asked.
+NEW_SHAPES = ("cross",)
 # Saturated, pairwise far-apart colours (min RGB distance ~90), none close to the white background.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 25, 25),
@@ -96,6 +99,15 @@ def allowed_pairs(held_out: Collection[tuple[str, str]]) -> list[tuple[str, str]
     if len(allowed) < 2:
         raise OmniditError("held_out leaves fewer than two (colour, shape) pairs to draw", hint="hold out fewer pairs")
     return allowed
+
+
+def check_new_shapes(names: Sequence[str], name: str = "new shapes") -> tuple[str, ...]:
+    """``names`` if each is one of NEW_SHAPES, once; else a one-line error."""
+    bad = [s for s in names if s not in NEW_SHAPES]
+    if bad or len(set(names)) != len(names):
+        raise OmniditError(f"{name} {list(names)} must name each of {', '.join(NEW_SHAPES)} at most once",
+                           hint='e.g. ["cross"]')
+    return tuple(names)
 
 
 def parse_held_out(items: Sequence[str] | str) -> frozenset[tuple[str, str]]:
@@ -309,6 +321,7 @@ def caption_words(*phrases: str) -> frozenset[str]:
 # pipeline warns when a prompt for a model trained on these captions uses any other word.
 VOCABULARY = caption_words("a an and", *SHAPES, *map(_plural, SHAPES), *COLOURS, *SIZES, *COUNT_WORDS.values(),
                            *_RELATION_PHRASES.values())
+NEW_SHAPE_WORDS = caption_words(*NEW_SHAPES, *map(_plural, NEW_SHAPES))  # the captions of data.new_shapes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +384,8 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
         return np.abs(dx) + np.abs(dy) <= r
     if shape == "triangle":  # apex up at dy = -r, base at dy = +r; half-width grows linearly
         return (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+    if shape == "cross":  # a plus sign: two bars of width 2r/3 through the centre
+        return ((np.abs(dx) <= r / 3) & (np.abs(dy) <= r)) | ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r))
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -414,6 +429,7 @@ class ShapesDataset(Dataset):
         held_out: Sequence[str] | str = DEFAULT_HELD_OUT,
         kinds: Mapping[str, float] | None = None,
         counterfactuals: Sequence[str] = ("relation",),
+        new_shapes: Sequence[str] = (),
     ) -> None:
         if int(width) < 8 or int(height) < 8:  # below ~24 px shapes are barely recognisable
             raise OmniditError(f"shapes images must be at least 8x8, got {width}x{height}",
@@ -426,7 +442,7 @@ class ShapesDataset(Dataset):
         self.counterfactuals = tuple(counterfactuals)
         self.width, self.height, self.seed = int(width), int(height), int(seed)
         self.held_out = parse_held_out(held_out)
-        self.allowed = allowed_pairs(self.held_out)
+        self.allowed = allowed_pairs(self.held_out) + [(c, s) for s in check_new_shapes(new_shapes) for c in COLOURS]
         # Canonical order: the kind is drawn by index, so {"a": 1, "b": 2} and {"b": 2, "a": 1} must agree.
         self.kinds = {k: float(kinds[k]) for k in SCENE_KINDS if k in kinds}
 

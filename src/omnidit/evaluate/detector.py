@@ -49,7 +49,8 @@ AMBIGUITY = 0.75  # the best tint line must be this much closer than the second 
 # Tie-break order for equal IoU: at <= 24 px a small square or diamond can rasterise to the very same
 # pixels as a circle, but the polygons do so at every sub-pixel offset and the circle only at some.
 _FIT_ORDER = ("square", "diamond", "triangle", "circle")
-AREA_FACTOR = {"circle": np.pi, "square": 4.0, "diamond": 2.0, "triangle": 2.0}  # area / half-side^2
+# area / half-side^2; a cross's two bars of width 2r/3 cover 2 (2r/3)(2r) - (2r/3)^2 = 20 r^2 / 9
+AREA_FACTOR = {"circle": np.pi, "square": 4.0, "diamond": 2.0, "triangle": 2.0, "cross": 20 / 9}
 
 _NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _NAMES], dtype=np.float32)  # (K, 3)
@@ -170,12 +171,14 @@ def _components(labels: np.ndarray, min_area: float) -> tuple[np.ndarray, np.nda
     return root, area
 
 
-def _fit_shape(ys: np.ndarray, xs: np.ndarray, h: int, w: int) -> tuple[str, float, float]:
-    """Pixels of one component -> (best shape, its fitted half-side r in px, IoU of the fit)."""
+def _fit_shape(ys: np.ndarray, xs: np.ndarray, h: int, w: int, new_shapes: tuple[str, ...] = ()
+               ) -> tuple[str, float, float]:
+    """Pixels of one component -> (best shape, its fitted half-side r in px, IoU of the fit); ``new_shapes`` (of
+    NEW_SHAPES) are fitted too."""
     area = len(ys)
     cy, cx = ys.mean() + 0.5, xs.mean() + 0.5  # centroid in pixel-centre coordinates
     best = ("circle", 0.0, -1.0)
-    for shape in _FIT_ORDER:
+    for shape in (*_FIT_ORDER, *new_shapes):
         r = float(np.sqrt(area / AREA_FACTOR[shape]))
         sy = cy - r / 3 if shape == "triangle" else cy  # a triangle's centroid sits r/3 below its centre
         # Window holding both the component and the fitted shape.
@@ -195,8 +198,11 @@ def _fit_shape(ys: np.ndarray, xs: np.ndarray, h: int, w: int) -> tuple[str, flo
     return best
 
 
-def detect_objects(image: np.ndarray | torch.Tensor | Image.Image) -> list[Detection]:
-    """Detect the shapes in one image: uint8 (H, W, 3), PIL, or float tensor (3, H, W) in [-1, 1].
+def detect_objects(image: np.ndarray | torch.Tensor | Image.Image, new_shapes: tuple[str, ...] = ()
+                   ) -> list[Detection]:
+    """Detect the shapes in one image: uint8 (H, W, 3), PIL, or float tensor (3, H, W) in [-1, 1]. ``new_shapes``:
+    shapes of omnidit.data.shapes.NEW_SHAPES to recognise too (never by default, so that the suites' scores of
+    models that do not know them stay as they were).
 
     Returns detections in raster order of their top-left pixel. Works at any resolution with
     min(H, W) >= MIN_SIDE and any aspect ratio (sizes are relative to min(H, W), as in the renderer).
@@ -213,7 +219,7 @@ def detect_objects(image: np.ndarray | torch.Tensor | Image.Image) -> list[Detec
     detections = []
     for r in np.flatnonzero(area >= min_area):
         ys, xs = np.divmod(np.flatnonzero(root == r), w)
-        shape, half, fit = _fit_shape(ys, xs, h, w)
+        shape, half, fit = _fit_shape(ys, xs, h, w, tuple(new_shapes))
         if fit < MIN_FIT:
             shape = UNKNOWN_SHAPE  # a blob that resembles no shape well enough is no shape at all
         box = (xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h)

@@ -24,7 +24,7 @@ from omnidit.pipeline import SAMPLING_KEYS
 if TYPE_CHECKING:
     from omnidit.evaluate.shapes_suite import PromptSpec
 
-SUITES = ("shapes", "digits", "video", "audio", "av", "edit", "layout")
+SUITES = ("shapes", "digits", "video", "audio", "av", "edit", "layout", "new_shape")
 SEED_STRIDE = 1_000_003  # image i of a run with seed s uses noise seed s * SEED_STRIDE + i
 
 
@@ -243,10 +243,11 @@ def evaluate_model(pipe, suite: str, **kwargs) -> EvalReport:
     from omnidit.evaluate.av_suite import evaluate_audio, evaluate_av
     from omnidit.evaluate.edit_suite import evaluate_edit
     from omnidit.evaluate.layout_suite import evaluate_layout
+    from omnidit.evaluate.new_shape_suite import evaluate_new_shape
 
     runners = {"shapes": evaluate_shapes_model, "digits": evaluate_digits_model, "video": evaluate_video,
                "audio": evaluate_audio, "av": evaluate_av, "edit": evaluate_edit,
-               "layout": evaluate_layout}
+               "layout": evaluate_layout, "new_shape": evaluate_new_shape}
     if suite not in runners:
         raise OmniditError(f"unknown suite '{suite}'", hint=f"choose one of {', '.join(SUITES)}")
     report = runners[suite](pipe, **kwargs)
