@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from omnidit.config import config_from_dict
-from omnidit.data.shapes import COLOURS, ShapeObject, Scene, ShapesDataset, render_scene
+from omnidit.data.shapes import COLOURS, Scene, ShapeObject, ShapesDataset, render_scene
 from omnidit.errors import OmniditError
 from omnidit.evaluate.detector import detect_objects
 from omnidit.evaluate.new_shape_suite import judge_new_shape, new_shape_prompts
