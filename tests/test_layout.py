@@ -120,7 +120,7 @@ def test_bad_boxes_are_clear_errors(boxes, message):
 def _layout_config(out_dir, base, steps=4):
     return config_from_dict(tiny_config_dict(out_dir, train={"steps": steps, "checkpoint_every": 2, "lr": 1e-2,
                                                              "init_from": str(base), "layout_boxes": 4,
-                                                             "warmup_steps": 0}))
+                                                             "warmup_steps": 0, "sample_every": 4}))
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +139,7 @@ def test_a_layout_run_trains_and_saves_the_adapter_alone_and_samples_with_boxes(
         state = load_file(str(layout_run / "checkpoint-0000004" / name))
         assert state and all(k.startswith("layout_adapter.") for k in state)
         assert any(k.endswith("proj.weight") and v.abs().sum() > 0 for k, v in state.items())  # it trained
+    assert (layout_run / "samples" / "step_0000004.png").is_file()  # drawn with the scenes' boxes
     tuned = load_pipeline(layout_run, device="cpu")
     base = load_pipeline(tiny_run / "checkpoint-0000020", device="cpu")
     prompts = ["a red circle", "two blue squares"]

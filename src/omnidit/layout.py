@@ -227,9 +227,7 @@ def layout_fields(rows: Sequence[Sequence[Box]], encoder, max_boxes: int, phrase
     layout_boxes (B, M, 4), layout_mask (B, M). ``encoder``: the text encoder that gives each phrase's pooled
     vector (each distinct phrase is encoded once)."""
     for boxes in rows:
-        if len(boxes) > max_boxes:
-            raise OmniditError(f"{len(boxes)} layout boxes, but the model's layout adapter takes at most {max_boxes}",
-                               hint=f"give at most {max_boxes} boxes")
+        check_box_count(len(boxes), max_boxes)
         for box in boxes:
             check_box(box)
     phrases = sorted({b.phrase for boxes in rows for b in boxes})
@@ -253,6 +251,13 @@ def without_boxes(cond: Condition, max_boxes: int, phrase_dim: int) -> Condition
     return replace(cond, **layout_fields([[]] * cond.batch_size, None, max_boxes, phrase_dim, cond.device))
 
 
+def check_box_count(count: int, max_boxes: int) -> None:
+    """A one-line error when ``count`` boxes are more than the adapter's ``max_boxes``."""
+    if count > max_boxes:
+        raise OmniditError(f"{count} layout boxes, but the model's layout adapter takes at most {max_boxes}",
+                           hint=f"give at most {max_boxes} boxes")
+
+
 def check_layout(model: nn.Module, frames: int, boxes: Sequence[Box]) -> LayoutAdapter:
     """The model's layout adapter, after checking that it exists, makes images, and takes this many ``boxes``."""
     adapter = layout_adapter(model)
@@ -261,9 +266,7 @@ def check_layout(model: nn.Module, frames: int, boxes: Sequence[Box]) -> LayoutA
                            hint="train one with train.layout_boxes (docs/editing.md#layout-boxes), or drop the boxes")
     if frames != 1 or model.config.extra_streams:
         raise OmniditError("layout boxes place objects in images, not clips or sound", hint="drop the boxes")
-    if len(boxes) > adapter.max_boxes:
-        raise OmniditError(f"{len(boxes)} layout boxes, but the model's layout adapter takes at most "
-                           f"{adapter.max_boxes}", hint=f"give at most {adapter.max_boxes} boxes")
+    check_box_count(len(boxes), adapter.max_boxes)
     return adapter
 
 

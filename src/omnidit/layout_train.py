@@ -59,17 +59,11 @@ class LayoutTrainer(Trainer):
         """The layout suite (auto): scored without boxes, the shapes suite would only show the frozen base."""
         return "layout" if self.config.train.eval_suite == "auto" else super().eval_suite()
 
-    def save_samples(self) -> None:
-        """A grid of EMA samples of the first scenes, with their boxes."""
-        from omnidit.images import make_grid, save_png, to_pil
-
+    def sample_prompts(self) -> tuple[list[str], dict]:
+        """The first scenes' captions, with their boxes."""
         scenes = [self.dataset.scene(i) for i in range(8)]
-        images = self.pipeline().generate([s.caption for s in scenes], seed=0,
-                                          boxes=[scene_boxes(s)[:self.config.train.layout_boxes] for s in scenes])
-        if self.world.is_main:
-            save_png(make_grid([to_pil(x) for x in images], columns=4),
-                     self.out_dir / "samples" / f"step_{self.step:07d}.png",
-                     {"prompts": " | ".join(s.caption for s in scenes)})
+        boxes = [scene_boxes(s)[:self.config.train.layout_boxes] for s in scenes]
+        return [s.caption for s in scenes], {"boxes": boxes}
 
     def _null_condition(self) -> Condition:
         return without_boxes(super()._null_condition(), self.config.train.layout_boxes, self.config.model.pooled_dim)

@@ -444,12 +444,16 @@ class Trainer:
                        + " ".join(f"{k}={v:.2f}" for k, v in report.categories.items()))
         return record
 
+    def sample_prompts(self) -> tuple[list[str], dict]:
+        """What save_samples draws: the captions of the first 8 dataset items, and more arguments for generate."""
+        return [self.dataset[i]["caption"] for i in range(8)], {}
+
     def save_samples(self) -> None:
-        """A grid of EMA samples for the captions of the first dataset items, at a fixed seed."""
+        """A grid of EMA samples for ``sample_prompts``, at a fixed seed."""
         from omnidit.images import make_grid, save_png, to_pil
 
-        prompts = [self.dataset[i]["caption"] for i in range(8)]
-        images = self.pipeline().generate(prompts, seed=0)
+        prompts, extra = self.sample_prompts()
+        images = self.pipeline().generate(prompts, seed=0, **extra)
         if self.world.is_main:
             save_png(make_grid([to_pil(x) for x in images], columns=4),
                      self.out_dir / "samples" / f"step_{self.step:07d}.png", {"prompts": " | ".join(prompts)})

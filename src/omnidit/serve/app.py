@@ -446,7 +446,7 @@ def _job(body: ImageRequest, name: str, pipe, limits: Limits, video: bool) -> Jo
     if body.boxes:  # part of the job's key: only requests with the same boxes share a sampling call
         try:
             kwargs["boxes"] = [check_box(Box(b.phrase, *b.box)) for b in body.boxes]
-            check_layout(pipe.model, 2 if video else 1, kwargs["boxes"])
+            check_layout(pipe.model, pipe.config.data.frames, kwargs["boxes"])
         except OmniditError as error:
             raise ApiError(422, f"boxes: {error}", param="boxes") from None
     if video:
