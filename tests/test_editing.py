@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from test_cli import assert_one_line_error, run_main
 
-from omnidit.editing import edit, invert
+from omnidit.editing import _tokens_and_ids, change_mask, edit, invert
 from omnidit.errors import OmniditError
 from omnidit.sampling import midpoint
 
@@ -54,7 +54,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_inversion_reconstructs_the_image(shapes):
     image = shapes.generate([SOURCE], seed=3, steps=12)
-    back = edit(shapes, image, SOURCE, SOURCE, steps=10, cfg=1.0, inject_until=1.0)
+    back = edit(shapes, image, SOURCE, SOURCE, steps=10, cfg=1.0, inject_until=1.0, mask=None)
     assert _psnr(back, image) > 38  # measured 42.6 dB at 10 steps, 52 at 30
     noise = invert(shapes, image, SOURCE, steps=10)  # far from the image: the ODE went all the way to t = 1
     assert noise.shape == (1, 64, 48) and (noise - image.new_zeros(1)).abs().mean() > 0.1
@@ -65,9 +65,8 @@ def test_value_injection_keeps_what_the_captions_share(shapes):
 
     image = shapes.generate([SOURCE], seed=3, steps=12)
     target = "a green circle above a blue square"
-    free = edit(shapes, image, SOURCE, target, steps=12, cfg=3.0, inject_until=1.0)
-    kept = edit(shapes, image, SOURCE, target, steps=12, cfg=3.0, inject_until=0.5)
-    everything = edit(shapes, image, SOURCE, target, steps=12, cfg=3.0, inject_until=0.0)
+    free, kept, everything = (edit(shapes, image, SOURCE, target, steps=12, cfg=3.0, inject_until=until, mask=None)
+                              for until in (1.0, 0.5, 0.0))
     assert _psnr(kept, image) > _psnr(free, image) + 3
     assert _psnr(everything, image) > _psnr(kept, image)
     default = edit(shapes, image, SOURCE, target, steps=30, cfg=4.0)  # omnidit edit's defaults for this model
@@ -89,10 +88,14 @@ def test_edit_command_writes_the_edit_with_its_settings(tmp_path, tiny_run, caps
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(source)
     out = tmp_path / "out.png"
     code, _, err = run_main(capsys, "edit", source, "--from", "a red circle", "--to", "a blue circle", "--model",
-                            tiny_run, "-o", out, "--no-progress", "--inject-until", "0.3", "--scale", "2")
+                            tiny_run, "-o", out, "--no-progress", "--inject-until", "0.3", "--scale", "2",
+                            "--mask", "box:0,0,0.5,1")
     assert code == 0, err
     with Image.open(out) as im:
         assert im.size == (32, 32) and im.info["edit_from"] == "a red circle" and im.info["inject_until"] == "0.3"
+        assert im.info["mask"] == "box:0,0,0.5,1" and im.info["candidates"] == "4"
+        kept = np.asarray(im)[::2, ::2][:, 8:]  # the right half, outside the mask, scaled back down
+    assert np.array_equal(kept, np.asarray(Image.open(source))[:, 8:])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -102,6 +105,10 @@ def test_edit_command_writes_the_edit_with_its_settings(tmp_path, tiny_run, caps
     (["--from", "a", "--to", "b", "--inject-blocks", "7"], "single-stream blocks 0 to 0"),
     (["--from", "a", "--to", "b", "--steps", "0"], "--steps"),
     (["--from", "a", "--to", "b", "-o", "out.gif"], "must end in .png"),
+    (["--from", "a", "--to", "b", "--mask", "none", "--candidates", "2"], "without a mask"),
+    (["--from", "a", "--to", "b", "--candidates", "0"], "--candidates"),
+    (["--from", "a", "--to", "b", "--mask", "box:0.5,0,0.2,1"], "not inside the image"),
+    (["--from", "a", "--to", "a"], "ask for no change"),
 ])
 def test_edit_command_errors_are_one_line_and_write_nothing(tmp_path, tiny_run, capsys, extra, message):
     source = tmp_path / "in.png"
@@ -117,7 +124,46 @@ def test_edit_command_errors_are_one_line_and_write_nothing(tmp_path, tiny_run, 
 def test_injection_at_no_blocks_is_plain_sampling_from_the_inverted_noise(shapes):
     image = shapes.generate([SOURCE], seed=3, steps=8)
     target = "a green circle above a blue square"
-    none = edit(shapes, image, SOURCE, target, steps=8, cfg=2.0, inject_blocks=[], inject_until=0.0)
-    off = edit(shapes, image, SOURCE, target, steps=8, cfg=2.0, inject_until=1.0)
+    none = edit(shapes, image, SOURCE, target, steps=8, cfg=2.0, inject_blocks=[], inject_until=0.0, mask=None)
+    off = edit(shapes, image, SOURCE, target, steps=8, cfg=2.0, inject_until=1.0, mask=None)
     assert torch.equal(none, off)
-    assert not torch.equal(none, edit(shapes, image, SOURCE, target, steps=8, cfg=2.0, inject_until=0.0))
+    assert not torch.equal(none, edit(shapes, image, SOURCE, target, steps=8, cfg=2.0, inject_until=0.0, mask=None))
+
+
+def _pixel_box(box, size: int = 32) -> tuple[slice, slice]:
+    x0, y0, x1, y1 = (round(v * size) for v in box)
+    return slice(y0, y1), slice(x0, x1)
+
+
+def test_the_change_mask_covers_the_object_the_prompts_differ_in(shapes):
+    from omnidit.evaluate.detector import detect_objects
+
+    image = shapes.generate([SOURCE], seed=3, steps=12)
+    circle, square = sorted(detect_objects(image[0]), key=lambda d: d.shape)
+    mask = change_mask(shapes, image, SOURCE, "a green circle above a blue square")[0]
+    assert mask.shape == (32, 32) and mask[_pixel_box(circle.box)].float().mean() > 0.9
+    assert mask[_pixel_box(square.box)].float().mean() < 0.2  # the square stays out (its rim may be grown into)
+    assert not change_mask(shapes, image, SOURCE, SOURCE).any()
+    with pytest.raises(OmniditError, match="ask for no change"):
+        edit(shapes, image, SOURCE, SOURCE, steps=2)
+
+
+def test_a_masked_edit_keeps_every_pixel_outside_the_mask_and_keeps_its_likeliest_candidate(shapes):
+    from omnidit.selection import denoising_scores
+
+    image = shapes.generate([SOURCE], seed=3, steps=8)
+    target = "a green circle above a blue square"
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[:16] = True
+    one, best = (edit(shapes, image, SOURCE, target, steps=6, cfg=3.0, mask=mask, candidates=n) for n in (1, 3))
+    for result in (one, best):
+        assert torch.equal(result[..., ~mask], image[..., ~mask]) and not torch.equal(result, image)
+    cond = shapes.conditions([target], guidance=1.0)[0].without_full_mask()
+    ids = _tokens_and_ids(shapes, image)[1]
+    scores = [denoising_scores(lambda x, t, c: shapes.model(x, ids, t, c), _tokens_and_ids(shapes, r)[0], cond)
+              for r in (one, best)]
+    assert scores[1] <= scores[0] + 1e-6  # candidate 0 is the one-candidate edit; the best of three beats it or is it
+    with pytest.raises(OmniditError, match="without a mask"):
+        edit(shapes, image, SOURCE, target, steps=2, mask=None, candidates=2)
+    with pytest.raises(OmniditError, match="selects no pixels"):
+        edit(shapes, image, SOURCE, target, steps=2, mask=torch.zeros(32, 32, dtype=torch.bool))

@@ -76,6 +76,21 @@ def test_inpainting_keeps_every_unmasked_pixel_and_fills_the_mask(tiny_pipe, mod
     torch.testing.assert_close(again[0], out[1], atol=1e-5, rtol=0)  # a seed gives the same result in any batch
 
 
+@pytest.mark.parametrize("mode", ["tokens", "blend"])
+def test_best_of_n_inpainting_keeps_one_of_its_candidates(tiny_pipe, mode):
+    from omnidit.selection import candidate_seeds
+
+    image = tiny_pipe.generate(["a red circle"], seed=1)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[:8] = True
+    best = tiny_pipe.inpaint(["a green square", "a blue circle"], image, mask, mode=mode, seed=[5, 6], candidates=3)
+    assert torch.equal(best[:, :, ~mask], image.expand(2, -1, -1, -1)[:, :, ~mask])
+    for row, seed in zip(best, (5, 6)):
+        alone = [tiny_pipe.inpaint(["a green square" if seed == 5 else "a blue circle"], image, mask, mode=mode,
+                                   seed=k, candidates=1)[0] for k in candidate_seeds(seed, 3)]
+        assert sum(torch.allclose(row, a, atol=1e-5, rtol=0) for a in alone) == 1
+
+
 def test_the_modes_differ_and_auto_follows_training(tiny_pipe, av_run):
     from omnidit.pipeline import load_pipeline
 
@@ -93,7 +108,6 @@ def test_the_modes_differ_and_auto_follows_training(tiny_pipe, av_run):
     (dict(mask=torch.ones(8, 16, dtype=torch.bool)), "mask is 16x8"),
     (dict(image=torch.zeros(1, 3, 15, 15), mask=torch.ones(15, 15, dtype=torch.bool)), "tokens do not divide"),
     (dict(mode="paint"), "unknown inpainting mode"),
-    (dict(candidates=2), "candidates cannot be scored"),
 ])
 def test_bad_inpainting_inputs_are_clear_errors(tiny_pipe, bad, message):
     args = {"image": torch.zeros(1, 3, 16, 16), "mask": torch.ones(16, 16, dtype=torch.bool), **bad}

@@ -51,6 +51,8 @@ def add_inpaint_parser(sub) -> None:
 
 
 def add_edit_parser(sub) -> None:
+    from omnidit.editing import EDIT_CANDIDATES
+
     p = sub.add_parser("edit", help="change an image by prompt: invert it under --from, sample back under --to",
                        description="Take IMAGE back to noise with the model's own ODE under its caption (--from), "
                                    "then sample it back under the changed caption (--to), with the inversion's "
@@ -73,6 +75,15 @@ def add_edit_parser(sub) -> None:
                         "keeps everything; lower keeps more of the input (default: 0.9)")
     p.add_argument("--inject-blocks", type=int, nargs="+", default=None, metavar="I",
                    help="the single-stream blocks (from 0) that take the injected values (default: all)")
+    p.add_argument("--mask", default="auto",
+                   help="where the image may change: auto (the tokens where the model's velocities under --from and "
+                        "--to differ most), none (everywhere), a mask image of the same size (white = may change) or "
+                        "'box:X0,Y0,X1,Y1' in fractions; pixels outside it stay exactly as they were (default: auto)")
+    p.add_argument("--candidates", type=int, default=None, metavar="N",
+                   help="with a mask: sample N edits (the first from the inverted noise, the others from fresh noise "
+                        f"inside the mask) and keep the one the model finds likeliest under --to (default: "
+                        f"{EDIT_CANDIDATES})")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the extra candidates (default: 0)")
     p.add_argument("--scale", type=int, default=1, help="enlarge the output N times for viewing (default: 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -82,7 +93,7 @@ def add_edit_parser(sub) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    from omnidit.editing import DEFAULT_INJECT_UNTIL, edit
+    from omnidit.editing import DEFAULT_INJECT_UNTIL, edit, edit_candidates
     from omnidit.generate_command import _scaled, model_or_shipped
     from omnidit.images import read_rgb_tensor, save_png, to_pil
     from omnidit.lora import apply_lora_specs
@@ -100,17 +111,24 @@ def cmd_edit(args: argparse.Namespace) -> None:
     until = check_number("--inject-until", DEFAULT_INJECT_UNTIL if args.inject_until is None else args.inject_until,
                          low=0, high=1, hint="1 turns injection off, 0 keeps everything")
     check_number("--scale", args.scale, low=1, high=64, integer=True)
+    mask_spec = args.mask
+    if args.candidates is not None:
+        check_number("--candidates", args.candidates, low=1, high=64, integer=True)
+    candidates = edit_candidates(args.candidates, mask_spec != "none")
     check_output_path("-o", args.output)
     if not args.output.lower().endswith(".png"):
         raise OmniditError(f"output file must end in .png, got {args.output}")
     image = read_rgb_tensor(args.image)
+    mask = None if mask_spec == "none" else mask_spec if mask_spec == "auto" else \
+        read_mask(mask_spec, image.shape[2], image.shape[1])
     pipe = load_pipeline(model_or_shipped(args.model), device=args.device, use_ema=not args.no_ema)
     apply_lora_specs(pipe.model, args.lora)
     s = pipe.config.sample
     steps, cfg = args.steps or s.steps, s.cfg if args.cfg is None else args.cfg
     result = edit(pipe, image, args.source, args.target, steps, cfg, args.invert_cfg, args.inject_blocks, until,
-                  progress=not args.no_progress)[0]
+                  progress=not args.no_progress, mask=mask, candidates=candidates, seed=args.seed)[0]
     settings = {"prompt": args.target, "edit_from": args.source, "image": str(Path(args.image).resolve()),
+                "mask": mask_spec, "candidates": candidates, "seed": args.seed,
                 "steps": steps, "cfg": cfg, "invert_cfg": args.invert_cfg, "inject_until": until,
                 "inject_blocks": args.inject_blocks or "all", "sampler": "midpoint",
                 "model": str(Path(model_or_shipped(args.model)).resolve()), "software": "omnidit",
@@ -196,7 +214,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     settings = {"prompt": args.prompt, "seed": args.seed, "inpaint": str(Path(args.image).resolve()),
                 "mask": args.mask, "mode": resolve_mode(args.mode, pipe.config),
                 **({"outpaint": args.outpaint} if args.outpaint else {}),
-                **pipe.sampling_settings(**{**sampling, "candidates": sampling["candidates"] or 1}),
+                **pipe.sampling_settings(**sampling),
                 "model": str(Path(model_or_shipped(args.model)).resolve()), "software": "omnidit",
                 **({"lora": args.lora} if args.lora else {}),
                 **box_metadata(boxes)}

@@ -9,6 +9,13 @@ from that noise under another prompt, injecting the inversion's attention values
   same blocks take those values instead of their own at the times t >= ``inject_until``. V carries what is
   where; the queries and keys, which read the new prompt, decide what changes.
 
+- **Where to edit** (DiffEdit's mask, Couairon et al. 2022, "DiffEdit: Diffusion-based semantic image editing
+  with mask guidance", sec. 3.1): the image is noised to a few times with fixed noise and the velocities under
+  both prompts are compared; the tokens where they differ most (above a fraction of the largest difference,
+  grown by one token) are the ones the edit may change. The other tokens follow their straight path from the
+  inverted noise to the input (``sampling.follow_noised_path``, the blend of inpainting), so the model sees them
+  in place at every step, and their pixels come back exactly. A user's own mask can replace the computed one.
+
 Values are captured with forward hooks on the blocks' fused input projections (``linear1``), so the model
 code knows nothing of editing. Memory: one (B, N, D) tensor per injected block and time.
 """
@@ -22,11 +29,20 @@ import torch
 from torch import Tensor
 
 from omnidit.errors import OmniditError
-from omnidit.sampling import classifier_free_guidance, midpoint, timestep_schedule
+from omnidit.inpaint import token_mask
+from omnidit.sampling import classifier_free_guidance, follow_noised_path, midpoint, timestep_schedule
+from omnidit.selection import best_candidates, candidate_seeds, denoising_scores
 from omnidit.tokens import video_patchify, video_position_ids, video_unpatchify
 
 DEFAULT_INJECT_UNTIL = 0.9  # the first, noisiest tenth of the trajectory, where layout is decided (chosen on
 # edit-suite scenes of another seed than the suite's: docs/editing.md)
+MASK_TIMES = (0.5,)  # noise levels at which the two prompts' velocities are compared
+MASK_DRAWS = 4  # noise draws per time (fixed seed MASK_NOISE_SEED, so a mask depends only on image and prompts)
+MASK_NOISE_SEED = 0
+MASK_THRESHOLD = 0.35  # of the largest difference; then grown by MASK_GROW tokens on every side
+MASK_GROW = 1
+EDIT_CANDIDATES = 4  # best of 4 edits under the target prompt (threshold and count chosen on edit scenes of data
+# seed 1234, not the suite's: docs/editing.md)
 
 
 class ValueBank:
@@ -105,6 +121,32 @@ def _tokens_and_ids(pipe, image: Tensor) -> tuple[Tensor, Tensor, tuple[int, int
 
 
 @torch.inference_mode()
+def change_mask(pipe, image: Tensor, source: str, target: str, times: Sequence[float] = MASK_TIMES,
+                draws: int = MASK_DRAWS, threshold: float = MASK_THRESHOLD, grow: int = MASK_GROW) -> Tensor:
+    """(B, H, W) bool: the pixels (whole tokens) where ``target`` asks for a change from ``source`` in ``image``
+    (B, C, H, W): the tokens whose unguided velocities under the two prompts differ by more than ``threshold``
+    times the image's largest difference, averaged over ``times`` x ``draws`` noisings, grown by ``grow`` tokens."""
+    tokens, ids, (h, w) = _tokens_and_ids(pipe, image)
+    p = pipe.model.config.patch_size
+    gen = torch.Generator("cpu").manual_seed(MASK_NOISE_SEED)
+    with pipe.precision():
+        conds = [pipe.conditions([text] * len(tokens), guidance=1.0)[0].without_full_mask()
+                 for text in (source, target)]
+        diff = torch.zeros(tokens.shape[:2], device=tokens.device)
+        for t in times:
+            for _ in range(draws):
+                eps = torch.randn(tokens.shape[1:], generator=gen).to(tokens.device, tokens.dtype)
+                x = (1 - t) * tokens + t * eps
+                ts = torch.full((len(tokens),), float(t), device=tokens.device)
+                diff += (pipe.model(x, ids, ts, conds[1]) - pipe.model(x, ids, ts, conds[0])).float().abs().mean(-1)
+    grid = diff.view(len(tokens), 1, h // p, w // p)
+    chosen = grid > threshold * grid.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+    if grow:
+        chosen = torch.nn.functional.max_pool2d(chosen.float(), 2 * grow + 1, stride=1, padding=grow) > 0
+    return chosen[:, 0].repeat_interleave(p, 1).repeat_interleave(p, 2).cpu()
+
+
+@torch.inference_mode()
 def invert(pipe, image: Tensor, prompt: str, steps: int = 30, cfg: float = 1.0, shift: float | None = None,
            progress: bool = False) -> Tensor:
     """The noise tokens (B, N, D) that the model's ODE under ``prompt`` carries ``image`` (B, C, H, W) in [-1, 1]
@@ -118,26 +160,86 @@ def invert(pipe, image: Tensor, prompt: str, steps: int = 30, cfg: float = 1.0, 
 @torch.inference_mode()
 def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: float = 1.0,
          invert_cfg: float = 1.0, inject_blocks: Sequence[int] | None = None,
-         inject_until: float = DEFAULT_INJECT_UNTIL, shift: float | None = None, progress: bool = False) -> Tensor:
+         inject_until: float = DEFAULT_INJECT_UNTIL, shift: float | None = None, progress: bool = False,
+         mask: Tensor | str | None = "auto", candidates: int | None = None, seed: int = 0) -> Tensor:
     """``image`` (B or 1, C, H, W) in [-1, 1], described by ``source``, changed to match ``target``: (B, C, H, W).
 
     Inverts under ``source`` (guidance ``invert_cfg``), then samples back under ``target`` (guidance ``cfg``)
     with the inversion's values injected into single-stream blocks ``inject_blocks`` (default all) at
     t >= ``inject_until`` (1 = never, 0 = all the way). ``target == source`` with ``inject_until`` 0
     reconstructs the image.
+
+    ``mask``: where the edit may change the image: "auto" (``change_mask``), a (H, W) or (B, H, W) bool (True =
+    may change; rounded up to whole tokens), or None (everywhere). Outside it the pixels come back exactly as
+    given. ``candidates`` (default EDIT_CANDIDATES with a mask, 1 without): candidate 0 starts from the inverted
+    noise, the others from fresh noise inside the mask (seeds ``selection.candidate_seeds(seed, N)``), and the
+    one the model finds likeliest under ``target`` is kept (``selection.denoising_scores``).
     """
     if not 0.0 <= inject_until <= 1.0:
         raise OmniditError(f"inject_until must lie in [0, 1], got {inject_until}",
                            hint="0.9 injects over the noisiest tenth of the steps; 1 turns injection off")
+    image = image if image.dim() == 4 else image[None]
     tokens, ids, (h, w) = _tokens_and_ids(pipe, image)
-    mc = pipe.model.config
+    mc, batch = pipe.model.config, len(tokens)
+    n = edit_candidates(candidates, mask is not None)
     blocks = range(len(pipe.model.single_blocks)) if inject_blocks is None else inject_blocks
-    bank = ValueBank(pipe.model, blocks, tokens.shape[1], len(tokens))
+    bank = ValueBank(pipe.model, blocks, tokens.shape[1], batch)
+    if isinstance(mask, str):
+        if mask != "auto":
+            raise OmniditError(f"unknown edit mask '{mask}'", hint="give 'auto', a (H, W) bool mask or None")
+        mask = change_mask(pipe, image, source, target)
+        if not mask.any():
+            raise OmniditError("the two prompts ask for no change the model can see (its velocities under them agree)",
+                               hint="change the target prompt, or edit everywhere without a mask (--mask none)")
+    if mask is not None:
+        mask = _check_mask(mask, batch, h, w)
+        keep = ~torch.stack([token_mask(m, mc.patch_size) for m in mask]).to(pipe.device).repeat(n, 1)  # (nB, N)
     ts = timestep_schedule(steps, pipe.config.sample.shift if shift is None else shift, pipe.device)
     with bank.hooked(), pipe.precision():
         bank.mode = "record"
-        noise = midpoint(_velocity(pipe, [source] * len(tokens), invert_cfg, ids, bank), tokens, ts.flip(0),
+        noise = midpoint(_velocity(pipe, [source] * batch, invert_cfg, ids, bank), tokens, ts.flip(0),
                          progress=progress)
         bank.mode, bank.inject_until = "inject", inject_until
-        x = midpoint(_velocity(pipe, [target] * len(tokens), cfg, ids, bank), noise, ts, progress=progress)
-    return video_unpatchify(x, 1, h, w, mc.patch_size)[:, :, 0].clamp(-1, 1).float().cpu()
+        velocity = _velocity(pipe, [target] * (n * batch), cfg, ids, bank)  # candidate-major rows
+        start = torch.cat([noise] + [_fresh_noise(noise, k) for k in candidate_seeds(seed, n)[1:]])
+        if mask is not None:  # the kept tokens travel straight from their inverted noise to the input
+            velocity = follow_noised_path(velocity, keep, (noise - tokens).repeat(n, 1, 1))
+            start = torch.where(keep[..., None], noise.repeat(n, 1, 1), start)
+        x = midpoint(velocity, start, ts, progress=progress)
+        if n > 1:
+            bank.mode = "off"
+            cond = pipe.conditions([target] * (n * batch), guidance=1.0)[0].without_full_mask()
+            x = best_candidates(x, denoising_scores(lambda x, t, c: pipe.model(x, ids, t, c), x, cond), n)
+    result = video_unpatchify(x, 1, h, w, mc.patch_size)[:, :, 0].clamp(-1, 1).float().cpu()
+    if mask is None:
+        return result
+    return torch.where(mask[:, None], result, image.float().cpu().clamp(-1, 1))
+
+
+def edit_candidates(candidates: int | None, masked: bool) -> int:
+    """The number of edit candidates: ``candidates``, by default EDIT_CANDIDATES with a mask and 1 without."""
+    n = (EDIT_CANDIDATES if masked else 1) if candidates is None else candidates
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise OmniditError(f"candidates must be a whole number >= 1, got {candidates!r}")
+    if n > 1 and not masked:
+        raise OmniditError(f"{n} edit candidates without a mask: they would differ nowhere",
+                           hint="candidates differ inside the mask: give a mask (--mask auto) or one candidate")
+    return n
+
+
+def _fresh_noise(like: Tensor, seed: int) -> Tensor:
+    gen = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(like.shape, generator=gen).to(like.device, like.dtype)
+
+
+def _check_mask(mask: Tensor, batch: int, h: int, w: int) -> Tensor:
+    """An edit mask (H, W) or (B, H, W) -> (B, H, W) bool, or a one-line error."""
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() != 3 or mask.shape[-2:] != (h, w) or mask.shape[0] not in (1, batch):
+        raise OmniditError(f"the edit mask is {tuple(mask.shape)} but the image is {w}x{h}",
+                           hint="give a mask of the image's size (True = may change)")
+    if not mask.any():
+        raise OmniditError("the edit mask selects no pixels, so nothing can change",
+                           hint="mark the pixels that may change (white), or edit everywhere (--mask none, mask=None)")
+    return mask.bool().cpu().expand(batch, h, w)

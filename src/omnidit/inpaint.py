@@ -87,9 +87,10 @@ def inpaint(pipe, prompts: list[str], image: Tensor, mask: Tensor, mode: str = "
 
     image: (B or 1, C, H, W) in [-1, 1] (one image is shared by every prompt); mask: (H, W) bool, True = generate.
     ``mode``: ``auto``, ``tokens`` or ``blend`` (the module docstring). ``sampling``: the keys of
-    ``pipeline.SAMPLING_KEYS``; best-of-N candidates default to 1 here, as they cannot be scored with given
-    pixels. Pixels outside the mask come back exactly as given. ``boxes``: layout boxes for a model with a layout
-    adapter (``Pipeline.generate``), e.g. to draw an object in a new place (a move).
+    ``pipeline.SAMPLING_KEYS``; best-of-N candidates (the model's ``sample.candidates`` by default) are scored
+    as whole images, the given pixels with the rest (``selection``). Pixels outside the mask come back exactly
+    as given. ``boxes``: layout boxes for a model with a layout adapter (``Pipeline.generate``), e.g. to draw an
+    object in a new place (a move).
     """
     from omnidit.pipeline import SAMPLING_KEYS
 
@@ -108,7 +109,6 @@ def inpaint(pipe, prompts: list[str], image: Tensor, mask: Tensor, mode: str = "
         raise OmniditError(f"the image is {width}x{height}, which this model's {cell}-pixel tokens do not divide",
                            hint=f"crop or pad it to a multiple of {cell} pixels")
     sampling = {k: sampling.get(k) for k in SAMPLING_KEYS}
-    sampling["candidates"] = sampling["candidates"] or 1
     settings = pipe.sampling_settings(**sampling)
     with torch.inference_mode():
         given = image.to(pipe.device)

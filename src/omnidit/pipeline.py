@@ -337,10 +337,8 @@ class Pipeline:
             raise OmniditError(f"unknown sampler '{sampler}'", hint=f"choose one of {', '.join(SAMPLERS)}")
         mask = tokens = None
         if given_frames or token_mask is not None:
-            if n > 1:
-                raise OmniditError("best-of-N candidates cannot be scored with given frames or pixels",
-                                   hint="use --candidates 1 for image-to-video, extension and inpainting")
             mask, tokens = self._given_tokens(given, given_frames, len(prompts), frames, height, width, token_mask)
+            tokens = tokens.repeat(n, 1, 1) if len(tokens) > 1 else tokens  # candidate-major, like the noise
         time_mask = None if given_noised else mask  # noised given tokens share the sampler's t
         cond, null = self.conditions(prompts, negative_prompt, guidance=cfg)
         if n > 1:
@@ -375,8 +373,8 @@ class Pipeline:
         with self.step_cache(settings), self.precision():
             x = sample(velocity, noise, steps, sampler, shift, progress=progress, given=mask, given_tokens=tokens,
                        on_step=on_step, given_noised=given_noised)
-        if n > 1:
-            scores = denoising_scores(model_fn, x, cond.without_full_mask())
+        if n > 1:  # every token noised alike, given ones too: the score ranks whole results under their prompt
+            scores = denoising_scores(lambda x, t, c: self.model(x, ids, t, c), x, cond.without_full_mask())
             x = best_candidates(x, scores, n)
         latents = video_unpatchify(x, frames, height, width, mc.patch_size, mc.temporal_patch)
         if self.codec is not None:  # an image VAE decodes the one frame; the identity codec takes clips as they are

@@ -8,8 +8,9 @@ a data seed no recipe trains on), whose first object is to change:
   "a green circle above a blue square") or as another shape in the same colour;
 - ``inpaint_restore``: the object is painted out (background) and the caption is the scene's own: the model
   must draw it back;
-- ``edit_recolour`` / ``edit_replace``: no mask: the image is inverted under its own caption and sampled back
-  under the edited one (omnidit.editing, value injection).
+- ``edit_recolour`` / ``edit_replace``: no mask is given: the image is inverted under its own caption and
+  sampled back under the edited one (omnidit.editing: value injection, the mask the model finds itself, best of
+  EDIT_CANDIDATES).
 - ``inpaint_move`` (models with a layout adapter only, omnidit.layout): the first object's old and new boxes,
   each grown by MASK_MARGIN pixels, are masked and inpainted under the scene's caption with layout boxes for both
   objects, the first at its new place (a box of its size elsewhere on the canvas, clear of the other object).
@@ -188,7 +189,7 @@ def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None 
     """The edit suite on an image model: ``limit`` cases per category (default DEFAULT_CASES). Inpainting draws
     ``n_per_prompt`` seeds per case; editing is deterministic (one result per case) and uses the model's steps and
     guidance scale. -> EvalReport (details: kept_exact, reconstruction_psnr, the inpainting mode)."""
-    from omnidit.editing import DEFAULT_INJECT_UNTIL, edit
+    from omnidit.editing import DEFAULT_INJECT_UNTIL, EDIT_CANDIDATES, edit
     from omnidit.evaluate.runner import EvalReport, Judged, _aggregate, _seeds
     from omnidit.inpaint import resolve_mode
 
@@ -211,7 +212,7 @@ def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None 
             edited = edit(pipe, image, case["source"], case["prompt"], settings["steps"], settings["cfg"],
                           inject_until=until, shift=settings["shift"])
             back = edit(pipe, image, case["source"], case["source"], settings["steps"], 1.0, inject_until=1.0,
-                        shift=settings["shift"])
+                        shift=settings["shift"], mask=None)
             psnrs.append(float(10 * torch.log10(4 / ((back - image) ** 2).mean().clamp_min(1e-12))))
             results, case_seeds = edited, [None]
         else:
@@ -226,5 +227,6 @@ def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None 
             judged.append(Judged(case["category"], case["prompt"], result, passed, reason, seed=k))
     overall, scores = _aggregate("edit", judged, categories)
     details = {"kept_exact": exact / max(1, inpainted), "inpaint_mode": resolve_mode(inpaint_mode, pipe.config),
-               "reconstruction_psnr": sum(psnrs) / len(psnrs) if psnrs else None, "inject_until": until}
+               "reconstruction_psnr": sum(psnrs) / len(psnrs) if psnrs else None, "inject_until": until,
+               "edit_mask": "auto", "edit_candidates": EDIT_CANDIDATES}
     return EvalReport("edit", overall, scores, len(judged), None, judged=judged, details=details)
