@@ -226,6 +226,46 @@ def test_mask_aware_training_draws_rectangles_to_generate_or_keep():
     assert t.tolist() == [[0.0, 0.5], [0.75, 0.75]]
 
 
+def test_object_regions_generate_each_objects_grown_box_and_leave_other_draws_as_they_were():
+    from omnidit.flow import draw_given_regions
+
+    boxes = torch.tensor([[0.25, 0.25, 0.5, 0.5], [float("nan")] * 4, [0.0, 0.5, 0.3, 1.0]]).repeat(100, 1)
+    given = draw_given_regions(300, 1, 8, 8, 1.0, torch.Generator().manual_seed(0), boxes, 0.5)
+    grown = torch.zeros(2, 8, 8, dtype=torch.bool)
+    grown[0, 1:5, 1:5] = True  # 2..4 tokens on each axis, half a token more, rounded out
+    grown[1, 3:8, 0:3] = True  # clipped at the edges
+    generate = ~given.view(100, 3, 8, 8)
+    for row in (0, 2):
+        hits = (generate[:, row] == grown[row // 2]).all((1, 2))
+        assert 0.35 < hits.float().mean() < 0.65  # box_p of them; the others random rectangles
+    assert generate[:, 1].any((1, 2)).all() and given.any(1).all()  # no box: a random region as before
+    plain = draw_given_regions(300, 1, 8, 8, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(plain, draw_given_regions(300, 1, 8, 8, 1.0, torch.Generator().manual_seed(0), boxes, 0.0))
+
+
+def test_object_boxes_are_one_object_of_each_scene():
+    from omnidit.data.shapes import ShapesDataset
+    from omnidit.train_batches import object_boxes
+
+    data = ShapesDataset(seed=5)
+    boxes = object_boxes(data, range(40), torch.Generator().manual_seed(0))
+    for i, box in enumerate(boxes):
+        assert any(torch.allclose(box, torch.tensor(o.box)) for o in data.scene(i).objects)
+    several = [i for i in range(40) if len(data.scene(i).objects) > 1]
+    firsts = [torch.allclose(boxes[i], torch.tensor(data.scene(i).objects[0].box)) for i in several]
+    assert 0 < sum(firsts) < len(several)  # not always the first object
+
+
+def test_region_objects_needs_regions_of_shapes_data():
+    from omnidit.config import Config, DataConfig, TrainConfig
+
+    with pytest.raises(OmniditError, match="region_objects"):
+        Config(train=TrainConfig(region_objects=0.5))
+    with pytest.raises(OmniditError, match="region_objects"):
+        Config(data=DataConfig(name="digits"), train=TrainConfig(region_p=0.5, region_objects=0.5))
+    assert Config(train=TrainConfig(region_p=0.5, region_objects=0.5)).train.region_objects == 0.5
+
+
 def test_region_p_gives_rectangles_at_t_0_and_leaves_other_draws_as_they_were(make_tiny_config, tmp_path):
     from omnidit.flow import sample_timesteps
     from omnidit.train_batches import image_draws

@@ -163,6 +163,9 @@ class TrainConfig:
     # tokens (over all frames) to generate, or, one time in four, the rectangle alone (flow.draw_given_regions):
     # mask-aware training for omnidit inpaint (--mode tokens, the default for such a model). 0 = off.
     region_p: float = 0.0
+    # Of those samples, the fraction whose rectangle is one object's box (shapes data), grown by half a token and
+    # always generated with the rest given: an object inpainted as `omnidit inpaint` masks it. 0 = off.
+    region_objects: float = 0.0
     # Several generated streams (video and audio): the probability that a sample's streams get independent times
     # (UniDiffuser; otherwise they share one), and, drawn after it, that one whole stream, chosen at random, is
     # given as clean context (video -> audio, audio -> video). 0 = off.
@@ -212,7 +215,8 @@ class TrainConfig:
             raise OmniditError(f"train.counterfactual_weight must be >= 0, got {self.counterfactual_weight}",
                                hint="0 turns the counterfactual pairs off; e.g. train.counterfactual_weight=2")
         for key, example in (("given_p", "three clips in ten get some frames given"),
-                             ("region_p", "three samples in ten get all but a region given")):
+                             ("region_p", "three samples in ten get all but a region given"),
+                             ("region_objects", "half the regions are an object's box")):
             if not 0 <= getattr(self, key) <= 1:
                 raise OmniditError(f"train.{key} must lie in [0, 1], got {getattr(self, key)}",
                                    hint=f"e.g. train.{key}=0.3: {example}")
@@ -300,8 +304,12 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
-    def __post_init__(self) -> None:  # the sample section's skip blocks must exist in the model section
-        try:
+    def __post_init__(self) -> None:  # checks across sections
+        if self.train.region_objects and (not self.train.region_p or self.data.name != "shapes"):
+            raise OmniditError("train.region_objects picks objects' boxes among train.region_p's regions, on shapes "
+                               "data", hint="set train.region_p (e.g. 0.5) on data.name=shapes, or drop "
+                                            "train.region_objects")
+        try:  # the sample section's skip blocks must exist in the model section
             self.sample.skip_blocks = check_skip_blocks(self.sample.skip_scale, self.sample.skip_blocks,
                                                         self.model.depth_single)
         except OmniditError as e:

@@ -73,22 +73,35 @@ def draw_given_tubelets(batch: int, count: int, p: float, generator: torch.Gener
 
 
 def draw_given_regions(batch: int, tubelets: int, grid_h: int, grid_w: int, p: float, generator: torch.Generator,
-                       ) -> Tensor:
+                       boxes: Tensor | None = None, box_p: float = 0.0) -> Tensor:
     """(batch, tubelets * grid_h * grid_w) bool: the tokens each sample is given as clean context (mask-aware
     training for inpainting and outpainting).
 
     With probability ``p`` a sample gets a rectangle of tokens, 1 .. grid - 1 tokens on each side at a uniform
     place, over all its tubelets: three times in four everything but the rectangle is given (inpainting),
     otherwise the rectangle alone (outpainting); so a sample always keeps tokens to generate and tokens given.
-    Otherwise nothing is given. A grid of one row or column gets no regions.
+    Otherwise nothing is given. A grid of one row or column gets no regions. ``boxes`` (batch, 4) (x0, y0, x1,
+    y1) fractions, NaN where a sample has none: with probability ``box_p`` a sample's rectangle is instead its
+    box, grown by half a token on each side and rounded out to whole tokens, and everything else is given (an
+    object inpainted, as `omnidit inpaint` does with a mask around it).
     """
     u, outside = torch.rand(batch, generator=generator), torch.rand(batch, generator=generator) < 0.25
-    sides = []
+    starts, ends = [], []
     for grid in (grid_h, grid_w):
         size = torch.randint(1, max(grid - 1, 1) + 1, (batch,), generator=generator)
         start = (torch.rand(batch, generator=generator) * (grid - size + 1)).floor().long()
-        index = torch.arange(grid)[None]
-        sides.append((index >= start[:, None]) & (index < (start + size)[:, None]))  # (B, grid)
+        starts.append(start)
+        ends.append(start + size)
+    if boxes is not None and box_p > 0:
+        use = (torch.rand(batch, generator=generator) < box_p) & ~boxes.isnan().any(1)
+        for axis, grid in ((1, grid_h), (0, grid_w)):  # rows from y, columns from x
+            lo = (boxes[:, axis] * grid - 0.5).floor().clamp(0, grid - 1).nan_to_num(0).long()
+            hi = (boxes[:, axis + 2] * grid + 0.5).ceil().clamp(1, grid).nan_to_num(grid).long()
+            i = 1 - axis
+            starts[i], ends[i] = torch.where(use, lo, starts[i]), torch.where(use, hi, ends[i])
+        outside = outside & ~use
+    index = [torch.arange(grid)[None] for grid in (grid_h, grid_w)]
+    sides = [(ix >= s[:, None]) & (ix < e[:, None]) for ix, s, e in zip(index, starts, ends)]  # (B, grid) each
     inside = (sides[0][:, :, None] & sides[1][:, None, :]).flatten(1).repeat(1, tubelets)  # (B, N)
     given = torch.where(outside[:, None], inside, ~inside)
     return given & ((u < p) & (min(grid_h, grid_w) > 1))[:, None]

@@ -52,7 +52,7 @@ from omnidit.tokens import (
     video_patchify,
     video_position_ids,
 )
-from omnidit.train_batches import batch_indices, counterfactual_pairs, image_draws, stream_draws
+from omnidit.train_batches import batch_indices, counterfactual_pairs, image_draws, object_boxes, stream_draws
 from omnidit.train_checks import check_compatible
 from omnidit.validate import check_memory
 
@@ -244,7 +244,8 @@ class Trainer:
             pairs = None
         else:
             ids = self.ids
-            t, noise = image_draws(self.config, batch, self.num_tokens, self.grid, self.generator)
+            boxes = object_boxes(self.dataset, idx, self.generator) if tc.region_objects else None
+            t, noise = image_draws(self.config, batch, self.num_tokens, self.grid, self.generator, boxes)
             if counterfactual:
                 g = self.counterfactual_generator
                 t_cf = tc.counterfactual_t_min + (1 - tc.counterfactual_t_min) * torch.rand(batch, generator=g)

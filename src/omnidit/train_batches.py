@@ -5,7 +5,7 @@ and N processes follow one; and the counterfactual partners of a batch's rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -54,11 +54,12 @@ def _given_tubelets(config: Config, batch: int, generator: torch.Generator) -> T
     return draw_given_tubelets(batch, count, config.train.given_p, generator)
 
 
-def image_draws(config: Config, batch: int, num_tokens: int, grid: tuple[int, int], generator: torch.Generator
-                ) -> tuple[Tensor, Tensor]:
+def image_draws(config: Config, batch: int, num_tokens: int, grid: tuple[int, int], generator: torch.Generator,
+                boxes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Times and noise for a batch of images or silent clips of ``num_tokens`` tokens on a token ``grid``
     (rows, columns): t (batch,), or (batch, N) when some tokens are given at t = 0 (the frame patterns of
-    train.given_p, the regions of train.region_p); noise (batch, N, token features)."""
+    train.given_p, the regions of train.region_p, some of them the ``boxes`` (batch, 4) of an object each,
+    train.region_objects); noise (batch, N, token features)."""
     tc, mc = config.train, config.model
     t = _times(config, batch, generator)
     noise = torch.randn((batch, num_tokens, mc.token_dim), generator=generator)
@@ -66,7 +67,8 @@ def image_draws(config: Config, batch: int, num_tokens: int, grid: tuple[int, in
         t = token_times_with_context(t, _given_tubelets(config, batch, generator), num_tokens)
     if tc.region_p > 0:  # all but a rectangle given (mask-aware training for inpainting)
         tubelets = config.data.frames // mc.temporal_patch
-        t = given_token_times(t, draw_given_regions(batch, tubelets, *grid, tc.region_p, generator))
+        t = given_token_times(t, draw_given_regions(batch, tubelets, *grid, tc.region_p, generator, boxes,
+                                                    tc.region_objects))
     return t, noise
 
 
@@ -133,3 +135,11 @@ def counterfactual_pairs(dataset, indices: list[int], x0: Tensor, cond: Conditio
         x0_cf, cond_cf = x0[at], mine
     return CounterfactualPairs(x0[at], x0_cf, mine, cond_cf, t[at].to(device), noise[at].to(device),
                                1.0 if rows else 0.0)
+
+
+def object_boxes(dataset, indices: Sequence[int], generator: torch.Generator) -> Tensor:
+    """(len(indices), 4): the box (x0, y0, x1, y1 fractions) of one object of each shapes scene, drawn from
+    ``generator`` (train.region_objects)."""
+    scenes = [dataset.scene(int(i)) for i in indices]
+    which = torch.randint(0, 2**31 - 1, (len(scenes),), generator=generator)
+    return torch.tensor([s.objects[int(k) % len(s.objects)].box for s, k in zip(scenes, which)], dtype=torch.float32)
