@@ -30,7 +30,13 @@ from torch import Tensor
 
 from omnidit.errors import OmniditError
 from omnidit.inpaint import token_mask
-from omnidit.sampling import classifier_free_guidance, follow_noised_path, midpoint, timestep_schedule
+from omnidit.sampling import (
+    classifier_free_guidance,
+    follow_noised_path,
+    initial_noise,
+    midpoint,
+    timestep_schedule,
+)
 from omnidit.selection import best_candidates, candidate_seeds, denoising_scores
 from omnidit.tokens import video_patchify, video_position_ids, video_unpatchify
 
@@ -201,7 +207,8 @@ def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: fl
                          progress=progress)
         bank.mode, bank.inject_until = "inject", inject_until
         velocity = _velocity(pipe, [target] * (n * batch), cfg, ids, bank)  # candidate-major rows
-        start = torch.cat([noise] + [_fresh_noise(noise, k) for k in candidate_seeds(seed, n)[1:]])
+        fresh = [initial_noise(noise.shape, k).to(noise.device, noise.dtype) for k in candidate_seeds(seed, n)[1:]]
+        start = torch.cat([noise, *fresh])
         if mask is not None:  # the kept tokens travel straight from their inverted noise to the input
             velocity = follow_noised_path(velocity, keep, (noise - tokens).repeat(n, 1, 1))
             start = torch.where(keep[..., None], noise.repeat(n, 1, 1), start)
@@ -225,11 +232,6 @@ def edit_candidates(candidates: int | None, masked: bool) -> int:
         raise OmniditError(f"{n} edit candidates without a mask: they would differ nowhere",
                            hint="candidates differ inside the mask: give a mask (--mask auto) or one candidate")
     return n
-
-
-def _fresh_noise(like: Tensor, seed: int) -> Tensor:
-    gen = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(like.shape, generator=gen).to(like.device, like.dtype)
 
 
 def _check_mask(mask: Tensor, batch: int, h: int, w: int) -> Tensor:
