@@ -1,6 +1,6 @@
-"""The HTTP API: OpenAI's images interface (``POST /v1/images/generations``) for every omnidit model, a
-video endpoint in the same style, models, health, Prometheus metrics, per-step progress as server-sent
-events, and the web page at ``/``.
+"""The HTTP API: OpenAI's images interface (``POST /v1/images/generations``, and ``/v1/images/edits`` by
+inpainting: serve/edits.py) for every omnidit model, a video endpoint in the same style, models, health,
+Prometheus metrics, per-step progress as server-sent events, and the web page at ``/``.
 
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a request the model
 cannot honour, 401 for a missing or wrong API key, 404 for an unknown model, 422 for a field of the wrong
@@ -340,7 +340,7 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def generate(body: ImageRequest, request: Request, video: bool) -> dict:
+    async def generate(body: ImageRequest, request: Request, video: bool, inpaint: tuple | None = None) -> dict:
         started = time.monotonic()
         name = body.model or next(iter(pipelines))
         if name not in pipelines:
@@ -357,7 +357,7 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
                                 "live in one of them only): ask for b64_json", param="response_format",
                            code="url_unavailable")
         job = _job(body, name, pipe, limits, video)
-        job.speed = _request_speed(body.speed, speed)
+        job.speed, job.inpaint = _request_speed(body.speed, speed), inpaint
         progress_id = body.progress_id
         if progress_id:
             job.progress = lambda event: hub.publish(progress_id, event)
@@ -375,6 +375,13 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
     @app.post("/v1/images/generations")
     async def images(body: ImageRequest, request: Request) -> dict:
         return await _publishing_errors(generate(body, request, video=False), body, hub)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request) -> dict:
+        from omnidit.serve.edits import read_edit_request
+
+        body, given = await read_edit_request(request, limits.max_pixels)
+        return await _publishing_errors(generate(body, request, video=False, inpaint=given), body, hub)
 
     @app.post("/v1/videos/generations")
     async def videos(body: VideoRequest, request: Request) -> dict:

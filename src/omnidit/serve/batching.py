@@ -58,7 +58,9 @@ class Cancelled(Exception):
 class Job:
     """One request: ``len(seeds)`` outputs of one prompt. ``key`` says what must match for two jobs to share
     a sampling call (model, size, frames, every sampling setting, the negative prompt); ``kwargs`` are
-    ``Pipeline.generate`` (or ``generate_video`` when ``video``) keyword arguments without prompts and seeds."""
+    ``Pipeline.generate`` (or ``generate_video`` when ``video``) keyword arguments without prompts and seeds.
+    ``inpaint``: (image (1, C, H, W), mask (H, W) bool) for an edit request, drawn by ``Pipeline.inpaint``
+    alone (its key is its own)."""
 
     model: str
     prompt: str
@@ -69,10 +71,12 @@ class Job:
     progress: ProgressFn | None = None
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    inpaint: tuple | None = None
 
     @property
     def key(self) -> tuple:
-        return self.model, self.video, self.speed, tuple(sorted((k, repr(v)) for k, v in self.kwargs.items()))
+        return (self.model, self.video, self.speed, tuple(sorted((k, repr(v)) for k, v in self.kwargs.items())),
+                None if self.inpaint is None else id(self))
 
     def notify(self, event: dict) -> None:
         if self.progress is not None:
@@ -216,7 +220,10 @@ class Batcher:
         start = time.monotonic()
         try:
             pipe = self._pipeline(first.model, first.speed)
-            if first.video and "audio" in pipe.model.config.extra_streams:  # a clip with its sound: (video, audio)
+            if first.inpaint is not None:  # the image's own size
+                kwargs = {k: v for k, v in first.kwargs.items() if k not in ("width", "height")}
+                outputs = pipe.inpaint(prompts, *first.inpaint, seed=seeds, on_step=on_step, **kwargs)
+            elif first.video and "audio" in pipe.model.config.extra_streams:  # a clip with its sound: (video, audio)
                 made = pipe.generate_av(prompts, seed=seeds, on_step=on_step, **first.kwargs)
                 outputs = list(zip(made.video, made.audio))
             else:
