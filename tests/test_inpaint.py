@@ -46,6 +46,32 @@ def test_token_mask_rounds_up_to_whole_tokens():
     assert tokens.tolist() == [True, False, False, False, False, True]
 
 
+def test_token_mask_of_a_clip_marks_whole_tubelets():
+    mask = torch.zeros(4, 8, 8, dtype=torch.bool)
+    mask[1, 0, 0] = mask[2, 7, 7] = True  # frame 1 is in tubelet 0, frame 2 in tubelet 1 (temporal patch 2)
+    tokens = token_mask(mask, 4, 2).view(2, 2, 2)
+    assert tokens.sum() == 2 and tokens[0, 0, 0] and tokens[1, 1, 1]
+    assert torch.equal(token_mask(mask[1], 4), token_mask(mask[1:2], 4, 1))  # one frame is an image
+
+
+def test_a_video_model_inpaints_a_clip_and_keeps_every_other_pixel_of_every_frame():
+    from omnidit.pipeline import load_pipeline
+
+    video = load_pipeline("shapes-video", device="cpu")
+    clip = video.generate_video(["a red circle moving right"], seed=1, steps=2)  # (1, 3, 8, 32, 32)
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[:16] = True
+    out = video.inpaint(["a blue square moving right"], clip, mask, seed=3, steps=2, candidates=1)
+    assert out.shape == clip.shape and torch.equal(out[..., 16:, :], clip[..., 16:, :])
+    assert (out[..., :16, :] - clip[..., :16, :]).abs().mean() > 0.01
+    late = torch.zeros(8, 32, 32, dtype=torch.bool)
+    late[4:] = True  # the last four frames, whole: extension by inpainting
+    extended = video.inpaint(["a red circle moving right"], clip, late, seed=3, steps=2, candidates=1)
+    assert torch.equal(extended[:, :, :4], clip[:, :, :4]) and not torch.equal(extended[:, :, 4:], clip[:, :, 4:])
+    with pytest.raises(OmniditError, match="mask is"):
+        video.inpaint(["x"], clip, torch.ones(3, 32, 32, dtype=torch.bool), steps=2)
+
+
 def test_outpainting_canvas_keeps_the_image_inside_and_marks_the_border():
     image = torch.rand(1, 3, 4, 8) * 2 - 1
     canvas, mask = pad_for_outpainting(image, None, (4, 0, 0, 4))

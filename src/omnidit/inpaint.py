@@ -41,11 +41,14 @@ def resolve_mode(mode: str, config) -> str:
     return mode
 
 
-def token_mask(mask: Tensor, cell: int) -> Tensor:
-    """Which tokens to generate: (H / cell * W / cell,) bool in row-major order, True where any pixel of the token's
-    ``cell`` x ``cell`` square is set in ``mask`` (H, W) bool."""
-    h, w = mask.shape
-    return mask.reshape(h // cell, cell, w // cell, cell).any(dim=3).any(dim=1).flatten()
+def token_mask(mask: Tensor, cell: int, temporal_patch: int = 1) -> Tensor:
+    """Which tokens to generate: (T / pt * H / cell * W / cell,) bool in the tokens' order (tubelet, row, column),
+    True where any pixel of the token's ``temporal_patch`` x ``cell`` x ``cell`` block is set in ``mask`` (H, W)
+    or (T, H, W) bool."""
+    t, h, w = mask.shape if mask.dim() == 3 else (1, *mask.shape)
+    pt = temporal_patch if mask.dim() == 3 else 1
+    blocks = mask.reshape(t // pt, pt, h // cell, cell, w // cell, cell)
+    return blocks.any(dim=5).any(dim=3).any(dim=1).flatten()
 
 
 def pad_for_outpainting(image: Tensor, mask: Tensor | None, pad: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -63,16 +66,23 @@ def pad_for_outpainting(image: Tensor, mask: Tensor | None, pad: Sequence[int]) 
 
 
 def check_inputs(image: Tensor, mask: Tensor, channels: int) -> tuple[Tensor, Tensor]:
-    """image (B or 1, C, H, W) or (C, H, W) and mask (H, W) or (1, H, W), checked -> (B, C, H, W), (H, W) bool."""
+    """An image (B or 1, C, H, W) or (C, H, W), or a clip (B or 1, C, T, H, W), and a mask (H, W) or (1, H, W) (for a
+    clip: every frame), or (T, H, W) for a clip, checked -> (B, C, T, H, W), (T, H, W) bool."""
     if image.dim() == 3:
         image = image[None]
-    if image.dim() != 4 or image.shape[1] != channels:
-        raise OmniditError(f"the image must be (B, {channels}, H, W) in [-1, 1], got {tuple(image.shape)}")
-    if mask.dim() == 3 and mask.shape[0] == 1:
-        mask = mask[0]
-    if mask.shape != image.shape[-2:]:
-        raise OmniditError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is "
-                           f"{image.shape[-1]}x{image.shape[-2]}", hint="give a mask of the image's size")
+    if image.dim() == 4:
+        image = image[:, :, None]
+    if image.dim() != 5 or image.shape[1] != channels:
+        raise OmniditError(f"the image must be (B, {channels}, H, W) or a clip (B, {channels}, T, H, W) in [-1, 1], "
+                           f"got {tuple(image.shape)}")
+    frames = image.shape[2]
+    described = f"{mask.shape[-1]}x{mask.shape[-2]}" + (f" x {mask.shape[0]} frames" if mask.dim() == 3 else "")
+    if mask.dim() == 2 or (mask.dim() == 3 and mask.shape[0] == 1):
+        mask = mask.reshape(mask.shape[-2:]).expand(frames, *mask.shape[-2:])
+    if mask.dim() != 3 or mask.shape[-2:] != image.shape[-2:] or mask.shape[0] != frames:
+        what = "image" if frames == 1 else f"clip of {frames} frames"
+        raise OmniditError(f"the mask is {described} but the {what} is {image.shape[-1]}x{image.shape[-2]}",
+                           hint="give a mask of the image's size (H, W), or one per frame (T, H, W) for a clip")
     mask = mask.bool()
     if not mask.any():
         raise OmniditError("the mask selects no pixels, so there is nothing to inpaint",
@@ -82,15 +92,17 @@ def check_inputs(image: Tensor, mask: Tensor, channels: int) -> tuple[Tensor, Te
 
 def inpaint(pipe, prompts: list[str], image: Tensor, mask: Tensor, mode: str = "auto",
             seed: int | Sequence[int] = 0, progress: bool = False, negative_prompt: str = "",
-            on_step=None, boxes: Sequence | None = None, **sampling) -> Tensor:
-    """Fill the masked pixels of ``image`` according to each prompt: (B, C, H, W) in [-1, 1].
+            on_step=None, boxes: Sequence | None = None, fps: float | None = None, **sampling) -> Tensor:
+    """Fill the masked pixels of ``image`` according to each prompt: (B, C, H, W) in [-1, 1], or (B, C, T, H, W)
+    for a clip.
 
-    image: (B or 1, C, H, W) in [-1, 1] (one image is shared by every prompt); mask: (H, W) bool, True = generate.
-    ``mode``: ``auto``, ``tokens`` or ``blend`` (the module docstring). ``sampling``: the keys of
-    ``pipeline.SAMPLING_KEYS``; best-of-N candidates (the model's ``sample.candidates`` by default) are scored
-    as whole images, the given pixels with the rest (``selection``). Pixels outside the mask come back exactly
-    as given. ``boxes``: layout boxes for a model with a layout adapter (``Pipeline.generate``), e.g. to draw an
-    object in a new place (a move).
+    image: (B or 1, C, H, W) in [-1, 1] (one image is shared by every prompt), or a clip (B or 1, C, T, H, W) for a
+    video model (at ``fps``, default the model's; T a multiple of its temporal patch); mask: (H, W) bool, True =
+    generate (for a clip: in every frame), or (T, H, W) per frame. ``mode``: ``auto``, ``tokens`` or ``blend``
+    (the module docstring). ``sampling``: the keys of ``pipeline.SAMPLING_KEYS``; best-of-N candidates (the
+    model's ``sample.candidates`` by default) are scored as whole images, the given pixels with the rest
+    (``selection``). Pixels outside the mask come back exactly as given. ``boxes``: layout boxes for a model with
+    a layout adapter (``Pipeline.generate``), e.g. to draw an object in a new place (a move).
     """
     from omnidit.pipeline import SAMPLING_KEYS
 
@@ -100,21 +112,28 @@ def inpaint(pipe, prompts: list[str], image: Tensor, mask: Tensor, mode: str = "
     mode = resolve_mode(mode, pipe.config)
     mc = pipe.model.config
     factor = pipe.codec.downsample if pipe.codec is not None else 1
-    image, mask = check_inputs(image, mask, 3 if factor != 1 else mc.in_channels)
+    clip = image.dim() == 5
+    image, mask = check_inputs(image, mask, 3 if factor != 1 else mc.in_channels)  # (B, C, T, H, W), (T, H, W)
     if image.shape[0] not in (1, len(prompts)):
         raise OmniditError(f"{image.shape[0]} images for {len(prompts)} prompts", hint="give one image, or one each")
-    height, width = image.shape[-2:]
+    frames, height, width = image.shape[-3:]
     cell = mc.patch_size * factor
     if height % cell or width % cell:
         raise OmniditError(f"the image is {width}x{height}, which this model's {cell}-pixel tokens do not divide",
                            hint=f"crop or pad it to a multiple of {cell} pixels")
+    if clip and (factor != 1 or frames % mc.temporal_patch):
+        raise OmniditError(f"this model cannot inpaint a clip of {frames} frames" + (
+                           "" if factor != 1 else f": its temporal patch {mc.temporal_patch} does not divide them"),
+                           hint="give an image, or a clip whose frame count the video model's temporal patch divides")
     sampling = {k: sampling.get(k) for k in SAMPLING_KEYS}
     settings = pipe.sampling_settings(**sampling)
     with torch.inference_mode():
         given = image.to(pipe.device)
         if factor != 1:  # the model's tokens are a VAE's latents
-            given = pipe.codec.encode(given)
-        generated = pipe._generate(prompts, 1, 1.0, width, height, settings, seed, given[:, :, None], (), progress,
-                                   negative_prompt, on_step, token_mask=~token_mask(mask, cell),
-                                   given_noised=mode == "blend", boxes=boxes)[:, :, 0]
-    return torch.where(mask, generated, image.cpu().clamp(-1, 1))
+            given = pipe.codec.encode(given[:, :, 0])[:, :, None]
+        generated = pipe._generate(prompts, frames, fps or pipe.config.data.fps, width, height, settings, seed,
+                                   given, (), progress, negative_prompt, on_step,
+                                   token_mask=~token_mask(mask, cell, mc.temporal_patch),
+                                   given_noised=mode == "blend", boxes=boxes)
+    result = torch.where(mask, generated, image.cpu().clamp(-1, 1))
+    return result if clip else result[:, :, 0]

@@ -294,13 +294,17 @@ class Pipeline:
 
     def inpaint(self, prompts: list[str], image: Tensor, mask: Tensor, mode: str = "auto",
                 seed: int | Sequence[int] = 0, progress: bool = False, negative_prompt: str = "",
-                on_step: StepCallback | None = None, boxes: Sequence | None = None, **sampling) -> Tensor:
+                on_step: StepCallback | None = None, boxes: Sequence | None = None, fps: float | None = None,
+                **sampling) -> Tensor:
         """Fill the pixels of ``image`` (B or 1, C, H, W) in [-1, 1] where ``mask`` (H, W) is True, one result per
-        prompt: (B, C, H, W); every other pixel comes back exactly as given. ``mode``: auto, tokens or blend
-        (omnidit.inpaint); ``boxes``: layout boxes (see ``generate``); ``sampling``: the keys of ``SAMPLING_KEYS``."""
+        prompt: (B, C, H, W); every other pixel comes back exactly as given. A clip (B or 1, C, T, H, W) at ``fps``
+        works the same for a video model, with the mask in every frame or one per frame (T, H, W). ``mode``: auto,
+        tokens or blend (omnidit.inpaint); ``boxes``: layout boxes (see ``generate``); ``sampling``: the keys of
+        ``SAMPLING_KEYS``."""
         from omnidit.inpaint import inpaint
 
-        return inpaint(self, prompts, image, mask, mode, seed, progress, negative_prompt, on_step, boxes, **sampling)
+        return inpaint(self, prompts, image, mask, mode, seed, progress, negative_prompt, on_step, boxes, fps,
+                       **sampling)
 
     def _generate(self, prompts: list[str], frames: int, fps: float, width: int | None, height: int | None,
                   settings: dict, seed: int | Sequence[int], given: Tensor | None, given_frames: Sequence[int],
