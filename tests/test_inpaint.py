@@ -189,11 +189,36 @@ def test_inpaint_command_errors_are_one_line_and_write_nothing(tmp_path, tiny_ru
     assert not (tmp_path / "out.png").exists()
 
 
-def test_inpaint_command_refuses_a_video_model(tmp_path, av_run, capsys):
+def test_inpaint_command_refuses_a_model_with_sound(tmp_path, av_run, capsys):
     source = _png(tmp_path / "in.png", np.zeros((16, 16, 3), dtype=np.uint8))
     code, _, err = run_main(capsys, "inpaint", source, "box:0,0,1,1", "a red circle", "--model", av_run, "-o",
                             tmp_path / "out.png")
-    assert_one_line_error(code, err, "image models")
+    assert_one_line_error(code, err, "images and silent clips")
+
+
+def test_inpaint_command_inpaints_a_clip_with_a_video_model(tmp_path, capsys):
+    from omnidit.pipeline import load_pipeline
+    from omnidit.video_io import load_video, save_video
+
+    video = load_pipeline("shapes-video", device="cpu")
+    source = save_video(video.generate_video(["a red circle moving right"], seed=1, steps=2)[0],
+                        tmp_path / "in.webp", 8.0)
+    out = tmp_path / "out.webp"
+    code, stdout, err = run_main(capsys, "inpaint", source, "box:0,0,1,0.5", "a blue square moving right", "--model",
+                                 "shapes-video", "--steps", "2", "-o", out, "--no-progress")
+    assert code == 0, err
+    frames, fps, metadata = load_video(out)
+    assert frames.shape == (3, 8, 32, 32) and fps == 8.0 and metadata["prompt"] == "a blue square moving right"
+    before = load_video(source)[0]
+    kept, changed = ((frames[:, :, rows] - before[:, :, rows]).abs().mean() for rows in (slice(16, 32), slice(0, 16)))
+    assert kept < 0.02 < changed  # kept, up to the lossy file's encoding (exactness: the API test above)
+    for extra, message in ((["-n", "2"], "a clip is inpainted once"),
+                           (["--outpaint", "0", "0", "4", "0"], "--outpaint"), (["-o", tmp_path / "clip.jpg"], ".mp4")):
+        args = ["inpaint", source, "box:0,0,1,0.5", "x", "--model", "shapes-video", *extra]
+        code, _, err = run_main(capsys, *(args if "-o" in extra else [*args, "-o", tmp_path / "bad.webp"]))
+        assert_one_line_error(code, err)
+        assert message in err, err
+    assert not (tmp_path / "bad.webp").exists() and not (tmp_path / "clip.jpg").exists()
 
 
 def test_the_edit_judge_passes_every_perfect_edit_and_no_unedited_input():

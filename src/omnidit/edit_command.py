@@ -15,18 +15,21 @@ MAX_PAD = 1024  # --outpaint pixels per side
 def add_inpaint_parser(sub) -> None:
     from omnidit.generate_command import add_box_flag, add_sampler_flags
 
-    p = sub.add_parser("inpaint", help="regenerate the masked part of an image, or grow it (--outpaint)",
+    p = sub.add_parser("inpaint", help="regenerate the masked part of an image or clip, or grow an image (--outpaint)",
                        description="Generate the pixels of IMAGE that MASK marks from PROMPT (a description of the "
                                    "whole image reads best, e.g. the caption with the new object in it); every pixel "
                                    "outside the mask stays exactly as it was. The mask is rounded up to the model's "
                                    "tokens (4-pixel squares for the shapes model) for sampling, and only the mask's "
-                                   "own pixels are replaced. docs/editing.md")
-    p.add_argument("image", help="the image to edit (PNG or JPEG)")
-    p.add_argument("mask", help="what to regenerate: a mask image of the same size (white = generate, black = keep), "
-                                "'box:X0,Y0,X1,Y1' (fractions of the width and height, e.g. box:0,0,0.5,1 = the left "
-                                "half), or 'none' with --outpaint")
+                                   "own pixels are replaced. With a video model IMAGE is a clip, the mask applies to "
+                                   "every frame and the output is a clip. docs/editing.md")
+    p.add_argument("image", help="the image to edit (PNG or JPEG), or for a video model the clip (MP4, GIF or "
+                                 "WebP; its frame count a multiple of the model's temporal patch)")
+    p.add_argument("mask", help="what to regenerate (in every frame of a clip): a mask image of the same size "
+                                "(white = generate, black = keep), 'box:X0,Y0,X1,Y1' (fractions of the width and "
+                                "height, e.g. box:0,0,0.5,1 = the left half), or 'none' with --outpaint")
     p.add_argument("prompt", help='what the result shows, e.g. "a yellow diamond above a blue square"')
-    p.add_argument("-o", "--output", default="out.png", help="output PNG (default: out.png)")
+    p.add_argument("-o", "--output", default="out.png",
+                   help="output PNG, or for a clip .mp4, .gif, .webp or a .png strip (default: out.png)")
     p.add_argument("--outpaint", type=int, nargs=4, default=None, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
                    help="grow the canvas by these many pixels on each side and generate them (with the mask's "
                         "pixels, if any)")
@@ -165,6 +168,7 @@ def read_mask(spec: str, width: int, height: int):
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
     from omnidit.generate_command import (
+        MAX_EXTEND_FRAMES,
         _scaled,
         check_counts,
         check_sampling_numbers,
@@ -178,6 +182,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     from omnidit.lora import apply_lora_specs
     from omnidit.pipeline import load_pipeline
     from omnidit.validate import check_number, check_output_path
+    from omnidit.video_io import check_clip_output, load_video, save_video
 
     if not args.prompt.strip():
         raise OmniditError("the prompt is empty", hint='describe the result, e.g. "a red circle"')
@@ -186,31 +191,41 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     check_number("--scale", args.scale, low=1, high=64, integer=True)
     check_sampling_numbers(args)
     check_output_path("-o", args.output)
-    if not args.output.lower().endswith(".png"):
-        raise OmniditError(f"output file must end in .png, got {args.output}")
     for value in args.outpaint or ():
         check_number("--outpaint", value, low=0, high=MAX_PAD, integer=True)
     if args.mask == "none" and not any(args.outpaint or ()):
         raise OmniditError("the mask is 'none' and nothing is outpainted, so there is nothing to generate",
                            hint="give a mask, a box:X0,Y0,X1,Y1, or --outpaint LEFT TOP RIGHT BOTTOM")
     boxes = parse_boxes(args.box)
-    image = read_rgb_tensor(args.image)
-    mask = read_mask(args.mask, image.shape[2], image.shape[1])
+    args.seed = resolve_seed(args.seed, args.num_images)
+    pipe = load_pipeline(model_or_shipped(args.model), device=args.device, use_ema=not args.no_ema)
+    clip = pipe.config.data.frames > 1
+    if pipe.model.config.extra_streams:
+        raise OmniditError("inpaint works on images and silent clips; this model makes clips with sound",
+                           hint="use an image model (shapes) or a video model (shapes-video)")
+    if clip and (args.outpaint or args.num_images > 1):
+        raise OmniditError(f"{'--outpaint' if args.outpaint else '-n'} works on images; a clip is inpainted once",
+                           hint="drop it (run again with another --seed for another result)")
+    if clip:
+        check_clip_output(args.output, pipe.config.data.fps)
+    elif not args.output.lower().endswith(".png"):
+        raise OmniditError(f"output file must end in .png, got {args.output}")
+    if clip:  # (1, 3, T, H, W) at the file's frame rate
+        image, fps, _ = load_video(args.image, max_frames=MAX_EXTEND_FRAMES)
+        image = image[None]
+    else:
+        image, fps = read_rgb_tensor(args.image), None
+    mask = read_mask(args.mask, image.shape[-1], image.shape[-2])
     if args.outpaint:
         canvas, mask = pad_for_outpainting(image[None], mask, args.outpaint)
         image = canvas[0]
-    args.seed = resolve_seed(args.seed, args.num_images)
-    pipe = load_pipeline(model_or_shipped(args.model), device=args.device, use_ema=not args.no_ema)
-    if pipe.config.data.frames > 1 or pipe.model.config.extra_streams:
-        raise OmniditError("inpaint works on image models; this one makes clips",
-                           hint="use an image model, e.g. the shipped shapes model")
     apply_lora_specs(pipe.model, args.lora)
     if boxes:
         check_layout(pipe.model, 1, boxes)
     sampling = sampling_args(args, pipe)
     n = args.num_images
     results = pipe.inpaint([args.prompt] * n, image, mask, mode=args.mode, progress=not args.no_progress,
-                           seed=[args.seed + i for i in range(n)], boxes=boxes or None, **sampling)
+                           seed=[args.seed + i for i in range(n)], boxes=boxes or None, fps=fps, **sampling)
     settings = {"prompt": args.prompt, "seed": args.seed, "inpaint": str(Path(args.image).resolve()),
                 "mask": args.mask, "mode": resolve_mode(args.mode, pipe.config),
                 **({"outpaint": args.outpaint} if args.outpaint else {}),
@@ -218,5 +233,8 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
                 "model": str(Path(model_or_shipped(args.model)).resolve()), "software": "omnidit",
                 **({"lora": args.lora} if args.lora else {}),
                 **box_metadata(boxes)}
+    if clip:
+        print(f"wrote {save_video(results[0], args.output, fps, {**settings, 'fps': fps}, scale=args.scale)}")
+        return
     pil = [_scaled(to_pil(img), args.scale) for img in results]
     print(f"wrote {save_png(pil[0] if n == 1 else make_grid(pil), args.output, settings)}")
