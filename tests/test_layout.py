@@ -156,6 +156,34 @@ def test_a_layout_run_resumes_exactly(tmp_path, tiny_run, layout_run):
     assert_resume_matches(lambda run, steps: _layout_config(run, base, steps), layout_run, tmp_path / "run")
 
 
+def test_a_layout_run_on_two_processes_follows_the_single_process_one(tmp_path, tiny_run):
+    import json
+    import subprocess
+    import sys
+
+    from test_distributed import env, failure, final_weights
+
+    config = tmp_path / "layout.json"
+    config.write_text(json.dumps(tiny_config_dict(tmp_path / "unused", train={
+        "steps": 3, "checkpoint_every": 3, "lr": 1e-2, "warmup_steps": 0, "layout_boxes": 4, "tensorboard": False,
+        "init_from": str(tiny_run / "checkpoint-0000020")})))
+
+    def train_on(out, nproc: int) -> subprocess.CompletedProcess:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        return subprocess.run([*launcher, "-m", "omnidit", "train", str(config), f"train.out_dir={out}",
+                               "--no-progress"], env=env(), capture_output=True, text=True, timeout=300)
+
+    single, double = tmp_path / "one", tmp_path / "two"
+    for out, nproc in ((single, 1), (double, 2)):
+        done = train_on(out, nproc)
+        assert done.returncode == 0, failure(done)
+    a, b = final_weights(single), final_weights(double)
+    assert a.keys() == b.keys() and all(k.startswith("layout_adapter.") for k in a)
+    for k in a:  # float sums in another order; a rank that skipped the gradient all-reduce would be ~lr (1e-2) off
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=2e-4)
+
+
 @pytest.mark.parametrize("train, message", [
     ({"layout_boxes": 4, "init_from": ""}, "train.layout_boxes trains a layout adapter"),
     ({"layout_boxes": 4, "init_from": "x", "lora_rank": 2}, "drop train.lora_rank"),
