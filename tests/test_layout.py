@@ -304,6 +304,33 @@ def test_boxes_are_batch_invariant_with_candidates_guidance_and_skip_layers(layo
     assert (both[1] - pipe.generate(["a blue square"], seed=[2], boxes=[a], **settings)[0]).abs().max() > 1e-3
 
 
+def test_compiled_blocks_with_a_layout_adapter_sample_what_eager_samples_without_recompiling(layout_run):
+    from omnidit.pipeline import load_pipeline
+
+    torch._dynamo.reset()
+    eager, compiled = (load_pipeline(layout_run, device="cpu") for _ in range(2))
+    for pipe in (eager, compiled):
+        with torch.no_grad():  # a visible adapter
+            for block in pipe.model.layout_adapter.blocks:
+                block.proj.weight.normal_(std=0.2, generator=torch.Generator().manual_seed(0))
+    compiled.model.compile_blocks()
+    settings = dict(candidates=1, steps=3)
+    # Each block compiles once; a traced hook would compile once per block index, past a limit of one.
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+            first = [Box("a red circle", 0.0, 0.0, 0.5, 0.5)]
+            torch.testing.assert_close(compiled.generate(["a red circle"], seed=1, boxes=first, **settings),
+                                       eager.generate(["a red circle"], seed=1, boxes=first, **settings),
+                                       atol=1e-4, rtol=0)
+            moved = [Box("a red circle", 0.5, 0.5, 1.0, 1.0)]
+            with torch.compiler.set_stance("fail_on_recompile"):  # new boxes, seed and step count
+                again = compiled.generate(["a red circle"], seed=2, boxes=moved, **{**settings, "steps": 4})
+        torch.testing.assert_close(again, eager.generate(["a red circle"], seed=2, boxes=moved,
+                                                         **{**settings, "steps": 4}), atol=1e-4, rtol=0)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_inpainting_with_boxes_keeps_the_pixels_outside_the_mask(layout_run):
     from omnidit.pipeline import load_pipeline
 

@@ -206,6 +206,9 @@ class _BlockHook:
     def __init__(self, adapter: LayoutAdapter, index: int) -> None:
         self.adapter, self.index = adapter, index
 
+    # Eager under torch.compile (MMDiT.compile_blocks compiles each block with its hooks): traced, each block's hook
+    # would be one more graph (its index, its output type) and the blocks would outrun dynamo's recompile limit.
+    @torch.compiler.disable
     def __call__(self, block: nn.Module, args: tuple, output):
         return self.adapter._after_block(self.index, block, args, output)
 
