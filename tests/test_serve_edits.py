@@ -91,6 +91,7 @@ def test_an_image_with_transparent_pixels_is_its_own_mask_and_a_white_mask_works
     ({"image": "scene", "mask": np.zeros((16, 16, 4), np.uint8)}, {"prompt": TARGET}, 422, "mask"),
     ({"image": "scene", "mask": np.full((32, 32, 4), 255, np.uint8)}, {"prompt": TARGET}, 422, "mask"),
     ({"image": "scene"}, {"prompt": TARGET}, 422, "mask"),  # no mask and nothing transparent
+    ({"image": np.zeros((1024, 1024, 3), np.uint8)}, {"prompt": TARGET}, 422, "image"),  # above --max-size
     ({"image": "scene", "mask": "half"}, {"prompt": TARGET, "size": "64x64"}, 422, "size"),
     ({"image": "scene", "mask": "half"}, {"prompt": TARGET, "n": "11"}, 422, "n"),
     ({"image": "scene", "mask": "half"}, {"prompt": TARGET, "strength": "0.5"}, 422, "strength"),

@@ -55,15 +55,13 @@ async def read_edit_request(request: Request, max_pixels: int) -> tuple[ImageReq
         body = ImageRequest(**fields)
     except ValidationError as error:
         raise RequestValidationError(error.errors()) from None
-    rgba, image_alpha = await _read_image(files["image"], "image")
+    rgba, image_alpha = await _read_image(files["image"], "image", max_pixels)
     h, w = rgba.shape[:2]
-    if w * h > max_pixels:
-        raise ApiError(422, f"the image is {w}x{h}, above this server's limit of {max_pixels} pixels", param="image")
     if body.size not in (None, "auto", f"{w}x{h}"):
         raise ApiError(422, f"size {body.size} differs from the image's {w}x{h}: an edit keeps the image's size",
                        param="size")
     if "mask" in files:
-        pixels, alpha = await _read_image(files["mask"], "mask")
+        pixels, alpha = await _read_image(files["mask"], "mask", max_pixels)
         if pixels.shape[:2] != (h, w):
             raise ApiError(422, f"the mask is {pixels.shape[1]}x{pixels.shape[0]} but the image is {w}x{h}",
                            param="mask")
@@ -81,14 +79,17 @@ async def read_edit_request(request: Request, max_pixels: int) -> tuple[ImageReq
     return body, (image, torch.from_numpy(mask))
 
 
-async def _read_image(upload: UploadFile, name: str) -> tuple[np.ndarray, bool]:
+async def _read_image(upload: UploadFile, name: str, max_pixels: int) -> tuple[np.ndarray, bool]:
     """(H, W, 4) uint8 RGBA of an uploaded image (alpha 255 where the file has none) and whether the file has an
-    alpha channel, or a 4xx ApiError."""
+    alpha channel, or a 4xx ApiError. The size is checked from the header, before any pixel is decoded."""
     data = await upload.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
         raise ApiError(413, f"{name} is larger than {MAX_UPLOAD_BYTES // 2**20} MiB", param=name)
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > max_pixels:
+                raise ApiError(422, f"the {name} is {img.width}x{img.height}, above this server's limit of "
+                                    f"{max_pixels} pixels", param=name)
             has_alpha = "A" in img.getbands() or "transparency" in img.info
             return np.asarray(img.convert("RGBA")), has_alpha
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
