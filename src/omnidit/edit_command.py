@@ -206,14 +206,13 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     if clip and (args.outpaint or args.num_images > 1):
         raise OmniditError(f"{'--outpaint' if args.outpaint else '-n'} works on images; a clip is inpainted once",
                            hint="drop it (run again with another --seed for another result)")
-    if clip:
-        check_clip_output(args.output, pipe.config.data.fps)
-    elif not args.output.lower().endswith(".png"):
-        raise OmniditError(f"output file must end in .png, got {args.output}")
     if clip:  # (1, 3, T, H, W) at the file's frame rate
+        check_clip_output(args.output, pipe.config.data.fps)
         image, fps, _ = load_video(args.image, max_frames=MAX_EXTEND_FRAMES)
         image = image[None]
     else:
+        if not args.output.lower().endswith(".png"):
+            raise OmniditError(f"output file must end in .png, got {args.output}")
         image, fps = read_rgb_tensor(args.image), None
     mask = read_mask(args.mask, image.shape[-1], image.shape[-2])
     if args.outpaint:

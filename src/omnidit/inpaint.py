@@ -121,7 +121,7 @@ def inpaint(pipe, prompts: list[str], image: Tensor, mask: Tensor, mode: str = "
     if height % cell or width % cell:
         raise OmniditError(f"the image is {width}x{height}, which this model's {cell}-pixel tokens do not divide",
                            hint=f"crop or pad it to a multiple of {cell} pixels")
-    if clip and (factor != 1 or frames % mc.temporal_patch):
+    if (clip and factor != 1) or frames % mc.temporal_patch:  # an image too: one frame cannot fill a tubelet of 2
         raise OmniditError(f"this model cannot inpaint a clip of {frames} frames" + (
                            "" if factor != 1 else f": its temporal patch {mc.temporal_patch} does not divide them"),
                            hint="give an image, or a clip whose frame count the video model's temporal patch divides")
