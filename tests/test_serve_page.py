@@ -13,6 +13,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
 
+import numpy as np  # noqa: E402
 from helpers import Live  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -47,3 +48,92 @@ def test_the_page_draws_an_image_with_progress_and_downloads_it_with_metadata(tm
     assert path.name == "omnidit-7.png" and image.size == (32, 32)
     assert image.text["prompt"] == "a green triangle" and image.text["seed"] == "7"
     assert "Steps: 4" in image.text["parameters"]
+
+
+def _launch(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+
+
+def _drag(page, selector: str, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """Drag the mouse across the element from one point to another, each in fractions of its content box."""
+    box = page.locator(selector).bounding_box()  # border box: the canvases have a 1-pixel border
+    x, y, w, h = box["x"] + 1, box["y"] + 1, box["width"] - 2, box["height"] - 2
+    page.mouse.move(x + start[0] * w, y + start[1] * h)
+    page.mouse.down()
+    page.mouse.move(x + (start[0] + end[0]) / 2 * w, y + (start[1] + end[1]) / 2 * h)
+    page.mouse.move(x + end[0] * w, y + end[1] * h)
+    page.mouse.up()
+
+
+def _download(page, selector: str, path):
+    with page.expect_download() as download:
+        page.click(selector)
+    target = path / download.value.suggested_filename
+    download.value.save_as(target)
+    return Image.open(target)
+
+
+def test_the_page_inpaints_a_result_with_a_dragged_mask_and_keeps_every_other_pixel(tmp_path):
+    with Live(build_app({"shapes": load_pipeline("shapes", device="cpu")})) as server, \
+            sync_api.sync_playwright() as playwright:
+        browser = _launch(playwright)
+        try:
+            page = browser.new_page(accept_downloads=True)
+            page.goto(server.url + "/")
+            page.wait_for_selector("#model option[value=shapes]", state="attached")
+            assert page.is_hidden("#inpaint-fields") and page.is_hidden("#layout-fields")  # no layout adapter
+            page.fill("#prompt", "a red circle above a blue square")
+            page.fill("#steps", "4")
+            page.fill("#seed", "3")
+            page.click("#go")
+            page.wait_for_selector("img.result", timeout=60_000)
+            (tmp_path / "first").mkdir()
+            before = _download(page, "a.download", tmp_path / "first")
+            page.click("button.inpaint-this")
+            page.wait_for_selector("#inpaint-fields", state="visible")
+            assert page.text_content("#go") == "Inpaint"
+            page.click("#go")  # no mask yet: the page says so and sends nothing
+            assert page.text_content("#status") == "drag on the image to mark what to regenerate"
+            _drag(page, "#mask-canvas", (0.01, 0.01), (0.5, 0.99))  # the left half, snapped to whole pixels
+            page.fill("#prompt", "a green triangle above a blue square")
+            page.click("#go")
+            page.wait_for_selector("figure:nth-child(1) img.result[alt^='a green']", timeout=60_000)
+            assert page.text_content("#status").startswith("done")
+            (tmp_path / "second").mkdir()
+            after = _download(page, "figure:nth-child(1) a.download", tmp_path / "second")
+        finally:
+            browser.close()
+    old, new = np.asarray(before.convert("RGB")), np.asarray(after.convert("RGB"))
+    assert new.shape == old.shape == (32, 32, 3)
+    assert np.array_equal(new[:, 16:], old[:, 16:])  # outside the mask: exactly the input
+    assert not np.array_equal(new[:, :16], old[:, :16])
+    assert after.text["prompt"] == "a green triangle above a blue square"
+
+
+def test_the_page_draws_layout_boxes_for_a_layout_model_and_sends_them(tmp_path):
+    with Live(build_app({"layout": load_pipeline("shapes-layout", device="cpu")})) as server, \
+            sync_api.sync_playwright() as playwright:
+        browser = _launch(playwright)
+        try:
+            page = browser.new_page(accept_downloads=True)
+            page.goto(server.url + "/")
+            page.wait_for_selector("#model option[value=layout]", state="attached")
+            page.wait_for_selector("#layout-fields", state="visible")
+            _drag(page, "#box-canvas", (0.5, 0.5), (0.945, 0.945))  # snapped outward to hundredths
+            assert page.text_content("#boxes .coords").strip() == "0.50 0.50 0.95 0.95"
+            page.fill("#steps", "4")
+            page.fill("#seed", "5")
+            page.click("#go")  # the box has no phrase yet: the browser holds the form back
+            assert page.eval_on_selector("#boxes .phrase", "phrase => phrase.validity.valueMissing")
+            page.fill("#boxes .phrase", "  ")
+            page.click("#go")
+            assert page.text_content("#status") == "say what goes in every box (or remove it)"
+            assert page.locator("img.result").count() == 0
+            page.fill("#boxes .phrase", "a red circle")
+            page.fill("#prompt", "a red circle")
+            page.click("#go")
+            page.wait_for_selector("img.result", timeout=60_000)
+            image = _download(page, "a.download", tmp_path)
+        finally:
+            browser.close()
+    assert image.text["boxes"] == "[['a red circle', 0.5, 0.5, 0.95, 0.95]]"

@@ -417,7 +417,8 @@ def _model_card(name: str, pipe) -> dict:
     data = pipe.config.data
     return {"id": name, "object": "model", "created": 0, "owned_by": "omnidit",
             "kind": "video" if data.frames > 1 else "image", "size": f"{data.width}x{data.height}",
-            "frames": data.frames, "fps": data.fps, "steps": pipe.config.sample.steps, "cfg": pipe.config.sample.cfg}
+            "frames": data.frames, "fps": data.fps, "steps": pipe.config.sample.steps, "cfg": pipe.config.sample.cfg,
+            "layout_boxes": pipe.config.train.layout_boxes}  # how many boxes `boxes` may hold (0: no layout adapter)
 
 
 def _job(body: ImageRequest, name: str, pipe, limits: Limits, video: bool) -> Job:
