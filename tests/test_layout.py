@@ -348,12 +348,44 @@ def test_inpainting_with_boxes_keeps_the_pixels_outside_the_mask(layout_run):
 
 def test_adapter_folders_are_refused_where_they_are_not_whole_models(layout_run, make_tiny_config, tmp_path):
     from omnidit.convert.export import export_diffusers
-    from omnidit.quantize import quantize_folder
     from omnidit.train import Trainer
 
-    with pytest.raises(OmniditError, match="is a layout adapter"):
-        quantize_folder(layout_run, tmp_path / "q", "w8")
     with pytest.raises(OmniditError, match="holds an adapter"):
         export_diffusers(layout_run, tmp_path / "d")
     with pytest.raises(OmniditError, match="LayoutTrainer"):
         Trainer(_layout_config(tmp_path / "run", layout_run), progress=False)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w8"])
+def test_a_quantized_layout_model_keeps_its_adapter_in_float_and_samples_boxes_like_the_float_one(
+        layout_run, tmp_path, scheme):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from omnidit.pipeline import load_pipeline
+    from omnidit.quantize import quantize_folder
+
+    if scheme == "w8a8" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no x86 int8 kernels here")
+    visible = tmp_path / "visible"  # the run's adapter made visible (a 4-step run barely moves it)
+    shutil.copytree(layout_run / "checkpoint-0000004", visible, ignore=shutil.ignore_patterns("training_state"))
+    for name in ("model.safetensors", "ema.safetensors"):
+        state = load_file(str(visible / name))
+        generator = torch.Generator().manual_seed(0)
+        state = {k: torch.randn(v.shape, generator=generator) * 0.2 if k.endswith("proj.weight") else v
+                 for k, v in state.items()}
+        save_file(state, str(visible / name))
+    out = quantize_folder(visible, tmp_path / "q", scheme)
+    stored = load_file(str(out / "model.safetensors"))
+    adapter = {k: v for k, v in stored.items() if k.startswith("layout_adapter.")}
+    assert adapter and all(v.dtype == torch.float32 for v in adapter.values())  # the adapter stays float
+    assert stored["single_blocks.0.linear1.weight"].dtype == torch.int8  # the base's blocks do not
+    boxes = [Box("a red circle", 0.5, 0.5, 1.0, 1.0)]
+    floats, quantized = load_pipeline(visible, device="cpu"), load_pipeline(out, device="cpu")
+    settings = dict(seed=[1, 2], steps=3)
+    reference = floats.generate(["a red circle", "two blue squares"], boxes=boxes, **settings)
+    drawn = quantized.generate(["a red circle", "two blue squares"], boxes=boxes, **settings)
+    unboxed = quantized.generate(["a red circle", "two blue squares"], **settings)
+    error, effect = (drawn - reference).abs().mean(), (drawn - unboxed).abs().mean()
+    assert error < 0.02 and effect > 10 * error, (error, effect)

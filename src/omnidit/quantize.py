@@ -20,7 +20,9 @@ Schemes (``omnidit quantize MODEL OUT --scheme ...``):
   the others (the rotation of QuaRot / LRQ-DiT, here block-diagonal within each quantization group).
 
 A quantized folder is a model folder (config.json, model.safetensors) plus ``quantization.json`` naming the
-scheme; ``checkpoint.load_model`` reads it. Speed and quality against float32 are measured side by side in one
+scheme; ``checkpoint.load_model`` reads it. A layout adapter's folder is quantized with its base: the base's block
+linears as above, the adapter's own (small) layers kept in float (bfloat16 with ``bf16``), all in one folder that
+needs no base beside it. Speed and quality against float32 are measured side by side in one
 run by ``benchmarks/quantize.py``.
 """
 
@@ -225,9 +227,6 @@ def quantize_folder(src: str | Path, dst: str | Path, scheme: str, use_ema: bool
     if smooth is not None and (scheme != "w8a8" or not 0 < smooth < 1):
         raise OmniditError(f"--smooth is w8a8's channel balancing, an alpha in (0, 1); got {smooth} with {scheme}",
                            hint="e.g. --scheme w8a8 --smooth 0.5")
-    if read_config(directory).train.layout_boxes:
-        raise OmniditError(f"{directory} is a layout adapter, which omnidit quantize does not take yet",
-                           hint="quantize its base model, or sample the adapter in float")
     model, config = load_model(directory, use_ema=use_ema)
     check_weight_only(model, scheme, group, rotate)
     maxima = activation_maxima(model, config, list(_block_linears(model))) if smooth else {}
@@ -282,6 +281,10 @@ def load_quantized(directory: Path, config, scheme: str, device: torch.device) -
     file = directory / "model.safetensors"
     state = read_safetensors(file)
     model = MMDiT(config.model)
+    if config.train.layout_boxes:  # a layout model's folder holds its base and its adapter; the adapter stays float
+        from omnidit.layout import add_layout_adapter
+
+        add_layout_adapter(model, config.train.layout_boxes)
     if scheme == "bf16":
         load_state_into(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, file)
         model.autocast_dtype = torch.bfloat16  # sampling runs under autocast (Pipeline)
