@@ -61,12 +61,14 @@ def add_edit_parser(sub) -> None:
                                    "then sample it back under the changed caption (--to), with the inversion's "
                                    "attention values injected over the noisier steps so that what the captions "
                                    "share stays in place. docs/editing.md")
-    p.add_argument("image", help="the image to change (PNG or JPEG)")
+    p.add_argument("image", help="the image to change (PNG or JPEG), or for a video model the clip (MP4, GIF or "
+                                 "WebP; the mask applies to every frame and the output is a clip)")
     p.add_argument("--from", dest="source", required=True, help='what the image shows, e.g. "a red circle above a '
                                                                 'blue square"')
     p.add_argument("--to", dest="target", required=True, help='what it should show, e.g. "a green circle above a '
                                                               'blue square"')
-    p.add_argument("-o", "--output", default="out.png", help="output PNG (default: out.png)")
+    p.add_argument("-o", "--output", default="out.png", help="output PNG, or for a clip .mp4, .gif, .webp or a .png "
+                                                             "strip (default: out.png)")
     p.add_argument("--model", default=None, help="a shipped model's name, a checkpoint folder or a run folder "
                                                   "(default: the shipped shapes model)")
     p.add_argument("--steps", type=int, default=None, help="inversion and sampling steps (default: sample.steps)")
@@ -98,10 +100,11 @@ def add_edit_parser(sub) -> None:
 def cmd_edit(args: argparse.Namespace) -> None:
     from omnidit.editing import DEFAULT_INJECT_UNTIL, edit, edit_candidates
     from omnidit.generate_command import _scaled, model_or_shipped
-    from omnidit.images import read_rgb_tensor, save_png, to_pil
+    from omnidit.images import save_png, to_pil
     from omnidit.lora import apply_lora_specs
     from omnidit.pipeline import load_pipeline
     from omnidit.validate import check_number, check_output_path
+    from omnidit.video_io import save_video
 
     for flag, text in (("--from", args.source), ("--to", args.target)):
         if not text.strip():
@@ -119,24 +122,41 @@ def cmd_edit(args: argparse.Namespace) -> None:
         check_number("--candidates", args.candidates, low=1, high=64, integer=True)
     candidates = edit_candidates(args.candidates, mask_spec != "none")
     check_output_path("-o", args.output)
-    if not args.output.lower().endswith(".png"):
-        raise OmniditError(f"output file must end in .png, got {args.output}")
-    image = read_rgb_tensor(args.image)
-    mask = None if mask_spec == "none" else mask_spec if mask_spec == "auto" else \
-        read_mask(mask_spec, image.shape[2], image.shape[1])
     pipe = load_pipeline(model_or_shipped(args.model), device=args.device, use_ema=not args.no_ema)
+    image, fps = _read_image_or_clip(args.image, args.output, pipe)
+    mask = None if mask_spec == "none" else mask_spec if mask_spec == "auto" else \
+        read_mask(mask_spec, image.shape[-1], image.shape[-2])
     apply_lora_specs(pipe.model, args.lora)
     s = pipe.config.sample
     steps, cfg = args.steps or s.steps, s.cfg if args.cfg is None else args.cfg
     result = edit(pipe, image, args.source, args.target, steps, cfg, args.invert_cfg, args.inject_blocks, until,
-                  progress=not args.no_progress, mask=mask, candidates=candidates, seed=args.seed)[0]
+                  progress=not args.no_progress, mask=mask, candidates=candidates, seed=args.seed, fps=fps)[0]
     settings = {"prompt": args.target, "edit_from": args.source, "image": str(Path(args.image).resolve()),
                 "mask": mask_spec, "candidates": candidates, "seed": args.seed,
                 "steps": steps, "cfg": cfg, "invert_cfg": args.invert_cfg, "inject_until": until,
                 "inject_blocks": args.inject_blocks or "all", "sampler": "midpoint",
                 "model": str(Path(model_or_shipped(args.model)).resolve()), "software": "omnidit",
                 **({"lora": args.lora} if args.lora else {})}
+    if fps is not None:
+        print(f"wrote {save_video(result, args.output, fps, {**settings, 'fps': fps}, scale=args.scale)}")
+        return
     print(f"wrote {save_png(_scaled(to_pil(result), args.scale), args.output, settings)}")
+
+
+def _read_image_or_clip(path: str, output: str, pipe):
+    """What ``omnidit edit`` and ``inpaint`` change: for an image model an image (3, H, W) and fps None (the
+    output a PNG); for a video model a clip (1, 3, T, H, W) at its file's frame rate (the output a clip file)."""
+    from omnidit.generate_command import MAX_EXTEND_FRAMES
+    from omnidit.images import read_rgb_tensor
+    from omnidit.video_io import check_clip_output, load_video
+
+    if pipe.config.data.frames > 1:
+        check_clip_output(output, pipe.config.data.fps)
+        clip, fps, _ = load_video(path, max_frames=MAX_EXTEND_FRAMES)
+        return clip[None], fps
+    if not output.lower().endswith(".png"):
+        raise OmniditError(f"output file must end in .png, got {output}")
+    return read_rgb_tensor(path), None
 
 
 def read_mask(spec: str, width: int, height: int):
@@ -168,7 +188,6 @@ def read_mask(spec: str, width: int, height: int):
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
     from omnidit.generate_command import (
-        MAX_EXTEND_FRAMES,
         _scaled,
         check_counts,
         check_sampling_numbers,
@@ -176,13 +195,13 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
         resolve_seed,
         sampling_args,
     )
-    from omnidit.images import make_grid, read_rgb_tensor, save_png, to_pil
+    from omnidit.images import make_grid, save_png, to_pil
     from omnidit.inpaint import pad_for_outpainting, resolve_mode
     from omnidit.layout import box_metadata, check_layout, parse_boxes
     from omnidit.lora import apply_lora_specs
     from omnidit.pipeline import load_pipeline
     from omnidit.validate import check_number, check_output_path
-    from omnidit.video_io import check_clip_output, load_video, save_video
+    from omnidit.video_io import save_video
 
     if not args.prompt.strip():
         raise OmniditError("the prompt is empty", hint='describe the result, e.g. "a red circle"')
@@ -206,14 +225,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     if clip and (args.outpaint or args.num_images > 1):
         raise OmniditError(f"{'--outpaint' if args.outpaint else '-n'} works on images; a clip is inpainted once",
                            hint="drop it (run again with another --seed for another result)")
-    if clip:  # (1, 3, T, H, W) at the file's frame rate
-        check_clip_output(args.output, pipe.config.data.fps)
-        image, fps, _ = load_video(args.image, max_frames=MAX_EXTEND_FRAMES)
-        image = image[None]
-    else:
-        if not args.output.lower().endswith(".png"):
-            raise OmniditError(f"output file must end in .png, got {args.output}")
-        image, fps = read_rgb_tensor(args.image), None
+    image, fps = _read_image_or_clip(args.image, args.output, pipe)  # a clip: (1, 3, T, H, W) at its frame rate
     mask = read_mask(args.mask, image.shape[-1], image.shape[-2])
     if args.outpaint:
         canvas, mask = pad_for_outpainting(image[None], mask, args.outpaint)

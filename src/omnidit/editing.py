@@ -108,32 +108,44 @@ def _velocity(pipe, prompts: list[str], cfg: float, ids: Tensor, bank: ValueBank
     return classifier_free_guidance(model_fn, cond, null, cfg)
 
 
-def _tokens_and_ids(pipe, image: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
+def _tokens_and_ids(pipe, media: Tensor, fps: float | None = None) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
+    """The tokens (B, N, D) of an image (B, C, H, W) or, for a video model, a clip (B, C, T, H, W) at ``fps``
+    (default the model's), their position ids (1, N, axes) and (T, H, W) (T = 1 for an image)."""
     mc = pipe.model.config
-    if pipe.config.data.frames > 1 or mc.extra_streams or (pipe.codec is not None and pipe.codec.downsample != 1):
-        raise OmniditError("inversion and editing work on pixel-space image models",
-                           hint="use an image model such as the shipped shapes model")
-    if image.dim() == 3:
-        image = image[None]
-    if image.dim() != 4 or image.shape[1] != mc.in_channels:
-        raise OmniditError(f"the image must be (B, {mc.in_channels}, H, W) in [-1, 1], got {tuple(image.shape)}")
-    h, w = image.shape[-2:]
+    if mc.extra_streams or (pipe.codec is not None and pipe.codec.downsample != 1):
+        raise OmniditError("inversion and editing work on pixel-space image and video models",
+                           hint="use an image model such as shapes, or a video model such as shapes-video")
+    media = media[None] if media.dim() == 3 else media
+    media = media[:, :, None] if media.dim() == 4 else media
+    if media.dim() != 5 or media.shape[1] != mc.in_channels:
+        raise OmniditError(f"give an image (B, {mc.in_channels}, H, W) or a clip (B, {mc.in_channels}, T, H, W) in "
+                           f"[-1, 1], got {tuple(media.shape)}")
+    frames, h, w = media.shape[2:]
+    if frames > 1 and pipe.config.data.frames == 1:
+        raise OmniditError(f"a clip of {frames} frames, and this model makes images",
+                           hint="edit a clip with a video model (shapes-video), or one frame with this one")
     if h % mc.patch_size or w % mc.patch_size:
         raise OmniditError(f"the image is {w}x{h}, which the model's {mc.patch_size}-pixel patches do not divide",
                            hint=f"crop or pad it to a multiple of {mc.patch_size} pixels")
-    tokens = video_patchify(image.float().to(pipe.device)[:, :, None], mc.patch_size)
-    ids = video_position_ids(1, h // mc.patch_size, w // mc.patch_size, 1.0, 1, len(mc.axes_dim), pipe.device)
-    return tokens, ids, (h, w)
+    if frames % mc.temporal_patch:
+        raise OmniditError(f"{frames} frames, which the model's {mc.temporal_patch}-frame tubelets do not divide",
+                           hint=f"give a multiple of {mc.temporal_patch} frames")
+    tokens = video_patchify(media.float().to(pipe.device), mc.patch_size, mc.temporal_patch)
+    ids = video_position_ids(frames, h // mc.patch_size, w // mc.patch_size, fps or pipe.config.data.fps,
+                             mc.temporal_patch, len(mc.axes_dim), pipe.device)
+    return tokens, ids, (frames, h, w)
 
 
 @torch.inference_mode()
 def change_mask(pipe, image: Tensor, source: str, target: str, times: Sequence[float] = MASK_TIMES,
-                draws: int = MASK_DRAWS, threshold: float = MASK_THRESHOLD, grow: int = MASK_GROW) -> Tensor:
-    """(B, H, W) bool: the pixels (whole tokens) where ``target`` asks for a change from ``source`` in ``image``
-    (B, C, H, W): the tokens whose unguided velocities under the two prompts differ by more than ``threshold``
-    times the image's largest difference, averaged over ``times`` x ``draws`` noisings, grown by ``grow`` tokens."""
-    tokens, ids, (h, w) = _tokens_and_ids(pipe, image)
-    p = pipe.model.config.patch_size
+                draws: int = MASK_DRAWS, threshold: float = MASK_THRESHOLD, grow: int = MASK_GROW,
+                fps: float | None = None) -> Tensor:
+    """(B, H, W) bool for an image (B, C, H, W), (B, T, H, W) for a clip (B, C, T, H, W): the pixels (whole tokens)
+    where ``target`` asks for a change from ``source``: the tokens whose unguided velocities under the two prompts
+    differ by more than ``threshold`` times the largest difference in the image or clip, averaged over ``times`` x
+    ``draws`` noisings, grown by ``grow`` tokens within each frame."""
+    tokens, ids, (frames, h, w) = _tokens_and_ids(pipe, image, fps)
+    p, pt = pipe.model.config.patch_size, pipe.model.config.temporal_patch
     gen = torch.Generator("cpu").manual_seed(MASK_NOISE_SEED)
     with pipe.precision():
         conds = [pipe.conditions([text] * len(tokens), guidance=1.0)[0].without_full_mask()
@@ -145,19 +157,22 @@ def change_mask(pipe, image: Tensor, source: str, target: str, times: Sequence[f
                 x = (1 - t) * tokens + t * eps
                 ts = torch.full((len(tokens),), float(t), device=tokens.device)
                 diff += (pipe.model(x, ids, ts, conds[1]) - pipe.model(x, ids, ts, conds[0])).float().abs().mean(-1)
-    grid = diff.view(len(tokens), 1, h // p, w // p)
-    chosen = grid > threshold * grid.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+    grid = diff.view(len(tokens), 1, frames // pt, h // p, w // p)
+    chosen = grid > threshold * grid.amax(dim=(2, 3, 4), keepdim=True).clamp_min(1e-12)
     if grow:
-        chosen = torch.nn.functional.max_pool2d(chosen.float(), 2 * grow + 1, stride=1, padding=grow) > 0
-    return chosen[:, 0].repeat_interleave(p, 1).repeat_interleave(p, 2).cpu()
+        chosen = torch.nn.functional.max_pool3d(chosen.float(), (1, 2 * grow + 1, 2 * grow + 1), stride=1,
+                                                padding=(0, grow, grow)) > 0
+    pixels = chosen[:, 0].repeat_interleave(pt, 1).repeat_interleave(p, 2).repeat_interleave(p, 3).cpu()
+    return pixels if image.dim() == 5 else pixels[:, 0]
 
 
 @torch.inference_mode()
 def invert(pipe, image: Tensor, prompt: str, steps: int = 30, cfg: float = 1.0, shift: float | None = None,
-           progress: bool = False) -> Tensor:
+           progress: bool = False, fps: float | None = None) -> Tensor:
     """The noise tokens (B, N, D) that the model's ODE under ``prompt`` carries ``image`` (B, C, H, W) in [-1, 1]
-    to; sampling them back down the same grid with ``sampling.midpoint`` reconstructs the image."""
-    tokens, ids, _ = _tokens_and_ids(pipe, image)
+    (or a clip (B, C, T, H, W) at ``fps``, video models) to; sampling them back down the same grid with
+    ``sampling.midpoint`` reconstructs it."""
+    tokens, ids, _ = _tokens_and_ids(pipe, image, fps)
     ts = timestep_schedule(steps, pipe.config.sample.shift if shift is None else shift, pipe.device).flip(0)
     with pipe.precision():
         return midpoint(_velocity(pipe, [prompt] * len(tokens), cfg, ids, None), tokens, ts, progress=progress)
@@ -167,8 +182,10 @@ def invert(pipe, image: Tensor, prompt: str, steps: int = 30, cfg: float = 1.0, 
 def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: float = 1.0,
          invert_cfg: float = 1.0, inject_blocks: Sequence[int] | None = None,
          inject_until: float = DEFAULT_INJECT_UNTIL, shift: float | None = None, progress: bool = False,
-         mask: Tensor | str | None = "auto", candidates: int | None = None, seed: int = 0) -> Tensor:
+         mask: Tensor | str | None = "auto", candidates: int | None = None, seed: int = 0,
+         fps: float | None = None) -> Tensor:
     """``image`` (B or 1, C, H, W) in [-1, 1], described by ``source``, changed to match ``target``: (B, C, H, W).
+    A video model edits a clip (B or 1, C, T, H, W) at ``fps`` (default the model's) the same way: (B, C, T, H, W).
 
     Inverts under ``source`` (guidance ``invert_cfg``), then samples back under ``target`` (guidance ``cfg``)
     with the inversion's values injected into single-stream blocks ``inject_blocks`` (default all) at
@@ -176,7 +193,8 @@ def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: fl
     reconstructs the image.
 
     ``mask``: where the edit may change the image: "auto" (``change_mask``), a (H, W) or (B, H, W) bool (True =
-    may change; rounded up to whole tokens), or None (everywhere). Outside it the pixels come back exactly as
+    may change; rounded up to whole tokens; for a clip (H, W) in every frame, (T, H, W) or (B, T, H, W)), or None
+    (everywhere). Outside it the pixels come back exactly as
     given. ``candidates`` (default EDIT_CANDIDATES with a mask, 1 without): candidate 0 starts from the inverted
     noise, the others from fresh noise inside the mask (seeds ``selection.candidate_seeds(seed, N)``), and the
     one the model finds likeliest under ``target`` is kept (``selection.denoising_scores``).
@@ -184,8 +202,9 @@ def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: fl
     if not 0.0 <= inject_until <= 1.0:
         raise OmniditError(f"inject_until must lie in [0, 1], got {inject_until}",
                            hint="0.9 injects over the noisiest tenth of the steps; 1 turns injection off")
-    image = image if image.dim() == 4 else image[None]
-    tokens, ids, (h, w) = _tokens_and_ids(pipe, image)
+    clip = image.dim() == 5
+    image = image[None] if image.dim() == 3 else image
+    tokens, ids, (frames, h, w) = _tokens_and_ids(pipe, image, fps)
     mc, batch = pipe.model.config, len(tokens)
     n = edit_candidates(candidates, mask is not None)
     blocks = range(len(pipe.model.single_blocks)) if inject_blocks is None else inject_blocks
@@ -193,13 +212,14 @@ def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: fl
     if isinstance(mask, str):
         if mask != "auto":
             raise OmniditError(f"unknown edit mask '{mask}'", hint="give 'auto', a (H, W) bool mask or None")
-        mask = change_mask(pipe, image, source, target)
+        mask = change_mask(pipe, image, source, target, fps=fps)
         if not mask.any():
             raise OmniditError("the two prompts ask for no change the model can see (its velocities under them agree)",
                                hint="change the target prompt, or edit everywhere without a mask (--mask none)")
     if mask is not None:
-        mask = _check_mask(mask, batch, h, w)
-        keep = ~torch.stack([token_mask(m, mc.patch_size) for m in mask]).to(pipe.device).repeat(n, 1)  # (nB, N)
+        mask = _check_mask(mask, batch, frames, h, w, clip)  # (B, T, H, W)
+        keep = ~torch.stack([token_mask(m, mc.patch_size, mc.temporal_patch) for m in mask]).to(pipe.device)
+        keep = keep.repeat(n, 1)  # (nB, N), candidate-major
     ts = timestep_schedule(steps, pipe.config.sample.shift if shift is None else shift, pipe.device)
     with bank.hooked(), pipe.precision():
         bank.mode = "record"
@@ -217,10 +237,11 @@ def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: fl
             bank.mode = "off"
             cond = pipe.conditions([target] * (n * batch), guidance=1.0)[0].without_full_mask()
             x = best_candidates(x, denoising_scores(lambda x, t, c: pipe.model(x, ids, t, c), x, cond), n)
-    result = video_unpatchify(x, 1, h, w, mc.patch_size)[:, :, 0].clamp(-1, 1).float().cpu()
-    if mask is None:
-        return result
-    return torch.where(mask[:, None], result, image.float().cpu().clamp(-1, 1))
+    result = video_unpatchify(x, frames, h, w, mc.patch_size, mc.temporal_patch).clamp(-1, 1).float().cpu()
+    if mask is not None:  # (B, C, T, H, W)
+        given = (image if clip else image[:, :, None]).float().cpu().clamp(-1, 1)
+        result = torch.where(mask[:, None], result, given)
+    return result if clip else result[:, :, 0]
 
 
 def edit_candidates(candidates: int | None, masked: bool) -> int:
@@ -234,14 +255,19 @@ def edit_candidates(candidates: int | None, masked: bool) -> int:
     return n
 
 
-def _check_mask(mask: Tensor, batch: int, h: int, w: int) -> Tensor:
-    """An edit mask (H, W) or (B, H, W) -> (B, H, W) bool, or a one-line error."""
+def _check_mask(mask: Tensor, batch: int, frames: int, h: int, w: int, clip: bool) -> Tensor:
+    """An edit mask -> (B, T, H, W) bool, or a one-line error: for an image (H, W) or (B, H, W); for a clip (H, W)
+    in every frame, (T, H, W) or (B, T, H, W)."""
     if mask.dim() == 2:
-        mask = mask[None]
-    if mask.dim() != 3 or mask.shape[-2:] != (h, w) or mask.shape[0] not in (1, batch):
-        raise OmniditError(f"the edit mask is {tuple(mask.shape)} but the image is {w}x{h}",
+        mask = mask[None, None]
+    elif mask.dim() == 3:
+        mask = mask[None] if clip else mask[:, None]
+    shape = f"{frames} frames of {w}x{h}" if clip else f"{w}x{h}"
+    if mask.dim() != 4 or mask.shape[1:] != (frames, h, w) and mask.shape[1:] != (1, h, w) \
+            or mask.shape[0] not in (1, batch):
+        raise OmniditError(f"the edit mask is {tuple(mask.shape)} but the {'clip' if clip else 'image'} is {shape}",
                            hint="give a mask of the image's size (True = may change)")
     if not mask.any():
         raise OmniditError("the edit mask selects no pixels, so nothing can change",
                            hint="mark the pixels that may change (white), or edit everywhere (--mask none, mask=None)")
-    return mask.bool().cpu().expand(batch, h, w)
+    return mask.bool().cpu().expand(batch, frames, h, w)

@@ -213,7 +213,6 @@ def quantize_folder(src: str | Path, dst: str | Path, scheme: str, use_ema: bool
     from omnidit.checkpoint import (
         PROVENANCE_FILE,
         load_model,
-        read_config,
         resolve_model_dir,
         save_checkpoint,
         training_provenance,
