@@ -15,7 +15,7 @@ from PIL import Image
 from test_cli import assert_one_line_error, run_main
 
 from omnidit.errors import OmniditError
-from omnidit.inpaint import pad_for_outpainting, resolve_mode, token_mask
+from omnidit.inpaint import move_region, pad_for_outpainting, resolve_mode, token_mask
 from omnidit.sampling import sample
 
 
@@ -166,8 +166,45 @@ def test_inpaint_command_keeps_pixels_outside_the_box_and_outpaints(tmp_path, ti
     assert np.array_equal(np.asarray(Image.open(grown))[8:], before)
 
 
+def test_move_region_pastes_the_pixels_exactly_and_leaves_the_hole_to_generate():
+    image = torch.rand(2, 3, 8, 12) * 2 - 1
+    mask = torch.zeros(8, 12, dtype=torch.bool)
+    mask[1:4, 2:6] = True
+    canvas, hole = move_region(image, mask, (3, 2))  # 3 right, 2 down: the new place overlaps the old one
+    assert torch.equal(canvas[:, :, 3:6, 5:9], image[:, :, 1:4, 2:6])
+    moved = torch.zeros_like(mask)
+    moved[3:6, 5:9] = True
+    assert torch.equal(hole, mask & ~moved) and int(hole.sum()) == 12 - 1  # they share one pixel
+    assert torch.equal(canvas[:, :, ~moved], image[:, :, ~moved])  # everything else as it was, the hole included
+    for shift, message in (((0, 0), "changes nothing"), ((7, 0), "leaves the 12x8 image"), ((0, -2), "leaves")):
+        with pytest.raises(OmniditError, match=message):
+            move_region(image, mask, shift)
+    with pytest.raises(OmniditError, match="nothing to move"):
+        move_region(image, torch.zeros(8, 12, dtype=torch.bool), (1, 0))
+
+
+def test_inpaint_command_moves_what_the_mask_marks(tmp_path, tiny_run, capsys):
+    rng = np.random.default_rng(0)
+    before = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    source = _png(tmp_path / "in.png", before)
+    out = tmp_path / "moved.png"
+    code, _, err = run_main(capsys, "inpaint", source, "box:0,0,0.25,0.25", "a red circle", "--model", tiny_run,
+                            "--move", 8, 4, "-o", out, "--no-progress")
+    assert code == 0, err
+    after = np.asarray(Image.open(out))
+    assert np.array_equal(after[4:8, 8:12], before[0:4, 0:4])  # moved exactly
+    untouched = np.ones((16, 16), dtype=bool)
+    untouched[0:4, 0:4] = untouched[4:8, 8:12] = False  # the hole (generated) and the new place
+    assert np.array_equal(after[untouched], before[untouched])
+    assert not np.array_equal(after[0:4, 0:4], before[0:4, 0:4])
+    with Image.open(out) as im:
+        assert im.info["move"] == "[8, 4]"
+
+
 @pytest.mark.parametrize("extra, message", [
     (["none"], "nothing to generate"),
+    (["box:0,0,0.5,0.5", "--move", "12", "0"], "leaves the 16x16 image"),
+    (["box:0,0,0.5,0.5", "--move", "2", "0", "--outpaint", "1", "1", "1", "1"], "do not go together"),
     (["box:0.5,0,0.2,1"], "is not inside the image"),
     (["box:a,b"], "cannot read the box"),
     (["MASK8"], "mask .* is 8x8 but the image is 16x16"),
@@ -241,9 +278,9 @@ def test_edit_suite_runs_on_a_model_and_reports_exact_kept_pixels(tmp_path, tiny
                                  "--no-progress", "--inpaint-mode", "tokens")
     assert code == 0, err
     report = json.loads(out.read_text())
-    assert report["suite"] == "edit" and report["n_images"] == 5 and report["kept_exact"] == 1.0
+    assert report["suite"] == "edit" and report["n_images"] == 6 and report["kept_exact"] == 1.0
     assert set(report["categories"]) == {"inpaint_recolour", "inpaint_replace", "inpaint_restore", "edit_recolour",
-                                         "edit_replace"} and report["inpaint_mode"] == "tokens"
+                                         "edit_replace", "move"} and report["inpaint_mode"] == "tokens"
     assert report["reconstruction_psnr"] > 20 and report["inject_until"] == 0.9
     assert "pixels outside the mask exact in 1.000" in stdout and "PSNR" in stdout
 

@@ -245,7 +245,7 @@ def test_the_layout_judge_passes_perfect_layouts_and_fails_moved_objects():
 
 
 def test_the_move_judge_passes_every_perfect_move_and_no_unmoved_input():
-    from omnidit.evaluate.edit_suite import MOVE, judge_edit, move_cases
+    from omnidit.evaluate.edit_suite import MOVE, PASTE_MOVE, judge_edit, move_cases
 
     cases = move_cases(32, 32, ["red triangle"], 6)
     assert len(cases) == 6 and {c["category"] for c in cases} == {MOVE}
@@ -253,6 +253,14 @@ def test_the_move_judge_passes_every_perfect_move_and_no_unmoved_input():
         assert judge_edit(case, case["answer"])[0], case["prompt"]
         assert not judge_edit(case, case["image"])[0], case["prompt"]
         assert case["mask"].any() and len(case["boxes"]) == 2
+    pasted = move_cases(32, 32, ["red triangle"], 6, paste=True)  # the same scenes, moved by pasting
+    assert all(torch.equal(a["answer"], b["answer"]) for a, b in zip(pasted, cases, strict=True))
+    for case, by_layout in zip(pasted, cases):
+        assert case["category"] == PASTE_MOVE and case["boxes"] is None
+        assert judge_edit(case, case["answer"])[0] and not judge_edit(case, case["image"])[0]  # the hole still shows
+        assert (case["mask"] & ~by_layout["mask"]).sum() == 0  # the hole lies in the old place
+        filled = torch.where(case["mask"], by_layout["answer"], case["image"])  # the hole filled as the answer has it
+        assert judge_edit(case, filled)[0], case["prompt"]
 
 
 def test_inpaint_takes_boxes_for_a_move(tmp_path, layout_run, tiny_run, capsys):

@@ -33,6 +33,9 @@ def add_inpaint_parser(sub) -> None:
     p.add_argument("--outpaint", type=int, nargs=4, default=None, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
                    help="grow the canvas by these many pixels on each side and generate them (with the mask's "
                         "pixels, if any)")
+    p.add_argument("--move", type=int, nargs=2, default=None, metavar=("DX", "DY"),
+                   help="move what the mask marks by DX pixels right and DY down (negative: left, up) and generate "
+                        "only the hole it leaves; the moved pixels stay exactly the input's (images; any model)")
     p.add_argument("--mode", default="auto", choices=["auto", "tokens", "blend"],
                    help="how the kept pixels take part: tokens (clean context at t = 0; for models trained with "
                         "given frames), blend (they follow their noised path, so the model sees one t; any model); "
@@ -196,7 +199,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
         sampling_args,
     )
     from omnidit.images import make_grid, save_png, to_pil
-    from omnidit.inpaint import pad_for_outpainting, resolve_mode
+    from omnidit.inpaint import move_region, pad_for_outpainting, resolve_mode
     from omnidit.layout import box_metadata, check_layout, parse_boxes
     from omnidit.lora import apply_lora_specs
     from omnidit.pipeline import load_pipeline
@@ -222,13 +225,19 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     if pipe.model.config.extra_streams:
         raise OmniditError("inpaint works on images and silent clips; this model makes clips with sound",
                            hint="use an image model (shapes) or a video model (shapes-video)")
-    if clip and (args.outpaint or args.num_images > 1):
-        raise OmniditError(f"{'--outpaint' if args.outpaint else '-n'} works on images; a clip is inpainted once",
+    if clip and (args.outpaint or args.num_images > 1 or args.move):
+        flag = "--outpaint" if args.outpaint else "--move" if args.move else "-n"
+        raise OmniditError(f"{flag} works on images; a clip is inpainted once",
                            hint="drop it (run again with another --seed for another result)")
+    if args.move and args.outpaint:
+        raise OmniditError("--move and --outpaint do not go together", hint="move first, then outpaint the result")
     image, fps = _read_image_or_clip(args.image, args.output, pipe)  # a clip: (1, 3, T, H, W) at its frame rate
     mask = read_mask(args.mask, image.shape[-1], image.shape[-2])
     if args.outpaint:
         canvas, mask = pad_for_outpainting(image[None], mask, args.outpaint)
+        image = canvas[0]
+    if args.move:  # the marked pixels pasted at their new place; the hole they leave is what gets generated
+        canvas, mask = move_region(image[None], mask, args.move)
         image = canvas[0]
     apply_lora_specs(pipe.model, args.lora)
     if boxes:
@@ -240,6 +249,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     settings = {"prompt": args.prompt, "seed": args.seed, "inpaint": str(Path(args.image).resolve()),
                 "mask": args.mask, "mode": resolve_mode(args.mode, pipe.config),
                 **({"outpaint": args.outpaint} if args.outpaint else {}),
+                **({"move": args.move} if args.move else {}),
                 **pipe.sampling_settings(**sampling),
                 "model": str(Path(model_or_shipped(args.model)).resolve()), "software": "omnidit",
                 **({"lora": args.lora} if args.lora else {}),

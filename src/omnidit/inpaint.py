@@ -65,6 +65,32 @@ def pad_for_outpainting(image: Tensor, mask: Tensor | None, pad: Sequence[int]) 
     return canvas, grown
 
 
+def move_region(image: Tensor, mask: Tensor, shift: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Move the pixels that ``mask`` (H, W) marks in ``image`` (B, C, H, W) by ``shift`` = (dx, dy) pixels (right,
+    down): (the canvas with them pasted at their new place, on top; the vacated pixels (H, W) bool, which the
+    region left and nothing covers now, to inpaint). A move for any model: the moved pixels are the input's
+    exactly, and only the hole they leave is generated."""
+    dx, dy = (int(v) for v in shift)
+    if image.dim() != 4 or mask.shape != image.shape[-2:]:
+        raise OmniditError(f"a move takes an image (B, C, H, W) and a mask of its size, got {tuple(image.shape)} "
+                           f"and {tuple(mask.shape)}", hint="moves work on images, not clips")
+    mask = mask.bool()
+    if not mask.any():
+        raise OmniditError("the mask selects no pixels, so there is nothing to move", hint="mark what to move")
+    if (dx, dy) == (0, 0):
+        raise OmniditError("a move by (0, 0) pixels changes nothing", hint="give --move DX DY with DX or DY not 0")
+    h, w = mask.shape
+    rows, cols = mask.nonzero(as_tuple=True)
+    if rows.min() + dy < 0 or rows.max() + dy >= h or cols.min() + dx < 0 or cols.max() + dx >= w:
+        raise OmniditError(f"moved by ({dx}, {dy}) pixels the region leaves the {w}x{h} image",
+                           hint="move it less, or mark a smaller region")
+    moved = torch.zeros_like(mask)
+    moved[rows + dy, cols + dx] = True
+    canvas = image.clone()
+    canvas[:, :, rows + dy, cols + dx] = image[:, :, rows, cols]
+    return canvas, mask & ~moved
+
+
 def check_inputs(image: Tensor, mask: Tensor, channels: int) -> tuple[Tensor, Tensor]:
     """An image (B or 1, C, H, W) or (C, H, W), or a clip (B or 1, C, T, H, W), and a mask (H, W) or (1, H, W) (for a
     clip: every frame), or (T, H, W) for a clip, checked -> (B, C, T, H, W), (T, H, W) bool."""

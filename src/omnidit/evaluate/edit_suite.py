@@ -11,6 +11,9 @@ a data seed no recipe trains on), whose first object is to change:
 - ``edit_recolour`` / ``edit_replace``: no mask is given: the image is inverted under its own caption and
   sampled back under the edited one (omnidit.editing: value injection, the mask the model finds itself, best of
   EDIT_CANDIDATES).
+- ``move`` (every model): the first object's box, grown by MASK_MARGIN pixels, is moved to a new place
+  (``inpaint.move_region``: its pixels pasted there exactly) and the hole it leaves is inpainted under the scene's
+  caption: the model must fill it with background, not another object.
 - ``inpaint_move`` (models with a layout adapter only, omnidit.layout): the first object's old and new boxes,
   each grown by MASK_MARGIN pixels, are masked and inpainted under the scene's caption with layout boxes for both
   objects, the first at its new place (a box of its size elsewhere on the canvas, clear of the other object).
@@ -47,7 +50,8 @@ from omnidit.layout import layout_adapter
 
 EDIT_SEED = 7_777
 CATEGORIES = ("inpaint_recolour", "inpaint_replace", "inpaint_restore", "edit_recolour", "edit_replace")
-MOVE = "inpaint_move"  # a category of models with a layout adapter
+PASTE_MOVE = "move"  # moved by pasting its pixels, the hole inpainted: every model
+MOVE = "inpaint_move"  # drawn anew at its new place by layout boxes: models with a layout adapter
 MASK_MARGIN = 2  # pixels around the object's box: its anti-aliased rim and a little room
 KEEP_IOU = 0.8
 DEFAULT_CASES = 16  # per category
@@ -123,11 +127,14 @@ def edit_cases(width: int, height: int, held_out, per_category: int = DEFAULT_CA
     return [case for c in CATEGORIES for case in cases[c][:per_category]]
 
 
-def move_cases(width: int, height: int, held_out, count: int) -> list[dict]:
+def move_cases(width: int, height: int, held_out, count: int, paste: bool = False) -> list[dict]:
     """``count`` move cases (the keys of ``edit_cases``, plus "boxes": the layout, the first object at its new
-    place), from their own random stream so that the other categories' cases stay as they are."""
+    place), from their own random stream so that the other categories' cases stay as they are. ``paste``: the
+    ``move`` category's cases instead, the same scenes and new places: "image" is the scene with the object's
+    grown box pasted at its new place and "mask" the hole it left."""
     from omnidit.data.shapes import GAP, _separated
     from omnidit.evaluate.detector import detect_objects
+    from omnidit.inpaint import move_region
     from omnidit.layout import scene_boxes
 
     held = parse_held_out(held_out) if not isinstance(held_out, frozenset) else held_out
@@ -155,10 +162,18 @@ def move_cases(width: int, height: int, held_out, count: int) -> list[dict]:
             mask[b[1]:b[3], b[0]:b[2]] = True
         prompt = describe("pair", (first, other), None, with_size=False)
         after = Scene((moved, other), prompt, "pair")
-        cases.append({"category": MOVE, "prompt": prompt, "source": prompt,
-                      "image": to_tensor(render_scene(scene, width, height)), "mask": mask,
-                      "want": (first.colour, first.shape), "keep": before[0], "box": new_px,
-                      "boxes": scene_boxes(after), "answer": to_tensor(render_scene(after, width, height))})
+        image = to_tensor(render_scene(scene, width, height))
+        if paste:  # the object's grown box moved by whole pixels (its new corner rounded), the margin cropped
+            dx, dy = round((new[0] - first.box[0]) * width), round((new[1] - first.box[1]) * height)
+            region = torch.zeros(height, width, dtype=torch.bool)  # where it would leave the canvas
+            rows = slice(max(old_px[1], -dy), min(old_px[3], height - dy))
+            region[rows, max(old_px[0], -dx):min(old_px[2], width - dx)] = True
+            pasted, mask = move_region(image[None], region, (dx, dy))
+            image = pasted[0]
+        cases.append({"category": PASTE_MOVE if paste else MOVE, "prompt": prompt, "source": prompt,
+                      "image": image, "mask": mask, "want": (first.colour, first.shape), "keep": before[0],
+                      "box": new_px, "boxes": None if paste else scene_boxes(after),
+                      "answer": to_tensor(render_scene(after, width, height))})
     return cases
 
 
@@ -198,10 +213,11 @@ def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None 
         raise OmniditError("the edit suite needs an image model of the shapes data",
                            hint="pass a shapes model, e.g. the shipped one")
     cases = edit_cases(dc.width, dc.height, dc.held_out, limit or DEFAULT_CASES)
-    categories = CATEGORIES
+    cases += move_cases(dc.width, dc.height, dc.held_out, limit or DEFAULT_CASES, paste=True)
+    categories = (*CATEGORIES, PASTE_MOVE)
     if layout_adapter(pipe.model) is not None:  # it can place the moved object
         cases += move_cases(dc.width, dc.height, dc.held_out, limit or DEFAULT_CASES)
-        categories = (*CATEGORIES, MOVE)
+        categories = (*categories, MOVE)
     seeds = _seeds(seed, len(cases) * n_per_prompt)
     settings = pipe.sampling_settings(**{k: sampling.get(k) for k in ("steps", "cfg", "shift")})
     until = DEFAULT_INJECT_UNTIL if inject_until is None else inject_until
