@@ -144,6 +144,37 @@ def test_weight_only_folders_store_small_weights_and_sample_close_to_float(tiny_
     assert 0 < (got - ref).abs().mean() < (0.05 if scheme == "w8" else 0.15)
 
 
+@pytest.mark.parametrize("scheme", ["w8a8", "w8", "w4"])
+def test_loading_a_quantized_folder_never_makes_a_float_copy_of_its_quantized_weights(tiny_run, tmp_path, scheme):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from omnidit.checkpoint import load_model
+
+    if scheme == "w8a8" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no x86 int8 kernels here")
+    out = quantize_folder(tiny_run, tmp_path / scheme, scheme, group=32)
+    stored = load_file(str(out / "model.safetensors"))
+    quantized = {tuple(v.shape) for k, v in load_model(tiny_run)[0].state_dict().items()
+                 if f"{k}_scale" in stored}  # (out, in) of every weight the folder holds quantized
+    quantized -= {tuple(v.shape) for v in stored.values() if v.is_floating_point()}  # shapes no float entry shares
+    assert quantized
+
+    class FloatShapes(TorchDispatchMode):  # the shape of every float tensor an operation makes on a real device
+        seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
+                    FloatShapes.seen.add(tuple(t.shape))
+            return result
+
+    with FloatShapes():
+        model = load_model(out)[0]
+    assert not quantized & FloatShapes.seen  # the old loader built every weight in float32 first
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
 def test_a_smoothed_w8a8_folder_stores_its_factors_and_samples_close_to_float(tiny_run, tmp_path):
     from omnidit.pipeline import load_pipeline
 

@@ -244,10 +244,13 @@ def load_adapter_only(model: torch.nn.Module, state: dict[str, Tensor], expected
     model.load_state_dict(state, strict=False)
 
 
-def check_state_matches(model: torch.nn.Module, state: dict[str, Tensor], source: Path) -> None:
+def check_state_matches(model: torch.nn.Module, state: dict[str, Tensor], source: Path,
+                        skip: tuple[str, ...] = ()) -> None:
     """Raise a one-line error naming ``source`` and the first key that is missing, unexpected or of
-    the wrong shape; ``model`` may live on the meta device."""
-    expected = model.state_dict()
+    the wrong shape; ``model`` may live on the meta device. ``skip``: submodules (dotted names) left out of the
+    comparison, e.g. layers already built from the file."""
+    prefixes = tuple(f"{name}." for name in skip)
+    expected = {k: v for k, v in model.state_dict().items() if not prefixes or not k.startswith(prefixes)}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

@@ -273,42 +273,53 @@ def read_quantization(directory: Path) -> dict | None:
 
 
 def load_quantized(directory: Path, config, scheme: str, device: torch.device) -> nn.Module:
-    """The model of a quantized folder, ready to sample (eval mode, no grad)."""
-    from omnidit.checkpoint import load_state_into, read_safetensors
+    """The model of a quantized folder, ready to sample (eval mode, no grad). The model is built on the meta
+    device and each layer takes the file's tensors as they are, so no float copy of the quantized weights is ever
+    made: loading needs about the file's size in memory (a float32 build first would need four to eight times)."""
+    from omnidit.checkpoint import check_state_matches, read_safetensors
     from omnidit.model import MMDiT
 
     file = directory / "model.safetensors"
     state = read_safetensors(file)
-    model = MMDiT(config.model)
-    if config.train.layout_boxes:  # a layout model's folder holds its base and its adapter; the adapter stays float
-        from omnidit.layout import add_layout_adapter
+    with torch.device("meta"):
+        model = MMDiT(config.model)
+        if config.train.layout_boxes:  # a layout model's folder holds its base and its adapter; the adapter is float
+            from omnidit.layout import add_layout_adapter
 
-        add_layout_adapter(model, config.train.layout_boxes)
-    if scheme == "bf16":
-        load_state_into(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, file)
-        model.autocast_dtype = torch.bfloat16  # sampling runs under autocast (Pipeline)
-        return model
+            add_layout_adapter(model, config.train.layout_boxes)
     if scheme == "w8a8" and torch.device(device).type != "cpu":
         raise OmniditError("w8a8 runs on CPUs (torch's x86 int8 kernels)", hint="use --scheme bf16 on a GPU")
-    linears = _block_linears(model, modulation=scheme in WEIGHT_ONLY)
-    scales = {name: state.pop(f"{name}.weight_scale") for name in linears}
-    ints = {name: state.pop(f"{name}.weight") for name in linears}
-    smooths = {name: state.pop(f"{name}.smooth") for name in linears if f"{name}.smooth" in state}
-    for name in linears:  # placeholders for the strict load; replaced below
-        state[f"{name}.weight"] = torch.zeros_like(linears[name].weight)
-    load_state_into(model, state, file)
-    rows = {name: (ints[name], scales[name]) for name in linears}
-    if scheme == "w8a8":
-        _to_int8(model, rows)
-        for name, factors in smooths.items():
-            _swap_module(model, name, SmoothedLinear(model.get_submodule(name), factors))
-        return model
+    linears = {} if scheme == "bf16" else _block_linears(model, modulation=scheme in WEIGHT_ONLY)
     about = read_quantization(directory)
-    for name, (values, scale) in rows.items():
-        _swap_module(model, name, WeightOnlyLinear(values, scale, model.get_submodule(name).bias,
-                                                   4 if scheme == "w4" else 8, about.get("group_size"),
-                                                   bool(about.get("rotate"))))
+    for name in linears:
+        values, scale = _take(state, f"{name}.weight", file), _take(state, f"{name}.weight_scale", file)
+        bias, smooth = state.pop(f"{name}.bias", None), state.pop(f"{name}.smooth", None)
+        if scheme == "w8a8":
+            layer = int8_linear(values, scale, bias)
+            layer = layer if smooth is None else SmoothedLinear(layer, smooth)
+        else:
+            layer = WeightOnlyLinear(values, scale, bias, 4 if scheme == "w4" else 8, about.get("group_size"),
+                                     bool(about.get("rotate")))
+        _swap_module(model, name, layer)
+    if scheme == "bf16":  # stored in bfloat16, computed under bfloat16 autocast (Pipeline)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        model.autocast_dtype = torch.bfloat16
+    check_state_matches(model, state, file, skip=tuple(linears))
+    for key, value in state.items():  # the rest, every key checked just above; assigned, not copied into a float
+        path, _, attr = key.rpartition(".")  # build (torch's int8 layers' load hooks would want their own keys)
+        module = model.get_submodule(path)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[attr] = value
     return model
+
+
+def _take(state: dict[str, Tensor], key: str, source: Path) -> Tensor:
+    if key not in state:
+        raise OmniditError(f"{source} does not match the model in config.json: missing key '{key}'",
+                           hint="quantize the model again with omnidit quantize")
+    return state.pop(key)
 
 
 def _to_int8(model: nn.Module, rows: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
