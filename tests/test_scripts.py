@@ -148,3 +148,12 @@ def test_direction_probe_reads_the_first_direction_of_ground_truth_clips():
     data = ShapesVideoDataset(32, 32, 8, 8.0, seed=0, kinds={"single": 1.0})
     read = [(probe.first_direction(data[i]["video"], 8.0), data.scene(i).objects[0].direction) for i in range(24)]
     assert all(got == want for got, want in read), read
+
+
+def test_clip_edits_recolours_ground_truth_clips_and_judges_them(tmp_path):
+    ce = load_script("clip_edits")
+    cases = ce.recolour_cases(2, 1234, 32, 32, 8, 8.0)
+    assert all(c["specs"][0].colour in c["target"] and c["specs"][0].colour not in c["source"] for c in cases)
+    report = ce.main(["--cases", "1", "--steps", "2", "--json", str(tmp_path / "r.json")])
+    assert report["cases"] == 1 and report["given_right"] == 1  # the ground truth passes the judge
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["target"] == cases[0]["target"]
