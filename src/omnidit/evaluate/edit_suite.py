@@ -163,9 +163,9 @@ def move_cases(width: int, height: int, held_out, count: int, paste: bool = Fals
         prompt = describe("pair", (first, other), None, with_size=False)
         after = Scene((moved, other), prompt, "pair")
         image = to_tensor(render_scene(scene, width, height))
-        if paste:  # the object's grown box moved by whole pixels (its new corner rounded), the margin cropped
+        if paste:  # the object's grown box moved by whole pixels (its new corner rounded)
             dx, dy = round((new[0] - first.box[0]) * width), round((new[1] - first.box[1]) * height)
-            region = torch.zeros(height, width, dtype=torch.bool)  # where it would leave the canvas
+            region = torch.zeros(height, width, dtype=torch.bool)  # cropped where its copy would leave the canvas
             rows = slice(max(old_px[1], -dy), min(old_px[3], height - dy))
             region[rows, max(old_px[0], -dx):min(old_px[2], width - dx)] = True
             pasted, mask = move_region(image[None], region, (dx, dy))
