@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import video_clip_file
 from PIL import Image
 from test_cli import assert_one_line_error, run_main
 
@@ -194,12 +195,9 @@ def test_a_video_model_edits_a_clip_keeping_every_pixel_outside_the_mask_in_ever
 
 
 def test_edit_command_edits_a_clip_with_a_video_model(tmp_path, capsys):
-    from omnidit.pipeline import load_pipeline
-    from omnidit.video_io import load_video, save_video
+    from omnidit.video_io import load_video
 
-    video = load_pipeline("shapes-video", device="cpu")
-    source = save_video(video.generate_video(["a red circle moving right"], seed=1, steps=4)[0],
-                        tmp_path / "in.webp", 8.0)
+    source = video_clip_file(tmp_path / "in.webp", steps=4)
     out = tmp_path / "out.webp"
     code, _, err = run_main(capsys, "edit", source, "--from", "a red circle moving right", "--to",
                             "a blue circle moving right", "--model", "shapes-video", "--steps", "2", "--mask",

@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import video_clip_file
 from PIL import Image
 from test_cli import assert_one_line_error, run_main
 
@@ -234,12 +235,9 @@ def test_inpaint_command_refuses_a_model_with_sound(tmp_path, av_run, capsys):
 
 
 def test_inpaint_command_inpaints_a_clip_with_a_video_model(tmp_path, capsys):
-    from omnidit.pipeline import load_pipeline
-    from omnidit.video_io import load_video, save_video
+    from omnidit.video_io import load_video
 
-    video = load_pipeline("shapes-video", device="cpu")
-    source = save_video(video.generate_video(["a red circle moving right"], seed=1, steps=2)[0],
-                        tmp_path / "in.webp", 8.0)
+    source = video_clip_file(tmp_path / "in.webp")
     out = tmp_path / "out.webp"
     code, stdout, err = run_main(capsys, "inpaint", source, "box:0,0,1,0.5", "a blue square moving right", "--model",
                                  "shapes-video", "--steps", "2", "-o", out, "--no-progress")

@@ -4,6 +4,7 @@ Playwright or a chromium binary is missing (``.ci/run`` installs both where it c
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
@@ -21,37 +22,47 @@ from omnidit.pipeline import load_pipeline  # noqa: E402
 from omnidit.serve.app import build_app  # noqa: E402
 
 
-def test_the_page_draws_an_image_with_progress_and_downloads_it_with_metadata(tmp_path):
-    with Live(build_app({"shapes": load_pipeline("shapes", device="cpu")})) as server, \
+@contextlib.contextmanager
+def _page(name: str, model: str):
+    """The page of a server that serves the shipped ``model`` as ``name``, open in headless Chromium."""
+    with Live(build_app({name: load_pipeline(model, device="cpu")})) as server, \
             sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
                                              args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page(accept_downloads=True)
             page.goto(server.url + "/")
-            page.wait_for_selector("#model option[value=shapes]", state="attached")
-            page.fill("#prompt", "a green triangle")
-            page.fill("#steps", "4")
-            page.fill("#seed", "7")
-            page.click("#go")
-            page.wait_for_selector("img.result", timeout=60_000)
-            assert page.text_content("#status").startswith("done")
-            assert page.eval_on_selector("#bar", "bar => [bar.value, bar.max]") == [4, 4]  # progress reached step 4
-            assert page.get_attribute("img.result", "alt") == "a green triangle"
-            with page.expect_download() as download:
-                page.click("a.download")
-            path = tmp_path / download.value.suggested_filename
-            download.value.save_as(path)
+            page.wait_for_selector(f"#model option[value={name}]", state="attached")
+            yield page
         finally:
             browser.close()
+
+
+def _download(page, selector: str, folder):
+    """Click the download link ``selector`` and save the file in ``folder`` under the name the page gives it."""
+    folder.mkdir(exist_ok=True)
+    with page.expect_download() as download:
+        page.click(selector)
+    target = folder / download.value.suggested_filename
+    download.value.save_as(target)
+    return target
+
+
+def test_the_page_draws_an_image_with_progress_and_downloads_it_with_metadata(tmp_path):
+    with _page("shapes", "shapes") as page:
+        page.fill("#prompt", "a green triangle")
+        page.fill("#steps", "4")
+        page.fill("#seed", "7")
+        page.click("#go")
+        page.wait_for_selector("img.result", timeout=60_000)
+        assert page.text_content("#status").startswith("done")
+        assert page.eval_on_selector("#bar", "bar => [bar.value, bar.max]") == [4, 4]  # progress reached step 4
+        assert page.get_attribute("img.result", "alt") == "a green triangle"
+        path = _download(page, "a.download", tmp_path)
     image = Image.open(path)
     assert path.name == "omnidit-7.png" and image.size == (32, 32)
     assert image.text["prompt"] == "a green triangle" and image.text["seed"] == "7"
     assert "Steps: 4" in image.text["parameters"]
-
-
-def _launch(playwright):
-    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
 
 
 def _drag(page, selector: str, start: tuple[float, float], end: tuple[float, float]) -> None:
@@ -65,44 +76,26 @@ def _drag(page, selector: str, start: tuple[float, float], end: tuple[float, flo
     page.mouse.up()
 
 
-def _download(page, selector: str, path):
-    with page.expect_download() as download:
-        page.click(selector)
-    target = path / download.value.suggested_filename
-    download.value.save_as(target)
-    return Image.open(target)
-
-
 def test_the_page_inpaints_a_result_with_a_dragged_mask_and_keeps_every_other_pixel(tmp_path):
-    with Live(build_app({"shapes": load_pipeline("shapes", device="cpu")})) as server, \
-            sync_api.sync_playwright() as playwright:
-        browser = _launch(playwright)
-        try:
-            page = browser.new_page(accept_downloads=True)
-            page.goto(server.url + "/")
-            page.wait_for_selector("#model option[value=shapes]", state="attached")
-            assert page.is_hidden("#inpaint-fields") and page.is_hidden("#layout-fields")  # no layout adapter
-            page.fill("#prompt", "a red circle above a blue square")
-            page.fill("#steps", "4")
-            page.fill("#seed", "3")
-            page.click("#go")
-            page.wait_for_selector("img.result", timeout=60_000)
-            (tmp_path / "first").mkdir()
-            before = _download(page, "a.download", tmp_path / "first")
-            page.click("button.inpaint-this")
-            page.wait_for_selector("#inpaint-fields", state="visible")
-            assert page.text_content("#go") == "Inpaint"
-            page.click("#go")  # no mask yet: the page says so and sends nothing
-            assert page.text_content("#status") == "drag on the image to mark what to regenerate"
-            _drag(page, "#mask-canvas", (0.01, 0.01), (0.5, 0.99))  # the left half, snapped to whole pixels
-            page.fill("#prompt", "a green triangle above a blue square")
-            page.click("#go")
-            page.wait_for_selector("figure:nth-child(1) img.result[alt^='a green']", timeout=60_000)
-            assert page.text_content("#status").startswith("done")
-            (tmp_path / "second").mkdir()
-            after = _download(page, "figure:nth-child(1) a.download", tmp_path / "second")
-        finally:
-            browser.close()
+    with _page("shapes", "shapes") as page:
+        assert page.is_hidden("#inpaint-fields") and page.is_hidden("#layout-fields")  # no layout adapter
+        page.fill("#prompt", "a red circle above a blue square")
+        page.fill("#steps", "4")
+        page.fill("#seed", "3")
+        page.click("#go")
+        page.wait_for_selector("img.result", timeout=60_000)
+        before = Image.open(_download(page, "a.download", tmp_path / "first"))
+        page.click("button.inpaint-this")
+        page.wait_for_selector("#inpaint-fields", state="visible")
+        assert page.text_content("#go") == "Inpaint"
+        page.click("#go")  # no mask yet: the page says so and sends nothing
+        assert page.text_content("#status") == "drag on the image to mark what to regenerate"
+        _drag(page, "#mask-canvas", (0.01, 0.01), (0.5, 0.99))  # the left half, snapped to whole pixels
+        page.fill("#prompt", "a green triangle above a blue square")
+        page.click("#go")
+        page.wait_for_selector("figure:nth-child(1) img.result[alt^='a green']", timeout=60_000)
+        assert page.text_content("#status").startswith("done")
+        after = Image.open(_download(page, "figure:nth-child(1) a.download", tmp_path / "second"))
     old, new = np.asarray(before.convert("RGB")), np.asarray(after.convert("RGB"))
     assert new.shape == old.shape == (32, 32, 3)
     assert np.array_equal(new[:, 16:], old[:, 16:])  # outside the mask: exactly the input
@@ -111,29 +104,32 @@ def test_the_page_inpaints_a_result_with_a_dragged_mask_and_keeps_every_other_pi
 
 
 def test_the_page_draws_layout_boxes_for_a_layout_model_and_sends_them(tmp_path):
-    with Live(build_app({"layout": load_pipeline("shapes-layout", device="cpu")})) as server, \
-            sync_api.sync_playwright() as playwright:
-        browser = _launch(playwright)
-        try:
-            page = browser.new_page(accept_downloads=True)
-            page.goto(server.url + "/")
-            page.wait_for_selector("#model option[value=layout]", state="attached")
-            page.wait_for_selector("#layout-fields", state="visible")
-            _drag(page, "#box-canvas", (0.5, 0.5), (0.945, 0.945))  # snapped outward to hundredths
-            assert page.text_content("#boxes .coords").strip() == "0.50 0.50 0.95 0.95"
-            page.fill("#steps", "4")
-            page.fill("#seed", "5")
-            page.click("#go")  # the box has no phrase yet: the browser holds the form back
-            assert page.eval_on_selector("#boxes .phrase", "phrase => phrase.validity.valueMissing")
-            page.fill("#boxes .phrase", "  ")
-            page.click("#go")
-            assert page.text_content("#status") == "say what goes in every box (or remove it)"
-            assert page.locator("img.result").count() == 0
-            page.fill("#boxes .phrase", "a red circle")
-            page.fill("#prompt", "a red circle")
-            page.click("#go")
-            page.wait_for_selector("img.result", timeout=60_000)
-            image = _download(page, "a.download", tmp_path)
-        finally:
-            browser.close()
-    assert image.text["boxes"] == "[['a red circle', 0.5, 0.5, 0.95, 0.95]]"
+    with _page("layout", "shapes-layout") as page:
+        page.wait_for_selector("#layout-fields", state="visible")
+        _drag(page, "#box-canvas", (0.5, 0.5), (0.945, 0.945))  # snapped outward to hundredths
+        assert page.text_content("#boxes .coords").strip() == "0.50 0.50 0.95 0.95"
+        page.fill("#steps", "4")
+        page.fill("#seed", "5")
+        page.click("#go")  # the box has no phrase yet: the browser holds the form back
+        assert page.eval_on_selector("#boxes .phrase", "phrase => phrase.validity.valueMissing")
+        page.fill("#boxes .phrase", "  ")
+        page.click("#go")
+        assert page.text_content("#status") == "say what goes in every box (or remove it)"
+        assert page.locator("img.result").count() == 0
+        page.fill("#boxes .phrase", "a red circle")
+        page.fill("#prompt", "a red circle")
+        page.click("#go")
+        page.wait_for_selector("img.result", timeout=60_000)
+        drawn = _download(page, "a.download", tmp_path / "drawn")
+        page.set_input_files("#source", str(drawn))  # a file to inpaint, with the same box: a move's request
+        page.wait_for_selector("#inpaint-fields", state="visible")
+        assert page.text_content("#status").startswith(f"inpainting {drawn.name} (32x32)")
+        _drag(page, "#mask-canvas", (0.01, 0.01), (0.99, 0.4))
+        page.click("#go")
+        page.wait_for_selector("figure:nth-child(2) img.result", timeout=60_000)
+        inpainted = Image.open(_download(page, "figure:nth-child(1) a.download", tmp_path / "inpainted"))
+    for image in (Image.open(drawn), inpainted):
+        assert image.text["boxes"] == "[['a red circle', 0.5, 0.5, 0.95, 0.95]]"
+    kept = slice(13, 32)  # below the rows the dragged mask covers (0.4 of 32, rounded up to whole pixels)
+    before, after = (np.asarray(Image.open(path).convert("RGB")) for path in (drawn, inpainted.filename))
+    assert np.array_equal(after[kept], before[kept])
