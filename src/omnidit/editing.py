@@ -195,8 +195,9 @@ def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: fl
     ``mask``: where the edit may change the image: "auto" (``change_mask``), a (H, W) or (B, H, W) bool (True =
     may change; rounded up to whole tokens; for a clip (H, W) in every frame, (T, H, W) or (B, T, H, W)), or None
     (everywhere). Outside it the pixels come back exactly as given. ``candidates`` (default EDIT_CANDIDATES with a
-    mask, 1 without): candidate 0 starts from the inverted noise, the others from fresh noise inside the mask (seeds ``selection.candidate_seeds(seed, N)``), and the
-    one the model finds likeliest under ``target`` is kept (``selection.denoising_scores``).
+    mask, 1 without): candidate 0 starts from the inverted noise, the others from fresh noise inside the mask
+    (seeds ``selection.candidate_seeds(seed, N)``), and the one the model finds likeliest under ``target`` is kept
+    (``selection.denoising_scores``).
     """
     if not 0.0 <= inject_until <= 1.0:
         raise OmniditError(f"inject_until must lie in [0, 1], got {inject_until}",
