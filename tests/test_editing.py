@@ -194,6 +194,14 @@ def test_a_video_model_edits_a_clip_keeping_every_pixel_outside_the_mask_in_ever
         edit(shapes, clip, prompt, prompt, steps=2, mask=None)
 
 
+def test_an_edit_that_cannot_fit_in_memory_is_refused_before_it_starts(shapes, monkeypatch):
+    import omnidit.validate
+
+    monkeypatch.setattr(omnidit.validate, "available_memory", lambda device: 2**20)  # 1 MiB free
+    with pytest.raises(OmniditError, match=r"editing 1 image of 32x32 needs about .* but the cpu has 1.0 MiB free"):
+        edit(shapes, torch.zeros(1, 3, 32, 32), SOURCE, "a green circle above a blue square", steps=30)
+
+
 def test_edit_command_edits_a_clip_with_a_video_model(tmp_path, capsys):
     from omnidit.video_io import load_video
 

@@ -175,6 +175,22 @@ def test_loading_a_quantized_folder_never_makes_a_float_copy_of_its_quantized_we
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
+def test_a_quantized_folder_missing_a_bias_or_with_a_wrong_shape_is_a_clear_error(tiny_run, tmp_path):
+    from safetensors.torch import save_file
+
+    from omnidit.checkpoint import load_model
+
+    out = quantize_folder(tiny_run, tmp_path / "w8", "w8")
+    state = load_file(str(out / "model.safetensors"))
+    key = "double_blocks.0.streams.img.mlp.fc1"
+    save_file({k: v for k, v in state.items() if k != f"{key}.bias"}, str(out / "model.safetensors"))
+    with pytest.raises(OmniditError, match=f"missing key '{key}.bias'"):
+        load_model(out)
+    save_file({**state, f"{key}.weight": state[f"{key}.weight"][:, :-1].contiguous()}, str(out / "model.safetensors"))
+    with pytest.raises(OmniditError, match=f"'{key}' holds a"):
+        load_model(out)
+
+
 def test_a_smoothed_w8a8_folder_stores_its_factors_and_samples_close_to_float(tiny_run, tmp_path):
     from omnidit.pipeline import load_pipeline
 

@@ -23,9 +23,11 @@ from omnidit.serve.app import build_app  # noqa: E402
 
 
 @contextlib.contextmanager
-def _page(name: str, model: str):
-    """The page of a server that serves the shipped ``model`` as ``name``, open in headless Chromium."""
-    with Live(build_app({name: load_pipeline(model, device="cpu")})) as server, \
+def _page(name: str, model: str, **more: str):
+    """The page of a server that serves the shipped ``model`` as ``name`` (and ``more`` as their keys), open in
+    headless Chromium."""
+    models = {name: model, **more}
+    with Live(build_app({k: load_pipeline(v, device="cpu") for k, v in models.items()})) as server, \
             sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
                                              args=["--no-sandbox", "--disable-gpu"])
@@ -104,8 +106,11 @@ def test_the_page_inpaints_a_result_with_a_dragged_mask_and_keeps_every_other_pi
 
 
 def test_the_page_draws_layout_boxes_for_a_layout_model_and_sends_them(tmp_path):
-    with _page("layout", "shapes-layout") as page:
+    with _page("layout", "shapes-layout", shapes="shapes") as page:
         page.wait_for_selector("#layout-fields", state="visible")
+        box = page.locator("#box-canvas").bounding_box()
+        page.mouse.click(box["x"] + 100, box["y"] + 100)  # a click is no box
+        assert page.locator("#boxes li").count() == 0
         _drag(page, "#box-canvas", (0.5, 0.5), (0.945, 0.945))  # snapped outward to hundredths
         assert page.text_content("#boxes .coords").strip() == "0.50 0.50 0.95 0.95"
         page.fill("#steps", "4")
@@ -128,6 +133,12 @@ def test_the_page_draws_layout_boxes_for_a_layout_model_and_sends_them(tmp_path)
         page.click("#go")
         page.wait_for_selector("figure:nth-child(2) img.result", timeout=60_000)
         inpainted = Image.open(_download(page, "figure:nth-child(1) a.download", tmp_path / "inpainted"))
+        _drag(page, "#box-canvas", (0.1, 0.1), (0.3, 0.3))  # a box without its phrase, then a model without boxes
+        page.select_option("#model", "shapes")
+        page.select_option("#task", "generate")
+        assert page.is_hidden("#layout-fields")
+        page.click("#go")  # the hidden box's empty phrase does not hold the form back
+        page.wait_for_selector("figure:nth-child(3) img.result", timeout=60_000)
     for image in (Image.open(drawn), inpainted):
         assert image.text["boxes"] == "[['a red circle', 0.5, 0.5, 0.95, 0.95]]"
     kept = slice(13, 32)  # below the rows the dragged mask covers (0.4 of 32, rounded up to whole pixels)

@@ -39,6 +39,7 @@ from omnidit.sampling import (
 )
 from omnidit.selection import best_candidates, candidate_seeds, denoising_scores
 from omnidit.tokens import video_patchify, video_position_ids, video_unpatchify
+from omnidit.validate import check_memory
 
 DEFAULT_INJECT_UNTIL = 0.9  # the first, noisiest tenth of the trajectory, where layout is decided (chosen on
 # edit-suite scenes of another seed than the suite's: docs/editing.md)
@@ -216,6 +217,12 @@ def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: fl
         if not mask.any():
             raise OmniditError("the two prompts ask for no change the model can see (its velocities under them agree)",
                                hint="change the target prompt, or edit everywhere without a mask (--mask none)")
+    settings = pipe.sampling_settings(steps=steps, cfg=cfg, candidates=n)
+    bank_bytes = len(blocks) * (2 * steps + 1) * batch * tokens.shape[1] * mc.hidden_size * 4  # midpoint: 2 per step
+    check_memory(bank_bytes + batch * pipe._bytes_per_sample(frames, w, h, settings), pipe.device,
+                 f"editing {batch} {'clip' if clip else 'image'}{'s' if batch > 1 else ''} of {w}x{h}"
+                 + (f" with {frames} frames" if clip else ""),
+                 hint="edit fewer frames or images at once, or inject into fewer blocks (--inject-blocks)")
     if mask is not None:
         mask = _check_mask(mask, batch, frames, h, w, clip)  # (B, T, H, W)
         keep = ~torch.stack([token_mask(m, mc.patch_size, mc.temporal_patch) for m in mask]).to(pipe.device)

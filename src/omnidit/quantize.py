@@ -275,7 +275,8 @@ def read_quantization(directory: Path) -> dict | None:
 def load_quantized(directory: Path, config, scheme: str, device: torch.device) -> nn.Module:
     """The model of a quantized folder, ready to sample (eval mode, no grad). The model is built on the meta
     device and each layer takes the file's tensors as they are, so no float copy of the quantized weights is ever
-    made: loading needs about the file's size in memory (a float32 build first would need four to eight times)."""
+    made: w8a8, w8 and w4 load in about the file's size of memory (a float32 build first would need four to eight
+    times); bf16 computes with float32 weights under autocast, so it needs twice its file."""
     from omnidit.checkpoint import check_state_matches, read_safetensors
     from omnidit.model import MMDiT
 
@@ -291,9 +292,14 @@ def load_quantized(directory: Path, config, scheme: str, device: torch.device) -
         raise OmniditError("w8a8 runs on CPUs (torch's x86 int8 kernels)", hint="use --scheme bf16 on a GPU")
     linears = {} if scheme == "bf16" else _block_linears(model, modulation=scheme in WEIGHT_ONLY)
     about = read_quantization(directory)
-    for name in linears:
+    for name, meta in linears.items():
         values, scale = _take(state, f"{name}.weight", file), _take(state, f"{name}.weight_scale", file)
-        bias, smooth = state.pop(f"{name}.bias", None), state.pop(f"{name}.smooth", None)
+        bias = _take(state, f"{name}.bias", file) if meta.bias is not None else None
+        smooth = state.pop(f"{name}.smooth", None)
+        columns = meta.in_features // 2 if scheme == "w4" else meta.in_features  # w4: two values per byte
+        if values.shape != (meta.out_features, columns) or (bias is not None and bias.shape != meta.bias.shape):
+            raise OmniditError(f"{file}: '{name}' holds a {tuple(values.shape)} weight, the model in config.json "
+                               f"expects {(meta.out_features, columns)}", hint="quantize the model again")
         if scheme == "w8a8":
             layer = int8_linear(values, scale, bias)
             layer = layer if smooth is None else SmoothedLinear(layer, smooth)
