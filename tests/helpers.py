@@ -159,10 +159,10 @@ def assert_shipped_folder(name: str, folder_name: str, max_bytes: int) -> Path:
     return folder
 
 
-def video_clip_file(path: Path, prompt: str = "a red circle moving right", steps: int = 2) -> Path:
-    """A clip of the shipped video model (seed 1) saved at ``path`` at 8 fps: the input of the clip CLI tests."""
+def video_clip_file(path: Path, prompt: str = "a red circle moving right", steps: int = 2, fps: float = 8.0) -> Path:
+    """A clip of the shipped video model (seed 1) saved at ``path`` at ``fps``: the input of the clip CLI tests."""
     from omnidit.pipeline import load_pipeline
     from omnidit.video_io import save_video
 
     video = load_pipeline("shapes-video", device="cpu")
-    return save_video(video.generate_video([prompt], seed=1, steps=steps)[0], path, 8.0)
+    return save_video(video.generate_video([prompt], seed=1, steps=steps)[0], path, fps)

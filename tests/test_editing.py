@@ -220,3 +220,8 @@ def test_edit_command_edits_a_clip_with_a_video_model(tmp_path, capsys):
                             "-o", tmp_path / "clip.jpg")
     assert_one_line_error(code, err, ".mp4")
     assert not (tmp_path / "clip.jpg").exists()
+    fast = video_clip_file(tmp_path / "fast.mp4", fps=60.0)  # a GIF cannot play at 60 fps: refused before editing
+    code, _, err = run_main(capsys, "edit", fast, "--from", "a", "--to", "b", "--model", "shapes-video",
+                            "-o", tmp_path / "fast.gif")
+    assert_one_line_error(code, err, "at most")
+    assert not (tmp_path / "fast.gif").exists()

@@ -154,8 +154,9 @@ def _read_image_or_clip(path: str, output: str, pipe):
     from omnidit.video_io import check_clip_output, load_video
 
     if pipe.config.data.frames > 1:
-        check_clip_output(output, pipe.config.data.fps)
+        check_clip_output(output, pipe.config.data.fps)  # the suffix, before anything is read
         clip, fps, _ = load_video(path, max_frames=MAX_EXTEND_FRAMES)
+        check_clip_output(output, fps)  # the output keeps the input's frame rate: e.g. no 60 fps GIF
         return clip[None], fps
     if not output.lower().endswith(".png"):
         raise OmniditError(f"output file must end in .png, got {output}")
