@@ -210,6 +210,13 @@ def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: fl
     n = edit_candidates(candidates, mask is not None)
     blocks = range(len(pipe.model.single_blocks)) if inject_blocks is None else inject_blocks
     bank = ValueBank(pipe.model, blocks, tokens.shape[1], batch)
+    # memory is checked before any model pass (the automatic mask below runs the model)
+    settings = pipe.sampling_settings(steps=steps, cfg=cfg, candidates=n)
+    bank_bytes = len(blocks) * (2 * steps + 1) * batch * tokens.shape[1] * mc.hidden_size * 4  # midpoint: 2 per step
+    check_memory(bank_bytes + batch * pipe._bytes_per_sample(frames, w, h, settings), pipe.device,
+                 f"editing {batch} {'clip' if clip else 'image'}{'s' if batch > 1 else ''} of {w}x{h}"
+                 + (f" with {frames} frames" if clip else ""),
+                 hint="edit fewer frames or images at once, or inject into fewer blocks (--inject-blocks)")
     if isinstance(mask, str):
         if mask != "auto":
             raise OmniditError(f"unknown edit mask '{mask}'", hint="give 'auto', a (H, W) bool mask or None")
@@ -217,12 +224,6 @@ def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: fl
         if not mask.any():
             raise OmniditError("the two prompts ask for no change the model can see (its velocities under them agree)",
                                hint="change the target prompt, or edit everywhere without a mask (--mask none)")
-    settings = pipe.sampling_settings(steps=steps, cfg=cfg, candidates=n)
-    bank_bytes = len(blocks) * (2 * steps + 1) * batch * tokens.shape[1] * mc.hidden_size * 4  # midpoint: 2 per step
-    check_memory(bank_bytes + batch * pipe._bytes_per_sample(frames, w, h, settings), pipe.device,
-                 f"editing {batch} {'clip' if clip else 'image'}{'s' if batch > 1 else ''} of {w}x{h}"
-                 + (f" with {frames} frames" if clip else ""),
-                 hint="edit fewer frames or images at once, or inject into fewer blocks (--inject-blocks)")
     if mask is not None:
         mask = _check_mask(mask, batch, frames, h, w, clip)  # (B, T, H, W)
         keep = ~torch.stack([token_mask(m, mc.patch_size, mc.temporal_patch) for m in mask]).to(pipe.device)
