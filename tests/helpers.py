@@ -146,6 +146,42 @@ class Live:
         self.thread.join(10)
 
 
+class ProgressListener:
+    """Reads a server's /v1/progress/ID event stream in a thread until a "done" or "error" event:
+    ``with ProgressListener(url) as listener: ...post...`` then ``listener.events`` (the decoded events)."""
+
+    def __init__(self, url: str, wait: float = 10) -> None:
+        self.url, self.wait, self.events = url, wait, []
+        self.listening = threading.Event()
+        self.thread = threading.Thread(target=self._listen)
+
+    def _listen(self) -> None:
+        import json
+
+        import httpx
+
+        with httpx.stream("GET", self.url, timeout=60) as stream:
+            for line in stream.iter_lines():
+                self.listening.set()
+                if line.startswith("data: "):
+                    self.events.append(json.loads(line[6:]))
+                    if self.events[-1]["state"] in ("done", "error"):
+                        return
+
+    def __enter__(self) -> ProgressListener:
+        self.thread.start()
+        assert self.listening.wait(self.wait), "the progress stream did not open"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.thread.join(self.wait)
+        assert not self.thread.is_alive(), "the progress stream did not end"
+
+    @property
+    def states(self) -> list[str]:
+        return [e["state"] for e in self.events]
+
+
 def assert_shipped_folder(name: str, folder_name: str, max_bytes: int) -> Path:
     """A model shipped in the package: found by ``name`` in its folder, small, float16, with its provenance."""
     from omnidit.checkpoint import SHIPPED_MODELS, read_safetensors, shipped_model_dir

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
-from helpers import Live  # noqa: E402
+from helpers import Live, ProgressListener  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from omnidit.cli import main  # noqa: E402
@@ -270,27 +270,12 @@ def test_a_request_can_ask_for_a_faster_preset_without_changing_the_served_model
 
 
 def test_progress_events_reach_a_listener(live):
-    events: list[dict] = []
-    listening = threading.Event()
-
-    def listen() -> None:
-        with httpx.stream("GET", f"{live.url}/v1/progress/p1", timeout=60) as stream:
-            for line in stream.iter_lines():
-                listening.set()
-                if line.startswith("data: "):
-                    events.append(json.loads(line[6:]))
-                    if events[-1]["state"] in ("done", "error"):
-                        return
-
-    thread = threading.Thread(target=listen)
-    thread.start()
-    assert listening.wait(10)
-    reply = httpx.post(f"{live.url}/v1/images/generations", timeout=60,
-                       json={"prompt": PROMPT, "steps": 3, "progress_id": "p1"})
-    thread.join(10)
+    with ProgressListener(f"{live.url}/v1/progress/p1") as listener:
+        reply = httpx.post(f"{live.url}/v1/images/generations", timeout=60,
+                           json={"prompt": PROMPT, "steps": 3, "progress_id": "p1"})
     assert reply.status_code == 200
-    assert [e["state"] for e in events] == ["queued", "running", "running", "running", "done"]
-    assert [e["step"] for e in events if e["state"] == "running"] == [1, 2, 3]
+    assert listener.states == ["queued", "running", "running", "running", "done"]
+    assert [e["step"] for e in listener.events if e["state"] == "running"] == [1, 2, 3]
 
 
 def test_the_page_is_served(live):

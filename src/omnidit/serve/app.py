@@ -235,11 +235,12 @@ class _Guard:
 
 def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None = None, max_batch: int = 16,
               batch_window: float = 0.02, max_queue: int = 64, threads: int | None = None,
-              url_results: bool = True, speed: str | None = None) -> FastAPI:
+              speed: str | None = None, files: FileStore | None = None, hub: ProgressHub | None = None) -> FastAPI:
     """The ASGI app serving ``pipelines`` (name -> loaded ``Pipeline``; the first is the default model).
-    ``threads``: torch threads of the sampling worker (``batching.reserve_torch_threads``); ``url_results``
-    False refuses response_format=url (replicas: the file would live in one replica only); ``speed``: the
-    --speed preset the pipelines already run at (a request may ask for that one or a faster one)."""
+    ``threads``: torch threads of the sampling worker (``batching.reserve_torch_threads``); ``speed``: the
+    --speed preset the pipelines already run at (a request may ask for that one or a faster one). ``files`` and
+    ``hub``: where url results and progress events live (default: in this process; replicas pass stores that
+    every replica shares, omnidit.serve.replicas)."""
     if not pipelines:
         raise OmniditError("no model to serve", hint="pass --model shapes (or a model folder)")
     limits = limits or Limits()
@@ -247,7 +248,8 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
     batcher = Batcher(pipelines, max_batch=max_batch, window=batch_window, max_queue=max_queue, threads=threads)
     batcher.stats.on_batch = lambda size, seconds: metrics.batch_size.observe(size)
     metrics.queue_depth.set_function(lambda: batcher.depth)
-    files, hub = FileStore(limits.url_ttl), ProgressHub()
+    files = files if files is not None else FileStore(limits.url_ttl)
+    hub = hub if hub is not None else ProgressHub()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -312,7 +314,7 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
 
     @app.get("/v1/files/{name}")
     async def stored(name: str) -> Response:
-        found = files.get(name.split(".")[0])
+        found = await asyncio.to_thread(files.get, name.split(".")[0])  # a replica's store is another process
         if found is None:
             raise ApiError(404, "no such file: it expired or never existed", code="file_not_found")
         return Response(found[0], media_type=found[1])
@@ -352,10 +354,6 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
             where = "/v1/videos/generations" if makes_clips else "/v1/images/generations"
             raise ApiError(400, f"the model '{name}' makes {'clips' if makes_clips else 'images'}: use {where}",
                            param="model", code="wrong_endpoint")
-        if body.response_format == "url" and not url_results:
-            raise ApiError(400, "response_format=url is off on a server with several replicas (the file would "
-                                "live in one of them only): ask for b64_json", param="response_format",
-                           code="url_unavailable")
         job = _job(body, name, pipe, limits, video)
         job.speed, job.inpaint = _request_speed(body.speed, speed), inpaint
         progress_id = body.progress_id

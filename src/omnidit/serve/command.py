@@ -64,8 +64,8 @@ def add_serve_parser(sub) -> None:
                         "first request at each size pays for compiling (docs/sampling.md)")
     p.add_argument("--replicas", type=int, default=1,
                    help="run N copies of the server behind Ray Serve's proxy, each in its own process with its own "
-                        "batching (needs the ray extra: pip install -e '.[ray]'); response_format=url is then "
-                        "refused (use b64_json) (default: 1, no Ray)")
+                        "batching, sharing url files and progress events through one more Ray actor (needs the ray "
+                        "extra: pip install -e '.[ray]') (default: 1, no Ray)")
     p.add_argument("--ray-address", default=None,
                    help="run the replicas on this Ray cluster (e.g. 'auto' after 'ray start --head' here, or "
                         "HOST:6379) instead of a Ray started for this command; every machine needs the models")

@@ -2,30 +2,122 @@
 extra), on this machine or on a Ray cluster (``--ray-address``).
 
 Each replica is a whole omnidit server in its own process: it loads the models itself, batches the requests
-that reach it and keeps its own limits and metrics. Ray's proxy spreads requests over the replicas, so
-anything that needs a second request to reach the same replica cannot work: ``response_format=url`` is
-refused with a 400 naming ``b64_json`` instead, and the page's live progress bar only moves when its event
-stream happens to reach the replica drawing the image (the image itself always arrives).
+that reach it and keeps its own limits and metrics. Ray's proxy spreads requests over the replicas, so what a
+second request must find (a ``response_format=url`` file, the progress events of an image that another replica
+draws) lives in one more actor, ``SharedState``, that every replica reaches through ``RemoteFiles`` and
+``RemoteProgress`` (the interfaces of the single server's ``FileStore`` and ``ProgressHub``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from omnidit.errors import OmniditError
 
 APP_NAME = "omnidit"
+POLL_SECONDS = 0.1  # how often a replica asks the shared state for a listener's new progress events
+
+
+class SharedState:
+    """What every replica must see alike, held in one Ray actor: the url results (a ``FileStore``: in memory,
+    for the url ttl, bounded in bytes) and the progress events of each ``progress_id``, kept in order for
+    ``events_ttl`` seconds after the last one so that a listener on any replica reads them (at most ``max_ids``
+    ids and ``max_events`` per id: the oldest go first). Its methods are quick and run one at a time, so the
+    events one replica sends arrive in the order it sent them."""
+
+    def __init__(self, url_ttl: float, events_ttl: float = 300.0, max_ids: int = 4096, max_events: int = 1024
+                 ) -> None:
+        from omnidit.serve.app import FileStore
+
+        self.files = FileStore(url_ttl)
+        self.events_ttl, self.max_ids, self.max_events = events_ttl, max_ids, max_events
+        self._events: OrderedDict[str, tuple[list[dict], float]] = OrderedDict()  # id -> (events, expiry)
+
+    def put(self, data: bytes, media_type: str) -> str:
+        return self.files.put(data, media_type)
+
+    def get(self, name: str) -> tuple[bytes, str] | None:
+        return self.files.get(name)
+
+    def publish(self, progress_id: str, event: dict) -> None:
+        now = time.monotonic()
+        events = self._events.pop(progress_id, ([], 0.0))[0][-(self.max_events - 1):] + [event]
+        self._events[progress_id] = (events, now + self.events_ttl)  # the most recent id last
+        while self._events and (len(self._events) > self.max_ids or next(iter(self._events.values()))[1] < now):
+            self._events.popitem(last=False)
+
+    def events_after(self, progress_id: str, seen: int) -> list[dict]:
+        """The events of ``progress_id`` after the first ``seen``."""
+        return self._events.get(progress_id, ([], 0.0))[0][seen:]
+
+
+class RemoteFiles:
+    """``FileStore``'s interface over the shared actor (called from worker threads, never the event loop)."""
+
+    def __init__(self, shared) -> None:
+        self.shared = shared
+
+    def put(self, data: bytes, media_type: str) -> str:
+        import ray
+
+        return ray.get(self.shared.put.remote(data, media_type))
+
+    def get(self, name: str) -> tuple[bytes, str] | None:
+        import ray
+
+        return ray.get(self.shared.get.remote(name))
+
+
+class RemoteProgress:
+    """``ProgressHub``'s interface over the shared actor: ``publish`` sends an event without waiting (from the
+    sampling thread or the event loop); each listener's queue is filled by a task that asks the actor for new
+    events every ``POLL_SECONDS`` until the listener leaves. At most ``max_subscribers`` listeners per replica."""
+
+    def __init__(self, shared, max_subscribers: int = 256) -> None:
+        self.shared, self.max_subscribers = shared, max_subscribers
+        self._pollers: dict[int, asyncio.Task] = {}
+
+    def publish(self, progress_id: str, event: dict) -> None:
+        self.shared.publish.remote(progress_id, event)
+
+    def subscribe(self, progress_id: str) -> asyncio.Queue:
+        from omnidit.serve.app import ApiError
+
+        if len(self._pollers) >= self.max_subscribers:
+            raise ApiError(429, "too many progress listeners", code="too_many_listeners", headers={"Retry-After": "1"})
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1024)
+        self._pollers[id(queue)] = asyncio.get_running_loop().create_task(self._poll(progress_id, queue))
+        return queue
+
+    def unsubscribe(self, progress_id: str, queue: asyncio.Queue) -> None:
+        poller = self._pollers.pop(id(queue), None)
+        if poller is not None:
+            poller.cancel()
+
+    async def _poll(self, progress_id: str, queue: asyncio.Queue) -> None:
+        from omnidit.serve.app import _put_nowait
+
+        seen = 0
+        while True:
+            events = await self.shared.events_after.remote(progress_id, seen)
+            for event in events:
+                _put_nowait(queue, event)
+            seen += len(events)
+            await asyncio.sleep(POLL_SECONDS)
 
 
 def replica_builder(models: dict[str, str], loras: list[str] | None, speed: str | None, device: str,
-                    threads: int | None, app_options: dict) -> Callable[[], object]:
+                    threads: int | None, app_options: dict, shared=None) -> Callable[[], object]:
     """A function of no arguments that loads the models and returns the server's ASGI app; Ray runs it in
-    each replica (it is pickled with what it closes over, so it holds only names, paths and numbers)."""
+    each replica (it is pickled with what it closes over, so it holds only names, paths, numbers and the
+    handle of the ``SharedState`` actor, when given, whose url files and progress events the app uses)."""
 
     def build():
         import torch
@@ -34,7 +126,8 @@ def replica_builder(models: dict[str, str], loras: list[str] | None, speed: str 
 
         if threads:
             torch.set_num_threads(threads)  # before reserve_torch_threads reads it
-        return build_served_app(models, loras, speed, device, **app_options)
+        stores = {"files": RemoteFiles(shared), "hub": RemoteProgress(shared)} if shared is not None else {}
+        return build_served_app(models, loras, speed, device, **app_options, **stores)
 
     return build
 
@@ -74,11 +167,12 @@ def serve_replicas(models: dict[str, str], loras: list[str] | None, speed: str |
         raise OmniditError(f"{replicas} replicas need {replicas} GPUs; the Ray cluster has {have:g}",
                            hint="use fewer --replicas, or --device cpu")
     device = "cuda" if gpus else device
-    options = dict(app_options, url_results=False)
-    build = replica_builder(models, loras, speed, device, max(1, int(replica_cpus)), options)
+    limits = app_options.get("limits")
+    shared = ray.remote(SharedState).options(num_cpus=0).remote(limits.url_ttl if limits else 600.0)
+    build = replica_builder(models, loras, speed, device, max(1, int(replica_cpus)), app_options, shared)
     # A replica batches the requests it holds, so Ray must let it hold as many as its own queue admits; past
     # that its 429 answers, as a single server's do.
-    ongoing = options.get("max_queue", 64) + options.get("max_batch", 16)
+    ongoing = app_options.get("max_queue", 64) + app_options.get("max_batch", 16)
     deployment = serve.deployment(serve.ingress(build)(), name=APP_NAME, num_replicas=replicas,
                                   max_ongoing_requests=ongoing,
                                   ray_actor_options={"num_cpus": replica_cpus, "num_gpus": gpus})
