@@ -377,19 +377,29 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_pa
     assert not out.exists()
 
 
-@pytest.mark.parametrize("method", ["progressive", "dmd"])
-def test_two_processes_follow_the_single_process_distillation(digits_teacher, tmp_path, method):
+@pytest.mark.parametrize("method, parallel", [("progressive", "ddp"), ("dmd", "ddp"), ("progressive", "fsdp"),
+                                              ("dmd", "fsdp")])
+def test_two_processes_follow_the_single_process_distillation(digits_teacher, tmp_path, method, parallel):
+    # progressive: a stage teacher from step 2 (a frozen copy of the EMA, sharded under FSDP); dmd: the fake
+    # denoiser and its optimizer; both saved as full state dicts and equal to one process's. Under FSDP the last
+    # step runs again from the checkpoint of step 3, so that the sharded stage teacher and fake load from it.
+    import shutil
+
     from tests.test_distributed import env, failure
 
-    steps = ["train.steps=4", "train.checkpoint_every=4", "distill.teacher_steps=8", "distill.student_steps=2",
-             "distill.generator_every=2"]
+    steps = ["train.steps=4", "train.checkpoint_every=3", "distill.teacher_steps=8", "distill.student_steps=2",
+             "distill.generator_every=2", f"train.parallel={parallel}"]
     single, double = tmp_path / "one", tmp_path / "two"
     subprocess.run(distill_cmd(digits_teacher, single, method, *steps), check=True, env=env(), capture_output=True,
                    timeout=300)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "omnidit"]
-    done = subprocess.run([*launcher, *distill_cmd(digits_teacher, double, method, *steps)[3:]], env=env(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, failure(done)
+    for again in (False, True) if parallel == "fsdp" else (False,):
+        if again:
+            assert [p.name for p in list_checkpoints(double)] == ["checkpoint-0000003", "checkpoint-0000004"]
+            shutil.rmtree(double / "checkpoint-0000004")
+        done = subprocess.run([*launcher, *distill_cmd(digits_teacher, double, method, *steps)[3:]], env=env(),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, failure(done)
     a, b = final_state(single), final_state(double)
     assert a.keys() == b.keys()
     for k in a:  # same global batch and draws; only the order of float sums differs

@@ -15,7 +15,6 @@ lives in omnidit.distill; this module draws the batches, runs the teacher and ke
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -83,9 +82,9 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
     if changed:
         raise OmniditError(f"the student's config contradicts the teacher's ({'; '.join(changed)})",
                            hint=FIXED_MODEL_KEYS_HINT)
-    if config.train.lora_rank or config.train.parallel == "fsdp" or config.train.init_grow:
-        raise OmniditError("distillation trains every weight of the student, under DDP or in one process",
-                           hint="drop train.lora_rank, train.init_grow and train.parallel=fsdp")
+    if config.train.lora_rank or config.train.init_grow:
+        raise OmniditError("distillation trains every weight of the student",
+                           hint="drop train.lora_rank and train.init_grow")
     if config.train.grad_accum != 1 or config.train.counterfactual_weight or config.train.given_p \
             or config.train.region_p or config.train.layout_boxes:
         raise OmniditError("distillation takes one batch per step, with no counterfactual pairs, given tokens or "
@@ -130,6 +129,8 @@ class Distiller(Trainer):
         if self.multi:
             raise OmniditError("distillation works on image or silent-clip data for now", hint="distil an image model")
         self.teacher, teacher_config = load_model(dc.teacher, device=self.device)
+        if config.train.parallel == "fsdp":  # frozen, but sharded like the student: its memory is spread too
+            self.teacher = D.wrap_model(self.teacher.requires_grad_(False), self.world, "fsdp")
         self.teacher_sample = teacher_config.sample
         self.scales = tuple(float(g) for g in dc.guidance)
         self.shift = config.sample.shift
@@ -186,8 +187,12 @@ class Distiller(Trainer):
         """At a stage boundary the student's EMA becomes the teacher (frozen)."""
         stage = self.stage_at(self.step)
         if stage > self.stage:
-            self.stage_teacher = copy.deepcopy(D.unwrap(self.ema)).requires_grad_(False).eval()
+            self.stage_teacher = self._frozen_ema()
             self.stage = stage
+
+    def _frozen_ema(self) -> nn.Module:
+        return D.frozen_copy(self.ema, self.world, self.config.train.parallel,
+                             lambda: MMDiT(self.config.model).to(self.device))
 
     # ---- one step ------------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
@@ -238,10 +243,10 @@ class Distiller(Trainer):
         tc, dc, world = self.config.train, self.config.distill, self.world
         objective.backward()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = D.clip_gradients(self.model, max_norm)
         values = [D.all_reduce_mean(loss.detach(), world), grad_norm.to(loss)]
         if fake_loss is not None:
-            fake_norm = nn.utils.clip_grad_norm_(self.fake.parameters(), max_norm)
+            fake_norm = D.clip_gradients(self.fake, max_norm)
             values += [D.all_reduce_mean(fake_loss.detach(), world), fake_norm.to(loss)]
         values = torch.stack(values).tolist()  # one host sync per step
         if all(math.isfinite(v) for v in values):
@@ -300,32 +305,39 @@ class Distiller(Trainer):
 
     # ---- extra state: the stage teacher, the fake denoiser ---------------------------------------
     def extra_state(self) -> tuple[dict[str, Tensor], dict]:
+        """The stage teacher and the fake denoiser with its optimizer, as full state dicts keyed by name
+        (gathered from the shards under FSDP: every rank calls this)."""
+        from omnidit.checkpoint import optimizer_state_to_flat
+
         tensors, meta = {}, {"distill_stage": self.stage}
         if self.stage_teacher is not None:
-            tensors.update({f"stage_teacher/{k}": v for k, v in self.stage_teacher.state_dict().items()})
+            tensors.update({f"stage_teacher/{k}": v for k, v in D.full_model_state(self.stage_teacher).items()})
         if self.fake is not None:
-            from omnidit.checkpoint import optimizer_state_to_flat
-
-            tensors.update({f"fake/{k}": v for k, v in D.unwrap(self.fake).state_dict().items()})
-            flat, fake_meta = optimizer_state_to_flat(self.fake_optimizer.state_dict())
-            tensors.update({f"fake_{k}": v for k, v in flat.items()})
-            meta["fake_optimizer"] = fake_meta
+            tensors.update({f"fake/{k}": v for k, v in D.full_model_state(self.fake).items()})
+            optimizer_state = D.full_optimizer_state(self.fake, self.fake_optimizer)
+            if self.world.is_main:  # the other ranks' gathered dicts are empty
+                flat, meta["fake_optimizer"] = optimizer_state_to_flat(optimizer_state)
+                tensors.update({f"fake_{k}": v for k, v in flat.items()})
         return tensors, meta
 
     def load_extra_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        from omnidit.checkpoint import optimizer_state_from_flat
+
         self.stage = int(meta.get("distill_stage", 0))
         teacher = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("stage_teacher/")}
         if teacher:
-            self.stage_teacher = copy.deepcopy(D.unwrap(self.ema)).requires_grad_(False).eval()
-            self.stage_teacher.load_state_dict(teacher)
+            self.stage_teacher = self._frozen_ema()  # its shape (and shards); then its own weights
+            D.load_full_state(self.stage_teacher, teacher)
         if self.fake is not None:
-            from omnidit.checkpoint import optimizer_state_from_flat
-
-            D.unwrap(self.fake).load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items()
-                                                 if k.startswith("fake/")})
+            fake = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("fake/")}
             flat = {k[len("fake_"):]: v for k, v in tensors.items() if k.startswith("fake_optim/")}
-            self.fake_optimizer.load_state_dict(optimizer_state_from_flat(flat, meta["fake_optimizer"]))
-
+            state = optimizer_state_from_flat(flat, meta["fake_optimizer"])
+            if state["state"] and all(isinstance(k, int) for k in state["state"]):
+                # keyed by index: written by omnidit before its fake optimizer was saved by name (one process)
+                D.load_full_state(self.fake, fake)
+                self.fake_optimizer.load_state_dict(state)
+            else:
+                D.load_full_state(self.fake, fake, self.fake_optimizer, state)
 
 
 def distill(config: Config, progress: bool = True) -> Path:

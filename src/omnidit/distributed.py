@@ -7,7 +7,9 @@ keyed by parameter name, so they load the same whatever the world size.
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +78,26 @@ def wrap_model(model: nn.Module, world: World, parallel: str) -> nn.Module:
         fully_shard(model)
         return model
     raise OmniditError(f"unknown train.parallel '{parallel}'", hint="use ddp or fsdp")
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> Tensor:
+    """Clip the gradients' global norm to ``max_norm`` (inf: only measure it) and return the norm before clipping
+    as a plain tensor (under FSDP the norm of sharded gradients comes as a DTensor)."""
+    norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def frozen_copy(model: nn.Module, world: World, parallel: str, build: Callable[[], nn.Module]) -> nn.Module:
+    """A frozen copy of ``model`` in eval mode, sharded like it under FSDP (``build()`` makes an unwrapped model
+    of the same architecture, whose shards then take ``model``'s; FSDP2 modules cannot be deep-copied)."""
+    if parallel != "fsdp" or not world.distributed:
+        return copy.deepcopy(unwrap(model)).requires_grad_(False).eval()
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the run's random stream
+        copied = wrap_model(build(), world, parallel)
+    with torch.no_grad():
+        for mine, theirs in zip(copied.parameters(), model.parameters(), strict=True):
+            mine.copy_(theirs)
+    return copied.requires_grad_(False).eval()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

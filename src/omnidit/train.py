@@ -285,8 +285,7 @@ class Trainer:
                     cf_total += loss.detach() * pairs.scale
             objective.backward()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = D.clip_gradients(self.model, max_norm)
         loss_mean = D.all_reduce_mean(total, world)
         # One host sync per step: the NaN guard needs to know. Both values agree across ranks
         # (gradients are all-reduced, the loss explicitly), so every rank takes the same branch.
@@ -341,6 +340,7 @@ class Trainer:
         if self.adapter_only:  # the frozen base is train.init_from's: the adapter alone is the run's
             model_state, ema_state = self.adapter_state(model_state), self.adapter_state(ema_state)
         path = self.out_dir / f"{CHECKPOINT_PREFIX}{self.step:07d}"
+        extra_tensors, extra_meta = self.extra_state()  # every rank: it may gather (FSDP)
         if self.world.is_main:
             tensors, meta = optimizer_state_to_flat(optimizer_state)
             tensors["rng/generator"] = self.generator.get_state()
@@ -348,7 +348,6 @@ class Trainer:
             tensors["rng/torch"] = torch.get_rng_state()
             if torch.cuda.is_available():
                 tensors["rng/cuda"] = torch.cuda.get_rng_state()
-            extra_tensors, extra_meta = self.extra_state()
             tensors.update(extra_tensors)
             meta.update(extra_meta)
             meta.update(step=self.step, world_size=self.world.world_size)
@@ -365,7 +364,8 @@ class Trainer:
         return path
 
     def extra_state(self) -> tuple[dict[str, Tensor], dict]:
-        """More (tensors, JSON metadata) for the checkpoint's training state (a distillation's extra models)."""
+        """More (tensors, JSON metadata) for the checkpoint's training state (a distillation's extra models).
+        Called on every rank, so it may gather sharded state; rank 0's result is written."""
         return {}, {}
 
     def load_extra_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
