@@ -21,6 +21,8 @@ from omnidit.distill import (
     guidance_distillation_loss,
     guided_velocity,
     progressive_distillation_loss,
+    regression_loss,
+    student_sample,
     two_step_target,
 )
 from omnidit.flow import interpolate
@@ -130,6 +132,24 @@ def test_fake_score_loss_is_the_flow_loss_and_smallest_at_the_true_denoiser():
     assert right < wrong
 
 
+def teacher_pairs(n: int, seed: int, steps: int = 1000) -> tuple[Tensor, Tensor]:
+    """(noise, the exact flow's sample from it): the Gaussian's ODE maps z to MEAN + STD z, up to Euler's error."""
+    noise = torch.randn(n, 1, 1, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return noise, student_sample(gaussian_velocity, noise, timestep_schedule(steps))
+
+
+def test_regression_loss_is_zero_at_a_student_that_reproduces_the_teachers_map():
+    noise, target = teacher_pairs(512, 8)
+    assert torch.allclose(target, MEAN + STD * noise, atol=5e-3)
+    grid = timestep_schedule(1)
+    exact = regression_loss(lambda x, t: x - (MEAN + STD * x), noise, target, grid)  # one step onto the map
+    assert exact < 1e-5
+    assert regression_loss(gaussian_velocity, noise, target, grid) > 0.1  # the flow itself in one step: the mean
+    # The same distribution but another coupling (z -> MEAN - STD z) is not the teacher's map: the loss says so.
+    assert regression_loss(lambda x, t: x - (MEAN - STD * x), noise, target, grid) > 0.1
+
+
 # ---- students on the Gaussian reach the exact samples' moments -------------------------------------
 class AffineStudent(nn.Module):
     """v(x, t) = a(t) x + b(t) (the exact flow of Gaussian data has this form), a and b from a small MLP on t."""
@@ -176,6 +196,23 @@ def test_progressive_stages_reach_the_gaussian_in_two_steps_and_one():
     # The undistilled exact flow in one Euler step is far off (it lands on the mean, with no spread).
     x = euler_samples(gaussian_velocity, 1)
     assert abs(x.std() - STD) > 0.3
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_regression_students_reach_the_gaussian_in_one_and_two_steps(steps):
+    torch.manual_seed(0)
+    student = AffineStudent()
+    noise, target = teacher_pairs(2048, 9)  # a fixed set of pairs, as omnidit distill draws them once
+    grid = timestep_schedule(steps)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+    for it in range(300):
+        rows = torch.randint(0, 2048, (256,), generator=torch.Generator().manual_seed(it))
+        loss = regression_loss(student, noise[rows], target[rows], grid)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    x = euler_samples(student, steps)  # fresh noise, not the pairs'
+    assert abs(x.mean() - MEAN) < 0.03 and abs(x.std() - STD) < 0.03, (x.mean(), x.std())
 
 
 def test_dmd_one_step_generator_reaches_the_gaussian():
@@ -282,13 +319,14 @@ def run_distill(teacher: Path, out: Path, method: str, *overrides: str) -> Path:
     return distill(student_config(teacher, out, method, [*STUDENT, *overrides]), progress=False)
 
 
-@pytest.mark.parametrize("method", ["guidance", "progressive", "dmd"])
+@pytest.mark.parametrize("method", ["guidance", "progressive", "dmd", "regression"])
 def test_each_method_writes_an_ordinary_student_that_samples_without_guidance_passes(digits_teacher, tmp_path,
                                                                                       method):
     from omnidit.pipeline import guided, load_pipeline
 
     extra = {"guidance": [], "progressive": ["distill.teacher_steps=8", "distill.student_steps=2"],
-             "dmd": ["distill.student_steps=2", "distill.generator_every=2"]}[method]
+             "dmd": ["distill.student_steps=2", "distill.generator_every=2"],
+             "regression": ["distill.student_steps=2", "distill.pairs=40"]}[method]
     final = run_distill(digits_teacher, tmp_path / "s", method, "train.steps=4", "train.checkpoint_every=2", *extra)
     model, config = load_model(final)
     assert config.model.guidance_embed and config.distill.method == method
@@ -378,17 +416,18 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_pa
 
 
 @pytest.mark.parametrize("method, parallel", [("progressive", "ddp"), ("dmd", "ddp"), ("progressive", "fsdp"),
-                                              ("dmd", "fsdp")])
+                                              ("dmd", "fsdp"), ("regression", "fsdp")])
 def test_two_processes_follow_the_single_process_distillation(digits_teacher, tmp_path, method, parallel):
     # progressive: a stage teacher from step 2 (a frozen copy of the EMA, sharded under FSDP); dmd: the fake
-    # denoiser and its optimizer; both saved as full state dicts and equal to one process's. Under FSDP the last
+    # denoiser and its optimizer; both saved as full state dicts and equal to one process's; regression: the pairs
+    # drawn by both processes (each its rows of a chunk) equal one process's. Under FSDP the last
     # step runs again from the checkpoint of step 3, so that the sharded stage teacher and fake load from it.
     import shutil
 
     from tests.test_distributed import env, failure
 
     steps = ["train.steps=4", "train.checkpoint_every=3", "distill.teacher_steps=8", "distill.student_steps=2",
-             "distill.generator_every=2", f"train.parallel={parallel}"]
+             "distill.generator_every=2", "distill.pairs=40", f"train.parallel={parallel}"]
     single, double = tmp_path / "one", tmp_path / "two"
     subprocess.run(distill_cmd(digits_teacher, single, method, *steps), check=True, env=env(), capture_output=True,
                    timeout=300)

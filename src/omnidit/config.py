@@ -257,7 +257,7 @@ class SampleConfig:
                 raise OmniditError(f"config key 'sample.{key}': {e.message}", hint=e.hint) from None
 
 
-DISTILL_METHODS = ("guidance", "progressive", "dmd")
+DISTILL_METHODS = ("guidance", "progressive", "dmd", "regression")
 
 
 @dataclass
@@ -265,7 +265,7 @@ class DistillConfig:
     """omnidit distill (omnidit.distill_train): the student trains as the train section says, from the teacher's
     weights, toward the teacher (omnidit.distill holds each method's loss). method "" = an ordinary training run."""
 
-    method: str = ""  # "" (not a distillation) | guidance | progressive | dmd
+    method: str = ""  # "" (not a distillation) | guidance | progressive | dmd | regression
     teacher: str = ""  # the teacher's model folder, run folder or shipped name
     # Guidance scales drawn per sample, uniform in [LO, HI]; the student takes the scale as an input
     # (model.guidance_embed). [] = [1, 1.5 x the teacher's cfg] for guidance, [cfg, cfg] for the few-step methods.
@@ -275,12 +275,15 @@ class DistillConfig:
     fake_lr_ratio: float = 1.0  # dmd: the fake-score model's learning rate / train.lr
     generator_every: int = 5  # dmd: the student steps every N-th step, the fake denoiser every step (DMD2's TTUR)
     dmd_t_range: list[float] = field(default_factory=lambda: [0.02, 0.98])  # dmd: where scores are compared
+    # regression: how many (noise, teacher sample) pairs to draw once with the teacher's own sampler (OUT/pairs)
+    pairs: int = 8192
 
     def __post_init__(self) -> None:
         if self.method not in ("", *DISTILL_METHODS):
             raise OmniditError(f"unknown distillation method '{self.method}'",
                                hint=f"choose one of {', '.join(DISTILL_METHODS)}")
-        _check_ranges("distill", self, positive=("student_steps", "teacher_steps", "fake_lr_ratio", "generator_every"))
+        _check_ranges("distill", self, positive=("student_steps", "teacher_steps", "fake_lr_ratio", "generator_every",
+                                                 "pairs"))
         if self.guidance and (len(self.guidance) != 2 or not 0 <= self.guidance[0] <= self.guidance[1]):
             raise OmniditError(f"distill.guidance must be [LO, HI] with 0 <= LO <= HI, got {self.guidance}",
                                hint="e.g. distill.guidance=[1,6], or [4,4] for one scale")

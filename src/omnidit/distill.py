@@ -67,6 +67,24 @@ def progressive_distillation_loss(student: Velocity, teacher: Velocity, x_t: Ten
     return F.mse_loss(student(x_t, t).float(), target.float())
 
 
+def student_sample(student: Velocity, noise: Tensor, grid: Tensor) -> Tensor:
+    """The student's Euler steps on ``grid`` (from 1 to 0) from ``noise`` (B, N, D), with their graph."""
+    x = noise
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        x = x + (t_next - t) * student(x, t.expand(x.shape[0]))
+    return x
+
+
+def regression_loss(student: Velocity, noise: Tensor, target: Tensor, grid: Tensor) -> Tensor:
+    """Knowledge distillation of the teacher's sampler (Luhman & Luhman 2021, "Knowledge Distillation in Iterative
+    Generative Models for Improved Sampling Speed", eq. 5: min E_z || f_student(z) - DDIM_teacher(z) ||^2; the
+    distillation stage of InstaFlow, Liu et al. 2024, eq. 6, and DMD's regression term, Yin et al. 2024, eq. 9,
+    with LPIPS where this uses the squared error), for an N-step student: its N Euler steps on ``grid`` from the
+    noise z, differentiated through every step, against the teacher's sample from the same z (``target``, a
+    stored pair). Zero exactly when the student's sampler reproduces the teacher's map from noise to samples."""
+    return F.mse_loss(student_sample(student, noise, grid).float(), target.float())
+
+
 def dmd_generator_loss(x0: Tensor, real: Velocity, fake: Velocity, t: Tensor, noise: Tensor) -> Tensor:
     """Distribution matching distillation's generator loss (Yin et al. 2024, "One-step Diffusion with Distribution
     Matching Distillation", eq. 7 with the normalised weight of eq. 8; DMD2, Yin et al. 2024b, keeps it).

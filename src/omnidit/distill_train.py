@@ -11,6 +11,9 @@ lives in omnidit.distill; this module draws the batches, runs the teacher and ke
   the student's EMA becomes the next stage's teacher (kept in the checkpoints for exact resume).
 - ``dmd``: distribution matching with a fake denoiser trained online on the student's samples (two time-scale
   updates: the generator steps every distill.generator_every-th step), with backward simulation for N steps.
+- ``regression``: distill.pairs teacher samples are drawn once, each from its own noise with the teacher's sampler
+  (OUT/pairs, in chunks, so an interrupted run keeps what it made); the student's N Euler steps from a pair's
+  noise must land on its sample.
 """
 
 from __future__ import annotations
@@ -33,20 +36,22 @@ from omnidit.distill import (
     guidance_distillation_loss,
     guided_velocity,
     progressive_distillation_loss,
+    regression_loss,
 )
 from omnidit.errors import OmniditError
 from omnidit.flow import interpolate, sample_timesteps
 from omnidit.model.mmdit import MMDiT
 from omnidit.optim import ema_decay_at, learning_rate, make_optimizer, update_ema
-from omnidit.sampling import timestep_schedule
+from omnidit.sampling import sample, timestep_schedule
 from omnidit.train import Trainer, train
 from omnidit.train_batches import batch_indices
 
 # The train section of a distillation when the command line says nothing else: short, from the teacher's weights.
-DEFAULT_TRAIN = {"steps": {"guidance": 1500, "progressive": 3000, "dmd": 3000},
-                 "lr": {"guidance": 1e-4, "progressive": 1e-4, "dmd": 2e-5},
+DEFAULT_TRAIN = {"steps": {"guidance": 1500, "progressive": 3000, "dmd": 3000, "regression": 2000},
+                 "lr": {"guidance": 1e-4, "progressive": 1e-4, "dmd": 2e-5, "regression": 1e-4},
                  "batch_size": 32, "warmup_steps": 50, "ema_decay": 0.995, "cond_dropout": 0.0, "log_every": 25,
                  "checkpoint_every": 250, "keep_last": 2, "lr_schedule": "constant"}
+PAIR_CHUNK = 256  # regression: teacher samples per pairs file (each chunk is seeded by its number alone)
 # Keys the student may not change: the weights only make sense with the teacher's.
 FIXED_MODEL_KEYS_HINT = "drop the model.* overrides: a student has the teacher's architecture"
 
@@ -145,6 +150,7 @@ class Distiller(Trainer):
             self.fake_optimizer = make_optimizer(self.fake, config.train.lr * dc.fake_lr_ratio,
                                                  config.train.weight_decay, self.device)
         self.generator_updated = True  # dmd: whether the last step updated the student (else the fake only)
+        self.pairs: dict[str, Tensor] | None = self.make_pairs() if dc.method == "regression" else None
 
     # ---- the teacher and the student as velocities ---------------------------------------------
     def teacher_velocity(self, model: MMDiT, cond: Condition, scale: Tensor) -> Velocity:
@@ -194,19 +200,81 @@ class Distiller(Trainer):
         return D.frozen_copy(self.ema, self.world, self.config.train.parallel,
                              lambda: MMDiT(self.config.model).to(self.device))
 
+    # ---- regression: the teacher's samples, drawn once -----------------------------------------
+    def make_pairs(self) -> dict[str, Tensor]:
+        """distill.pairs (noise, teacher sample, data index, scale) rows: each chunk of ``PAIR_CHUNK`` is drawn from
+        its own seed with the teacher's sampling settings (steps, sampler, shift, CFG and skip-layer guidance; one
+        candidate) and kept in OUT/pairs, so a resumed run reuses them. Every rank draws its share of a chunk in
+        lockstep (the teacher may be sharded) and rank 0 writes it; then every rank reads them all."""
+        from safetensors.torch import save_file
+        from tqdm import tqdm
+
+        from omnidit.checkpoint import read_safetensors
+
+        dc, world = self.config.distill, self.world
+        if PAIR_CHUNK % world.world_size:
+            raise OmniditError(f"regression draws its pairs in chunks of {PAIR_CHUNK} rows shared by the processes, "
+                               f"and {world.world_size} processes do not divide them",
+                               hint="use a power of two processes (torchrun --nproc_per_node)")
+        folder = self.out_dir / "pairs"
+        files = [folder / f"chunk-{i:05d}.safetensors" for i in range(math.ceil(dc.pairs / PAIR_CHUNK))]
+        missing = [i for i, f in enumerate(files) if not f.exists()]  # the same list on every rank
+        D.barrier(world)
+        if missing and self.progress:
+            s = self.teacher_sample
+            print(f"drawing {dc.pairs} teacher samples for regression ({s.steps} {s.sampler} steps, cfg "
+                  f"{self.scales[0]:g}{', skip-layer guidance' if s.skip_scale else ''}) into {folder}", flush=True)
+        for i in tqdm(missing, disable=not self.progress, unit="chunk", desc="teacher samples", dynamic_ncols=True):
+            chunk = self._pair_chunk(i)
+            if world.is_main:
+                folder.mkdir(parents=True, exist_ok=True)
+                temporary = files[i].with_suffix(".tmp")
+                save_file(chunk, str(temporary))
+                temporary.replace(files[i])  # whole chunks only
+        D.barrier(world)
+        chunks = [read_safetensors(f) for f in files]
+        return {key: torch.cat([c[key] for c in chunks])[:dc.pairs] for key in chunks[0]}
+
+    def _pair_chunk(self, number: int) -> dict[str, Tensor]:
+        """Chunk ``number`` of the pairs on every rank (each draws its rows, then they are gathered)."""
+        world, s = self.world, self.teacher_sample
+        g = torch.Generator().manual_seed(self.config.train.seed * 7919 + number)
+        source = self.cache if self.cache is not None else self.dataset
+        if source.num_samples is None:  # an endless data set (shapes): scenes in order, as the trainer reads them
+            index = torch.arange(number * PAIR_CHUNK, (number + 1) * PAIR_CHUNK)
+        else:
+            index = torch.randint(0, source.num_samples, (PAIR_CHUNK,), generator=g)
+        lo, hi = self.scales
+        scale = lo + (hi - lo) * torch.rand(PAIR_CHUNK, generator=g)
+        noise = torch.randn((PAIR_CHUNK, self.num_tokens, self.config.model.token_dim), generator=g)
+        local = PAIR_CHUNK // world.world_size
+        mine = slice(world.rank * local, (world.rank + 1) * local)
+        _, cond, _ = self.image_batch(index[mine].tolist())
+        velocity = self.teacher_velocity(self.teacher, cond, scale[mine].to(self.device))
+        with torch.no_grad():
+            drawn = sample(lambda x, t: velocity(x, t.expand(x.shape[0])), noise[mine].to(self.device), s.steps,
+                           s.sampler, s.shift).float()
+        return {"noise": noise, "sample": D.all_gather_rows(drawn, world).cpu(), "index": index, "scale": scale}
+
     # ---- one step ------------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
         tc, world = self.config.train, self.world
         batch, local = tc.batch_size, tc.batch_size // world.world_size
         mine = slice(world.rank * local, (world.rank + 1) * local)
         source = self.cache if self.cache is not None else self.dataset
-        idx = batch_indices(self.step, batch, source.num_samples, self.config.data.seed)
+        rows = len(self.pairs["index"]) if self.pairs is not None else source.num_samples
+        idx = batch_indices(self.step, batch, rows, self.config.data.seed)
         # Every draw for the global batch from the one seeded generator, identically on every rank.
         g = self.generator
         lo, hi = self.scales
         scale = (lo + (hi - lo) * torch.rand(batch, generator=g))[mine].to(self.device)
         noise = torch.randn((batch, self.num_tokens, self.config.model.token_dim), generator=g)[mine].to(self.device)
-        x0, cond, _ = self.image_batch(idx[mine])
+        if self.pairs is None:
+            x0, cond, _ = self.image_batch(idx[mine])
+        else:  # regression: a pair's noise, its teacher sample as x0, the condition and scale it was drawn with
+            pair = {key: value[torch.as_tensor(idx[mine])] for key, value in self.pairs.items()}
+            _, cond, _ = self.image_batch(pair["index"].tolist())
+            x0, noise, scale = (pair[key].to(self.device) for key in ("sample", "noise", "scale"))
         self.model.train()
         with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
             loss, fake_loss = self._losses(batch, mine, x0, cond, scale, noise)
@@ -233,6 +301,9 @@ class Distiller(Trainer):
             teacher = self.teacher if self.stage_teacher is None else self.stage_teacher
             loss = progressive_distillation_loss(student, self.teacher_velocity(teacher, cond, scale),
                                                  interpolate(x0, noise, t), t, t_mid, t_next)
+            fake_loss = None
+        elif dc.method == "regression":
+            loss = regression_loss(student, noise, x0, timestep_schedule(dc.student_steps, self.shift).to(x0.device))
             fake_loss = None
         else:
             loss, fake_loss = self._dmd_losses(batch, mine, cond, scale, noise)

@@ -133,6 +133,15 @@ def all_reduce_mean(value: Tensor, world: World) -> Tensor:
     return value
 
 
+def all_gather_rows(value: Tensor, world: World) -> Tensor:
+    """Every rank's ``value`` (b, ...) stacked in rank order along the first dimension, on every rank."""
+    if not world.distributed:
+        return value
+    parts = [torch.empty_like(value) for _ in range(world.world_size)]
+    dist.all_gather(parts, value.contiguous())
+    return torch.cat(parts)
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
