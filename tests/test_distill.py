@@ -342,6 +342,23 @@ def test_each_method_writes_an_ordinary_student_that_samples_without_guidance_pa
     assert len(losses) == 4
 
 
+def test_regression_pairs_are_kept_and_refused_for_other_settings(digits_teacher, tmp_path):
+    from omnidit.errors import OmniditError
+
+    out = tmp_path / "r"
+    run_distill(digits_teacher, out, "regression", "train.steps=1", "distill.pairs=300")
+    chunks = sorted((out / "pairs").glob("chunk-*.safetensors"))
+    assert [c.name for c in chunks] == ["chunk-00000.safetensors", "chunk-00001.safetensors"]  # 2 x 256 rows
+    pairs = {k: torch.cat([read_safetensors(c)[k] for c in chunks]) for k in ("noise", "sample", "index", "scale")}
+    assert pairs["noise"].shape[0] == 512 and not torch.equal(pairs["noise"][:256], pairs["noise"][256:])
+    assert torch.isfinite(pairs["sample"]).all() and pairs["sample"].std() > 0.1
+    stamp = chunks[0].stat().st_mtime_ns
+    run_distill(digits_teacher, out, "regression", "train.steps=2", "distill.pairs=300")  # resumes: drawn once
+    assert chunks[0].stat().st_mtime_ns == stamp
+    with pytest.raises(OmniditError, match="drawn by another teacher or with other settings"):
+        run_distill(digits_teacher, out, "regression", "train.steps=3", "distill.pairs=300", "distill.guidance=[3,3]")
+
+
 def test_a_new_guidance_input_starts_as_the_teachers_conditional_model(digits_teacher, tmp_path):
     from omnidit.checkpoint import initial_weights
     from omnidit.distill_train import student_config

@@ -13,7 +13,9 @@ def add_distill_parser(sub) -> None:
                                    "checkpoints, curves and exact resume (run it again to continue). guidance: one "
                                    "pass per step instead of the guided pair, the scale an input; progressive: "
                                    "halve the steps stage by stage down to distill.student_steps; dmd: distribution "
-                                   "matching for 1-4 steps. The student is an ordinary model folder in OUT "
+                                   "matching for 1-4 steps; regression: the student's 1-4 steps from a noise land on "
+                                   "the teacher's sample from it (distill.pairs samples drawn once). The student is an "
+                                   "ordinary model folder in OUT "
                                    "(generate, eval, convert and quantize take it). docs/distillation.md.")
     p.add_argument("teacher", help="the teacher: a model, run or checkpoint folder, or a shipped name (shapes)")
     p.add_argument("out", help="the run folder of the student (train.out_dir)")

@@ -18,9 +18,10 @@ lives in omnidit.distill; this module draws the batches, runs the teacher and ke
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -219,6 +220,13 @@ class Distiller(Trainer):
         folder = self.out_dir / "pairs"
         files = [folder / f"chunk-{i:05d}.safetensors" for i in range(math.ceil(dc.pairs / PAIR_CHUNK))]
         missing = [i for i, f in enumerate(files) if not f.exists()]  # the same list on every rank
+        drawn_with = json.dumps({"teacher": dc.teacher, "sample": asdict(self.teacher_sample), "guidance": self.scales,
+                                 "train_seed": self.config.train.seed, "data_seed": self.config.data.seed,
+                                 "tokens": [self.num_tokens, self.config.model.token_dim]}, sort_keys=True)
+        for f in files:  # chunks made for another teacher or setting would be silently wrong targets
+            if f.exists() and _pairs_setting(f) != drawn_with:
+                raise OmniditError(f"{f} was drawn by another teacher or with other settings than this run's",
+                                   hint=f"delete {folder} to draw the pairs again (or use another run folder)")
         D.barrier(world)
         if missing and self.progress:
             s = self.teacher_sample
@@ -229,7 +237,7 @@ class Distiller(Trainer):
             if world.is_main:
                 folder.mkdir(parents=True, exist_ok=True)
                 temporary = files[i].with_suffix(".tmp")
-                save_file(chunk, str(temporary))
+                save_file(chunk, str(temporary), metadata={"drawn_with": drawn_with})
                 temporary.replace(files[i])  # whole chunks only
         D.barrier(world)
         chunks = [read_safetensors(f) for f in files]
@@ -409,6 +417,14 @@ class Distiller(Trainer):
                 self.fake_optimizer.load_state_dict(state)
             else:
                 D.load_full_state(self.fake, fake, self.fake_optimizer, state)
+
+
+def _pairs_setting(path: Path) -> str | None:
+    """What a regression pairs chunk was drawn with (its safetensors metadata), or None."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("drawn_with")
 
 
 def distill(config: Config, progress: bool = True) -> Path:
