@@ -173,9 +173,10 @@ class ProgressListener:
         assert self.listening.wait(self.wait), "the progress stream did not open"
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
         self.thread.join(self.wait)
-        assert not self.thread.is_alive(), "the progress stream did not end"
+        if kind is None:  # else the body's own error says more
+            assert not self.thread.is_alive(), "the progress stream did not end"
 
     @property
     def states(self) -> list[str]:

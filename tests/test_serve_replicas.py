@@ -48,7 +48,7 @@ class _FakeActor:
                     return _Reply(getattr(state, name)(*args))
             return types.SimpleNamespace(remote=remote)
 
-        for name in ("put", "get", "publish", "events_after"):
+        for name in ("put", "get", "publish", "end", "events_after"):
             setattr(self, name, method(name))
 
 
@@ -75,22 +75,25 @@ def test_a_replica_builds_a_whole_server_whose_url_files_live_in_the_shared_stat
     assert state.get(name)[0][:4] == b"\x89PNG" and state.get(name)[1] == "image/png"
 
 
-def test_shared_state_keeps_each_ids_events_in_order_and_bounded():
+def test_shared_state_numbers_each_ids_events_in_order_and_keeps_them_bounded():
     state = SharedState(url_ttl=60, events_ttl=60, max_ids=2, max_events=3)
     for step in range(5):
         state.publish("a", {"step": step})
-    assert state.events_after("a", 0) == [{"step": 2}, {"step": 3}, {"step": 4}]  # the last max_events
-    assert state.events_after("a", 2) == [{"step": 4}] and state.events_after("nobody", 0) == []
+    assert state.end("a") == 5 and state.end("nobody") == 0
+    assert state.events_after("a", 0) == ([{"step": 2}, {"step": 3}, {"step": 4}], 5)  # the last max_events
+    assert state.events_after("a", 4) == ([{"step": 4}], 5) and state.events_after("a", 5) == ([], 5)
+    state.publish("a", {"step": 5})  # numbered on: a reader at 5 gets it although the first kept is now 3
+    assert state.events_after("a", 5) == ([{"step": 5}], 6) and state.events_after("nobody", 0) == ([], 0)
     state.publish("b", {"step": 0})
-    state.publish("a", {"step": 5})  # a is now the most recent id, b the oldest
+    state.publish("a", {"step": 6})  # a is now the most recent id, b the oldest
     state.publish("c", {"step": 0})
-    assert state.events_after("b", 0) == [] and state.events_after("a", 2) == [{"step": 5}]
-    assert state.events_after("a", 0) and state.events_after("c", 0)
+    assert state.events_after("b", 0) == ([], 0) and state.events_after("a", 6) == ([{"step": 6}], 7)
+    assert state.end("c") == 1
     quick = SharedState(url_ttl=60, events_ttl=0.05)
     quick.publish("old", {"step": 0})
     time.sleep(0.1)
     quick.publish("new", {"step": 0})  # the old id has expired
-    assert quick.events_after("old", 0) == [] and quick.events_after("new", 0) == [{"step": 0}]
+    assert quick.end("old") == 0 and quick.events_after("new", 0) == ([{"step": 0}], 1)
 
 
 def test_one_replica_serves_the_url_files_and_progress_of_another(fake_ray):
@@ -111,6 +114,17 @@ def test_one_replica_serves_the_url_files_and_progress_of_another(fake_ray):
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     assert fetched.content == base64.b64decode(plain.json()["data"][0]["b64_json"])  # the same seed's bytes
     assert missing.status_code == 404
+
+
+def test_a_listener_on_a_reused_progress_id_hears_only_the_new_request(fake_ray):
+    shared = _FakeActor(SharedState(url_ttl=60))
+    pipe = load_pipeline("shapes", device="cpu")
+    with Live(build_app({"shapes": pipe}, files=RemoteFiles(shared), hub=RemoteProgress(shared))) as server:
+        body = {"prompt": PROMPT, "steps": 2, "progress_id": "again"}
+        assert httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=60).status_code == 200
+        with ProgressListener(f"{server.url}/v1/progress/again") as listener:
+            assert httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=60).status_code == 200
+    assert listener.states == ["queued", "running", "running", "done"]  # not the first request's done at once
 
 
 def test_the_worker_keeps_the_threads_the_loading_thread_gave_up():
@@ -172,11 +186,11 @@ def test_two_local_replicas_share_the_requests_and_draw_the_same_bytes(tmp_path)
         images = {httpx.post(f"{url}/v1/images/generations", json=body, timeout=120).json()["data"][0]["b64_json"]
                   for _ in range(6)}
         assert len(images) == 1  # whichever replica drew it
-        for _ in range(4):  # a url file and the progress of its image reach every replica
-            with ProgressListener(f"{url}/v1/progress/s1", wait=30) as listener:
+        for attempt in range(4):  # a url file and the progress of its image reach every replica
+            with ProgressListener(f"{url}/v1/progress/s{attempt}", wait=30) as listener:
                 reply = httpx.post(f"{url}/v1/images/generations", timeout=60,
-                                   json={**body, "response_format": "url", "progress_id": "s1"})
-            assert listener.states[-1] == "done" and listener.states[0] in ("queued", "running")
+                                   json={**body, "response_format": "url", "progress_id": f"s{attempt}"})
+            assert listener.states == ["queued", "running", "running", "done"]
             fetched = {httpx.get(reply.json()["data"][0]["url"], timeout=30).content for _ in range(4)}
             assert fetched == {base64.b64decode(next(iter(images)))}
     finally:

@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -141,6 +141,37 @@ class FileStore:
             del self._files[name]
 
 
+class Files(Protocol):
+    """Where url results live: ``FileStore`` here, ``serve.replicas.RemoteFiles`` shared by replicas."""
+
+    def put(self, data: bytes, media_type: str) -> str: ...
+
+    def get(self, name: str) -> tuple[bytes, str] | None: ...
+
+
+class Progress(Protocol):
+    """Where progress events go: ``ProgressHub`` here, ``serve.replicas.RemoteProgress`` shared by replicas. A
+    listener gets the events published after ``subscribe`` returns, in order."""
+
+    async def subscribe(self, progress_id: str) -> asyncio.Queue: ...
+
+    def unsubscribe(self, progress_id: str, queue: asyncio.Queue) -> None: ...
+
+    def publish(self, progress_id: str, event: dict) -> None: ...
+
+
+def check_listeners(count: int, limit: int) -> None:
+    """The 429 for one progress listener too many."""
+    if count >= limit:
+        raise ApiError(429, "too many progress listeners", code="too_many_listeners", headers={"Retry-After": "1"})
+
+
+def offer(queue: asyncio.Queue, event: dict) -> None:
+    """Put ``event`` on a listener's queue unless it is full (a listener that stopped reading loses events)."""
+    if not queue.full():
+        queue.put_nowait(event)
+
+
 class ProgressHub:
     """Per-step progress for the page: subscribers listen on a ``progress_id`` the page chose, the worker
     thread publishes into their asyncio queues. Bounded: ``max_subscribers`` ids, events without a listener
@@ -151,12 +182,10 @@ class ProgressHub:
         self._queues: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]]] = {}
         self._lock = threading.Lock()
 
-    def subscribe(self, progress_id: str) -> asyncio.Queue:
+    async def subscribe(self, progress_id: str) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue(maxsize=1024)
         with self._lock:
-            if sum(len(v) for v in self._queues.values()) >= self.max_subscribers:
-                raise ApiError(429, "too many progress listeners", code="too_many_listeners",
-                               headers={"Retry-After": "1"})
+            check_listeners(sum(len(v) for v in self._queues.values()), self.max_subscribers)
             self._queues.setdefault(progress_id, []).append((asyncio.get_running_loop(), queue))
         return queue
 
@@ -172,12 +201,7 @@ class ProgressHub:
         with self._lock:
             listeners = list(self._queues.get(progress_id, []))
         for loop, queue in listeners:
-            loop.call_soon_threadsafe(_put_nowait, queue, event)
-
-
-def _put_nowait(queue: asyncio.Queue, event: dict) -> None:
-    if not queue.full():
-        queue.put_nowait(event)
+            loop.call_soon_threadsafe(offer, queue, event)
 
 
 @dataclass
@@ -235,7 +259,7 @@ class _Guard:
 
 def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None = None, max_batch: int = 16,
               batch_window: float = 0.02, max_queue: int = 64, threads: int | None = None,
-              speed: str | None = None, files: FileStore | None = None, hub: ProgressHub | None = None) -> FastAPI:
+              speed: str | None = None, files: Files | None = None, hub: Progress | None = None) -> FastAPI:
     """The ASGI app serving ``pipelines`` (name -> loaded ``Pipeline``; the first is the default model).
     ``threads``: torch threads of the sampling worker (``batching.reserve_torch_threads``); ``speed``: the
     --speed preset the pipelines already run at (a request may ask for that one or a faster one). ``files`` and
@@ -323,7 +347,7 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
     async def progress(progress_id: str, request: Request) -> StreamingResponse:
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", progress_id):
             raise ApiError(422, "progress_id: 1-64 letters, digits, '-' or '_'", param="progress_id")
-        queue = hub.subscribe(progress_id)
+        queue = await hub.subscribe(progress_id)
 
         async def events():
             try:
@@ -402,7 +426,7 @@ def _request_speed(asked: str | None, served: str | None) -> str | None:
     return asked
 
 
-async def _publishing_errors(work, body: ImageRequest, hub: ProgressHub) -> dict:
+async def _publishing_errors(work, body: ImageRequest, hub: Progress) -> dict:
     try:
         return await work
     except Exception as error:

@@ -18,6 +18,10 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 from omnidit.errors import OmniditError
 
@@ -27,18 +31,19 @@ POLL_SECONDS = 0.1  # how often a replica asks the shared state for a listener's
 
 class SharedState:
     """What every replica must see alike, held in one Ray actor: the url results (a ``FileStore``: in memory,
-    for the url ttl, bounded in bytes) and the progress events of each ``progress_id``, kept in order for
-    ``events_ttl`` seconds after the last one so that a listener on any replica reads them (at most ``max_ids``
-    ids and ``max_events`` per id: the oldest go first). Its methods are quick and run one at a time, so the
-    events one replica sends arrive in the order it sent them."""
+    for the url ttl, bounded in bytes) and the progress events of each ``progress_id``, numbered from 0 in the
+    order they arrive and kept for ``events_ttl`` seconds after the last one, so that a listener on any replica
+    reads them (at most ``max_ids`` ids and the last ``max_events`` events of each: the oldest go first). Its
+    methods are quick and run one at a time, so the events one replica sends arrive in the order it sent them."""
 
     def __init__(self, url_ttl: float, events_ttl: float = 300.0, max_ids: int = 4096, max_events: int = 1024
                  ) -> None:
         from omnidit.serve.app import FileStore
 
         self.files = FileStore(url_ttl)
-        self.events_ttl, self.max_ids, self.max_events = events_ttl, max_ids, max_events
-        self._events: OrderedDict[str, tuple[list[dict], float]] = OrderedDict()  # id -> (events, expiry)
+        self.events_ttl, self.max_ids, self.max_events = events_ttl, max_ids, max(1, max_events)
+        # id -> (number of the first event kept, the events kept, expiry); the most recently published id last
+        self._events: OrderedDict[str, tuple[int, list[dict], float]] = OrderedDict()
 
     def put(self, data: bytes, media_type: str) -> str:
         return self.files.put(data, media_type)
@@ -48,20 +53,28 @@ class SharedState:
 
     def publish(self, progress_id: str, event: dict) -> None:
         now = time.monotonic()
-        events = self._events.pop(progress_id, ([], 0.0))[0][-(self.max_events - 1):] + [event]
-        self._events[progress_id] = (events, now + self.events_ttl)  # the most recent id last
-        while self._events and (len(self._events) > self.max_ids or next(iter(self._events.values()))[1] < now):
+        first, events, _ = self._events.pop(progress_id, (0, [], 0.0))
+        events = [*events, event]
+        dropped = max(0, len(events) - self.max_events)
+        self._events[progress_id] = (first + dropped, events[dropped:], now + self.events_ttl)
+        while self._events and (len(self._events) > self.max_ids or next(iter(self._events.values()))[2] < now):
             self._events.popitem(last=False)
 
-    def events_after(self, progress_id: str, seen: int) -> list[dict]:
-        """The events of ``progress_id`` after the first ``seen``."""
-        return self._events.get(progress_id, ([], 0.0))[0][seen:]
+    def end(self, progress_id: str) -> int:
+        """The number the next event of ``progress_id`` will have: a new listener reads from there."""
+        first, events, _ = self._events.get(progress_id, (0, [], 0.0))
+        return first + len(events)
+
+    def events_after(self, progress_id: str, seen: int) -> tuple[list[dict], int]:
+        """(the kept events numbered ``seen`` and on, the number after them)."""
+        first, events, _ = self._events.get(progress_id, (0, [], 0.0))
+        return events[max(0, seen - first):], first + len(events)
 
 
 class RemoteFiles:
     """``FileStore``'s interface over the shared actor (called from worker threads, never the event loop)."""
 
-    def __init__(self, shared) -> None:
+    def __init__(self, shared: ActorHandle) -> None:
         self.shared = shared
 
     def put(self, data: bytes, media_type: str) -> str:
@@ -77,23 +90,24 @@ class RemoteFiles:
 
 class RemoteProgress:
     """``ProgressHub``'s interface over the shared actor: ``publish`` sends an event without waiting (from the
-    sampling thread or the event loop); each listener's queue is filled by a task that asks the actor for new
-    events every ``POLL_SECONDS`` until the listener leaves. At most ``max_subscribers`` listeners per replica."""
+    sampling thread or the event loop); a listener starts at the id's current end (a reused id does not replay an
+    earlier request's events) and its queue is filled by a task that asks the actor for new events every
+    ``POLL_SECONDS`` until the listener leaves. At most ``max_subscribers`` listeners per replica."""
 
-    def __init__(self, shared, max_subscribers: int = 256) -> None:
+    def __init__(self, shared: ActorHandle, max_subscribers: int = 256) -> None:
         self.shared, self.max_subscribers = shared, max_subscribers
         self._pollers: dict[int, asyncio.Task] = {}
 
     def publish(self, progress_id: str, event: dict) -> None:
         self.shared.publish.remote(progress_id, event)
 
-    def subscribe(self, progress_id: str) -> asyncio.Queue:
-        from omnidit.serve.app import ApiError
+    async def subscribe(self, progress_id: str) -> asyncio.Queue:
+        from omnidit.serve.app import check_listeners
 
-        if len(self._pollers) >= self.max_subscribers:
-            raise ApiError(429, "too many progress listeners", code="too_many_listeners", headers={"Retry-After": "1"})
+        check_listeners(len(self._pollers), self.max_subscribers)
+        start = await self.shared.end.remote(progress_id)  # before the listener hears anything, so before its request
         queue: asyncio.Queue = asyncio.Queue(maxsize=1024)
-        self._pollers[id(queue)] = asyncio.get_running_loop().create_task(self._poll(progress_id, queue))
+        self._pollers[id(queue)] = asyncio.get_running_loop().create_task(self._poll(progress_id, queue, start))
         return queue
 
     def unsubscribe(self, progress_id: str, queue: asyncio.Queue) -> None:
@@ -101,20 +115,24 @@ class RemoteProgress:
         if poller is not None:
             poller.cancel()
 
-    async def _poll(self, progress_id: str, queue: asyncio.Queue) -> None:
-        from omnidit.serve.app import _put_nowait
+    async def _poll(self, progress_id: str, queue: asyncio.Queue, seen: int) -> None:
+        from omnidit.serve.app import offer
 
-        seen = 0
-        while True:
-            events = await self.shared.events_after.remote(progress_id, seen)
-            for event in events:
-                _put_nowait(queue, event)
-            seen += len(events)
-            await asyncio.sleep(POLL_SECONDS)
+        try:
+            while True:
+                events, seen = await self.shared.events_after.remote(progress_id, seen)
+                for event in events:
+                    offer(queue, event)
+                await asyncio.sleep(POLL_SECONDS)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the shared actor is gone: end the stream rather than hang it
+            offer(queue, {"state": "error", "message": f"progress is unavailable: {type(error).__name__}"})
 
 
 def replica_builder(models: dict[str, str], loras: list[str] | None, speed: str | None, device: str,
-                    threads: int | None, app_options: dict, shared=None) -> Callable[[], object]:
+                    threads: int | None, app_options: dict, shared: ActorHandle | None = None
+                    ) -> Callable[[], object]:
     """A function of no arguments that loads the models and returns the server's ASGI app; Ray runs it in
     each replica (it is pickled with what it closes over, so it holds only names, paths, numbers and the
     handle of the ``SharedState`` actor, when given, whose url files and progress events the app uses)."""
