@@ -25,6 +25,7 @@ from omnidit.distill import (
     student_sample,
     two_step_target,
 )
+from omnidit.distill_pairs import PairStore
 from omnidit.flow import interpolate
 from omnidit.model.mmdit import MMDiT, MMDiTConfig
 from omnidit.sampling import timestep_schedule
@@ -352,6 +353,11 @@ def test_regression_pairs_are_kept_and_refused_for_other_settings(digits_teacher
     pairs = {k: torch.cat([read_safetensors(c)[k] for c in chunks]) for k in ("noise", "sample", "index", "scale")}
     assert pairs["noise"].shape[0] == 512 and not torch.equal(pairs["noise"][:256], pairs["noise"][256:])
     assert torch.isfinite(pairs["sample"]).all() and pairs["sample"].std() > 0.1
+    store = PairStore(chunks, 256, 300)  # what training reads: rows by number, from the files
+    got = store.rows([299, 3, 256])
+    assert len(store) == 300 and got["noise"].shape == (3, *pairs["noise"].shape[1:])
+    for key in pairs:
+        assert torch.equal(got[key], pairs[key][[299, 3, 256]]), key
     stamp = chunks[0].stat().st_mtime_ns
     run_distill(digits_teacher, out, "regression", "train.steps=2", "distill.pairs=300")  # resumes: drawn once
     assert chunks[0].stat().st_mtime_ns == stamp
@@ -394,6 +400,36 @@ def test_dmd_resumes_exactly_with_its_fake_denoiser(digits_teacher, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_dmd_resumes_from_a_checkpoint_whose_fake_optimizer_is_keyed_by_index(digits_teacher, tmp_path):
+    # Checkpoints written before the fake optimizer was saved by parameter name (for FSDP) still resume exactly.
+    import json
+
+    from safetensors.torch import save_file
+
+    extra = ["distill.student_steps=2", "distill.generator_every=2", "train.checkpoint_every=2"]
+    run_distill(digits_teacher, tmp_path / "straight", "dmd", "train.steps=3", *extra)
+    run_distill(digits_teacher, tmp_path / "old", "dmd", "train.steps=2", *extra)
+    state_dir = tmp_path / "old" / "checkpoint-0000002" / "training_state"
+    tensors = read_safetensors(state_dir / "state.safetensors")
+    meta = json.loads((state_dir / "state.json").read_text())
+    fake = meta["fake_optimizer"]
+    number = {name: i for i, name in enumerate(n for group in fake["param_groups"] for n in group["params"])}
+    for group in fake["param_groups"]:  # torch numbers the parameters on across its groups
+        group["params"] = [number[n] for n in group["params"]]
+    fake["scalars"] = {f"{number[k.split('/')[0]]}/{k.split('/', 1)[1]}": v for k, v in fake["scalars"].items()}
+    renamed = {}
+    for key, value in tensors.items():
+        if key.startswith("fake_optim/"):
+            _, name, field = key.split("/", 2)
+            key = f"fake_optim/{number[name]}/{field}"
+        renamed[key] = value
+    save_file(renamed, str(state_dir / "state.safetensors"))
+    (state_dir / "state.json").write_text(json.dumps(meta))
+    run_distill(digits_teacher, tmp_path / "old", "dmd", "train.steps=3", *extra)
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "old")
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("state/fake_optim/"))
+
+
 def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teacher, tmp_path):
     from tests.test_distributed import env, kill_during_save
 
@@ -432,8 +468,8 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_pa
     assert not out.exists()
 
 
-@pytest.mark.parametrize("method, parallel", [("progressive", "ddp"), ("dmd", "ddp"), ("progressive", "fsdp"),
-                                              ("dmd", "fsdp"), ("regression", "fsdp")])
+@pytest.mark.parametrize("method, parallel", [("progressive", "ddp"), ("dmd", "ddp"), ("regression", "ddp"),
+                                              ("progressive", "fsdp"), ("dmd", "fsdp"), ("regression", "fsdp")])
 def test_two_processes_follow_the_single_process_distillation(digits_teacher, tmp_path, method, parallel):
     # progressive: a stage teacher from step 2 (a frozen copy of the EMA, sharded under FSDP); dmd: the fake
     # denoiser and its optimizer; both saved as full state dicts and equal to one process's; regression: the pairs

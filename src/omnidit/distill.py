@@ -68,7 +68,8 @@ def progressive_distillation_loss(student: Velocity, teacher: Velocity, x_t: Ten
 
 
 def student_sample(student: Velocity, noise: Tensor, grid: Tensor) -> Tensor:
-    """The student's Euler steps on ``grid`` (from 1 to 0) from ``noise`` (B, N, D), with their graph."""
+    """The student's Euler steps on ``grid`` (steps + 1,) from 1 to 0, from ``noise`` (B, N, D): (B, N, D), with
+    the graph of every step."""
     x = noise
     for t, t_next in zip(grid[:-1], grid[1:]):
         x = x + (t_next - t) * student(x, t.expand(x.shape[0]))
@@ -80,8 +81,9 @@ def regression_loss(student: Velocity, noise: Tensor, target: Tensor, grid: Tens
     Generative Models for Improved Sampling Speed", eq. 5: min E_z || f_student(z) - DDIM_teacher(z) ||^2; the
     distillation stage of InstaFlow, Liu et al. 2024, eq. 6, and DMD's regression term, Yin et al. 2024, eq. 9,
     with LPIPS where this uses the squared error), for an N-step student: its N Euler steps on ``grid`` from the
-    noise z, differentiated through every step, against the teacher's sample from the same z (``target``, a
-    stored pair). Zero exactly when the student's sampler reproduces the teacher's map from noise to samples."""
+    noise z (B, N, D), differentiated through every step, against the teacher's sample from the same z
+    (``target`` (B, N, D), a stored pair); ``grid`` (N + 1,) from 1 to 0. Zero exactly when the student's sampler
+    reproduces the teacher's map from noise to samples."""
     return F.mse_loss(student_sample(student, noise, grid).float(), target.float())
 
 

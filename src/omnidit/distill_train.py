@@ -39,6 +39,7 @@ from omnidit.distill import (
     progressive_distillation_loss,
     regression_loss,
 )
+from omnidit.distill_pairs import PairStore
 from omnidit.errors import OmniditError
 from omnidit.flow import interpolate, sample_timesteps
 from omnidit.model.mmdit import MMDiT
@@ -52,7 +53,6 @@ DEFAULT_TRAIN = {"steps": {"guidance": 1500, "progressive": 3000, "dmd": 3000, "
                  "lr": {"guidance": 1e-4, "progressive": 1e-4, "dmd": 2e-5, "regression": 1e-4},
                  "batch_size": 32, "warmup_steps": 50, "ema_decay": 0.995, "cond_dropout": 0.0, "log_every": 25,
                  "checkpoint_every": 250, "keep_last": 2, "lr_schedule": "constant"}
-PAIR_CHUNK = 256  # regression: teacher samples per pairs file (each chunk is seeded by its number alone)
 # Keys the student may not change: the weights only make sense with the teacher's.
 FIXED_MODEL_KEYS_HINT = "drop the model.* overrides: a student has the teacher's architecture"
 
@@ -135,6 +135,7 @@ class Distiller(Trainer):
         if self.multi:
             raise OmniditError("distillation works on image or silent-clip data for now", hint="distil an image model")
         self.teacher, teacher_config = load_model(dc.teacher, device=self.device)
+        teacher_weights = float(sum(p.double().sum() for p in self.teacher.parameters()))  # before any sharding
         if config.train.parallel == "fsdp":  # frozen, but sharded like the student: its memory is spread too
             self.teacher = D.wrap_model(self.teacher.requires_grad_(False), self.world, "fsdp")
         self.teacher_sample = teacher_config.sample
@@ -151,7 +152,9 @@ class Distiller(Trainer):
             self.fake_optimizer = make_optimizer(self.fake, config.train.lr * dc.fake_lr_ratio,
                                                  config.train.weight_decay, self.device)
         self.generator_updated = True  # dmd: whether the last step updated the student (else the fake only)
-        self.pairs: dict[str, Tensor] | None = self.make_pairs() if dc.method == "regression" else None
+        self.pairs = self.make_pairs(teacher_weights) if dc.method == "regression" else None
+        if self.pairs is not None:
+            self.teacher = None  # the pairs hold all that regression needs of it
 
     # ---- the teacher and the student as velocities ---------------------------------------------
     def teacher_velocity(self, model: MMDiT, cond: Condition, scale: Tensor) -> Velocity:
@@ -202,60 +205,36 @@ class Distiller(Trainer):
                              lambda: MMDiT(self.config.model).to(self.device))
 
     # ---- regression: the teacher's samples, drawn once -----------------------------------------
-    def make_pairs(self) -> dict[str, Tensor]:
-        """distill.pairs (noise, teacher sample, data index, scale) rows: each chunk of ``PAIR_CHUNK`` is drawn from
-        its own seed with the teacher's sampling settings (steps, sampler, shift, CFG and skip-layer guidance; one
-        candidate) and kept in OUT/pairs, so a resumed run reuses them. Every rank draws its share of a chunk in
-        lockstep (the teacher may be sharded) and rank 0 writes it; then every rank reads them all."""
-        from safetensors.torch import save_file
-        from tqdm import tqdm
+    def make_pairs(self, teacher_weights: float) -> PairStore:
+        """distill.pairs (noise, teacher sample, data index, scale) rows in OUT/pairs (omnidit.distill_pairs), each
+        drawn with the teacher's sampling settings (steps, sampler, shift, CFG and skip-layer guidance; one
+        candidate). ``teacher_weights``: a checksum of the teacher's weights, part of what the chunks record."""
+        from omnidit.distill_pairs import draw_pairs
 
-        from omnidit.checkpoint import read_safetensors
+        dc, s = self.config.distill, self.teacher_sample
+        setting = json.dumps({"teacher": dc.teacher, "teacher_weights": repr(teacher_weights), "sample": asdict(s),
+                              "guidance": self.scales, "train_seed": self.config.train.seed,
+                              "data": asdict(self.config.data),
+                              "tokens": [self.num_tokens, self.config.model.token_dim]}, sort_keys=True)
+        skip = ", skip-layer guidance" if s.skip_scale else ""
+        announce = f"{s.steps} {s.sampler} steps, cfg {self.scales[0]:g}{skip}"
+        return draw_pairs(self.out_dir / "pairs", dc.pairs, setting, self._pair_chunk, self.world, self.progress,
+                          announce)
 
-        dc, world = self.config.distill, self.world
-        if PAIR_CHUNK % world.world_size:
-            raise OmniditError(f"regression draws its pairs in chunks of {PAIR_CHUNK} rows shared by the processes, "
-                               f"and {world.world_size} processes do not divide them",
-                               hint="use a power of two processes (torchrun --nproc_per_node)")
-        folder = self.out_dir / "pairs"
-        files = [folder / f"chunk-{i:05d}.safetensors" for i in range(math.ceil(dc.pairs / PAIR_CHUNK))]
-        missing = [i for i, f in enumerate(files) if not f.exists()]  # the same list on every rank
-        drawn_with = json.dumps({"teacher": dc.teacher, "sample": asdict(self.teacher_sample), "guidance": self.scales,
-                                 "train_seed": self.config.train.seed, "data_seed": self.config.data.seed,
-                                 "tokens": [self.num_tokens, self.config.model.token_dim]}, sort_keys=True)
-        for f in files:  # chunks made for another teacher or setting would be silently wrong targets
-            if f.exists() and _pairs_setting(f) != drawn_with:
-                raise OmniditError(f"{f} was drawn by another teacher or with other settings than this run's",
-                                   hint=f"delete {folder} to draw the pairs again (or use another run folder)")
-        D.barrier(world)
-        if missing and self.progress:
-            s = self.teacher_sample
-            print(f"drawing {dc.pairs} teacher samples for regression ({s.steps} {s.sampler} steps, cfg "
-                  f"{self.scales[0]:g}{', skip-layer guidance' if s.skip_scale else ''}) into {folder}", flush=True)
-        for i in tqdm(missing, disable=not self.progress, unit="chunk", desc="teacher samples", dynamic_ncols=True):
-            chunk = self._pair_chunk(i)
-            if world.is_main:
-                folder.mkdir(parents=True, exist_ok=True)
-                temporary = files[i].with_suffix(".tmp")
-                save_file(chunk, str(temporary), metadata={"drawn_with": drawn_with})
-                temporary.replace(files[i])  # whole chunks only
-        D.barrier(world)
-        chunks = [read_safetensors(f) for f in files]
-        return {key: torch.cat([c[key] for c in chunks])[:dc.pairs] for key in chunks[0]}
-
-    def _pair_chunk(self, number: int) -> dict[str, Tensor]:
-        """Chunk ``number`` of the pairs on every rank (each draws its rows, then they are gathered)."""
+    def _pair_chunk(self, number: int, rows: int) -> dict[str, Tensor]:
+        """Chunk ``number`` of the pairs (``rows`` of them) on every rank: each draws its share, then they are
+        gathered. noise and sample (rows, N, D), index and scale (rows,)."""
         world, s = self.world, self.teacher_sample
         g = torch.Generator().manual_seed(self.config.train.seed * 7919 + number)
         source = self.cache if self.cache is not None else self.dataset
         if source.num_samples is None:  # an endless data set (shapes): scenes in order, as the trainer reads them
-            index = torch.arange(number * PAIR_CHUNK, (number + 1) * PAIR_CHUNK)
+            index = torch.arange(number * rows, (number + 1) * rows)
         else:
-            index = torch.randint(0, source.num_samples, (PAIR_CHUNK,), generator=g)
+            index = torch.randint(0, source.num_samples, (rows,), generator=g)
         lo, hi = self.scales
-        scale = lo + (hi - lo) * torch.rand(PAIR_CHUNK, generator=g)
-        noise = torch.randn((PAIR_CHUNK, self.num_tokens, self.config.model.token_dim), generator=g)
-        local = PAIR_CHUNK // world.world_size
+        scale = lo + (hi - lo) * torch.rand(rows, generator=g)
+        noise = torch.randn((rows, self.num_tokens, self.config.model.token_dim), generator=g)
+        local = rows // world.world_size
         mine = slice(world.rank * local, (world.rank + 1) * local)
         _, cond, _ = self.image_batch(index[mine].tolist())
         velocity = self.teacher_velocity(self.teacher, cond, scale[mine].to(self.device))
@@ -270,7 +249,7 @@ class Distiller(Trainer):
         batch, local = tc.batch_size, tc.batch_size // world.world_size
         mine = slice(world.rank * local, (world.rank + 1) * local)
         source = self.cache if self.cache is not None else self.dataset
-        rows = len(self.pairs["index"]) if self.pairs is not None else source.num_samples
+        rows = len(self.pairs) if self.pairs is not None else source.num_samples
         idx = batch_indices(self.step, batch, rows, self.config.data.seed)
         # Every draw for the global batch from the one seeded generator, identically on every rank.
         g = self.generator
@@ -280,7 +259,7 @@ class Distiller(Trainer):
         if self.pairs is None:
             x0, cond, _ = self.image_batch(idx[mine])
         else:  # regression: a pair's noise, its teacher sample as x0, the condition and scale it was drawn with
-            pair = {key: value[torch.as_tensor(idx[mine])] for key, value in self.pairs.items()}
+            pair = self.pairs.rows(idx[mine])
             _, cond, _ = self.image_batch(pair["index"].tolist())
             x0, noise, scale = (pair[key].to(self.device) for key in ("sample", "noise", "scale"))
         self.model.train()
@@ -411,20 +390,12 @@ class Distiller(Trainer):
             fake = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("fake/")}
             flat = {k[len("fake_"):]: v for k, v in tensors.items() if k.startswith("fake_optim/")}
             state = optimizer_state_from_flat(flat, meta["fake_optimizer"])
-            if state["state"] and all(isinstance(k, int) for k in state["state"]):
+            if all(isinstance(k, int) for group in state["param_groups"] for k in group["params"]):
                 # keyed by index: written by omnidit before its fake optimizer was saved by name (one process)
                 D.load_full_state(self.fake, fake)
                 self.fake_optimizer.load_state_dict(state)
             else:
                 D.load_full_state(self.fake, fake, self.fake_optimizer, state)
-
-
-def _pairs_setting(path: Path) -> str | None:
-    """What a regression pairs chunk was drawn with (its safetensors metadata), or None."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("drawn_with")
 
 
 def distill(config: Config, progress: bool = True) -> Path:
