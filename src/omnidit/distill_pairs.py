@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -51,17 +52,14 @@ class PairStore:
         from safetensors import safe_open
 
         out: dict[str, list[Tensor]] = {key: [] for key in PAIR_KEYS}
-        opened: dict[int, object] = {}
-        try:
+        with ExitStack() as stack:
+            opened = {}
             for i in indices:
                 number, row = divmod(int(i), self.rows_per_file)
                 if number not in opened:
-                    opened[number] = safe_open(str(self.files[number]), framework="pt").__enter__()
+                    opened[number] = stack.enter_context(safe_open(str(self.files[number]), framework="pt"))
                 for key in PAIR_KEYS:
                     out[key].append(opened[number].get_slice(key)[row:row + 1])
-        finally:
-            for handle in opened.values():
-                handle.__exit__(None, None, None)
         return {key: torch.cat(parts) for key, parts in out.items()}
 
 

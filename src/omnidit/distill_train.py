@@ -135,7 +135,8 @@ class Distiller(Trainer):
         if self.multi:
             raise OmniditError("distillation works on image or silent-clip data for now", hint="distil an image model")
         self.teacher, teacher_config = load_model(dc.teacher, device=self.device)
-        teacher_weights = float(sum(p.double().sum() for p in self.teacher.parameters()))  # before any sharding
+        if dc.method == "regression":  # the pairs record a checksum of the weights that drew them (before sharding)
+            teacher_weights = float(sum(p.double().sum() for p in self.teacher.parameters()))
         if config.train.parallel == "fsdp":  # frozen, but sharded like the student: its memory is spread too
             self.teacher = D.wrap_model(self.teacher.requires_grad_(False), self.world, "fsdp")
         self.teacher_sample = teacher_config.sample
