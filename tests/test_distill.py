@@ -5,6 +5,7 @@ exact resume after SIGKILL, the CLI's errors)."""
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -365,6 +366,23 @@ def test_regression_pairs_are_kept_and_refused_for_other_settings(digits_teacher
         run_distill(digits_teacher, out, "regression", "train.steps=3", "distill.pairs=300", "distill.guidance=[3,3]")
 
 
+def test_dmds_regression_term_adds_its_weight_times_a_positive_loss_on_generator_steps(digits_teacher, tmp_path):
+    # L = L_DMD + w * L_reg (DMD's eq. 9): with the same draws, the first (generator) step's loss moves linearly in
+    # w, by a positive regression loss; the fake-only step after it is untouched. The pairs are drawn once.
+    def losses(name: str, weight: float) -> list[float]:
+        extra = ["train.steps=2", "distill.student_steps=2", "distill.generator_every=2", "distill.pairs=40",
+                 f"distill.regression_weight={weight}"]
+        run_distill(digits_teacher, tmp_path / name, "dmd", *extra)
+        rows = [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    plain, one, three = losses("plain", 0), losses("one", 100), losses("three", 300)  # the tiny teacher's term is small
+    assert not (tmp_path / "plain" / "pairs").exists() and (tmp_path / "one" / "pairs").is_dir()
+    regression = one[0] - plain[0]
+    assert regression > 1e-3 and three[0] - plain[0] == pytest.approx(3 * regression, rel=1e-3)
+    assert one[1] == plain[1] == three[1] == 0  # a fake-only step: the generator's loss is not computed
+
+
 def test_a_new_guidance_input_starts_as_the_teachers_conditional_model(digits_teacher, tmp_path):
     from omnidit.checkpoint import initial_weights
     from omnidit.distill_train import student_config
@@ -456,6 +474,7 @@ def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teach
     (["TEACHER", "--method", "progressive", "sample.steps=8"], "contradicts distill.student_steps=4"),
     (["TEACHER", "--method", "dmd", "distill.dmd_t_range=[0.5]"], "distill.dmd_t_range must be [LO, HI]"),
     (["TEACHER", "--method", "dmd", "train.grad_accum=2"], "distillation takes one batch per step"),
+    (["TEACHER", "--method", "progressive", "distill.regression_weight=1"], "is DMD's regression term, not a"),
 ])
 def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_path, args, message):
     out = tmp_path / "student"

@@ -277,13 +277,19 @@ class DistillConfig:
     dmd_t_range: list[float] = field(default_factory=lambda: [0.02, 0.98])  # dmd: where scores are compared
     # regression: how many (noise, teacher sample) pairs to draw once with the teacher's own sampler (OUT/pairs)
     pairs: int = 8192
+    # dmd: DMD's regression term (Yin et al. 2024, eq. 9, lambda_reg): this weight times the regression loss on
+    # distill.pairs teacher pairs (drawn into OUT/pairs as for regression) joins the generator's loss; 0 = off
+    regression_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in ("", *DISTILL_METHODS):
             raise OmniditError(f"unknown distillation method '{self.method}'",
                                hint=f"choose one of {', '.join(DISTILL_METHODS)}")
         _check_ranges("distill", self, positive=("student_steps", "teacher_steps", "fake_lr_ratio", "generator_every",
-                                                 "pairs"))
+                                                 "pairs"), non_negative=("regression_weight",))
+        if self.regression_weight and self.method != "dmd":
+            raise OmniditError(f"distill.regression_weight is DMD's regression term, not a setting of "
+                               f"'{self.method or 'training'}'", hint="use it with --method dmd, or drop it")
         if self.guidance and (len(self.guidance) != 2 or not 0 <= self.guidance[0] <= self.guidance[1]):
             raise OmniditError(f"distill.guidance must be [LO, HI] with 0 <= LO <= HI, got {self.guidance}",
                                hint="e.g. distill.guidance=[1,6], or [4,4] for one scale")

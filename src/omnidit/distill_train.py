@@ -10,7 +10,8 @@ lives in omnidit.distill; this module draws the batches, runs the teacher and ke
 - ``progressive``: stages of halving (distill.teacher_steps -> ... -> distill.student_steps); at each stage boundary
   the student's EMA becomes the next stage's teacher (kept in the checkpoints for exact resume).
 - ``dmd``: distribution matching with a fake denoiser trained online on the student's samples (two time-scale
-  updates: the generator steps every distill.generator_every-th step), with backward simulation for N steps.
+  updates: the generator steps every distill.generator_every-th step), with backward simulation for N steps;
+  with distill.regression_weight > 0 the generator's loss adds DMD's regression term on teacher pairs (below).
 - ``regression``: distill.pairs teacher samples are drawn once, each from its own noise with the teacher's sampler
   (OUT/pairs, in chunks, so an interrupted run keeps what it made); the student's N Euler steps from a pair's
   noise must land on its sample.
@@ -135,7 +136,8 @@ class Distiller(Trainer):
         if self.multi:
             raise OmniditError("distillation works on image or silent-clip data for now", hint="distil an image model")
         self.teacher, teacher_config = load_model(dc.teacher, device=self.device)
-        if dc.method == "regression":  # the pairs record a checksum of the weights that drew them (before sharding)
+        uses_pairs = dc.method == "regression" or dc.regression_weight > 0  # dmd's regression term reads them too
+        if uses_pairs:  # the pairs record a checksum of the weights that drew them (before sharding)
             teacher_weights = float(sum(p.double().sum() for p in self.teacher.parameters()))
         if config.train.parallel == "fsdp":  # frozen, but sharded like the student: its memory is spread too
             self.teacher = D.wrap_model(self.teacher.requires_grad_(False), self.world, "fsdp")
@@ -153,8 +155,8 @@ class Distiller(Trainer):
             self.fake_optimizer = make_optimizer(self.fake, config.train.lr * dc.fake_lr_ratio,
                                                  config.train.weight_decay, self.device)
         self.generator_updated = True  # dmd: whether the last step updated the student (else the fake only)
-        self.pairs = self.make_pairs(teacher_weights) if dc.method == "regression" else None
-        if self.pairs is not None:
+        self.pairs = self.make_pairs(teacher_weights) if uses_pairs else None
+        if dc.method == "regression":
             self.teacher = None  # the pairs hold all that regression needs of it
 
     # ---- the teacher and the student as velocities ---------------------------------------------
@@ -250,28 +252,40 @@ class Distiller(Trainer):
         batch, local = tc.batch_size, tc.batch_size // world.world_size
         mine = slice(world.rank * local, (world.rank + 1) * local)
         source = self.cache if self.cache is not None else self.dataset
-        rows = len(self.pairs) if self.pairs is not None else source.num_samples
+        dc = self.config.distill
+        regression = dc.method == "regression"
+        rows = len(self.pairs) if regression else source.num_samples
         idx = batch_indices(self.step, batch, rows, self.config.data.seed)
         # Every draw for the global batch from the one seeded generator, identically on every rank.
         g = self.generator
         lo, hi = self.scales
         scale = (lo + (hi - lo) * torch.rand(batch, generator=g))[mine].to(self.device)
         noise = torch.randn((batch, self.num_tokens, self.config.model.token_dim), generator=g)[mine].to(self.device)
-        if self.pairs is None:
+        pair = None
+        if regression:  # a pair's noise, its teacher sample as x0, the condition and scale it was drawn with
+            x0, noise, scale, cond = self._pair_batch(idx[mine])
+        else:
             x0, cond, _ = self.image_batch(idx[mine])
-        else:  # regression: a pair's noise, its teacher sample as x0, the condition and scale it was drawn with
-            pair = self.pairs.rows(idx[mine])
-            _, cond, _ = self.image_batch(pair["index"].tolist())
-            x0, noise, scale = (pair[key].to(self.device) for key in ("sample", "noise", "scale"))
+        if self.pairs is not None and not regression and self.step % dc.generator_every == 0:  # dmd's regression term
+            pair = self._pair_batch(batch_indices(self.step, batch, len(self.pairs), self.config.data.seed + 1)[mine])
         self.model.train()
         with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss, fake_loss = self._losses(batch, mine, x0, cond, scale, noise)
+            loss, fake_loss = self._losses(batch, mine, x0, cond, scale, noise, pair)
         objective = loss if fake_loss is None else loss + fake_loss
         return self._update(loss, fake_loss, objective)
 
-    def _losses(self, batch: int, mine: slice, x0: Tensor, cond: Condition, scale: Tensor, noise: Tensor
-                ) -> tuple[Tensor, Tensor | None]:
-        """(the student's loss, the fake denoiser's or None) of the method, on this rank's rows."""
+    def _pair_batch(self, rows) -> tuple[Tensor, Tensor, Tensor, Condition]:
+        """Pairs ``rows`` (this rank's): the teacher's samples, their noise, and the scale and condition they were
+        drawn with: (x0, noise, scale, cond)."""
+        pair = self.pairs.rows(rows)
+        _, cond, _ = self.image_batch(pair["index"].tolist())
+        x0, noise, scale = (pair[key].to(self.device) for key in ("sample", "noise", "scale"))
+        return x0, noise, scale, cond
+
+    def _losses(self, batch: int, mine: slice, x0: Tensor, cond: Condition, scale: Tensor, noise: Tensor,
+                pair: tuple | None = None) -> tuple[Tensor, Tensor | None]:
+        """(the student's loss, the fake denoiser's or None) of the method, on this rank's rows; ``pair``: a batch
+        of teacher pairs (``_pair_batch``) for DMD's regression term on a generator step."""
         tc, dc, g = self.config.train, self.config.distill, self.generator
         student = self.student_velocity(self.model, cond, scale)
         if dc.method == "guidance":
@@ -295,6 +309,11 @@ class Distiller(Trainer):
             fake_loss = None
         else:
             loss, fake_loss = self._dmd_losses(batch, mine, cond, scale, noise)
+            if pair is not None:  # DMD's eq. 9: L = L_DMD + lambda_reg * L_reg, on the generator's steps
+                target, pair_noise, pair_scale, pair_cond = pair
+                grid = timestep_schedule(dc.student_steps, self.shift).to(target.device)
+                student = self.student_velocity(self.model, pair_cond, pair_scale)
+                loss = loss + dc.regression_weight * regression_loss(student, pair_noise, target, grid)
         return loss, fake_loss
 
     def _update(self, loss: Tensor, fake_loss: Tensor | None, objective: Tensor) -> tuple[float, float]:
