@@ -269,6 +269,35 @@ def test_a_request_can_ask_for_a_faster_preset_without_changing_the_served_model
     assert "fast or faster" in slower.json()["error"]["message"]
 
 
+def test_at_a_batch_dependent_speed_every_output_is_drawn_alone(shapes):
+    # At fast, int8 activations (one scale for the whole batch) and first-block caching (decided on the whole
+    # batch) make an image depend on its batch: the server then draws each output by itself, so a seed gives one
+    # image however the requests were grouped.
+    import torch
+
+    from omnidit.quantize import speed_variant
+
+    fast = speed_variant(shapes, "fast")
+    assert shapes.batch_invariant() and shapes.batch_invariant(cache="interval")
+    assert not fast.batch_invariant() and not shapes.batch_invariant(cache="first_block")
+    alone = fast.generate([PROMPT], seed=[12], steps=3)
+    assert not torch.equal(fast.generate([PROMPT, PROMPT], seed=[11, 12], steps=3)[1], alone[0])  # the reason
+    events: list[dict] = []
+    batcher = Batcher({"shapes": shapes}, max_batch=4, window=0.3)
+    settings = {"steps": 3, "width": 32, "height": 32}
+    jobs = [Job("shapes", PROMPT, [11, 12], settings, speed="fast", progress=events.append),
+            Job("shapes", PROMPT, [13], settings, speed="fast")]
+    for job in jobs:
+        batcher.submit(job)
+    batcher.start()
+    outputs = [job.future.result(timeout=120) for job in jobs]
+    batcher.stop()
+    assert batcher.stats.batches == 1 and torch.equal(outputs[0][1], alone[0])  # one call to the batcher
+    assert torch.equal(outputs[1][0], fast.generate([PROMPT], seed=[13], steps=3)[0])
+    steps = [(e["step"], e["steps"]) for e in events if e["state"] == "running"]
+    assert steps == [(k, 9) for k in range(1, 10)]  # three outputs of 3 steps, counted as one run
+
+
 def test_progress_events_reach_a_listener(live):
     with ProgressListener(f"{live.url}/v1/progress/p1") as listener:
         reply = httpx.post(f"{live.url}/v1/images/generations", timeout=60,

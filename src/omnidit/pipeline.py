@@ -177,6 +177,16 @@ class Pipeline:
                 "candidates": candidates, **self._cache_settings(steps, cache, cache_threshold, cache_forecast,
                                                                  cache_interval)}
 
+    def batch_invariant(self, **sampling) -> bool:
+        """Whether an output at these sampling settings (``SAMPLING_KEYS``, unset: the model's) is the same whatever
+        else shares its sampling call. Not with int8 activations (w8a8: one activation scale for the whole batch) or
+        a step cache that decides its skips on the whole batch (first_block, teacache, magcache; ``interval`` is a
+        fixed schedule). The server draws such outputs one at a time so that a seed gives one image."""
+        from omnidit.quantize import quantizes_activations
+
+        cache = self.sampling_settings(**{k: sampling.get(k) for k in SAMPLING_KEYS})["cache"]
+        return cache in ("none", "interval") and not quantizes_activations(self.model)
+
     def _cache_settings(self, steps: int, method: str | None, threshold: float | None, forecast: str | None,
                         interval: int | None) -> dict:
         """The step-cache keys of sampling_settings, checked (CacheSettings), with the threshold resolved."""

@@ -341,6 +341,14 @@ def _swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
+def quantizes_activations(model: nn.Module) -> bool:
+    """Whether ``model`` has int8 layers that quantize their input (w8a8): torch's dynamic int8 Linear takes one
+    activation scale for the whole input, so an output then depends slightly on what else is in its batch."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    return any(isinstance(m, DynamicInt8Linear) for m in model.modules())
+
+
 def int8_linear(values: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
     """torch's dynamic int8 Linear holding exactly ``values`` (int8, (out, in)) times ``scale`` (out,)."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear

@@ -206,6 +206,19 @@ class Batcher:
             self._variants[model, speed] = speed_variant(self.pipelines[model], speed)
         return self._variants[model, speed]
 
+    @staticmethod
+    def _call(pipe, first: Job, prompts: list[str], seeds: list[int], on_step) -> torch.Tensor | list:
+        """One sampling call for ``prompts`` / ``seeds`` with ``first``'s settings: images or clips (B, ...), or a
+        list of (video, audio) for a clip with sound."""
+        if first.inpaint is not None:  # the image's own size
+            kwargs = {k: v for k, v in first.kwargs.items() if k not in ("width", "height")}
+            return pipe.inpaint(prompts, *first.inpaint, seed=seeds, on_step=on_step, **kwargs)
+        if first.video and "audio" in pipe.model.config.extra_streams:  # a clip with its sound: (video, audio)
+            made = pipe.generate_av(prompts, seed=seeds, on_step=on_step, **first.kwargs)
+            return list(zip(made.video, made.audio))
+        draw = pipe.generate_video if first.video else pipe.generate
+        return draw(prompts, seed=seeds, on_step=on_step, **first.kwargs)
+
     def _draw_live(self, live: list[Job]) -> None:
         first = live[0]
         prompts = [j.prompt for j in live for _ in j.seeds]
@@ -220,15 +233,14 @@ class Batcher:
         start = time.monotonic()
         try:
             pipe = self._pipeline(first.model, first.speed)
-            if first.inpaint is not None:  # the image's own size
-                kwargs = {k: v for k, v in first.kwargs.items() if k not in ("width", "height")}
-                outputs = pipe.inpaint(prompts, *first.inpaint, seed=seeds, on_step=on_step, **kwargs)
-            elif first.video and "audio" in pipe.model.config.extra_streams:  # a clip with its sound: (video, audio)
-                made = pipe.generate_av(prompts, seed=seeds, on_step=on_step, **first.kwargs)
-                outputs = list(zip(made.video, made.audio))
-            else:
-                draw = pipe.generate_video if first.video else pipe.generate
-                outputs = draw(prompts, seed=seeds, on_step=on_step, **first.kwargs)
+            if pipe.batch_invariant(**first.kwargs):
+                outputs = self._call(pipe, first, prompts, seeds, on_step)
+            else:  # an output would depend on its batch (int8 activations, a cache deciding on the whole batch):
+                # draw one at a time, so that a seed gives one image; progress counts the steps of all of them
+                parts = [self._call(pipe, first, [p], [s], lambda done, total, k=k: on_step(k * total + done,
+                                                                                              len(seeds) * total))
+                         for k, (p, s) in enumerate(zip(prompts, seeds))]
+                outputs = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [o for p in parts for o in p]
         except Cancelled:
             for j in live:
                 j.future.set_exception(Cancelled())
