@@ -383,6 +383,34 @@ def test_dmds_regression_term_adds_its_weight_times_a_positive_loss_on_generator
     assert one[1] == plain[1] == three[1] == 0  # a fake-only step: the generator's loss is not computed
 
 
+def test_a_fast_preset_samples_with_the_models_guidance_distilled_twin(digits_teacher, tmp_path, monkeypatch):
+    from omnidit import checkpoint, quantize
+    from omnidit.lora import add_lora
+    from omnidit.pipeline import load_pipeline
+
+    twin = run_distill(digits_teacher, tmp_path / "twin", "guidance", "train.steps=2")
+    teacher = checkpoint.resolve_model_dir(digits_teacher)
+    for name, variable, folder in (("tiny", "TINY_DIR", teacher), ("tiny-guided", "TINY_GUIDED_DIR", twin)):
+        monkeypatch.setitem(checkpoint.SHIPPED_MODELS, name, (variable, "-"))
+        monkeypatch.setattr(checkpoint, variable, folder, raising=False)
+    monkeypatch.setattr(quantize, "FAST_TWINS", {"tiny": "tiny-guided"})
+    pipe = load_pipeline("tiny", device="cpu")
+    pipe.config.sample.candidates = 2
+    fast = quantize.speed_variant(pipe, "fast")
+    assert fast.model_dir == twin and fast.config.model.guidance_embed and quantize.quantizes_activations(fast.model)
+    assert fast.config.sample.candidates == 2 and fast.config.sample.cache == "none"  # best-of-2, no step cache
+    assert pipe.model_dir == teacher and not pipe.config.model.guidance_embed  # the served pipeline is untouched
+    direct = load_pipeline(twin, device="cpu")
+    quantize.quantize_in_memory(direct.model, "w8a8")
+    settings = {"steps": 3, "candidates": 2, "cache": "none"}
+    assert torch.equal(fast.generate(["3", "7"], seed=0, steps=3), direct.generate(["3", "7"], seed=0, **settings))
+    faster = quantize.speed_variant(fast, "faster")  # the twin is already int8: only the settings change
+    assert faster.model is fast.model and faster.config.sample.candidates == 1
+    assert faster.config.sample.cache == "first_block"
+    add_lora(pipe.model, 2)  # an adapter the twin does not carry: the preset quantizes the model itself
+    assert quantize.fast_twin(pipe) is None and quantize.speed_variant(pipe, "fast").model_dir == teacher
+
+
 def test_a_new_guidance_input_starts_as_the_teachers_conditional_model(digits_teacher, tmp_path):
     from omnidit.checkpoint import initial_weights
     from omnidit.distill_train import student_config

@@ -53,9 +53,10 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
                         "under its prompt, judged by the model itself; about N times the time "
                         "(default: the model's sample.candidates)")
     p.add_argument("--speed", default=None, choices=["default", "fast", "faster"],
-                   help="one knob for speed: fast = int8 linear layers on a CPU (bf16 compute on a GPU) and "
-                        "first-block step caching, the model's quality within the suite's noise; faster = also one "
-                        "candidate instead of best-of-N; flags given explicitly win (docs/sampling.md)")
+                   help="one knob for speed: fast = the model's guidance-distilled twin where one is shipped "
+                        "(shapes: shapes-guided, one pass per step), int8 linear layers on a CPU (bf16 compute on a "
+                        "GPU) and first-block step caching, the model's quality within the suite's noise; faster = "
+                        "also one candidate instead of best-of-N; flags given explicitly win (docs/sampling.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (regional compilation) before sampling: the first "
                         "call pays for compiling, later steps and calls reuse it (docs/sampling.md)")

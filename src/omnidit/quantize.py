@@ -365,6 +365,45 @@ def int8_linear(values: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module
 # ---- the --speed presets --------------------------------------------------------------------------------------
 
 SPEEDS = ("default", "fast", "faster")
+# Shipped models whose fast presets sample with a guidance-distilled twin (shipped too; omnidit distill --method
+# guidance): one pass per step where the model's guidance costs up to three, at the model's quality.
+FAST_TWINS = {"shapes": "shapes-guided"}
+
+
+def fast_twin(pipe: Pipeline) -> Path | None:
+    """The folder of the guidance-distilled twin that ``pipe``'s fast presets sample with (``FAST_TWINS``), or None:
+    only for a shipped model loaded as shipped (no LoRA adapter, not quantized), since the twin carries neither, and
+    only when the twin reads the same text and data."""
+    from omnidit.checkpoint import read_config, shipped_model_dir
+    from omnidit.lora import lora_layers
+
+    if pipe.model_dir is None or lora_layers(pipe.model) or not speed_quantizes(pipe):
+        return None
+    for name, twin in FAST_TWINS.items():
+        try:
+            if Path(pipe.model_dir).resolve() != shipped_model_dir(name).resolve():
+                continue
+            folder = shipped_model_dir(twin)
+        except OmniditError:  # not installed: the preset quantizes and caches the model itself
+            continue
+        config = read_config(folder)
+        reads = lambda c: (c.text, c.data.codec, c.data.codec_dtype, c.data.width, c.data.height)  # noqa: E731
+        same_inputs = reads(config) == reads(pipe.config)
+        return folder if same_inputs and config.model.guidance_embed else None
+    return None
+
+
+def _use_twin(pipe: Pipeline, folder: Path) -> None:
+    """Swap ``pipe``'s model for its twin's (loaded from ``folder``), keeping the model's best-of-N (a distilled
+    student's own config draws one candidate) and its compilation; the text encoder and codec are the same and
+    stay."""
+    from omnidit.checkpoint import load_model
+
+    model, config = load_model(folder, device=pipe.device)
+    if getattr(pipe.model, "compiled", False):
+        model.compile_blocks()
+    config.sample.candidates = pipe.config.sample.candidates
+    pipe.model, pipe.config, pipe.model_dir = model, config, folder
 
 
 def quantize_in_memory(model: nn.Module, scheme: str) -> nn.Module:
@@ -380,12 +419,14 @@ def quantize_in_memory(model: nn.Module, scheme: str) -> nn.Module:
 
 def speed_variant(pipe: Pipeline, speed: str) -> Pipeline:
     """``pipe`` at the preset ``speed`` (``apply_speed``) without changing ``pipe``: its own config, and its own
-    model only when the preset would quantize it (otherwise the model, like the text encoder and codec, is
-    shared, so a preset that only changes settings costs no memory). The server's per-request ``speed``."""
+    model only when the preset would quantize it or sample with the model's twin (otherwise the model, like the
+    text encoder and codec, is shared, so a preset that only changes settings costs no memory). The server's
+    per-request ``speed``."""
     import copy
     import dataclasses
 
-    model = copy.deepcopy(pipe.model) if speed_quantizes(pipe) else pipe.model
+    twin = speed in ("fast", "faster") and fast_twin(pipe) is not None  # apply_speed then loads its own model
+    model = copy.deepcopy(pipe.model) if speed_quantizes(pipe) and not twin else pipe.model
     variant = dataclasses.replace(pipe, model=model, config=copy.deepcopy(pipe.config))
     apply_speed(variant, speed)
     if model is not pipe.model and getattr(pipe.model, "compiled", False):
@@ -402,18 +443,23 @@ def speed_quantizes(pipe: Pipeline) -> bool:
 
 
 def apply_speed(pipe, speed: str | None) -> None:
-    """``--speed``: make ``pipe`` faster in place. ``fast``: int8 linears on a CPU (bf16 compute on a GPU) and
-    first-block step caching as the model's default, at its quality within the suite's noise; ``faster``: also
-    one candidate instead of best-of-N (which costs quality where the model's defaults draw several). The preset
-    changes the pipeline's ``sample`` defaults, so settings passed explicitly still win; docs/sampling.md."""
+    """``--speed``: make ``pipe`` faster in place. ``fast``: the model's guidance-distilled twin where it has one
+    (``fast_twin``: one pass per step instead of guidance's three) with int8 linears on a CPU (bf16 compute on a
+    GPU); without a twin, int8 linears and first-block step caching as the model's default; either at the model's
+    quality within the suite's noise. ``faster``: int8, step caching and one candidate instead of best-of-N (which
+    costs quality where the model's defaults draw several). The preset changes the pipeline's ``sample``
+    defaults, so settings passed explicitly still win; docs/sampling.md."""
     if speed in (None, "default"):
         return
     if speed not in SPEEDS:
         raise OmniditError(f"unknown speed '{speed}'", hint=f"choose one of {', '.join(SPEEDS)}")
+    twin = fast_twin(pipe)
+    if twin is not None:
+        _use_twin(pipe, twin)
     if speed_quantizes(pipe):
         quantize_in_memory(pipe.model, "w8a8" if pipe.device.type == "cpu" else "bf16")
     sample = pipe.config.sample
-    if sample.cache == "none":
-        sample.cache = "first_block"
+    if sample.cache == "none" and (twin is None or speed == "faster"):  # fast with a twin: caching cost quality
+        sample.cache = "first_block"  # (0.915 against 0.933 uncached on the validation seed, docs/sampling.md)
     if speed == "faster":
         sample.candidates = 1

@@ -1,0 +1,65 @@
+"""The guidance-distilled twin of the shipped shapes model (`shapes-guided`): it loads offline by name, is small,
+samples with one pass per step (its guidance scale is an input), and `--speed fast` on `shapes` samples with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_shipped_folder
+
+from omnidit.checkpoint import shipped_model_dir
+from omnidit.pipeline import guided, load_pipeline
+from omnidit.quantize import apply_speed, quantizes_activations
+
+MAX_SHIPPED_BYTES = 12 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def twin():
+    return load_pipeline("shapes-guided", device="cpu")
+
+
+def test_shipped_twin_is_small_float16_and_samples_with_one_pass_per_step(twin):
+    assert_shipped_folder("shapes-guided", "guided_model", MAX_SHIPPED_BYTES)
+    teacher = load_pipeline("shapes", device="cpu")
+    settings = twin.sampling_settings()
+    assert twin.config.distill.method == "guidance" and twin.config.distill.teacher == "shapes"
+    assert twin.model.config.guidance_embed and not guided(settings, guidance_input=True)
+    assert settings["steps"] == teacher.config.sample.steps and settings["cfg"] == teacher.config.sample.cfg
+    assert settings["candidates"] == 1 and not settings["skip_scale"]
+    assert twin.config.text == teacher.config.text
+
+
+def test_it_draws_single_objects_right_in_one_pass_per_step(twin):
+    from omnidit.evaluate.detector import detect_objects as detect
+
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow diamond"]
+    calls = []
+    original = twin.model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    twin.model.forward = counting
+    try:
+        images = twin.generate(prompts, seed=[0, 1, 2, 3], steps=12)
+    finally:
+        del twin.model.forward
+    assert len(calls) == 12 and set(calls) == {len(prompts)}  # one pass per step, no CFG row
+    right = 0
+    for prompt, image in zip(prompts, images):
+        found = detect(image)
+        colour, shape = prompt.split()[1:]
+        right += len(found) == 1 and found[0].colour == colour and found[0].shape == shape
+    assert right >= 3, right
+
+
+def test_the_fast_presets_of_shapes_sample_with_it():
+    pipe = load_pipeline("shapes", device="cpu")
+    candidates = pipe.config.sample.candidates
+    apply_speed(pipe, "fast")
+    assert pipe.model_dir == shipped_model_dir("shapes-guided") and pipe.model.config.guidance_embed
+    assert quantizes_activations(pipe.model) and pipe.config.sample.candidates == candidates
+    image = pipe.generate(["a red circle"], seed=0, steps=2)
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
