@@ -40,8 +40,9 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
     settings = {}
     for item in filter(None, parts[2].split(",")):
         key, _, value = item.partition("=")
-        if key not in SAMPLING_KEYS:
-            raise argparse.ArgumentTypeError(f"unknown sampling key {key!r} in {text!r}")
+        if key not in SAMPLING_KEYS or not value:
+            raise argparse.ArgumentTypeError(f"{item!r} in {text!r} is not KEY=VALUE with a sampling key "
+                                             f"(list-valued keys are not supported here)")
         for kind in (int, float, str):
             try:
                 settings[key] = kind(value)

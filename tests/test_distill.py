@@ -385,6 +385,7 @@ def test_dmds_regression_term_adds_its_weight_times_a_positive_loss_on_generator
 
 def test_a_fast_preset_samples_with_the_models_guidance_distilled_twin(digits_teacher, tmp_path, monkeypatch):
     from omnidit import checkpoint, quantize
+    from omnidit.errors import OmniditError
     from omnidit.lora import add_lora
     from omnidit.pipeline import load_pipeline
 
@@ -395,15 +396,17 @@ def test_a_fast_preset_samples_with_the_models_guidance_distilled_twin(digits_te
         monkeypatch.setattr(checkpoint, variable, folder, raising=False)
     monkeypatch.setattr(quantize, "FAST_TWINS", {"tiny": "tiny-guided"})
     pipe = load_pipeline("tiny", device="cpu")
-    pipe.config.sample.candidates = 2
+    pipe.config.sample.candidates, pipe.config.sample.steps = 2, 3  # the model's settings carry over to the twin
     fast = quantize.speed_variant(pipe, "fast")
     assert fast.model_dir == twin and fast.config.model.guidance_embed and quantize.quantizes_activations(fast.model)
-    assert fast.config.sample.candidates == 2 and fast.config.sample.cache == "none"  # best-of-2, no step cache
+    assert (fast.config.sample.candidates, fast.config.sample.steps, fast.config.sample.cache) == (2, 3, "none")
     assert pipe.model_dir == teacher and not pipe.config.model.guidance_embed  # the served pipeline is untouched
     direct = load_pipeline(twin, device="cpu")
     quantize.quantize_in_memory(direct.model, "w8a8")
     settings = {"steps": 3, "candidates": 2, "cache": "none"}
-    assert torch.equal(fast.generate(["3", "7"], seed=0, steps=3), direct.generate(["3", "7"], seed=0, **settings))
+    assert torch.equal(fast.generate(["3", "7"], seed=0), direct.generate(["3", "7"], seed=0, **settings))
+    with pytest.raises(OmniditError, match="cannot follow a negative prompt"):  # the twin has no unconditional row
+        fast.generate(["3"], negative_prompt="7")
     faster = quantize.speed_variant(fast, "faster")  # the twin is already int8: only the settings change
     assert faster.model is fast.model and faster.config.sample.candidates == 1
     assert faster.config.sample.cache == "first_block"

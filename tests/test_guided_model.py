@@ -61,5 +61,6 @@ def test_the_fast_presets_of_shapes_sample_with_it():
     apply_speed(pipe, "fast")
     assert pipe.model_dir == shipped_model_dir("shapes-guided") and pipe.model.config.guidance_embed
     assert quantizes_activations(pipe.model) and pipe.config.sample.candidates == candidates
+    assert pipe.config.sample.cache == "none" and not pipe.config.sample.skip_scale  # best of N, one pass a step
     image = pipe.generate(["a red circle"], seed=0, steps=2)
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()

@@ -270,8 +270,8 @@ def test_a_request_can_ask_for_a_faster_preset_without_changing_the_served_model
 
 
 def test_at_a_batch_dependent_speed_every_output_is_drawn_alone(shapes):
-    # At fast, int8 activations (one scale for the whole batch) and first-block caching (decided on the whole
-    # batch) make an image depend on its batch: the server then draws each output by itself, so a seed gives one
+    # At fast, int8 activations (one scale for the whole batch; as first-block caching, decided on the whole batch,
+    # would) make an image depend on its batch: the server then draws each output by itself, so a seed gives one
     # image however the requests were grouped.
     import torch
 
@@ -296,6 +296,25 @@ def test_at_a_batch_dependent_speed_every_output_is_drawn_alone(shapes):
     assert torch.equal(outputs[1][0], fast.generate([PROMPT], seed=[13], steps=3)[0])
     steps = [(e["step"], e["steps"]) for e in events if e["state"] == "running"]
     assert steps == [(k, 9) for k in range(1, 10)]  # three outputs of 3 steps, counted as one run
+
+
+def test_a_job_cancelled_while_a_batch_is_drawn_one_at_a_time_is_skipped(shapes):
+    from omnidit.serve.batching import Cancelled
+
+    settings = {"steps": 2, "width": 32, "height": 32}
+    batcher = Batcher({"shapes": shapes}, max_batch=4, window=0.3)
+    jobs = [Job("shapes", PROMPT, [1], settings, speed="fast"), Job("shapes", PROMPT, [2, 3], settings, speed="fast")]
+    jobs[0].progress = lambda event: event["state"] == "running" and jobs[1].cancelled.set()  # while it is drawn
+    drawn = []
+    batcher.stats.on_batch = lambda size, seconds: drawn.append(size)
+    for job in jobs:
+        batcher.submit(job)
+    batcher.start()
+    assert jobs[0].future.result(timeout=120).shape == (1, 3, 32, 32)
+    with pytest.raises(Cancelled):
+        jobs[1].future.result(timeout=120)
+    batcher.stop()
+    assert drawn == [3]  # one batch of three outputs, two of them skipped
 
 
 def test_progress_events_reach_a_listener(live):

@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--speed", default=None, choices=["default", "fast", "faster"],
-                   help="fast: int8 linears on a CPU (bf16 on a GPU) and step caching; faster: also one candidate "
-                        "(docs/sampling.md)")
+                   help="fast: the model's guidance-distilled twin where one is shipped (shapes) in int8 on a CPU "
+                        "(bf16 on a GPU), else the model in int8 with step caching; faster: int8, step caching and "
+                        "one candidate (docs/sampling.md)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -267,7 +267,8 @@ class Distiller(Trainer):
         else:
             x0, cond, _ = self.image_batch(idx[mine])
         if self.pairs is not None and not regression and self.step % dc.generator_every == 0:  # dmd's regression term
-            pair = self._pair_batch(batch_indices(self.step, batch, len(self.pairs), self.config.data.seed + 1)[mine])
+            update = self.step // dc.generator_every  # the generator's updates walk through the pairs in order
+            pair = self._pair_batch(batch_indices(update, batch, len(self.pairs), self.config.data.seed + 1)[mine])
         self.model.train()
         with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
             loss, fake_loss = self._losses(batch, mine, x0, cond, scale, noise, pair)

@@ -354,6 +354,11 @@ class Pipeline:
             mask, tokens = self._given_tokens(given, given_frames, len(prompts), frames, height, width, token_mask)
             tokens = tokens.repeat(n, 1, 1) if len(tokens) > 1 else tokens  # candidate-major, like the noise
         time_mask = None if given_noised else mask  # noised given tokens share the sampler's t
+        if negative_prompt and mc.guidance_embed:
+            raise OmniditError("this model takes its guidance scale as an input and draws no unconditional row, so "
+                               "it cannot follow a negative prompt",
+                               hint="drop the negative prompt, or (with --speed fast or faster, which sample shapes "
+                                    "through its guidance-distilled twin) use the default speed")
         cond, null = self.conditions(prompts, negative_prompt, guidance=cfg)
         if n > 1:
             cond = Condition.cat([cond] * n)  # candidate-major: rows j * B .. j * B + B - 1 are candidate j

@@ -393,16 +393,23 @@ def fast_twin(pipe: Pipeline) -> Path | None:
     return None
 
 
+# The sampling settings a twin takes over from the model it stands in for (the rest are the twin's own: no
+# guidance interval or skip-layer guidance, which its guidance input replaces).
+TWIN_KEEPS = ("steps", "cfg", "sampler", "shift", "candidates", "cache", "cache_threshold", "cache_forecast",
+              "cache_interval")
+
+
 def _use_twin(pipe: Pipeline, folder: Path) -> None:
-    """Swap ``pipe``'s model for its twin's (loaded from ``folder``), keeping the model's best-of-N (a distilled
-    student's own config draws one candidate) and its compilation; the text encoder and codec are the same and
-    stay."""
+    """Swap ``pipe``'s model for its twin's (loaded from ``folder``), keeping the model's sampling settings
+    (``TWIN_KEEPS``: its steps, guidance scale, best-of-N...) and its compilation; the text encoder and codec are
+    the same and stay."""
     from omnidit.checkpoint import load_model
 
     model, config = load_model(folder, device=pipe.device)
     if getattr(pipe.model, "compiled", False):
         model.compile_blocks()
-    config.sample.candidates = pipe.config.sample.candidates
+    for key in TWIN_KEEPS:
+        setattr(config.sample, key, getattr(pipe.config.sample, key))
     pipe.model, pipe.config, pipe.model_dir = model, config, folder
 
 
@@ -445,10 +452,10 @@ def speed_quantizes(pipe: Pipeline) -> bool:
 def apply_speed(pipe, speed: str | None) -> None:
     """``--speed``: make ``pipe`` faster in place. ``fast``: the model's guidance-distilled twin where it has one
     (``fast_twin``: one pass per step instead of guidance's three) with int8 linears on a CPU (bf16 compute on a
-    GPU); without a twin, int8 linears and first-block step caching as the model's default; either at the model's
-    quality within the suite's noise. ``faster``: int8, step caching and one candidate instead of best-of-N (which
-    costs quality where the model's defaults draw several). The preset changes the pipeline's ``sample``
-    defaults, so settings passed explicitly still win; docs/sampling.md."""
+    GPU); a model without a twin gets int8 linears and, unless it is guidance-distilled itself, first-block step
+    caching as its default. ``faster``: int8, step caching and one candidate instead of best-of-N. Both cost some
+    quality (measured in docs/sampling.md). The preset changes the pipeline's ``sample`` defaults, so settings
+    passed explicitly still win."""
     if speed in (None, "default"):
         return
     if speed not in SPEEDS:
@@ -459,7 +466,9 @@ def apply_speed(pipe, speed: str | None) -> None:
     if speed_quantizes(pipe):
         quantize_in_memory(pipe.model, "w8a8" if pipe.device.type == "cpu" else "bf16")
     sample = pipe.config.sample
-    if sample.cache == "none" and (twin is None or speed == "faster"):  # fast with a twin: caching cost quality
-        sample.cache = "first_block"  # (0.915 against 0.933 uncached on the validation seed, docs/sampling.md)
+    # A guidance-distilled model (a twin) at fast stays uncached: caching cost it quality (0.915 against 0.933
+    # uncached on the validation seed, docs/sampling.md).
+    if sample.cache == "none" and (not pipe.config.model.guidance_embed or speed == "faster"):
+        sample.cache = "first_block"
     if speed == "faster":
         sample.candidates = 1

@@ -235,12 +235,8 @@ class Batcher:
             pipe = self._pipeline(first.model, first.speed)
             if pipe.batch_invariant(**first.kwargs):
                 outputs = self._call(pipe, first, prompts, seeds, on_step)
-            else:  # an output would depend on its batch (int8 activations, a cache deciding on the whole batch):
-                # draw one at a time, so that a seed gives one image; progress counts the steps of all of them
-                parts = [self._call(pipe, first, [p], [s], lambda done, total, k=k: on_step(k * total + done,
-                                                                                              len(seeds) * total))
-                         for k, (p, s) in enumerate(zip(prompts, seeds))]
-                outputs = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [o for p in parts for o in p]
+            else:  # an output would depend on its batch (int8 activations, a cache deciding on the whole batch)
+                outputs = self._one_at_a_time(pipe, live, on_step)
         except Cancelled:
             for j in live:
                 j.future.set_exception(Cancelled())
@@ -263,5 +259,26 @@ class Batcher:
             self.stats.on_batch(len(seeds), seconds)
         at = 0
         for j in live:
-            j.future.set_result(outputs[at:at + len(j.seeds)])
+            mine = outputs[at:at + len(j.seeds)]
             at += len(j.seeds)
+            if isinstance(mine, list) and any(o is None for o in mine):  # cancelled while others were drawn
+                j.future.set_exception(Cancelled())
+            else:
+                j.future.set_result(torch.stack(mine) if isinstance(mine, list) and isinstance(mine[0], torch.Tensor)
+                                    else mine)
+
+    def _one_at_a_time(self, pipe, live: list[Job], on_step) -> list:
+        """The outputs of ``live`` drawn one per sampling call, so that a seed gives one image at settings where an
+        output depends on its batch: a list with one entry per output (an image or clip, or a (video, audio) pair;
+        None for the outputs of a job cancelled meanwhile, which are skipped). Progress counts every call's steps."""
+        first, total_outputs = live[0], sum(len(j.seeds) for j in live)
+        outputs, k = [], 0
+        for job in live:
+            for seed in job.seeds:
+                if job.cancelled.is_set():
+                    outputs.append(None)
+                else:
+                    step = lambda done, total, k=k: on_step(k * total + done, total_outputs * total)  # noqa: E731
+                    outputs.append(self._call(pipe, first, [job.prompt], [seed], step)[0])
+                k += 1
+        return outputs

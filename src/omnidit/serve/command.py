@@ -34,8 +34,9 @@ def add_serve_parser(sub) -> None:
                         "(default 1); repeatable (docs/lora.md)")
     p.add_argument("--speed", default=None, choices=["default", "fast", "faster"],
                    help="serve every model at a --speed preset (docs/sampling.md): fast = the model's "
-                        "guidance-distilled twin where one is shipped (shapes), int8 linears on a CPU (bf16 on a "
-                        "GPU) and step caching; faster = also one candidate")
+                        "guidance-distilled twin where one is shipped (shapes; no negative prompt) in int8 on a "
+                        "CPU (bf16 on a GPU), else the model in int8 with step caching; faster = int8, step caching "
+                        "and one candidate")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
                                                        "(default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
