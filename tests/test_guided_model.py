@@ -64,3 +64,15 @@ def test_the_fast_presets_of_shapes_sample_with_it():
     assert pipe.config.sample.cache == "none" and not pipe.config.sample.skip_scale  # best of N, one pass a step
     image = pipe.generate(["a red circle"], seed=0, steps=2)
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+
+def test_generate_at_fast_names_the_twin_in_the_png(tmp_path, capsys):
+    from PIL import Image
+    from test_cli import run_main
+
+    target = tmp_path / "fast.png"
+    code, _, err = run_main(capsys, "generate", "a red circle", "--speed", "fast", "--steps", "2", "-o", target,
+                            "--no-progress")
+    assert code == 0, err
+    info = Image.open(target).info
+    assert info["speed"] == "fast" and info["twin"] == str(shipped_model_dir("shapes-guided"))

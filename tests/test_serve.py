@@ -237,6 +237,10 @@ def test_negative_prompt_changes_the_image_and_is_recorded(shapes):
         plain = client.post("/v1/images/generations", json={"prompt": PROMPT, "seed": 4, **FAST}).json()
         steered = client.post("/v1/images/generations", json={"prompt": PROMPT, "seed": 4, **FAST,
                                                                "negative_prompt": "a blue square"}).json()
+        fast = client.post("/v1/images/generations", json={"prompt": PROMPT, "seed": 4, **FAST, "speed": "fast",
+                                                           "negative_prompt": "a blue square"})
+    # At fast, shapes samples through its guidance-distilled twin, which has no unconditional row to steer.
+    assert fast.status_code == 400 and "cannot follow a negative prompt" in fast.json()["error"]["message"]
     image = decode(steered["data"][0])
     assert image.tobytes() != decode(plain["data"][0]).tobytes()
     assert "Negative prompt: a blue square" in image.text["parameters"]

@@ -80,7 +80,8 @@ def run_demo(output: str | Path, model: str | Path | None = None, n_per_prompt: 
     seconds = time.perf_counter() - start
     prompts = DEMO_VIDEO_PROMPTS if video else DEMO_PROMPTS
     settings = {"prompts": " | ".join(prompts), "seed": seed, **pipe.sampling_settings(steps),
-                "model": str(Path(pipe.model_dir).resolve()), "software": "omnidit demo"}  # a fast preset's twin
+                "model": str(model_dir.resolve()), "software": "omnidit demo",
+                **({"twin": str(pipe.model_dir)} if pipe.model_dir != model_dir else {})}  # a fast preset's twin drew
     drawn = f"{len(prompts)} clips" if video else f"{len(prompts) * n_per_prompt} images"
     return save_png(grid, output, settings), seconds, drawn
 

@@ -54,7 +54,7 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
                         "(default: the model's sample.candidates)")
     p.add_argument("--speed", default=None, choices=["default", "fast", "faster"],
                    help="one knob for speed: fast = the model's guidance-distilled twin where one is shipped "
-                        "(shapes: shapes-guided, one pass per step, no negative prompt) in int8 on a CPU (bf16 "
+                        "(shapes: shapes-guided, one pass per step) in int8 on a CPU (bf16 "
                         "compute on a GPU), else the model in int8 with first-block step caching; faster = int8, "
                         "step caching and one candidate instead of best-of-N; both cost some quality; flags given "
                         "explicitly win (docs/sampling.md)")
@@ -159,13 +159,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if any(v is not None for v in (args.frames, args.fps, args.image, args.extend)):
         raise OmniditError("--frames, --fps, --image and --extend are for video models; this one makes images",
                            hint="use a video model, e.g. --model shapes-video")
+    loaded = pipe.model_dir
     sampling = sampling_args(args, pipe)
     width, height = width or pipe.config.data.width, height or pipe.config.data.height
     files = output_files(args.output, args.num_images, 1, width, height, args.scale)
     settings = {"prompt": args.prompt, "seed": args.seed, **pipe.sampling_settings(**sampling),
                 "size": f"{width}x{height}", "num_images": args.num_images,
-                "model": str(Path(pipe.model_dir or args.model).resolve()), "ema": not args.no_ema,
-                "software": "omnidit",
+                "model": str(Path(args.model).resolve()), "ema": not args.no_ema, "software": "omnidit",
+                **({"twin": str(pipe.model_dir)} if pipe.model_dir != loaded else {}),  # a fast preset's twin drew
                 **({"lora": args.lora} if args.lora else {}), **({"speed": args.speed} if args.speed else {}),
                 **box_metadata(boxes)}
     batch = batch_size(args, pipe, 1, width, height, sampling)
