@@ -50,6 +50,9 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+SKIPPED = object()  # an output not drawn because its job was cancelled meanwhile (Batcher._one_at_a_time)
+
+
 class Cancelled(Exception):
     """Every request of a batch went away (disconnected or timed out): stop sampling between steps."""
 
@@ -261,7 +264,7 @@ class Batcher:
         for j in live:
             mine = outputs[at:at + len(j.seeds)]
             at += len(j.seeds)
-            if isinstance(mine, list) and any(o is None for o in mine):  # cancelled while others were drawn
+            if isinstance(mine, list) and any(o is SKIPPED for o in mine):  # cancelled while others were drawn
                 j.future.set_exception(Cancelled())
             else:
                 j.future.set_result(torch.stack(mine) if isinstance(mine, list) and isinstance(mine[0], torch.Tensor)
@@ -270,13 +273,13 @@ class Batcher:
     def _one_at_a_time(self, pipe, live: list[Job], on_step) -> list:
         """The outputs of ``live`` drawn one per sampling call, so that a seed gives one image at settings where an
         output depends on its batch: a list with one entry per output (an image or clip, or a (video, audio) pair;
-        None for the outputs of a job cancelled meanwhile, which are skipped). Progress counts every call's steps."""
+        SKIPPED for the outputs of a job cancelled meanwhile). Progress counts every call's steps."""
         first, total_outputs = live[0], sum(len(j.seeds) for j in live)
         outputs, k = [], 0
         for job in live:
             for seed in job.seeds:
                 if job.cancelled.is_set():
-                    outputs.append(None)
+                    outputs.append(SKIPPED)
                 else:
                     step = lambda done, total, k=k: on_step(k * total + done, total_outputs * total)  # noqa: E731
                     outputs.append(self._call(pipe, first, [job.prompt], [seed], step)[0])
