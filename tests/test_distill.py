@@ -405,6 +405,9 @@ def test_a_fast_preset_samples_with_the_models_guidance_distilled_twin(digits_te
     quantize.quantize_in_memory(direct.model, "w8a8")
     settings = {"steps": 3, "candidates": 2, "cache": "none"}
     assert torch.equal(fast.generate(["3", "7"], seed=0), direct.generate(["3", "7"], seed=0, **settings))
+    cond, _ = fast.conditions(["3"], guidance=4.0)  # best-of-N scores at the least guided scale it was trained on
+    assert fast.scoring_condition(cond).guidance.tolist() == [fast.config.distill.guidance[0]] == [1.0]
+    assert pipe.scoring_condition(cond) is cond  # a model without a guidance input scores under its condition
     with pytest.raises(OmniditError, match="cannot follow a negative prompt"):  # the twin has no unconditional row
         fast.generate(["3"], negative_prompt="7")
     faster = quantize.speed_variant(fast, "faster")  # the twin is already int8: only the settings change

@@ -7,6 +7,7 @@ sample grids and the evaluators share one path from prompt to pixels.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import warnings
 from collections.abc import Collection, Sequence
@@ -176,6 +177,16 @@ class Pipeline:
                 "skip_interval": list(s.skip_interval if skip_interval is None else check_cfg_interval(skip_interval)),
                 "candidates": candidates, **self._cache_settings(steps, cache, cache_threshold, cache_forecast,
                                                                  cache_interval)}
+
+    def scoring_condition(self, cond: Condition) -> Condition:
+        """The condition best-of-N scores candidates under (``selection.denoising_scores``, which measures the
+        conditional flow): ``cond`` itself, except that a model taking the guidance scale as an input (a guidance-
+        distilled student) is read at the least guided scale it was trained on (``distill.guidance``'s low end),
+        the closest it has to the conditional velocity."""
+        scales = self.config.distill.guidance
+        if cond.guidance is None or not self.model.config.guidance_embed or not scales:
+            return cond
+        return dataclasses.replace(cond, guidance=torch.full_like(cond.guidance, float(scales[0])))
 
     def batch_invariant(self, **sampling) -> bool:
         """Whether an output at these sampling settings (``SAMPLING_KEYS``, unset: the model's) is the same whatever
@@ -393,7 +404,8 @@ class Pipeline:
             x = sample(velocity, noise, steps, sampler, shift, progress=progress, given=mask, given_tokens=tokens,
                        on_step=on_step, given_noised=given_noised)
         if n > 1:  # every token noised alike, given ones too: the score ranks whole results under their prompt
-            scores = denoising_scores(lambda x, t, c: self.model(x, ids, t, c), x, cond.without_full_mask())
+            scores = denoising_scores(lambda x, t, c: self.model(x, ids, t, c), x,
+                                      self.scoring_condition(cond.without_full_mask()))
             x = best_candidates(x, scores, n)
         latents = video_unpatchify(x, frames, height, width, mc.patch_size, mc.temporal_patch)
         if self.codec is not None:  # an image VAE decodes the one frame; the identity codec takes clips as they are
