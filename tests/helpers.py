@@ -196,6 +196,34 @@ def assert_shipped_folder(name: str, folder_name: str, max_bytes: int) -> Path:
     return folder
 
 
+SINGLE_OBJECTS = ("a red circle", "a blue square", "a green triangle", "a yellow diamond")
+
+
+def draw_single_objects(pipe, **sampling) -> tuple[list[int], int]:
+    """Draw SINGLE_OBJECTS (seeds 0-3) with a shapes pipeline: (the batch size of every model call, how many images
+    show exactly the object asked for)."""
+    from omnidit.evaluate.detector import detect_objects
+
+    calls = []
+    original = pipe.model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    pipe.model.forward = counting
+    try:
+        images = pipe.generate(list(SINGLE_OBJECTS), seed=[0, 1, 2, 3], **sampling)
+    finally:
+        del pipe.model.forward
+    right = 0
+    for prompt, image in zip(SINGLE_OBJECTS, images):
+        found = detect_objects(image)
+        colour, shape = prompt.split()[1:]
+        right += len(found) == 1 and found[0].colour == colour and found[0].shape == shape
+    return calls, right
+
+
 def video_clip_file(path: Path, prompt: str = "a red circle moving right", steps: int = 2, fps: float = 8.0) -> Path:
     """A clip of the shipped video model (seed 1) saved at ``path`` at ``fps``: the input of the clip CLI tests."""
     from omnidit.pipeline import load_pipeline

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_shipped_folder
+from helpers import assert_shipped_folder, draw_single_objects
 
 from omnidit.checkpoint import shipped_model_dir
 from omnidit.pipeline import guided, load_pipeline
@@ -31,29 +31,9 @@ def test_shipped_twin_is_small_float16_and_samples_with_one_pass_per_step(twin):
 
 
 def test_it_draws_single_objects_right_in_one_pass_per_step(twin):
-    from omnidit.evaluate.detector import detect_objects as detect
-
-    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow diamond"]
-    calls = []
-    original = twin.model.forward
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape[0])
-        return original(*args, **kwargs)
-
-    twin.model.forward = counting
-    try:
-        images = twin.generate(prompts, seed=[0, 1, 2, 3], steps=12)
-    finally:
-        del twin.model.forward
-    assert len(calls) == 12 and set(calls) == {len(prompts)}  # one pass per step, no CFG row
-    right = 0
-    for prompt, image in zip(prompts, images):
-        found = detect(image)
-        colour, shape = prompt.split()[1:]
-        right += len(found) == 1 and found[0].colour == colour and found[0].shape == shape
+    calls, right = draw_single_objects(twin, steps=12)
+    assert len(calls) == 12 and set(calls) == {4}  # one pass per step, no CFG row
     assert right >= 3, right
-
 
 def test_the_fast_presets_of_shapes_sample_with_it():
     pipe = load_pipeline("shapes", device="cpu")
