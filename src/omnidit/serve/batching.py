@@ -50,9 +50,6 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-SKIPPED = object()  # an output not drawn because its job was cancelled meanwhile (Batcher._one_at_a_time)
-
-
 class Cancelled(Exception):
     """Every request of a batch went away (disconnected or timed out): stop sampling between steps."""
 
@@ -237,9 +234,12 @@ class Batcher:
         try:
             pipe = self._pipeline(first.model, first.speed)
             if pipe.batch_invariant(**first.kwargs):
-                outputs = self._call(pipe, first, prompts, seeds, on_step)
+                outputs, results, at = self._call(pipe, first, prompts, seeds, on_step), [], 0
+                for j in live:  # each job's rows of the one call
+                    results.append(outputs[at:at + len(j.seeds)])
+                    at += len(j.seeds)
             else:  # an output would depend on its batch (int8 activations, a cache deciding on the whole batch)
-                outputs = self._one_at_a_time(pipe, live, on_step)
+                results = self._one_at_a_time(pipe, live, on_step)
         except Cancelled:
             for j in live:
                 j.future.set_exception(Cancelled())
@@ -260,28 +260,29 @@ class Batcher:
         self.stats.last_seconds_per_output = seconds / len(seeds)
         if self.stats.on_batch is not None:
             self.stats.on_batch(len(seeds), seconds)
-        at = 0
-        for j in live:
-            mine = outputs[at:at + len(j.seeds)]
-            at += len(j.seeds)
-            if isinstance(mine, list) and any(o is SKIPPED for o in mine):  # cancelled while others were drawn
-                j.future.set_exception(Cancelled())
+        for j, result in zip(live, results):
+            if isinstance(result, Cancelled):  # it went away while the others were drawn
+                j.future.set_exception(result)
             else:
-                j.future.set_result(torch.stack(mine) if isinstance(mine, list) and isinstance(mine[0], torch.Tensor)
-                                    else mine)
+                j.future.set_result(result)
 
     def _one_at_a_time(self, pipe, live: list[Job], on_step) -> list:
-        """The outputs of ``live`` drawn one per sampling call, so that a seed gives one image at settings where an
-        output depends on its batch: a list with one entry per output (an image or clip, or a (video, audio) pair;
-        SKIPPED for the outputs of a job cancelled meanwhile). Progress counts every call's steps."""
+        """Each job's outputs of ``live``, drawn one per sampling call, so that a seed gives one image at settings
+        where an output depends on its batch: per job what one batched call gives for it, or Cancelled() for a job
+        that went away meanwhile (its remaining outputs are not drawn). Progress counts every call's steps."""
         first, total_outputs = live[0], sum(len(j.seeds) for j in live)
-        outputs, k = [], 0
+        results, k = [], 0
         for job in live:
+            parts = []
             for seed in job.seeds:
                 if job.cancelled.is_set():
-                    outputs.append(SKIPPED)
-                else:
-                    step = lambda done, total, k=k: on_step(k * total + done, total_outputs * total)  # noqa: E731
-                    outputs.append(self._call(pipe, first, [job.prompt], [seed], step)[0])
+                    break
+                step = lambda done, total, k=k: on_step(k * total + done, total_outputs * total)  # noqa: E731
+                parts.append(self._call(pipe, first, [job.prompt], [seed], step))
                 k += 1
-        return outputs
+            if len(parts) < len(job.seeds):
+                results.append(Cancelled())
+                k += len(job.seeds) - len(parts)
+            else:  # images or clips (n, ...) like one call's, or a list of (video, audio) pairs
+                results.append(torch.cat(parts) if isinstance(parts[0], torch.Tensor) else sum(parts, []))
+        return results
