@@ -183,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("compare", help="test whether two eval reports differ beyond chance (paired, exact)",
+                       description="Pair two 'omnidit eval --json' reports image by image (same suite, --seed, "
+                                   "--limit and --n-per-prompt, so the same prompts and noise seeds) and print "
+                                   "their scores per category, the images that fail in only one of them, and the "
+                                   "exact two-sided McNemar p-value of that split (docs/evaluation.md).")
+    p.add_argument("report_a", help="the first report (A), e.g. eval_default.json")
+    p.add_argument("report_b", help="the second report (B), e.g. eval_fast.json")
+
     p = sub.add_parser("eval-prompts", help="write the shapes suite's prompts and manifest for another system",
                        description="Write OUT_DIR/prompts.txt and OUT_DIR/manifest.json. Render one image per "
                                    "manifest entry into OUT_DIR under the listed file name, then run "
@@ -306,6 +314,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for path in (args.json, grid):
         if path:
             print(f"wrote {path}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from omnidit.evaluate.compare import comparison_table, paired_comparison, read_report
+
+    comparison = paired_comparison(read_report(args.report_a), read_report(args.report_b))
+    print(comparison_table(comparison, (args.report_a, args.report_b)))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -459,7 +474,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 COMMANDS = {"train": cmd_train, "precompute": cmd_precompute, "generate": cmd_generate, "demo": cmd_demo,
             "eval": cmd_eval, "eval-prompts": cmd_eval_prompts, "convert": cmd_convert, "info": cmd_info,
             "serve": cmd_serve, "calibrate": cmd_calibrate, "inpaint": cmd_inpaint,
-            "edit": cmd_edit, "quantize": cmd_quantize, "distill": cmd_distill}
+            "edit": cmd_edit, "quantize": cmd_quantize, "distill": cmd_distill,
+            "compare": cmd_compare}
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

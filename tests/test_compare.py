@@ -1,0 +1,61 @@
+"""omnidit compare: two eval reports paired image by image, with the exact McNemar p-value."""
+
+import json
+
+import pytest
+
+from omnidit.cli import main
+from omnidit.errors import OmniditError
+from omnidit.evaluate.compare import mcnemar_p, paired_comparison
+
+
+def report(failures: list[tuple[str, str, int]], seed: int = 0, n_images: int = 40, overall: float = 0.9) -> dict:
+    return {"suite": "shapes", "overall": overall, "categories": {"counting": overall, "colours": overall},
+            "n_images": n_images, "frechet_distance": None,
+            "settings": {"seed": seed, "limit": 2, "n_per_prompt": 4},
+            "failures": [{"category": c, "prompt": p, "reason": "expected 1, found 0", "seed": s}
+                         for c, p, s in failures]}
+
+
+def test_mcnemar_matches_the_binomial_tail_in_closed_form():
+    assert mcnemar_p(0, 5) == pytest.approx(2 / 32)  # both extreme splits of 5: 2 * (1/2)^5
+    assert mcnemar_p(5, 0) == mcnemar_p(0, 5)
+    assert mcnemar_p(1, 9) == pytest.approx(2 * (1 + 10) / 1024)
+    assert mcnemar_p(3, 3) == 1.0 and mcnemar_p(0, 0) == 1.0  # an even split, or nothing to split
+    # at a fixed number of discordant images, a more uneven split is less likely under the null
+    ps = [mcnemar_p(k, 20 - k) for k in range(11)]
+    assert all(a < b for a, b in zip(ps, ps[1:]))
+
+
+def test_paired_comparison_counts_the_images_that_fail_in_one_run_only():
+    a = report([("counting", "two circles", 1), ("counting", "two circles", 2), ("colours", "a red square", 5)])
+    b = report([("counting", "two circles", 2), ("colours", "a red square", 6)], overall=0.95)
+    c = paired_comparison(a, b)
+    # the same prompt at another noise seed is another image
+    assert (c.only_a, c.only_b, c.both, c.failed) == (2, 1, 1, (3, 2))
+    assert c.p_value == pytest.approx(1.0) and c.overall == (0.9, 0.95)
+
+
+def test_reports_of_other_images_do_not_pair():
+    with pytest.raises(OmniditError, match="seed 0 and 1"):
+        paired_comparison(report([]), report([], seed=1))
+    other = report([])
+    other["suite"] = "digits"
+    with pytest.raises(OmniditError, match="different suites"):
+        paired_comparison(report([]), other)
+
+
+def test_cli_prints_the_split_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    fails = [("counting", f"prompt {k}", k) for k in range(6)]
+    (tmp_path / "a.json").write_text(json.dumps(report([])))
+    (tmp_path / "b.json").write_text(json.dumps(report(fails, overall=0.8)))
+    assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "0 fail only in A, 6 only in B, 0 in both" in out and "p = 0.0312 (a difference beyond chance" in out
+    (tmp_path / "c.json").write_text(json.dumps(report([], seed=3)))
+    (tmp_path / "bad.json").write_text("{not json")
+    for other, message in (("c.json", "did not judge the same images: seed 0 and 3"), ("bad.json", "as JSON"),
+                           ("missing.json", "no such report")):
+        assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / other)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
