@@ -4,6 +4,7 @@ reused, and caching composes with guidance, skip-layer guidance and given frames
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -29,11 +30,16 @@ PLAIN = {"candidates": 1, "skip_scale": 0.0, "steps": 12}
 PROMPTS = ["a red circle above a blue square", "a green triangle", "two yellow diamonds"]
 
 
-def test_a_cache_that_never_skips_changes_no_bit(shapes):
-    plain = shapes.generate(PROMPTS, seed=0, **PLAIN)
-    cached = shapes.generate(PROMPTS, seed=0, cache="first_block", cache_threshold=1e-9, **PLAIN)
-    assert shapes.model.last_step_cache.skipped == 0 and shapes.model.last_step_cache.calls == 12
-    assert torch.equal(plain, cached)
+def test_a_zero_threshold_skips_nothing_and_changes_no_bit(shapes, tmp_path):
+    Calibration(teacache=[1.0, 0.0], magnitude_t=[0.0, 1.0], magnitude_log=[0.0, 1.0]).save(tmp_path)
+    pipe = dataclasses.replace(shapes, model_dir=tmp_path)  # the calibration is read from the model folder
+    plain = pipe.generate(PROMPTS, seed=0, **PLAIN)
+    for method in ("first_block", "teacache", "magcache"):
+        cached = pipe.generate(PROMPTS, seed=0, cache=method, cache_threshold=0, **PLAIN)
+        # calls count rows: 12 steps of 3 prompts' conditional and unconditional rows
+        assert pipe.model.last_step_cache.skipped == 0 and pipe.model.last_step_cache.calls == 12 * 6, method
+        assert torch.equal(plain, cached), method
+    assert pipe.sampling_settings(cache="first_block")["cache_threshold"] == 0.12  # unset: the method's default
 
 
 def test_first_block_cache_skips_steps_and_stays_close(shapes):
@@ -51,7 +57,7 @@ def _linear_run(settings: CacheSettings, ts: list[float]) -> tuple[list, list, S
     for t in ts:
         h = torch.full((1, 5, 4), t)
         truth.append(h + a + b * t)
-        outs.append(cache.hidden(("k",), t, h * 0, h, lambda h=h, t=t: h + a + b * t, lambda h=h: h))
+        outs.append(cache.hidden(("k",), t, h * 0, h, lambda rows, h=h, t=t: h + a + b * t, lambda h=h: h))
     return outs, truth, cache
 
 
@@ -63,6 +69,86 @@ def test_taylor_forecast_is_exact_for_a_residual_linear_in_t_and_copy_is_not():
     outs, truth, cache = _linear_run(CacheSettings("interval", interval=2, forecast="copy", steps=10), ts)
     errors = [float((o - t).abs().max()) for o, t in zip(outs, truth)]
     assert cache.skipped == 4 and max(errors) == pytest.approx(0.2, rel=1e-4)  # b * one step of t
+
+
+def _rule_run(settings: CacheSettings, signals: list[list[float]], calibration: Calibration | None = None,
+              ts: list[float] | None = None) -> list[list[bool]]:
+    """Drive a StepCache whose rows' signals are scalars times one fixed pattern: row r at call i has the first
+    block's residual signals[r][i] * base (first_block) or that modulated input (teacache). Returns which rows
+    skipped at each call, read from which rows ``rest`` was asked for."""
+    base = torch.randn(1, 5, 4, generator=torch.Generator().manual_seed(0)).abs() + 0.5
+    ts = ts or [1 - i / len(signals[0]) for i in range(len(signals[0]))]
+    cache, skipped = StepCache(settings, calibration), []
+    for i, t in enumerate(ts):
+        values = torch.tensor([row[i] for row in signals]).view(-1, 1, 1) * base  # (B, 5, 4)
+        asked = []
+
+        def rest(rows, values=values, asked=asked):
+            asked.append(list(range(len(signals))) if rows is None else rows.tolist())
+            return values if rows is None else values[rows]
+
+        cache.hidden(("k",), t, values * 0, values, rest, lambda values=values: values)
+        skipped.append([r not in (asked[0] if asked else []) for r in range(len(signals))])
+    return skipped
+
+
+def _expected(signals: list[float], warmup: int, skip_rule) -> list[bool]:
+    """The closed form, row by row: after the warm-up a call may skip when the row has a computed step and fewer
+    than MAX_SKIPS skips in a row; skip_rule(i, last_computed, since) says whether the signal allows it."""
+    out, last, in_row = [], None, 0
+    for i in range(len(signals)):
+        skip = i >= warmup and last is not None and in_row < MAX_SKIPS and skip_rule(i, last)
+        out.append(skip)
+        last, in_row = (last, in_row + 1) if skip else (i, 0)
+    return out
+
+
+def test_each_rule_skips_what_its_closed_form_says_row_by_row():
+    slow = [1.02**i for i in range(20)]  # the signal grows by 2% a step
+    fast = [1.3**i for i in range(20)]  # by 30%
+    rows = [slow, fast, [1.0] * 20]
+    columns = lambda runs: [[step[r] for step in runs] for r in range(len(rows))]  # noqa: E731
+
+    # first_block: the relative change of the first block's residual since the row's last computed step
+    got = columns(_rule_run(CacheSettings("first_block", threshold=0.047, steps=20), rows))
+    for row, skips in zip(rows, got):
+        assert skips == _expected(row, 2, lambda i, j, row=row: abs(row[i] - row[j]) / row[j] < 0.047)
+    # rows decide apart; a still row skips all it may: 4 of every 5 calls after the warm-up
+    assert any(got[0]) and not any(got[1]) and sum(got[2]) == 15
+
+    # teacache: the rescaled step-to-step input change, accumulated since the row's last computed step
+    cal = Calibration(teacache=[2.0, 0.0], magnitude_t=[0.0, 1.0], magnitude_log=[0.0, 0.0])  # rescale(x) = 2x
+    got = columns(_rule_run(CacheSettings("teacache", threshold=0.13, steps=20), rows, cal))
+    for row, skips in zip(rows, got):
+        def rule(i, j, row=row):
+            return sum(2 * abs(row[k] - row[k - 1]) / row[k - 1] for k in range(j + 1, i + 1)) < 0.13
+
+        assert skips == _expected(row, 2, rule)
+    assert any(got[0]) and not any(got[1])
+
+    # magcache: the accumulated |1 - ratio| of the calibrated magnitude curve (log m = t: ratio e^(t' - t))
+    cal = Calibration(teacache=[0.0], magnitude_t=[0.0, 1.0], magnitude_log=[0.0, 1.0])
+    ts = [1 - i / 20 for i in range(20)]
+    got = columns(_rule_run(CacheSettings("magcache", threshold=0.17, steps=20), rows, cal, ts))
+    import math
+
+    rule = lambda i, j: sum(abs(1 - math.exp(ts[k] - ts[j])) for k in range(j + 1, i + 1)) < 0.17  # noqa: E731
+    assert all(skips == _expected(rows[0], 2, rule) for skips in got) and any(got[0])  # the same curve for all rows
+
+
+def test_a_row_is_the_same_whatever_shares_its_batch(shapes, tmp_path):
+    """Rows decide their skips apart, so a prompt drawn with others (and best of 2, with guidance, whose
+    conditional and unconditional rows are rows too) gives the image it gives alone, for every method."""
+    settings = {"steps": 12, "candidates": 2, "skip_scale": 0.0}
+    Calibration(teacache=[1.0, 0.0], magnitude_t=[0.0, 1.0], magnitude_log=[0.0, 1.0]).save(tmp_path)
+    pipe = dataclasses.replace(shapes, model_dir=tmp_path)  # the calibration is read from the model folder
+    for method, threshold in (("first_block", 0.3), ("teacache", 0.3), ("magcache", 0.3)):
+        together = pipe.generate(PROMPTS, seed=[5, 6, 7], cache=method, cache_threshold=threshold, **settings)
+        cache = pipe.model.last_step_cache
+        assert 0 < cache.skipped < cache.calls, method
+        alone = torch.cat([pipe.generate([p], seed=[k], cache=method, cache_threshold=threshold, **settings)
+                           for p, k in zip(PROMPTS, [5, 6, 7])])
+        assert torch.allclose(together, alone, atol=1e-4), (method, float((together - alone).abs().max()))
 
 
 def test_skips_in_a_row_are_bounded():
@@ -119,7 +205,7 @@ def test_cache_composes_with_guidance_intervals_and_skip_layer_guidance(shapes):
     skip-layer model) keeps its own cache: a never-skipping cache still changes nothing."""
     settings = {"steps": 12, "candidates": 2, "skip_scale": 1.0, "skip_blocks": [2], "cfg_interval": [0.0, 0.6]}
     plain = shapes.generate(PROMPTS[:2], seed=0, **settings)
-    cached = shapes.generate(PROMPTS[:2], seed=0, cache="first_block", cache_threshold=1e-9, **settings)
+    cached = shapes.generate(PROMPTS[:2], seed=0, cache="first_block", cache_threshold=0, **settings)
     assert torch.equal(plain, cached)
     assert len(shapes.model.last_step_cache.branches) == 3
     shapes.generate(PROMPTS[:2], seed=0, cache="interval", **settings)

@@ -190,13 +190,13 @@ class Pipeline:
 
     def batch_invariant(self, **sampling) -> bool:
         """Whether an output at these sampling settings (``SAMPLING_KEYS``, unset: the model's) is the same whatever
-        else shares its sampling call. Not with int8 activations (w8a8: one activation scale for the whole batch) or
-        a step cache that decides its skips on the whole batch (first_block, teacache, magcache; ``interval`` is a
-        fixed schedule). The server draws such outputs one at a time so that a seed gives one image."""
+        else shares its sampling call. Not with int8 activations (w8a8: one activation scale for the whole batch);
+        step caches decide row by row (omnidit.step_cache), so they are. The server draws such outputs one at a
+        time so that a seed gives one image."""
         from omnidit.quantize import quantizes_activations
 
-        cache = self.sampling_settings(**{k: sampling.get(k) for k in SAMPLING_KEYS})["cache"]
-        return cache in ("none", "interval") and not quantizes_activations(self.model)
+        self.sampling_settings(**{k: sampling.get(k) for k in SAMPLING_KEYS})  # checked like a sampling call
+        return not quantizes_activations(self.model)
 
     def _cache_settings(self, steps: int, method: str | None, threshold: float | None, forecast: str | None,
                         interval: int | None) -> dict:
@@ -204,8 +204,8 @@ class Pipeline:
         from omnidit.step_cache import CacheSettings
 
         s = self.config.sample
-        cache = CacheSettings(s.cache if method is None else method,
-                              s.cache_threshold if threshold is None else threshold,
+        cache = CacheSettings(s.cache if method is None else method,  # the config's threshold 0: the default
+                              (s.cache_threshold or None) if threshold is None else threshold,
                               s.cache_interval if interval is None else interval,
                               s.cache_forecast if forecast is None else forecast, steps)
         return {"cache": cache.method, "cache_threshold": cache.threshold, "cache_forecast": cache.forecast,

@@ -19,8 +19,11 @@ costs one block instead of all of them. What decides a skip (``CacheSettings.met
 extrapolation in t from the last two computed steps (``taylor``: TaylorSeer, Liu et al. 2025).
 
 Each distinct call pattern (the guided batch, a conditional-only call outside the guidance interval,
-skip-layer guidance's weaker model, another batch size) has its own cached state, so caching composes with
-guidance, skip-layer guidance and best-of-N; per-token timesteps are read as their largest value.
+skip-layer guidance's weaker model, another batch size) has its own cached state, and within it each row (an
+image, a candidate, guidance's conditional or unconditional branch) decides its skips on its own signal, and
+only the rows that compute run the rest of the blocks. So caching composes with guidance (per branch),
+skip-layer guidance and best-of-N, and an output is the same whatever else shares its batch; per-token
+timesteps are read as their largest value.
 Install with ``using_step_cache(model, settings)`` around one sampling run.
 """
 
@@ -29,7 +32,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +55,7 @@ TEACACHE_DEGREE = 2
 @dataclass
 class CacheSettings:
     method: str = "none"
-    threshold: float = 0.0  # 0 = the method's DEFAULT_THRESHOLDS entry
+    threshold: float | None = None  # None: the method's DEFAULT_THRESHOLDS entry; 0 never skips
     interval: int = 2  # method 'interval': compute every N-th step
     forecast: str = "copy"
     steps: int = 30  # the sampling run's steps (sets the warm-up)
@@ -62,13 +65,14 @@ class CacheSettings:
             raise OmniditError(f"unknown step cache '{self.method}'", hint=f"choose one of {', '.join(METHODS)}")
         if self.forecast not in FORECASTS:
             raise OmniditError(f"unknown cache forecast '{self.forecast}'", hint="choose copy or taylor")
-        if not (isinstance(self.threshold, (int, float)) and 0 <= self.threshold <= 10):
+        if self.threshold is not None and not (isinstance(self.threshold, (int, float))
+                                               and not isinstance(self.threshold, bool) and 0 <= self.threshold <= 10):
             raise OmniditError(f"the cache threshold must be a number in [0, 10], got {self.threshold!r}",
-                               hint="0 picks the method's default; larger skips more steps")
+                               hint="0 never skips; larger skips more steps")
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise OmniditError(f"the cache interval must be a whole number >= 1, got {self.interval!r}",
                                hint="e.g. 2 computes every other step")
-        self.threshold = float(self.threshold) or DEFAULT_THRESHOLDS.get(self.method, 0.0)
+        self.threshold = DEFAULT_THRESHOLDS.get(self.method, 0.0) if self.threshold is None else float(self.threshold)
 
     @property
     def warmup(self) -> int:
@@ -94,8 +98,10 @@ class Calibration:
         logs = np.interp([t_from, t_to], self.magnitude_t, self.magnitude_log)
         return float(np.exp(logs[1] - logs[0]))
 
-    def rescale(self, change: float) -> float:
-        return max(0.0, float(np.polyval(self.teacache, change)))
+    def rescale(self, change: float | np.ndarray) -> float | np.ndarray:
+        """TeaCache's fitted map from the input's relative change to the output's (a number or an array)."""
+        out = np.maximum(0.0, np.polyval(self.teacache, change))
+        return float(out) if np.ndim(out) == 0 else out
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / CALIBRATION_FILE
@@ -119,22 +125,36 @@ def relative_change(new: Tensor, old: Tensor) -> float:
     return float((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12))
 
 
+def row_changes(new: Tensor, old: Tensor) -> np.ndarray:
+    """relative_change of each row: (B, ...) tensors -> (B,) on the host (one sync)."""
+    change = (new - old).abs().flatten(1).mean(1) / old.abs().flatten(1).mean(1).clamp_min(1e-12)
+    return change.double().cpu().numpy()
+
+
 @dataclass
 class _Branch:
-    """The cached state of one call pattern."""
+    """The cached state of one call pattern, row by row: each row of the batch (an image, a candidate, a
+    guidance branch) decides its skips on its own signal, so an output does not depend on what else shares its
+    batch. Host-side arrays are (B,); tensors keep the rows' last computed results."""
     calls: int = 0
-    skips_in_row: int = 0
-    times: list[float] = field(default_factory=list)  # the last two computed steps' t
-    residuals: list[Tensor] = field(default_factory=list)  # and their residuals
-    first_residual: Tensor | None = None  # first_block: at the last computed step
-    modulated: Tensor | None = None  # teacache: at the previous call
-    accumulated: float = 0.0  # teacache: rescaled change; magcache: ratio error
-    ratio: float = 1.0  # magcache: accumulated magnitude ratio since the last computed step
     last_t: float = 1.0
+    skips_in_row: np.ndarray | None = None
+    computed: np.ndarray | None = None  # how many computed steps each row keeps (0, 1 or 2)
+    times: np.ndarray | None = None  # (2, B): the t of each row's last two computed steps, the last at [1]
+    residuals: Tensor | None = None  # (2, B, N, D): and their residuals
+    first_residual: Tensor | None = None  # first_block: (B, N, D) at each row's last computed step
+    modulated: Tensor | None = None  # teacache: at the previous call
+    accumulated: np.ndarray | None = None  # teacache: rescaled change; magcache: ratio error
+    ratio: np.ndarray | None = None  # magcache: magnitude ratio accumulated since the row's last computed step
+
+    def start(self, batch: int) -> None:
+        if self.skips_in_row is None:
+            self.skips_in_row, self.computed = np.zeros(batch, int), np.zeros(batch, int)
+            self.times, self.accumulated, self.ratio = np.zeros((2, batch)), np.zeros(batch), np.ones(batch)
 
 
 class StepCache:
-    """Decides per model call whether the trunk after the first block runs; counts what it saved.
+    """Decides per model call and per row whether the trunk after the first block runs; counts what it saved.
 
     ``record=True`` runs every step and keeps per-call measurements for ``calibrate``.
     """
@@ -150,64 +170,106 @@ class StepCache:
 
     @property
     def saved_fraction(self) -> float:
-        """The fraction of model calls whose trunk after the first block was skipped."""
+        """The fraction of rows of model calls whose trunk after the first block was skipped."""
         return self.skipped / max(1, self.calls)
 
+    def skips(self, branch: _Branch, t: float, first_residual: Tensor, current_input: Tensor | None,
+              previous_input: Tensor | None) -> np.ndarray:
+        """(B,) which rows skip this call, by the method's rule on each row's own signal; updates the rows'
+        accumulated signals (teacache, magcache)."""
+        s, method = self.settings, self.settings.method
+        decide = ((branch.calls >= s.warmup) & (branch.computed > 0) & (branch.skips_in_row < MAX_SKIPS)
+                  & (not self.record))
+        if not decide.any():
+            return decide
+        if method == "first_block":
+            return decide & (row_changes(first_residual, branch.first_residual) < s.threshold)
+        if method == "teacache":
+            change = self.calibration.rescale(row_changes(current_input, previous_input))
+            branch.accumulated = np.where(decide, branch.accumulated + change, branch.accumulated)
+            return decide & (branch.accumulated < s.threshold)
+        if method == "magcache":
+            branch.ratio = np.where(decide, branch.ratio * self.calibration.ratio(branch.last_t, t), branch.ratio)
+            branch.accumulated = np.where(decide, branch.accumulated + np.abs(1.0 - branch.ratio),
+                                          branch.accumulated)
+            return decide & (branch.accumulated < s.threshold)
+        if method == "interval":
+            return decide & ((branch.calls - s.warmup) % s.interval != 0)
+        return np.zeros_like(decide)
+
     def hidden(self, key: tuple, t: float, before: Tensor, after_first: Tensor,
-               rest: Callable[[], Tensor], modulated: Callable[[], Tensor]) -> Tensor:
+               rest: Callable[[Tensor | None], Tensor], modulated: Callable[[], Tensor]) -> Tensor:
         """The generated tokens' hidden states after the whole trunk, (B, N, D).
 
-        before / after_first: the generated tokens before and after the first block; rest() runs the other
-        blocks and returns the full result; modulated() is the first block's modulated input (teacache).
+        before / after_first: the generated tokens before and after the first block; rest(rows) runs the other
+        blocks on the batch rows ``rows`` (a (k,) index tensor; None: every row) and returns their result,
+        (k, N, D); modulated() is the first block's modulated input (teacache).
         """
-        s, method = self.settings, self.settings.method
         branch = self.branches.setdefault(key, _Branch())
-        self.calls += 1
+        batch = after_first.shape[0]
+        branch.start(batch)
         first_residual = after_first - before
-        decide = (branch.calls >= s.warmup and bool(branch.residuals) and branch.skips_in_row < MAX_SKIPS
-                  and not self.record)
         previous_input, current_input = branch.modulated, None
-        if method == "teacache" or self.record:
+        if self.settings.method == "teacache" or self.record:
             current_input = branch.modulated = modulated()
-        skip = False
-        if decide and method == "first_block":
-            skip = relative_change(first_residual, branch.first_residual) < s.threshold
-        elif decide and method == "teacache":
-            branch.accumulated += self.calibration.rescale(relative_change(current_input, previous_input))
-            skip = branch.accumulated < s.threshold
-        elif decide and method == "magcache":
-            branch.ratio *= self.calibration.ratio(branch.last_t, t)
-            branch.accumulated += abs(1.0 - branch.ratio)
-            skip = branch.accumulated < s.threshold
-        elif decide and method == "interval":
-            skip = (branch.calls - s.warmup) % s.interval != 0
+        skip = self.skips(branch, t, first_residual, current_input, previous_input)
         branch.calls += 1
         branch.last_t = t
-        if skip:
-            branch.skips_in_row += 1
-            self.skipped += 1
-            return after_first + self._forecast(branch, t)
-        hidden = rest()
-        residual = hidden - after_first
+        self.calls += batch
+        self.skipped += int(skip.sum())
+        branch.skips_in_row[skip] += 1
+        if skip.all():
+            return after_first + self._forecast(branch, t, np.arange(batch))
+        rows = np.flatnonzero(~skip)
+        index = None if len(rows) == batch else torch.as_tensor(rows, device=after_first.device)
+        computed = rest(index)  # (k, N, D)
+        residual = computed - (after_first if index is None else after_first[index])
         if self.record:
             row = {"key": key, "t": t, "log_magnitude": float(residual.abs().mean().clamp_min(1e-12).log())}
-            if branch.residuals:
-                row["output_change"] = relative_change(residual, branch.residuals[-1])
+            if branch.residuals is not None:
+                row["output_change"] = relative_change(residual, branch.residuals[1])
                 row["input_change"] = relative_change(current_input, previous_input)
             self.records.append(row)
-        branch.times, branch.residuals = (branch.times + [t])[-2:], (branch.residuals + [residual])[-2:]
-        branch.first_residual, branch.skips_in_row = first_residual, 0
-        branch.accumulated, branch.ratio = 0.0, 1.0
+        self._keep(branch, rows, index, t, residual, first_residual)
+        if index is None:
+            return computed
+        hidden = torch.empty_like(after_first)
+        hidden[index] = computed
+        skipped = np.flatnonzero(skip)
+        hidden[torch.as_tensor(skipped, device=hidden.device)] = after_first[skipped] + self._forecast(branch, t,
+                                                                                                        skipped)
         return hidden
 
-    def _forecast(self, branch: _Branch, t: float) -> Tensor:
-        last = branch.residuals[-1]
+    @staticmethod
+    def _keep(branch: _Branch, rows: np.ndarray, index: Tensor | None, t: float, residual: Tensor,
+              first_residual: Tensor) -> None:
+        """Store the computed rows' results; their skip counters and accumulated signals start again."""
+        if branch.residuals is None:
+            branch.residuals = residual.new_zeros((2, len(branch.computed), *residual.shape[1:]))
+            branch.first_residual = torch.zeros_like(first_residual)
+        at = slice(None) if index is None else index
+        branch.residuals[0, at] = branch.residuals[1, at]
+        branch.residuals[1, at] = residual
+        branch.first_residual[at] = first_residual if index is None else first_residual[index]
+        branch.times[0, rows], branch.times[1, rows] = branch.times[1, rows], t
+        branch.computed[rows] = np.minimum(branch.computed[rows] + 1, 2)
+        branch.skips_in_row[rows], branch.accumulated[rows], branch.ratio[rows] = 0, 0.0, 1.0
+
+    def _forecast(self, branch: _Branch, t: float, rows: np.ndarray) -> Tensor:
+        """The residual of the skipped ``rows`` at ``t``: their last computed one (scaled by MagCache's ratio),
+        plus TaylorSeer's first-order term in t where a row has two computed steps at different times."""
+        index = torch.as_tensor(rows, device=branch.residuals.device)
+        last = branch.residuals[1, index]
+        shape = (len(rows),) + (1,) * (last.dim() - 1)
         if self.settings.method == "magcache":
-            last = last * branch.ratio
-        if self.settings.forecast == "copy" or len(branch.residuals) < 2 or branch.times[-1] == branch.times[-2]:
+            last = last * torch.as_tensor(branch.ratio[rows], dtype=last.dtype, device=last.device).view(shape)
+        if self.settings.forecast == "copy":
             return last
-        slope = (branch.residuals[-1] - branch.residuals[-2]) / (branch.times[-1] - branch.times[-2])
-        return last + slope * (t - branch.times[-1])
+        t0, t1 = branch.times[0, rows], branch.times[1, rows]
+        usable = (branch.computed[rows] == 2) & (t1 != t0)
+        factor = np.where(usable, (t - t1) / np.where(usable, t1 - t0, 1.0), 0.0)
+        slope = branch.residuals[1, index] - branch.residuals[0, index]
+        return last + slope * torch.as_tensor(factor, dtype=last.dtype, device=last.device).view(shape)
 
 
 @contextmanager

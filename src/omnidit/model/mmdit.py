@@ -472,18 +472,27 @@ class MMDiT(nn.Module):
         joint_vec = stream_vecs[0] if uniform else [(v, s.shape[1]) for v, s in zip(stream_vecs, streams)]
         blocks = [*self.double_blocks, *(b for i, b in enumerate(self.single_blocks) if i not in skip_single)]
 
-        def run(state: list[Tensor] | Tensor, start: int, stop: int) -> list[Tensor] | Tensor:
-            """Blocks start..stop-1 on a list of streams (double blocks) or the joint sequence (single)."""
+        def run(state: list[Tensor] | Tensor, start: int, stop: int, rows: Tensor | None = None) -> list | Tensor:
+            """Blocks start..stop-1 on a list of streams (double blocks) or the joint sequence (single); ``state``
+            holds the batch rows ``rows`` only (a (k,) index tensor; None: every row)."""
+            bvec, jvec, rpe, rmask = (block_vec, joint_vec, pe, mask) if rows is None else \
+                (take_rows(v, rows, batch) for v in (block_vec, joint_vec, pe, mask))
             for j in range(start, stop):
                 if j < len(self.double_blocks):
-                    state = self._run(blocks[j], state, block_vec, pe, mask, block_names)
+                    state = self._run(blocks[j], state, bvec, rpe, rmask, block_names)
                 else:
                     state = torch.cat(state, dim=1) if isinstance(state, list) else state  # (B, N + L, D)
-                    state = self._run(blocks[j], state, joint_vec, pe, mask)
+                    state = self._run(blocks[j], state, jvec, rpe, rmask)
             return state
 
         def generated(state: list[Tensor] | Tensor) -> Tensor:  # the generated tokens, (B, N, D)
             return state[:, :n_gen] if isinstance(state, Tensor) else torch.cat(state[:len(names)], dim=1)
+
+        def rest(first: list[Tensor] | Tensor, rows: Tensor | None, wanted: Tensor | None) -> Tensor:
+            """The generated tokens after the blocks past the first, for the batch rows ``wanted`` (None: all),
+            computed on ``rows`` only (None: on every row)."""
+            hidden = generated(run(first if rows is None else take_rows(first, rows, batch), 1, len(blocks), rows))
+            return hidden if rows is not None or wanted is None else hidden[wanted]
 
         cache = getattr(self, "step_cache", None)
         if cache is None or self.training or len(blocks) < 2:
@@ -492,8 +501,11 @@ class MMDiT(nn.Module):
             first = run(streams, 0, 1)
             key = (tuple(skip_single), batch, tuple(lengths.values()))
             t_now = float(torch.stack([ts.max() for ts in times.values()]).max())
+            # Compiled blocks run every row (a batch of the computing rows only would be a new shape to compile);
+            # the cache still keeps each row's own result.
+            subset = not getattr(self, "compiled", False)
             hidden = cache.hidden(key, t_now, generated(streams), generated(first),
-                                  lambda: generated(run(first, 1, len(blocks))),
+                                  lambda rows: rest(first, rows if subset else None, rows),
                                   lambda: self._modulated_input(streams, block_vec, joint_vec, n_gen))
         outs = hidden.split(list(lengths.values()), dim=1)
         result = {n: (self.final_layer if n == "img" else self.stream_out[n])(h, vecs[n])
@@ -589,4 +601,15 @@ class MMDiT(nn.Module):
 def _required(value: Tensor | None, field: str, what: str) -> Tensor:
     if value is None:
         raise OmniditError(f"this model is conditioned on {what}, but cond.{field} is None")
+    return value
+
+
+def take_rows(value, rows: Tensor, batch: int):
+    """``value`` (a tensor, or lists / tuples of them and of other things) with only the batch rows ``rows``:
+    tensors whose first dimension is the batch are indexed, the rest (broadcast over the batch: size 1, or
+    not tensors) stay as they are."""
+    if isinstance(value, Tensor):
+        return value.index_select(0, rows) if value.dim() and value.shape[0] == batch and batch > 1 else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(take_rows(v, rows, batch) for v in value)
     return value
