@@ -217,6 +217,59 @@ def test_the_api_key_is_checked_only_when_set(shapes):
         assert client.get("/v1/models").json()["data"][0]["id"] == "shapes"
 
 
+def test_the_command_takes_its_api_key_from_the_flag_or_else_the_environment(monkeypatch, capsys):
+    import torch
+
+    from omnidit.serve import batching
+
+    # the command gives this thread one torch thread (reserve_torch_threads): put everything back after
+    monkeypatch.setattr(batching, "_reserved_threads", batching._reserved_threads)
+    threads = torch.get_num_threads()
+    try:
+        serve_three_ways(monkeypatch, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def serve_three_ways(monkeypatch, capsys) -> None:
+    """omnidit serve with the key in the environment, with --api-key, and with neither (uvicorn not started)."""
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    monkeypatch.setattr("omnidit.serve.command.check_port_free", lambda host, port: None)
+    monkeypatch.setenv("OMNIDIT_API_KEY", "from-env")
+    assert main(["serve", "--port", "8765"]) == 0
+    assert main(["serve", "--port", "8765", "--api-key", "from-flag"]) == 0
+    monkeypatch.delenv("OMNIDIT_API_KEY")
+    assert main(["serve", "--port", "8765"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(API key required)") == 2 and out.count("(no API key)") == 1
+    for app, key, other in zip(served, ("from-env", "from-flag"), ("from-flag", "from-env")):
+        with TestClient(app) as client:
+            assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            assert client.get("/v1/models", headers={"Authorization": f"Bearer {other}"}).status_code == 401
+    with TestClient(served[2]) as client:
+        assert client.get("/v1/models").status_code == 200
+
+
+def test_url_results_expire_and_the_store_keeps_its_byte_limit(monkeypatch):
+    from omnidit.serve.app import FileStore
+
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    store = FileStore(ttl=60, max_bytes=25)
+    first = store.put(b"x" * 10, "image/png")
+    now[0] += 30
+    second = store.put(b"y" * 10, "image/png")
+    assert store.get(first) == (b"x" * 10, "image/png")
+    now[0] += 31  # the first is 61 s old, the second 31 s
+    assert store.get(first) is None and store.get(second) == (b"y" * 10, "image/png")
+    third, fourth = store.put(b"z" * 10, "image/png"), store.put(b"w" * 10, "image/png")
+    assert store.get(second) is None  # 30 bytes would pass the 25-byte limit: the oldest went
+    assert store.get(third) is not None and store.get(fourth) is not None
+
+
 def test_url_results_are_served_and_other_formats_encode(shapes):
     with TestClient(build_app({"shapes": shapes})) as client:
         png = client.post("/v1/images/generations", json={"prompt": PROMPT, "seed": 3, **FAST}).json()
@@ -532,6 +585,38 @@ def test_a_model_with_sound_answers_with_an_mp4_that_has_its_sound(av_run, tmp_p
         gif = client.post("/v1/videos/generations", json={"model": "av", "prompt": "a red circle moving to the "
                                                           "right", "output_format": "gif", **FAST})
         assert gif.status_code == 200 and base64.b64decode(gif.json()["data"][0]["b64_json"])[:3] == b"GIF"
+
+
+def test_the_sound_endpoint_answers_with_a_wav_of_the_asked_length(av_run, shapes):
+    import wave
+
+    av = load_pipeline(av_run, device="cpu")
+    rate, seconds = av.config.data.sample_rate, av.config.data.seconds
+    with TestClient(build_app({"av": av, "shapes": shapes})) as client:
+        card = next(m for m in client.get("/v1/models").json()["data"] if m["id"] == "av")
+        assert card["sound"] and card["sample_rate"] == rate
+
+        def post(**body):
+            return client.post("/v1/audio/generations", json={"model": "av", "prompt": "a low beep", "seed": 4,
+                                                              **FAST, **body})
+
+        reply = post(n=2)
+        assert reply.status_code == 200, reply.text
+        items = reply.json()["data"]
+        with wave.open(io.BytesIO(base64.b64decode(items[0]["b64_json"]))) as wav:
+            assert wav.getframerate() == rate and wav.getnchannels() == 1
+            assert wav.getnframes() == round(seconds * rate)
+        assert items[0]["b64_json"] != items[1]["b64_json"]  # seeds 4 and 5
+        assert post().json()["data"][0]["b64_json"] == items[0]["b64_json"]  # the same seed, the same bytes
+        half = post(seconds=seconds / 2)
+        with wave.open(io.BytesIO(base64.b64decode(half.json()["data"][0]["b64_json"]))) as wav:
+            assert wav.getnframes() == round(seconds * rate / 2)
+        for body, param in (({"seconds": 1e-4}, "seconds"), ({"seconds": 1000.0}, "seconds"),
+                            ({"size": "32x32"}, "size"), ({"output_format": "mp3"}, "output_format")):
+            bad = post(**body)
+            assert bad.status_code == 422 and param in json.dumps(bad.json()["error"]), (body, bad.text)
+        wrong = client.post("/v1/audio/generations", json={"model": "shapes", "prompt": PROMPT})
+        assert wrong.status_code == 400 and "makes no sound" in wrong.json()["error"]["message"]
 
 
 def test_layout_boxes_reach_a_layout_model_and_are_refused_elsewhere(shapes):

@@ -95,6 +95,14 @@ class VideoRequest(ImageRequest):
     fps: float | None = Field(None, gt=0, le=240)
 
 
+class AudioRequest(ImageRequest):
+    """The image request for sound alone, from a model with a sound stream: ``seconds`` (default: the model's),
+    16-bit PCM WAV out at the model's sample rate. ``size`` and ``boxes`` do not apply."""
+
+    output_format: Literal["wav"] = "wav"  # type: ignore[assignment]
+    seconds: float | None = Field(None, gt=0)
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict | None = None) -> None:
@@ -225,7 +233,8 @@ class _Guard:
     checks the API key on /v1/ (but /v1/files/, whose URLs are the credential) and counts answers by endpoint
     and status, with every path outside the fixed endpoints counted as "other" so that the series stay bounded."""
 
-    ENDPOINTS = ("/v1/images/generations", "/v1/videos/generations", "/v1/models", "/health", "/metrics", "/")
+    ENDPOINTS = ("/v1/images/generations", "/v1/videos/generations", "/v1/audio/generations", "/v1/models",
+                 "/health", "/metrics", "/")
 
     def __init__(self, app, api_key: str | None, metrics: Metrics) -> None:
         self.app, self.api_key, self.metrics = app, api_key, metrics
@@ -366,7 +375,9 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def generate(body: ImageRequest, request: Request, video: bool, inpaint: tuple | None = None) -> dict:
+    async def generate(body: ImageRequest, request: Request, video: bool, inpaint: tuple | None = None,
+                       sound: bool = False) -> dict:
+        """``video``: the clips endpoint; ``sound``: the sound endpoint (sound alone, drawn as a clip job)."""
         started = time.monotonic()
         name = body.model or next(iter(pipelines))
         if name not in pipelines:
@@ -374,11 +385,15 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
                            param="model", code="model_not_found")
         pipe = pipelines[name]
         makes_clips = pipe.config.data.frames > 1
-        if makes_clips != video:
+        if sound and "audio" not in pipe.model.config.extra_streams:
+            where = "/v1/videos/generations" if makes_clips else "/v1/images/generations"
+            raise ApiError(400, f"the model '{name}' makes no sound: use {where}", param="model",
+                           code="wrong_endpoint")
+        if makes_clips != video and not sound:
             where = "/v1/videos/generations" if makes_clips else "/v1/images/generations"
             raise ApiError(400, f"the model '{name}' makes {'clips' if makes_clips else 'images'}: use {where}",
                            param="model", code="wrong_endpoint")
-        job = _job(body, name, pipe, limits, video)
+        job = _sound_job(body, name, pipe, limits) if sound else _job(body, name, pipe, limits, video)
         job.speed, job.inpaint = _request_speed(body.speed, speed), inpaint
         progress_id = body.progress_id
         if progress_id:
@@ -409,6 +424,10 @@ def build_app(pipelines: dict, limits: Limits | None = None, api_key: str | None
     async def videos(body: VideoRequest, request: Request) -> dict:
         return await _publishing_errors(generate(body, request, video=True), body, hub)
 
+    @app.post("/v1/audio/generations")
+    async def audio(body: AudioRequest, request: Request) -> dict:
+        return await _publishing_errors(generate(body, request, video=True, sound=True), body, hub)
+
     return app
 
 
@@ -437,14 +456,16 @@ async def _publishing_errors(work, body: ImageRequest, hub: Progress) -> dict:
 
 def _model_card(name: str, pipe) -> dict:
     data = pipe.config.data
+    sound = "audio" in pipe.model.config.extra_streams  # clips with sound; /v1/audio/generations draws it alone
     return {"id": name, "object": "model", "created": 0, "owned_by": "omnidit",
             "kind": "video" if data.frames > 1 else "image", "size": f"{data.width}x{data.height}",
             "frames": data.frames, "fps": data.fps, "steps": pipe.config.sample.steps, "cfg": pipe.config.sample.cfg,
+            "sound": sound, **({"sample_rate": data.sample_rate, "seconds": data.seconds} if sound else {}),
             "layout_boxes": pipe.config.train.layout_boxes}  # how many boxes `boxes` may hold (0: no layout adapter)
 
 
-def _job(body: ImageRequest, name: str, pipe, limits: Limits, video: bool) -> Job:
-    """Check the request against the limits and the model; the job that draws it."""
+def _common_checks(body: ImageRequest, pipe, limits: Limits) -> tuple[int, int]:
+    """The limits every request meets (n, prompt lengths, steps); (steps, seed)."""
     if body.n > limits.max_n:
         raise ApiError(422, f"n must be <= {limits.max_n}, got {body.n}", param="n")
     for field_name, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt)):
@@ -453,6 +474,41 @@ def _job(body: ImageRequest, name: str, pipe, limits: Limits, video: bool) -> Jo
                            param=field_name)
     if not body.prompt.strip():
         raise ApiError(422, "prompt is empty", param="prompt")
+    steps = pipe.config.sample.steps if body.steps is None else body.steps
+    if steps > limits.max_steps:
+        raise ApiError(422, f"steps must be <= {limits.max_steps}, got {steps}", param="steps")
+    return steps, random_seed() if body.seed is None else body.seed
+
+
+def _sound_job(body: AudioRequest, name: str, pipe, limits: Limits) -> Job:
+    """Check a sound request: ``seconds`` within the clips' time limit (``max_frames`` at the model's frame rate)
+    and a whole number of the model's sound tokens; the job draws sound alone (``generate_av(audio_only=True)``)."""
+    from omnidit.codecs import load_audio_codec
+    from omnidit.tokens import audio_frame_size
+
+    for field_name in ("size", "boxes"):
+        if getattr(body, field_name) not in (None, "auto"):
+            raise ApiError(422, f"{field_name} does not apply to sound", param=field_name)
+    steps, seed = _common_checks(body, pipe, limits)
+    data = pipe.config.data
+    seconds = data.seconds if body.seconds is None else body.seconds
+    longest = limits.max_frames / data.fps
+    if seconds > longest:
+        raise ApiError(422, f"seconds must be <= {longest:g} (this server's {limits.max_frames} frames at "
+                            f"{data.fps:g} fps), got {seconds:g}", param="seconds")
+    frame = audio_frame_size(pipe.model.config, load_audio_codec(data))  # samples per sound token
+    tokens = seconds * data.sample_rate / frame
+    if abs(tokens - round(tokens)) > 1e-9 or round(tokens) < 1:
+        raise ApiError(422, f"seconds must be a multiple of {frame / data.sample_rate:g} (one sound token of {frame} "
+                            f"samples at {data.sample_rate} Hz), got {seconds:g}", param="seconds")
+    kwargs = {"steps": steps, "cfg": body.guidance_scale, "negative_prompt": body.negative_prompt,
+              "audio_only": True, "seconds": round(tokens) * frame / data.sample_rate}
+    return Job(name, body.prompt, [seed + i for i in range(body.n)], kwargs, video=True)
+
+
+def _job(body: ImageRequest, name: str, pipe, limits: Limits, video: bool) -> Job:
+    """Check the request against the limits and the model; the job that draws it."""
+    steps, seed = _common_checks(body, pipe, limits)
     width, height = pipe.config.data.width, pipe.config.data.height
     if body.size not in (None, "auto"):
         try:
@@ -467,10 +523,6 @@ def _job(body: ImageRequest, name: str, pipe, limits: Limits, video: bool) -> Jo
     if width * height > limits.max_pixels:
         raise ApiError(422, f"size {width}x{height} is above this server's limit of {limits.max_pixels} pixels",
                        param="size")
-    steps = pipe.config.sample.steps if body.steps is None else body.steps
-    if steps > limits.max_steps:
-        raise ApiError(422, f"steps must be <= {limits.max_steps}, got {steps}", param="steps")
-    seed = random_seed() if body.seed is None else body.seed
     kwargs = {"width": width, "height": height, "steps": steps, "cfg": body.guidance_scale,
               "negative_prompt": body.negative_prompt}
     if body.boxes:  # part of the job's key: only requests with the same boxes share a sampling call
@@ -525,10 +577,13 @@ def _encode(body: ImageRequest, name: str, pipe, job: Job, outputs, files: FileS
         settings = {"prompt": body.prompt, "negative_prompt": body.negative_prompt or None, "seed": seed,
                     "steps": job.kwargs["steps"], "cfg": pipe.config.sample.cfg if body.guidance_scale is None
                     else body.guidance_scale, "sampler": pipe.config.sample.sampler,
-                    "size": f"{job.kwargs['width']}x{job.kwargs['height']}", "model": name,
+                    "size": f"{job.kwargs['width']}x{job.kwargs['height']}" if "width" in job.kwargs else None,
+                    "model": name,
                     "speed": job.speed, "software": "omnidit", **box_metadata(job.kwargs.get("boxes", ()))}
         settings = {k: v for k, v in settings.items() if v is not None}
-        if job.video:
+        if job.video and job.kwargs.get("audio_only"):  # sound alone: (None, sound)
+            payload, media = _wav_bytes(output[1], pipe.config.data.sample_rate), "audio/wav"
+        elif job.video:
             clip, sound = output if isinstance(output, tuple) else (output, None)  # a model with sound: both
             if sound is not None and body.output_format != "mp4":
                 sound = None  # GIF and WebP carry no sound; MP4 gets an AAC track
@@ -557,3 +612,11 @@ def _clip_bytes(clip, fps: float, output_format: str, settings: dict, audio=None
                           sample_rate=sample_rate if audio is not None else None)
         media = {"mp4": "video/mp4", "gif": "image/gif", "webp": "image/webp"}[output_format]
         return path.read_bytes(), media
+
+
+def _wav_bytes(sound, sample_rate: int) -> bytes:
+    """Sound (1, S) in [-1, 1] as the bytes of a 16-bit PCM WAV file (``save_wav`` in a temporary folder)."""
+    from omnidit.audio_io import save_wav
+
+    with tempfile.TemporaryDirectory(prefix="omnidit-serve-") as folder:
+        return save_wav(sound, Path(folder) / "sound.wav", sample_rate).read_bytes()

@@ -209,13 +209,13 @@ class Batcher:
     @staticmethod
     def _call(pipe, first: Job, prompts: list[str], seeds: list[int], on_step) -> torch.Tensor | list:
         """One sampling call for ``prompts`` / ``seeds`` with ``first``'s settings: images or clips (B, ...), or a
-        list of (video, audio) for a clip with sound."""
+        list of (video, audio) for a clip with sound ((None, audio) for sound alone)."""
         if first.inpaint is not None:  # the image's own size
             kwargs = {k: v for k, v in first.kwargs.items() if k not in ("width", "height")}
             return pipe.inpaint(prompts, *first.inpaint, seed=seeds, on_step=on_step, **kwargs)
         if first.video and "audio" in pipe.model.config.extra_streams:  # a clip with its sound: (video, audio)
             made = pipe.generate_av(prompts, seed=seeds, on_step=on_step, **first.kwargs)
-            return list(zip(made.video, made.audio))
+            return list(zip(made.video if made.video is not None else [None] * len(made.audio), made.audio))
         draw = pipe.generate_video if first.video else pipe.generate
         return draw(prompts, seed=seeds, on_step=on_step, **first.kwargs)
 
