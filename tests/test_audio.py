@@ -37,6 +37,9 @@ def test_an_audio_token_and_a_video_frame_at_the_same_instant_share_their_time()
     assert torch.allclose(audio[0, :, 0], video[0, ::4, 0])
     finer = audio_position_ids(16000, 250, 8000.0)  # four audio tokens per video frame
     assert torch.allclose(finer[0, ::4, 0], video[0, ::4, 0]) and finer[0, 1, 0] == pytest.approx(1 / 32)
+    # tubelets of two frames start at frames 0, 2, 4...: the audio tokens that start with them share their time
+    pairs = video_position_ids(16, 2, 2, fps=8.0, temporal_patch=2)
+    assert torch.allclose(pairs[0, ::4, 0], audio[0, ::2, 0]) and pairs[0, 4, 0] == pytest.approx(0.25)
 
 
 def test_tones_clips_are_seeded_and_their_captions_use_the_vocabulary():

@@ -40,10 +40,10 @@ def test_an_image_is_a_clip_of_one_frame_at_time_zero():
     assert torch.equal(video_position_ids(1, 4, 6, fps=24.0), image_position_ids(4, 6, 3))
 
 
-def test_video_positions_are_in_seconds_and_tubelets_sit_at_their_mean_time():
+def test_video_positions_are_in_seconds_and_tubelets_sit_at_their_first_frame():
     ids = video_position_ids(8, 2, 3, fps=8.0, temporal_patch=2)
     assert ids.shape == (1, 4 * 6, 3)
-    assert torch.allclose(ids[0, ::6, 0], torch.tensor([0.0625, 0.3125, 0.5625, 0.8125]))  # (2k + 0.5) / 8
+    assert torch.allclose(ids[0, ::6, 0], torch.tensor([0.0, 0.25, 0.5, 0.75]))  # frame 2k at 2k / 8
     assert torch.equal(ids[0, :6, 1:], image_position_ids(2, 3, 3)[0, :, 1:])
     # the same instant at another frame rate has the same time coordinate
     assert tubelet_times(8, 8.0)[4] == tubelet_times(16, 16.0)[8] == 0.5
@@ -149,7 +149,7 @@ def test_zero_init_multi_stream_model_outputs_zero():
     assert all(torch.equal(v, torch.zeros_like(v)) for v in out.values())
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "midpoint"])
 def test_samplers_leave_given_tokens_bit_identical(sampler):
     cfg = tiny_config()
     model = build(cfg)

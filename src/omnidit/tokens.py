@@ -106,11 +106,12 @@ def video_unpatchify(tokens: Tensor, frames: int, height: int, width: int, patch
 
 
 def tubelet_times(frames: int, fps: float, temporal_patch: int = 1) -> Tensor:
-    """Time in seconds of each tubelet: the mean time of its frames, frame k at k / fps. (T / pt,) float64."""
+    """Time in seconds of each tubelet: the time of its first frame, frame k at k / fps, as an audio token's is
+    the time its frame starts (``audio_position_ids``), so tokens that start at the same instant share their time
+    coordinate whatever the tubelet and audio frame sizes. (T / pt,) float64."""
     check_number("fps", fps, low=0.0, low_open=True)
     check_frame_count(frames, temporal_patch)
-    starts = torch.arange(0, frames, temporal_patch, dtype=torch.float64)
-    return (starts + (temporal_patch - 1) / 2) / fps
+    return torch.arange(0, frames, temporal_patch, dtype=torch.float64) / fps
 
 
 def video_position_ids(frames: int, grid_h: int, grid_w: int, fps: float, temporal_patch: int = 1,
