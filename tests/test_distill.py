@@ -501,6 +501,7 @@ def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teach
 
 @pytest.mark.parametrize("args, message", [
     (["NOT_A_MODEL", "--method", "guidance"], "NOT_A_MODEL: model folder not found"),
+    (["EMPTY_FOLDER", "--method", "guidance"], "is not an omnidit model folder (no config.json"),
     (["TEACHER", "--method", "consistency"], "invalid choice: 'consistency'"),
     (["TEACHER", "--method", "guidance", "model.depth=3"], "contradicts the teacher's (model.depth: 1 in the"),
     (["TEACHER", "--method", "guidance", "model.guidance_embed=false"], "it must stay true"),
@@ -512,7 +513,9 @@ def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teach
 ])
 def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_path, args, message):
     out = tmp_path / "student"
-    args = [str(digits_teacher) if a == "TEACHER" else str(tmp_path / a) if a == "NOT_A_MODEL" else a for a in args]
+    (tmp_path / "EMPTY_FOLDER").mkdir()  # a folder that exists but holds no model
+    args = [str(digits_teacher) if a == "TEACHER" else str(tmp_path / a) if a in ("NOT_A_MODEL", "EMPTY_FOLDER")
+            else a for a in args]
     done = subprocess.run([sys.executable, "-m", "omnidit", "distill", args[0], str(out), *args[1:]],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr

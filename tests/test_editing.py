@@ -123,9 +123,22 @@ def test_edit_command_errors_are_one_line_and_write_nothing(tmp_path, tiny_run, 
 
 
 def test_injection_at_no_blocks_is_plain_sampling_from_the_inverted_noise(shapes):
+    from omnidit.editing import _tokens_and_ids, _velocity, invert
+    from omnidit.sampling import midpoint, timestep_schedule
+    from omnidit.tokens import video_unpatchify
+
     image = shapes.generate([SOURCE], seed=3, steps=8)
     target = "a green circle above a blue square"
     none = edit(shapes, image, SOURCE, target, steps=8, cfg=2.0, inject_blocks=[], inject_until=0.0, mask=None)
+    # by hand: invert under the source prompt, then sample the target's guided ODE down from that noise
+    noise = invert(shapes, image, SOURCE, steps=8)
+    _, ids, (frames, h, w) = _tokens_and_ids(shapes, image)
+    with torch.inference_mode():
+        x = midpoint(_velocity(shapes, [target], 2.0, ids, None), noise,
+                     timestep_schedule(8, shapes.config.sample.shift, shapes.device))
+    mc = shapes.model.config
+    by_hand = video_unpatchify(x, frames, h, w, mc.patch_size, mc.temporal_patch).clamp(-1, 1)[:, :, 0]
+    assert torch.allclose(none, by_hand, atol=1e-5) and not torch.allclose(none, image, atol=0.1)
     off = edit(shapes, image, SOURCE, target, steps=8, cfg=2.0, inject_until=1.0, mask=None)
     assert torch.equal(none, off)
     assert not torch.equal(none, edit(shapes, image, SOURCE, target, steps=8, cfg=2.0, inject_until=0.0, mask=None))

@@ -246,6 +246,27 @@ def test_quantize_command(tmp_path, tiny_run, capsys):
     assert not (tmp_path / "y").exists()
 
 
+@pytest.mark.parametrize("name", ["shapes-video", "shapes-av", "shapes-turbo", "shapes-layout", "shapes-guided"])
+def test_every_shipped_model_samples_at_the_fast_presets(name):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    from omnidit.pipeline import load_pipeline
+    from omnidit.quantize import speed_variant
+
+    pipe = load_pipeline(name, device="cpu")
+    for speed in ("fast", "faster"):
+        fast = speed_variant(pipe, speed)
+        assert isinstance(fast.model.single_blocks[0].linear1, DynamicInt8Linear), (name, speed)
+        if pipe.config.model.extra_streams:  # a clip with sound
+            clip = fast.generate_av(["a red circle bouncing"], steps=2, seed=1)
+            out = torch.cat([clip.video.flatten(), clip.audio.flatten()])
+        elif pipe.config.data.frames > 1:
+            out = fast.generate_video(["a red circle moving right"], frames=4, steps=2, seed=1)
+        else:
+            out = fast.generate(["a red circle"], steps=2, seed=1)
+        assert torch.isfinite(out).all() and out.abs().max() <= 1 and out.std() > 0.01, (name, speed)
+
+
 def test_speed_presets_quantize_and_change_only_the_defaults(tiny_run, tmp_path, capsys):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 

@@ -200,6 +200,19 @@ def test_calibrate_once_then_teacache_and_magcache_reuse_it(shapes, capsys):
     assert code == 0 and (folder / "y.png").is_file(), err
 
 
+def test_calibration_of_a_model_whose_data_has_no_captions_is_a_one_line_error(tiny_run, tmp_path, capsys):
+    import json
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_run / "checkpoint-0000020", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["data"].update(name="imagefolder", path=str(tmp_path))  # trained on a folder of images: no captions here
+    (folder / "config.json").write_text(json.dumps(config))
+    code, out, err = run_main(capsys, "calibrate", folder, "--prompts", "2")
+    assert_one_line_error(code, err, "an image folder has none here")
+    assert not (folder / "step_cache.json").exists()
+
+
 def test_cache_composes_with_guidance_intervals_and_skip_layer_guidance(shapes):
     """Each call pattern (the guided batch, the conditional-only calls outside the guidance interval, the
     skip-layer model) keeps its own cache: a never-skipping cache still changes nothing."""
