@@ -1,0 +1,334 @@
+"""Sampling speed against quality: every caching method, quantization, compilation and their combinations,
+side by side with the peer, in one run, with a Pareto plot.
+
+**Peer: diffusers**, ``FluxTransformer2DModel`` holding the shipped model's weights (through
+``omnidit.convert.flux``), at its best settings on this machine: its FirstBlockCache hook at three thresholds,
+TaylorSeer, and torchao's int8 dynamic quantization of the block linears, alone and with FirstBlockCache
+(``cache_vs_diffusers.py`` holds the adapter). Both sides run the same sampling loop (``Pipeline.generate``: 30
+Euler steps, guidance 4 with its two rows in one call, one candidate, no skip-layer guidance) on the shapes
+suite's prompts and noise seeds, and both sides' images go the way a foreign system's do: written into an
+``omnidit eval-prompts`` manifest folder and judged by ``evaluate_folder`` (the same detector as ``omnidit eval``).
+
+Per row: images/s over the suite (rendering only, best of ``--repeats``; rows alternate sides), the latency of
+one image drawn alone (best of ``--repeats``), the peak resident memory of a fresh process that loads the row's
+model and draws one batch of ``--batch-size`` images, and the suite's score on ``--seed`` (0: settings were
+chosen on seed 1). omnidit's rows include the guidance-distilled twin that ``--speed fast`` samples with (other
+weights, distilled from these; at these plain settings ``fast`` is the twin at w8a8 and ``faster`` adds
+first-block caching). Writes a table, ``benchmarks/results/sampling_speed.json`` and the Pareto plot (score
+against images/s) ``docs/images/sampling_speed.png``.
+
+Example:
+    python benchmarks/sampling_speed.py --quick        # 2 prompts per category, one threshold per method
+    python benchmarks/sampling_speed.py --limit 8 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from omnidit.convert.flux import omnidit_config_to_flux, omnidit_to_flux
+from omnidit.evaluate.runner import evaluate_folder, write_suite_prompts
+from omnidit.images import to_pil
+from omnidit.pipeline import Pipeline, load_pipeline
+from omnidit.quantize import apply_speed, fast_twin, quantize_in_memory
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cache_vs_diffusers import PLAIN, DiffusersVelocity, torchao_int8  # noqa: E402
+from step_cache import calibrated_copy  # noqa: E402
+from train_throughput import _rss_bytes, run_meta, write_report  # noqa: E402
+
+FIRST_BLOCK = {"cache": "first_block", "cache_threshold": 0.12}
+# (row, model variant, Pipeline.generate cache settings, in --quick)
+OURS = [
+    ("none", "float", {}, True),
+    ("first_block 0.08", "float", {"cache": "first_block", "cache_threshold": 0.08}, False),
+    ("first_block 0.12", "float", FIRST_BLOCK, True),
+    ("first_block 0.2", "float", {"cache": "first_block", "cache_threshold": 0.2}, False),
+    ("teacache 0.1", "float", {"cache": "teacache", "cache_threshold": 0.1}, True),
+    ("teacache 0.2", "float", {"cache": "teacache", "cache_threshold": 0.2}, False),
+    ("magcache 0.05", "float", {"cache": "magcache", "cache_threshold": 0.05}, True),
+    ("magcache 0.1", "float", {"cache": "magcache", "cache_threshold": 0.1}, False),
+    ("interval 2", "float", {"cache": "interval"}, False),
+    ("interval 2 + taylor", "float", {"cache": "interval", "cache_forecast": "taylor"}, True),
+    ("w8a8", "w8a8", {}, True),
+    ("w8a8 + first_block 0.12", "w8a8", FIRST_BLOCK, True),
+    ("w8a8 + interval 2 + taylor", "w8a8", {"cache": "interval", "cache_forecast": "taylor"}, False),
+    ("compiled", "compiled", {}, False),
+    ("compiled + first_block 0.12", "compiled", FIRST_BLOCK, False),
+    ("bf16", "bf16", {}, False),  # only with --bf16: emulated (slow) on CPUs without AVX-512 BF16
+    ("twin at w8a8 (--speed fast)", "twin", {}, True),
+    ("twin at w8a8 + first_block 0.12 (--speed faster)", "twin", FIRST_BLOCK, True),
+]
+# (row, torchao int8 on the block linears, diffusers cache: None, ("first_block", threshold) or ("taylorseer",))
+PEER = [
+    ("none", False, None, True),
+    ("FirstBlockCache 0.08", False, ("first_block", 0.08), False),
+    ("FirstBlockCache 0.12", False, ("first_block", 0.12), True),
+    ("FirstBlockCache 0.2", False, ("first_block", 0.2), False),
+    ("TaylorSeer", False, ("taylorseer",), True),
+    ("torchao int8", True, None, True),
+    ("torchao int8 + FirstBlockCache 0.12", True, ("first_block", 0.12), True),
+]
+
+
+def peer_cache_config(spec: tuple | None):
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    if spec is None:
+        return None
+    if spec[0] == "first_block":
+        return FirstBlockCacheConfig(threshold=spec[1])
+    return TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32)
+
+
+def ours_pipeline(base: Pipeline, model_name: str, variant: str) -> Pipeline:
+    """The base pipeline (its calibrated float model) as the row's model variant; shares the text encoder."""
+    if variant == "float":
+        return base
+    if variant == "twin":
+        twin = load_pipeline(model_name)
+        apply_speed(twin, "fast")  # the twin, at w8a8 on a CPU
+        return twin
+    model = copy.deepcopy(base.model)
+    if variant == "compiled":
+        model.compile_blocks()
+    else:
+        quantize_in_memory(model, variant)
+    return dataclasses.replace(base, model=model)
+
+
+def peer_pipeline(base: Pipeline, int8: bool) -> tuple[Pipeline, torch.nn.Module]:
+    """The base pipeline with the diffusers transformer (torchao int8 on its block linears when ``int8``)."""
+    from diffusers import FluxTransformer2DModel
+
+    cfg = base.model.config
+    peer = FluxTransformer2DModel(**omnidit_config_to_flux(cfg))
+    peer.load_state_dict(omnidit_to_flux(base.model.state_dict(), cfg), strict=True)
+    peer = torchao_int8(peer.eval()) if int8 else peer.eval()
+    return dataclasses.replace(base, model=DiffusersVelocity(peer, cfg)), peer
+
+
+@dataclasses.dataclass
+class Row:
+    side: str
+    name: str
+    pipe: Pipeline
+    sampling: dict
+    peer: torch.nn.Module | None = None  # the diffusers model, whose cache hook is switched per render
+    cache: object = None
+
+    def render(self, prompts: list[str], seeds: list[int], batch_size: int) -> torch.Tensor:
+        """The row's images for ``prompts`` (B, C, H, W) in [-1, 1], with the peer's cache hook on meanwhile."""
+        if self.cache is not None:
+            self.peer.enable_cache(self.cache)
+        try:
+            return torch.cat([self.pipe.generate(prompts[k:k + batch_size], seed=seeds[k:k + batch_size],
+                                                 **PLAIN, **self.sampling)
+                              for k in range(0, len(prompts), batch_size)])
+        finally:
+            if self.cache is not None:
+                self.peer.disable_cache()
+
+
+def suite_jobs(folder: Path, limit: int, seed: int, held_out) -> tuple[list[str], list[int], list[str]]:
+    """Write the suite's eval-prompts manifest into ``folder``: (prompts, noise seeds, file names), one image
+    per prompt, with the seeds ``omnidit eval --seed`` gives them."""
+    from omnidit.evaluate.runner import _seeds
+
+    manifest, _ = write_suite_prompts(folder, 1, limit, held_out=held_out)
+    entries = json.loads(manifest.read_text())["images"]
+    return [e["prompt"] for e in entries], _seeds(seed, len(entries)), [e["file"] for e in entries]
+
+
+def peak_memory(model: str, side: str, name: str, batch_size: int, bf16: bool) -> float:
+    """MiB: the peak resident memory of a fresh process that loads the row's model and draws ``batch_size``
+    images (this script with --memory-of)."""
+    out = subprocess.run([sys.executable, __file__, "--model", model, "--memory-of", side, name, "--batch-size",
+                          str(batch_size)] + (["--bf16"] if bf16 else []), capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"the memory run of {side} {name} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def build_rows(base: Pipeline, args: argparse.Namespace, only: tuple[str, str] | None = None) -> list[Row]:
+    """The run's rows (or only the one named ``only``: (side, name))."""
+    rows = []
+    has_twin = fast_twin(load_pipeline(args.model)) is not None
+    for name, variant, sampling, quick in OURS:
+        wanted = (only == ("omnidit", name)) if only else (quick or not args.quick)
+        if (variant == "bf16" and not args.bf16) or (variant == "twin" and not has_twin) or not wanted:
+            continue
+        rows.append(Row("omnidit", name, ours_pipeline(base, args.model, variant), sampling))
+    peers: dict[bool, tuple] = {}
+    for name, int8, cache, quick in PEER:
+        if not ((only == ("diffusers", name)) if only else (quick or not args.quick)):
+            continue
+        if int8 not in peers:
+            peers[int8] = peer_pipeline(base, int8)
+        pipe, peer = peers[int8]
+        rows.append(Row("diffusers", name, pipe, {}, peer, peer_cache_config(cache)))
+    return rows
+
+
+def memory_main(args: argparse.Namespace) -> None:
+    """--memory-of SIDE NAME: load that row alone, draw one batch, print the peak resident MiB."""
+    side, name = args.memory_of
+    calibrated = any(n == name and s.get("cache") in ("teacache", "magcache") for n, _, s, _ in OURS)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = calibrated_copy(args.model, Path(tmp) / "model") if side == "omnidit" and calibrated else \
+            load_pipeline(args.model)
+        (row,) = build_rows(base, args, only=(side, name))
+        prompts, seeds, _ = suite_jobs(Path(tmp) / "suite", 1, 0, base.config.data.held_out)
+        with torch.inference_mode():
+            row.render((prompts * args.batch_size)[:args.batch_size], list(range(args.batch_size)), args.batch_size)
+    print(_rss_bytes() / 2**20)
+
+
+def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Score against images/s, a colour per side, each side's Pareto front drawn as a step line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for side, colour in (("omnidit", "tab:blue"), ("diffusers", "tab:orange")):
+        mine = sorted((r for r in rows if r["side"] == side), key=lambda r: -r["images_per_s"])
+        ax.scatter([r["images_per_s"] for r in mine], [r["overall"] for r in mine], color=colour, label=side, zorder=3)
+        front, best = [], -1.0
+        for r in mine:  # fastest first: a row is on the front when no faster row scores as well
+            if r["overall"] > best:
+                front.append(r)
+                best = r["overall"]
+        for r in front + [r for r in mine if r["job"] == "none" and r not in front]:  # the table names the rest
+            ax.annotate(r["job"], (r["images_per_s"], r["overall"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points", color=colour)
+        ax.step([r["images_per_s"] for r in front], [r["overall"] for r in front], where="post", color=colour,
+                alpha=0.5)
+    ax.set_xlabel("images/s (suite rendering, best of the rounds)")
+    ax.set_ylabel("shapes suite overall")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"wrote {path}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="shapes", help="a shipped model name or model folder (default shapes)")
+    p.add_argument("--quick", action="store_true", help="2 prompts per category, one round, one setting a method")
+    p.add_argument("--limit", type=int, default=None, help="prompts per suite category (default 8; --quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds, best kept (default 2; --quick 1)")
+    p.add_argument("--seed", type=int, default=0, help="the suite's noise seed (default 0; settings were chosen "
+                                                       "on seed 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per sampling call (default 16)")
+    p.add_argument("--bf16", action="store_true", help="add the bf16 row (slow where the CPU lacks AVX-512 BF16)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes (a minute or two)")
+    p.add_argument("--json", type=Path, default=Path("benchmarks/results/sampling_speed.json"))
+    p.add_argument("--plot", type=Path, default=Path("docs/images/sampling_speed.png"))
+    p.add_argument("--memory-of", nargs=2, metavar=("SIDE", "ROW"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.limit = args.limit or (2 if args.quick else 8)
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    import diffusers
+
+    args = parse_args(argv)
+    if args.memory_of:
+        return memory_main(args)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = calibrated_copy(args.model, Path(tmp) / "model")  # TeaCache's and MagCache's fit, as omnidit calibrate
+        rows = build_rows(base, args)
+        folder = Path(tmp) / "suite"
+        prompts, seeds, files = suite_jobs(folder, args.limit, args.seed, base.config.data.held_out)
+        ours = [r for r in rows if r.side == "omnidit"]
+        theirs = [r for r in rows if r.side == "diffusers"]
+        order = [r for k in range(max(len(ours), len(theirs))) for r in ours[k:k + 1] + theirs[k:k + 1]]
+        results = {(r.side, r.name): {"seconds": float("inf"), "latency": float("inf")} for r in rows}
+        with torch.inference_mode():
+            for r in rows:  # warm-up: compilation, kernels, the text encoder's prompt cache
+                r.render(prompts[:2], seeds[:2], args.batch_size)
+            for round_ in range(args.repeats):
+                for r in order:
+                    res = results[r.side, r.name]
+                    t0 = time.perf_counter()
+                    images = r.render(prompts, seeds, args.batch_size)
+                    res["seconds"] = min(res["seconds"], time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    r.render(prompts[:1], seeds[:1], 1)
+                    res["latency"] = min(res["latency"], time.perf_counter() - t0)
+                    if round_ == 0:  # the images are the same every round: judge them once
+                        for image, name in zip(images, files):
+                            to_pil(image).save(folder / name)
+                        report = evaluate_folder(folder, progress=False, frechet=False)
+                        res["overall"], res["categories"] = report.overall, report.categories
+                    print(f"round {round_ + 1} {r.side:<9} {r.name:<48} overall {res['overall']:.3f}  "
+                          f"{res['seconds']:.1f} s", flush=True)
+    count = len(prompts)
+    out = []
+    for r in rows:
+        res = results[r.side, r.name]
+        base_seconds = results[r.side, "none"]["seconds"]
+        memory = None if args.no_memory else peak_memory(args.model, r.side, r.name, args.batch_size, args.bf16)
+        out.append({"side": r.side, "job": r.name, "overall": res["overall"], "categories": res["categories"],
+                    "seconds": res["seconds"], "images_per_s": count / res["seconds"],
+                    "latency_s": res["latency"], "speedup": base_seconds / res["seconds"],
+                    "peak_memory_mib": memory})
+    meta = run_meta("sampling_speed.py", argv, torch.device("cpu"), start, limit=args.limit, repeats=args.repeats,
+                    seed=args.seed, batch_size=args.batch_size, images=count, diffusers=diffusers.__version__)
+    print(f"\n{meta['device_name']}, torch {meta['torch']}, diffusers {diffusers.__version__}, {meta['threads']} "
+          f"threads; shapes suite at --limit {args.limit} ({count} images, seed {args.seed}), 30 steps, guidance 4, "
+          "one candidate, no skip-layer guidance; judged through eval-prompts manifests")
+    print(f"{'side':<10} {'job':<48} {'overall':>7} {'img/s':>6} {'speedup':>7} {'latency':>8} {'peak MiB':>8}")
+    for r in out:
+        memory = f"{r['peak_memory_mib']:8.0f}" if r["peak_memory_mib"] is not None else f"{'-':>8}"
+        print(f"{r['side']:<10} {r['job']:<48} {r['overall']:>7.3f} {r['images_per_s']:>6.2f} {r['speedup']:>6.2f}x "
+              f"{r['latency_s']:>7.2f}s {memory}")
+    summary = equal_quality(out, 0.01)
+    for line in summary["lines"]:
+        print(line)
+    write_report(args.json, {**meta, "equal_quality": summary["picks"]}, out)
+    pareto_plot(out, args.plot, f"{meta['device_name']}, {meta['threads']} threads, {count} images (seed "
+                                f"{args.seed}); 30 steps, guidance 4, one candidate")
+
+
+def equal_quality(rows: list[dict], tolerance: float) -> dict:
+    """Per side, the fastest row within ``tolerance`` of its side's uncached float score ('omnidit' without the
+    twin, whose weights differ, and 'omnidit with its twin'), and the ratios of their images/s to the peer's."""
+    picks, lines = {}, []
+    groups = (("omnidit", lambda r: "twin" not in r["job"]), ("omnidit with its twin", lambda r: True),
+              ("diffusers", lambda r: True))
+    for group, allowed in groups:
+        side = group.split()[0]
+        floor = next(r["overall"] for r in rows if r["side"] == side and r["job"] == "none") - tolerance
+        fine = [r for r in rows if r["side"] == side and allowed(r) and r["overall"] >= floor]
+        picks[group] = max(fine, key=lambda r: r["images_per_s"])
+    theirs = picks["diffusers"]
+    lines.append(f"at equal quality (score >= its side's uncached - {tolerance}): diffusers {theirs['job']} "
+                 f"{theirs['images_per_s']:.2f} images/s, {theirs['overall']:.3f}")
+    for group in ("omnidit", "omnidit with its twin"):
+        r = picks[group]
+        lines.append(f"  {group}: {r['job']} {r['images_per_s']:.2f} images/s, {r['overall']:.3f}: "
+                     f"{r['images_per_s'] / theirs['images_per_s']:.2f}x the peer's images/s")
+    return {"picks": {g: r["job"] for g, r in picks.items()}, "lines": lines}
+
+
+if __name__ == "__main__":
+    main()
