@@ -355,7 +355,7 @@ VIDEO_RUN = {"data": {"name": "shapes_video", "frames": 4, "fps": 8.0}, "train":
 
 @pytest.mark.parametrize("counterfactual_weight,sections", [
     (0.0, {}), (1.0, {}),  # 1: with its own generator and extra pass
-    (0.0, VIDEO_RUN)])
+    (0.0, VIDEO_RUN), (1.0, VIDEO_RUN)])  # clips pair with their direction changed
 def test_resume_is_bit_exact(tmp_path, make_tiny_config, monkeypatch, restore_global_rng, counterfactual_weight,
                              sections):
     from omnidit.train import Trainer

@@ -226,3 +226,40 @@ def test_replacing_a_velocity_changes_the_motion_only():
     still = replace(scene, objects=(replace(obj, velocity=(0.0, 0.0)),))
     path = trajectory(still, 16, 8.0, 32, 32)[0]
     assert np.allclose(path, path[0])
+
+
+def test_a_counterfactual_clip_changes_the_direction_only_and_moves_the_new_way():
+    from omnidit.data.shapes_video import counterfactual_video_scene
+    from omnidit.evaluate.tracker import initial_motion
+
+    ds = ShapesVideoDataset(32, 32, 8, 8.0, seed=3)
+    directions, partners = set(), 0
+    for i in range(80):
+        scene, item = ds.scene(i), ds.counterfactual(i)
+        if scene.kind == "pair":
+            assert item is None  # only single-object clips have a partner
+            continue
+        rng = np.random.default_rng([3, i, 7])
+        partner = counterfactual_video_scene(scene, rng, 32, 32, 8.0)
+        if partner is None:
+            assert item is None
+            continue
+        partners += 1
+        (before,), (after,) = scene.objects, partner.objects
+        assert after.direction != before.direction and item["caption"] == partner.caption
+        assert replace(after, velocity=before.velocity, direction=before.direction) == before  # nothing else moved
+        assert math.hypot(*after.velocity) == pytest.approx(math.hypot(*before.velocity))
+        # the caption trades the direction phrase for the new one's in the same wording
+        form = next(k for k in (0, 1) if DIRECTION_PHRASES[after.direction][k] in partner.caption
+                    and partner.caption.replace(DIRECTION_PHRASES[after.direction][k],
+                                                DIRECTION_PHRASES[before.direction][k], 1) == scene.caption)
+        assert DIRECTION_PHRASES[after.direction][form] in partner.caption
+        # the judge's tracker reads the new direction from the partner's motion, as it reads the data's
+        centres = trajectory(partner, 8, 8.0, 32, 32)[0]
+        assert initial_motion(centres, 8.0, 32)[0] == after.direction, (i, partner.caption)
+        assert item["video"].shape == (3, 8, 32, 32)
+        directions.add(after.direction)
+        last, last_item = i, item
+    assert partners >= 30 and len(directions) == 8
+    again = ShapesVideoDataset(32, 32, 8, 8.0, seed=3).counterfactual(last)  # a function of (seed, index)
+    assert again["caption"] == last_item["caption"] and torch.equal(again["video"], last_item["video"])

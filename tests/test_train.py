@@ -108,6 +108,23 @@ def test_counterfactual_pairs_add_a_loss_only_where_the_data_has_pairs(tmp_path)
     assert all(torch.equal(p, q) for p, q in zip(weights(base), weights(paired)))
 
 
+def test_clips_pair_with_their_direction_changed(tmp_path):
+    """shapes_video: a single-object clip's partner moves another way (ShapesVideoDataset.counterfactual); the
+    pairs' loss runs on the clips' tubelets and changes the update."""
+    def trainer(out, weight):
+        return Trainer(config_from_dict({
+            "model": {"preset": "tiny", "hidden_size": 64, "num_heads": 2, "depth": 1, "depth_single": 1},
+            "data": {"name": "shapes_video", "width": 16, "height": 16, "frames": 4, "fps": 8.0},
+            "train": {"out_dir": str(out), "batch_size": 4, "lr": 2e-3, "warmup_steps": 0, "steps": 3,
+                      "tensorboard": False, "counterfactual_weight": weight, "given_p": 0.5}}), progress=False)
+
+    base, paired = trainer(tmp_path / "a", 0.0), trainer(tmp_path / "b", 1.0)
+    for _ in range(3):
+        base.train_step(), paired.train_step()
+    assert base.counterfactual_loss is None and paired.counterfactual_loss > 0
+    assert max((p - q).abs().max() for p, q in zip(base.net.parameters(), paired.net.parameters())) > 1e-4
+
+
 def test_counterfactual_weight_is_checked(tmp_path):
     with pytest.raises(OmniditError, match="counterfactual_weight"):
         TrainConfig(counterfactual_weight=-1)

@@ -252,7 +252,7 @@ class Trainer:
                 noise_cf = torch.randn(noise.shape, generator=g)
             x0, cond, labels = self.image_batch(idx[mine])
             pairs = counterfactual_pairs(self.dataset, idx[mine], x0, cond, labels, t_cf[mine], noise_cf[mine],
-                                         self.codec.encode, self.condition, mc.patch_size, self.device) \
+                                         self.tokens, self.condition, self.device) \
                 if counterfactual else None  # before the caption dropout: the pairs compare two real captions
             t, noise = t[mine].to(self.device), noise[mine].to(self.device)
         cond = cond.where(keep[mine].to(self.device), self.null_cond)
@@ -315,13 +315,20 @@ class Trainer:
             if mc.num_classes:
                 cond.labels = labels
             cond = cond.to(self.device)
-        else:
-            images, captions, labels = batch_from_indices(self.dataset, indices)
-            latents = self.codec.encode(images.to(self.device))  # (b, c, h, w); identity for pixels
-            cond = self.condition(captions, labels)
-        if latents.dim() == 4:  # images: clips of one frame
+            if latents.dim() == 4:  # images: clips of one frame
+                latents = latents[:, :, None]
+            return video_patchify(latents.to(self.device), mc.patch_size, mc.temporal_patch), cond, labels
+        images, captions, labels = batch_from_indices(self.dataset, indices)
+        return self.tokens(images), self.condition(captions, labels), labels
+
+    def tokens(self, images: Tensor) -> Tensor:
+        """Images (b, C, H, W) or clips (b, C, T, H, W) of the data set -> the model's tokens (b, N, c*pt*p*p): the
+        codec (identity for pixels), then the tubelets (an image is a clip of one frame)."""
+        mc = self.config.model
+        latents = self.codec.encode(images.to(self.device))
+        if latents.dim() == 4:
             latents = latents[:, :, None]
-        return video_patchify(latents.to(self.device), mc.patch_size, mc.temporal_patch), cond, labels
+        return video_patchify(latents, mc.patch_size, mc.temporal_patch)
 
     def source_at(self, step: int) -> tuple:
         """(data set, how many batches it gave before) for ``step``: every data.mix_every-th batch comes from the

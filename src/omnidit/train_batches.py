@@ -22,7 +22,7 @@ from omnidit.flow import (
     stream_timesteps,
     token_times_with_context,
 )
-from omnidit.tokens import StreamLayout, audio_frame_size, audio_tubelets, patchify
+from omnidit.tokens import StreamLayout, audio_frame_size, audio_tubelets
 
 
 def batch_indices(step: int, batch_size: int, num_samples: int | None, seed: int) -> list[int]:
@@ -114,22 +114,23 @@ class CounterfactualPairs(NamedTuple):
 
 
 def counterfactual_pairs(dataset, indices: list[int], x0: Tensor, cond: Condition, labels: Tensor, t: Tensor,
-                         noise: Tensor, encode: Callable[[Tensor], Tensor],
-                         condition: Callable[[list[str], Tensor], Condition], patch_size: int,
+                         noise: Tensor, tokens: Callable[[Tensor], Tensor],
+                         condition: Callable[[list[str], Tensor], Condition],
                          device: torch.device) -> CounterfactualPairs:
     """The rows of this batch (``indices`` of ``dataset``) that have a counterfactual partner, for
     flow.counterfactual_loss.
 
     x0: (b, N, D) and cond (the batch's encoded captions) on the device; t: (b,), noise: (b, N, D) on the CPU;
-    ``encode``: images to latents (the codec); ``condition``: captions and labels to a Condition. Only the
-    partners' captions are encoded here. When no row has a partner, a stand-in (row 0 paired with itself) with
-    scale 0: every rank still runs the pass, so that the gradient all-reduce sees the same passes everywhere.
+    ``tokens``: images or clips to the model's tokens, as x0's (the codec, then the patches); ``condition``:
+    captions and labels to a Condition. Only the partners' captions are encoded here. When no row has a partner,
+    a stand-in (row 0 paired with itself) with scale 0: every rank still runs the pass, so that the gradient
+    all-reduce sees the same passes everywhere.
     """
     rows, images_cf, captions_cf = counterfactual_batch(dataset, indices)
     at = torch.tensor(rows or [0])  # CPU indices: they index CPU and device tensors alike
     mine = cond.rows(at.to(device))
     if rows:
-        x0_cf = patchify(encode(images_cf.to(device)), patch_size)
+        x0_cf = tokens(images_cf)
         cond_cf = condition(captions_cf, labels[at])
     else:
         x0_cf, cond_cf = x0[at], mine

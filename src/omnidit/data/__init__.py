@@ -140,14 +140,14 @@ def batch_streams(ds: ImageDataset, indices: Iterable[int]) -> tuple[dict[str, T
 
 def counterfactual_batch(ds: ImageDataset, indices: Sequence[int]) -> tuple[list[int], Tensor | None, list[str]]:
     """Counterfactual partners of ``ds[i]`` for ``indices`` (``ds.counterfactual(i)``: the same item
-    with one fact of the caption changed, e.g. a relation reversed) -> (rows: positions in ``indices``
-    that have one, images (R, C, H, W) or None when R = 0, captions [R])."""
+    with one fact of the caption changed, e.g. a relation reversed or a clip's direction) -> (rows: positions in
+    ``indices`` that have one, images (R, C, H, W) or clips (R, C, T, H, W), or None when R = 0, captions [R])."""
     rows, images, captions = [], [], []
     for row, i in enumerate(indices):
         item = ds.counterfactual(int(i))
         if item is not None:
             rows.append(row)
-            images.append(item["image"])
+            images.append(item["video"] if "video" in item else item["image"])
             captions.append(item["caption"])
     return rows, (torch.stack(images) if images else None), captions
 

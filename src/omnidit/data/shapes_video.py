@@ -37,7 +37,9 @@ every frame.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -97,6 +99,7 @@ FREE_MARGIN = 0.02  # unit; extra free travel before the first bounce, for raste
 COLLISION_RATE = 64  # overlap-check samples per second: 1.4 unit/s / 64 < GAP / 2
 LARGE_TRIES = 4  # layouts tried for a pair with a large object before both become small
 CANDIDATES = 64  # second-object starts drawn at once when placing a pair
+COUNTERFACTUAL_STREAM = 7  # the rng stream (seed, index, 7) that draws a clip's counterfactual direction
 MAX_EVENTS = 10_000  # bounces per simulated clip; a placed scene has a few dozen at most
 MIN_CANVAS = 16  # the exact detector needs min(H, W) >= 16
 SPEED_MENTION_P = 0.75  # captions name an object's speed this often (explicitly or by the verb)
@@ -286,22 +289,32 @@ def video_tensor(video: np.ndarray) -> Tensor:
 # Layout
 
 
-def _starts(rng: np.random.Generator, side: float, direction: str, speed_value: float, width: int, height: int,
-            fps: float, n: int) -> tuple[np.ndarray, float]:
-    """``n`` candidate start centres (n, 2) in pixels from which the object travels DIRECTION_WINDOW + one
+def _room(side: float, direction: str, speed_value: float, width: int, height: int,
+          fps: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """(lowest, highest) start centre (x, y) in pixels from which the object travels DIRECTION_WINDOW + one
     frame + FREE_MARGIN before it reaches a wall (less only where the canvas has no such room), and the
     seconds until then."""
     unit = min(width, height)
     lo, hi = _bounds(side, width, height)
     travel = (DIRECTION_WINDOW + speed_value / fps + FREE_MARGIN) * unit  # path length, px
-    starts, free = [], travel
+    low, high, free = lo.copy(), hi.copy(), travel
     for axis, u in enumerate(DIRECTIONS[direction]):
         need = min(travel * abs(u), hi[axis] - lo[axis])  # distance to the wall ahead, px
         if u != 0:
             free = min(free, need / abs(u))
-        low, high = (lo[axis], hi[axis] - need) if u >= 0 else (lo[axis] + need, hi[axis])
-        starts.append(rng.uniform(low, high, size=n))
-    return np.stack(starts, axis=1), free / (speed_value * unit)
+        if u > 0:
+            high[axis] = hi[axis] - need
+        elif u < 0:
+            low[axis] = lo[axis] + need
+    return low, high, free / (speed_value * unit)
+
+
+def _starts(rng: np.random.Generator, side: float, direction: str, speed_value: float, width: int, height: int,
+            fps: float, n: int) -> tuple[np.ndarray, float]:
+    """``n`` candidate start centres (n, 2) in pixels drawn uniformly from ``_room``, and the seconds the
+    object moves straight from them."""
+    low, high, free = _room(side, direction, speed_value, width, height, fps)
+    return np.stack([rng.uniform(low[axis], high[axis], size=n) for axis in range(2)], axis=1), free
 
 
 def _clear(scene: VideoScene, free: Sequence[float], frames: int, fps: float, width: int, height: int) -> bool:
@@ -440,6 +453,39 @@ def make_video_scene(rng: np.random.Generator, width: int, height: int, frames: 
             return VideoScene(objects, video_caption(rng, objects), kind)
 
 
+def counterfactual_video_scene(scene: VideoScene, rng: np.random.Generator, width: int, height: int,
+                               fps: float) -> VideoScene | None:
+    """The partner of a single-object clip with its direction changed: the same object, start and speed moving
+    another way, drawn from ``rng`` among the directions its start leaves room for (``_room``, as the data's
+    own layout does), and the caption with its direction phrase swapped for the new direction's (the same
+    wording). None for two-object clips, or where no other direction has room."""
+    if len(scene.objects) != 1:
+        return None
+    obj = scene.objects[0]
+    value = math.hypot(*obj.velocity)  # unit / s: the speed before any bounce
+    centre = np.array([obj.start[0] * width, obj.start[1] * height])
+    choices = []
+    for direction in DIRECTIONS:
+        if direction == obj.direction:
+            continue
+        low, high, _ = _room(obj.side, direction, value, width, height, fps)
+        if ((centre >= low - 1e-9) & (centre <= high + 1e-9)).all():
+            choices.append(direction)
+    if not choices:
+        return None
+    direction = choices[int(rng.integers(len(choices)))]
+    ux, uy = DIRECTIONS[direction]
+    moved = dataclasses.replace(obj, velocity=(value * ux, value * uy), direction=direction)
+    old_phrases = DIRECTION_PHRASES[obj.direction]
+    found = [k for k in range(2) if re.search(rf"\b{re.escape(old_phrases[k])}\b", scene.caption)]
+    if not found:  # a caption that does not name the direction has no partner
+        return None
+    form = max(found, key=lambda k: len(old_phrases[k]))  # "to the right" over the "right" inside it
+    caption = re.sub(rf"\b{re.escape(old_phrases[form])}\b", DIRECTION_PHRASES[direction][form], scene.caption,
+                     count=1)
+    return VideoScene((moved,), caption, scene.kind)
+
+
 class ShapesVideoDataset(Dataset):
     """Infinite captioned shape clips: ``ds[i]`` -> {"video": (3, T, H, W) float32 in [-1, 1],
     "caption": str, "label": -1}.
@@ -483,3 +529,14 @@ class ShapesVideoDataset(Dataset):
         scene = self.scene(index)
         video = render_video(scene, self.frames, self.width, self.height, self.fps)  # (T, H, W, 3)
         return {"video": video_tensor(video), "caption": scene.caption, "label": -1}
+
+    def counterfactual(self, index: int) -> dict | None:
+        """The clip at ``index`` with its direction changed (``counterfactual_video_scene``, drawn from (seed,
+        index) alone), or None for a two-object clip; used by ``train.counterfactual_weight``: the loss then
+        contrasts two captions that differ in the direction only, on one start."""
+        rng = np.random.default_rng([self.seed, int(index), COUNTERFACTUAL_STREAM])
+        partner = counterfactual_video_scene(self.scene(index), rng, self.width, self.height, self.fps)
+        if partner is None:
+            return None
+        video = render_video(partner, self.frames, self.width, self.height, self.fps)
+        return {"video": video_tensor(video), "caption": partner.caption, "label": -1}
