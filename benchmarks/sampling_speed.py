@@ -11,11 +11,11 @@ suite's prompts and noise seeds, and both sides' images go the way a foreign sys
 
 Per row: images/s over the suite (rendering only, best of ``--repeats``; rows alternate sides), the latency of
 one image drawn alone (best of ``--repeats``), the peak resident memory of a fresh process that loads the row's
-model and draws one batch of ``--batch-size`` images, and the suite's score on ``--seed`` (0: settings were
-chosen on seed 1). omnidit's rows include the guidance-distilled twin that ``--speed fast`` samples with (other
-weights, distilled from these; at these plain settings ``fast`` is the twin at w8a8 and ``faster`` adds
-first-block caching). Writes a table, ``benchmarks/results/sampling_speed.json`` and the Pareto plot (score
-against images/s) ``docs/images/sampling_speed.png``.
+model (changed in place, as a user's is) and draws one batch of ``--batch-size`` images, and the suite's score
+on ``--seed`` (0: settings were chosen on seed 1). omnidit's rows include the guidance-distilled twin that
+``--speed fast`` samples with (other weights, distilled from these; at these plain settings ``fast`` is the twin
+at w8a8 and ``faster`` adds first-block caching). Writes a table, ``benchmarks/results/sampling_speed.json``
+and the Pareto plot (score against images/s) ``docs/images/sampling_speed.png``.
 
 Example:
     python benchmarks/sampling_speed.py --quick        # 2 prompts per category, one threshold per method
@@ -40,7 +40,7 @@ from omnidit.convert.flux import omnidit_config_to_flux, omnidit_to_flux
 from omnidit.evaluate.runner import evaluate_folder, write_suite_prompts
 from omnidit.images import to_pil
 from omnidit.pipeline import Pipeline, load_pipeline
-from omnidit.quantize import apply_speed, fast_twin, quantize_in_memory
+from omnidit.quantize import FAST_TWINS, apply_speed, fast_twin, quantize_in_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cache_vs_diffusers import PLAIN, DiffusersVelocity, torchao_int8  # noqa: E402
@@ -91,15 +91,16 @@ def peer_cache_config(spec: tuple | None):
     return TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32)
 
 
-def ours_pipeline(base: Pipeline, model_name: str, variant: str) -> Pipeline:
-    """The base pipeline (its calibrated float model) as the row's model variant; shares the text encoder."""
+def ours_pipeline(base: Pipeline, model_name: str, variant: str, in_place: bool = False) -> Pipeline:
+    """The base pipeline (its calibrated float model) as the row's model variant; shares the text encoder.
+    ``in_place``: change the base's own model (the memory runs, which hold one model as a user would)."""
     if variant == "float":
         return base
     if variant == "twin":
         twin = load_pipeline(model_name)
         apply_speed(twin, "fast")  # the twin, at w8a8 on a CPU
         return twin
-    model = copy.deepcopy(base.model)
+    model = base.model if in_place else copy.deepcopy(base.model)
     if variant == "compiled":
         model.compile_blocks()
     else:
@@ -164,12 +165,13 @@ def peak_memory(model: str, side: str, name: str, batch_size: int, bf16: bool) -
 def build_rows(base: Pipeline, args: argparse.Namespace, only: tuple[str, str] | None = None) -> list[Row]:
     """The run's rows (or only the one named ``only``: (side, name))."""
     rows = []
-    has_twin = fast_twin(load_pipeline(args.model)) is not None
+    has_twin = fast_twin(base) is not None or args.model in FAST_TWINS  # base: a calibrated copy, elsewhere
     for name, variant, sampling, quick in OURS:
         wanted = (only == ("omnidit", name)) if only else (quick or not args.quick)
         if (variant == "bf16" and not args.bf16) or (variant == "twin" and not has_twin) or not wanted:
             continue
-        rows.append(Row("omnidit", name, ours_pipeline(base, args.model, variant), sampling))
+        rows.append(Row("omnidit", name, ours_pipeline(base, args.model, variant, in_place=only is not None),
+                        sampling))
     peers: dict[bool, tuple] = {}
     for name, int8, cache, quick in PEER:
         if not ((only == ("diffusers", name)) if only else (quick or not args.quick)):
@@ -185,27 +187,48 @@ def memory_main(args: argparse.Namespace) -> None:
     """--memory-of SIDE NAME: load that row alone, draw one batch, print the peak resident MiB."""
     side, name = args.memory_of
     calibrated = any(n == name and s.get("cache") in ("teacache", "magcache") for n, _, s, _ in OURS)
+    twin = any(n == name and v == "twin" for n, v, _, _ in OURS)
     with tempfile.TemporaryDirectory() as tmp:
-        base = calibrated_copy(args.model, Path(tmp) / "model") if side == "omnidit" and calibrated else \
-            load_pipeline(args.model)
-        (row,) = build_rows(base, args, only=(side, name))
-        prompts, seeds, _ = suite_jobs(Path(tmp) / "suite", 1, 0, base.config.data.held_out)
+        if twin:  # as --speed fast does: the model is loaded and swapped for its twin, nothing else is held
+            (row,) = [Row("omnidit", name, ours_pipeline(None, args.model, "twin"), s)
+                      for n, _, s, _ in OURS if n == name]
+        else:
+            base = calibrated_copy(args.model, Path(tmp) / "model") if side == "omnidit" and calibrated else \
+                load_pipeline(args.model)
+            (row,) = build_rows(base, args, only=(side, name))
+            del base  # the diffusers rows hold only the transformer converted from it
+        prompts, _, _ = suite_jobs(Path(tmp) / "suite", 1, 0, row.pipe.config.data.held_out)
         with torch.inference_mode():
             row.render((prompts * args.batch_size)[:args.batch_size], list(range(args.batch_size)), args.batch_size)
-    print(_rss_bytes() / 2**20)
+    print(own_peak_rss() / 2**20)
+
+
+def own_peak_rss() -> int:
+    """Bytes: this process's peak resident set. Linux's VmHWM belongs to the process's own address space; the
+    rusage maximum would carry the parent's peak over from the fork that started it."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return _rss_bytes()
 
 
 def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
-    """Score against images/s, a colour per side, each side's Pareto front drawn as a step line."""
+    """Score against images/s, a colour per side (omnidit's twin apart), each one's Pareto front drawn as a step
+    line and its points named."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
-    for side, colour in (("omnidit", "tab:blue"), ("diffusers", "tab:orange")):
-        mine = sorted((r for r in rows if r["side"] == side), key=lambda r: -r["images_per_s"])
-        ax.scatter([r["images_per_s"] for r in mine], [r["overall"] for r in mine], color=colour, label=side, zorder=3)
+    groups = (("omnidit, same weights", "tab:blue", lambda r: r["side"] == "omnidit" and "twin" not in r["job"]),
+              ("omnidit, its guidance-distilled twin", "tab:green", lambda r: "twin" in r["job"]),
+              ("diffusers, same weights", "tab:orange", lambda r: r["side"] == "diffusers"))
+    for label, colour, member in groups:
+        mine = sorted((r for r in rows if member(r)), key=lambda r: -r["images_per_s"])
+        ax.scatter([r["images_per_s"] for r in mine], [r["overall"] for r in mine], color=colour, label=label, zorder=3)
         front, best = [], -1.0
         for r in mine:  # fastest first: a row is on the front when no faster row scores as well
             if r["overall"] > best:
@@ -239,6 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes (a minute or two)")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/sampling_speed.json"))
     p.add_argument("--plot", type=Path, default=Path("docs/images/sampling_speed.png"))
+    p.add_argument("--memory-only", action="store_true", help="measure the peak memory of the rows already in "
+                                                                 "--json again and write them back (nothing timed)")
     p.add_argument("--memory-of", nargs=2, metavar=("SIDE", "ROW"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.limit = args.limit or (2 if args.quick else 8)
@@ -252,6 +277,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.memory_of:
         return memory_main(args)
+    if args.memory_only:
+        report = json.loads(args.json.read_text())
+        for r in report["rows"]:
+            r["peak_memory_mib"] = peak_memory(args.model, r["side"], r["job"], report["batch_size"], args.bf16)
+            print(f"{r['side']:<10} {r['job']:<48} {r['peak_memory_mib']:8.0f} MiB", flush=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+        return pareto_plot(report["rows"], args.plot, plot_title(report))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         base = calibrated_copy(args.model, Path(tmp) / "model")  # TeaCache's and MagCache's fit, as omnidit calibrate
@@ -305,8 +338,12 @@ def main(argv: list[str] | None = None) -> None:
     for line in summary["lines"]:
         print(line)
     write_report(args.json, {**meta, "equal_quality": summary["picks"]}, out)
-    pareto_plot(out, args.plot, f"{meta['device_name']}, {meta['threads']} threads, {count} images (seed "
-                                f"{args.seed}); 30 steps, guidance 4, one candidate")
+    pareto_plot(out, args.plot, plot_title(meta))
+
+
+def plot_title(meta: dict) -> str:
+    return (f"{meta['device_name']}, {meta['threads']} threads, {meta['images']} images (seed {meta['seed']}); "
+            "30 steps, guidance 4, one candidate")
 
 
 def equal_quality(rows: list[dict], tolerance: float) -> dict:

@@ -40,6 +40,10 @@ def test_reports_of_other_images_do_not_pair():
     with pytest.raises(OmniditError, match="seed 0 and 1"):
         paired_comparison(report([]), report([], seed=1))
     other = report([])
+    other["settings"]["held_out"] = ["red circle"]  # another model's held-out pairs: other prompts
+    with pytest.raises(OmniditError, match="held_out"):
+        paired_comparison(report([]), other)
+    other = report([])
     other["suite"] = "digits"
     with pytest.raises(OmniditError, match="different suites"):
         paired_comparison(report([]), other)

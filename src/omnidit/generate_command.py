@@ -67,9 +67,9 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
                         "(need 'omnidit calibrate MODEL' once), interval (every --cache-interval-th step); "
                         "docs/sampling.md (default: the model's sample.cache, none)")
     p.add_argument("--cache-threshold", type=float, default=None, metavar="X",
-                   help="the cache's skip threshold: larger skips more steps, 0 skips none (the same images as no "
-                        "cache) (default: the model's sample.cache_threshold, or where that is 0 the method's own, "
-                        "about a third of the steps skipped)")
+                   help="first_block, teacache and magcache's skip threshold: larger skips more steps, 0 skips none "
+                        "(the same images as no cache) (default: the model's sample.cache_threshold, or where that "
+                        "is 0 the method's own, about a third of the steps skipped); interval follows its schedule")
     p.add_argument("--cache-forecast", default=None, choices=["copy", "taylor"],
                    help="a skipped step reuses the last computed residual (copy) or extrapolates the last two in t "
                         "(taylor, TaylorSeer's first order) (default: copy)")

@@ -166,6 +166,7 @@ class StepCache:
         self.settings, self.calibration, self.record = settings, calibration, record
         self.branches: dict[tuple, _Branch] = {}
         self.calls = self.skipped = 0
+        self.computed_rows: list[int] = []  # per model call, how many rows ran the blocks past the first
         self.records: list[dict] = []
 
     @property
@@ -217,6 +218,7 @@ class StepCache:
         branch.last_t = t
         self.calls += batch
         self.skipped += int(skip.sum())
+        self.computed_rows.append(batch - int(skip.sum()))
         branch.skips_in_row[skip] += 1
         if skip.all():
             return after_first + self._forecast(branch, t, np.arange(batch))

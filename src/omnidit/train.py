@@ -118,7 +118,8 @@ class Trainer:
                                    "cache", hint="drop data.cache_dir or set train.counterfactual_weight=0")
             if not hasattr(self.dataset, "counterfactual"):
                 raise OmniditError(f"train.counterfactual_weight needs a data set with counterfactual pairs, and "
-                                   f"'{dc.name}' has none", hint="use data.name=shapes (relation scenes)")
+                                   f"'{dc.name}' has none",
+                                   hint="use data.name=shapes (relation scenes) or shapes_video (single-object clips)")
         self.text_encoder = None
         if config.text.encoder != "none" and self.cache is None:
             self.text_encoder = load_text_encoder(config.text.encoder, config.text.max_length, device=self.device)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from omnidit.errors import OmniditError
 
-# The settings that decide which images a run judges; two reports must agree on all of them to be paired.
-PAIRING_KEYS = ("seed", "limit", "n_per_prompt")
+# The settings that decide which images a run judges; two reports must agree on all of them to be paired (the
+# held-out pairs decide some prompts; reports written before they were recorded have none, and pair as before).
+PAIRING_KEYS = ("seed", "limit", "n_per_prompt", "held_out")
 
 
 def mcnemar_p(only_a: int, only_b: int) -> float:
@@ -60,10 +61,14 @@ def paired_comparison(a: dict, b: dict) -> PairedComparison:
         left, right = a["settings"].get(key), b["settings"].get(key)
         if left != right:
             raise OmniditError(f"the reports did not judge the same images: {key} {left} and {right}",
-                               hint="evaluate both with the same --seed, --limit and --n-per-prompt")
-    if a["n_images"] != b["n_images"] or a["categories"].keys() != b["categories"].keys():
+                               hint="evaluate both with the same --seed, --limit and --n-per-prompt (and models "
+                                    "with the same held-out pairs)")
+    if a["n_images"] != b["n_images"]:
         raise OmniditError(f"the reports did not judge the same images ({a['n_images']} and {b['n_images']})",
                            hint="evaluate both with the same --seed, --limit and --n-per-prompt")
+    if a["categories"].keys() != b["categories"].keys():
+        raise OmniditError(f"the reports have different categories ({', '.join(a['categories'])} and "
+                           f"{', '.join(b['categories'])})", hint="compare two runs of the same suite")
     fail_a, fail_b = _failure_keys(a), _failure_keys(b)
     return PairedComparison(images=a["n_images"], overall=(a["overall"], b["overall"]),
                             failed=(len(fail_a), len(fail_b)), only_a=len(fail_a - fail_b),

@@ -254,6 +254,7 @@ def evaluate_model(pipe, suite: str, **kwargs) -> EvalReport:
     report.settings = {
         **(report.settings or {}),
         "n_per_prompt": kwargs.get("n_per_prompt"), "seed": kwargs.get("seed", 0), "limit": kwargs.get("limit"),
+        "held_out": sorted(pipe.config.data.held_out),  # the colour-shape pairs held out decide some prompts
         **pipe.sampling_settings(**{k: kwargs.get(k) for k in SAMPLING_KEYS}),
     }
     return report

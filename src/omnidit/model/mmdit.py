@@ -610,6 +610,8 @@ def take_rows(value, rows: Tensor, batch: int):
     not tensors) stay as they are."""
     if isinstance(value, Tensor):
         return value.index_select(0, rows) if value.dim() and value.shape[0] == batch and batch > 1 else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple such as TokenVectors
+        return type(value)(*(take_rows(v, rows, batch) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(take_rows(v, rows, batch) for v in value)
     return value

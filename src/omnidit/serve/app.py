@@ -486,8 +486,9 @@ def _sound_job(body: AudioRequest, name: str, pipe, limits: Limits) -> Job:
     from omnidit.codecs import load_audio_codec
     from omnidit.tokens import audio_frame_size
 
-    for field_name in ("size", "boxes"):
-        if getattr(body, field_name) not in (None, "auto"):
+    for field_name, given in (("size", body.size not in (None, "auto")), ("boxes", bool(body.boxes)),
+                              ("output_compression", body.output_compression is not None)):
+        if given:
             raise ApiError(422, f"{field_name} does not apply to sound", param=field_name)
     steps, seed = _common_checks(body, pipe, limits)
     data = pipe.config.data

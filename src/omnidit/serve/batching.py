@@ -238,7 +238,7 @@ class Batcher:
                 for j in live:  # each job's rows of the one call
                     results.append(outputs[at:at + len(j.seeds)])
                     at += len(j.seeds)
-            else:  # an output would depend on its batch (int8 activations, a cache deciding on the whole batch)
+            else:  # an output would depend on its batch (int8 activations: one scale for the whole batch)
                 results = self._one_at_a_time(pipe, live, on_step)
         except Cancelled:
             for j in live:
