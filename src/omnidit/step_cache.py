@@ -261,16 +261,17 @@ class StepCache:
         """The residual of the skipped ``rows`` at ``t``: their last computed one (scaled by MagCache's ratio),
         plus TaylorSeer's first-order term in t where a row has two computed steps at different times."""
         index = torch.as_tensor(rows, device=branch.residuals.device)
-        last = branch.residuals[1, index]
-        shape = (len(rows),) + (1,) * (last.dim() - 1)
+        newest = branch.residuals[1, index]
+        shape = (len(rows),) + (1,) * (newest.dim() - 1)
+        last = newest
         if self.settings.method == "magcache":
-            last = last * torch.as_tensor(branch.ratio[rows], dtype=last.dtype, device=last.device).view(shape)
+            last = newest * torch.as_tensor(branch.ratio[rows], dtype=newest.dtype, device=newest.device).view(shape)
         if self.settings.forecast == "copy":
             return last
         t0, t1 = branch.times[0, rows], branch.times[1, rows]
         usable = (branch.computed[rows] == 2) & (t1 != t0)
         factor = np.where(usable, (t - t1) / np.where(usable, t1 - t0, 1.0), 0.0)
-        slope = branch.residuals[1, index] - branch.residuals[0, index]
+        slope = newest - branch.residuals[0, index]
         return last + slope * torch.as_tensor(factor, dtype=last.dtype, device=last.device).view(shape)
 
 

@@ -315,21 +315,20 @@ class Trainer:
             latents, _, labels, cond = self.cache.batch(indices)
             if mc.num_classes:
                 cond.labels = labels
-            cond = cond.to(self.device)
-            if latents.dim() == 4:  # images: clips of one frame
-                latents = latents[:, :, None]
-            return video_patchify(latents.to(self.device), mc.patch_size, mc.temporal_patch), cond, labels
+            return self._patches(latents), cond.to(self.device), labels
         images, captions, labels = batch_from_indices(self.dataset, indices)
         return self.tokens(images), self.condition(captions, labels), labels
 
     def tokens(self, images: Tensor) -> Tensor:
         """Images (b, C, H, W) or clips (b, C, T, H, W) of the data set -> the model's tokens (b, N, c*pt*p*p): the
-        codec (identity for pixels), then the tubelets (an image is a clip of one frame)."""
+        codec (identity for pixels), then the tubelets."""
+        return self._patches(self.codec.encode(images.to(self.device)))
+
+    def _patches(self, latents: Tensor) -> Tensor:
+        """Latents (b, c, h, w) or (b, c, T, h, w) -> tokens on the device (an image is a clip of one frame)."""
         mc = self.config.model
-        latents = self.codec.encode(images.to(self.device))
-        if latents.dim() == 4:
-            latents = latents[:, :, None]
-        return video_patchify(latents, mc.patch_size, mc.temporal_patch)
+        latents = latents[:, :, None] if latents.dim() == 4 else latents
+        return video_patchify(latents.to(self.device), mc.patch_size, mc.temporal_patch)
 
     def source_at(self, step: int) -> tuple:
         """(data set, how many batches it gave before) for ``step``: every data.mix_every-th batch comes from the
