@@ -23,18 +23,19 @@ from omnidit.serve.app import build_app  # noqa: E402
 
 
 @contextlib.contextmanager
-def _page(name: str, model: str, **more: str):
+def _page(name: str, model: str, api_key: str | None = None, **more: str):
     """The page of a server that serves the shipped ``model`` as ``name`` (and ``more`` as their keys), open in
-    headless Chromium."""
+    headless Chromium; with ``api_key`` the server asks for that key and the page is yielded before it has one."""
     models = {name: model, **more}
-    with Live(build_app({k: load_pipeline(v, device="cpu") for k, v in models.items()})) as server, \
-            sync_api.sync_playwright() as playwright:
+    app = build_app({k: load_pipeline(v, device="cpu") for k, v in models.items()}, api_key=api_key)
+    with Live(app) as server, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
                                              args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page(accept_downloads=True)
             page.goto(server.url + "/")
-            page.wait_for_selector(f"#model option[value={name}]", state="attached")
+            if api_key is None:
+                page.wait_for_selector(f"#model option[value={name}]", state="attached")
             yield page
         finally:
             browser.close()
@@ -144,3 +145,27 @@ def test_the_page_draws_layout_boxes_for_a_layout_model_and_sends_them(tmp_path)
     kept = slice(13, 32)  # below the rows the dragged mask covers (0.4 of 32, rounded up to whole pixels)
     before, after = (np.asarray(Image.open(path).convert("RGB")) for path in (drawn, inpainted.filename))
     assert np.array_equal(after[kept], before[kept])
+
+
+def test_the_page_asks_for_the_api_key_of_a_server_that_needs_one_and_sends_it(tmp_path):
+    with _page("shapes", "shapes", api_key="s3cret") as page:
+        page.wait_for_selector("#key-form", state="visible")
+        assert page.text_content("#status") == "this server asks for an API key"
+        assert page.locator("#model option").count() == 0
+        page.fill("#api-key", "wrong")
+        page.click("#key-go")
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('that API key')")
+        assert page.locator("#model option").count() == 0
+        page.fill("#api-key", "s3cret")
+        page.click("#key-go")
+        page.wait_for_selector("#model option[value=shapes]", state="attached")
+        assert page.text_content("#status") == ""
+        page.fill("#prompt", "a blue square")
+        page.fill("#steps", "2")
+        page.fill("#seed", "1")
+        page.click("#go")  # the generation request carries the key too
+        page.wait_for_selector("img.result", timeout=60_000)
+        assert page.text_content("#status").startswith("done")
+        page.reload()  # the key stays for this tab's session
+        page.wait_for_selector("#model option[value=shapes]", state="attached")
+        assert page.input_value("#api-key") == "s3cret"
