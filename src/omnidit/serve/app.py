@@ -230,8 +230,9 @@ class Metrics:
 
 class _Guard:
     """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the endpoints):
-    checks the API key on /v1/ (but /v1/files/, whose URLs are the credential) and counts answers by endpoint
-    and status, with every path outside the fixed endpoints counted as "other" so that the series stay bounded."""
+    checks the API key on /v1/ (but /v1/files/ and /v1/progress/, whose ids are the credential) and counts
+    answers by endpoint and status, with every path outside the fixed endpoints counted as "other" so that the
+    series stay bounded."""
 
     ENDPOINTS = ("/v1/images/generations", "/v1/videos/generations", "/v1/audio/generations", "/v1/models",
                  "/health", "/metrics", "/")
