@@ -266,3 +266,13 @@ def test_sample_candidates_must_be_a_positive_whole_number(tmp_path):
     assert load_config(path).sample.candidates == 3 and load_config(write(tmp_path, {})).sample.candidates == 1
     assert "'sample.candidates' must be positive" in error_of(load_config, path, ["sample.candidates=0"])
     assert "expects int" in error_of(load_config, path, ["sample.candidates=1.5"])
+
+
+def test_counterfactual_directions_apply_to_clips_only(tmp_path):
+    path = write(tmp_path, {"data": {"name": "shapes_video", "frames": 8}})
+    assert load_config(path, ["data.counterfactual_directions=vertical"]).data.counterfactual_directions == "vertical"
+    with pytest.raises(OmniditError, match="counterfactual_directions"):
+        load_config(path, ["data.counterfactual_directions=diagonal"])
+    with pytest.raises(OmniditError, match="applies to the shapes_video data set, not 'shapes'") as e:
+        load_config(path, ["data.name=shapes", "data.counterfactual_directions=vertical"])
+    assert "drop data.counterfactual_directions" in e.value.hint

@@ -263,3 +263,30 @@ def test_a_counterfactual_clip_changes_the_direction_only_and_moves_the_new_way(
     assert partners >= 30 and len(directions) == 8
     again = ShapesVideoDataset(32, 32, 8, 8.0, seed=3).counterfactual(last)  # a function of (seed, index)
     assert again["caption"] == last_item["caption"] and torch.equal(again["video"], last_item["video"])
+
+
+@pytest.mark.parametrize("part", ["vertical", "horizontal"])
+def test_a_counterfactual_clip_may_change_only_one_part_of_the_direction(part):
+    from omnidit.data.shapes_video import DIRECTIONS, counterfactual_video_scene
+
+    ds = ShapesVideoDataset(32, 32, 8, 8.0, seed=3, counterfactual_directions=part)
+    changed, kept = (1, 0) if part == "vertical" else (0, 1)  # index of the (x, y) component that changes
+    pairs = set()
+    for i in range(120):
+        scene, item = ds.scene(i), ds.counterfactual(i)
+        partner = counterfactual_video_scene(scene, np.random.default_rng([3, i, 7]), 32, 32, 8.0, part)
+        assert (item is None) == (partner is None) and (item is None or item["caption"] == partner.caption)
+        if partner is None:
+            continue
+        before, after = DIRECTIONS[scene.objects[0].direction], DIRECTIONS[partner.objects[0].direction]
+        assert np.sign(round(after[kept], 9)) == np.sign(round(before[kept], 9))
+        assert np.sign(round(after[changed], 9)) != np.sign(round(before[changed], 9))
+        pairs.add((scene.objects[0].direction, partner.objects[0].direction))
+    if part == "vertical":  # up against down and right against up or down and to the right, for example
+        assert {("up", "down"), ("down", "up")} & pairs and any(a == "right" for a, _ in pairs)
+    assert len(pairs) >= 6
+
+
+def test_counterfactual_directions_are_checked():
+    with pytest.raises(OmniditError, match="unknown counterfactual directions 'diagonal'"):
+        ShapesVideoDataset(32, 32, 8, 8.0, counterfactual_directions="diagonal")

@@ -44,6 +44,10 @@ class DataConfig:
     # shapes only: the facts a counterfactual partner changes (train.counterfactual_weight), drawn from
     # "relation" (reversed), "colours" (the two objects swap colours), "count" (one object fewer)
     counterfactuals: list[str] = field(default_factory=lambda: ["relation"])
+    # shapes_video only: the directions a clip's counterfactual partner may move in: "any" other one,
+    # "vertical" (only the up-down part changes: up against down, right against up and to the right) or
+    # "horizontal" (only the left-right part)
+    counterfactual_directions: str = "any"
     sample_rate: int = 8000  # audio samples per second (bounce, tones)
     seconds: float = 2.0  # length of sound-only clips (tones); clips with video last frames / fps
     audio_codec: str = "waveform"  # how sound becomes latents: waveform (samples) | spectrogram (log magnitude)
@@ -61,7 +65,8 @@ class DataConfig:
         _check_ranges("data", self, positive=("width", "height", "frames", "fps", "sample_rate", "seconds",
                                                 "audio_scale", "audio_hop"),
                       non_negative=("cache_samples", "mix_every"),
-                      choices={"codec_dtype": ("fp32", "bf16", "fp16"), "audio_codec": ("waveform", "spectrogram")})
+                      choices={"codec_dtype": ("fp32", "bf16", "fp16"), "audio_codec": ("waveform", "spectrogram"),
+                               "counterfactual_directions": ("any", "vertical", "horizontal")})
         if bool(self.mix_name) != bool(self.mix_every) or self.mix_every == 1:
             raise OmniditError(f"data.mix_name={self.mix_name!r} and data.mix_every={self.mix_every} go together: "
                                "a second data set for every N-th batch, N >= 2",
@@ -76,6 +81,9 @@ class DataConfig:
         if self.new_shapes and self.name != "shapes":
             raise OmniditError(f"config key 'data.new_shapes' applies to the shapes data set, not {self.name!r}",
                                hint="drop data.new_shapes")
+        if self.counterfactual_directions != "any" and self.name != "shapes_video":
+            raise OmniditError(f"config key 'data.counterfactual_directions' applies to the shapes_video data set, "
+                               f"not {self.name!r}", hint="drop data.counterfactual_directions")
         if list(self.counterfactuals) != ["relation"] and self.name != "shapes":
             raise OmniditError(f"config key 'data.counterfactuals' applies to the shapes data set, not {self.name!r}",
                                hint="drop data.counterfactuals")

@@ -80,6 +80,7 @@ class Trainer:
         self.dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out,
                                      new_shapes=dc.new_shapes,
                                      scene_kinds=dc.scene_kinds, counterfactuals=dc.counterfactuals,
+                                     counterfactual_directions=dc.counterfactual_directions,
                                      frames=dc.frames, fps=dc.fps, sample_rate=dc.sample_rate, seconds=dc.seconds)
         self.mix_dataset = build_dataset(dc.mix_name, dc.width, dc.height, seed=dc.seed, held_out=dc.held_out,
                                          frames=dc.frames, fps=dc.fps, sample_rate=dc.sample_rate,

@@ -75,6 +75,7 @@ def build_dataset(
     split: str = "train",
     scene_kinds: dict[str, float] | None = None,
     counterfactuals: Sequence[str] = ("relation",),
+    counterfactual_directions: str = "any",
     frames: int = 1,
     fps: float = 8.0,
     sample_rate: int = 8000,
@@ -86,7 +87,8 @@ def build_dataset(
     ``held_out`` ("red triangle", ...) is validated for every dataset but only shapes uses it;
     ``split`` selects the digits split ("train" | "test" | "all"); ``path`` is the imagefolder root;
     ``scene_kinds`` (shapes only) weights the scene kinds, None or {} meaning the default mix;
-    ``counterfactuals`` (shapes only) names the facts a counterfactual partner changes; ``frames`` and
+    ``counterfactuals`` (shapes only) names the facts a counterfactual partner changes;
+    ``counterfactual_directions`` (shapes_video only) the directions a clip's partner may take; ``frames`` and
     ``fps`` size the clips of shapes_video and bounce; ``sample_rate`` is the sound's (bounce, tones) and
     ``seconds`` the length of a tones clip; ``new_shapes`` (shapes only): shapes of NEW_SHAPES drawn too.
     """
@@ -101,7 +103,8 @@ def build_dataset(
     if name == "shapes_video":
         from omnidit.data.shapes_video import ShapesVideoDataset
 
-        return ShapesVideoDataset(width, height, frames=frames, fps=fps, seed=seed, held_out=held_out)
+        return ShapesVideoDataset(width, height, frames=frames, fps=fps, seed=seed, held_out=held_out,
+                                  counterfactual_directions=counterfactual_directions)
     if name == "bounce":
         from omnidit.data.bounce import BounceDataset
 

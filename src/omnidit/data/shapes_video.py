@@ -100,6 +100,10 @@ COLLISION_RATE = 64  # overlap-check samples per second: 1.4 unit/s / 64 < GAP /
 LARGE_TRIES = 4  # layouts tried for a pair with a large object before both become small
 CANDIDATES = 64  # second-object starts drawn at once when placing a pair
 COUNTERFACTUAL_STREAM = 7  # the rng stream (seed, index, 7) that draws a clip's counterfactual direction
+# Which directions a clip's counterfactual partner may take (data.counterfactual_directions): any other one, or
+# only those that change the vertical part of the motion (up against down, the left-right part kept), or only
+# the horizontal part.
+PARTNER_DIRECTIONS = ("any", "vertical", "horizontal")
 MAX_EVENTS = 10_000  # bounces per simulated clip; a placed scene has a few dozen at most
 MIN_CANVAS = 16  # the exact detector needs min(H, W) >= 16
 SPEED_MENTION_P = 0.75  # captions name an object's speed this often (explicitly or by the verb)
@@ -453,12 +457,27 @@ def make_video_scene(rng: np.random.Generator, width: int, height: int, frames: 
             return VideoScene(objects, video_caption(rng, objects), kind)
 
 
+def _changes(old: str, new: str, part: str) -> bool:
+    """Whether moving ``new`` instead of ``old`` is the change ``part`` of PARTNER_DIRECTIONS allows."""
+    (ox, oy), (nx, ny) = DIRECTIONS[old], DIRECTIONS[new]
+    same_x, same_y = np.sign(round(ox, 9)) == np.sign(round(nx, 9)), np.sign(round(oy, 9)) == np.sign(round(ny, 9))
+    if part == "vertical":
+        return same_x and not same_y
+    if part == "horizontal":
+        return same_y and not same_x
+    return new != old
+
+
 def counterfactual_video_scene(scene: VideoScene, rng: np.random.Generator, width: int, height: int,
-                               fps: float) -> VideoScene | None:
+                               fps: float, directions: str = "any") -> VideoScene | None:
     """The partner of a single-object clip with its direction changed: the same object, start and speed moving
     another way, drawn from ``rng`` among the directions its start leaves room for (``_room``, as the data's
-    own layout does), and the caption with its direction phrase swapped for the new direction's (the same
-    wording). None for two-object clips, or where no other direction has room."""
+    own layout does) and that ``directions`` allows (PARTNER_DIRECTIONS), and the caption with its direction
+    phrase swapped for the new direction's (the same wording). None for two-object clips, or where no allowed
+    direction has room."""
+    if directions not in PARTNER_DIRECTIONS:
+        raise OmniditError(f"unknown counterfactual directions {directions!r}",
+                           hint=f"choose one of: {', '.join(PARTNER_DIRECTIONS)}")
     if len(scene.objects) != 1:
         return None
     obj = scene.objects[0]
@@ -466,7 +485,7 @@ def counterfactual_video_scene(scene: VideoScene, rng: np.random.Generator, widt
     centre = np.array([obj.start[0] * width, obj.start[1] * height])
     choices = []
     for direction in DIRECTIONS:
-        if direction == obj.direction:
+        if not _changes(obj.direction, direction, directions):
             continue
         low, high, _ = _room(obj.side, direction, value, width, height, fps)
         if ((centre >= low - 1e-9) & (centre <= high + 1e-9)).all():
@@ -506,8 +525,12 @@ class ShapesVideoDataset(Dataset):
         seed: int = 0,
         held_out: Sequence[str] | str = DEFAULT_HELD_OUT,
         kinds: Mapping[str, float] | None = None,
+        counterfactual_directions: str = "any",
     ) -> None:
         check_clip_size(width, height, frames, fps)
+        if counterfactual_directions not in PARTNER_DIRECTIONS:
+            raise OmniditError(f"unknown counterfactual directions {counterfactual_directions!r}",
+                               hint=f"choose one of: {', '.join(PARTNER_DIRECTIONS)}")
         if int(seed) < 0:
             raise OmniditError(f"seed must be >= 0, got {seed}")
         kinds = dict(VIDEO_KINDS if kinds is None else kinds)
@@ -517,6 +540,7 @@ class ShapesVideoDataset(Dataset):
         self.held_out = parse_held_out(held_out)
         self.allowed = allowed_pairs(self.held_out)
         self.kinds = kinds
+        self.counterfactual_directions = counterfactual_directions
 
     def scene(self, index: int) -> VideoScene:
         """The clip's scene at ``index`` (any non-negative int)."""
@@ -531,11 +555,13 @@ class ShapesVideoDataset(Dataset):
         return {"video": video_tensor(video), "caption": scene.caption, "label": -1}
 
     def counterfactual(self, index: int) -> dict | None:
-        """The clip at ``index`` with its direction changed (``counterfactual_video_scene``, drawn from (seed,
-        index) alone), or None for a two-object clip; used by ``train.counterfactual_weight``: the loss then
-        contrasts two captions that differ in the direction only, on one start."""
+        """The clip at ``index`` with its direction changed as ``counterfactual_directions`` allows
+        (``counterfactual_video_scene``, drawn from (seed, index) alone), or None for a two-object clip or one
+        without such a partner; used by ``train.counterfactual_weight``: the loss then contrasts two captions
+        that differ in the direction only, on one start."""
         rng = np.random.default_rng([self.seed, int(index), COUNTERFACTUAL_STREAM])
-        partner = counterfactual_video_scene(self.scene(index), rng, self.width, self.height, self.fps)
+        partner = counterfactual_video_scene(self.scene(index), rng, self.width, self.height, self.fps,
+                                             self.counterfactual_directions)
         if partner is None:
             return None
         video = render_video(partner, self.frames, self.width, self.height, self.fps)
