@@ -228,7 +228,9 @@ def test_edit_command_edits_a_clip_with_a_video_model(tmp_path, capsys):
     assert frames.shape == (3, 8, 32, 32) and fps == 8.0 and metadata["edit_from"] == "a red circle moving right"
     before = load_video(source)[0]
     kept, changed = ((frames[..., cols] - before[..., cols]).abs().mean() for cols in (slice(16, 32), slice(0, 16)))
-    assert kept < 0.02 < changed  # kept up to the lossy file's encoding (exactly: the API test above)
+    # kept up to the lossy file's encoding (exactly: the API test above), which moves the kept half a few
+    # hundredths (more where the edited half is busier); the edited half moves an order of magnitude more
+    assert kept < 0.04 and changed > 5 * kept
     code, _, err = run_main(capsys, "edit", source, "--from", "a", "--to", "b", "--model", "shapes-video",
                             "-o", tmp_path / "clip.jpg")
     assert_one_line_error(code, err, ".mp4")

@@ -25,13 +25,16 @@ def test_shipped_video_model_is_small_float16_and_a_video_model(video):
     assert video.config.data.fps == 8.0 and video.config.text.encoder == "minilm"
 
 
-@pytest.mark.parametrize("prompt", ["a red circle moving to the right", "a green triangle moving up"])
-def test_text_to_video_keeps_the_object_in_every_frame(video, prompt):
-    """What the shipped model does reliably (single_object 0.72 on the suite): the named object, with its colour
-    and shape, in every frame. Its motion is not reliable yet (direction 0.03), so it is not asserted here."""
-    clips = video.generate_video([prompt] * 4, seed=[0, 1, 2, 3])  # the shipped settings
-    passed = [judge_clip(c, prompt, fps=8.0, facts=()) for c in clips]
-    assert sum(ok for ok, _ in passed) >= 2, passed  # half of the seeds right in every frame
+def test_text_to_video_draws_the_object_and_moves_it_the_captioned_way(video):
+    """What the shipped model does on most seeds (the suite: single_object 0.69, direction 0.25): the named
+    object, with its colour and shape, in every frame, and for a left-right caption the captioned direction.
+    Its most frequent failure is an object missing from the first frame, as for most seeds of the second prompt."""
+    prompts = ["a red circle moving to the right"] * 4 + ["a green triangle moving up"] * 4
+    clips = video.generate_video(prompts, seed=[0, 1, 2, 3] * 2)  # the shipped settings
+    drawn = [judge_clip(c, p, fps=8.0, facts=()) for c, p in zip(clips, prompts)]
+    assert sum(ok for ok, _ in drawn) >= 4, drawn  # half of the clips right in every frame
+    moving = [judge_clip(c, p, fps=8.0) for c, p in zip(clips[:4], prompts[:4])]
+    assert sum(ok for ok, _ in moving) >= 2, moving  # and first moving to the right
 
 
 def test_image_to_video_keeps_the_given_frame(video):
