@@ -457,6 +457,13 @@ def make_video_scene(rng: np.random.Generator, width: int, height: int, frames: 
             return VideoScene(objects, video_caption(rng, objects), kind)
 
 
+def check_partner_directions(directions: str) -> None:
+    """One line naming the choices unless ``directions`` is one of PARTNER_DIRECTIONS."""
+    if directions not in PARTNER_DIRECTIONS:
+        raise OmniditError(f"unknown counterfactual directions {directions!r}",
+                           hint=f"choose one of: {', '.join(PARTNER_DIRECTIONS)}")
+
+
 def _changes(old: str, new: str, part: str) -> bool:
     """Whether moving ``new`` instead of ``old`` is the change ``part`` of PARTNER_DIRECTIONS allows."""
     (ox, oy), (nx, ny) = DIRECTIONS[old], DIRECTIONS[new]
@@ -475,9 +482,7 @@ def counterfactual_video_scene(scene: VideoScene, rng: np.random.Generator, widt
     own layout does) and that ``directions`` allows (PARTNER_DIRECTIONS), and the caption with its direction
     phrase swapped for the new direction's (the same wording). None for two-object clips, or where no allowed
     direction has room."""
-    if directions not in PARTNER_DIRECTIONS:
-        raise OmniditError(f"unknown counterfactual directions {directions!r}",
-                           hint=f"choose one of: {', '.join(PARTNER_DIRECTIONS)}")
+    check_partner_directions(directions)
     if len(scene.objects) != 1:
         return None
     obj = scene.objects[0]
@@ -528,9 +533,7 @@ class ShapesVideoDataset(Dataset):
         counterfactual_directions: str = "any",
     ) -> None:
         check_clip_size(width, height, frames, fps)
-        if counterfactual_directions not in PARTNER_DIRECTIONS:
-            raise OmniditError(f"unknown counterfactual directions {counterfactual_directions!r}",
-                               hint=f"choose one of: {', '.join(PARTNER_DIRECTIONS)}")
+        check_partner_directions(counterfactual_directions)
         if int(seed) < 0:
             raise OmniditError(f"seed must be >= 0, got {seed}")
         kinds = dict(VIDEO_KINDS if kinds is None else kinds)
