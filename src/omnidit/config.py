@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from omnidit.data.shapes import check_counterfactual_facts, check_new_shapes, check_scene_kinds
+from omnidit.data.shapes_video import PARTNER_DIRECTIONS
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import PRESETS, MMDiTConfig
 from omnidit.sampling import SAMPLERS, check_cfg_interval, check_skip_blocks
@@ -66,7 +67,7 @@ class DataConfig:
                                                 "audio_scale", "audio_hop"),
                       non_negative=("cache_samples", "mix_every"),
                       choices={"codec_dtype": ("fp32", "bf16", "fp16"), "audio_codec": ("waveform", "spectrogram"),
-                               "counterfactual_directions": ("any", "vertical", "horizontal")})
+                               "counterfactual_directions": PARTNER_DIRECTIONS})
         if bool(self.mix_name) != bool(self.mix_every) or self.mix_every == 1:
             raise OmniditError(f"data.mix_name={self.mix_name!r} and data.mix_every={self.mix_every} go together: "
                                "a second data set for every N-th batch, N >= 2",

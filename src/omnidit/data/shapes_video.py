@@ -466,8 +466,7 @@ def check_partner_directions(directions: str) -> None:
 
 def _changes(old: str, new: str, part: str) -> bool:
     """Whether moving ``new`` instead of ``old`` is the change ``part`` of PARTNER_DIRECTIONS allows."""
-    (ox, oy), (nx, ny) = DIRECTIONS[old], DIRECTIONS[new]
-    same_x, same_y = np.sign(round(ox, 9)) == np.sign(round(nx, 9)), np.sign(round(oy, 9)) == np.sign(round(ny, 9))
+    same_x, same_y = np.sign(np.round(DIRECTIONS[old], 9)) == np.sign(np.round(DIRECTIONS[new], 9))
     if part == "vertical":
         return same_x and not same_y
     if part == "horizontal":
