@@ -102,8 +102,8 @@ CANDIDATES = 64  # second-object starts drawn at once when placing a pair
 COUNTERFACTUAL_STREAM = 7  # the rng stream (seed, index, 7) that draws a clip's counterfactual direction
 # Which directions a clip's counterfactual partner may take (data.counterfactual_directions): any other one, or
 # only those that change the vertical part of the motion (up against down, the left-right part kept), or only
-# the horizontal part.
-PARTNER_DIRECTIONS = ("any", "vertical", "horizontal")
+# the horizontal part, or either of the two but never both ("either": the union of the two).
+PARTNER_DIRECTIONS = ("any", "vertical", "horizontal", "either")
 MAX_EVENTS = 10_000  # bounces per simulated clip; a placed scene has a few dozen at most
 MIN_CANVAS = 16  # the exact detector needs min(H, W) >= 16
 SPEED_MENTION_P = 0.75  # captions name an object's speed this often (explicitly or by the verb)
@@ -471,6 +471,8 @@ def _changes(old: str, new: str, part: str) -> bool:
         return same_x and not same_y
     if part == "horizontal":
         return same_y and not same_x
+    if part == "either":
+        return same_x != same_y
     return new != old
 
 
