@@ -196,6 +196,18 @@ def assert_shipped_folder(name: str, folder_name: str, max_bytes: int) -> Path:
     return folder
 
 
+def assert_shipped_student(pipe, name: str, folder_name: str, max_bytes: int) -> None:
+    """A few-step student shipped in the package: ``assert_shipped_folder``, and its config samples in at most 4
+    steps of one pass (the guidance scale an input, no skip-layer pass, one candidate)."""
+    from omnidit.pipeline import guided
+
+    assert_shipped_folder(name, folder_name, max_bytes)
+    settings = pipe.sampling_settings()
+    assert settings["steps"] <= 4 and settings["candidates"] == 1 and not settings["skip_scale"]
+    assert pipe.model.config.guidance_embed and not guided(settings, guidance_input=True)
+    assert pipe.config.distill.method in ("progressive", "dmd")
+
+
 SINGLE_OBJECTS = ("a red circle", "a blue square", "a green triangle", "a yellow diamond")
 
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from test_cli import assert_one_line_error, run_main
 
+from omnidit.checkpoint import SHIPPED_MODELS
 from omnidit.errors import OmniditError
 from omnidit.quantize import (
     SmoothedLinear,
@@ -246,7 +247,7 @@ def test_quantize_command(tmp_path, tiny_run, capsys):
     assert not (tmp_path / "y").exists()
 
 
-@pytest.mark.parametrize("name", ["shapes-video", "shapes-av", "shapes-turbo", "shapes-layout", "shapes-guided"])
+@pytest.mark.parametrize("name", sorted(set(SHIPPED_MODELS) - {"shapes"}))  # shapes: test_guided_model.py
 def test_every_shipped_model_samples_at_the_fast_presets(name):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 

@@ -35,6 +35,7 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 VIDEO_MODEL_DIR = Path(__file__).resolve().parent / "video_model"
 AV_MODEL_DIR = Path(__file__).resolve().parent / "av_model"
 TURBO_MODEL_DIR = Path(__file__).resolve().parent / "turbo_model"
+VIDEO_TURBO_MODEL_DIR = Path(__file__).resolve().parent / "video_turbo_model"
 LAYOUT_MODEL_DIR = Path(__file__).resolve().parent / "layout_model"
 GUIDED_MODEL_DIR = Path(__file__).resolve().parent / "guided_model"
 # Models shipped inside the package, addressable by name: (the module global holding its folder, how to train it).
@@ -43,6 +44,8 @@ SHIPPED_MODELS: dict[str, tuple[str, str]] = {
     "shapes-video": ("VIDEO_MODEL_DIR", "omnidit train configs/shapes_video.json, docs/video_model.md"),
     "shapes-av": ("AV_MODEL_DIR", "omnidit train configs/shapes_av.json, docs/av_model.md"),
     "shapes-turbo": ("TURBO_MODEL_DIR", "omnidit distill, docs/distillation.md"),
+    "shapes-video-turbo": ("VIDEO_TURBO_MODEL_DIR", "omnidit distill shapes-video OUT --recipe "
+                                                    "configs/recipes/video_turbo.json, docs/distillation.md"),
     "shapes-layout": ("LAYOUT_MODEL_DIR", "omnidit train configs/layout.json, docs/editing.md#layout-boxes"),
     "shapes-guided": ("GUIDED_MODEL_DIR", "omnidit distill shapes OUT --method guidance, docs/distillation.md"),
 }
@@ -118,8 +121,8 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 
 def resolve_model_dir(path: str | Path) -> Path:
     """A checkpoint folder, a run folder (meaning its latest checkpoint), or a shipped model's name
-    (``SHIPPED_MODELS``: shapes, shapes-video, shapes-av, shapes-turbo, shapes-layout, shapes-guided) where no
-    folder of that name exists."""
+    (``SHIPPED_MODELS``: shapes, shapes-video, shapes-av, shapes-turbo, shapes-video-turbo, shapes-layout,
+    shapes-guided) where no folder of that name exists."""
     if str(path) in SHIPPED_MODELS and not Path(path).exists():
         return shipped_model_dir(str(path))
     path = Path(path)
