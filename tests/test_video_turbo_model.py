@@ -61,3 +61,18 @@ def test_info_and_generate_by_name(tmp_path, capsys):
     code, out, err = run_main(capsys, "generate", "a red circle moving to the right", "--model",
                               "shapes-video-turbo", "-o", tmp_path / "c.mp4", "--no-progress")
     assert code == 0 and (tmp_path / "c.mp4").stat().st_size > 0, err
+
+
+def test_the_recipe_gives_the_shipped_config():
+    """`omnidit distill shapes-video runs/video_turbo --recipe configs/recipes/video_turbo.json` trains the
+    student with the config that ships (its last stage's run folder)."""
+    from pathlib import Path
+
+    from omnidit.checkpoint import read_config, shipped_model_dir
+    from omnidit.distill_train import read_recipe, student_config
+
+    recipe = Path(__file__).parents[1] / "configs/recipes/video_turbo.json"
+    folder, method, teacher, overrides = read_recipe(recipe, "shapes-video", "runs/video_turbo")[-1]
+    assert folder == "runs/video_turbo/progressive"
+    built = student_config(teacher, folder, method, overrides).to_dict()
+    assert built == read_config(shipped_model_dir("shapes-video-turbo")).to_dict()
