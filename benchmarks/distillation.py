@@ -28,10 +28,11 @@ from train_throughput import run_meta, write_report  # noqa: E402
 
 TEACHER_STEPS = (1, 2, 4, 8, 30)
 STUDENT_STEPS = (1, 2, 4)
-SPEED_PROMPTS = {"shapes": ["a red circle above a blue square", "two green triangles", "a yellow diamond",
-                            "a pink square to the left of a cyan circle"] * 4,
-                 "video": ["a red circle moving to the right", "a green triangle moving up slowly",
-                           "a yellow diamond moving down and to the left", "a blue square moving left"] * 4}
+# Per suite: the default teacher and the 16 prompts of the speed comparison.
+SUITES = {"shapes": ("shapes", ["a red circle above a blue square", "two green triangles", "a yellow diamond",
+                                "a pink square to the left of a cyan circle"] * 4),
+          "video": ("shapes-video", ["a red circle moving to the right", "a green triangle moving up slowly",
+                                     "a yellow diamond moving down and to the left", "a blue square moving left"] * 4)}
 
 
 def score(pipe, suite: str, limit: int | None, seed: int, **sampling) -> dict:
@@ -43,7 +44,7 @@ def score(pipe, suite: str, limit: int | None, seed: int, **sampling) -> dict:
 def images_per_second(pipes: dict, suite: str, rounds: int = 3) -> dict[str, float]:
     """Each pipeline at its own defaults on the suite's 16 speed prompts, alternated; best round of each. Images
     per second, or whole clips (the model's frames) per second for the video suite."""
-    prompts = SPEED_PROMPTS[suite]
+    prompts = SUITES[suite][1]
 
     def draw(pipe, batch: list[str]):
         return pipe.generate_video(batch, seed=0) if suite == "video" else pipe.generate(batch, seed=0)
@@ -61,7 +62,7 @@ def images_per_second(pipes: dict, suite: str, rounds: int = 3) -> dict[str, flo
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", choices=sorted(SPEED_PROMPTS), default="shapes", help="shapes (images) or video")
+    p.add_argument("--suite", choices=sorted(SUITES), default="shapes", help="shapes (images) or video")
     p.add_argument("--teacher", default=None, help="default: shapes, or shapes-video for --suite video")
     p.add_argument("--student", action="append", default=[], metavar="NAME=DIR", help="a student folder (repeat)")
     p.add_argument("--limit", type=int, default=None, help="prompts per category (default: the whole suite)")
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-teacher-scores", action="store_true", help="score the students only")
     p.add_argument("--no-speed", action="store_true", help="skip the images/s (clips/s) comparison")
     args = p.parse_args(argv)
-    args.teacher = args.teacher or {"shapes": "shapes", "video": "shapes-video"}[args.suite]
+    args.teacher = args.teacher or SUITES[args.suite][0]
     start = time.perf_counter()
     teacher = load_pipeline(args.teacher, device="cpu")
     students = {name: load_pipeline(path, device="cpu") for name, path in (s.split("=", 1) for s in args.student)}

@@ -46,7 +46,7 @@ class DataConfig:
     # "relation" (reversed), "colours" (the two objects swap colours), "count" (one object fewer)
     counterfactuals: list[str] = field(default_factory=lambda: ["relation"])
     # shapes_video only: the directions a clip's counterfactual partner may move in: "any" other one,
-    # "vertical" (only the up-down part changes: up against down, right against up and to the right) or
+    # "vertical" (only the up-down part changes: up against down, right against up and to the right),
     # "horizontal" (only the left-right part) or "either" (one of the two parts, never both)
     counterfactual_directions: str = "any"
     sample_rate: int = 8000  # audio samples per second (bounce, tones)

@@ -263,8 +263,9 @@ class StepCache:
         index = torch.as_tensor(rows, device=branch.residuals.device)
         newest = branch.residuals[1, index]
         shape = (len(rows),) + (1,) * (newest.dim() - 1)
-        last = newest if self.settings.method != "magcache" else \
-            newest * torch.as_tensor(branch.ratio[rows], dtype=newest.dtype, device=newest.device).view(shape)
+        last = newest
+        if self.settings.method == "magcache":
+            last = newest * torch.as_tensor(branch.ratio[rows], dtype=newest.dtype, device=newest.device).view(shape)
         if self.settings.forecast == "copy":
             return last
         t0, t1 = branch.times[0, rows], branch.times[1, rows]
