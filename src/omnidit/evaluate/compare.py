@@ -16,9 +16,12 @@ from pathlib import Path
 
 from omnidit.errors import OmniditError
 
-# The settings that decide which images a run judges; two reports must agree on all of them to be paired (the
-# held-out pairs decide some prompts; reports written before they were recorded have none, and pair as before).
+# The settings that decide which images a run judges; two reports must agree on all of them to be paired.
 PAIRING_KEYS = ("seed", "limit", "n_per_prompt", "held_out")
+# The held-out pairs decide some prompts; reports written before they were recorded lack the key and pair with
+# any report on trust: only the image counts and categories are checked then, so two such reports of models with
+# other held-out pairs would pair wrongly.
+RECORDED_LATER = ("held_out",)
 
 
 def mcnemar_p(only_a: int, only_b: int) -> float:
@@ -58,6 +61,8 @@ def paired_comparison(a: dict, b: dict) -> PairedComparison:
         raise OmniditError(f"the reports are of different suites ({a['suite']} and {b['suite']})",
                            hint="compare two runs of the same suite")
     for key in PAIRING_KEYS:
+        if key in RECORDED_LATER and not (key in a["settings"] and key in b["settings"]):
+            continue
         left, right = a["settings"].get(key), b["settings"].get(key)
         if left != right:
             raise OmniditError(f"the reports did not judge the same images: {key} {left} and {right}",
