@@ -5,6 +5,7 @@ exact resume after SIGKILL, the CLI's errors)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from omnidit.distill_pairs import PairStore
 from omnidit.flow import interpolate
 from omnidit.model.mmdit import MMDiT, MMDiTConfig
 from omnidit.sampling import timestep_schedule
+from omnidit.selection import SCORE_TIMES
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = 1.5, 0.4  # the "data": N(MEAN, STD^2) in every coordinate
@@ -401,13 +403,22 @@ def test_a_fast_preset_samples_with_the_models_guidance_distilled_twin(digits_te
     assert fast.model_dir == twin and fast.config.model.guidance_embed and quantize.quantizes_activations(fast.model)
     assert (fast.config.sample.candidates, fast.config.sample.steps, fast.config.sample.cache) == (2, 3, "none")
     assert pipe.model_dir == teacher and not pipe.config.model.guidance_embed  # the served pipeline is untouched
+    # The model itself, in int8 too, ranks the twin's candidates: one call per scoring time, none of the twin's.
+    assert not fast.scorer.config.guidance_embed and quantize.quantizes_activations(fast.scorer)
+    assert pipe.scorer is None and not quantize.quantizes_activations(pipe.model)
     direct = load_pipeline(twin, device="cpu")
     quantize.quantize_in_memory(direct.model, "w8a8")
+    ranked = dataclasses.replace(direct, scorer=quantize.quantize_in_memory(load_pipeline(teacher).model, "w8a8"))
     settings = {"steps": 3, "candidates": 2, "cache": "none"}
-    assert torch.equal(fast.generate(["3", "7"], seed=0), direct.generate(["3", "7"], seed=0, **settings))
-    cond, _ = fast.conditions(["3"], guidance=4.0)  # best-of-N scores at the least guided scale it was trained on
-    assert fast.scoring_condition(cond).guidance.tolist() == [fast.config.distill.guidance[0]] == [1.0]
-    assert pipe.scoring_condition(cond) is cond  # a model without a guidance input scores under its condition
+    calls = {"scorer": 0, "twin": 0}
+    fast.scorer.register_forward_hook(lambda *_: calls.__setitem__("scorer", calls["scorer"] + 1))
+    fast.model.register_forward_hook(lambda *_: calls.__setitem__("twin", calls["twin"] + 1))
+    assert torch.equal(fast.generate(["3", "7"], seed=0), ranked.generate(["3", "7"], seed=0, **settings))
+    assert calls == {"scorer": len(SCORE_TIMES), "twin": 3}
+    cond, _ = fast.conditions(["3"], guidance=4.0)
+    assert fast.scoring_condition(cond) is cond  # the model has no guidance input: it scores under the condition
+    # A twin ranking its own candidates scores at the least guided scale it was trained on.
+    assert direct.scoring_condition(cond).guidance.tolist() == [direct.config.distill.guidance[0]] == [1.0]
     with pytest.raises(OmniditError, match="cannot follow a negative prompt"):  # the twin has no unconditional row
         fast.generate(["3"], negative_prompt="7")
     faster = quantize.speed_variant(fast, "faster")  # the twin is already int8: only the settings change

@@ -56,3 +56,4 @@ def test_generate_at_fast_names_the_twin_in_the_png(tmp_path, capsys):
     assert code == 0, err
     info = Image.open(target).info
     assert info["speed"] == "fast" and info["twin"] == str(shipped_model_dir("shapes-guided"))
+    assert info["ranked_by"] == str(shipped_model_dir("shapes"))  # the model itself ranks the twin's candidates

@@ -124,6 +124,24 @@ def test_bf16_stores_bfloat16_and_samples_under_autocast(folders, tiny_run):
     assert (out - ref).abs().mean() < 0.05
 
 
+def test_a_scorer_ranks_best_of_n_at_its_own_precision(tiny_run):
+    import copy
+    import dataclasses
+
+    from omnidit.pipeline import load_pipeline
+    from omnidit.quantize import quantize_in_memory
+    from omnidit.selection import SCORE_TIMES
+
+    pipe = load_pipeline(tiny_run, device="cpu")
+    scorer = quantize_in_memory(copy.deepcopy(pipe.model), "bf16")  # as a fast preset's scorer on a GPU
+    pipe = dataclasses.replace(pipe, scorer=scorer)
+    sampled, scored = [], []
+    pipe.model.single_blocks[0].linear1.register_forward_hook(lambda m, a, out: sampled.append(out.dtype))
+    scorer.single_blocks[0].linear1.register_forward_hook(lambda m, a, out: scored.append(out.dtype))
+    pipe.generate(["a red circle"], seed=1, steps=2, candidates=2, cache="none")
+    assert set(sampled) == {torch.float32} and scored == [torch.bfloat16] * len(SCORE_TIMES)
+
+
 @pytest.mark.parametrize("scheme, rotate", [("w8", False), ("w4", False), ("w4", True)])
 def test_weight_only_folders_store_small_weights_and_sample_close_to_float(tiny_run, tmp_path, scheme, rotate):
     from omnidit.pipeline import load_pipeline

@@ -304,6 +304,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         report = evaluate_model(pipe, suite, n_per_prompt=n_per_prompt, seed=args.seed, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
                                 **sampling_args(args, pipe), **extra)
+        if pipe.scorer is not None:  # a fast preset's twin drew the images and the model itself ranked them
+            report.settings.update(twin=str(pipe.model_dir), ranked_by=str(target))
     if args.lora:
         report.settings["lora"] = args.lora
     if args.speed:

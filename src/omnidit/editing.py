@@ -244,8 +244,10 @@ def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: fl
         if n > 1:
             bank.mode = "off"
             cond = pipe.conditions([target] * (n * batch), guidance=1.0)[0].without_full_mask()
-            x = best_candidates(x, denoising_scores(lambda x, t, c: pipe.model(x, ids, t, c), x,
-                                                    pipe.scoring_condition(cond)), n)
+            ranker = pipe.ranker  # a fast preset's twin edits; the model itself ranks
+            with pipe.precision(ranker):
+                scores = denoising_scores(lambda x, t, c: ranker(x, ids, t, c), x, pipe.scoring_condition(cond))
+            x = best_candidates(x, scores, n)
     result = video_unpatchify(x, frames, h, w, mc.patch_size, mc.temporal_patch).clamp(-1, 1).float().cpu()
     if mask is not None:  # (B, C, T, H, W)
         given = (image if clip else image[:, :, None]).float().cpu().clamp(-1, 1)

@@ -54,10 +54,10 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
                         "(default: the model's sample.candidates)")
     p.add_argument("--speed", default=None, choices=["default", "fast", "faster"],
                    help="one knob for speed: fast = the model's guidance-distilled twin where one is shipped "
-                        "(shapes: shapes-guided, one pass per step) in int8 on a CPU (bf16 "
-                        "compute on a GPU), else the model in int8 with first-block step caching; faster = int8, "
-                        "step caching and one candidate instead of best-of-N; both cost some quality; flags given "
-                        "explicitly win (docs/sampling.md)")
+                        "(shapes: shapes-guided, one pass per step, its candidates ranked by shapes) in int8 on a "
+                        "CPU (bf16 compute on a GPU), else the model in int8 with first-block step caching; "
+                        "faster = int8, step caching and one candidate instead of best-of-N; both cost some "
+                        "quality; flags given explicitly win (docs/sampling.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (regional compilation) before sampling: the first "
                         "call pays for compiling, later steps and calls reuse it (docs/sampling.md)")
@@ -168,6 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 "size": f"{width}x{height}", "num_images": args.num_images,
                 "model": str(Path(args.model).resolve()), "ema": not args.no_ema, "software": "omnidit",
                 **({"twin": str(pipe.model_dir)} if pipe.model_dir != loaded else {}),  # a fast preset's twin drew
+                **({"ranked_by": str(loaded)} if pipe.scorer is not None else {}),  # ...and the model ranked
                 **({"lora": args.lora} if args.lora else {}), **({"speed": args.speed} if args.speed else {}),
                 **box_metadata(boxes)}
     batch = batch_size(args, pipe, 1, width, height, sampling)

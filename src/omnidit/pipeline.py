@@ -110,11 +110,19 @@ class Pipeline:
     device: torch.device = torch.device("cpu")
     codec: object | None = None  # omnidit.codecs.LatentCodec; None means pixels (identity)
     model_dir: Path | None = None  # the folder it was loaded from (its step-cache calibration lives there)
+    # The model that ranks best-of-N candidates (None: the model itself). A fast preset that samples with a model's
+    # guidance-distilled twin keeps the model here: its conditional velocity ranks better than the twin's.
+    scorer: MMDiT | None = None
 
     @property
     def channels(self) -> int:
         """Channels of the images the pipeline returns."""
         return self.config.model.in_channels if self.codec is None or self.codec.downsample == 1 else 3
+
+    @property
+    def ranker(self) -> MMDiT:
+        """The model whose velocity ranks best-of-N candidates: ``scorer``, else the model itself."""
+        return self.model if self.scorer is None else self.scorer
 
     def conditions(self, prompts: list[str], negative_prompt: str = "", guidance: float | None = None
                    ) -> tuple[Condition, Condition]:
@@ -180,11 +188,11 @@ class Pipeline:
 
     def scoring_condition(self, cond: Condition) -> Condition:
         """The condition best-of-N scores candidates under (``selection.denoising_scores``, which measures the
-        conditional flow): ``cond`` itself, except that a model taking the guidance scale as an input (a guidance-
-        distilled student) is read at the least guided scale it was trained on (``distill.guidance``'s low end),
-        the closest it has to the conditional velocity."""
+        conditional flow): ``cond`` itself, except that a ranker (``ranker``) taking the guidance scale as an input
+        (a guidance-distilled student ranking its own candidates) is read at the least guided scale it was trained
+        on (``distill.guidance``'s low end), the closest it has to the conditional velocity."""
         scales = self.config.distill.guidance
-        if cond.guidance is None or not self.model.config.guidance_embed or not scales:
+        if cond.guidance is None or not self.ranker.config.guidance_embed or not scales:
             return cond
         return dataclasses.replace(cond, guidance=torch.full_like(cond.guidance, float(scales[0])))
 
@@ -219,10 +227,10 @@ class Pipeline:
                               settings["cache_forecast"], settings["steps"])
         return using_step_cache(self.model, cache, self.calibration if cache.method != "none" else None)
 
-    def precision(self):
-        """A context manager for the model's compute precision: bfloat16 autocast for a ``bf16`` quantized folder
-        (omnidit.quantize), nothing otherwise."""
-        dtype = getattr(self.model, "autocast_dtype", None)
+    def precision(self, model: MMDiT | None = None):
+        """A context manager for ``model``'s compute precision (default the pipeline's model): bfloat16 autocast for
+        a ``bf16`` quantized folder or preset (omnidit.quantize), nothing otherwise."""
+        dtype = getattr(self.model if model is None else model, "autocast_dtype", None)
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     @property
@@ -404,8 +412,10 @@ class Pipeline:
             x = sample(velocity, noise, steps, sampler, shift, progress=progress, given=mask, given_tokens=tokens,
                        on_step=on_step, given_noised=given_noised)
         if n > 1:  # every token noised alike, given ones too: the score ranks whole results under their prompt
-            scores = denoising_scores(lambda x, t, c: self.model(x, ids, t, c), x,
-                                      self.scoring_condition(cond.without_full_mask()))
+            ranker = self.ranker
+            with self.precision(ranker):
+                scores = denoising_scores(lambda x, t, c: ranker(x, ids, t, c), x,
+                                          self.scoring_condition(cond.without_full_mask()))
             x = best_candidates(x, scores, n)
         latents = video_unpatchify(x, frames, height, width, mc.patch_size, mc.temporal_patch)
         if self.codec is not None:  # an image VAE decodes the one frame; the identity codec takes clips as they are

@@ -28,6 +28,7 @@ run by ``benchmarks/quantize.py``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -410,6 +411,10 @@ def _use_twin(pipe: Pipeline, folder: Path) -> None:
         model.compile_blocks()
     for key in TWIN_KEEPS:
         setattr(config.sample, key, getattr(pipe.config.sample, key))
+    # The model itself ranks the twin's best-of-N candidates, at the preset's precision (int8 on a CPU, bf16
+    # autocast on a GPU): it ranks better (docs/sampling.md). A copy, since the server's presets share the float
+    # model; kept at faster too, where an explicit --candidates may ask for it.
+    pipe.scorer = quantize_in_memory(copy.deepcopy(pipe.model), "w8a8" if pipe.device.type == "cpu" else "bf16")
     pipe.model, pipe.config, pipe.model_dir = model, config, folder
 
 
@@ -429,7 +434,6 @@ def speed_variant(pipe: Pipeline, speed: str) -> Pipeline:
     model only when the preset would quantize it or sample with the model's twin (otherwise the model, like the
     text encoder and codec, is shared, so a preset that only changes settings costs no memory). The server's
     per-request ``speed``."""
-    import copy
     import dataclasses
 
     twin = speed in ("fast", "faster") and fast_twin(pipe) is not None  # apply_speed then loads its own model
