@@ -86,7 +86,8 @@ def torchao_int8(peer: nn.Module) -> nn.Module:
 
 class DiffusersVelocity(nn.Module):
     """The diffusers Flux transformer behind omnidit's ``model(x, ids, t, cond)`` call: x (B, N, token_dim),
-    ids (1, N, axes), t a scalar or (B,), cond with txt (B or 1, L, D), its padding mask and pooled. A sampling
+    ids (1, N, axes), t a scalar or (B,), cond with txt (B or 1, L, D), its padding mask, pooled and, for a
+    guidance-distilled model, the guidance scale (B,). A sampling
     run starts at t = 1, where the cache hook's state is reset (it would otherwise compare with the last run)."""
 
     def __init__(self, peer: nn.Module, config) -> None:
@@ -101,6 +102,8 @@ class DiffusersVelocity(nn.Module):
         if self.peer.is_cache_enabled and float(t.max()) >= 1.0:
             self.peer._reset_stateful_cache()
         extra = {}
+        if cond.guidance is not None and self.config.guidance_embed:  # a guidance-distilled model (Flux dev's input)
+            extra["guidance"] = cond.guidance.reshape(-1).expand(batch) if cond.guidance.numel() == 1 else cond.guidance
         if mask is not None:  # omnidit masks text padding; diffusers takes it as the joint attention mask
             keep = torch.cat([mask, torch.ones(batch, x.shape[1], dtype=torch.bool, device=x.device)], dim=1)
             extra["joint_attention_kwargs"] = {"attention_mask": keep[:, None, None, :]}

@@ -12,14 +12,18 @@ suite's prompts and noise seeds, and both sides' images go the way a foreign sys
 Per row: images/s over the suite (rendering only, best of ``--repeats``; rows alternate sides), the latency of
 one image drawn alone (best of ``--repeats``), the peak resident memory of a fresh process that loads the row's
 model (changed in place, as a user's is) and draws one batch of ``--batch-size`` images, and the suite's score
-on ``--seed`` (0: settings were chosen on seed 1). omnidit's rows include the guidance-distilled twin that
-``--speed fast`` samples with (other weights, distilled from these; at these plain settings ``fast`` is the twin
-at w8a8 and ``faster`` adds first-block caching). Writes a table, ``benchmarks/results/sampling_speed.json``
-and the Pareto plot (score against images/s) ``docs/images/sampling_speed.png``.
+on ``--seed`` (0: settings were chosen on seed 1). A model with a guidance-distilled twin (``--speed fast``'s
+model, distilled from these weights and shipped beside them) gets a second set of rows on the twin's weights,
+for both sides: the twin takes the guidance scale as an input (as FLUX.1-dev does, which the diffusers model
+reads the same way), so a step is one pass instead of guidance's two; at these plain settings ``fast`` is the twin
+at w8a8 and ``faster`` adds first-block caching. "At equal quality" compares the sides on the same weights.
+Writes a table, ``benchmarks/results/sampling_speed.json`` and the Pareto plot (score against images/s)
+``docs/images/sampling_speed.png``.
 
 Example:
     python benchmarks/sampling_speed.py --quick        # 2 prompts per category, one threshold per method
     python benchmarks/sampling_speed.py --limit 8 --repeats 2
+    python benchmarks/sampling_speed.py --limit 16 --weights twin --no-memory --json twin.json --plot twin.png
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from omnidit.convert.flux import omnidit_config_to_flux, omnidit_to_flux
 from omnidit.evaluate.runner import evaluate_folder, write_suite_prompts
 from omnidit.images import to_pil
 from omnidit.pipeline import Pipeline, load_pipeline
-from omnidit.quantize import FAST_TWINS, apply_speed, fast_twin, quantize_in_memory
+from omnidit.quantize import FAST_TWINS, quantize_in_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cache_vs_diffusers import PLAIN, DiffusersVelocity, torchao_int8  # noqa: E402
@@ -48,7 +52,8 @@ from step_cache import calibrated_copy  # noqa: E402
 from train_throughput import _rss_bytes, run_meta, write_report  # noqa: E402
 
 FIRST_BLOCK = {"cache": "first_block", "cache_threshold": 0.12}
-# (row, model variant, Pipeline.generate cache settings, in --quick)
+TAYLOR = {"cache": "interval", "cache_forecast": "taylor"}
+# (row, model variant, Pipeline.generate cache settings, in --quick), on the model's weights
 OURS = [
     ("none", "float", {}, True),
     ("first_block 0.08", "float", {"cache": "first_block", "cache_threshold": 0.08}, False),
@@ -59,17 +64,29 @@ OURS = [
     ("magcache 0.05", "float", {"cache": "magcache", "cache_threshold": 0.05}, True),
     ("magcache 0.1", "float", {"cache": "magcache", "cache_threshold": 0.1}, False),
     ("interval 2", "float", {"cache": "interval"}, False),
-    ("interval 2 + taylor", "float", {"cache": "interval", "cache_forecast": "taylor"}, True),
+    ("interval 2 + taylor", "float", TAYLOR, True),
     ("w8a8", "w8a8", {}, True),
     ("w8a8 + first_block 0.12", "w8a8", FIRST_BLOCK, True),
-    ("w8a8 + interval 2 + taylor", "w8a8", {"cache": "interval", "cache_forecast": "taylor"}, False),
+    ("w8a8 + interval 2 + taylor", "w8a8", TAYLOR, False),
     ("compiled", "compiled", {}, False),
     ("compiled + first_block 0.12", "compiled", FIRST_BLOCK, False),
     ("bf16", "bf16", {}, False),  # only with --bf16: emulated (slow) on CPUs without AVX-512 BF16
-    ("twin at w8a8 (--speed fast)", "twin", {}, True),
-    ("twin at w8a8 + first_block 0.12 (--speed faster)", "twin", FIRST_BLOCK, True),
 ]
-# (row, torchao int8 on the block linears, diffusers cache: None, ("first_block", threshold) or ("taylorseer",))
+# The same on the weights of the model's guidance-distilled twin (--speed fast's), where it has one: both sides
+# then run the twin, one pass per step (the scale is its input), so the comparison is again on the same weights.
+TWIN_PREFIX = "twin: "
+OURS_TWIN = [
+    ("none", "float", {}, True),
+    ("first_block 0.12", "float", FIRST_BLOCK, False),
+    ("interval 2 + taylor", "float", TAYLOR, False),
+    ("w8a8 (--speed fast's model)", "w8a8", {}, True),
+    ("w8a8 + first_block 0.12 (--speed faster's)", "w8a8", FIRST_BLOCK, True),
+    ("w8a8 + interval 2 + taylor", "w8a8", TAYLOR, False),
+    ("w8a8 + first_block 0.2", "w8a8", {"cache": "first_block", "cache_threshold": 0.2}, False),
+    ("w8a8 + interval 3 + taylor", "w8a8", {**TAYLOR, "cache_interval": 3}, False),
+]
+# (row, torchao int8 on the block linears, diffusers cache: None, ("first_block", threshold) or ("taylorseer",)),
+# on either weights
 PEER = [
     ("none", False, None, True),
     ("FirstBlockCache 0.08", False, ("first_block", 0.08), False),
@@ -78,6 +95,8 @@ PEER = [
     ("TaylorSeer", False, ("taylorseer",), True),
     ("torchao int8", True, None, True),
     ("torchao int8 + FirstBlockCache 0.12", True, ("first_block", 0.12), True),
+    ("FirstBlockCache 0.3", False, ("first_block", 0.3), False),
+    ("torchao int8 + FirstBlockCache 0.2", True, ("first_block", 0.2), False),
 ]
 
 
@@ -91,15 +110,12 @@ def peer_cache_config(spec: tuple | None):
     return TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32)
 
 
-def ours_pipeline(base: Pipeline, model_name: str, variant: str, in_place: bool = False) -> Pipeline:
-    """The base pipeline (its calibrated float model) as the row's model variant; shares the text encoder.
-    ``in_place``: change the base's own model (the memory runs, which hold one model as a user would)."""
+def ours_pipeline(base: Pipeline, variant: str, in_place: bool = False) -> Pipeline:
+    """The base pipeline (the model's calibrated float pipeline, or its twin's) as the row's model variant; shares
+    the text encoder. ``in_place``: change the base's own model (the memory runs, which hold one model as a user
+    would)."""
     if variant == "float":
         return base
-    if variant == "twin":
-        twin = load_pipeline(model_name)
-        apply_speed(twin, "fast")  # the twin, at w8a8 on a CPU
-        return twin
     model = base.model if in_place else copy.deepcopy(base.model)
     if variant == "compiled":
         model.compile_blocks()
@@ -163,40 +179,40 @@ def peak_memory(model: str, side: str, name: str, batch_size: int, bf16: bool) -
 
 
 def build_rows(base: Pipeline, args: argparse.Namespace, only: tuple[str, str] | None = None) -> list[Row]:
-    """The run's rows (or only the one named ``only``: (side, name))."""
+    """The run's rows (or only the one named ``only``: (side, name)): the model's weights, then its twin's."""
+    weights = [("", base, OURS)] if args.weights in ("model", "both") else []
+    if args.model in FAST_TWINS and args.weights in ("twin", "both") and (only is None or
+                                                                          only[1].startswith(TWIN_PREFIX)):
+        weights.append((TWIN_PREFIX, load_pipeline(FAST_TWINS[args.model]), OURS_TWIN))
+    wanted = lambda side, name, quick: (only == (side, name)) if only else (quick or not args.quick)  # noqa: E731
     rows = []
-    has_twin = fast_twin(base) is not None or args.model in FAST_TWINS  # base: a calibrated copy, elsewhere
-    for name, variant, sampling, quick in OURS:
-        wanted = (only == ("omnidit", name)) if only else (quick or not args.quick)
-        if (variant == "bf16" and not args.bf16) or (variant == "twin" and not has_twin) or not wanted:
-            continue
-        rows.append(Row("omnidit", name, ours_pipeline(base, args.model, variant, in_place=only is not None),
-                        sampling))
-    peers: dict[bool, tuple] = {}
-    for name, int8, cache, quick in PEER:
-        if not ((only == ("diffusers", name)) if only else (quick or not args.quick)):
-            continue
-        if int8 not in peers:
-            peers[int8] = peer_pipeline(base, int8)
-        pipe, peer = peers[int8]
-        rows.append(Row("diffusers", name, pipe, {}, peer, peer_cache_config(cache)))
+    for prefix, pipe, ours in weights:
+        for name, variant, sampling, quick in ours:
+            if (variant != "bf16" or args.bf16) and wanted("omnidit", prefix + name, quick):
+                rows.append(Row("omnidit", prefix + name, ours_pipeline(pipe, variant, in_place=only is not None),
+                                sampling))
+    for prefix, pipe, _ in weights:
+        peers: dict[bool, tuple] = {}
+        for name, int8, cache, quick in PEER:
+            if not wanted("diffusers", prefix + name, quick):
+                continue
+            if int8 not in peers:
+                peers[int8] = peer_pipeline(pipe, int8)
+            peer_pipe, peer = peers[int8]
+            rows.append(Row("diffusers", prefix + name, peer_pipe, {}, peer, peer_cache_config(cache)))
     return rows
 
 
 def memory_main(args: argparse.Namespace) -> None:
-    """--memory-of SIDE NAME: load that row alone, draw one batch, print the peak resident MiB."""
+    """--memory-of SIDE NAME: load that row alone, draw one batch, print the peak resident MiB. A twin row loads
+    the model first, as --speed fast does, and then its twin."""
     side, name = args.memory_of
     calibrated = any(n == name and s.get("cache") in ("teacache", "magcache") for n, _, s, _ in OURS)
-    twin = any(n == name and v == "twin" for n, v, _, _ in OURS)
     with tempfile.TemporaryDirectory() as tmp:
-        if twin:  # as --speed fast does: the model is loaded and swapped for its twin, nothing else is held
-            (row,) = [Row("omnidit", name, ours_pipeline(None, args.model, "twin"), s)
-                      for n, _, s, _ in OURS if n == name]
-        else:
-            base = calibrated_copy(args.model, Path(tmp) / "model") if side == "omnidit" and calibrated else \
-                load_pipeline(args.model)
-            (row,) = build_rows(base, args, only=(side, name))
-            del base  # the diffusers rows hold only the transformer converted from it
+        base = calibrated_copy(args.model, Path(tmp) / "model") if side == "omnidit" and calibrated else \
+            load_pipeline(args.model)
+        (row,) = build_rows(base, args, only=(side, name))
+        del base  # the diffusers rows hold only the transformer converted from it
         prompts, _, _ = suite_jobs(Path(tmp) / "suite", 1, 0, row.pipe.config.data.held_out)
         with torch.inference_mode():
             row.render((prompts * args.batch_size)[:args.batch_size], list(range(args.batch_size)), args.batch_size)
@@ -223,9 +239,11 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
-    groups = (("omnidit, same weights", "tab:blue", lambda r: r["side"] == "omnidit" and "twin" not in r["job"]),
-              ("omnidit, its guidance-distilled twin", "tab:green", lambda r: "twin" in r["job"]),
-              ("diffusers, same weights", "tab:orange", lambda r: r["side"] == "diffusers"))
+    twin = lambda r: r["job"].startswith(TWIN_PREFIX)  # noqa: E731
+    groups = (("omnidit, the model's weights", "tab:blue", lambda r: r["side"] == "omnidit" and not twin(r)),
+              ("diffusers, the model's weights", "tab:orange", lambda r: r["side"] == "diffusers" and not twin(r)),
+              ("omnidit, its guidance-distilled twin's", "tab:green", lambda r: r["side"] == "omnidit" and twin(r)),
+              ("diffusers, the twin's", "tab:red", lambda r: r["side"] == "diffusers" and twin(r)))
     for label, colour, member in groups:
         mine = sorted((r for r in rows if member(r)), key=lambda r: -r["images_per_s"])
         ax.scatter([r["images_per_s"] for r in mine], [r["overall"] for r in mine], color=colour, label=label, zorder=3)
@@ -234,7 +252,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
             if r["overall"] > best:
                 front.append(r)
                 best = r["overall"]
-        for r in front + [r for r in mine if r["job"] == "none" and r not in front]:  # the table names the rest
+        for r in front + [r for r in mine if r["job"].endswith("none") and r not in front]:  # the table names the rest
             ax.annotate(r["job"], (r["images_per_s"], r["overall"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points", color=colour)
         ax.step([r["images_per_s"] for r in front], [r["overall"] for r in front], where="post", color=colour,
@@ -258,6 +276,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="the suite's noise seed (default 0; settings were chosen "
                                                        "on seed 1)")
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling call (default 16)")
+    p.add_argument("--weights", choices=("model", "twin", "both"), default="both",
+                   help="rows on the model's weights, its twin's or both (default both)")
     p.add_argument("--bf16", action="store_true", help="add the bf16 row (slow where the CPU lacks AVX-512 BF16)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes (a minute or two)")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/sampling_speed.json"))
@@ -289,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = calibrated_copy(args.model, Path(tmp) / "model")  # TeaCache's and MagCache's fit, as omnidit calibrate
         rows = build_rows(base, args)
+        if not rows:
+            raise SystemExit(f"{args.model} has no guidance-distilled twin: use --weights model or both")
         folder = Path(tmp) / "suite"
         prompts, seeds, files = suite_jobs(folder, args.limit, args.seed, base.config.data.held_out)
         ours = [r for r in rows if r.side == "omnidit"]
@@ -318,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     out = []
     for r in rows:
         res = results[r.side, r.name]
-        base_seconds = results[r.side, "none"]["seconds"]
+        prefix = TWIN_PREFIX if r.name.startswith(TWIN_PREFIX) else ""
+        base_seconds = results[r.side, prefix + "none"]["seconds"]  # against the same weights uncached
         memory = None if args.no_memory else peak_memory(args.model, r.side, r.name, args.batch_size, args.bf16)
         out.append({"side": r.side, "job": r.name, "overall": res["overall"], "categories": res["categories"],
                     "seconds": res["seconds"], "images_per_s": count / res["seconds"],
@@ -347,23 +370,25 @@ def plot_title(meta: dict) -> str:
 
 
 def equal_quality(rows: list[dict], tolerance: float) -> dict:
-    """Per side, the fastest row within ``tolerance`` of its side's uncached float score ('omnidit' without the
-    twin, whose weights differ, and 'omnidit with its twin'), and the ratios of their images/s to the peer's."""
+    """Per weights (the model's; its twin's, where it has one) and side, the fastest row within ``tolerance`` of
+    that side's uncached float score on those weights, and the ratio of omnidit's images/s to the peer's."""
     picks, lines = {}, []
-    groups = (("omnidit", lambda r: "twin" not in r["job"]), ("omnidit with its twin", lambda r: True),
-              ("diffusers", lambda r: True))
-    for group, allowed in groups:
-        side = group.split()[0]
-        floor = next(r["overall"] for r in rows if r["side"] == side and r["job"] == "none") - tolerance
-        fine = [r for r in rows if r["side"] == side and allowed(r) and r["overall"] >= floor]
-        picks[group] = max(fine, key=lambda r: r["images_per_s"])
-    theirs = picks["diffusers"]
-    lines.append(f"at equal quality (score >= its side's uncached - {tolerance}): diffusers {theirs['job']} "
-                 f"{theirs['images_per_s']:.2f} images/s, {theirs['overall']:.3f}")
-    for group in ("omnidit", "omnidit with its twin"):
-        r = picks[group]
-        lines.append(f"  {group}: {r['job']} {r['images_per_s']:.2f} images/s, {r['overall']:.3f}: "
-                     f"{r['images_per_s'] / theirs['images_per_s']:.2f}x the peer's images/s")
+    for prefix, weights in (("", "the model's weights"), (TWIN_PREFIX, "the twin's weights")):
+        for side in ("omnidit", "diffusers"):
+            mine = [r for r in rows if r["side"] == side and r["job"].startswith(prefix)
+                    and (prefix or not r["job"].startswith(TWIN_PREFIX))]
+            if not mine:
+                continue
+            floor = next(r["overall"] for r in mine if r["job"] == prefix + "none") - tolerance
+            picks[f"{side}, {weights}"] = max((r for r in mine if r["overall"] >= floor),
+                                              key=lambda r: r["images_per_s"])
+        if f"omnidit, {weights}" not in picks:
+            continue
+        ours, theirs = picks[f"omnidit, {weights}"], picks[f"diffusers, {weights}"]
+        lines.append(f"{weights}, at equal quality (score >= the side's uncached - {tolerance}): omnidit {ours['job']} "
+                     f"{ours['images_per_s']:.2f} images/s ({ours['overall']:.3f}), diffusers {theirs['job']} "
+                     f"{theirs['images_per_s']:.2f} ({theirs['overall']:.3f}): "
+                     f"{ours['images_per_s'] / theirs['images_per_s']:.2f}x")
     return {"picks": {g: r["job"] for g, r in picks.items()}, "lines": lines}
 
 
