@@ -178,6 +178,11 @@ def peak_memory(model: str, side: str, name: str, batch_size: int, bf16: bool) -
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def weights_prefix(job: str) -> str:
+    """Which weights a row ran: TWIN_PREFIX for the twin's, "" for the model's."""
+    return TWIN_PREFIX if job.startswith(TWIN_PREFIX) else ""
+
+
 def build_rows(base: Pipeline, args: argparse.Namespace, only: tuple[str, str] | None = None) -> list[Row]:
     """The run's rows (or only the one named ``only``: (side, name)): the model's weights, then its twin's."""
     weights = [("", base, OURS)] if args.weights in ("model", "both") else []
@@ -239,7 +244,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
-    twin = lambda r: r["job"].startswith(TWIN_PREFIX)  # noqa: E731
+    twin = lambda r: weights_prefix(r["job"]) == TWIN_PREFIX  # noqa: E731
     groups = (("omnidit, the model's weights", "tab:blue", lambda r: r["side"] == "omnidit" and not twin(r)),
               ("diffusers, the model's weights", "tab:orange", lambda r: r["side"] == "diffusers" and not twin(r)),
               ("omnidit, its guidance-distilled twin's", "tab:green", lambda r: r["side"] == "omnidit" and twin(r)),
@@ -340,8 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     out = []
     for r in rows:
         res = results[r.side, r.name]
-        prefix = TWIN_PREFIX if r.name.startswith(TWIN_PREFIX) else ""
-        base_seconds = results[r.side, prefix + "none"]["seconds"]  # against the same weights uncached
+        base_seconds = results[r.side, weights_prefix(r.name) + "none"]["seconds"]  # the same weights uncached
         memory = None if args.no_memory else peak_memory(args.model, r.side, r.name, args.batch_size, args.bf16)
         out.append({"side": r.side, "job": r.name, "overall": res["overall"], "categories": res["categories"],
                     "seconds": res["seconds"], "images_per_s": count / res["seconds"],
@@ -375,8 +379,7 @@ def equal_quality(rows: list[dict], tolerance: float) -> dict:
     picks, lines = {}, []
     for prefix, weights in (("", "the model's weights"), (TWIN_PREFIX, "the twin's weights")):
         for side in ("omnidit", "diffusers"):
-            mine = [r for r in rows if r["side"] == side and r["job"].startswith(prefix)
-                    and (prefix or not r["job"].startswith(TWIN_PREFIX))]
+            mine = [r for r in rows if r["side"] == side and weights_prefix(r["job"]) == prefix]
             if not mine:
                 continue
             floor = next(r["overall"] for r in mine if r["job"] == prefix + "none") - tolerance

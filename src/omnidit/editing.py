@@ -37,7 +37,7 @@ from omnidit.sampling import (
     midpoint,
     timestep_schedule,
 )
-from omnidit.selection import best_candidates, candidate_seeds, denoising_scores
+from omnidit.selection import best_candidates, candidate_seeds
 from omnidit.tokens import video_patchify, video_position_ids, video_unpatchify
 from omnidit.validate import check_memory
 
@@ -244,10 +244,7 @@ def edit(pipe, image: Tensor, source: str, target: str, steps: int = 30, cfg: fl
         if n > 1:
             bank.mode = "off"
             cond = pipe.conditions([target] * (n * batch), guidance=1.0)[0].without_full_mask()
-            ranker = pipe.ranker  # a fast preset's twin edits; the model itself ranks
-            with pipe.precision(ranker):
-                scores = denoising_scores(lambda x, t, c: ranker(x, ids, t, c), x, pipe.scoring_condition(cond))
-            x = best_candidates(x, scores, n)
+            x = best_candidates(x, pipe.candidate_scores(x, ids, cond), n)
     result = video_unpatchify(x, frames, h, w, mc.patch_size, mc.temporal_patch).clamp(-1, 1).float().cpu()
     if mask is not None:  # (B, C, T, H, W)
         given = (image if clip else image[:, :, None]).float().cpu().clamp(-1, 1)

@@ -227,6 +227,13 @@ class Pipeline:
                               settings["cache_forecast"], settings["steps"])
         return using_step_cache(self.model, cache, self.calibration if cache.method != "none" else None)
 
+    def candidate_scores(self, x: Tensor, ids: Tensor, cond: Condition) -> Tensor:
+        """(B,) best-of-N scores of clean tokens x (B, N, D) at position ids under cond (lower is better): the
+        ranker's denoising score (``selection.denoising_scores``) at its own precision."""
+        ranker = self.ranker
+        with self.precision(ranker):
+            return denoising_scores(lambda x, t, c: ranker(x, ids, t, c), x, self.scoring_condition(cond))
+
     def precision(self, model: MMDiT | None = None):
         """A context manager for ``model``'s compute precision (default the pipeline's model): bfloat16 autocast for
         a ``bf16`` quantized folder or preset (omnidit.quantize), nothing otherwise."""
@@ -412,11 +419,7 @@ class Pipeline:
             x = sample(velocity, noise, steps, sampler, shift, progress=progress, given=mask, given_tokens=tokens,
                        on_step=on_step, given_noised=given_noised)
         if n > 1:  # every token noised alike, given ones too: the score ranks whole results under their prompt
-            ranker = self.ranker
-            with self.precision(ranker):
-                scores = denoising_scores(lambda x, t, c: ranker(x, ids, t, c), x,
-                                          self.scoring_condition(cond.without_full_mask()))
-            x = best_candidates(x, scores, n)
+            x = best_candidates(x, self.candidate_scores(x, ids, cond.without_full_mask()), n)
         latents = video_unpatchify(x, frames, height, width, mc.patch_size, mc.temporal_patch)
         if self.codec is not None:  # an image VAE decodes the one frame; the identity codec takes clips as they are
             latents = self.codec.decode(latents[:, :, 0])[:, :, None] if factor != 1 else self.codec.decode(latents)
