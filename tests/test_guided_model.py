@@ -41,7 +41,14 @@ def test_the_fast_presets_of_shapes_sample_with_it():
     apply_speed(pipe, "fast")
     assert pipe.model_dir == shipped_model_dir("shapes-guided") and pipe.model.config.guidance_embed
     assert quantizes_activations(pipe.model) and pipe.config.sample.candidates == candidates
-    assert pipe.config.sample.cache == "none" and not pipe.config.sample.skip_scale  # best of N, one pass a step
+    sample = pipe.config.sample
+    assert not sample.skip_scale  # best of N, one pass a step
+    assert (sample.cache, sample.cache_threshold, sample.cache_forecast) == ("first_block", 0.2, "taylor")
+    cache = lambda **kw: {k: v for k, v in pipe.sampling_settings(**kw).items() if k.startswith("cache")}  # noqa: E731
+    assert cache()["cache_threshold"] == cache(cache="first_block")["cache_threshold"] == 0.2
+    # Another method asked for explicitly takes its own defaults, not the preset's threshold and forecast.
+    assert (cache(cache="magcache")["cache_threshold"], cache(cache="magcache")["cache_forecast"]) == (0.05, "copy")
+    assert cache(cache="teacache", cache_threshold=0.3)["cache_threshold"] == 0.3
     image = pipe.generate(["a red circle"], seed=0, steps=2)
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
 

@@ -7,6 +7,7 @@ import torch
 from helpers import build, random_condition, tiny_config
 
 from omnidit.errors import OmniditError
+from omnidit.model.layers import Linear, gelu_tanh
 from omnidit.model.math import apply_rope, rope_frequencies, rope_rotations, timestep_embedding
 from omnidit.model.mmdit import PRESETS, MMDiT, MMDiTConfig
 from omnidit.tokens import image_position_ids, patchify, unpatchify
@@ -178,6 +179,55 @@ def test_apply_rope_matches_the_real_valued_rotation_formula():
     torch.testing.assert_close(apply_rope(x, rot), expected.flatten(-2), rtol=1e-6, atol=1e-6)
     half = apply_rope(x.to(torch.bfloat16), rot)
     assert half.dtype == torch.bfloat16 and (half.float() - expected.flatten(-2)).abs().max() < 0.05
+
+
+def test_gelu_tanh_at_inference_is_torchs_tanh_gelu_to_float32_rounding():
+    """The sigmoid form (inference, float32) against torch's kernel in float64, on a strided view as the single
+    block passes it; under autograd, and in bfloat16, it is torch's kernel itself. The input is never changed."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 6, 40, generator=g) * 4)[..., 8:]  # a column slice, as the single block's MLP half
+    before = x.clone()
+    exact = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    with torch.inference_mode():
+        fast = gelu_tanh(x)
+    torch.testing.assert_close(fast.double(), exact, rtol=2e-6, atol=2e-6)
+    assert torch.equal(x, before)
+    leaf = x.clone().requires_grad_()
+    out = gelu_tanh(leaf)
+    assert torch.equal(out, torch.nn.functional.gelu(leaf, approximate="tanh")) and out.grad_fn is not None
+    half = x.to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(gelu_tanh(half), torch.nn.functional.gelu(half, approximate="tanh"))
+
+
+def test_a_linear_rows_outputs_do_not_depend_on_how_many_rows_share_the_call():
+    """At inference every row count gives each row the bits of a large product (small products take other BLAS
+    kernels on x86, which round differently), so a sample's modulation or an image is the same alone or batched."""
+    g = torch.Generator().manual_seed(0)
+    layer = Linear(48, 96)
+    x = torch.randn(40, 48, generator=g)
+    with torch.inference_mode():
+        reference = layer(x)
+        for rows in range(1, 40):
+            assert torch.equal(layer(x[:rows]), reference[:rows]), rows
+        assert torch.equal(layer(x[:6].reshape(2, 3, 48)), reference[:6].reshape(2, 3, 96))
+    assert torch.allclose(layer(x[:3]), reference[:3], atol=1e-5)  # under autograd: F.linear itself
+
+
+def test_an_image_is_bit_identical_alone_or_in_a_batch_of_other_prompts(tiny_run):
+    """Prompts of one token length: bit for bit. Longer prompts in the batch pad a short one's text with masked
+    keys, which the attention kernel's blocks sum in another order: then within float32 rounding."""
+    from omnidit.pipeline import load_pipeline
+
+    pipe = load_pipeline(tiny_run, device="cpu")
+    settings = {"steps": 3, "cfg": 3.0, "candidates": 2}
+    with torch.inference_mode():
+        for prompts, exact in ((["a red circle", "a blue square", "a green circle"], True),
+                               (["a red circle", "two blue squares above a green triangle", "x"], False)):
+            batch = pipe.generate(prompts, seed=[4, 5, 6], **settings)
+            for i, prompt in enumerate(prompts):
+                alone = pipe.generate([prompt], seed=[4 + i], **settings)[0]
+                assert torch.equal(alone, batch[i]) if exact else torch.allclose(alone, batch[i], atol=1e-5)
 
 
 def test_timestep_embedding_scale_and_layout():

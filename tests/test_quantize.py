@@ -12,8 +12,11 @@ from test_cli import assert_one_line_error, run_main
 from omnidit.checkpoint import SHIPPED_MODELS
 from omnidit.errors import OmniditError
 from omnidit.quantize import (
+    FP8_MAX,
+    Fp8Linear,
     SmoothedLinear,
     WeightOnlyLinear,
+    fp8_per_row,
     hadamard,
     int4_per_group,
     int8_linear,
@@ -32,6 +35,57 @@ def test_int8_rows_round_trip_within_half_a_step():
     values, scale = int8_per_row(w)
     assert values.dtype == torch.int8 and (values.abs().amax(dim=1) == 127).all()
     assert ((values.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+
+
+def test_fp8_rows_round_trip_within_e4m3_rounding():
+    """e4m3 has 3 mantissa bits: a value in a row's normal range comes back within 1/16 of itself; each row's
+    largest |w| maps to 448 exactly."""
+    w = torch.randn(16, 40, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 3, 16)[:, None]
+    values, scale = fp8_per_row(w)
+    assert values.dtype == torch.float8_e4m3fn and (values.float().abs().amax(dim=1) == FP8_MAX).all()
+    restored = values.float() * scale[:, None]
+    normal = w.abs() >= 2 ** -6 * scale[:, None]  # e4m3's smallest normal, in the row's scale
+    assert ((restored - w).abs() <= w.abs() / 16 + 1e-12)[normal].all()
+    assert ((restored - w).abs() <= 2 ** -10 * scale[:, None])[~normal].all()  # subnormal steps: half of 2^-9
+
+
+def test_an_fp8_linear_multiplies_the_stored_e4m3_values_and_stays_close_to_float():
+    """Fp8Linear's output is exactly the product of the e4m3 input and weight values with their scales (the fp8
+    kernel's arithmetic, checked against the same product in float64), within 4 % of the float32 layer's."""
+    g = torch.Generator().manual_seed(4)
+    w, b, x = torch.randn(48, 64, generator=g) * 0.1, torch.randn(48, generator=g), torch.randn(2, 5, 64, generator=g)
+    layer = Fp8Linear(*fp8_per_row(w), b)
+    out = layer(x)
+    assert out.shape == (2, 5, 48) and out.dtype == torch.float32
+    rows = x.reshape(-1, 64)
+    x_scale = rows.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    x8 = (rows / x_scale).to(torch.float8_e4m3fn).double() * x_scale.double()
+    expected = (x8 @ (layer.values.double() * layer.scale.double()[:, None]).T + b.double()).reshape(2, 5, 48)
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5)
+    exact = x @ w.T + b
+    assert 0 < float((out - exact).norm() / exact.norm()) < 0.04
+    assert torch.allclose(layer.weight, layer.values.float() * layer.scale[:, None])
+    assert layer(torch.zeros(2, 0, 64)).shape == (2, 0, 48)  # no tokens
+
+
+def test_fp8_loads_only_where_it_can_compute(monkeypatch):
+    """A GPU below compute capability 8.9 (or none) and layer sizes that are not multiples of 16 are one-line errors
+    (checked with a patched capability: no GPU here); a CPU computes fp8 with torch's own kernel."""
+    from helpers import build, tiny_config
+
+    from omnidit.quantize import check_fp8_device
+
+    model = build(tiny_config())  # every block linear a multiple of 16
+    check_fp8_device(model, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(OmniditError, match="compute capability 8.9"):
+        check_fp8_device(model, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_device(model, torch.device("cuda"))
+    odd = build(tiny_config(hidden_size=40, axes_dim=(4, 8, 8)))  # 40 inputs, 120 QKV outputs: not multiples of 16
+    with pytest.raises(OmniditError, match="multiples of 16"):
+        check_fp8_device(odd, torch.device("cuda"))
 
 
 def test_int4_groups_pack_two_per_byte_and_round_trip_within_half_a_step():
@@ -124,6 +178,27 @@ def test_bf16_stores_bfloat16_and_samples_under_autocast(folders, tiny_run):
     assert (out - ref).abs().mean() < 0.05
 
 
+def test_an_fp8_folder_stores_e4m3_weights_and_samples_close_to_float(tiny_run, tmp_path):
+    from omnidit.checkpoint import read_config
+    from omnidit.pipeline import load_pipeline
+
+    out = quantize_folder(tiny_run, tmp_path / "fp8", "fp8")
+    stored = load_file(str(out / "model.safetensors"))
+    assert stored["single_blocks.0.linear1.weight"].dtype == torch.float8_e4m3fn
+    assert stored["single_blocks.0.mod.lin.weight"].dtype == torch.float32  # per-sample modulation stays float
+    pipe = load_pipeline(out, device="cpu")
+    layer = pipe.model.double_blocks[0].streams["img"].qkv
+    assert isinstance(layer, Fp8Linear) and torch.equal(layer.values, stored["double_blocks.0.streams.img.qkv.weight"])
+    prompts = ["a red circle", "two blue squares"]
+    ref = load_pipeline(tiny_run, device="cpu").generate(prompts, seed=[1, 2])
+    alone = pipe.generate(prompts[1:], seed=[2])
+    got = pipe.generate(prompts, seed=[1, 2])
+    assert 0 < (got - ref).abs().mean() < 0.05
+    assert torch.allclose(got[1:], alone, atol=1e-5)  # per-token scales: an image does not depend on its batch
+    with pytest.raises(OmniditError, match="fp8 needs a GPU with fp8 tensor cores"):
+        load_quantized(out, read_config(out), "fp8", torch.device("meta"))
+
+
 def test_a_scorer_ranks_best_of_n_at_its_own_precision(tiny_run):
     import copy
     import dataclasses
@@ -163,7 +238,12 @@ def test_weight_only_folders_store_small_weights_and_sample_close_to_float(tiny_
     assert 0 < (got - ref).abs().mean() < (0.05 if scheme == "w8" else 0.15)
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w8", "w4"])
+def wide_float(t: torch.Tensor) -> bool:
+    """A float tensor of 16 bits or more: fp8's stored values are float too, but they are the quantized weights."""
+    return t.is_floating_point() and t.element_size() >= 2
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "fp8", "w8", "w4"])
 def test_loading_a_quantized_folder_never_makes_a_float_copy_of_its_quantized_weights(tiny_run, tmp_path, scheme):
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -175,7 +255,7 @@ def test_loading_a_quantized_folder_never_makes_a_float_copy_of_its_quantized_we
     stored = load_file(str(out / "model.safetensors"))
     quantized = {tuple(v.shape) for k, v in load_model(tiny_run)[0].state_dict().items()
                  if f"{k}_scale" in stored}  # (out, in) of every weight the folder holds quantized
-    quantized -= {tuple(v.shape) for v in stored.values() if v.is_floating_point()}  # shapes no float entry shares
+    quantized -= {tuple(v.shape) for v in stored.values() if wide_float(v)}  # shapes no float entry shares
     assert quantized
 
     class FloatShapes(TorchDispatchMode):  # the shape of every float tensor an operation makes on a real device
@@ -184,7 +264,7 @@ def test_loading_a_quantized_folder_never_makes_a_float_copy_of_its_quantized_we
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             result = func(*args, **(kwargs or {}))
             for t in result if isinstance(result, (tuple, list)) else (result,):
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
+                if isinstance(t, torch.Tensor) and wide_float(t) and t.device.type != "meta":
                     FloatShapes.seen.add(tuple(t.shape))
             return result
 

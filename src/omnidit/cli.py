@@ -215,17 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_calibrate_parser(sub)
     add_distill_parser(sub)
-    p = sub.add_parser("quantize", help="write a quantized copy of a model (int8, int4 or bf16) that loads directly",
+    p = sub.add_parser("quantize",
+                       help="write a quantized copy of a model (int8, int4, fp8 or bf16) that loads directly",
                        description="Write MODEL as a quantized model folder at OUT (safetensors and JSON): w8a8 runs "
                                    "the transformer blocks' linear layers as dynamic int8 on x86 CPUs; bf16 stores "
-                                   "bfloat16 weights and samples under bfloat16 autocast; w8 and w4 keep those "
-                                   "weights int8 per row or int4 per group for memory, on any device, and "
-                                   "dequantize them at each call. generate, eval, serve and load_pipeline read OUT "
+                                   "bfloat16 weights and samples under bfloat16 autocast; fp8 runs those linear layers "
+                                   "in float8 e4m3 (fp8 tensor cores on GPUs; torch's slower kernel on CPUs); w8 and "
+                                   "w4 keep those weights int8 per row or int4 per group for memory, on any device, "
+                                   "and dequantize them at each call. generate, eval, serve and load_pipeline read OUT "
                                    "like any model. Speed and quality against float32: benchmarks/quantize.py.")
     p.add_argument("model", help="a shipped model's name, a checkpoint or run folder")
     p.add_argument("out", help="the folder to write (must not exist)")
-    p.add_argument("--scheme", required=True, choices=["w8a8", "bf16", "w8", "w4"],
-                   help="w8a8 (CPU int8 compute), bf16, w8 (int8 weights only) or w4 (int4 weights only)")
+    p.add_argument("--scheme", required=True, choices=["w8a8", "bf16", "fp8", "w8", "w4"],
+                   help="w8a8 (CPU int8 compute), bf16, fp8 (float8 compute: GPUs of compute capability 8.9+; "
+                        "runs, slower, on CPUs), w8 (int8 weights only) or w4 (int4 weights only)")
     p.add_argument("--group-size", type=int, default=None,
                    help="w4: inputs sharing one scale, a power of 2 dividing every layer's inputs; also the block "
                         "of --rotate (default: 64)")

@@ -212,10 +212,13 @@ class Pipeline:
         from omnidit.step_cache import CacheSettings
 
         s = self.config.sample
-        cache = CacheSettings(s.cache if method is None else method,  # the config's threshold 0: the default
-                              (s.cache_threshold or None) if threshold is None else threshold,
+        # The config's threshold and forecast were set for its own method (a preset's, a model's): another method
+        # asked for explicitly takes its own defaults. The config's threshold 0 means the method's default.
+        own = method is None or method == s.cache
+        cache = CacheSettings(s.cache if method is None else method,
+                              ((s.cache_threshold or None) if own else None) if threshold is None else threshold,
                               s.cache_interval if interval is None else interval,
-                              s.cache_forecast if forecast is None else forecast, steps)
+                              (s.cache_forecast if own else "copy") if forecast is None else forecast, steps)
         return {"cache": cache.method, "cache_threshold": cache.threshold, "cache_forecast": cache.forecast,
                 "cache_interval": cache.interval}
 

@@ -11,6 +11,11 @@ Schemes (``omnidit quantize MODEL OUT --scheme ...``):
   by s at each call: channels whose activations are outliers no longer set the scale of every activation.
 - ``bf16``: every weight stored in bfloat16 and sampling run under bfloat16 autocast (AVX-512 BF16 / AMX on CPUs,
   tensor cores on GPUs); half the file.
+- ``fp8``: the blocks' per-token linears (as w8a8's) run in float8 e4m3: weights stored per output row with a
+  float32 scale (largest |w| of the row to 448, e4m3's largest value), activations scaled per token at each call,
+  the product by ``torch._scaled_mm`` (fp8 tensor cores on GPUs of compute capability 8.9 and up: Ada, Hopper;
+  torch's CPU kernel elsewhere, which computes the same fp8 products without fp8 hardware and is slower than
+  float32: for checking a folder before a GPU runs it, not for speed).
 - ``w8`` / ``w4``: weight-only, for memory on any device: all the blocks' linear weights (modulation layers
   included) stay int8 per output row (``w8``) or int4 per group of ``group_size`` inputs with a float32 scale
   per group (``w4``, two values packed per byte), and each call dequantizes them into the compute dtype, so a
@@ -40,12 +45,13 @@ import torch
 from torch import Tensor, nn
 
 from omnidit.errors import OmniditError
+from omnidit.model.layers import linear
 
 if TYPE_CHECKING:
     from omnidit.config import Config
     from omnidit.pipeline import Pipeline
 
-SCHEMES = ("w8a8", "bf16", "w8", "w4")
+SCHEMES = ("w8a8", "bf16", "fp8", "w8", "w4")
 WEIGHT_ONLY = ("w8", "w4")
 QUANTIZATION_FILE = "quantization.json"
 # The blocks' per-token linears hold nearly all FLOPs; the modulation layers (mod.lin) act once per sample, not
@@ -60,10 +66,25 @@ def _block_linears(model: nn.Module, modulation: bool = False) -> dict[str, nn.L
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)}
 
 
+def row_scales(rows: Tensor, top: float) -> Tensor:
+    """float32 scales (N, 1) that map each row's largest |value| of ``rows`` (N, K) to ``top``."""
+    return rows.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
+
+
 def int8_per_row(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 per output row: (int8 values like weight, float32 scales (out,)); weight ~= values * scale."""
-    scale = weight.float().abs().amax(dim=1).clamp_min(1e-12) / 127
-    return torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    scale = row_scales(weight, 127)
+    return torch.round(weight.float() / scale).clamp(-127, 127).to(torch.int8), scale[:, 0]
+
+
+FP8_MAX = 448.0  # float8 e4m3fn's largest finite value
+
+
+def fp8_per_row(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Float8 e4m3 per output row: (float8_e4m3fn values like weight, float32 scales (out,)); weight ~= values *
+    scale, each row's largest |w| stored as 448."""
+    scale = row_scales(weight, FP8_MAX)
+    return (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale[:, 0]
 
 
 def int4_per_group(weight: Tensor, group: int) -> tuple[Tensor, Tensor]:
@@ -134,7 +155,62 @@ class WeightOnlyLinear(nn.Module):
         if self.rotate:
             x = rotate_groups(x, self.group, self.rotation)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, self.dequantized().to(x.dtype), bias)
+        return linear(x, self.dequantized().to(x.dtype), bias)  # rows independent of their batch, as nn.Linear's
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer computed in float8 e4m3: the weight (out, in) stored as ``fp8_per_row`` values and scales,
+    each call's input scaled per token to e4m3 and multiplied by ``torch._scaled_mm`` with both scales applied to
+    its float32 accumulators. x: (..., in) -> (..., out) in x's dtype. On CUDA the product comes out in bfloat16
+    (what ``_scaled_mm``'s per-row scaling gives there) and is cast back."""
+
+    def __init__(self, values: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = values.shape[1], values.shape[0]
+        self.register_buffer("values", values)
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective float32 weight (out, in)."""
+        return self.values.float() * self.scale[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        if not len(rows):  # no tokens: nothing to multiply (the kernel refuses an empty scale)
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        x_scale = row_scales(rows, FP8_MAX)  # (M, 1): one scale per token, so a row does not depend on its batch
+        x8 = (rows / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        out_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
+        out = torch._scaled_mm(x8, self.values.t(), scale_a=x_scale, scale_b=self.scale[None, :],
+                               out_dtype=out_dtype).float()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def check_fp8_device(model: nn.Module, device: torch.device) -> None:
+    """One-line errors for an fp8 folder on a device that cannot compute it: a GPU below compute capability 8.9,
+    or layers whose sizes its fp8 kernels cannot take (multiples of 16)."""
+    if device.type == "cpu":
+        try:  # torch releases before CPU fp8 matmuls raise here
+            probe = torch.ones(16, 16).to(torch.float8_e4m3fn)
+            torch._scaled_mm(probe, probe.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16),
+                             out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError, AttributeError) as error:
+            raise OmniditError(f"this torch ({torch.__version__}) cannot compute fp8 on a CPU: {error}".split("\n")[0],
+                               hint="install a newer torch, or use --scheme w8a8 on a CPU") from None
+        return
+    capable = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+    if not capable:
+        raise OmniditError(f"fp8 needs a GPU with fp8 tensor cores (compute capability 8.9+: Ada, Hopper) or a CPU, "
+                           f"not {device}", hint="use --scheme bf16 on this device")
+    bad = [n for n, m in _block_linears(model).items() if m.in_features % 16 or m.out_features % 16]
+    if bad:
+        raise OmniditError(f"fp8 on a GPU needs layer sizes that are multiples of 16; {bad[0]} is "
+                           f"{model.get_submodule(bad[0]).in_features} -> {model.get_submodule(bad[0]).out_features}",
+                           hint="use --scheme bf16 for this model")
 
 
 def weight_only(weight: Tensor, scheme: str, group: int, rotate: bool) -> tuple[Tensor, Tensor]:
@@ -240,7 +316,8 @@ def quantize_folder(src: str | Path, dst: str | Path, scheme: str, use_ema: bool
                 state[f"{name}.smooth"] = smoothing_factors(maxima[name], weight, smooth)
                 weight = weight.float() * state[f"{name}.smooth"]
             state[f"{name}.weight"], state[f"{name}.weight_scale"] = (
-                int8_per_row(weight) if scheme == "w8a8" else weight_only(weight, scheme, group, rotate))
+                int8_per_row(weight) if scheme == "w8a8" else fp8_per_row(weight) if scheme == "fp8"
+                else weight_only(weight, scheme, group, rotate))
     out = save_checkpoint(dst, config, state)
     provenance = training_provenance(directory)
     (out / PROVENANCE_FILE).write_text(json.dumps({**provenance, "quantized": scheme}, indent=2) + "\n")
@@ -276,7 +353,7 @@ def read_quantization(directory: Path) -> dict | None:
 def load_quantized(directory: Path, config, scheme: str, device: torch.device) -> nn.Module:
     """The model of a quantized folder, ready to sample (eval mode, no grad). The model is built on the meta
     device and each layer takes the file's tensors as they are, so no float copy of the quantized weights is ever
-    made: w8a8, w8 and w4 load in about the file's size of memory (a float32 build first would need four to eight
+    made: w8a8, fp8, w8 and w4 load in about the file's size of memory (a float32 build first would need four to eight
     times); bf16 computes with float32 weights under autocast, so it needs twice its file."""
     from omnidit.checkpoint import check_state_matches, read_safetensors
     from omnidit.model import MMDiT
@@ -291,6 +368,8 @@ def load_quantized(directory: Path, config, scheme: str, device: torch.device) -
             add_layout_adapter(model, config.train.layout_boxes)
     if scheme == "w8a8" and torch.device(device).type != "cpu":
         raise OmniditError("w8a8 runs on CPUs (torch's x86 int8 kernels)", hint="use --scheme bf16 on a GPU")
+    if scheme == "fp8":
+        check_fp8_device(model, torch.device(device))
     linears = {} if scheme == "bf16" else _block_linears(model, modulation=scheme in WEIGHT_ONLY)
     about = read_quantization(directory)
     for name, meta in linears.items():
@@ -304,6 +383,8 @@ def load_quantized(directory: Path, config, scheme: str, device: torch.device) -
         if scheme == "w8a8":
             layer = int8_linear(values, scale, bias)
             layer = layer if smooth is None else SmoothedLinear(layer, smooth)
+        elif scheme == "fp8":
+            layer = Fp8Linear(values, scale, bias)
         else:
             layer = WeightOnlyLinear(values, scale, bias, 4 if scheme == "w4" else 8, about.get("group_size"),
                                      bool(about.get("rotate")))
@@ -344,7 +425,8 @@ def _swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantizes_activations(model: nn.Module) -> bool:
     """Whether ``model`` has int8 layers that quantize their input (w8a8): torch's dynamic int8 Linear takes one
-    activation scale for the whole input, so an output then depends slightly on what else is in its batch."""
+    activation scale for the whole input, so an output then depends slightly on what else is in its batch (fp8's
+    ``Fp8Linear`` scales each token on its own, so it is not counted)."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
     return any(isinstance(m, DynamicInt8Linear) for m in model.modules())
@@ -366,6 +448,7 @@ def int8_linear(values: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module
 # ---- the --speed presets --------------------------------------------------------------------------------------
 
 SPEEDS = ("default", "fast", "faster")
+FAST_GUIDED_CACHE_THRESHOLD = 0.2  # first_block with the taylor forecast, for a guidance-distilled model at fast
 # Shipped models whose fast presets sample with a guidance-distilled twin (shipped too; omnidit distill --method
 # guidance): one pass per step where the model's guidance costs up to three, at the model's quality.
 FAST_TWINS = {"shapes": "shapes-guided"}
@@ -456,8 +539,9 @@ def speed_quantizes(pipe: Pipeline) -> bool:
 def apply_speed(pipe, speed: str | None) -> None:
     """``--speed``: make ``pipe`` faster in place. ``fast``: the model's guidance-distilled twin where it has one
     (``fast_twin``: one pass per step instead of guidance's three) with int8 linears on a CPU (bf16 compute on a
-    GPU); a model without a twin gets int8 linears and, unless it is guidance-distilled itself, first-block step
-    caching as its default. ``faster``: int8, step caching and one candidate instead of best-of-N. Both cost some
+    GPU) and first-block step caching at 0.2 that forecasts skipped steps (TaylorSeer), as for any
+    guidance-distilled model; a model without a twin gets int8 linears and first-block caching at its default
+    threshold. ``faster``: int8, step caching and one candidate instead of best-of-N. Both cost some
     quality (measured in docs/sampling.md). The preset changes the pipeline's ``sample`` defaults, so settings
     passed explicitly still win."""
     if speed in (None, "default"):
@@ -470,9 +554,12 @@ def apply_speed(pipe, speed: str | None) -> None:
     if speed_quantizes(pipe):
         quantize_in_memory(pipe.model, "w8a8" if pipe.device.type == "cpu" else "bf16")
     sample = pipe.config.sample
-    # A guidance-distilled model (a twin) at fast stays uncached: caching cost it quality (0.915 against 0.933
-    # uncached on the validation seed, docs/sampling.md).
-    if sample.cache == "none" and (not pipe.config.model.guidance_embed or speed == "faster"):
+    if sample.cache == "none":
         sample.cache = "first_block"
+        if pipe.config.model.guidance_embed and speed == "fast":
+            # A guidance-distilled model (a twin) at fast: first-block caching that forecasts skipped steps
+            # (TaylorSeer) at 0.2 kept its score on the validation seed (0.924 against 0.924 uncached, 1.56x
+            # faster), where copying at 0.12 had cost it (0.915 against 0.933); docs/sampling.md.
+            sample.cache_threshold, sample.cache_forecast = FAST_GUIDED_CACHE_THRESHOLD, "taylor"
     if speed == "faster":
         sample.candidates = 1

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+# A matrix product with fewer rows than this takes other kernels on x86 CPUs (torch's BLAS: 1-3, 5-7 and 9-11 rows
+# gave other float32 roundings than larger products), so a row's output would depend on how many rows share the
+# call: a sample's modulation, its text tokens, an image alone or in a batch. Fewer rows are padded to this many.
+INVARIANT_ROWS = 16
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` whose output rows do not depend on the other rows of the call at inference: a product of fewer
+    than ``INVARIANT_ROWS`` rows is computed padded to that many, as the large products are. x: (..., in) ->
+    (..., out). Under autograd or compilation it is ``F.linear`` itself."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not 0 < rows < INVARIANT_ROWS or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return nn.functional.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    padded = torch.cat([flat, flat.new_zeros(INVARIANT_ROWS - rows, flat.shape[-1])])
+    return nn.functional.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state dict) computed by ``linear``, so that an image is the same
+    whether it was drawn alone or in a batch."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -50,7 +76,7 @@ class Modulation(nn.Module):
     def __init__(self, dim: int, chunks: int) -> None:
         super().__init__()
         self.chunks = chunks
-        self.lin = nn.Linear(dim, chunks * dim)
+        self.lin = Linear(dim, chunks * dim)
 
     def _project(self, vec: Tensor | TokenVectors, length: int | None = None) -> Tensor:
         """(B, 1, chunks * D) for a (B, D) vector (expanded to ``length`` tokens when given), (B, N, chunks * D)
@@ -83,13 +109,34 @@ def gated_residual(x: Tensor, gate: Tensor, branch: Tensor) -> Tensor:
     return torch.addcmul(x, gate, branch)
 
 
+# GELU's tanh form is x * sigmoid(2 u) with u = sqrt(2 / pi) (x + 0.044715 x^3), since 0.5 (1 + tanh(u)) = sigmoid(2 u).
+_GELU_2C = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU's tanh approximation (Flux, SD3, DiT), like ``F.gelu(x, approximate="tanh")`` to float32 rounding.
+
+    At inference in float32 on a CPU it is computed as x * sigmoid(2u), in one fresh buffer: torch's vectorised
+    tanh is slow on x86 CPUs, so its own kernel takes about twice as long there (docs/benchmarks.md, "Where the
+    time goes"). Under autograd, compilation (Inductor fuses the formula itself), lower precision (whose
+    intermediate roundings would add error) or on a GPU (one fused kernel against several) it is torch's kernel.
+    x: any shape, unchanged.
+    """
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64)):
+        return nn.functional.gelu(x, approximate="tanh")
+    u = x * x
+    u.mul_(0.044715 * _GELU_2C).add_(_GELU_2C).mul_(x)  # 2u
+    return u.sigmoid_().mul_(x)
+
+
 class MLPEmbedder(nn.Module):
     """Linear -> SiLU -> Linear, used for the timestep, pooled-text and guidance embeddings."""
 
     def __init__(self, in_dim: int, hidden: int) -> None:
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
-        self.out_layer = nn.Linear(hidden, hidden)
+        self.in_layer = Linear(in_dim, hidden)
+        self.out_layer = Linear(hidden, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(nn.functional.silu(self.in_layer(x)))
@@ -100,11 +147,11 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(nn.functional.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class FinalLayer(nn.Module):
@@ -118,7 +165,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm = layer_norm(dim)
         self.mod = Modulation(dim, 2)
-        self.linear = nn.Linear(dim, out_dim)
+        self.linear = Linear(dim, out_dim)
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.mod(vec)

@@ -26,11 +26,13 @@ from omnidit.errors import OmniditError
 from omnidit.model.layers import (
     MLP,
     FinalLayer,
+    Linear,
     MLPEmbedder,
     Modulation,
     RMSNorm,
     TokenVectors,
     gated_residual,
+    gelu_tanh,
     layer_norm,
     modulate,
 )
@@ -191,20 +193,20 @@ class StreamBranch(nn.Module):
         self.pre_only, self.dual = pre_only, dual
         self.mod = Modulation(dim, 2 if pre_only else 9 if dual else 6)
         self.norm1 = layer_norm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=cfg.qkv_bias)
         # A pre-only stream's queries only shape outputs that are discarded, so they need no norm
         # (and a norm there would be a weight without gradient).
         self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm and not pre_only else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
         if not pre_only:
-            self.proj = nn.Linear(dim, dim)
+            self.proj = Linear(dim, dim)
             self.norm2 = layer_norm(dim, cfg.mlp_norm_eps)
             self.mlp = MLP(dim, cfg.mlp_hidden)
         if dual:  # SD3.5's MMDiT-X: a second, stream-only self-attention
-            self.qkv2 = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
+            self.qkv2 = Linear(dim, 3 * dim, bias=cfg.qkv_bias)
             self.q_norm2 = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
             self.k_norm2 = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
-            self.proj2 = nn.Linear(dim, dim)
+            self.proj2 = Linear(dim, dim)
 
     def _heads(self, qkv: nn.Linear, q_norm: nn.Module, k_norm: nn.Module, x: Tensor) -> tuple[Tensor, ...]:
         q, k, v = qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
@@ -272,8 +274,8 @@ class SingleStreamBlock(nn.Module):
         dim, self.num_heads, self.mlp_hidden = cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden
         self.mod = Modulation(dim, 3)
         self.pre_norm = layer_norm(dim)
-        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
-        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.linear1 = Linear(dim, 3 * dim + self.mlp_hidden)
+        self.linear2 = Linear(dim + self.mlp_hidden, dim)
         self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
 
@@ -284,7 +286,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
         q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
         attn = attention(q, k, v, pe, mask)
-        out = self.linear2(torch.cat([attn, nn.functional.gelu(mlp, approximate="tanh")], dim=-1))
+        out = self.linear2(torch.cat([attn, gelu_tanh(mlp)], dim=-1))
         return gated_residual(x, gate, out)
 
 
@@ -309,13 +311,13 @@ class MMDiT(nn.Module):
         dim = cfg.hidden_size
         self.has_text = cfg.context_dim > 0
         names = (*cfg.generated_streams, "txt") if self.has_text else cfg.generated_streams
-        self.img_in = nn.Linear(cfg.token_dim, dim)
-        self.stream_in = nn.ModuleDict({n: nn.Linear(d, dim) for n, d in cfg.extra_streams.items()})
+        self.img_in = Linear(cfg.token_dim, dim)
+        self.stream_in = nn.ModuleDict({n: Linear(d, dim) for n, d in cfg.extra_streams.items()})
         self.time_in = MLPEmbedder(TIME_EMBED_DIM, dim)
         self.vector_in = MLPEmbedder(cfg.pooled_dim, dim) if cfg.pooled_dim else None
         self.label_in = nn.Embedding(cfg.num_classes + 1, dim) if cfg.num_classes else None  # +1: null class
         self.guidance_in = MLPEmbedder(TIME_EMBED_DIM, dim) if cfg.guidance_embed else None
-        self.txt_in = nn.Linear(cfg.context_dim, dim) if self.has_text else None
+        self.txt_in = Linear(cfg.context_dim, dim) if self.has_text else None
         # With no single blocks after it, the last double block's text output is never read.
         last_pre_only = ("txt",) if cfg.depth_single == 0 else ()
         self.double_blocks = nn.ModuleList(
