@@ -1,7 +1,8 @@
 """Quantized sampling (omnidit quantize) against float32 in one run: images/s and the shapes suite's score of the
 shipped model as float32, w8a8 (dynamic int8; also with SmoothQuant balancing at alpha 0.5), bf16 (bfloat16
-autocast), and the weight-only w8, w4 and w4 with Hadamard rotation (w4-rot), plus the time of one sampling call
-of a wider random model of the same shape family, where the matrices are large enough for int8 kernels to pay.
+autocast), fp8 (float8 e4m3 products: a scheme for GPUs, computed without fp8 hardware on CPUs), and the
+weight-only w8, w4 and w4 with Hadamard rotation (w4-rot), plus the time of one sampling call of a wider random
+model of the same shape family, where the matrices are large enough for int8 kernels to pay.
 Per scheme also: the folder's size, the model's tensors in memory, and the blocks' linear weights' relative
 error (dequantized against float32).
 
@@ -34,6 +35,7 @@ from train_throughput import run_meta, write_report  # noqa: E402
 
 VARIANTS = {  # label: quantize_folder's keyword arguments
     "w8a8": {"scheme": "w8a8"}, "w8a8-smooth": {"scheme": "w8a8", "smooth": 0.5}, "bf16": {"scheme": "bf16"},
+    "fp8": {"scheme": "fp8"},
     "w8": {"scheme": "w8"}, "w4": {"scheme": "w4"}, "w4-rot": {"scheme": "w4", "rotate": True}}
 PROMPTS = ["a red circle above a blue square", "two green triangles", "a small purple diamond",
            "a yellow square to the left of a cyan circle"] * 4

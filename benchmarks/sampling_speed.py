@@ -24,6 +24,7 @@ Example:
     python benchmarks/sampling_speed.py --quick        # 2 prompts per category, one threshold per method
     python benchmarks/sampling_speed.py --limit 8 --repeats 2
     python benchmarks/sampling_speed.py --limit 16 --weights twin --no-memory --json twin.json --plot twin.png
+    python benchmarks/sampling_speed.py --limit 16 --repeats 2 --profile   # and where each side's time goes
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ from train_throughput import _rss_bytes, run_meta, write_report  # noqa: E402
 
 FIRST_BLOCK = {"cache": "first_block", "cache_threshold": 0.12}
 TAYLOR = {"cache": "interval", "cache_forecast": "taylor"}
+# first_block with TaylorSeer's forecast instead of a copy: at 0.3 it kept the uncached score on the validation seed
+# 1 on both weights (104 images), at 0.4 it lost four to five images (docs/benchmarks.md)
+FIRST_BLOCK_TAYLOR = {"cache": "first_block", "cache_forecast": "taylor"}
 # (row, model variant, Pipeline.generate cache settings, in --quick), on the model's weights
 OURS = [
     ("none", "float", {}, True),
@@ -68,6 +72,8 @@ OURS = [
     ("w8a8", "w8a8", {}, True),
     ("w8a8 + first_block 0.12", "w8a8", FIRST_BLOCK, True),
     ("w8a8 + interval 2 + taylor", "w8a8", TAYLOR, False),
+    ("w8a8 + first_block 0.2 + taylor", "w8a8", {**FIRST_BLOCK_TAYLOR, "cache_threshold": 0.2}, False),
+    ("w8a8 + first_block 0.3 + taylor", "w8a8", {**FIRST_BLOCK_TAYLOR, "cache_threshold": 0.3}, True),
     ("compiled", "compiled", {}, False),
     ("compiled + first_block 0.12", "compiled", FIRST_BLOCK, False),
     ("bf16", "bf16", {}, False),  # only with --bf16: emulated (slow) on CPUs without AVX-512 BF16
@@ -84,6 +90,8 @@ OURS_TWIN = [
     ("w8a8 + interval 2 + taylor", "w8a8", TAYLOR, False),
     ("w8a8 + first_block 0.2", "w8a8", {"cache": "first_block", "cache_threshold": 0.2}, False),
     ("w8a8 + interval 3 + taylor", "w8a8", {**TAYLOR, "cache_interval": 3}, False),
+    ("w8a8 + first_block 0.2 + taylor", "w8a8", {**FIRST_BLOCK_TAYLOR, "cache_threshold": 0.2}, False),
+    ("w8a8 + first_block 0.3 + taylor", "w8a8", {**FIRST_BLOCK_TAYLOR, "cache_threshold": 0.3}, True),
 ]
 # (row, torchao int8 on the block linears, diffusers cache: None, ("first_block", threshold) or ("taylorseer",)),
 # on either weights
@@ -97,6 +105,7 @@ PEER = [
     ("torchao int8 + FirstBlockCache 0.12", True, ("first_block", 0.12), True),
     ("FirstBlockCache 0.3", False, ("first_block", 0.3), False),
     ("torchao int8 + FirstBlockCache 0.2", True, ("first_block", 0.2), False),
+    ("FirstBlockCache 0.4", False, ("first_block", 0.4), False),
 ]
 
 
@@ -155,6 +164,30 @@ class Row:
         finally:
             if self.cache is not None:
                 self.peer.disable_cache()
+
+
+# Where a render's CPU time goes (--profile): torch profiler's self time per op, summed into these groups.
+PROFILE_GROUPS = (("matmuls", ("aten::addmm", "aten::mm", "aten::bmm", "aten::_int_mm", "quantized::linear_dynamic",
+                               "aten::_scaled_mm")),
+                  ("attention", ("aten::_scaled_dot_product",)))
+
+
+def profile_row(row: Row, prompts: list[str], seeds: list[int], batch_size: int) -> dict:
+    """Milliseconds per image of one render of ``prompts`` under torch's profiler (self CPU time): in
+    ``PROFILE_GROUPS``, the rest (norms, modulation, GELU, RoPE, copies, activation quantization, the caches' own
+    work) and the eight most costly ops. The profiler's own overhead is in every op alike."""
+    from torch.profiler import profile
+
+    row.render(prompts[:2], seeds[:2], batch_size)  # warm: one-time costs (prompt cache, kernel packing) stay out
+    with profile() as prof:
+        row.render(prompts, seeds, batch_size)
+    ms = {label: 0.0 for label, _ in PROFILE_GROUPS} | {"rest": 0.0}
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    for event in ops:
+        label = next((lab for lab, prefixes in PROFILE_GROUPS if event.key.startswith(prefixes)), "rest")
+        ms[label] += event.self_cpu_time_total / 1e3 / len(prompts)
+    top = {e.key: e.self_cpu_time_total / 1e3 / len(prompts) for e in ops[:8]}
+    return {"ms_per_image": ms, "total_ms_per_image": sum(ms.values()), "top_ops_ms_per_image": top}
 
 
 def suite_jobs(folder: Path, limit: int, seed: int, held_out) -> tuple[list[str], list[int], list[str]]:
@@ -285,10 +318,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rows on the model's weights, its twin's or both (default both)")
     p.add_argument("--bf16", action="store_true", help="add the bf16 row (slow where the CPU lacks AVX-512 BF16)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes (a minute or two)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile each side's uncached row and its pick at equal quality (one batch each): where the "
+                        "time goes, per image: matmuls, attention, the rest, and the costliest ops")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/sampling_speed.json"))
     p.add_argument("--plot", type=Path, default=Path("docs/images/sampling_speed.png"))
     p.add_argument("--memory-only", action="store_true", help="measure the peak memory of the rows already in "
                                                                  "--json again and write them back (nothing timed)")
+    p.add_argument("--profile-only", action="store_true", help="profile the rows of the run already in --json "
+                                                                  "(as --profile) and write them back (nothing timed)")
     p.add_argument("--memory-of", nargs=2, metavar=("SIDE", "ROW"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.limit = args.limit or (2 if args.quick else 8)
@@ -310,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
         return pareto_plot(report["rows"], args.plot, plot_title(report))
+    if args.profile_only:
+        return profile_only(args)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         base = calibrated_copy(args.model, Path(tmp) / "model")  # TeaCache's and MagCache's fit, as omnidit calibrate
@@ -366,11 +406,50 @@ def main(argv: list[str] | None = None) -> None:
         print(line)
     write_report(args.json, {**meta, "equal_quality": summary["picks"]}, out)
     pareto_plot(out, args.plot, plot_title(meta))
+    if args.profile:  # after the report is written, with the rows built afresh (their calibration is gone)
+        profile_only(args)
 
 
 def plot_title(meta: dict) -> str:
     return (f"{meta['device_name']}, {meta['threads']} threads, {meta['images']} images (seed {meta['seed']}); "
             "30 steps, guidance 4, one candidate")
+
+
+def profile_only(args: argparse.Namespace) -> None:
+    """--profile-only (and --profile, after the run): the profile of a finished run's uncached rows and picks (its
+    --json), written into it."""
+    report = json.loads(args.json.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        base = calibrated_copy(args.model, Path(tmp) / "model")
+        rows = build_rows(base, args)
+        prompts, seeds, _ = suite_jobs(Path(tmp) / "suite", report["limit"], report["seed"], base.config.data.held_out)
+        size = report["batch_size"]
+        report["profile"] = profile_report(rows, report["equal_quality"], prompts[:size], seeds[:size], size)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+def profile_report(rows: list[Row], picks: dict[str, str], prompts: list[str], seeds: list[int],
+                   batch_size: int) -> list[dict]:
+    """``profile_row`` for each side's uncached rows and picks at equal quality, printed as a table."""
+    wanted = {(r.side, r.name) for r in rows if r.name.endswith("none")}
+    wanted |= {(group.split(",")[0], job) for group, job in picks.items()}
+    missing = wanted - {(r.side, r.name) for r in rows}
+    if missing:
+        print(f"not profiled (not among this command's rows: give it the run's --weights): {sorted(missing)}")
+    report = []
+    with torch.inference_mode():
+        for r in rows:
+            if (r.side, r.name) in wanted:
+                report.append({"side": r.side, "job": r.name, **profile_row(r, prompts, seeds, batch_size)})
+    groups = [label for label, _ in PROFILE_GROUPS] + ["rest"]
+    print(f"\nprofile, ms per image of one batch of {len(prompts)} (self CPU time):")
+    print(f"{'side':<10} {'job':<48} " + " ".join(f"{g:>9}" for g in groups) + f" {'total':>7}  most costly op")
+    for p in report:
+        top = next(iter(p["top_ops_ms_per_image"].items()))
+        print(f"{p['side']:<10} {p['job']:<48} " + " ".join(f"{p['ms_per_image'][g]:>9.1f}" for g in groups)
+              + f" {p['total_ms_per_image']:>7.1f}  {top[0]} {top[1]:.1f}")
+    return report
 
 
 def equal_quality(rows: list[dict], tolerance: float) -> dict:

@@ -3,8 +3,8 @@ shipped model (a warm-up first; each row on a fresh copy of the pipeline, so qua
 
 **Peer: internal** (the same model at its default settings, the same prompts and seeds). Issue #28's target:
 ``fast`` at >= 2.5x the images/s of the defaults with the score at most 0.01 lower. ``--variant`` adds rows of
-other combinations (a quantization scheme in memory and sampling settings), for choosing what a preset holds on a
-seed that is not the suite's.
+other combinations (a quantization scheme in memory and sampling settings, or a preset with changed settings),
+for choosing what a preset holds on a seed that is not the suite's.
 
 Example:
     python benchmarks/speed_presets.py --limit 4
@@ -29,14 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import run_meta, write_report  # noqa: E402
 
 SCHEMES = ("none", "w8a8", "bf16")
+PRESET_BASES = ("fast", "faster")  # a variant on a preset: the preset's model and settings, changed by the variant's
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
-    """'NAME:SCHEME:key=value,...' -> (name, scheme, sampling settings); values are ints, floats or words."""
+    """'NAME:BASE:key=value,...' -> (name, base, sampling settings); BASE is a scheme applied to the model at its
+    defaults or a preset (fast, faster) that the settings change; values are ints, floats or words."""
     parts = text.split(":")
-    if len(parts) != 3 or parts[1] not in SCHEMES:
-        raise argparse.ArgumentTypeError(f"a variant is NAME:SCHEME:key=value,... with SCHEME one of "
-                                         f"{', '.join(SCHEMES)}, got {text!r}")
+    if len(parts) != 3 or parts[1] not in SCHEMES + PRESET_BASES:
+        raise argparse.ArgumentTypeError(f"a variant is NAME:BASE:key=value,... with BASE one of "
+                                         f"{', '.join(SCHEMES + PRESET_BASES)}, got {text!r}")
     settings = {}
     for item in filter(None, parts[2].split(",")):
         key, _, value = item.partition("=")
@@ -60,13 +62,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--presets", default=",".join(SPEEDS), help="which presets to run, the first is the baseline")
     p.add_argument("--variant", type=parse_variant, action="append", default=[],
-                   help="an extra row NAME:SCHEME:key=value,... (SCHEME none, w8a8 or bf16; keys of the sampling "
-                        "settings, e.g. cache=interval,cache_interval=3); repeatable")
+                   help="an extra row NAME:BASE:key=value,... (BASE: none, w8a8 or bf16 on the model at its defaults, "
+                        "or the preset fast or faster; keys of the sampling settings, e.g. "
+                        "cache=interval,cache_interval=3); repeatable")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/speed_presets.json"))
     args = p.parse_args(argv)
     start = time.perf_counter()
     jobs = [(speed, speed, None, {}) for speed in args.presets.split(",")]
-    jobs += [(name, "default", scheme, settings) for name, scheme, settings in args.variant]
+    jobs += [(name, base, None, settings) if base in PRESET_BASES else (name, "default", base, settings)
+             for name, base, settings in args.variant]
     rows = []
     for name, speed, scheme, settings in jobs:
         pipe = load_pipeline(args.model, device="cpu")
