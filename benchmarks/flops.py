@@ -73,10 +73,11 @@ def run(args: argparse.Namespace) -> dict:
     x, cond, t, _ = synthetic_batch(cfg, args.batch, grid * grid, args.text_tokens, device)
     ids = image_position_ids(grid, grid, len(cfg.axes_dim), device=device)
     analytic = forward_flops(cfg, grid * grid, args.text_tokens, args.batch)
-    with torch.inference_mode():
+    with torch.enable_grad():  # as training computes: inference pads products of few rows (layers.linear)
         # The math backend runs attention as bmm, which the counter sees (CPU's fused kernel counts 0).
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(x, ids, t, cond)
+    with torch.inference_mode():
         seconds = _median_seconds(lambda: model(x, ids, t, cond), args.repeats, device)
     peak = matmul_peak(device)
     return {"preset": args.preset, "resolution": args.resolution, "tokens": grid * grid,

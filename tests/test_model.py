@@ -211,7 +211,7 @@ def test_a_linear_rows_outputs_do_not_depend_on_how_many_rows_share_the_call():
         for rows in range(1, 40):
             assert torch.equal(layer(x[:rows]), reference[:rows]), rows
         assert torch.equal(layer(x[:6].reshape(2, 3, 48)), reference[:6].reshape(2, 3, 96))
-    assert torch.allclose(layer(x[:3]), reference[:3], atol=1e-5)  # under autograd: F.linear itself
+    assert torch.equal(layer(x[:3]), torch.nn.functional.linear(x[:3], layer.weight, layer.bias))  # autograd: as is
 
 
 def test_an_image_is_bit_identical_alone_or_in_a_batch_of_other_prompts(tiny_run):
@@ -220,14 +220,14 @@ def test_an_image_is_bit_identical_alone_or_in_a_batch_of_other_prompts(tiny_run
     from omnidit.pipeline import load_pipeline
 
     pipe = load_pipeline(tiny_run, device="cpu")
-    settings = {"steps": 3, "cfg": 3.0, "candidates": 2}
     with torch.inference_mode():
-        for prompts, exact in ((["a red circle", "a blue square", "a green circle"], True),
-                               (["a red circle", "two blue squares above a green triangle", "x"], False)):
-            batch = pipe.generate(prompts, seed=[4, 5, 6], **settings)
-            for i, prompt in enumerate(prompts):
-                alone = pipe.generate([prompt], seed=[4 + i], **settings)[0]
-                assert torch.equal(alone, batch[i]) if exact else torch.allclose(alone, batch[i], atol=1e-5)
+        for settings in ({"steps": 3, "cfg": 3.0, "candidates": 1}, {"steps": 3, "cfg": 1.0, "candidates": 2}):
+            for prompts, exact in ((["a red circle", "a blue square", "a green circle"], True),
+                                   (["a red circle", "two blue squares above a green triangle", "x"], False)):
+                batch = pipe.generate(prompts, seed=[4, 5, 6], **settings)
+                for i, prompt in enumerate(prompts):
+                    alone = pipe.generate([prompt], seed=[4 + i], **settings)[0]
+                    assert torch.equal(alone, batch[i]) if exact else torch.allclose(alone, batch[i], atol=1e-5)
 
 
 def test_timestep_embedding_scale_and_layout():

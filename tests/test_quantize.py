@@ -66,6 +66,11 @@ def test_an_fp8_linear_multiplies_the_stored_e4m3_values_and_stays_close_to_floa
     assert 0 < float((out - exact).norm() / exact.norm()) < 0.04
     assert torch.allclose(layer.weight, layer.values.float() * layer.scale[:, None])
     assert layer(torch.zeros(2, 0, 64)).shape == (2, 0, 48)  # no tokens
+    tokens = x.reshape(-1, 64).repeat(4, 1)  # 40 tokens
+    with torch.inference_mode():  # a token's output does not depend on how many share the call
+        many = layer(tokens)
+        for rows in range(1, 20):
+            assert torch.equal(layer(tokens[:rows]), many[:rows]), rows
 
 
 def test_fp8_loads_only_where_it_can_compute(monkeypatch):

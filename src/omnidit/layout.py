@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from omnidit.condition import Condition
 from omnidit.errors import OmniditError
-from omnidit.model.layers import RMSNorm, layer_norm
+from omnidit.model.layers import Linear, RMSNorm, layer_norm
 from omnidit.model.math import attention, rope_rotations
 
 ADAPTER = "layout_adapter"  # the submodule's name, and the prefix of its weights
@@ -101,9 +101,9 @@ class LayoutAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm = layer_norm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = Linear(dim, 3 * dim)
         self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         nn.init.zeros_(self.proj.weight)  # the adapter starts as the identity
         nn.init.zeros_(self.proj.bias)
 
@@ -127,8 +127,8 @@ class LayoutAdapter(nn.Module):
         dim = cfg.hidden_size
         self.max_boxes, self.phrase_dim = int(max_boxes), cfg.pooled_dim
         self.axes_dim, self.theta = tuple(cfg.axes_dim), cfg.rope_theta
-        self.embed = nn.Sequential(nn.Linear(cfg.pooled_dim + 8 * FOURIER_FREQUENCIES, dim), nn.SiLU(),
-                                   nn.Linear(dim, dim))
+        self.embed = nn.Sequential(Linear(cfg.pooled_dim + 8 * FOURIER_FREQUENCIES, dim), nn.SiLU(),
+                                   Linear(dim, dim))
         self.blocks = nn.ModuleList(LayoutAttention(dim, cfg.num_heads) for _ in range(cfg.depth + cfg.depth_single))
         # What the blocks' hooks read: set by each forward of the model and kept until the next one, so that
         # gradient checkpointing's recomputation of a block in the backward pass sees the same layout.

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from omnidit.errors import OmniditError
-from omnidit.model.layers import linear
+from omnidit.model.layers import linear, padded_rows, pads_rows
 
 if TYPE_CHECKING:
     from omnidit.config import Config
@@ -178,8 +178,11 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).float()
-        if not len(rows):  # no tokens: nothing to multiply (the kernel refuses an empty scale)
+        count = len(rows)
+        if not count:  # no tokens: nothing to multiply (the kernel refuses an empty scale)
             return x.new_zeros(*x.shape[:-1], self.out_features)
+        if pads_rows(rows):  # as layers.linear: few rows take other CPU kernels; zero rows get a tiny scale, no harm
+            rows = padded_rows(rows)
         x_scale = row_scales(rows, FP8_MAX)  # (M, 1): one scale per token, so a row does not depend on its batch
         x8 = (rows / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         out_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
@@ -187,7 +190,7 @@ class Fp8Linear(nn.Module):
                                out_dtype=out_dtype).float()
         if self.bias is not None:
             out = out + self.bias
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return out[:count].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 def check_fp8_device(model: nn.Module, device: torch.device) -> None:

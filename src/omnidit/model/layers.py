@@ -8,22 +8,35 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-# A matrix product with fewer rows than this takes other kernels on x86 CPUs (torch's BLAS: 1-3, 5-7 and 9-11 rows
-# gave other float32 roundings than larger products), so a row's output would depend on how many rows share the
+# A float32 matrix product with fewer rows than this takes other kernels on x86 CPUs (torch's BLAS: 1-3, 5-7 and
+# 9-11 rows gave other roundings than larger products), so a row's output would depend on how many rows share the
 # call: a sample's modulation, its text tokens, an image alone or in a batch. Fewer rows are padded to this many.
 INVARIANT_ROWS = 16
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear`` whose output rows do not depend on the other rows of the call at inference: a product of fewer
-    than ``INVARIANT_ROWS`` rows is computed padded to that many, as the large products are. x: (..., in) ->
-    (..., out). Under autograd or compilation it is ``F.linear`` itself."""
+def pads_rows(x: Tensor) -> bool:
+    """Whether a product with ``x`` (..., in) as its rows is computed padded to ``INVARIANT_ROWS`` rows: at CPU float
+    inference (not under autograd, compilation or autocast, where the kernels differ anyway) with fewer rows."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if not 0 < rows < INVARIANT_ROWS or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    return (0 < rows < INVARIANT_ROWS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def padded_rows(x: Tensor) -> Tensor:
+    """x (..., in) as (INVARIANT_ROWS, in): its rows, then zeros."""
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.cat([flat, flat.new_zeros(INVARIANT_ROWS - len(flat), flat.shape[-1])])
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` whose output rows do not depend on the other rows of the call at CPU float inference
+    (``pads_rows``): a product of fewer than ``INVARIANT_ROWS`` rows is computed padded to that many, as the large
+    products are. x: (..., in) -> (..., out). Elsewhere it is ``F.linear`` itself."""
+    if not pads_rows(x):
         return nn.functional.linear(x, weight, bias)
-    flat = x.reshape(rows, x.shape[-1])
-    padded = torch.cat([flat, flat.new_zeros(INVARIANT_ROWS - rows, flat.shape[-1])])
-    return nn.functional.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+    rows = x.numel() // x.shape[-1]
+    return nn.functional.linear(padded_rows(x), weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
