@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from omnidit.errors import OmniditError
-from omnidit.model.layers import linear, padded_rows, pads_rows
+from omnidit.model.layers import INVARIANT_ROWS, cpu_float_inference, linear, padded_rows
 
 if TYPE_CHECKING:
     from omnidit.config import Config
@@ -181,7 +181,8 @@ class Fp8Linear(nn.Module):
         count = len(rows)
         if not count:  # no tokens: nothing to multiply (the kernel refuses an empty scale)
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        if pads_rows(rows):  # as layers.linear: few rows take other CPU kernels; zero rows get a tiny scale, no harm
+        # As layers.linear: few rows take other CPU kernels. The zero rows get a tiny scale, which does no harm.
+        if count < INVARIANT_ROWS and cpu_float_inference(rows):
             rows = padded_rows(rows)
         x_scale = row_scales(rows, FP8_MAX)  # (M, 1): one scale per token, so a row does not depend on its batch
         x8 = (rows / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

@@ -14,13 +14,11 @@ from torch import Tensor, nn
 INVARIANT_ROWS = 16
 
 
-def pads_rows(x: Tensor) -> bool:
-    """Whether a product with ``x`` (..., in) as its rows is computed padded to ``INVARIANT_ROWS`` rows: at CPU float
-    inference (not under autograd, compilation or autocast, where the kernels differ anyway) with fewer rows."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    return (0 < rows < INVARIANT_ROWS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled("cpu"))
+def cpu_float_inference(x: Tensor) -> bool:
+    """Whether ``x`` is computed on in eager CPU float32/64 inference: no autograd, compilation or autocast, whose
+    kernels or roundings differ. Where ``linear`` pads and ``gelu_tanh`` takes its faster form."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
 
 
 def padded_rows(x: Tensor) -> Tensor:
@@ -31,11 +29,11 @@ def padded_rows(x: Tensor) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear`` whose output rows do not depend on the other rows of the call at CPU float inference
-    (``pads_rows``): a product of fewer than ``INVARIANT_ROWS`` rows is computed padded to that many, as the large
-    products are. x: (..., in) -> (..., out). Elsewhere it is ``F.linear`` itself."""
-    if not pads_rows(x):
+    (``cpu_float_inference``): a product of fewer than ``INVARIANT_ROWS`` rows is computed padded to that many, as
+    the large products are. x: (..., in) -> (..., out). Elsewhere it is ``F.linear`` itself."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not (0 < rows < INVARIANT_ROWS and cpu_float_inference(x)):
         return nn.functional.linear(x, weight, bias)
-    rows = x.numel() // x.shape[-1]
     return nn.functional.linear(padded_rows(x), weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -129,14 +127,13 @@ _GELU_2C = 2 * math.sqrt(2 / math.pi)
 def gelu_tanh(x: Tensor) -> Tensor:
     """GELU's tanh approximation (Flux, SD3, DiT), like ``F.gelu(x, approximate="tanh")`` to float32 rounding.
 
-    At inference in float32 on a CPU it is computed as x * sigmoid(2u), in one fresh buffer: torch's vectorised
-    tanh is slow on x86 CPUs, so its own kernel takes about twice as long there (docs/benchmarks.md, "Where the
-    time goes"). Under autograd, compilation (Inductor fuses the formula itself), lower precision (whose
-    intermediate roundings would add error) or on a GPU (one fused kernel against several) it is torch's kernel.
-    x: any shape, unchanged.
+    At CPU float inference (``cpu_float_inference``) it is computed as x * sigmoid(2u), in one fresh buffer:
+    torch's vectorised tanh is slow on x86 CPUs, so its own kernel takes about twice as long there
+    (docs/benchmarks.md, "Where the time goes"). Under autograd, compilation (Inductor fuses the formula itself),
+    lower precision (whose intermediate roundings would add error) or on a GPU (one fused kernel against several)
+    it is torch's kernel. x: any shape, unchanged.
     """
-    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or x.device.type != "cpu"
-            or x.dtype not in (torch.float32, torch.float64)):
+    if not cpu_float_inference(x):
         return nn.functional.gelu(x, approximate="tanh")
     u = x * x
     u.mul_(0.044715 * _GELU_2C).add_(_GELU_2C).mul_(x)  # 2u
