@@ -22,6 +22,24 @@ def test_the_data_draw_crosses_in_every_colour_only_when_asked():
     assert all(plain.scene(i).objects[0].shape != "cross" for i in range(300))
 
 
+def test_new_shape_weight_draws_the_new_shape_that_much_more_often_and_one_keeps_the_draws():
+    kinds = {"single": 0.5, "count": 0.2, "pair": 0.3}
+    base = ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds=kinds)
+    same = ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds=kinds, new_shape_weight=1.0)
+    assert all(base.scene(i) == same.scene(i) for i in range(50))  # weight 1: the uniform draws, unchanged
+
+    def cross_share(ds):  # the share of crosses among single objects
+        objects = [o for i in range(1500) for o in ds.scene(i).objects if ds.scene(i).kind == "single"]
+        return sum(o.shape == "cross" for o in objects) / len(objects)
+
+    heavy = ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds=kinds, new_shape_weight=3.5)
+    n_known = len(heavy.allowed) - len(COLOURS)
+    assert cross_share(base) == pytest.approx(8 / (n_known + 8), abs=0.04)
+    assert cross_share(heavy) == pytest.approx(8 * 3.5 / (n_known + 8 * 3.5), abs=0.04)
+    pairs = [heavy.scene(i).objects for i in range(300) if heavy.scene(i).kind == "pair"]
+    assert pairs and all(a.colour != b.colour or a.shape != b.shape for a, b in pairs)  # still two different objects
+
+
 def test_the_detector_finds_crosses_exactly_only_when_asked_and_the_other_shapes_as_before():
     ds = ShapesDataset(32, 32, seed=3, new_shapes=["cross"], kinds={"single": 0.5, "pair": 0.5})
     for i in range(150):
@@ -47,6 +65,8 @@ def test_the_new_shape_judge_passes_renders_and_fails_other_shapes():
     ({"new_shapes": ["star"]}, "data.new_shapes"),
     ({"new_shapes": ["cross", "cross"]}, "at most once"),
     ({"name": "digits", "new_shapes": ["cross"]}, "applies to the shapes data set"),
+    ({"new_shape_weight": 3.0}, "there are none"),
+    ({"new_shapes": ["cross"], "new_shape_weight": 0.0}, "new_shape_weight"),
 ])
 def test_new_shape_config_mistakes_are_clear_errors(tmp_path, data, message):
     from conftest import tiny_config_dict

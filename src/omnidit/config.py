@@ -61,10 +61,13 @@ class DataConfig:
     # shapes only: shapes no shipped model has seen (omnidit.data.shapes.NEW_SHAPES, e.g. ["cross"]), drawn in every
     # colour besides the usual four: data to teach a model a new shape (a LoRA, docs/lora.md)
     new_shapes: list[str] = field(default_factory=list)
+    # how many times as often a new shape's (colour, shape) pair is drawn as a known pair's (1: uniformly, about one
+    # object in five a cross)
+    new_shape_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _check_ranges("data", self, positive=("width", "height", "frames", "fps", "sample_rate", "seconds",
-                                                "audio_scale", "audio_hop"),
+                                                "audio_scale", "audio_hop", "new_shape_weight"),
                       non_negative=("cache_samples", "mix_every"),
                       choices={"codec_dtype": ("fp32", "bf16", "fp16"), "audio_codec": ("waveform", "spectrogram"),
                                "counterfactual_directions": PARTNER_DIRECTIONS})
@@ -82,6 +85,9 @@ class DataConfig:
         if self.new_shapes and self.name != "shapes":
             raise OmniditError(f"config key 'data.new_shapes' applies to the shapes data set, not {self.name!r}",
                                hint="drop data.new_shapes")
+        if self.new_shape_weight != 1.0 and not self.new_shapes:
+            raise OmniditError(f"config key 'data.new_shape_weight'={self.new_shape_weight} weights the shapes of "
+                               "data.new_shapes, and there are none", hint='add data.new_shapes=["cross"] or drop it')
         if self.counterfactual_directions != "any" and self.name != "shapes_video":
             raise OmniditError(f"config key 'data.counterfactual_directions' applies to the shapes_video data set, "
                                f"not {self.name!r}", hint="drop data.counterfactual_directions")

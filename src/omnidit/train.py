@@ -78,7 +78,7 @@ class Trainer:
                                f"({self.world.world_size} x {tc.grad_accum})")
         self.out_dir = Path(tc.out_dir)
         self.dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out,
-                                     new_shapes=dc.new_shapes,
+                                     new_shapes=dc.new_shapes, new_shape_weight=dc.new_shape_weight,
                                      scene_kinds=dc.scene_kinds, counterfactuals=dc.counterfactuals,
                                      counterfactual_directions=dc.counterfactual_directions,
                                      frames=dc.frames, fps=dc.fps, sample_rate=dc.sample_rate, seconds=dc.seconds)

@@ -81,6 +81,7 @@ def build_dataset(
     sample_rate: int = 8000,
     seconds: float = 2.0,
     new_shapes: Sequence[str] = (),
+    new_shape_weight: float = 1.0,
 ) -> ImageDataset:
     """Build a dataset by name.
 
@@ -90,7 +91,8 @@ def build_dataset(
     ``counterfactuals`` (shapes only) names the facts a counterfactual partner changes;
     ``counterfactual_directions`` (shapes_video only) the directions a clip's partner may take; ``frames`` and
     ``fps`` size the clips of shapes_video and bounce; ``sample_rate`` is the sound's (bounce, tones) and
-    ``seconds`` the length of a tones clip; ``new_shapes`` (shapes only): shapes of NEW_SHAPES drawn too.
+    ``seconds`` the length of a tones clip; ``new_shapes`` (shapes only): shapes of NEW_SHAPES drawn too, each pair ``new_shape_weight`` times as
+    often as a known one.
     """
     if name not in DATASETS:
         raise OmniditError(f"unknown dataset {name!r}", hint=f"choose one of: {', '.join(DATASETS)}")
@@ -99,7 +101,8 @@ def build_dataset(
     parse_held_out(held_out)  # validate even where unused, so a typo never passes silently
     if name == "shapes":
         return ShapesDataset(width, height, seed=seed, held_out=held_out, kinds=scene_kinds or None,
-                             counterfactuals=counterfactuals, new_shapes=new_shapes)
+                             counterfactuals=counterfactuals, new_shapes=new_shapes,
+                             new_shape_weight=new_shape_weight)
     if name == "shapes_video":
         from omnidit.data.shapes_video import ShapesVideoDataset
 

@@ -328,14 +328,20 @@ NEW_SHAPE_WORDS = caption_words(*NEW_SHAPES, *map(_plural, NEW_SHAPES))  # the c
 # Scene sampling
 
 
+def _pair_index(rng: np.random.Generator, n: int, p: np.ndarray | None) -> int:
+    return int(rng.integers(n)) if p is None else int(rng.choice(n, p=p))
+
+
 def make_scene(
     rng: np.random.Generator,
     width: int,
     height: int,
     allowed: Sequence[tuple[str, str]],
     kinds: Mapping[str, float] = SCENE_KINDS,
+    pair_p: np.ndarray | None = None,
 ) -> Scene:
-    """Sample one scene for a ``width`` x ``height`` canvas from (colour, shape) pairs ``allowed``."""
+    """Sample one scene for a ``width`` x ``height`` canvas from (colour, shape) pairs ``allowed``, each drawn with
+    probability ``pair_p`` (summing to 1; None: uniformly, with the draws of every earlier version)."""
     names = list(kinds)
     p = np.array([kinds[k] for k in names], dtype=np.float64)
     kind = names[int(rng.choice(len(names), p=p / p.sum()))]
@@ -343,14 +349,14 @@ def make_scene(
     relation = None
     while True:  # retry with fresh draws from the same rng: deterministic, and rarely loops
         if kind == "single":
-            pairs = [allowed[rng.integers(len(allowed))]]
+            pairs = [allowed[_pair_index(rng, len(allowed), pair_p)]]
             sizes = [SIZES[rng.integers(2)]]
         elif kind == "count":
             n = int(rng.integers(2, 5))
-            pairs = [allowed[rng.integers(len(allowed))]] * n
+            pairs = [allowed[_pair_index(rng, len(allowed), pair_p)]] * n
             sizes = ["small"] * n  # two large objects do not fit side by side at 32 px
         else:
-            i, j = rng.choice(len(allowed), size=2, replace=False)
+            i, j = rng.choice(len(allowed), size=2, replace=False, p=pair_p)
             pairs = [allowed[i], allowed[j]]
             # At most one large object so the pair always fits with room to move.
             sizes = [("small", "small"), ("small", "large"), ("large", "small")][rng.integers(3)]
@@ -430,6 +436,7 @@ class ShapesDataset(Dataset):
         kinds: Mapping[str, float] | None = None,
         counterfactuals: Sequence[str] = ("relation",),
         new_shapes: Sequence[str] = (),
+        new_shape_weight: float = 1.0,
     ) -> None:
         if int(width) < 8 or int(height) < 8:  # below ~24 px shapes are barely recognisable
             raise OmniditError(f"shapes images must be at least 8x8, got {width}x{height}",
@@ -442,7 +449,14 @@ class ShapesDataset(Dataset):
         self.counterfactuals = tuple(counterfactuals)
         self.width, self.height, self.seed = int(width), int(height), int(seed)
         self.held_out = parse_held_out(held_out)
-        self.allowed = allowed_pairs(self.held_out) + [(c, s) for s in check_new_shapes(new_shapes) for c in COLOURS]
+        known = allowed_pairs(self.held_out)
+        self.allowed = known + [(c, s) for s in check_new_shapes(new_shapes) for c in COLOURS]
+        # new_shape_weight: a new shape's (colour, shape) pair is drawn that many times as often as a known one, so
+        # that a LoRA teaching it sees it more often than one object in five; 1 keeps the uniform draws exactly.
+        if not float(new_shape_weight) > 0:
+            raise OmniditError(f"new_shape_weight must be > 0, got {new_shape_weight}")
+        weights = np.array([1.0] * len(known) + [float(new_shape_weight)] * (len(self.allowed) - len(known)))
+        self.pair_p = None if float(new_shape_weight) == 1.0 else weights / weights.sum()
         # Canonical order: the kind is drawn by index, so {"a": 1, "b": 2} and {"b": 2, "a": 1} must agree.
         self.kinds = {k: float(kinds[k]) for k in SCENE_KINDS if k in kinds}
 
@@ -451,7 +465,7 @@ class ShapesDataset(Dataset):
         if index < 0:
             raise IndexError(f"shapes index must be >= 0, got {index}")
         rng = np.random.default_rng([self.seed, int(index)])
-        return make_scene(rng, self.width, self.height, self.allowed, self.kinds)
+        return make_scene(rng, self.width, self.height, self.allowed, self.kinds, self.pair_p)
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
