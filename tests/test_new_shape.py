@@ -22,22 +22,55 @@ def test_the_data_draw_crosses_in_every_colour_only_when_asked():
     assert all(plain.scene(i).objects[0].shape != "cross" for i in range(300))
 
 
+# The first ten captions of ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds=WEIGHT_KINDS) before
+# data.new_shape_weight existed (13a98b7): weight 1 must keep these draws.
+WEIGHT_KINDS = {"single": 0.5, "count": 0.2, "pair": 0.3}
+CAPTIONS_BEFORE_WEIGHTS = [
+    "one orange circle", "a yellow cross and a green circle", "a small purple square and a small pink diamond",
+    "a yellow triangle", "three purple diamonds", "a small orange triangle and a large pink cross",
+    "a pink circle and a green triangle", "one green cross", "a cyan cross", "four cyan squares"]
+
+
 def test_new_shape_weight_draws_the_new_shape_that_much_more_often_and_one_keeps_the_draws():
-    kinds = {"single": 0.5, "count": 0.2, "pair": 0.3}
-    base = ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds=kinds)
-    same = ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds=kinds, new_shape_weight=1.0)
-    assert all(base.scene(i) == same.scene(i) for i in range(50))  # weight 1: the uniform draws, unchanged
+    base = ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds=WEIGHT_KINDS)
+    assert [base.scene(i).caption for i in range(10)] == CAPTIONS_BEFORE_WEIGHTS
+    assert base.pair_p is None
 
     def cross_share(ds):  # the share of crosses among single objects
-        objects = [o for i in range(1500) for o in ds.scene(i).objects if ds.scene(i).kind == "single"]
-        return sum(o.shape == "cross" for o in objects) / len(objects)
+        scenes = [ds.scene(i) for i in range(1500)]
+        objects = [s.objects[0] for s in scenes if s.kind == "single"]
+        return sum(o.shape == "cross" for o in objects) / len(objects), scenes
 
-    heavy = ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds=kinds, new_shape_weight=3.5)
+    heavy = ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds=WEIGHT_KINDS, new_shape_weight=3.5)
     n_known = len(heavy.allowed) - len(COLOURS)
-    assert cross_share(base) == pytest.approx(8 / (n_known + 8), abs=0.04)
-    assert cross_share(heavy) == pytest.approx(8 * 3.5 / (n_known + 8 * 3.5), abs=0.04)
-    pairs = [heavy.scene(i).objects for i in range(300) if heavy.scene(i).kind == "pair"]
+    assert cross_share(base)[0] == pytest.approx(8 / (n_known + 8), abs=0.04)
+    share, scenes = cross_share(heavy)
+    assert share == pytest.approx(8 * 3.5 / (n_known + 8 * 3.5), abs=0.04)
+    pairs = [s.objects for s in scenes if s.kind == "pair"]
     assert pairs and all(a.colour != b.colour or a.shape != b.shape for a, b in pairs)  # still two different objects
+
+
+@pytest.mark.parametrize("weight, new_shapes, message", [
+    (float("inf"), ["cross"], "must be a number"), (0, ["cross"], "must be a number"), (True, ["cross"], "number"),
+    ("3", ["cross"], "must be a number"), (2.0, [], "there are none")])
+def test_new_shape_weight_mistakes_are_clear_errors_in_the_data_too(weight, new_shapes, message):
+    with pytest.raises(OmniditError, match=message):
+        ShapesDataset(32, 32, new_shapes=new_shapes, new_shape_weight=weight)
+
+
+def test_new_shape_weight_is_in_the_cache_key_only_when_it_weights(tmp_path):
+    from conftest import tiny_config_dict
+
+    from omnidit.data import build_dataset
+    from omnidit.precompute import fields_for_config
+
+    keys = []
+    for weight in (1.0, 3.0):
+        config = config_from_dict(tiny_config_dict(tmp_path, data={"new_shapes": ["cross"], "new_shape_weight": weight,
+                                                                   "cache_samples": 4}))
+        dataset = build_dataset("shapes", 32, 32, new_shapes=["cross"], new_shape_weight=weight)
+        keys.append(fields_for_config(config, dataset))
+    assert "new_shape_weight" not in str(keys[0]) and "new_shape_weight" in str(keys[1])
 
 
 def test_the_detector_finds_crosses_exactly_only_when_asked_and_the_other_shapes_as_before():
@@ -66,7 +99,7 @@ def test_the_new_shape_judge_passes_renders_and_fails_other_shapes():
     ({"new_shapes": ["cross", "cross"]}, "at most once"),
     ({"name": "digits", "new_shapes": ["cross"]}, "applies to the shapes data set"),
     ({"new_shape_weight": 3.0}, "there are none"),
-    ({"new_shapes": ["cross"], "new_shape_weight": 0.0}, "new_shape_weight"),
+    ({"new_shapes": ["cross"], "new_shape_weight": 0.0}, "must be a number"),
 ])
 def test_new_shape_config_mistakes_are_clear_errors(tmp_path, data, message):
     from conftest import tiny_config_dict

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omnidit.data.shapes import check_counterfactual_facts, check_new_shapes, check_scene_kinds
+from omnidit.data.shapes import check_counterfactual_facts, check_new_shape_weight, check_new_shapes, check_scene_kinds
 from omnidit.data.shapes_video import PARTNER_DIRECTIONS
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import PRESETS, MMDiTConfig
@@ -61,13 +61,13 @@ class DataConfig:
     # shapes only: shapes no shipped model has seen (omnidit.data.shapes.NEW_SHAPES, e.g. ["cross"]), drawn in every
     # colour besides the usual four: data to teach a model a new shape (a LoRA, docs/lora.md)
     new_shapes: list[str] = field(default_factory=list)
-    # how many times as often a new shape's (colour, shape) pair is drawn as a known pair's (1: uniformly, about one
-    # object in five a cross)
+    # a new shape's (colour, shape) pair has this many times a known pair's weight when objects are drawn (1: uniformly;
+    # with the cross and the default held-out pairs about one object in five a cross)
     new_shape_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _check_ranges("data", self, positive=("width", "height", "frames", "fps", "sample_rate", "seconds",
-                                                "audio_scale", "audio_hop", "new_shape_weight"),
+                                                "audio_scale", "audio_hop"),
                       non_negative=("cache_samples", "mix_every"),
                       choices={"codec_dtype": ("fp32", "bf16", "fp16"), "audio_codec": ("waveform", "spectrogram"),
                                "counterfactual_directions": PARTNER_DIRECTIONS})
@@ -85,9 +85,7 @@ class DataConfig:
         if self.new_shapes and self.name != "shapes":
             raise OmniditError(f"config key 'data.new_shapes' applies to the shapes data set, not {self.name!r}",
                                hint="drop data.new_shapes")
-        if self.new_shape_weight != 1.0 and not self.new_shapes:
-            raise OmniditError(f"config key 'data.new_shape_weight'={self.new_shape_weight} weights the shapes of "
-                               "data.new_shapes, and there are none", hint='add data.new_shapes=["cross"] or drop it')
+        check_new_shape_weight(self.new_shape_weight, bool(self.new_shapes), "config key 'data.new_shape_weight'")
         if self.counterfactual_directions != "any" and self.name != "shapes_video":
             raise OmniditError(f"config key 'data.counterfactual_directions' applies to the shapes_video data set, "
                                f"not {self.name!r}", hint="drop data.counterfactual_directions")

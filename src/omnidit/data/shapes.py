@@ -101,6 +101,21 @@ def allowed_pairs(held_out: Collection[tuple[str, str]]) -> list[tuple[str, str]
     return allowed
 
 
+MAX_NEW_SHAPE_WEIGHT = 1e6
+
+
+def check_new_shape_weight(weight: float, has_new_shapes: bool, name: str = "new_shape_weight") -> float:
+    """``weight`` as a float if it is a number in (0, MAX_NEW_SHAPE_WEIGHT], and 1 unless there are new shapes to
+    weight; else a one-line error."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= MAX_NEW_SHAPE_WEIGHT:
+        raise OmniditError(f"{name} must be a number in (0, {MAX_NEW_SHAPE_WEIGHT:g}], got {weight!r}",
+                           hint="e.g. 3: each new shape's colour-shape pair three times as likely as a known one's")
+    if weight != 1 and not has_new_shapes:
+        raise OmniditError(f"{name}={weight:g} weights the shapes of new_shapes, and there are none",
+                           hint='add new_shapes=["cross"] or leave the weight at 1')
+    return float(weight)
+
+
 def check_new_shapes(names: Sequence[str], name: str = "new shapes") -> tuple[str, ...]:
     """``names`` if each is one of NEW_SHAPES, once; else a one-line error."""
     bad = [s for s in names if s not in NEW_SHAPES]
@@ -451,12 +466,11 @@ class ShapesDataset(Dataset):
         self.held_out = parse_held_out(held_out)
         known = allowed_pairs(self.held_out)
         self.allowed = known + [(c, s) for s in check_new_shapes(new_shapes) for c in COLOURS]
-        # new_shape_weight: a new shape's (colour, shape) pair is drawn that many times as often as a known one, so
-        # that a LoRA teaching it sees it more often than one object in five; 1 keeps the uniform draws exactly.
-        if not float(new_shape_weight) > 0:
-            raise OmniditError(f"new_shape_weight must be > 0, got {new_shape_weight}")
-        weights = np.array([1.0] * len(known) + [float(new_shape_weight)] * (len(self.allowed) - len(known)))
-        self.pair_p = None if float(new_shape_weight) == 1.0 else weights / weights.sum()
+        # new_shape_weight: a new shape's (colour, shape) pair has that many times a known pair's weight, so that a
+        # LoRA teaching it sees it more often than one object in five; 1 keeps the uniform draws exactly.
+        weight = check_new_shape_weight(new_shape_weight, bool(new_shapes))
+        weights = np.array([1.0] * len(known) + [weight] * (len(self.allowed) - len(known)))
+        self.pair_p = None if weight == 1.0 else weights / weights.sum()
         # Canonical order: the kind is drawn by index, so {"a": 1, "b": 2} and {"b": 2, "a": 1} must agree.
         self.kinds = {k: float(kinds[k]) for k in SCENE_KINDS if k in kinds}
 
