@@ -92,7 +92,7 @@ def build_dataset(
     ``counterfactual_directions`` (shapes_video only) the directions a clip's partner may take; ``frames`` and
     ``fps`` size the clips of shapes_video and bounce; ``sample_rate`` is the sound's (bounce, tones) and
     ``seconds`` the length of a tones clip; ``new_shapes`` (shapes only): shapes of NEW_SHAPES drawn too, each
-    pair ``new_shape_weight`` times as often as a known one.
+    colour-shape pair with ``new_shape_weight`` times a known pair's weight.
     """
     if name not in DATASETS:
         raise OmniditError(f"unknown dataset {name!r}", hint=f"choose one of: {', '.join(DATASETS)}")

@@ -11,6 +11,7 @@ Renders are crisp (no anti-aliasing) so that an exact detector can recover every
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -105,9 +106,9 @@ MAX_NEW_SHAPE_WEIGHT = 1e6
 
 
 def check_new_shape_weight(weight: float, has_new_shapes: bool, name: str = "new_shape_weight") -> float:
-    """``weight`` as a float if it is a number in (0, MAX_NEW_SHAPE_WEIGHT], and 1 unless there are new shapes to
-    weight; else a one-line error."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= MAX_NEW_SHAPE_WEIGHT:
+    """``weight`` as a float: a real number in (0, MAX_NEW_SHAPE_WEIGHT] (not a bool, infinity or NaN), and 1 where
+    there are no new shapes to weight; else a one-line error."""
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 < weight <= MAX_NEW_SHAPE_WEIGHT:
         raise OmniditError(f"{name} must be a number in (0, {MAX_NEW_SHAPE_WEIGHT:g}], got {weight!r}",
                            hint="e.g. 3: each new shape's colour-shape pair three times as likely as a known one's")
     if weight != 1 and not has_new_shapes:
