@@ -4,6 +4,7 @@ renders; the new-shape suite's judge passes renders and fails other shapes; mist
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from omnidit.config import config_from_dict
@@ -52,10 +53,18 @@ def test_new_shape_weight_draws_the_new_shape_that_much_more_often_and_one_keeps
 
 @pytest.mark.parametrize("weight, new_shapes, message", [
     (float("inf"), ["cross"], "must be a number"), (0, ["cross"], "must be a number"), (True, ["cross"], "number"),
-    ("3", ["cross"], "must be a number"), (2.0, [], "there are none")])
+    ("3", ["cross"], "must be a number"), (2.0, [], "there are none"), (float("nan"), ["cross"], "must be a number"),
+    (np.True_, ["cross"], "must be a number")])
 def test_new_shape_weight_mistakes_are_clear_errors_in_the_data_too(weight, new_shapes, message):
     with pytest.raises(OmniditError, match=message):
         ShapesDataset(32, 32, new_shapes=new_shapes, new_shape_weight=weight)
+
+
+def test_new_shape_weight_takes_numpy_numbers():
+    ds = ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds=WEIGHT_KINDS, new_shape_weight=np.float32(3))
+    same = ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds=WEIGHT_KINDS, new_shape_weight=3)
+    assert [ds.scene(i).caption for i in range(10)] == [same.scene(i).caption for i in range(10)]
+    assert [ds.scene(i).caption for i in range(10)] != CAPTIONS_BEFORE_WEIGHTS
 
 
 def test_new_shape_weight_is_in_the_cache_key_only_when_it_weights(tmp_path):

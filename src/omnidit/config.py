@@ -85,7 +85,8 @@ class DataConfig:
         if self.new_shapes and self.name != "shapes":
             raise OmniditError(f"config key 'data.new_shapes' applies to the shapes data set, not {self.name!r}",
                                hint="drop data.new_shapes")
-        check_new_shape_weight(self.new_shape_weight, bool(self.new_shapes), "config key 'data.new_shape_weight'")
+        self.new_shape_weight = check_new_shape_weight(self.new_shape_weight, bool(self.new_shapes),
+                                                       "config key 'data.new_shape_weight'")
         if self.counterfactual_directions != "any" and self.name != "shapes_video":
             raise OmniditError(f"config key 'data.counterfactual_directions' applies to the shapes_video data set, "
                                f"not {self.name!r}", hint="drop data.counterfactual_directions")

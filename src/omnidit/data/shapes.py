@@ -112,7 +112,7 @@ def check_new_shape_weight(weight: float, has_new_shapes: bool, name: str = "new
         raise OmniditError(f"{name} must be a number in (0, {MAX_NEW_SHAPE_WEIGHT:g}], got {weight!r}",
                            hint="e.g. 3: each new shape's colour-shape pair three times as likely as a known one's")
     if weight != 1 and not has_new_shapes:
-        raise OmniditError(f"{name}={weight:g} weights the shapes of new_shapes, and there are none",
+        raise OmniditError(f"{name}={float(weight):g} weights the shapes of new_shapes, and there are none",
                            hint='add new_shapes=["cross"] or leave the weight at 1')
     return float(weight)
 
