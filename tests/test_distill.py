@@ -536,7 +536,14 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_pa
     assert not out.exists()
 
 
-@pytest.mark.parametrize("method, parallel", [("progressive", "ddp"), ("dmd", "ddp"), ("regression", "ddp"),
+# The DDP runs are in the slow target (pytest -m slow) to keep the default suite within CI's 10 minutes; the FSDP runs,
+# which shard every model of the run and resume from a checkpoint, stay in it.
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method, parallel", [pytest.param("progressive", "ddp", marks=_SLOW),
+                                              pytest.param("dmd", "ddp", marks=_SLOW),
+                                              pytest.param("regression", "ddp", marks=_SLOW),
                                               ("progressive", "fsdp"), ("dmd", "fsdp"), ("regression", "fsdp")])
 def test_two_processes_follow_the_single_process_distillation(digits_teacher, tmp_path, method, parallel):
     # progressive: a stage teacher from step 2 (a frozen copy of the EMA, sharded under FSDP); dmd: the fake
