@@ -62,12 +62,8 @@ def _f(value) -> str:
 
 
 def video_to_audio(pipe, seed: int, limit: int, cfg_audio: float) -> dict:
-    directions = av_suite.AV_DIRECTIONS
-    av_suite.AV_DIRECTIONS = ("video_to_audio",)  # the suite's other directions are not needed here
-    try:
-        report = av_suite.evaluate_av(pipe, seed=seed, limit=limit, progress=False, cfg_audio=cfg_audio)
-    finally:
-        av_suite.AV_DIRECTIONS = directions
+    report = av_suite.evaluate_av(pipe, seed=seed, limit=limit, progress=False, directions=("video_to_audio",),
+                                  cfg_audio=cfg_audio)
     return report.details["directions"]["video_to_audio"]
 
 

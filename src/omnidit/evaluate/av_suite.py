@@ -209,9 +209,11 @@ def _direction_inputs(direction: str, videos: Tensor, audios: Tensor, frames: in
 
 
 def evaluate_av(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None = None, batch_size: int = 16,
-                progress: bool = True, frechet: bool = False, **sampling) -> EvalReport:
-    """The av suite (module docstring): every scene sampled in every direction and judged for sync. (``frechet``
-    is accepted for the runner's sake: this suite has no Fréchet distance; the video suite reports one.)"""
+                progress: bool = True, frechet: bool = False, directions: Sequence[str] = AV_DIRECTIONS,
+                **sampling) -> EvalReport:
+    """The av suite (module docstring): every scene sampled in each of ``directions`` (default all of
+    AV_DIRECTIONS) and judged for sync. (``frechet`` is accepted for the runner's sake: this suite has no Fréchet
+    distance; the video suite reports one.)"""
     from tqdm.auto import tqdm
 
     from omnidit.data.bounce import BounceDataset
@@ -227,8 +229,12 @@ def evaluate_av(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None = 
     scenes = [i for i in range(n) for _ in range(int(n_per_prompt))]
     seeds = _seeds(seed, len(scenes))
     judged, details = [], {}
-    with tqdm(total=len(scenes) * len(AV_DIRECTIONS), desc="av suite", disable=not progress, leave=False) as bar:
-        for direction in AV_DIRECTIONS:
+    unknown = sorted(set(directions) - set(AV_DIRECTIONS))
+    if unknown or not directions:
+        raise OmniditError(f"unknown av directions {unknown or list(directions)}",
+                           hint=f"choose from {', '.join(AV_DIRECTIONS)}")
+    with tqdm(total=len(scenes) * len(directions), desc="av suite", disable=not progress, leave=False) as bar:
+        for direction in directions:
             reports = []
             for start in range(0, len(scenes), batch_size):
                 part = scenes[start:start + batch_size]
@@ -245,7 +251,7 @@ def evaluate_av(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None = 
                                          _reason(report), seed=k))
                 bar.update(len(part))
             details[direction] = _summary(reports)
-    overall, scores = _aggregate("av", judged, AV_DIRECTIONS)
+    overall, scores = _aggregate("av", judged, tuple(directions))
     return EvalReport("av", overall, scores, len(judged), None, settings={"fps": dc.fps}, judged=judged,
                       details={"directions": details})
 
