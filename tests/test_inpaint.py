@@ -268,6 +268,8 @@ def test_the_edit_judge_passes_every_perfect_edit_and_no_unedited_input():
         assert not differs[~c["mask"]].any() and differs[c["mask"]].any()
         assert "red triangle" not in c["prompt"] and "blue circle" not in c["prompt"]
         assert (c["source"] == c["prompt"]) == c["category"].endswith("restore")
+        colour, shape = c["want"]
+        assert c["object_prompt"] in (f"a {colour} {shape}", f"an {colour} {shape}")  # the filled object alone
 
 
 def test_edit_suite_runs_on_a_model_and_reports_exact_kept_pixels(tmp_path, tiny_run, capsys):
@@ -281,6 +283,22 @@ def test_edit_suite_runs_on_a_model_and_reports_exact_kept_pixels(tmp_path, tiny
                                          "edit_replace", "move"} and report["inpaint_mode"] == "tokens"
     assert report["reconstruction_psnr"] > 20 and report["inject_until"] == 0.9
     assert "pixels outside the mask exact in 1.000" in stdout and "PSNR" in stdout
+    assert report["inpaint_prompt"] == "scene"  # auto, for a model not trained on objects' own captions
+
+
+def test_edit_suite_can_ask_inpaints_for_the_object_alone(tmp_path, tiny_run, capsys):
+    out = tmp_path / "edit.json"
+    code, stdout, err = run_main(capsys, "eval", tiny_run, "--suite", "edit", "--limit", "1", "--json", out,
+                                 "--no-progress", "--inpaint-prompt", "object")
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["inpaint_prompt"] == "object" and "prompts: object" in stdout
+    asked = {f["category"]: f["prompt"] for f in report["failures"]}
+    assert {"inpaint_recolour", "inpaint_replace", "edit_replace"} <= set(asked)  # the tiny model fails these
+    assert all(re.fullmatch(r"an? \w+ \w+", asked[c]) for c in ("inpaint_recolour", "inpaint_replace"))
+    assert " and " in asked["edit_replace"] or " of " in asked["edit_replace"]  # edits keep the scene's caption
+    code, _, err = run_main(capsys, "eval", tiny_run, "--suite", "edit", "--inpaint-prompt", "objects")
+    assert code == 2 and "invalid choice" in err
 
 
 def test_the_edit_suite_needs_an_image_model(av_run, capsys):
@@ -291,7 +309,8 @@ def test_the_edit_suite_needs_an_image_model(av_run, capsys):
 def test_mask_aware_training_draws_rectangles_to_generate_or_keep():
     from omnidit.flow import draw_given_regions, given_token_times
 
-    given = draw_given_regions(4000, 2, 4, 6, 0.5, torch.Generator().manual_seed(0))  # 2 tubelets of 4x6 tokens
+    given, on_box = draw_given_regions(4000, 2, 4, 6, 0.5, torch.Generator().manual_seed(0))  # 2 tubelets of 4x6
+    assert not on_box.any()  # no boxes: no sample's region is one
     assert given.shape == (4000, 48)
     some = given.any(1)
     assert abs(some.float().mean() - 0.5) < 0.03
@@ -307,7 +326,7 @@ def test_mask_aware_training_draws_rectangles_to_generate_or_keep():
     outside = torch.tensor([rectangle(~r) for r in generate])  # outpainting: a rectangle given
     assert (inside | outside).all()
     assert inside.float().mean() > 0.72 and outside.float().mean() > 0.22  # 3 : 1 (rows of the grid count twice)
-    assert not draw_given_regions(50, 1, 1, 8, 1.0, torch.Generator().manual_seed(0)).any()  # one row: none
+    assert not draw_given_regions(50, 1, 1, 8, 1.0, torch.Generator().manual_seed(0))[0].any()  # one row: none
     t = given_token_times(torch.tensor([0.5, 0.75]), torch.tensor([[True, False], [False, False]]))
     assert t.tolist() == [[0.0, 0.5], [0.75, 0.75]]
 
@@ -316,7 +335,7 @@ def test_object_regions_generate_each_objects_grown_box_and_leave_other_draws_as
     from omnidit.flow import draw_given_regions
 
     boxes = torch.tensor([[0.25, 0.25, 0.5, 0.5], [float("nan")] * 4, [0.0, 0.5, 0.3, 1.0]]).repeat(100, 1)
-    given = draw_given_regions(300, 1, 8, 8, 1.0, torch.Generator().manual_seed(0), boxes, 0.5)
+    given, on_box = draw_given_regions(300, 1, 8, 8, 1.0, torch.Generator().manual_seed(0), boxes, 0.5)
     grown = torch.zeros(2, 8, 8, dtype=torch.bool)
     grown[0, 1:5, 1:5] = True  # 2..4 tokens on each axis, half a token more, rounded out
     grown[1, 3:8, 0:3] = True  # clipped at the edges
@@ -324,9 +343,12 @@ def test_object_regions_generate_each_objects_grown_box_and_leave_other_draws_as
     for row in (0, 2):
         hits = (generate[:, row] == grown[row // 2]).all((1, 2))
         assert 0.35 < hits.float().mean() < 0.65  # box_p of them; the others random rectangles
+        assert (hits[on_box.view(100, 3)[:, row]]).all()  # the samples said to be on their box are
+        assert on_box.view(100, 3)[:, row].sum() >= hits.sum() - 3  # (a random rectangle may hit the box too)
+    assert not on_box.view(100, 3)[:, 1].any()
     assert generate[:, 1].any((1, 2)).all() and given.any(1).all()  # no box: a random region as before
-    plain = draw_given_regions(300, 1, 8, 8, 1.0, torch.Generator().manual_seed(0))
-    assert torch.equal(plain, draw_given_regions(300, 1, 8, 8, 1.0, torch.Generator().manual_seed(0), boxes, 0.0))
+    plain, _ = draw_given_regions(300, 1, 8, 8, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(plain, draw_given_regions(300, 1, 8, 8, 1.0, torch.Generator().manual_seed(0), boxes, 0.0)[0])
 
 
 def test_object_boxes_are_one_object_of_each_scene():
@@ -334,9 +356,11 @@ def test_object_boxes_are_one_object_of_each_scene():
     from omnidit.train_batches import object_boxes
 
     data = ShapesDataset(seed=5)
-    boxes = object_boxes(data, range(40), torch.Generator().manual_seed(0))
-    for i, box in enumerate(boxes):
-        assert any(torch.allclose(box, torch.tensor(o.box)) for o in data.scene(i).objects)
+    boxes, captions, _ = object_boxes(data, range(40), torch.Generator().manual_seed(0))
+    for i, (box, caption) in enumerate(zip(boxes, captions)):
+        chosen = [o for o in data.scene(i).objects if torch.allclose(box, torch.tensor(o.box))]
+        assert chosen and caption in {f"a {o.colour} {o.shape}" for o in chosen} | {
+            f"an {o.colour} {o.shape}" for o in chosen}
     several = [i for i in range(40) if len(data.scene(i).objects) > 1]
     firsts = [torch.allclose(boxes[i], torch.tensor(data.scene(i).objects[0].box)) for i in several]
     assert 0 < sum(firsts) < len(several)  # not always the first object
@@ -357,12 +381,13 @@ def test_region_p_gives_rectangles_at_t_0_and_leaves_other_draws_as_they_were(ma
     from omnidit.train_batches import image_draws
 
     off, on = (make_tiny_config(tmp_path, train={"region_p": p}) for p in (0.0, 1.0))
-    t, noise = image_draws(off, 8, 16, (4, 4), torch.Generator().manual_seed(3))
+    t, noise, on_box = image_draws(off, 8, 16, (4, 4), torch.Generator().manual_seed(3))
+    assert not on_box.any()
     g = torch.Generator().manual_seed(3)
     tc = off.train
     assert torch.equal(t, sample_timesteps(8, tc.timesteps, tc.t_mean, tc.t_std, tc.t_shift, generator=g))
     assert torch.equal(noise, torch.randn(noise.shape, generator=g))
-    t_on, noise_on = image_draws(on, 8, 16, (4, 4), torch.Generator().manual_seed(3))
+    t_on, noise_on, _ = image_draws(on, 8, 16, (4, 4), torch.Generator().manual_seed(3))
     assert t_on.shape == (8, 16) and torch.equal(noise_on, noise)  # regions are drawn after the noise
     given = t_on == 0
     assert given.any(1).all() and (~given).any(1).all()
@@ -376,3 +401,84 @@ def test_a_region_trained_model_inpaints_with_given_tokens_by_default(tmp_path, 
     final = train(make_tiny_config(tmp_path / "run", train={"steps": 2, "checkpoint_every": 2, "region_p": 1.0}),
                   progress=False)
     assert resolve_mode("auto", load_pipeline(final, device="cpu").config) == "tokens"
+
+
+def test_region_caption_trains_object_regions_on_the_objects_own_captions(make_tiny_config, tmp_path, monkeypatch):
+    import omnidit.train as train_module
+    from omnidit.train import Trainer
+
+    config = make_tiny_config(tmp_path / "run", train={"region_p": 1.0, "region_objects": 1.0, "region_caption": 1.0,
+                                                       "cond_dropout": 0.0})
+    trainer = Trainer(config, progress=False)
+    captions, conds = [], []
+    encode = trainer.condition
+    monkeypatch.setattr(trainer, "condition",
+                        lambda texts, labels: captions.append(list(texts)) or encode(texts, labels))
+    real_loss = train_module.training_loss
+    monkeypatch.setattr(train_module, "training_loss",
+                        lambda v, x0, cond, *a: conds.append(cond) or real_loss(v, x0, cond, *a))
+    trainer.train_step()
+    scenes, phrases = captions  # the scenes' captions, then every object region's own (all of them here)
+    objects = [trainer.dataset.scene(i).objects for i in range(len(scenes))]
+    assert all(any(p.endswith(f"{o.colour} {o.shape}") for o in objs) for p, objs in zip(phrases, objects))
+    assert scenes != phrases and len(conds) == 1
+    expected = encode(phrases, torch.zeros(len(phrases), dtype=torch.long))
+    length = expected.txt.shape[1]
+    assert torch.equal(conds[0].txt[:, :length], expected.txt)  # trained on the objects' captions
+
+
+def test_region_caption_and_empty_need_object_regions():
+    from omnidit.config import Config, TrainConfig
+
+    for key in ("region_caption", "region_empty"):
+        with pytest.raises(OmniditError, match=f"{key} .*region_objects is 0"):
+            Config(train=TrainConfig(region_p=0.5, **{key: 0.5}))
+        with pytest.raises(OmniditError, match=rf"{key} must lie in \[0, 1\]"):
+            Config(train=TrainConfig(region_p=0.5, region_objects=0.5, **{key: -0.1}))
+    with pytest.raises(OmniditError, match=r"region_caption must lie in \[0, 1\]"):
+        Config(train=TrainConfig(region_p=0.5, region_objects=0.5, region_caption=1.5))
+    assert Config(train=TrainConfig(region_p=0.5, region_objects=0.5, region_caption=0.5)).train.region_caption == 0.5
+
+
+def test_empty_regions_are_object_sized_boxes_over_background_and_leave_other_draws_as_they_were():
+    from omnidit.data.shapes import BACKGROUND, ShapesDataset, render_scene
+    from omnidit.flow import box_token_span
+    from omnidit.train_batches import object_boxes
+
+    data, n = ShapesDataset(seed=5), 200
+    plain = object_boxes(data, range(n), torch.Generator().manual_seed(0))
+    off = object_boxes(data, range(n), torch.Generator().manual_seed(0), (8, 8), 0.0)
+    assert torch.equal(plain[0], off[0]) and plain[1] == off[1] and not off[2].any()
+    boxes, captions, empty = object_boxes(data, range(n), torch.Generator().manual_seed(0), (8, 8), 1.0)
+    assert captions == plain[1] and 0.3 < empty.float().mean() < 0.7  # a crowded scene keeps its object's box
+    assert torch.equal(boxes[~empty], plain[0][~empty])
+    moved = empty.nonzero().flatten().tolist()
+    assert len({tuple(boxes[i].tolist()) for i in moved}) == len(moved)  # placed anywhere free, not in one spot
+    for i in moved:
+        assert torch.allclose(boxes[i, 2:] - boxes[i, :2], plain[0][i, 2:] - plain[0][i, :2])  # the object's size
+        assert boxes[i].min() >= 0 and boxes[i].max() <= 1
+        (x0, x1), (y0, y1) = (box_token_span(boxes[i, a], boxes[i, a + 2], 8) for a in (0, 1))
+        region = render_scene(data.scene(i), 32, 32)[int(y0) * 4:int(y1) * 4, int(x0) * 4:int(x1) * 4]
+        assert (region == np.array(BACKGROUND, dtype=region.dtype)).all()  # nothing of any object in it
+
+
+def test_empty_regions_keep_the_scenes_caption(make_tiny_config, tmp_path, monkeypatch):
+    import omnidit.train as train_module
+    from omnidit.train import Trainer
+
+    config = make_tiny_config(tmp_path / "run", train={"region_p": 1.0, "region_objects": 1.0, "region_caption": 1.0,
+                                                       "region_empty": 1.0, "cond_dropout": 0.0, "batch_size": 16})
+    trainer = Trainer(config, progress=False)
+    drawn, conds = [], []
+    real_boxes, real_loss = train_module.object_boxes, train_module.training_loss
+    monkeypatch.setattr(train_module, "object_boxes", lambda *a: drawn.append(real_boxes(*a)) or drawn[-1])
+    monkeypatch.setattr(train_module, "training_loss",
+                        lambda v, x0, cond, *a: conds.append(cond) or real_loss(v, x0, cond, *a))
+    trainer.train_step()
+    ((_, phrases, empty),) = drawn
+    assert 0 < int(empty.sum()) < len(empty)
+    scenes = [trainer.dataset.scene(i).caption for i in range(len(empty))]
+    labels = torch.zeros(len(empty), dtype=torch.long)
+    want = trainer.condition([s if e else p for s, p, e in zip(scenes, phrases, empty.tolist())], labels)
+    length = max(want.txt.shape[1], conds[0].txt.shape[1])
+    assert torch.equal(conds[0].pad_text(length).txt, want.pad_text(length).txt)

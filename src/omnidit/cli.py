@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inpaint-mode", default="auto", choices=["auto", "tokens", "blend"],
                    help="--suite edit: how the kept pixels take part in sampling (omnidit inpaint --mode; "
                         "default: auto)")
+    p.add_argument("--inpaint-prompt", default="auto", choices=["auto", "scene", "object"],
+                   help="--suite edit: what the recolour, replace and restore inpaints ask for: the whole scene's "
+                        "caption, or the filled object's own (\"a red circle\"); auto: object for a model trained "
+                        "with train.region_caption, else scene")
     p.add_argument("--n-per-prompt", type=int, default=None,
                    help="samples per prompt (default: 4 for images, 1 for clips, sound and edits)")
     p.add_argument("--limit", type=int, default=None, help="prompts per category, for a quick seeded run")
@@ -303,7 +307,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if suite not in SUITES:
             raise OmniditError(f"no suite for data '{suite}'", hint=f"pass --suite {', '.join(SUITES)}")
         n_per_prompt = args.n_per_prompt or (4 if suite in ("shapes", "digits", "new_shape") else 1)
-        extra = {"inpaint_mode": args.inpaint_mode} if suite == "edit" else {}
+        extra = {"inpaint_mode": args.inpaint_mode, "inpaint_prompt": args.inpaint_prompt} if suite == "edit" else {}
         report = evaluate_model(pipe, suite, n_per_prompt=n_per_prompt, seed=args.seed, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress, frechet=not args.no_fd,
                                 **sampling_args(args, pipe), **extra)

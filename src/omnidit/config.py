@@ -180,6 +180,14 @@ class TrainConfig:
     # Of those samples, the fraction whose rectangle is one object's box (shapes data), grown by half a token and
     # always generated with the rest given: an object inpainted as `omnidit inpaint` masks it. 0 = off.
     region_objects: float = 0.0
+    # Of the samples whose region is an object's box, the fraction captioned with that object alone ("a red
+    # circle"): the prompt then names what to draw in the mask, `omnidit inpaint scene.png MASK "a red circle"`,
+    # and the object outside the mask is the given context. 0 = every caption is the scene's.
+    region_caption: float = 0.0
+    # Of the samples whose region is an object's box, the fraction whose box moves to an empty place (a hole the size
+    # of an object with nothing in it, under the scene's caption, which names only objects outside it): the model
+    # learns to fill it with background, as the hole that `omnidit inpaint --move` leaves. 0 = off.
+    region_empty: float = 0.0
     # Several generated streams (video and audio): the probability that a sample's streams get independent times
     # (UniDiffuser; otherwise they share one), and, drawn after it, that one whole stream, chosen at random, is
     # given as clean context (video -> audio, audio -> video). 0 = off.
@@ -230,7 +238,9 @@ class TrainConfig:
                                hint="0 turns the counterfactual pairs off; e.g. train.counterfactual_weight=2")
         for key, example in (("given_p", "three clips in ten get some frames given"),
                              ("region_p", "three samples in ten get all but a region given"),
-                             ("region_objects", "half the regions are an object's box")):
+                             ("region_objects", "half the regions are an object's box"),
+                             ("region_caption", "half the objects' regions are captioned with the object alone"),
+                             ("region_empty", "three in ten objects' regions move to an empty place")):
             if not 0 <= getattr(self, key) <= 1:
                 raise OmniditError(f"train.{key} must lie in [0, 1], got {getattr(self, key)}",
                                    hint=f"e.g. train.{key}=0.3: {example}")
@@ -332,6 +342,11 @@ class Config:
             raise OmniditError("train.region_objects picks objects' boxes among train.region_p's regions, on shapes "
                                "data", hint="set train.region_p (e.g. 0.5) on data.name=shapes, or drop "
                                             "train.region_objects")
+        for key in ("region_caption", "region_empty"):
+            if getattr(self.train, key) and not self.train.region_objects:
+                raise OmniditError(f"train.{key} works on the regions that are an object's box, and "
+                                   "train.region_objects is 0", hint=f"set train.region_objects (e.g. 0.5) or drop "
+                                                                     f"train.{key}")
         try:  # the sample section's skip blocks must exist in the model section
             self.sample.skip_blocks = check_skip_blocks(self.sample.skip_scale, self.sample.skip_blocks,
                                                         self.model.depth_single)

@@ -72,10 +72,17 @@ def draw_given_tubelets(batch: int, count: int, p: float, generator: torch.Gener
     return (first_k | last) & ((u < p) & (count > 1))[:, None]
 
 
+def box_token_span(lo: Tensor, hi: Tensor, grid: int) -> tuple[Tensor, Tensor]:
+    """The tokens [start, end) along one axis of ``grid`` tokens that a box from ``lo`` to ``hi`` (fractions, any
+    shape) covers once grown by half a token on each side and rounded out to whole tokens (object regions)."""
+    return ((lo * grid - 0.5).floor().clamp(0, grid - 1).long(), (hi * grid + 0.5).ceil().clamp(1, grid).long())
+
+
 def draw_given_regions(batch: int, tubelets: int, grid_h: int, grid_w: int, p: float, generator: torch.Generator,
-                       boxes: Tensor | None = None, box_p: float = 0.0) -> Tensor:
-    """(batch, tubelets * grid_h * grid_w) bool: the tokens each sample is given as clean context (mask-aware
-    training for inpainting and outpainting).
+                       boxes: Tensor | None = None, box_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(given, on_box): (batch, tubelets * grid_h * grid_w) bool, the tokens each sample is given as clean context
+    (mask-aware training for inpainting and outpainting), and (batch,) bool, the samples whose generated region is
+    their box.
 
     With probability ``p`` a sample gets a rectangle of tokens, 1 .. grid - 1 tokens on each side at a uniform
     place, over all its tubelets: three times in four everything but the rectangle is given (inpainting),
@@ -86,6 +93,7 @@ def draw_given_regions(batch: int, tubelets: int, grid_h: int, grid_w: int, p: f
     object inpainted, as `omnidit inpaint` does with a mask around it).
     """
     u, outside = torch.rand(batch, generator=generator), torch.rand(batch, generator=generator) < 0.25
+    use = torch.zeros(batch, dtype=torch.bool)
     starts, ends = [], []
     for grid in (grid_h, grid_w):
         size = torch.randint(1, max(grid - 1, 1) + 1, (batch,), generator=generator)
@@ -95,8 +103,7 @@ def draw_given_regions(batch: int, tubelets: int, grid_h: int, grid_w: int, p: f
     if boxes is not None and box_p > 0:
         use = (torch.rand(batch, generator=generator) < box_p) & ~boxes.isnan().any(1)
         for axis, grid in ((1, grid_h), (0, grid_w)):  # rows from y, columns from x
-            lo = (boxes[:, axis] * grid - 0.5).floor().clamp(0, grid - 1).nan_to_num(0).long()
-            hi = (boxes[:, axis + 2] * grid + 0.5).ceil().clamp(1, grid).nan_to_num(grid).long()
+            lo, hi = box_token_span(boxes[:, axis].nan_to_num(0), boxes[:, axis + 2].nan_to_num(1), grid)
             i = 1 - axis
             starts[i], ends[i] = torch.where(use, lo, starts[i]), torch.where(use, hi, ends[i])
         outside = outside & ~use
@@ -104,7 +111,8 @@ def draw_given_regions(batch: int, tubelets: int, grid_h: int, grid_w: int, p: f
     sides = [(ix >= s[:, None]) & (ix < e[:, None]) for ix, s, e in zip(index, starts, ends)]  # (B, grid) each
     inside = (sides[0][:, :, None] & sides[1][:, None, :]).flatten(1).repeat(1, tubelets)  # (B, N)
     given = torch.where(outside[:, None], inside, ~inside)
-    return given & ((u < p) & (min(grid_h, grid_w) > 1))[:, None]
+    drawn = (u < p) & (min(grid_h, grid_w) > 1)
+    return given & drawn[:, None], use & drawn
 
 
 def given_token_times(t: Tensor, given: Tensor) -> Tensor:

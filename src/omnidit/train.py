@@ -113,6 +113,9 @@ class Trainer:
         # With a precomputed cache, training reads latents and text features from disk: the text
         # encoder is loaded only when sampling needs it.
         self.cache = open_cache(dc.cache_dir, fields_for_config(config, self.dataset)) if dc.cache_dir else None
+        if tc.region_caption and self.cache is not None:
+            raise OmniditError("train.region_caption encodes the objects' captions as it goes, which a precomputed "
+                               "cache cannot", hint="drop data.cache_dir or set train.region_caption=0")
         if tc.counterfactual_weight > 0:
             if self.cache is not None:
                 raise OmniditError("train.counterfactual_weight needs the images themselves, not a precomputed "
@@ -246,8 +249,12 @@ class Trainer:
             pairs = None
         else:
             ids = self.ids
-            boxes = object_boxes(self.dataset, idx, self.generator) if tc.region_objects else None
-            t, noise = image_draws(self.config, batch, self.num_tokens, self.grid, self.generator, boxes)
+            boxes, phrases, empty = object_boxes(self.dataset, idx, self.generator, self.grid, tc.region_empty) \
+                if tc.region_objects else (None, None, None)
+            t, noise, on_box = image_draws(self.config, batch, self.num_tokens, self.grid, self.generator, boxes)
+            # The rows whose region is their object's box (not an empty place) and whose caption becomes the object's.
+            own = on_box & ~empty & (torch.rand(batch, generator=self.generator) < tc.region_caption) \
+                if tc.region_caption else None
             if counterfactual:
                 g = self.counterfactual_generator
                 t_cf = tc.counterfactual_t_min + (1 - tc.counterfactual_t_min) * torch.rand(batch, generator=g)
@@ -256,6 +263,8 @@ class Trainer:
             pairs = counterfactual_pairs(self.dataset, idx[mine], x0, cond, labels, t_cf[mine], noise_cf[mine],
                                          self.tokens, self.condition, self.device) \
                 if counterfactual else None  # before the caption dropout: the pairs compare two real captions
+            if own is not None and own[mine].any():  # after the pairs, which compare two scenes' captions
+                cond = self.condition(phrases[mine], labels).where(own[mine].to(self.device), cond)
             t, noise = t[mine].to(self.device), noise[mine].to(self.device)
         cond = cond.where(keep[mine].to(self.device), self.null_cond)
 

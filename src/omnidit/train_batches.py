@@ -14,7 +14,9 @@ from torch import Tensor
 from omnidit.condition import Condition
 from omnidit.config import Config
 from omnidit.data import counterfactual_batch
+from omnidit.data.shapes import object_caption
 from omnidit.flow import (
+    box_token_span,
     draw_given_regions,
     draw_given_tubelets,
     given_token_times,
@@ -23,6 +25,8 @@ from omnidit.flow import (
     token_times_with_context,
 )
 from omnidit.tokens import StreamLayout, audio_frame_size, audio_tubelets
+
+EMPTY_SPOT_STEPS = 33  # places per axis tried for train.region_empty's box; a crowded scene keeps its object's
 
 
 def batch_indices(step: int, batch_size: int, num_samples: int | None, seed: int) -> list[int]:
@@ -55,21 +59,23 @@ def _given_tubelets(config: Config, batch: int, generator: torch.Generator) -> T
 
 
 def image_draws(config: Config, batch: int, num_tokens: int, grid: tuple[int, int], generator: torch.Generator,
-                boxes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                boxes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Times and noise for a batch of images or silent clips of ``num_tokens`` tokens on a token ``grid``
     (rows, columns): t (batch,), or (batch, N) when some tokens are given at t = 0 (the frame patterns of
     train.given_p, the regions of train.region_p, some of them the ``boxes`` (batch, 4) of an object each,
-    train.region_objects); noise (batch, N, token features)."""
+    train.region_objects); noise (batch, N, token features); and (batch,) bool, the samples whose generated
+    region is their object's box."""
     tc, mc = config.train, config.model
     t = _times(config, batch, generator)
     noise = torch.randn((batch, num_tokens, mc.token_dim), generator=generator)
+    on_box = torch.zeros(batch, dtype=torch.bool)
     if tc.given_p > 0:  # clips with some frames given as clean context
         t = token_times_with_context(t, _given_tubelets(config, batch, generator), num_tokens)
     if tc.region_p > 0:  # all but a rectangle given (mask-aware training for inpainting)
         tubelets = config.data.frames // mc.temporal_patch
-        t = given_token_times(t, draw_given_regions(batch, tubelets, *grid, tc.region_p, generator, boxes,
-                                                    tc.region_objects))
-    return t, noise
+        given, on_box = draw_given_regions(batch, tubelets, *grid, tc.region_p, generator, boxes, tc.region_objects)
+        t = given_token_times(t, given)
+    return t, noise, on_box
 
 
 def stream_draws(config: Config, layout: StreamLayout, batch: int, generator: torch.Generator, audio_codec
@@ -138,9 +144,36 @@ def counterfactual_pairs(dataset, indices: list[int], x0: Tensor, cond: Conditio
                                1.0 if rows else 0.0)
 
 
-def object_boxes(dataset, indices: Sequence[int], generator: torch.Generator) -> Tensor:
-    """(len(indices), 4): the box (x0, y0, x1, y1 fractions) of one object of each shapes scene, drawn from
-    ``generator`` (train.region_objects)."""
+def object_boxes(dataset, indices: Sequence[int], generator: torch.Generator, grid: tuple[int, int] = (1, 1),
+                 empty_p: float = 0.0) -> tuple[Tensor, list[str], Tensor]:
+    """One object of each shapes scene, drawn from ``generator`` (train.region_objects): its box (len(indices), 4)
+    (x0, y0, x1, y1 fractions), its own caption ("a red circle", train.region_caption), and (len(indices),) bool,
+    the rows whose box was moved to an empty place (train.region_empty, with probability ``empty_p``): a box of
+    the object's size whose region on the token ``grid`` (rows, columns), grown as object regions are, meets no
+    object's, so that the region to generate is background, as the hole that a moved object leaves."""
     scenes = [dataset.scene(int(i)) for i in indices]
     which = torch.randint(0, 2**31 - 1, (len(scenes),), generator=generator)
-    return torch.tensor([s.objects[int(k) % len(s.objects)].box for s, k in zip(scenes, which)], dtype=torch.float32)
+    objects = [s.objects[int(k) % len(s.objects)] for s, k in zip(scenes, which)]
+    boxes = torch.tensor([o.box for o in objects], dtype=torch.float32)
+    empty = torch.zeros(len(scenes), dtype=torch.bool)
+    if empty_p > 0:  # drawn only then, so that runs without it keep their draws
+        moved = torch.rand(len(scenes), generator=generator) < empty_p
+        pick = torch.rand(len(scenes), generator=generator)
+        steps = torch.linspace(0, 1, EMPTY_SPOT_STEPS)
+        places = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2)  # (S * S, 2)
+        for i in moved.nonzero().flatten().tolist():
+            taken = torch.tensor([o.box for o in scenes[i].objects], dtype=torch.float32)  # (K, 4)
+            size = boxes[i, 2:] - boxes[i, :2]
+            starts = places * (1 - size)  # (S * S, 2): every place of the box inside the canvas
+            apart = []  # (S * S, K) per axis: the two regions' token spans do not meet along it
+            for axis, cells in ((0, grid[1]), (1, grid[0])):  # x over the columns, y over the rows
+                lo, hi = box_token_span(starts[:, axis], starts[:, axis] + size[axis], cells)
+                taken_lo, taken_hi = box_token_span(taken[:, axis], taken[:, axis + 2], cells)
+                apart.append((hi[:, None] <= taken_lo[None]) | (taken_hi[None] <= lo[:, None]))
+            free = (apart[0] | apart[1]).all(1)  # apart from every object along x or along y
+            if free.any():  # one of the free places, uniformly
+                free_at = free.nonzero().flatten()
+                at = starts[int(free_at[int(pick[i] * len(free_at))])]
+                boxes[i] = torch.cat([at, at + size])
+                empty[i] = True
+    return boxes, [object_caption(o) for o in objects], empty

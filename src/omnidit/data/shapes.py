@@ -306,6 +306,11 @@ def _phrase(obj: ShapeObject, with_size: bool) -> str:
     return f"{_article(words)} {words}"
 
 
+def object_caption(obj: ShapeObject) -> str:
+    """One object's own caption, "a red circle": what `omnidit inpaint` is asked to draw in a mask around it."""
+    return _phrase(obj, with_size=False)
+
+
 def _caption(rng: np.random.Generator, kind: str, objects: list[ShapeObject], relation: str | None) -> str:
     with_size = bool(rng.random() < SIZE_MENTION_P)
     # "one red circle" as an alternative to the article for single objects

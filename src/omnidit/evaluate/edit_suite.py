@@ -40,6 +40,7 @@ from omnidit.data.shapes import (
     Scene,
     allowed_pairs,
     make_scene,
+    object_caption,
     parse_held_out,
     render_scene,
     to_tensor,
@@ -50,11 +51,13 @@ from omnidit.layout import layout_adapter
 
 EDIT_SEED = 7_777
 CATEGORIES = ("inpaint_recolour", "inpaint_replace", "inpaint_restore", "edit_recolour", "edit_replace")
+INPAINTS = CATEGORIES[:3]  # an object drawn in a mask: the categories that inpaint_prompt="object" asks by name
 PASTE_MOVE = "move"  # moved by pasting its pixels, the hole inpainted: every model
 MOVE = "inpaint_move"  # drawn anew at its new place by layout boxes: models with a layout adapter
 MASK_MARGIN = 2  # pixels around the object's box: its anti-aliased rim and a little room
 KEEP_IOU = 0.8
 DEFAULT_CASES = 16  # per category
+INPAINT_PROMPTS = ("auto", "scene", "object")  # evaluate_edit's inpaint_prompt
 
 
 def _pixel_box(box: tuple[float, ...], width: int, height: int, margin: int) -> tuple[int, int, int, int]:
@@ -77,7 +80,8 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 
 
 def edit_cases(width: int, height: int, held_out, per_category: int = DEFAULT_CASES) -> list[dict]:
-    """``per_category`` cases of each category: {"category", "prompt", "source" (the input's own caption), "image"
+    """``per_category`` cases of each category: {"category", "prompt", "source" (the input's own caption),
+    "object_prompt" (the filled object's own caption, "a red circle"), "image"
     (3, H, W) in [-1, 1], "mask" (H, W)
     bool, "want" (colour, shape) of the filled object, "keep" (the other object as the detector sees it before the
     edit), "box" (mask pixels),
@@ -121,6 +125,7 @@ def edit_cases(width: int, height: int, held_out, per_category: int = DEFAULT_CA
         answer = to_tensor(render_scene(Scene((edited, other), prompt, scene.kind), width, height))
         source = describe(scene.kind, (first, other), scene.relation, with_size=False)
         cases[category].append({"category": category, "prompt": prompt, "source": source,
+                                "object_prompt": object_caption(edited),
                                 "image": to_tensor(pixels), "mask": mask,
                                 "want": (edited.colour, edited.shape), "keep": before[0], "box": box,
                                 "answer": answer})
@@ -200,10 +205,13 @@ def judge_edit(case: dict, result: torch.Tensor) -> tuple[bool, str]:
 
 def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None = None, batch_size: int = 16,
                   progress: bool = True, frechet: bool = False, inpaint_mode: str = "auto",
-                  inject_until: float | None = None, **sampling):
+                  inject_until: float | None = None, inpaint_prompt: str = "auto", **sampling):
     """The edit suite on an image model: ``limit`` cases per category (default DEFAULT_CASES). Inpainting draws
     ``n_per_prompt`` seeds per case; editing is deterministic (one result per case) and uses the model's steps and
-    guidance scale. -> EvalReport (details: kept_exact, reconstruction_psnr, the inpainting mode)."""
+    guidance scale. ``inpaint_prompt``: what the recolour / replace / restore inpaints are asked for: ``scene``,
+    the whole scene's caption; ``object``, the filled object's own ("a red circle"); ``auto``, ``object`` for a
+    model trained on such captions (train.region_caption) and ``scene`` otherwise. -> EvalReport (details:
+    kept_exact, reconstruction_psnr, the inpainting mode and prompts)."""
     from omnidit.editing import DEFAULT_INJECT_UNTIL, EDIT_CANDIDATES, edit
     from omnidit.evaluate.runner import EvalReport, Judged, _aggregate, _seeds
     from omnidit.inpaint import resolve_mode
@@ -212,6 +220,10 @@ def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None 
     if dc.frames > 1 or pipe.model.config.extra_streams or dc.name != "shapes":
         raise OmniditError("the edit suite needs an image model of the shapes data",
                            hint="pass a shapes model, e.g. the shipped one")
+    if inpaint_prompt not in INPAINT_PROMPTS:
+        raise OmniditError(f"unknown inpainting prompt '{inpaint_prompt}'", hint=f"choose {', '.join(INPAINT_PROMPTS)}")
+    if inpaint_prompt == "auto":
+        inpaint_prompt = "object" if pipe.config.train.region_caption else "scene"
     cases = edit_cases(dc.width, dc.height, dc.held_out, limit or DEFAULT_CASES)
     cases += move_cases(dc.width, dc.height, dc.held_out, limit or DEFAULT_CASES, paste=True)
     categories = (*CATEGORIES, PASTE_MOVE)
@@ -223,6 +235,8 @@ def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None 
     until = DEFAULT_INJECT_UNTIL if inject_until is None else inject_until
     judged, exact, inpainted, psnrs = [], 0, 0, []
     for i, case in enumerate(tqdm(cases, desc="edit", unit="case", disable=not progress)):
+        # Prompt edits and moves (whose hole is background) keep the scene's caption.
+        asked = case["object_prompt"] if inpaint_prompt == "object" and case["category"] in INPAINTS else case["prompt"]
         if case["category"].startswith("edit_"):
             image = case["image"][None]
             edited = edit(pipe, image, case["source"], case["prompt"], settings["steps"], settings["cfg"],
@@ -233,16 +247,16 @@ def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None 
             results, case_seeds = edited, [None]
         else:
             case_seeds = seeds[i * n_per_prompt:(i + 1) * n_per_prompt]
-            results = pipe.inpaint([case["prompt"]] * n_per_prompt, case["image"], case["mask"], mode=inpaint_mode,
+            results = pipe.inpaint([asked] * n_per_prompt, case["image"], case["mask"], mode=inpaint_mode,
                                    seed=case_seeds, boxes=case.get("boxes"), **sampling)
         for result, k in zip(results, case_seeds):
             if k is not None:
                 inpainted += 1
                 exact += bool(torch.equal(result[:, ~case["mask"]], case["image"][:, ~case["mask"]]))
             passed, reason = judge_edit(case, result)
-            judged.append(Judged(case["category"], case["prompt"], result, passed, reason, seed=k))
+            judged.append(Judged(case["category"], asked, result, passed, reason, seed=k))
     overall, scores = _aggregate("edit", judged, categories)
     details = {"kept_exact": exact / max(1, inpainted), "inpaint_mode": resolve_mode(inpaint_mode, pipe.config),
                "reconstruction_psnr": sum(psnrs) / len(psnrs) if psnrs else None, "inject_until": until,
-               "edit_mask": "auto", "edit_candidates": EDIT_CANDIDATES}
+               "edit_mask": "auto", "edit_candidates": EDIT_CANDIDATES, "inpaint_prompt": inpaint_prompt}
     return EvalReport("edit", overall, scores, len(judged), None, judged=judged, details=details)

@@ -99,7 +99,8 @@ class EvalReport:
                          f"({d['missing']} missing, {d['extra']} extra beeps)")
         if "kept_exact" in self.details:
             lines.append(f"pixels outside the mask exact in {self.details['kept_exact']:.3f} of the inpainted "
-                         f"results (mode {self.details['inpaint_mode']})")
+                         f"results (mode {self.details['inpaint_mode']}, prompts: "
+                         f"{self.details.get('inpaint_prompt', 'scene')})")
         if self.details.get("reconstruction_psnr") is not None:
             lines.append(f"inversion and back under the same caption: PSNR {self.details['reconstruction_psnr']:.1f} "
                          f"dB; edits inject values down to t = {self.details['inject_until']}")
