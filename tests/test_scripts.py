@@ -157,3 +157,33 @@ def test_clip_edits_recolours_ground_truth_clips_and_judges_them(tmp_path):
     report = ce.main(["--cases", "1", "--steps", "2", "--json", str(tmp_path / "r.json")])
     assert report["cases"] == 1 and report["given_right"] == 1  # the ground truth passes the judge
     assert json.loads((tmp_path / "r.json").read_text())["results"][0]["target"] == cases[0]["target"]
+
+
+def test_inpaint_validation_draws_other_seeds_cases_and_counts_them(tiny_run, tmp_path, capsys):
+    from omnidit.evaluate.edit_suite import edit_cases, move_cases
+
+    iv = load_script("inpaint_validation")
+    out = tmp_path / "v.json"
+    assert iv.main([str(tiny_run), "--data-seed", "1", "--limit", "1", "--moves", "--prompt", "object",
+                    "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    categories = ["inpaint_recolour", "inpaint_replace", "inpaint_restore", "move"]
+    assert report["cases"] == dict.fromkeys(categories, 1) and list(report["passed"]) == ["1"]
+    assert sum(report["total"].values()) + len(report["failures"]) == 4
+    asked = {f["category"]: f["prompt"] for f in report["failures"]}
+    assert asked and all((" and " in p or " of " in p or " above " in p or " below " in p) == (c == "move")
+                         for c, p in asked.items())  # objects asked by name, moves by the scene
+    assert "total" in capsys.readouterr().out
+    held = ["red triangle"]
+    assert [c["prompt"] for c in edit_cases(32, 32, held, 2, data_seed=1)] != [
+        c["prompt"] for c in edit_cases(32, 32, held, 2)]  # other scenes than the suite's
+    assert [c["prompt"] for c in move_cases(32, 32, held, 2, data_seed=1)] != [
+        c["prompt"] for c in move_cases(32, 32, held, 2)]
+
+
+def test_inpaint_validation_bad_input_is_one_line(av_run, capsys):
+    iv = load_script("inpaint_validation")
+    for args in ([str(av_run)], ["shapes", "--limit", "0"]):
+        assert iv.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("inpaint_validation: error:") and err.count("\n") == 1, err
