@@ -23,9 +23,16 @@ from omnidit.errors import OmniditError
 def inpaint_validation(model: str, data_seeds: list[int], prompt: str = "scene", cfg: float | None = None,
                        limit: int = 16, moves: bool = False) -> dict:
     """{"passed": {seed: {category: count}}, "cases": {seed: {category: count}}, "failures": [...]}."""
-    from omnidit.evaluate.edit_suite import INPAINTS, PASTE_MOVE, edit_cases, judge_edit, move_cases
+    from omnidit.evaluate.edit_suite import EDIT_SEED, INPAINTS, PASTE_MOVE, edit_cases, judge_edit, move_cases
     from omnidit.pipeline import load_pipeline
 
+    if prompt not in ("scene", "object"):
+        raise OmniditError(f"unknown prompt '{prompt}'", hint="choose scene or object")
+    suites = {EDIT_SEED, EDIT_SEED - 1}  # a seed's moves are drawn with seed + 1
+    if suites & set(data_seeds):
+        raise OmniditError(f"data seeds {EDIT_SEED - 1} and {EDIT_SEED} draw the suite's own cases",
+                           hint="validate on other seeds, e.g. 1234 4321")
+    data_seeds = list(dict.fromkeys(data_seeds))  # each once
     pipe = load_pipeline(model, device="cpu")
     dc = pipe.config.data
     if dc.frames > 1 or pipe.model.config.extra_streams or dc.name != "shapes":
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     total = {c: sum(p[c] for p in passed.values()) for c in categories}
     count = {c: sum(n[c] for n in cases.values()) for c in categories}
     print(f"{'data seed':<10}" + "".join(f"{c:>18}" for c in categories))
-    for seed in args.data_seed:
+    for seed in passed:
         print(f"{seed:<10}" + "".join(f"{passed[seed][c]:>15}/{cases[seed][c]:<2}" for c in categories))
     print(f"{'total':<10}" + "".join(f"{total[c]:>15}/{count[c]:<2}" for c in categories))
     if args.json:

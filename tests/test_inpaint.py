@@ -428,7 +428,7 @@ def test_region_caption_trains_object_regions_on_the_objects_own_captions(make_t
 
 
 def test_region_caption_and_empty_need_object_regions():
-    from omnidit.config import Config, TrainConfig
+    from omnidit.config import Config, TextConfig, TrainConfig
 
     for key in ("region_caption", "region_empty"):
         with pytest.raises(OmniditError, match=f"{key} .*region_objects is 0"):
@@ -438,6 +438,11 @@ def test_region_caption_and_empty_need_object_regions():
     with pytest.raises(OmniditError, match=r"region_caption must lie in \[0, 1\]"):
         Config(train=TrainConfig(region_p=0.5, region_objects=0.5, region_caption=1.5))
     assert Config(train=TrainConfig(region_p=0.5, region_objects=0.5, region_caption=0.5)).train.region_caption == 0.5
+    objects = {"region_p": 0.5, "region_objects": 0.5, "region_caption": 0.5}
+    with pytest.raises(OmniditError, match="needs a text encoder and no layout boxes"):
+        Config(text=TextConfig(encoder="none"), train=TrainConfig(**objects))
+    with pytest.raises(OmniditError, match="needs a text encoder and no layout boxes"):
+        Config(train=TrainConfig(init_from="shapes", layout_boxes=8, **objects))
 
 
 def test_empty_regions_are_object_sized_boxes_over_background_and_leave_other_draws_as_they_were():
@@ -482,3 +487,58 @@ def test_empty_regions_keep_the_scenes_caption(make_tiny_config, tmp_path, monke
     want = trainer.condition([s if e else p for s, p, e in zip(scenes, phrases, empty.tolist())], labels)
     length = max(want.txt.shape[1], conds[0].txt.shape[1])
     assert torch.equal(conds[0].pad_text(length).txt, want.pad_text(length).txt)
+
+
+def test_region_caption_swaps_only_rows_whose_region_is_their_object(make_tiny_config, tmp_path, monkeypatch):
+    import omnidit.train as train_module
+    from omnidit.train import Trainer
+
+    config = make_tiny_config(tmp_path / "run", train={"region_p": 1.0, "region_objects": 0.5, "region_caption": 1.0,
+                                                       "cond_dropout": 0.0, "batch_size": 16})
+    trainer = Trainer(config, progress=False)
+    drawn, conds = [], []
+    real_draws, real_loss = train_module.image_draws, train_module.training_loss
+    monkeypatch.setattr(train_module, "image_draws", lambda *a: drawn.append(real_draws(*a)) or drawn[-1])
+    monkeypatch.setattr(train_module, "training_loss",
+                        lambda v, x0, cond, *a: conds.append(cond) or real_loss(v, x0, cond, *a))
+    phrases = []
+    real_boxes = train_module.object_boxes
+    monkeypatch.setattr(train_module, "object_boxes", lambda *a: phrases.append(real_boxes(*a)[1]) or real_boxes(*a))
+    trainer.train_step()
+    on_box = drawn[0][2]
+    assert 0 < int(on_box.sum()) < len(on_box)  # some rows on their object, the others random rectangles
+    scenes = [trainer.dataset.scene(i).caption for i in range(len(on_box))]
+    want = trainer.condition([p if b else s for s, p, b in zip(scenes, phrases[0], on_box.tolist())],
+                             torch.zeros(len(on_box), dtype=torch.long))
+    length = max(want.txt.shape[1], conds[0].txt.shape[1])
+    assert torch.equal(conds[0].pad_text(length).txt, want.pad_text(length).txt)
+
+
+def test_empty_places_follow_the_grid_axes_on_a_wide_image():
+    from omnidit.data.shapes import BACKGROUND, ShapesDataset, render_scene
+    from omnidit.flow import box_token_span
+    from omnidit.train_batches import object_boxes
+
+    data = ShapesDataset(width=64, height=32, seed=3)  # 4 x 8 tokens of 8 pixels: rows != columns
+    boxes, _, empty = object_boxes(data, range(80), torch.Generator().manual_seed(1), (4, 8), 1.0)
+    assert empty.sum() > 10
+    for i in empty.nonzero().flatten().tolist():
+        (x0, x1), (y0, y1) = box_token_span(boxes[i, 0], boxes[i, 2], 8), box_token_span(boxes[i, 1], boxes[i, 3], 4)
+        region = render_scene(data.scene(i), 64, 32)[int(y0) * 8:int(y1) * 8, int(x0) * 8:int(x1) * 8]
+        assert (region == np.array(BACKGROUND, dtype=region.dtype)).all()
+    with pytest.raises(ValueError, match="token grid"):
+        object_boxes(data, range(4), torch.Generator().manual_seed(1), None, 0.5)
+
+
+def test_edit_suite_asks_a_model_trained_on_objects_captions_by_the_object(tiny_run):
+    from omnidit.evaluate.edit_suite import evaluate_edit
+    from omnidit.pipeline import load_pipeline
+
+    pipe = load_pipeline(tiny_run / "checkpoint-0000020", device="cpu")
+    with pytest.raises(OmniditError, match="unknown inpainting prompt"):
+        evaluate_edit(pipe, limit=1, progress=False, inpaint_prompt="objects")
+    pipe.config.train.region_caption = 0.5  # as a model trained with it says in its config
+    report = evaluate_edit(pipe, limit=1, progress=False, steps=2)
+    assert report.details["inpaint_prompt"] == "object"
+    asked = {j.category: j.prompt for j in report.judged}
+    assert all(re.fullmatch(r"an? \w+ \w+", asked[c]) for c in ("inpaint_replace", "inpaint_restore"))

@@ -183,7 +183,7 @@ def test_inpaint_validation_draws_other_seeds_cases_and_counts_them(tiny_run, tm
 
 def test_inpaint_validation_bad_input_is_one_line(av_run, capsys):
     iv = load_script("inpaint_validation")
-    for args in ([str(av_run)], ["shapes", "--limit", "0"]):
+    for args in ([str(av_run)], ["shapes", "--limit", "0"], ["shapes", "--data-seed", "1", "7777"]):
         assert iv.main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("inpaint_validation: error:") and err.count("\n") == 1, err

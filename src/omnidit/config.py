@@ -180,13 +180,15 @@ class TrainConfig:
     # Of those samples, the fraction whose rectangle is one object's box (shapes data), grown by half a token and
     # always generated with the rest given: an object inpainted as `omnidit inpaint` masks it. 0 = off.
     region_objects: float = 0.0
-    # Of the samples whose region is an object's box, the fraction captioned with that object alone ("a red
-    # circle"): the prompt then names what to draw in the mask, `omnidit inpaint scene.png MASK "a red circle"`,
-    # and the object outside the mask is the given context. 0 = every caption is the scene's.
+    # Of the samples whose region is an object's box (and stays there, train.region_empty), the fraction captioned
+    # with that object alone ("a red circle"): the prompt then names what to draw in the mask, `omnidit inpaint
+    # scene.png MASK "a red circle"`, and the object outside the mask is the given context. 0 = every caption is the
+    # scene's.
     region_caption: float = 0.0
-    # Of the samples whose region is an object's box, the fraction whose box moves to an empty place (a hole the size
-    # of an object with nothing in it, under the scene's caption, which names only objects outside it): the model
-    # learns to fill it with background, as the hole that `omnidit inpaint --move` leaves. 0 = off.
+    # Of the samples whose region is an object's box, the fraction whose box tries to move to an empty place (a
+    # crowded scene has none): a hole the size of an object with nothing in it, under the scene's caption, which
+    # names only objects outside it; the model learns to fill it with background, as the hole that `omnidit inpaint
+    # --move` leaves. 0 = off.
     region_empty: float = 0.0
     # Several generated streams (video and audio): the probability that a sample's streams get independent times
     # (UniDiffuser; otherwise they share one), and, drawn after it, that one whole stream, chosen at random, is
@@ -347,6 +349,10 @@ class Config:
                 raise OmniditError(f"train.{key} works on the regions that are an object's box, and "
                                    "train.region_objects is 0", hint=f"set train.region_objects (e.g. 0.5) or drop "
                                                                      f"train.{key}")
+        if self.train.region_caption and (self.text.encoder == "none" or self.train.layout_boxes):
+            raise OmniditError("train.region_caption swaps captions, which needs a text encoder and no layout boxes "
+                               f"(text.encoder={self.text.encoder}, train.layout_boxes={self.train.layout_boxes})",
+                               hint="drop train.region_caption, or use a text encoder without train.layout_boxes")
         try:  # the sample section's skip blocks must exist in the model section
             self.sample.skip_blocks = check_skip_blocks(self.sample.skip_scale, self.sample.skip_blocks,
                                                         self.model.depth_single)

@@ -17,7 +17,8 @@ def add_inpaint_parser(sub) -> None:
 
     p = sub.add_parser("inpaint", help="regenerate the masked part of an image or clip, or grow an image (--outpaint)",
                        description="Generate the pixels of IMAGE that MASK marks from PROMPT (a description of the "
-                                   "whole image reads best, e.g. the caption with the new object in it); every pixel "
+                                   "whole image reads best, e.g. the caption with the new object in it; a model "
+                                   "trained with train.region_caption takes the new object alone); every pixel "
                                    "outside the mask stays exactly as it was. The mask is rounded up to the model's "
                                    "tokens (4-pixel squares for the shapes model) for sampling, and only the mask's "
                                    "own pixels are replaced. With a video model IMAGE is a clip, the mask applies to "

@@ -144,7 +144,7 @@ def counterfactual_pairs(dataset, indices: list[int], x0: Tensor, cond: Conditio
                                1.0 if rows else 0.0)
 
 
-def object_boxes(dataset, indices: Sequence[int], generator: torch.Generator, grid: tuple[int, int] = (1, 1),
+def object_boxes(dataset, indices: Sequence[int], generator: torch.Generator, grid: tuple[int, int] | None = None,
                  empty_p: float = 0.0) -> tuple[Tensor, list[str], Tensor]:
     """One object of each shapes scene, drawn from ``generator`` (train.region_objects): its box (len(indices), 4)
     (x0, y0, x1, y1 fractions), its own caption ("a red circle", train.region_caption), and (len(indices),) bool,
@@ -157,6 +157,8 @@ def object_boxes(dataset, indices: Sequence[int], generator: torch.Generator, gr
     boxes = torch.tensor([o.box for o in objects], dtype=torch.float32)
     empty = torch.zeros(len(scenes), dtype=torch.bool)
     if empty_p > 0:  # drawn only then, so that runs without it keep their draws
+        if grid is None:
+            raise ValueError("object_boxes needs the token grid to find empty places")
         moved = torch.rand(len(scenes), generator=generator) < empty_p
         pick = torch.rand(len(scenes), generator=generator)
         steps = torch.linspace(0, 1, EMPTY_SPOT_STEPS)
