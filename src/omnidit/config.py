@@ -182,7 +182,7 @@ class TrainConfig:
     region_objects: float = 0.0
     # Of the samples whose region is an object's box (and stays there, train.region_empty), the fraction captioned
     # with that object alone ("a red circle"): the prompt then names what to draw in the mask, `omnidit inpaint
-    # scene.png MASK "a red circle"`, and the object outside the mask is the given context. 0 = every caption is the
+    # scene.png MASK "a red circle"`, and the scene outside the mask is the given context. 0 = every caption is the
     # scene's.
     region_caption: float = 0.0
     # Of the samples whose region is an object's box, the fraction whose box tries to move to an empty place (a
@@ -242,7 +242,7 @@ class TrainConfig:
                              ("region_p", "three samples in ten get all but a region given"),
                              ("region_objects", "half the regions are an object's box"),
                              ("region_caption", "half the objects' regions are captioned with the object alone"),
-                             ("region_empty", "three in ten objects' regions move to an empty place")):
+                             ("region_empty", "three in ten objects' regions try to move to an empty place")):
             if not 0 <= getattr(self, key) <= 1:
                 raise OmniditError(f"train.{key} must lie in [0, 1], got {getattr(self, key)}",
                                    hint=f"e.g. train.{key}=0.3: {example}")

@@ -64,7 +64,7 @@ def image_draws(config: Config, batch: int, num_tokens: int, grid: tuple[int, in
     (rows, columns): t (batch,), or (batch, N) when some tokens are given at t = 0 (the frame patterns of
     train.given_p, the regions of train.region_p, some of them the ``boxes`` (batch, 4) of an object each,
     train.region_objects); noise (batch, N, token features); and (batch,) bool, the samples whose generated
-    region is their object's box."""
+    region is their box in ``boxes`` (the object's, or the empty place it was moved to)."""
     tc, mc = config.train, config.model
     t = _times(config, batch, generator)
     noise = torch.randn((batch, num_tokens, mc.token_dim), generator=generator)
