@@ -23,7 +23,16 @@ from omnidit.errors import OmniditError
 def inpaint_validation(model: str, data_seeds: list[int], prompt: str = "scene", cfg: float | None = None,
                        limit: int = 16, moves: bool = False) -> dict:
     """{"passed": {seed: {category: count}}, "cases": {seed: {category: count}}, "failures": [...]}."""
-    from omnidit.evaluate.edit_suite import EDIT_SEED, INPAINTS, PASTE_MOVE, edit_cases, judge_edit, move_cases
+    from omnidit.evaluate.edit_suite import (
+        EDIT_SEED,
+        INPAINTS,
+        PASTE_MOVE,
+        asked_prompt,
+        check_edit_model,
+        edit_cases,
+        judge_edit,
+        move_cases,
+    )
     from omnidit.pipeline import load_pipeline
 
     if prompt not in ("scene", "object"):
@@ -34,9 +43,8 @@ def inpaint_validation(model: str, data_seeds: list[int], prompt: str = "scene",
                            hint="validate on other seeds, e.g. 1234 4321")
     data_seeds = list(dict.fromkeys(data_seeds))  # each once
     pipe = load_pipeline(model, device="cpu")
+    check_edit_model(pipe)
     dc = pipe.config.data
-    if dc.frames > 1 or pipe.model.config.extra_streams or dc.name != "shapes":
-        raise OmniditError(f"{model} is not an image model of the shapes data", hint="pass a shapes model")
     extra = {} if cfg is None else {"cfg": cfg}
     categories = (*INPAINTS, PASTE_MOVE) if moves else INPAINTS
     passed = {seed: dict.fromkeys(categories, 0) for seed in data_seeds}
@@ -48,7 +56,7 @@ def inpaint_validation(model: str, data_seeds: list[int], prompt: str = "scene",
         if moves:
             cases += move_cases(dc.width, dc.height, dc.held_out, limit, paste=True, data_seed=seed)
         for i, case in enumerate(cases):
-            asked = case["object_prompt"] if prompt == "object" and case["category"] in INPAINTS else case["prompt"]
+            asked = asked_prompt(case, prompt)
             result = pipe.inpaint([asked], case["image"], case["mask"], seed=[i], **extra)[0]
             ok, reason = judge_edit(case, result)
             passed[seed][case["category"]] += ok

@@ -272,12 +272,17 @@ def test_the_edit_judge_passes_every_perfect_edit_and_no_unedited_input():
         assert c["object_prompt"] in (f"a {colour} {shape}", f"an {colour} {shape}")  # the filled object alone
 
 
-def test_edit_suite_runs_on_a_model_and_reports_exact_kept_pixels(tmp_path, tiny_run, capsys):
+def _edit_suite(tmp_path, run, capsys, *flags) -> tuple[dict, str]:
+    """`omnidit eval RUN --suite edit --limit 1 FLAGS` -> (its JSON report, its stdout)."""
     out = tmp_path / "edit.json"
-    code, stdout, err = run_main(capsys, "eval", tiny_run, "--suite", "edit", "--limit", "1", "--json", out,
-                                 "--no-progress", "--inpaint-mode", "tokens")
+    code, stdout, err = run_main(capsys, "eval", run, "--suite", "edit", "--limit", "1", "--json", out,
+                                 "--no-progress", *flags)
     assert code == 0, err
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text()), stdout
+
+
+def test_edit_suite_runs_on_a_model_and_reports_exact_kept_pixels(tmp_path, tiny_run, capsys):
+    report, stdout = _edit_suite(tmp_path, tiny_run, capsys, "--inpaint-mode", "tokens")
     assert report["suite"] == "edit" and report["n_images"] == 6 and report["kept_exact"] == 1.0
     assert set(report["categories"]) == {"inpaint_recolour", "inpaint_replace", "inpaint_restore", "edit_recolour",
                                          "edit_replace", "move"} and report["inpaint_mode"] == "tokens"
@@ -287,11 +292,7 @@ def test_edit_suite_runs_on_a_model_and_reports_exact_kept_pixels(tmp_path, tiny
 
 
 def test_edit_suite_can_ask_inpaints_for_the_object_alone(tmp_path, tiny_run, capsys):
-    out = tmp_path / "edit.json"
-    code, stdout, err = run_main(capsys, "eval", tiny_run, "--suite", "edit", "--limit", "1", "--json", out,
-                                 "--no-progress", "--inpaint-prompt", "object")
-    assert code == 0, err
-    report = json.loads(out.read_text())
+    report, stdout = _edit_suite(tmp_path, tiny_run, capsys, "--inpaint-prompt", "object")
     assert report["inpaint_prompt"] == "object" and "prompts: object" in stdout
     asked = {f["category"]: f["prompt"] for f in report["failures"]}
     assert {"inpaint_recolour", "inpaint_replace", "edit_replace"} <= set(asked)  # the tiny model fails these

@@ -26,7 +26,7 @@ from omnidit.flow import (
 )
 from omnidit.tokens import StreamLayout, audio_frame_size, audio_tubelets
 
-EMPTY_SPOT_STEPS = 33  # places per axis tried for train.region_empty's box; a crowded scene keeps its object's
+EMPTY_SPOT_STEPS = 33  # places per axis tried for train.region_empty's box
 
 
 def batch_indices(step: int, batch_size: int, num_samples: int | None, seed: int) -> list[int]:
@@ -161,21 +161,27 @@ def object_boxes(dataset, indices: Sequence[int], generator: torch.Generator, gr
             raise ValueError("object_boxes needs the token grid to find empty places")
         moved = torch.rand(len(scenes), generator=generator) < empty_p
         pick = torch.rand(len(scenes), generator=generator)
-        steps = torch.linspace(0, 1, EMPTY_SPOT_STEPS)
-        places = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2)  # (S * S, 2)
         for i in moved.nonzero().flatten().tolist():
-            taken = torch.tensor([o.box for o in scenes[i].objects], dtype=torch.float32)  # (K, 4)
-            size = boxes[i, 2:] - boxes[i, :2]
-            starts = places * (1 - size)  # (S * S, 2): every place of the box inside the canvas
-            apart = []  # (S * S, K) per axis: the two regions' token spans do not meet along it
-            for axis, cells in ((0, grid[1]), (1, grid[0])):  # x over the columns, y over the rows
-                lo, hi = box_token_span(starts[:, axis], starts[:, axis] + size[axis], cells)
-                taken_lo, taken_hi = box_token_span(taken[:, axis], taken[:, axis + 2], cells)
-                apart.append((hi[:, None] <= taken_lo[None]) | (taken_hi[None] <= lo[:, None]))
-            free = (apart[0] | apart[1]).all(1)  # apart from every object along x or along y
-            if free.any():  # one of the free places, uniformly
-                free_at = free.nonzero().flatten()
-                at = starts[int(free_at[int(pick[i] * len(free_at))])]
-                boxes[i] = torch.cat([at, at + size])
-                empty[i] = True
+            taken = torch.tensor([o.box for o in scenes[i].objects], dtype=torch.float32)
+            place = _empty_place(boxes[i, 2:] - boxes[i, :2], taken, grid, float(pick[i]))
+            if place is not None:  # a crowded scene keeps its object's box
+                boxes[i], empty[i] = place, True
     return boxes, [object_caption(o) for o in objects], empty
+
+
+def _empty_place(size: Tensor, taken: Tensor, grid: tuple[int, int], pick: float) -> Tensor | None:
+    """A box (4,) of ``size`` (2,) (width, height fractions) whose region on the token ``grid`` (rows, columns),
+    grown as object regions are, meets none of the ``taken`` (K, 4) boxes' regions: the free place that ``pick``
+    in [0, 1) chooses among EMPTY_SPOT_STEPS x EMPTY_SPOT_STEPS, or None if there is none."""
+    steps = torch.linspace(0, 1, EMPTY_SPOT_STEPS)
+    starts = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2) * (1 - size)  # (S * S, 2)
+    apart = []  # (S * S, K) per axis: the two regions' token spans do not meet along it
+    for axis, cells in ((0, grid[1]), (1, grid[0])):  # x over the columns, y over the rows
+        lo, hi = box_token_span(starts[:, axis], starts[:, axis] + size[axis], cells)
+        taken_lo, taken_hi = box_token_span(taken[:, axis], taken[:, axis + 2], cells)
+        apart.append((hi[:, None] <= taken_lo[None]) | (taken_hi[None] <= lo[:, None]))
+    free = (apart[0] | apart[1]).all(1).nonzero().flatten()  # apart from every object along x or along y
+    if not len(free):
+        return None
+    at = starts[int(free[int(pick * len(free))])]
+    return torch.cat([at, at + size])

@@ -206,6 +206,20 @@ def judge_edit(case: dict, result: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
+def check_edit_model(pipe) -> None:
+    """A one-line error unless ``pipe`` is an image model of the shapes data, which the edit cases are drawn for."""
+    dc = pipe.config.data
+    if dc.frames > 1 or pipe.model.config.extra_streams or dc.name != "shapes":
+        raise OmniditError("the edit suite needs an image model of the shapes data",
+                           hint="pass a shapes model, e.g. the shipped one")
+
+
+def asked_prompt(case: dict, inpaint_prompt: str) -> str:
+    """What ``case`` is asked for: with ``inpaint_prompt`` "object" an inpaint (INPAINTS) names the filled object
+    alone; prompt edits and moves (whose hole is background) keep the scene's caption."""
+    return case["object_prompt"] if inpaint_prompt == "object" and case["category"] in INPAINTS else case["prompt"]
+
+
 def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None = None, batch_size: int = 16,
                   progress: bool = True, frechet: bool = False, inpaint_mode: str = "auto",
                   inject_until: float | None = None, inpaint_prompt: str = "auto", **sampling):
@@ -220,9 +234,7 @@ def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None 
     from omnidit.inpaint import resolve_mode
 
     dc = pipe.config.data
-    if dc.frames > 1 or pipe.model.config.extra_streams or dc.name != "shapes":
-        raise OmniditError("the edit suite needs an image model of the shapes data",
-                           hint="pass a shapes model, e.g. the shipped one")
+    check_edit_model(pipe)
     if inpaint_prompt not in INPAINT_PROMPTS:
         raise OmniditError(f"unknown inpainting prompt '{inpaint_prompt}'", hint=f"choose {', '.join(INPAINT_PROMPTS)}")
     if inpaint_prompt == "auto":
@@ -238,8 +250,7 @@ def evaluate_edit(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None 
     until = DEFAULT_INJECT_UNTIL if inject_until is None else inject_until
     judged, exact, inpainted, psnrs = [], 0, 0, []
     for i, case in enumerate(tqdm(cases, desc="edit", unit="case", disable=not progress)):
-        # Prompt edits and moves (whose hole is background) keep the scene's caption.
-        asked = case["object_prompt"] if inpaint_prompt == "object" and case["category"] in INPAINTS else case["prompt"]
+        asked = asked_prompt(case, inpaint_prompt)
         if case["category"].startswith("edit_"):
             image = case["image"][None]
             edited = edit(pipe, image, case["source"], case["prompt"], settings["steps"], settings["cfg"],
