@@ -46,6 +46,48 @@ def test_av_training_resumes_exactly_across_the_mixed_data(av_run, make_tiny_con
     assert a["stream_out.audio.linear.weight"].abs().sum() > 0
 
 
+def test_sound_alone_trains_and_resumes_exactly_with_the_picture_frozen(make_tiny_config, tmp_path):
+    """A model with a picture stream trained on tones alone (a text-to-sound model grown from a clip model): the
+    picture's own weights get no gradient, so they are frozen (and stay as they were), and the run resumes
+    exactly (their missing optimizer state once made the resume fail)."""
+    from omnidit.train import Trainer, train
+
+    def config(out_dir, **train_):
+        sections = {k: dict(v) for k, v in AV.items()}
+        sections["data"].update(name="tones", mix_name="", mix_every=0)
+        sections["train"].update(given_p=0.0, stream_given_p=0.0, stream_independent_p=0.0, **train_)
+        return make_tiny_config(out_dir, **sections)
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    trainer = Trainer(config(tmp_path / "x"), progress=False)
+    frozen = {id(p) for p in trainer.net.stream_parameters("img")}
+    assert frozen and all(not p.requires_grad for p in trainer.net.stream_parameters("img"))
+    assert all(p.requires_grad for p in trainer.net.parameters() if id(p) not in frozen)
+    train(config(straight), progress=False)
+    train(config(split, steps=2), progress=False)
+    train(config(split), progress=False)
+    a = load_file(straight / "checkpoint-0000004" / "model.safetensors")
+    b = load_file(split / "checkpoint-0000004" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = load_file(straight / "checkpoint-0000002" / "model.safetensors")
+    assert torch.equal(a["img_in.weight"], start["img_in.weight"])  # never moved
+    assert not torch.equal(a["stream_in.audio.weight"], start["stream_in.audio.weight"])
+
+
+def test_stream_parameters_name_a_stream_own_weights(make_tiny_config, tmp_path):
+    from omnidit.model.mmdit import MMDiT
+
+    model = MMDiT(av_config(make_tiny_config, tmp_path).model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    img = {names[id(p)] for p in model.stream_parameters("img")}
+    audio = {names[id(p)] for p in model.stream_parameters("audio")}
+    assert "img_in.weight" in img and "final_layer.linear.weight" in img and "double_blocks.0.streams.img.qkv.weight" in img
+    assert "stream_out.audio.linear.weight" in audio and not img & audio
+    assert not any(n.startswith(("single_blocks", "time_in", "txt_in")) for n in img | audio)
+    with pytest.raises(OmniditError, match="no generated stream 'video'"):
+        model.stream_parameters("video")
+
+
 def test_mixed_batches_alternate_between_the_data_sets(av_run, make_tiny_config, tmp_path):
     from omnidit.train import Trainer
 

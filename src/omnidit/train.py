@@ -130,6 +130,9 @@ class Trainer:
         torch.manual_seed(tc.seed)  # parameter init: identical on every rank
         model = MMDiT(mc).to(self.device)
         adapter_source = self.prepare_model(model)
+        if "img" not in filled:  # sound alone (tones): the picture's own weights would get no gradient, and a
+            for p in model.stream_parameters("img"):  # parameter without one has no optimizer state to resume
+                p.requires_grad_(False)
         model.gradient_checkpointing = tc.gradient_checkpointing
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.model = D.wrap_model(model, self.world, tc.parallel)

@@ -425,6 +425,16 @@ class MMDiT(nn.Module):
             out[name] = ts
         return out
 
+    def stream_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters that only the generated stream ``name`` uses: its input and output projections and its
+        branch of each double-stream block (the single-stream blocks, time and text embedders are shared)."""
+        if name != "img" and name not in self.stream_in:
+            raise OmniditError(f"the model has no generated stream {name!r}",
+                               hint=f"one of {', '.join(self.config.generated_streams)}")
+        ends = (self.img_in, self.final_layer) if name == "img" else (self.stream_in[name], self.stream_out[name])
+        modules = [*ends, *(block.streams[name] for block in self.double_blocks)]
+        return [p for m in modules for p in m.parameters()]
+
     def compile_blocks(self) -> None:
         """``torch.compile`` each transformer block in place (regional compilation): the blocks of one kind share
         their code, so Dynamo compiles it once per kind and input form and reuses it for every block, and the
