@@ -130,8 +130,10 @@ class Trainer:
         torch.manual_seed(tc.seed)  # parameter init: identical on every rank
         model = MMDiT(mc).to(self.device)
         adapter_source = self.prepare_model(model)
-        if "img" not in filled:  # sound alone (tones): the picture's own weights would get no gradient, and a
-            for p in model.stream_parameters("img"):  # parameter without one has no optimizer state to resume
+        # Sound alone (tones): the picture's own weights would get no gradient, and a parameter without one has no
+        # optimizer state to resume from, so they are frozen.
+        if "img" not in filled:
+            for p in model.stream_parameters("img"):
                 p.requires_grad_(False)
         model.gradient_checkpointing = tc.gradient_checkpointing
         ema = copy.deepcopy(model).requires_grad_(False).eval()

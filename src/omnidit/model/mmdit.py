@@ -427,10 +427,10 @@ class MMDiT(nn.Module):
 
     def stream_parameters(self, name: str) -> list[nn.Parameter]:
         """The parameters that only the generated stream ``name`` uses: its input and output projections and its
-        branch of each double-stream block (the single-stream blocks, time and text embedders are shared)."""
-        if name != "img" and name not in self.stream_in:
+        branch of each double-stream block; everything else is shared by the streams."""
+        if name not in self.config.generated_streams:
             raise OmniditError(f"the model has no generated stream {name!r}",
-                               hint=f"one of {', '.join(self.config.generated_streams)}")
+                               hint=f"its generated streams are {', '.join(self.config.generated_streams)}")
         ends = (self.img_in, self.final_layer) if name == "img" else (self.stream_in[name], self.stream_out[name])
         modules = [*ends, *(block.streams[name] for block in self.double_blocks)]
         return [p for m in modules for p in m.parameters()]
