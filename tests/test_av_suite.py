@@ -92,7 +92,32 @@ def test_audio_prompts_fill_every_category_and_novel_ones_are_new():
 def test_audio_suite_scores_the_data_right():
     report = evaluate_audio(DataModel(), limit=8, progress=False, frechet=True)
     assert report.overall >= 0.97, report.to_json()["failures"]
+    facts = report.to_json()["beep_facts"]
+    assert facts["clips"] == 40 and facts["count_right"] >= 0.97 and facts["beeps"] >= 80
+    assert min(facts[f] for f in ("pitch", "duration", "glide")) >= 0.97
+    assert "as many beeps as asked in" in report.table()
     assert report.frechet is not None and report.frechet < 5.0
+
+
+def test_beep_facts_count_every_fact_not_only_the_first():
+    from omnidit.evaluate.audio_judge import Event, beep_facts
+
+    def heard(*beeps):
+        return [Event(0.1 * i, 0.1 * i + 0.05, 440.0, *b) for i, b in enumerate(beeps)]
+
+    caption = "a short low beep then a long rising high beep"
+    facts = beep_facts([
+        (caption, heard(("low", "short", "steady"), ("high", "long", "rising"))),  # right
+        (caption, heard(("middle", "long", "steady"), ("high", "long", "falling"))),  # pitch, length, glide wrong
+        (caption, heard(("low", "short", "steady"))),  # one missing
+        ("a middle beep", heard(("middle", "short", "steady"), ("middle", "long", "steady"))),  # one extra
+    ])
+    assert facts["clips"] == 4 and facts["count_right"] == 0.5 and facts["count_off"] == {"-1": 1, "1": 1}
+    assert facts["beeps"] == 4 and facts["pitch"] == 0.75 and facts["duration"] == 0.75 and facts["glide"] == 0.75
+    assert beep_facts([("a high beep", [])]) == {"clips": 1, "count_right": 0.0, "count_off": {"-1": 1},
+                                                 "pitch": None, "duration": None, "glide": None, "beeps": 0}
+    # A caption that leaves a length unsaid does not count it.
+    assert beep_facts([("a high beep", heard(("high", "long", "steady")))])["duration"] is None
 
 
 def test_av_suite_scores_the_data_right_in_every_direction():

@@ -141,3 +141,27 @@ def judge_tones(audio: np.ndarray | torch.Tensor, caption: str | Sequence[BeepSp
             if wanted and getattr(event, fact) != wanted:
                 return False, f"beep {i} should be {wanted}: heard {event.describe()}", events
     return True, "", events
+
+
+def beep_facts(clips: Sequence[tuple[str | Sequence[BeepSpec], Sequence[Event]]]) -> dict:
+    """Where sound made from captions goes wrong, past the first reason ``judge_tones`` gives: over
+    (caption, beeps heard) pairs, the share of clips with as many beeps as asked (``count_right``), how far the
+    others are off (``count_off``: {heard - asked: clips}), and over the clips with the right count, the share
+    of beeps whose pitch, length (when the caption names one) and glide are right (``pitch``, ``duration``,
+    ``glide``; None when no beep qualifies) and the number of those beeps (``beeps``)."""
+    off: dict[int, int] = {}
+    right = {fact: [0, 0] for fact in ("pitch", "duration", "glide")}
+    for caption, events in clips:
+        specs = parse_tone_caption(caption) if isinstance(caption, str) else tuple(caption)
+        if len(events) != len(specs):
+            off[len(events) - len(specs)] = off.get(len(events) - len(specs), 0) + 1
+            continue
+        for spec, event in zip(specs, events):
+            for fact, tally in right.items():
+                if getattr(spec, fact):  # a caption may leave a beep's length unsaid
+                    tally[0] += getattr(event, fact) == getattr(spec, fact)
+                    tally[1] += 1
+    return {"clips": len(clips), "count_right": (len(clips) - sum(off.values())) / max(1, len(clips)),
+            "count_off": {str(k): off[k] for k in sorted(off)},
+            **{fact: (n / total if total else None) for fact, (n, total) in right.items()},
+            "beeps": right["pitch"][1]}

@@ -5,8 +5,10 @@ judged by the exact sync judge in every generation direction.
 scenes, sorted by beep count into ``one_beep``, ``two_beeps``, ``three_beeps`` and ``four_beeps``, plus
 ``novel_sequences``: three- or four-beep captions that the model's training data never held (checked against
 every tones caption the run drew, from its config: data seed, steps, batch size, mixing). Each clip passes
-when ``audio_judge.judge_tones`` hears the caption's beeps, in order, with their pitch, length and glide.
-A Fréchet distance compares fixed spectral features (``audio_features``) with REFERENCE_CLIPS training clips.
+when ``audio_judge.judge_tones`` hears the caption's beeps, in order, with their pitch, length and glide;
+``beep_facts`` in the report (``audio_judge.beep_facts``) says how often the count was right and, over those
+clips, each fact of each beep. A Fréchet distance compares fixed spectral features (``audio_features``) with
+REFERENCE_CLIPS training clips.
 
 **av** (``bounce`` captions and clips). One set of scenes from ``BounceDataset(seed=EVAL_SEED)``, each sampled
 in every direction:
@@ -38,7 +40,7 @@ from torch import Tensor
 from omnidit.audio_io import mono, spectrogram, stft_magnitude
 from omnidit.data.tones import ToneDataset
 from omnidit.errors import OmniditError
-from omnidit.evaluate.audio_judge import judge_tones
+from omnidit.evaluate.audio_judge import beep_facts, judge_tones
 from omnidit.evaluate.runner import EvalReport, Judged, _aggregate, _seeds
 from omnidit.evaluate.sync import Heard, Seen, SyncReport, hear_beeps, judge_sync, moving_objects, see_bounces
 
@@ -133,10 +135,11 @@ def evaluate_audio(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None
         sounds.append(pipe.generate_av([p for _, p in part], audio_only=True, seconds=dc.seconds,
                                        seed=seeds[start:start + batch_size], **sampling).audio)
     sounds = torch.cat(sounds)
-    judged = []
+    judged, heard = [], []
     for (category, caption), sound, k in zip(prompts, sounds, seeds):
-        passed, reason, _ = judge_tones(sound, caption, dc.sample_rate)
+        passed, reason, events = judge_tones(sound, caption, dc.sample_rate)
         judged.append(Judged(category, caption, spectrogram_image(sound, dc.sample_rate), passed, reason, seed=k))
+        heard.append((caption, events))
     overall, scores = _aggregate("audio", judged, AUDIO_CATEGORIES)
     fd = None
     if frechet:
@@ -144,7 +147,8 @@ def evaluate_audio(pipe, n_per_prompt: int = 1, seed: int = 0, limit: int | None
 
         reference = _audio_reference(max(REFERENCE_CLIPS, len(sounds)), dc.seconds, dc.sample_rate)
         fd = frechet_distance(*fit_gaussian(audio_features(sounds, dc.sample_rate)), *reference)
-    return EvalReport("audio", overall, scores, len(judged), fd, settings={"seconds": dc.seconds}, judged=judged)
+    return EvalReport("audio", overall, scores, len(judged), fd, settings={"seconds": dc.seconds}, judged=judged,
+                      details={"beep_facts": beep_facts(heard)})
 
 
 def _require_audio(pipe) -> None:

@@ -97,6 +97,12 @@ class EvalReport:
             sync, pitch = (f"{d[k]:.3f}" if d[k] is not None else "-" for k in ("sync_within_one_frame", "pitch_match"))
             lines.append(f"{name}: sync within one frame {sync}, pitch match {pitch} over {d['bounces']} bounces "
                          f"({d['missing']} missing, {d['extra']} extra beeps)")
+        if "beep_facts" in self.details:
+            f = self.details["beep_facts"]
+            rates = ", ".join(f"{fact} {f[fact]:.3f}" if f[fact] is not None else f"{fact} -"
+                              for fact in ("pitch", "duration", "glide"))
+            lines.append(f"as many beeps as asked in {f['count_right']:.3f} of the clips (off by: {f['count_off']}); "
+                         f"over their {f['beeps']} beeps: {rates}")
         if "kept_exact" in self.details:
             lines.append(f"pixels outside the mask exact in {self.details['kept_exact']:.3f} of the inpainted "
                          f"results (mode {self.details['inpaint_mode']}, prompts: "
