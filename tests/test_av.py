@@ -75,6 +75,24 @@ def test_sound_alone_trains_and_resumes_exactly_with_the_picture_frozen(make_tin
     assert not torch.equal(a["stream_in.audio.weight"], initial["stream_in.audio.weight"])
 
 
+def test_a_checkpoint_before_the_first_mixed_batch_resumes_exactly(make_tiny_config, tmp_path):
+    """Sound first, pictures from the second batch on (tones mixed with bounce clips): at step 1 the picture's
+    weights have had no gradient and so no optimizer state, and the run still resumes exactly from there."""
+    from omnidit.train import train
+
+    def config(out_dir, steps):
+        sections = {k: dict(v) for k, v in AV.items()}
+        sections["data"].update(name="tones", mix_name="bounce", mix_every=2)
+        sections["train"].update(steps=steps, checkpoint_every=1)
+        return make_tiny_config(out_dir, **sections)
+
+    train(config(tmp_path / "straight", 3), progress=False)
+    train(config(tmp_path / "split", 1), progress=False)
+    train(config(tmp_path / "split", 3), progress=False)
+    a, b = (load_file(tmp_path / run / "checkpoint-0000003" / "model.safetensors") for run in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_stream_parameters_name_each_streams_own_weights(make_tiny_config, tmp_path):
     from omnidit.model.mmdit import MMDiT
 

@@ -121,7 +121,17 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor], optimizer: torch
     # A copy: set_model_state_dict rewrites the dict it gets (DDP "module." prefixes, its own entries).
     set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=strict))
     if optimizer is not None and optimizer_state is not None:
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+        # A parameter that has had no gradient yet has no state (a picture stream before the first mixed-in batch
+        # with pictures): loading is not strict about it (the names were checked by the model's load above), and
+        # the state that loading gives it (torch makes every state with a step of zero gradients first) is
+        # dropped, so that AdamW makes it at its first gradient, as in the run that was not stopped.
+        set_optimizer_state_dict(model, optimizer, optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        stateless = {n for g in optimizer_state.get("param_groups", []) for n in g.get("params", ())
+                     if n not in optimizer_state.get("state", {})}
+        for name, p in model.named_parameters():
+            if name.removeprefix("module.") in stateless:
+                optimizer.state.pop(p, None)
 
 
 def all_reduce_mean(value: Tensor, world: World) -> Tensor:
