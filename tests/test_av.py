@@ -91,6 +91,13 @@ def test_a_checkpoint_before_the_first_mixed_batch_resumes_exactly(make_tiny_con
     train(config(tmp_path / "split", 3), progress=False)
     a, b = (load_file(tmp_path / run / "checkpoint-0000003" / "model.safetensors") for run in ("straight", "split"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A run on sound alone (its picture frozen) resumed with clips mixed in would train weights that its
+    # checkpoint has no optimizer entries for: refused, not given made-up state.
+    alone = config(tmp_path / "alone", 1)
+    alone.data.mix_name, alone.data.mix_every = "", 0
+    train(alone, progress=False)
+    with pytest.raises(OmniditError, match="does not cover the parameter"):
+        train(config(tmp_path / "alone", 2), progress=False)
 
 
 def test_stream_parameters_name_each_streams_own_weights(make_tiny_config, tmp_path):

@@ -122,15 +122,21 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor], optimizer: torch
     set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=strict))
     if optimizer is not None and optimizer_state is not None:
         # A parameter that has had no gradient yet has no state (a picture stream before the first mixed-in batch
-        # with pictures): loading is not strict about it (the names were checked by the model's load above), and
-        # the state that loading gives it (torch makes every state with a step of zero gradients first) is
-        # dropped, so that AdamW makes it at its first gradient, as in the run that was not stopped.
+        # with pictures). Torch's loader refuses that when strict; not strict, it keeps the state it makes for
+        # every parameter first (a step of zero gradients), which shifts AdamW's bias correction. So: load not
+        # strict, drop that made-up state for the parameters the checkpoint lists without state (AdamW makes it at
+        # their first gradient, as in the run that was not stopped), and refuse a parameter it does not list.
         set_optimizer_state_dict(model, optimizer, optimizer_state,
                                  options=StateDictOptions(full_state_dict=True, strict=False))
-        stateless = {n for g in optimizer_state.get("param_groups", []) for n in g.get("params", ())
-                     if n not in optimizer_state.get("state", {})}
-        for name, p in model.named_parameters():
-            if name.removeprefix("module.") in stateless:
+        listed = {n for g in optimizer_state.get("param_groups", []) for n in g.get("params", ())}
+        names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
+        for p in (p for group in optimizer.param_groups for p in group["params"]):
+            name = names.get(id(p), "?")
+            if name not in listed:
+                raise OmniditError(f"the checkpoint's optimizer state does not cover the parameter {name}: the run "
+                                   "trains parameters it did not (a changed config?)",
+                                   hint="resume with the config the run was started with, or use a new out_dir")
+            if name not in optimizer_state.get("state", {}):
                 optimizer.state.pop(p, None)
 
 
