@@ -46,6 +46,14 @@ def test_av_training_resumes_exactly_across_the_mixed_data(av_run, make_tiny_con
     assert a["stream_out.audio.linear.weight"].abs().sum() > 0
 
 
+def tones_config(make_tiny_config, out_dir, mix_name: str = "", **train_):
+    """The AV test model on tones (sound alone), with ``mix_name`` mixed into every second batch when given."""
+    sections = {k: dict(v) for k, v in AV.items()}
+    sections["data"].update(name="tones", mix_name=mix_name, mix_every=2 if mix_name else 0)
+    sections["train"].update(train_)
+    return make_tiny_config(out_dir, **sections)
+
+
 def test_sound_alone_trains_and_resumes_exactly_with_the_picture_frozen(make_tiny_config, tmp_path):
     """A model with a picture stream trained on tones alone (a text-to-sound model grown from a clip model): the
     picture's own weights get no gradient, so they are frozen (and stay as they were), and the run resumes
@@ -53,10 +61,8 @@ def test_sound_alone_trains_and_resumes_exactly_with_the_picture_frozen(make_tin
     from omnidit.train import Trainer, train
 
     def config(out_dir, **train_):
-        sections = {k: dict(v) for k, v in AV.items()}
-        sections["data"].update(name="tones", mix_name="", mix_every=0)
-        sections["train"].update(given_p=0.0, stream_given_p=0.0, stream_independent_p=0.0, **train_)
-        return make_tiny_config(out_dir, **sections)
+        return tones_config(make_tiny_config, out_dir, given_p=0.0, stream_given_p=0.0, stream_independent_p=0.0,
+                            **train_)
 
     straight, split = tmp_path / "straight", tmp_path / "split"
     trainer = Trainer(config(tmp_path / "x"), progress=False)
@@ -80,11 +86,8 @@ def test_a_checkpoint_before_the_first_mixed_batch_resumes_exactly(make_tiny_con
     weights have had no gradient and so no optimizer state, and the run still resumes exactly from there."""
     from omnidit.train import train
 
-    def config(out_dir, steps):
-        sections = {k: dict(v) for k, v in AV.items()}
-        sections["data"].update(name="tones", mix_name="bounce", mix_every=2)
-        sections["train"].update(steps=steps, checkpoint_every=1)
-        return make_tiny_config(out_dir, **sections)
+    def config(out_dir, steps, mix_name="bounce"):
+        return tones_config(make_tiny_config, out_dir, mix_name, steps=steps, checkpoint_every=1)
 
     train(config(tmp_path / "straight", 3), progress=False)
     train(config(tmp_path / "split", 1), progress=False)
@@ -93,9 +96,7 @@ def test_a_checkpoint_before_the_first_mixed_batch_resumes_exactly(make_tiny_con
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # A run on sound alone (its picture frozen) resumed with clips mixed in would train weights that its
     # checkpoint has no optimizer entries for: refused, not given made-up state.
-    alone = config(tmp_path / "alone", 1)
-    alone.data.mix_name, alone.data.mix_every = "", 0
-    train(alone, progress=False)
+    train(config(tmp_path / "alone", 1, mix_name=""), progress=False)
     with pytest.raises(OmniditError, match="does not cover the parameter"):
         train(config(tmp_path / "alone", 2), progress=False)
 

@@ -404,6 +404,21 @@ def test_a_region_trained_model_inpaints_with_given_tokens_by_default(tmp_path, 
     assert resolve_mode("auto", load_pipeline(final, device="cpu").config) == "tokens"
 
 
+def _record_results(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` so that every call's result is appended to the returned list."""
+    real, results = getattr(module, name), []
+    monkeypatch.setattr(module, name, lambda *a: results.append(real(*a)) or results[-1])
+    return results
+
+
+def _record_trained_conditions(monkeypatch, train_module) -> list:
+    """Wrap the trainer's ``training_loss`` so that every call's condition is appended to the returned list."""
+    real, conds = train_module.training_loss, []
+    monkeypatch.setattr(train_module, "training_loss",
+                        lambda v, x0, cond, *a: conds.append(cond) or real(v, x0, cond, *a))
+    return conds
+
+
 def test_region_caption_trains_object_regions_on_the_objects_own_captions(make_tiny_config, tmp_path, monkeypatch):
     import omnidit.train as train_module
     from omnidit.train import Trainer
@@ -411,13 +426,11 @@ def test_region_caption_trains_object_regions_on_the_objects_own_captions(make_t
     config = make_tiny_config(tmp_path / "run", train={"region_p": 1.0, "region_objects": 1.0, "region_caption": 1.0,
                                                        "cond_dropout": 0.0})
     trainer = Trainer(config, progress=False)
-    captions, conds = [], []
+    captions = []
     encode = trainer.condition
     monkeypatch.setattr(trainer, "condition",
                         lambda texts, labels: captions.append(list(texts)) or encode(texts, labels))
-    real_loss = train_module.training_loss
-    monkeypatch.setattr(train_module, "training_loss",
-                        lambda v, x0, cond, *a: conds.append(cond) or real_loss(v, x0, cond, *a))
+    conds = _record_trained_conditions(monkeypatch, train_module)
     trainer.train_step()
     scenes, phrases = captions  # the scenes' captions, then every object region's own (all of them here)
     objects = [trainer.dataset.scene(i).objects for i in range(len(scenes))]
@@ -475,11 +488,8 @@ def test_empty_regions_keep_the_scenes_caption(make_tiny_config, tmp_path, monke
     config = make_tiny_config(tmp_path / "run", train={"region_p": 1.0, "region_objects": 1.0, "region_caption": 1.0,
                                                        "region_empty": 1.0, "cond_dropout": 0.0, "batch_size": 16})
     trainer = Trainer(config, progress=False)
-    drawn, conds = [], []
-    real_boxes, real_loss = train_module.object_boxes, train_module.training_loss
-    monkeypatch.setattr(train_module, "object_boxes", lambda *a: drawn.append(real_boxes(*a)) or drawn[-1])
-    monkeypatch.setattr(train_module, "training_loss",
-                        lambda v, x0, cond, *a: conds.append(cond) or real_loss(v, x0, cond, *a))
+    drawn = _record_results(monkeypatch, train_module, "object_boxes")
+    conds = _record_trained_conditions(monkeypatch, train_module)
     trainer.train_step()
     ((_, phrases, empty),) = drawn
     assert 0 < int(empty.sum()) < len(empty)
@@ -497,15 +507,11 @@ def test_region_caption_swaps_only_rows_whose_region_is_their_object(make_tiny_c
     config = make_tiny_config(tmp_path / "run", train={"region_p": 1.0, "region_objects": 0.5, "region_caption": 1.0,
                                                        "cond_dropout": 0.0, "batch_size": 16})
     trainer = Trainer(config, progress=False)
-    drawn, conds = [], []
-    real_draws, real_loss = train_module.image_draws, train_module.training_loss
-    monkeypatch.setattr(train_module, "image_draws", lambda *a: drawn.append(real_draws(*a)) or drawn[-1])
-    monkeypatch.setattr(train_module, "training_loss",
-                        lambda v, x0, cond, *a: conds.append(cond) or real_loss(v, x0, cond, *a))
-    phrases = []
-    real_boxes = train_module.object_boxes
-    monkeypatch.setattr(train_module, "object_boxes", lambda *a: phrases.append(real_boxes(*a)[1]) or real_boxes(*a))
+    drawn = _record_results(monkeypatch, train_module, "image_draws")
+    conds = _record_trained_conditions(monkeypatch, train_module)
+    boxes = _record_results(monkeypatch, train_module, "object_boxes")
     trainer.train_step()
+    phrases = [b[1] for b in boxes]
     on_box = drawn[0][2]
     assert 0 < int(on_box.sum()) < len(on_box)  # some rows on their object, the others random rectangles
     scenes = [trainer.dataset.scene(i).caption for i in range(len(on_box))]

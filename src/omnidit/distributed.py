@@ -129,6 +129,7 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor], optimizer: torch
         set_optimizer_state_dict(model, optimizer, optimizer_state,
                                  options=StateDictOptions(full_state_dict=True, strict=False))
         listed = {n for g in optimizer_state.get("param_groups", []) for n in g.get("params", ())}
+        with_state = optimizer_state.get("state", {})
         names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
         for p in (p for group in optimizer.param_groups for p in group["params"]):
             name = names.get(id(p), "?")
@@ -136,7 +137,7 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor], optimizer: torch
                 raise OmniditError(f"the checkpoint's optimizer state does not cover the parameter {name}: the run "
                                    "trains parameters it did not (a changed config?)",
                                    hint="resume with the config the run was started with, or use a new out_dir")
-            if name not in optimizer_state.get("state", {}):
+            if name not in with_state:
                 optimizer.state.pop(p, None)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -149,12 +150,12 @@ def beep_facts(clips: Sequence[tuple[str | Sequence[BeepSpec], Sequence[Event]]]
     others are off (``count_off``: {heard - asked: clips}), and over the clips with the right count, the share
     of beeps whose pitch, length (when the caption names one) and glide are right (``pitch``, ``duration``,
     ``glide``; None when no beep qualifies) and the number of those beeps (``beeps``)."""
-    off: dict[int, int] = {}
+    off: Counter[int] = Counter()
     right = {fact: [0, 0] for fact in ("pitch", "duration", "glide")}
     for caption, events in clips:
         specs = parse_tone_caption(caption) if isinstance(caption, str) else tuple(caption)
         if len(events) != len(specs):
-            off[len(events) - len(specs)] = off.get(len(events) - len(specs), 0) + 1
+            off[len(events) - len(specs)] += 1
             continue
         for spec, event in zip(specs, events):
             for fact, tally in right.items():
