@@ -113,3 +113,24 @@ def test_an_edit_request_must_be_a_form(shapes):
     with TestClient(build_app({"shapes": shapes})) as client:
         reply = client.post("/v1/images/edits", json={"prompt": TARGET})
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_content_type"
+
+
+def test_edits_to_the_shipped_inpainting_adapter_use_it(shapes, scene):
+    import torch
+
+    inpainter = load_pipeline("shapes-inpaint", device="cpu")
+    image = np.asarray(to_pil(scene[0]))
+    form = {"image": ("s.png", png(image), "image/png"), "mask": ("m.png", png(top_half_transparent()), "image/png")}
+    with TestClient(build_app({"shapes": shapes, "shapes-inpaint": inpainter})) as client:
+        served = {name: client.post("/v1/images/edits", files=form, data={"model": name, "prompt": TARGET,
+                                                                         "seed": "7", "steps": "4"})
+                  for name in ("shapes", "shapes-inpaint")}
+    assert all(reply.status_code == 200 for reply in served.values()), {k: r.text for k, r in served.items()}
+    pixels = {name: np.asarray(Image.open(io.BytesIO(base64.b64decode(reply.json()["data"][0]["b64_json"])))
+                               .convert("RGB")) for name, reply in served.items()}
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[:16] = True
+    given = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    direct = inpainter.inpaint([TARGET], given, mask, seed=[7], steps=4)
+    assert np.array_equal(np.asarray(to_pil(direct[0])), pixels["shapes-inpaint"])
+    assert not np.array_equal(pixels["shapes-inpaint"], pixels["shapes"])

@@ -38,6 +38,7 @@ TURBO_MODEL_DIR = Path(__file__).resolve().parent / "turbo_model"
 VIDEO_TURBO_MODEL_DIR = Path(__file__).resolve().parent / "video_turbo_model"
 LAYOUT_MODEL_DIR = Path(__file__).resolve().parent / "layout_model"
 GUIDED_MODEL_DIR = Path(__file__).resolve().parent / "guided_model"
+INPAINT_MODEL_DIR = Path(__file__).resolve().parent / "inpaint_model"
 # Models shipped inside the package, addressable by name: (the module global holding its folder, how to train it).
 SHIPPED_MODELS: dict[str, tuple[str, str]] = {
     "shapes": ("DEFAULT_MODEL_DIR", "docs/default_model.md"),
@@ -48,6 +49,7 @@ SHIPPED_MODELS: dict[str, tuple[str, str]] = {
                                                     "configs/recipes/video_turbo.json, docs/distillation.md"),
     "shapes-layout": ("LAYOUT_MODEL_DIR", "omnidit train configs/layout.json, docs/editing.md#layout-boxes"),
     "shapes-guided": ("GUIDED_MODEL_DIR", "omnidit distill shapes OUT --method guidance, docs/distillation.md"),
+    "shapes-inpaint": ("INPAINT_MODEL_DIR", "omnidit train configs/inpaint_lora.json, docs/editing.md"),
 }
 PROVENANCE_FILE = "provenance.json"  # written by export_for_inference: the source step and images seen
 
@@ -122,7 +124,7 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 def resolve_model_dir(path: str | Path) -> Path:
     """A checkpoint folder, a run folder (meaning its latest checkpoint), or a shipped model's name
     (``SHIPPED_MODELS``: shapes, shapes-video, shapes-av, shapes-turbo, shapes-video-turbo, shapes-layout,
-    shapes-guided) where no folder of that name exists."""
+    shapes-guided, shapes-inpaint) where no folder of that name exists."""
     if str(path) in SHIPPED_MODELS and not Path(path).exists():
         return shipped_model_dir(str(path))
     path = Path(path)

@@ -16,9 +16,10 @@ def add_inpaint_parser(sub) -> None:
     from omnidit.generate_command import add_box_flag, add_sampler_flags
 
     p = sub.add_parser("inpaint", help="regenerate the masked part of an image or clip, or grow an image (--outpaint)",
-                       description="Generate the pixels of IMAGE that MASK marks from PROMPT (a description of the "
-                                   "whole image reads best, e.g. the caption with the new object in it; a model "
-                                   "trained with train.region_caption takes the new object alone); every pixel "
+                       description="Generate the pixels of IMAGE that MASK marks from PROMPT (for the default "
+                                   "model, shapes-inpaint, and any model trained with train.region_caption the new "
+                                   "object alone, e.g. 'a red circle'; for other models a description of the whole "
+                                   "image, e.g. the caption with the new object in it); every pixel "
                                    "outside the mask stays exactly as it was. The mask is rounded up to the model's "
                                    "tokens (4-pixel squares for the shapes model) for sampling, and only the mask's "
                                    "own pixels are replaced. With a video model IMAGE is a clip, the mask applies to "
@@ -42,7 +43,8 @@ def add_inpaint_parser(sub) -> None:
                         "given frames), blend (they follow their noised path, so the model sees one t; any model); "
                         "auto picks by the model's training (default: auto)")
     p.add_argument("--model", default=None, help="a shipped model's name, a checkpoint folder or a run folder "
-                                                  "(default: the shipped shapes model)")
+                                                  "(default: shapes-inpaint, the shipped shapes model with its "
+                                                  "inpainting adapter)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: sample.cfg)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; result i uses SEED+i; -1 = random (default: 0)")
@@ -222,7 +224,8 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
                            hint="give a mask, a box:X0,Y0,X1,Y1, or --outpaint LEFT TOP RIGHT BOTTOM")
     boxes = parse_boxes(args.box)
     args.seed = resolve_seed(args.seed, args.num_images)
-    pipe = load_pipeline(model_or_shipped(args.model), device=args.device, use_ema=not args.no_ema)
+    model = model_or_shipped(args.model, "shapes-inpaint")
+    pipe = load_pipeline(model, device=args.device, use_ema=not args.no_ema)
     clip = pipe.config.data.frames > 1
     if pipe.model.config.extra_streams:
         raise OmniditError("inpaint works on images and silent clips; this model makes clips with sound",
@@ -253,7 +256,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
                 **({"outpaint": args.outpaint} if args.outpaint else {}),
                 **({"move": args.move} if args.move else {}),
                 **pipe.sampling_settings(**sampling),
-                "model": str(Path(model_or_shipped(args.model)).resolve()), "software": "omnidit",
+                "model": str(Path(model).resolve()), "software": "omnidit",
                 **({"lora": args.lora} if args.lora else {}),
                 **box_metadata(boxes)}
     if clip:

@@ -105,11 +105,11 @@ def add_box_flag(p: argparse.ArgumentParser) -> None:
                         "height, y down); repeat for several (docs/editing.md#layout-boxes)")
 
 
-def model_or_shipped(path: str | None) -> str:
-    """The model path a command was given, or the shipped shapes model's folder when none was."""
-    from omnidit.checkpoint import default_model_dir
+def model_or_shipped(path: str | None, shipped: str = "shapes") -> str:
+    """The model path a command was given, or the folder of the shipped model named ``shipped`` when none was."""
+    from omnidit.checkpoint import shipped_model_dir
 
-    return str(default_model_dir()) if path is None else path
+    return str(shipped_model_dir(shipped)) if path is None else path
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
