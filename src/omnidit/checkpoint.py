@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,7 +50,8 @@ SHIPPED_MODELS: dict[str, tuple[str, str]] = {
                                                     "configs/recipes/video_turbo.json, docs/distillation.md"),
     "shapes-layout": ("LAYOUT_MODEL_DIR", "omnidit train configs/layout.json, docs/editing.md#layout-boxes"),
     "shapes-guided": ("GUIDED_MODEL_DIR", "omnidit distill shapes OUT --method guidance, docs/distillation.md"),
-    "shapes-inpaint": ("INPAINT_MODEL_DIR", "omnidit train configs/inpaint_lora.json, docs/editing.md"),
+    "shapes-inpaint": ("INPAINT_MODEL_DIR", "omnidit train configs/inpaint_lora.json, docs/editing.md#shapes-inpaint-the-same-training-as-"
+                                         "an-adapter-on-the-shipped-model"),
 }
 PROVENANCE_FILE = "provenance.json"  # written by export_for_inference: the source step and images seen
 
@@ -381,15 +383,24 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
     if config.train.lora_rank:  # a LoRA run's checkpoint holds the adapter; the base is train.init_from's
         from omnidit.lora import merged_lora_model
 
-        model = merged_lora_model(config, read_safetensors(file), file)
+        model = merged_lora_model(_shipped_base(config, directory), read_safetensors(file), file)
     elif config.train.layout_boxes:  # a layout run's checkpoint: the adapter, on train.init_from's model
         from omnidit.layout import layout_model
 
-        model = layout_model(config, read_safetensors(file), file)
+        model = layout_model(_shipped_base(config, directory), read_safetensors(file), file)
     else:
         model = MMDiT(config.model)
         load_state_into(model, read_safetensors(file), file)
     return model.to(device).eval().requires_grad_(False), config
+
+
+def _shipped_base(config: Config, directory: Path) -> Config:
+    """An adapter shipped in the package sits on the shipped model its train.init_from names, even where the
+    working directory holds a folder of that name (which resolve_model_dir would take first)."""
+    name = config.train.init_from
+    if name not in SHIPPED_MODELS or directory.resolve().parent != Path(__file__).resolve().parent:
+        return config
+    return replace(config, train=replace(config.train, init_from=str(shipped_model_dir(name))))
 
 
 def load_training_state(directory: str | Path) -> tuple[dict[str, Tensor], dict]:

@@ -16,9 +16,10 @@ def add_inpaint_parser(sub) -> None:
     from omnidit.generate_command import add_box_flag, add_sampler_flags
 
     p = sub.add_parser("inpaint", help="regenerate the masked part of an image or clip, or grow an image (--outpaint)",
-                       description="Generate the pixels of IMAGE that MASK marks from PROMPT (for the default "
-                                   "model, shapes-inpaint, and any model trained with train.region_caption the new "
-                                   "object alone, e.g. 'a red circle'; for other models a description of the whole "
+                       description="Generate the pixels of IMAGE that MASK marks from PROMPT (for a hole round "
+                                   "one object, the default model, shapes-inpaint, and any model trained with "
+                                   "train.region_caption take the new object alone, e.g. 'a red circle'; larger "
+                                   "regions, --move, --outpaint and other models take a description of the whole "
                                    "image, e.g. the caption with the new object in it); every pixel "
                                    "outside the mask stays exactly as it was. The mask is rounded up to the model's "
                                    "tokens (4-pixel squares for the shapes model) for sampling, and only the mask's "
@@ -29,7 +30,9 @@ def add_inpaint_parser(sub) -> None:
     p.add_argument("mask", help="what to regenerate (in every frame of a clip): a mask image of the same size "
                                 "(white = generate, black = keep), 'box:X0,Y0,X1,Y1' (fractions of the width and "
                                 "height, e.g. box:0,0,0.5,1 = the left half), or 'none' with --outpaint")
-    p.add_argument("prompt", help='what the result shows, e.g. "a yellow diamond above a blue square"')
+    p.add_argument("prompt", help='what the hole gets, e.g. "a yellow diamond" for a hole round one object '
+                                  '(shapes-inpaint), or the whole result, e.g. "a yellow diamond above a blue '
+                                  'square" (larger regions, moves, outpainting, other models)')
     p.add_argument("-o", "--output", default="out.png",
                    help="output PNG, or for a clip .mp4, .gif, .webp or a .png strip (default: out.png)")
     p.add_argument("--outpaint", type=int, nargs=4, default=None, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
@@ -105,7 +108,7 @@ def add_edit_parser(sub) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> None:
     from omnidit.editing import DEFAULT_INJECT_UNTIL, edit, edit_candidates
-    from omnidit.generate_command import _scaled, model_or_shipped
+    from omnidit.generate_command import _scaled, model_or_shipped, recorded_model
     from omnidit.images import save_png, to_pil
     from omnidit.lora import apply_lora_specs
     from omnidit.pipeline import load_pipeline
@@ -141,7 +144,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
                 "mask": mask_spec, "candidates": candidates, "seed": args.seed,
                 "steps": steps, "cfg": cfg, "invert_cfg": args.invert_cfg, "inject_until": until,
                 "inject_blocks": args.inject_blocks or "all", "sampler": "midpoint",
-                "model": str(Path(model_or_shipped(args.model)).resolve()), "software": "omnidit",
+                "model": recorded_model(model_or_shipped(args.model)), "software": "omnidit",
                 **({"lora": args.lora} if args.lora else {})}
     if fps is not None:
         print(f"wrote {save_video(result, args.output, fps, {**settings, 'fps': fps}, scale=args.scale)}")
@@ -199,6 +202,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
         check_counts,
         check_sampling_numbers,
         model_or_shipped,
+        recorded_model,
         resolve_seed,
         sampling_args,
     )
@@ -256,7 +260,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
                 **({"outpaint": args.outpaint} if args.outpaint else {}),
                 **({"move": args.move} if args.move else {}),
                 **pipe.sampling_settings(**sampling),
-                "model": str(Path(model).resolve()), "software": "omnidit",
+                "model": recorded_model(model), "software": "omnidit",
                 **({"lora": args.lora} if args.lora else {}),
                 **box_metadata(boxes)}
     if clip:

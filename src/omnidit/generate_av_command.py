@@ -26,7 +26,7 @@ SUFFIXES = (".mp4", ".wav", ".png")
 def cmd_generate_av(args: argparse.Namespace, pipe, width: int | None, height: int | None) -> None:
     """Everything after the model is loaded (``generate_command.cmd_generate`` dispatches here)."""
     from omnidit.audio_io import save_spectrogram, save_wav
-    from omnidit.generate_command import batch_size, draw_in_batches, output_files, sampling_args
+    from omnidit.generate_command import batch_size, draw_in_batches, output_files, recorded_model, sampling_args
     from omnidit.video_io import save_video
 
     dc = pipe.config.data
@@ -81,7 +81,7 @@ def cmd_generate_av(args: argparse.Namespace, pipe, width: int | None, height: i
                 **({"seconds": common["seconds"]} if args.audio_only else {"frames": frames, "fps": fps,
                                                                             "size": f"{width}x{height}"}),
                 **{flag.lstrip("-"): getattr(args, flag.lstrip("-")) for flag in given},
-                "model": str(Path(args.model).resolve()), "ema": not args.no_ema, "software": "omnidit"}
+                "model": recorded_model(args.model), "ema": not args.no_ema, "software": "omnidit"}
     batch = batch_size(args, pipe, frames if not args.audio_only else 1, width, height, sampling)
 
     def draw(seeds: list[int], progress: bool):

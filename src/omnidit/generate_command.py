@@ -112,6 +112,16 @@ def model_or_shipped(path: str | None, shipped: str = "shapes") -> str:
     return str(shipped_model_dir(shipped)) if path is None else path
 
 
+def recorded_model(path: str) -> str:
+    """The model as an output's metadata records it: the absolute folder, a shipped model's name resolved to its
+    folder in the package (where no folder of that name is in the working directory)."""
+    from omnidit.checkpoint import SHIPPED_MODELS, shipped_model_dir
+
+    if path in SHIPPED_MODELS and not Path(path).exists():
+        return str(shipped_model_dir(path))
+    return str(Path(path).resolve())
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from omnidit.images import make_grid, save_png, to_pil
     from omnidit.layout import box_metadata, check_layout, parse_boxes
@@ -166,7 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     files = output_files(args.output, args.num_images, 1, width, height, args.scale)
     settings = {"prompt": args.prompt, "seed": args.seed, **pipe.sampling_settings(**sampling),
                 "size": f"{width}x{height}", "num_images": args.num_images,
-                "model": str(Path(args.model).resolve()), "ema": not args.no_ema, "software": "omnidit",
+                "model": recorded_model(args.model), "ema": not args.no_ema, "software": "omnidit",
                 **({"twin": str(pipe.model_dir)} if pipe.model_dir != loaded else {}),  # a fast preset's twin drew
                 **({"ranked_by": str(loaded)} if pipe.scorer is not None else {}),  # ...and the model ranked
                 **({"lora": args.lora} if args.lora else {}), **({"speed": args.speed} if args.speed else {}),
@@ -305,7 +315,7 @@ def _generate_clips(args: argparse.Namespace, pipe, width: int | None, height: i
 
     settings = {"prompt": args.prompt, "seed": args.seed, **pipe.sampling_settings(**sampling),
                 "size": f"{width}x{height}", "frames": total, "fps": fps, "num_clips": args.num_images,
-                "image": args.image, "extend": args.extend, "model": str(Path(args.model).resolve()),
+                "image": args.image, "extend": args.extend, "model": recorded_model(args.model),
                 "ema": not args.no_ema, "software": "omnidit"}
     batch = batch_size(args, pipe, window, width, height, sampling)
     grid = []
@@ -415,6 +425,6 @@ def _generate_diffusers_pipeline(args: argparse.Namespace, width: int | None, he
                            progress=not args.no_progress)
     pil = [to_pil(img) for img in images]
     settings = {"prompt": args.prompt, "seed": args.seed, "steps": steps, "guidance": guidance,
-                "size": f"{width}x{height}", "num_images": args.num_images, "model": str(Path(args.model).resolve()),
+                "size": f"{width}x{height}", "num_images": args.num_images, "model": recorded_model(args.model),
                 "pipeline": kind, "software": "omnidit"}
     print(f"wrote {save_png(pil[0] if len(pil) == 1 else make_grid(pil), args.output, settings)}")
