@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import run_main
 from torch import Tensor, nn
 
 from omnidit.checkpoint import list_checkpoints, load_model, read_safetensors
@@ -523,16 +524,16 @@ def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teach
     (["TEACHER", "--method", "dmd", "train.grad_accum=2"], "distillation takes one batch per step"),
     (["TEACHER", "--method", "progressive", "distill.regression_weight=1"], "is DMD's regression term, not a"),
 ])
-def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_path, args, message):
+def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_path, capsys, args, message):
+    # In-process (test_cli.py's fresh-process test covers the command line's own start-up and exit code).
     out = tmp_path / "student"
     (tmp_path / "EMPTY_FOLDER").mkdir()  # a folder that exists but holds no model
     args = [str(digits_teacher) if a == "TEACHER" else str(tmp_path / a) if a in ("NOT_A_MODEL", "EMPTY_FOLDER")
             else a for a in args]
-    done = subprocess.run([sys.executable, "-m", "omnidit", "distill", args[0], str(out), *args[1:]],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], done.stderr
+    code, _, err = run_main(capsys, "distill", args[0], out, *args[1:])
+    assert code == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
     assert not out.exists()
 
 

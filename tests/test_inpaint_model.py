@@ -67,12 +67,18 @@ def test_inpaint_uses_it_when_no_model_is_given(tmp_path, capsys):
     assert np.array_equal(after[outside], before[outside]) and not np.array_equal(after, before)
 
 
-def test_a_folder_named_shapes_in_the_working_directory_does_not_replace_its_base(inpainter, tmp_path, monkeypatch,
-                                                                                    capsys):
+@pytest.mark.parametrize("adapter", ["shapes-inpaint", "shapes-layout"])  # a LoRA and a layout adapter
+def test_a_folder_named_shapes_in_the_working_directory_does_not_replace_a_shipped_adapters_base(adapter, tmp_path,
+                                                                                                monkeypatch):
+    reference = load_pipeline(adapter, device="cpu")
     (tmp_path / "shapes").mkdir()  # e.g. an eval-prompts folder: resolve_model_dir("shapes") would take it
     monkeypatch.chdir(tmp_path)
-    again = load_pipeline("shapes-inpaint", device="cpu")
-    assert all(torch.equal(p, q) for p, q in zip(again.model.parameters(), inpainter.model.parameters()))
+    again = load_pipeline(adapter, device="cpu")
+    assert all(torch.equal(p, q) for p, q in zip(again.model.parameters(), reference.model.parameters()))
+
+
+def test_the_output_records_a_shipped_model_given_by_name_as_its_package_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     Image.new("RGB", (32, 32), "white").save("scene.png")
     code, _, err = run_main(capsys, "inpaint", "scene.png", "box:0,0,0.5,0.5", "a red circle", "--model",
                             "shapes-inpaint", "-o", "out.png", "--steps", 2, "--no-progress")

@@ -50,8 +50,8 @@ SHIPPED_MODELS: dict[str, tuple[str, str]] = {
                                                     "configs/recipes/video_turbo.json, docs/distillation.md"),
     "shapes-layout": ("LAYOUT_MODEL_DIR", "omnidit train configs/layout.json, docs/editing.md#layout-boxes"),
     "shapes-guided": ("GUIDED_MODEL_DIR", "omnidit distill shapes OUT --method guidance, docs/distillation.md"),
-    "shapes-inpaint": ("INPAINT_MODEL_DIR", "omnidit train configs/inpaint_lora.json, docs/editing.md#shapes-inpaint-the-same-training-as-"
-                                         "an-adapter-on-the-shipped-model"),
+    "shapes-inpaint": ("INPAINT_MODEL_DIR", "omnidit train configs/inpaint_lora.json, docs/editing.md"
+                                            "#shapes-inpaint-the-same-training-as-an-adapter-on-the-shipped-model"),
 }
 PROVENANCE_FILE = "provenance.json"  # written by export_for_inference: the source step and images seen
 
@@ -398,7 +398,8 @@ def _shipped_base(config: Config, directory: Path) -> Config:
     """An adapter shipped in the package sits on the shipped model its train.init_from names, even where the
     working directory holds a folder of that name (which resolve_model_dir would take first)."""
     name = config.train.init_from
-    if name not in SHIPPED_MODELS or directory.resolve().parent != Path(__file__).resolve().parent:
+    shipped = {globals()[variable].resolve() for variable, _ in SHIPPED_MODELS.values()}
+    if name not in SHIPPED_MODELS or directory.resolve() not in shipped:
         return config
     return replace(config, train=replace(config.train, init_from=str(shipped_model_dir(name))))
 

@@ -17,7 +17,7 @@ def add_inpaint_parser(sub) -> None:
 
     p = sub.add_parser("inpaint", help="regenerate the masked part of an image or clip, or grow an image (--outpaint)",
                        description="Generate the pixels of IMAGE that MASK marks from PROMPT (for a hole round "
-                                   "one object, the default model, shapes-inpaint, and any model trained with "
+                                   "one object, the default model (shapes-inpaint) and any model trained with "
                                    "train.region_caption take the new object alone, e.g. 'a red circle'; larger "
                                    "regions, --move, --outpaint and other models take a description of the whole "
                                    "image, e.g. the caption with the new object in it); every pixel "
