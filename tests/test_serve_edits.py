@@ -46,10 +46,19 @@ def top_half_transparent() -> np.ndarray:
     return mask
 
 
-def test_the_openai_client_edits_by_inpainting_and_keeps_every_other_pixel(shapes, scene):
-    openai = pytest.importorskip("openai")
+def inpainted_directly(pipe, image: np.ndarray, seed: int):
+    """``Pipeline.inpaint`` of the top half of ``image`` (H, W, 3) uint8 under TARGET at 4 steps: what the server
+    must return for the same request."""
     import torch
 
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[:16] = True
+    given = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return pipe.inpaint([TARGET], given, mask, seed=[seed], steps=4)
+
+
+def test_the_openai_client_edits_by_inpainting_and_keeps_every_other_pixel(shapes, scene):
+    openai = pytest.importorskip("openai")
     image = np.asarray(to_pil(scene[0]))
     with Live(build_app({"shapes": shapes})) as live:
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
@@ -62,10 +71,7 @@ def test_the_openai_client_edits_by_inpainting_and_keeps_every_other_pixel(shape
     pixels = [np.asarray(im.convert("RGB")) for im in edited]
     for p in pixels:
         assert np.array_equal(p[16:], image[16:]) and not np.array_equal(p[:16], image[:16])
-    mask = torch.zeros(32, 32, dtype=torch.bool)
-    mask[:16] = True
-    given = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
-    direct = shapes.inpaint([TARGET], given, mask, seed=[8], steps=4)
+    direct = inpainted_directly(shapes, image, seed=8)
     assert np.array_equal(np.asarray(to_pil(direct[0])), pixels[1])  # the same as Pipeline.inpaint
 
 
@@ -116,7 +122,6 @@ def test_an_edit_request_must_be_a_form(shapes):
 
 
 def test_edits_to_the_shipped_inpainting_adapter_use_it(shapes, scene):
-    import torch
 
     inpainter = load_pipeline("shapes-inpaint", device="cpu")
     image = np.asarray(to_pil(scene[0]))
@@ -128,9 +133,6 @@ def test_edits_to_the_shipped_inpainting_adapter_use_it(shapes, scene):
     assert all(reply.status_code == 200 for reply in served.values()), {k: r.text for k, r in served.items()}
     pixels = {name: np.asarray(Image.open(io.BytesIO(base64.b64decode(reply.json()["data"][0]["b64_json"])))
                                .convert("RGB")) for name, reply in served.items()}
-    mask = torch.zeros(32, 32, dtype=torch.bool)
-    mask[:16] = True
-    given = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
-    direct = inpainter.inpaint([TARGET], given, mask, seed=[7], steps=4)
+    direct = inpainted_directly(inpainter, image, seed=7)
     assert np.array_equal(np.asarray(to_pil(direct[0])), pixels["shapes-inpaint"])
     assert not np.array_equal(pixels["shapes-inpaint"], pixels["shapes"])

@@ -123,13 +123,19 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A checkpoint folder, a run folder (meaning its latest checkpoint), or a shipped model's name
-    (``SHIPPED_MODELS``: shapes, shapes-video, shapes-av, shapes-turbo, shapes-video-turbo, shapes-layout,
-    shapes-guided, shapes-inpaint) where no folder of that name exists."""
+def named_model_path(path: str | Path) -> Path:
+    """``path``, or the shipped model's folder where ``path`` is a shipped model's name (``SHIPPED_MODELS``:
+    shapes, shapes-video, shapes-av, shapes-turbo, shapes-video-turbo, shapes-layout, shapes-guided,
+    shapes-inpaint) and no folder of that name exists."""
     if str(path) in SHIPPED_MODELS and not Path(path).exists():
         return shipped_model_dir(str(path))
-    path = Path(path)
+    return Path(path)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A checkpoint folder, a run folder (meaning its latest checkpoint), or a shipped model's name
+    (``named_model_path``)."""
+    path = named_model_path(path)
     if not path.exists():
         raise OmniditError(f"model folder not found: {path}",
                            hint="pass a folder written by 'omnidit train' (or one of its checkpoint-* folders)")

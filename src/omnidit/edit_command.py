@@ -131,7 +131,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
         check_number("--candidates", args.candidates, low=1, high=64, integer=True)
     candidates = edit_candidates(args.candidates, mask_spec != "none")
     check_output_path("-o", args.output)
-    pipe = load_pipeline(model_or_shipped(args.model), device=args.device, use_ema=not args.no_ema)
+    model = model_or_shipped(args.model)
+    pipe = load_pipeline(model, device=args.device, use_ema=not args.no_ema)
     image, fps = _read_image_or_clip(args.image, args.output, pipe)
     mask = None if mask_spec == "none" else mask_spec if mask_spec == "auto" else \
         read_mask(mask_spec, image.shape[-1], image.shape[-2])
@@ -144,7 +145,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
                 "mask": mask_spec, "candidates": candidates, "seed": args.seed,
                 "steps": steps, "cfg": cfg, "invert_cfg": args.invert_cfg, "inject_until": until,
                 "inject_blocks": args.inject_blocks or "all", "sampler": "midpoint",
-                "model": recorded_model(model_or_shipped(args.model)), "software": "omnidit",
+                "model": recorded_model(model), "software": "omnidit",
                 **({"lora": args.lora} if args.lora else {})}
     if fps is not None:
         print(f"wrote {save_video(result, args.output, fps, {**settings, 'fps': fps}, scale=args.scale)}")

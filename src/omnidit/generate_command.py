@@ -113,13 +113,11 @@ def model_or_shipped(path: str | None, shipped: str = "shapes") -> str:
 
 
 def recorded_model(path: str) -> str:
-    """The model as an output's metadata records it: the absolute folder, a shipped model's name resolved to its
-    folder in the package (where no folder of that name is in the working directory)."""
-    from omnidit.checkpoint import SHIPPED_MODELS, shipped_model_dir
+    """The model as an output's metadata records it: its absolute folder (a shipped model's name: its folder in the
+    package, as ``checkpoint.named_model_path`` finds it)."""
+    from omnidit.checkpoint import named_model_path
 
-    if path in SHIPPED_MODELS and not Path(path).exists():
-        return str(shipped_model_dir(path))
-    return str(Path(path).resolve())
+    return str(named_model_path(path).resolve())
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
