@@ -82,6 +82,51 @@ def test_new_shape_weight_is_in_the_cache_key_only_when_it_weights(tmp_path):
     assert "new_shape_weight" not in str(keys[0]) and "new_shape_weight" in str(keys[1])
 
 
+def test_pair_weights_multiply_the_named_pairs_share_and_ones_keep_the_draws():
+    ones = ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds=WEIGHT_KINDS, pair_weights={"pink cross": 1})
+    assert ones.pair_p is None and [ones.scene(i).caption for i in range(10)] == CAPTIONS_BEFORE_WEIGHTS
+    weighted = ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds={"single": 1}, new_shape_weight=3,
+                             pair_weights={"Pink cross": 4, "red circle": 2})
+    p = dict(zip(weighted.allowed, weighted.pair_p))
+    assert p[("pink", "cross")] == pytest.approx(4 * p[("red", "cross")]) == pytest.approx(12 * p[("cyan", "square")])
+    assert p[("red", "circle")] == pytest.approx(2 * p[("cyan", "square")])
+    objects = [weighted.scene(i).objects[0] for i in range(3000)]
+    share = sum((o.colour, o.shape) == ("pink", "cross") for o in objects) / len(objects)
+    assert share == pytest.approx(p[("pink", "cross")], abs=0.03)
+
+
+@pytest.mark.parametrize("weights, new_shapes, message", [
+    ({"pink cross": 3}, [], "not a colour-shape pair that this data draws"),  # the cross is not drawn
+    ({"red triangle": 3}, [], "not a colour-shape pair"),  # held out
+    ({"pink star": 3}, ["cross"], "not a colour-shape pair"),
+    ({"pink": 3}, ["cross"], "not a colour-shape pair"),
+    ({"pink cross": 0}, ["cross"], "must be a number"),
+    ({"pink cross": "3"}, ["cross"], "must be a number"),
+    (3, ["cross"], "must map 'colour shape' pairs to factors")])
+def test_pair_weights_mistakes_are_clear_errors(tmp_path, weights, new_shapes, message):
+    from conftest import tiny_config_dict
+
+    with pytest.raises(OmniditError, match=message):
+        ShapesDataset(32, 32, new_shapes=new_shapes, pair_weights=weights)
+    with pytest.raises(OmniditError, match="config key 'data.pair_weights'"):
+        config_from_dict(tiny_config_dict(tmp_path, data={"new_shapes": new_shapes, "pair_weights": weights}))
+
+
+def test_pair_weights_apply_to_shapes_only_and_are_in_the_cache_key_only_when_set(tmp_path):
+    from conftest import tiny_config_dict
+
+    from omnidit.data import build_dataset
+    from omnidit.precompute import fields_for_config
+
+    with pytest.raises(OmniditError, match="applies to the shapes data set"):
+        config_from_dict(tiny_config_dict(tmp_path, data={"name": "digits", "pair_weights": {"pink circle": 2}}))
+    keys = []
+    for weights in ({}, {"pink circle": 2.0}):
+        config = config_from_dict(tiny_config_dict(tmp_path, data={"pair_weights": weights, "cache_samples": 4}))
+        keys.append(fields_for_config(config, build_dataset("shapes", 32, 32, pair_weights=weights)))
+    assert "pair_weights" not in str(keys[0]) and "pink circle" in str(keys[1])
+
+
 def test_the_detector_finds_crosses_exactly_only_when_asked_and_the_other_shapes_as_before():
     ds = ShapesDataset(32, 32, seed=3, new_shapes=["cross"], kinds={"single": 0.5, "pair": 0.5})
     for i in range(150):

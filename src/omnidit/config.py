@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omnidit.data.shapes import check_counterfactual_facts, check_new_shape_weight, check_new_shapes, check_scene_kinds
+from omnidit.data.shapes import (
+    check_counterfactual_facts,
+    check_new_shape_weight,
+    check_new_shapes,
+    check_scene_kinds,
+    drawn_pairs,
+    parse_held_out,
+    parse_pair_weights,
+)
 from omnidit.data.shapes_video import PARTNER_DIRECTIONS
 from omnidit.errors import OmniditError
 from omnidit.model.mmdit import PRESETS, MMDiTConfig
@@ -64,6 +72,8 @@ class DataConfig:
     # a new shape's (colour, shape) pair has this many times a known pair's weight when objects are drawn (1: uniformly;
     # with the cross and the default held-out pairs about one object in five a cross)
     new_shape_weight: float = 1.0
+    # shapes only: named colour-shape pairs drawn this many times more often still, e.g. {"pink cross": 3}
+    pair_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_ranges("data", self, positive=("width", "height", "frames", "fps", "sample_rate", "seconds",
@@ -87,6 +97,12 @@ class DataConfig:
                                hint="drop data.new_shapes")
         self.new_shape_weight = check_new_shape_weight(self.new_shape_weight, bool(self.new_shapes),
                                                        "config key 'data.new_shape_weight'")
+        if self.pair_weights:
+            if self.name != "shapes":
+                raise OmniditError(f"config key 'data.pair_weights' applies to the shapes data set, not {self.name!r}",
+                                   hint="drop data.pair_weights")
+            parse_pair_weights(self.pair_weights, drawn_pairs(parse_held_out(self.held_out), self.new_shapes),
+                               "config key 'data.pair_weights'")
         if self.counterfactual_directions != "any" and self.name != "shapes_video":
             raise OmniditError(f"config key 'data.counterfactual_directions' applies to the shapes_video data set, "
                                f"not {self.name!r}", hint="drop data.counterfactual_directions")

@@ -336,6 +336,8 @@ def fields_for_config(config, dataset) -> dict:
         preprocessing["new_shapes"] = sorted(dc.new_shapes)
     if dc.new_shape_weight != 1.0:
         preprocessing["new_shape_weight"] = dc.new_shape_weight
+    if dc.pair_weights:
+        preprocessing["pair_weights"] = dict(sorted(dc.pair_weights.items()))
     return cache_fields(codec_name(dc.codec, dc.codec_dtype), encoder, torch.float32, dc.name, dc.width,
                         dc.height, range(count), preprocessing)
 
@@ -356,7 +358,7 @@ def precompute_for_config(config, progress: bool = True) -> Path:
     device = resolve_device(config.train.device)
     dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out,
                             scene_kinds=dc.scene_kinds, new_shapes=dc.new_shapes,
-                            new_shape_weight=dc.new_shape_weight)
+                            new_shape_weight=dc.new_shape_weight, pair_weights=dc.pair_weights)
     codec = load_codec(dc.codec, dataset.channels, device, dc.codec_dtype)
     encoder = None if config.text.encoder == "none" else load_text_encoder(config.text.encoder,
                                                                            config.text.max_length, device)

@@ -79,6 +79,7 @@ class Trainer:
         self.out_dir = Path(tc.out_dir)
         self.dataset = build_dataset(dc.name, dc.width, dc.height, seed=dc.seed, path=dc.path, held_out=dc.held_out,
                                      new_shapes=dc.new_shapes, new_shape_weight=dc.new_shape_weight,
+                                     pair_weights=dc.pair_weights,
                                      scene_kinds=dc.scene_kinds, counterfactuals=dc.counterfactuals,
                                      counterfactual_directions=dc.counterfactual_directions,
                                      frames=dc.frames, fps=dc.fps, sample_rate=dc.sample_rate, seconds=dc.seconds)

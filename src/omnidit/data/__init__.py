@@ -9,7 +9,7 @@ sound ``sample_rate``, ``samples`` (per clip) and ``streams``, the generated str
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -82,6 +82,7 @@ def build_dataset(
     seconds: float = 2.0,
     new_shapes: Sequence[str] = (),
     new_shape_weight: float = 1.0,
+    pair_weights: Mapping[str, float] | None = None,
 ) -> ImageDataset:
     """Build a dataset by name.
 
@@ -92,7 +93,8 @@ def build_dataset(
     ``counterfactual_directions`` (shapes_video only) the directions a clip's partner may take; ``frames`` and
     ``fps`` size the clips of shapes_video and bounce; ``sample_rate`` is the sound's (bounce, tones) and
     ``seconds`` the length of a tones clip; ``new_shapes`` (shapes only): shapes of NEW_SHAPES drawn too, each
-    colour-shape pair with ``new_shape_weight`` times a known pair's weight.
+    colour-shape pair with ``new_shape_weight`` times a known pair's weight; ``pair_weights`` ({"pink cross": 3}, shapes
+    only) multiplies named pairs' weights further.
     """
     if name not in DATASETS:
         raise OmniditError(f"unknown dataset {name!r}", hint=f"choose one of: {', '.join(DATASETS)}")
@@ -102,7 +104,7 @@ def build_dataset(
     if name == "shapes":
         return ShapesDataset(width, height, seed=seed, held_out=held_out, kinds=scene_kinds or None,
                              counterfactuals=counterfactuals, new_shapes=new_shapes,
-                             new_shape_weight=new_shape_weight)
+                             new_shape_weight=new_shape_weight, pair_weights=pair_weights)
     if name == "shapes_video":
         from omnidit.data.shapes_video import ShapesVideoDataset
 

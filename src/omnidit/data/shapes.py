@@ -102,19 +102,48 @@ def allowed_pairs(held_out: Collection[tuple[str, str]]) -> list[tuple[str, str]
     return allowed
 
 
+def drawn_pairs(held_out: Collection[tuple[str, str]], new_shapes: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a shapes data set draws: the allowed known pairs, then each new shape in every
+    colour."""
+    return allowed_pairs(held_out) + [(c, s) for s in check_new_shapes(new_shapes) for c in COLOURS]
+
+
 MAX_NEW_SHAPE_WEIGHT = 1e6
+
+
+def _check_weight(weight: float, name: str, hint: str) -> None:
+    """A one-line error unless ``weight`` is a real number in (0, MAX_NEW_SHAPE_WEIGHT], not a bool, inf or NaN."""
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 < weight <= MAX_NEW_SHAPE_WEIGHT:
+        raise OmniditError(f"{name} must be a number in (0, {MAX_NEW_SHAPE_WEIGHT:g}], got {weight!r}", hint=hint)
 
 
 def check_new_shape_weight(weight: float, has_new_shapes: bool, name: str = "new_shape_weight") -> float:
     """``weight`` as a float: a real number in (0, MAX_NEW_SHAPE_WEIGHT] (not a bool, infinity or NaN), and 1 where
     there are no new shapes to weight; else a one-line error."""
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 < weight <= MAX_NEW_SHAPE_WEIGHT:
-        raise OmniditError(f"{name} must be a number in (0, {MAX_NEW_SHAPE_WEIGHT:g}], got {weight!r}",
-                           hint="e.g. 3: each new shape's colour-shape pair three times as likely as a known one's")
+    _check_weight(weight, name, "e.g. 3: each new shape's colour-shape pair three times as likely as a known one's")
     if weight != 1 and not has_new_shapes:
         raise OmniditError(f"{name}={float(weight):g} weights the shapes of new_shapes, and there are none",
                            hint='add new_shapes=["cross"] or leave the weight at 1')
     return float(weight)
+
+
+def parse_pair_weights(weights: Mapping[str, float], allowed: Sequence[tuple[str, str]],
+                       name: str = "pair_weights") -> dict[tuple[str, str], float]:
+    """``weights`` ({"pink cross": 3, ...}) as {(colour, shape): factor}: each key a colour-shape pair that the data
+    draws (not held out; a new shape only when it is in new_shapes), each factor a number in (0,
+    MAX_NEW_SHAPE_WEIGHT]; else a one-line error."""
+    if not isinstance(weights, Mapping):
+        raise OmniditError(f"{name} must map 'colour shape' pairs to factors, got {weights!r}",
+                           hint='e.g. {"pink cross": 3}')
+    parsed = {}
+    for key, factor in weights.items():
+        pair = tuple(str(key).lower().split())
+        if pair not in allowed:
+            raise OmniditError(f"{name} names {key!r}, not a colour-shape pair that this data draws",
+                               hint=f"a 'colour shape' pair that is not held out, e.g. 'pink {allowed[-1][1]}'")
+        _check_weight(factor, f"{name}[{key!r}]", hint="e.g. 3: that pair three times as likely as before")
+        parsed[pair] = float(factor)
+    return parsed
 
 
 def check_new_shapes(names: Sequence[str], name: str = "new shapes") -> tuple[str, ...]:
@@ -458,6 +487,7 @@ class ShapesDataset(Dataset):
         counterfactuals: Sequence[str] = ("relation",),
         new_shapes: Sequence[str] = (),
         new_shape_weight: float = 1.0,
+        pair_weights: Mapping[str, float] | None = None,
     ) -> None:
         if int(width) < 8 or int(height) < 8:  # below ~24 px shapes are barely recognisable
             raise OmniditError(f"shapes images must be at least 8x8, got {width}x{height}",
@@ -471,12 +501,17 @@ class ShapesDataset(Dataset):
         self.width, self.height, self.seed = int(width), int(height), int(seed)
         self.held_out = parse_held_out(held_out)
         known = allowed_pairs(self.held_out)
-        self.allowed = known + [(c, s) for s in check_new_shapes(new_shapes) for c in COLOURS]
+        self.allowed = drawn_pairs(self.held_out, new_shapes)
         # new_shape_weight: a new shape's (colour, shape) pair has that many times a known pair's weight, so that a
         # LoRA teaching it sees it more often than one object in five; 1 keeps the uniform draws exactly.
         weight = check_new_shape_weight(new_shape_weight, bool(new_shapes))
+        # pair_weights: named pairs' weights multiplied further, e.g. {"pink cross": 3} for a colour that a new shape
+        # is learnt worst in (pink is the palette's closest colour to the white background, so it weighs least in
+        # the loss).
+        factors = parse_pair_weights(pair_weights or {}, self.allowed)
         weights = np.array([1.0] * len(known) + [weight] * (len(self.allowed) - len(known)))
-        self.pair_p = None if weight == 1.0 else weights / weights.sum()
+        weights *= [factors.get(pair, 1.0) for pair in self.allowed]
+        self.pair_p = None if (weights == 1.0).all() else weights / weights.sum()
         # Canonical order: the kind is drawn by index, so {"a": 1, "b": 2} and {"b": 2, "a": 1} must agree.
         self.kinds = {k: float(kinds[k]) for k in SCENE_KINDS if k in kinds}
 
