@@ -140,7 +140,7 @@ def parse_pair_weights(weights: Mapping[str, float], allowed: Sequence[tuple[str
         pair = tuple(str(key).lower().split())
         if pair not in allowed:
             raise OmniditError(f"{name} names {key!r}, not a colour-shape pair that this data draws",
-                               hint=f"a 'colour shape' pair that is not held out, e.g. 'pink {allowed[-1][1]}'")
+                               hint=f"a 'colour shape' pair that is not held out, e.g. '{' '.join(allowed[-1])}'")
         _check_weight(factor, f"{name}[{key!r}]", hint="e.g. 3: that pair three times as likely as before")
         parsed[pair] = float(factor)
     return parsed
