@@ -88,18 +88,21 @@ def test_pair_weights_multiply_the_named_pairs_share_and_ones_keep_the_draws():
     weighted = ShapesDataset(32, 32, seed=2, new_shapes=["cross"], kinds={"single": 1}, new_shape_weight=3,
                              pair_weights={"Pink cross": 4, "red circle": 2})
     p = dict(zip(weighted.allowed, weighted.pair_p))
-    assert p[("pink", "cross")] == pytest.approx(4 * p[("red", "cross")]) == pytest.approx(12 * p[("cyan", "square")])
+    assert p[("pink", "cross")] == pytest.approx(4 * p[("red", "cross")])
+    assert p[("pink", "cross")] == pytest.approx(12 * p[("cyan", "square")])
     assert p[("red", "circle")] == pytest.approx(2 * p[("cyan", "square")])
     objects = [weighted.scene(i).objects[0] for i in range(3000)]
     share = sum((o.colour, o.shape) == ("pink", "cross") for o in objects) / len(objects)
     assert share == pytest.approx(p[("pink", "cross")], abs=0.03)
 
 
+# The config's rows with 3 and "3" are refused by the config's type check before the data's own.
 @pytest.mark.parametrize("weights, new_shapes, message", [
-    ({"pink cross": 3}, [], "not a colour-shape pair that this data draws"),  # the cross is not drawn
-    ({"red triangle": 3}, [], "not a colour-shape pair"),  # held out
-    ({"pink star": 3}, ["cross"], "not a colour-shape pair"),
-    ({"pink": 3}, ["cross"], "not a colour-shape pair"),
+    ({"pink cross": 3}, [], r'never draws.*data.new_shapes=\["cross"\]'),  # the cross is not drawn
+    ({"red triangle": 3}, [], "never draws.*drop 'red triangle' from data.held_out"),
+    ({"pink star": 3}, ["cross"], "not a 'colour shape' pair"),
+    ({"pink": 3}, ["cross"], "not a 'colour shape' pair"),
+    ({"pink cross": 2, "Pink  cross": 3}, ["cross"], "names 'pink cross' twice"),
     ({"pink cross": 0}, ["cross"], "must be a number"),
     ({"pink cross": "3"}, ["cross"], "must be a number"),
     (3, ["cross"], "must map 'colour shape' pairs to factors")])
@@ -121,10 +124,30 @@ def test_pair_weights_apply_to_shapes_only_and_are_in_the_cache_key_only_when_se
     with pytest.raises(OmniditError, match="applies to the shapes data set"):
         config_from_dict(tiny_config_dict(tmp_path, data={"name": "digits", "pair_weights": {"pink circle": 2}}))
     keys = []
-    for weights in ({}, {"pink circle": 2.0}):
+    for weights in ({}, {"pink circle": 2.0}, {"Pink  Circle": 2, "red circle": 1}, {"red circle": 1}):
         config = config_from_dict(tiny_config_dict(tmp_path, data={"pair_weights": weights, "cache_samples": 4}))
-        keys.append(fields_for_config(config, build_dataset("shapes", 32, 32, pair_weights=weights)))
+        dataset = build_dataset("shapes", 32, 32, pair_weights=weights)
+        assert (dataset.pair_p is None) == (keys == [] or len(keys) == 3)  # build_dataset passes the weights on
+        keys.append(fields_for_config(config, dataset))
     assert "pair_weights" not in str(keys[0]) and "pink circle" in str(keys[1])
+    assert keys[2] == keys[1] and keys[3] == keys[0]  # one key per data drawn, whatever the spelling
+
+
+def test_pair_weights_follow_the_configs_held_out_pairs_and_reach_the_trainers_data(tmp_path):
+    from conftest import tiny_config_dict
+
+    from omnidit.config import apply_overrides
+    from omnidit.train import Trainer
+
+    assert config_from_dict(tiny_config_dict(tmp_path, data={"held_out": [], "pair_weights": {"red triangle": 2}}))
+    with pytest.raises(OmniditError, match="never draws"):
+        config_from_dict(tiny_config_dict(tmp_path, data={"held_out": ["pink circle"],
+                                                          "pair_weights": {"pink circle": 2}}))
+    config = config_from_dict(apply_overrides(tiny_config_dict(tmp_path), ['data.pair_weights={"pink circle": 3}']))
+    assert config.data.pair_weights == {"pink circle": 3.0}
+    trainer = Trainer(config, progress=False)
+    p = dict(zip(trainer.dataset.allowed, trainer.dataset.pair_p))
+    assert p[("pink", "circle")] == pytest.approx(3 * p[("red", "circle")])
 
 
 def test_the_detector_finds_crosses_exactly_only_when_asked_and_the_other_shapes_as_before():

@@ -86,29 +86,31 @@ class DataConfig:
                                "a second data set for every N-th batch, N >= 2",
                                hint="e.g. data.mix_name=tones data.mix_every=4, or neither")
         if self.scene_kinds:
-            if self.name != "shapes":
-                raise OmniditError(f"config key 'data.scene_kinds' applies to the shapes data set, not {self.name!r}",
-                                   hint="drop data.scene_kinds")
+            self._shapes_only("scene_kinds")
             check_scene_kinds(self.scene_kinds, "config key 'data.scene_kinds'")
         check_counterfactual_facts(self.counterfactuals, "config key 'data.counterfactuals'")
         check_new_shapes(self.new_shapes, "config key 'data.new_shapes'")
-        if self.new_shapes and self.name != "shapes":
-            raise OmniditError(f"config key 'data.new_shapes' applies to the shapes data set, not {self.name!r}",
-                               hint="drop data.new_shapes")
+        if self.new_shapes:
+            self._shapes_only("new_shapes")
         self.new_shape_weight = check_new_shape_weight(self.new_shape_weight, bool(self.new_shapes),
                                                        "config key 'data.new_shape_weight'")
         if self.pair_weights:
-            if self.name != "shapes":
-                raise OmniditError(f"config key 'data.pair_weights' applies to the shapes data set, not {self.name!r}",
-                                   hint="drop data.pair_weights")
-            parse_pair_weights(self.pair_weights, drawn_pairs(parse_held_out(self.held_out), self.new_shapes),
-                               "config key 'data.pair_weights'")
+            self._shapes_only("pair_weights")
+            factors = parse_pair_weights(self.pair_weights, drawn_pairs(parse_held_out(self.held_out), self.new_shapes),
+                                         "config key 'data.pair_weights'")
+            # One spelling per pair, factors of 1 dropped: configs that draw the same data share a cache key.
+            self.pair_weights = {" ".join(pair): f for pair, f in sorted(factors.items()) if f != 1}
         if self.counterfactual_directions != "any" and self.name != "shapes_video":
             raise OmniditError(f"config key 'data.counterfactual_directions' applies to the shapes_video data set, "
                                f"not {self.name!r}", hint="drop data.counterfactual_directions")
-        if list(self.counterfactuals) != ["relation"] and self.name != "shapes":
-            raise OmniditError(f"config key 'data.counterfactuals' applies to the shapes data set, not {self.name!r}",
-                               hint="drop data.counterfactuals")
+        if list(self.counterfactuals) != ["relation"]:
+            self._shapes_only("counterfactuals")
+
+    def _shapes_only(self, key: str) -> None:
+        """A one-line error when the shapes-only key ``data.KEY`` is set for another data set."""
+        if self.name != "shapes":
+            raise OmniditError(f"config key 'data.{key}' applies to the shapes data set, not {self.name!r}",
+                               hint=f"drop data.{key}")
 
 
 def _check_ranges(section: str, obj: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),

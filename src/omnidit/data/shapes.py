@@ -26,7 +26,8 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 # Shapes no shipped model has seen: a data set draws them only when asked (``new_shapes``, data.new_shapes), e.g. to
 # teach one to a model with a LoRA; the detector fits them only when asked.
 NEW_SHAPES = ("cross",)
-# Saturated, pairwise far-apart colours (min RGB distance ~90), none close to the white background.
+# Saturated, pairwise far-apart colours (min RGB distance ~90), none close to the white background (pink the closest:
+# 1.14 from it in the model's [-1, 1] pixel units, every other colour at least 2).
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 25, 25),
     "orange": (250, 135, 0),
@@ -138,9 +139,15 @@ def parse_pair_weights(weights: Mapping[str, float], allowed: Sequence[tuple[str
     parsed = {}
     for key, factor in weights.items():
         pair = tuple(str(key).lower().split())
+        if len(pair) != 2 or pair[0] not in COLOURS or pair[1] not in (*SHAPES, *NEW_SHAPES):
+            raise OmniditError(f"{name} names {key!r}, not a 'colour shape' pair",
+                               hint=f"colours: {', '.join(COLOURS)}; shapes: {', '.join((*SHAPES, *NEW_SHAPES))}")
         if pair not in allowed:
-            raise OmniditError(f"{name} names {key!r}, not a colour-shape pair that this data draws",
-                               hint=f"a 'colour shape' pair that is not held out, e.g. '{' '.join(allowed[-1])}'")
+            fix = (f'add data.new_shapes=["{pair[1]}"]' if pair[1] in NEW_SHAPES
+                   else f"drop '{key}' from data.held_out")
+            raise OmniditError(f"{name} names {key!r}, a pair that this data never draws", hint=fix)
+        if pair in parsed:
+            raise OmniditError(f"{name} names '{' '.join(pair)}' twice", hint="keep one of the two keys")
         _check_weight(factor, f"{name}[{key!r}]", hint="e.g. 3: that pair three times as likely as before")
         parsed[pair] = float(factor)
     return parsed
@@ -500,16 +507,15 @@ class ShapesDataset(Dataset):
         self.counterfactuals = tuple(counterfactuals)
         self.width, self.height, self.seed = int(width), int(height), int(seed)
         self.held_out = parse_held_out(held_out)
-        known = allowed_pairs(self.held_out)
         self.allowed = drawn_pairs(self.held_out, new_shapes)
+        n_new = len(COLOURS) * len(new_shapes)
         # new_shape_weight: a new shape's (colour, shape) pair has that many times a known pair's weight, so that a
         # LoRA teaching it sees it more often than one object in five; 1 keeps the uniform draws exactly.
         weight = check_new_shape_weight(new_shape_weight, bool(new_shapes))
-        # pair_weights: named pairs' weights multiplied further, e.g. {"pink cross": 3} for a colour that a new shape
-        # is learnt worst in (pink is the palette's closest colour to the white background, so it weighs least in
-        # the loss).
+        # pair_weights: named pairs' weights multiplied further, e.g. {"pink cross": 3} for the colour that a new
+        # shape is learnt worst in.
         factors = parse_pair_weights(pair_weights or {}, self.allowed)
-        weights = np.array([1.0] * len(known) + [weight] * (len(self.allowed) - len(known)))
+        weights = np.array([1.0] * (len(self.allowed) - n_new) + [weight] * n_new)
         weights *= [factors.get(pair, 1.0) for pair in self.allowed]
         self.pair_p = None if (weights == 1.0).all() else weights / weights.sum()
         # Canonical order: the kind is drawn by index, so {"a": 1, "b": 2} and {"b": 2, "a": 1} must agree.
