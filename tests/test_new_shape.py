@@ -124,10 +124,11 @@ def test_pair_weights_apply_to_shapes_only_and_are_in_the_cache_key_only_when_se
     with pytest.raises(OmniditError, match="applies to the shapes data set"):
         config_from_dict(tiny_config_dict(tmp_path, data={"name": "digits", "pair_weights": {"pink circle": 2}}))
     keys = []
-    for weights in ({}, {"pink circle": 2.0}, {"Pink  Circle": 2, "red circle": 1}, {"red circle": 1}):
+    for weights, weighted in (({}, False), ({"pink circle": 2.0}, True), ({"Pink  Circle": 2, "red circle": 1}, True),
+                              ({"red circle": 1}, False)):
         config = config_from_dict(tiny_config_dict(tmp_path, data={"pair_weights": weights, "cache_samples": 4}))
         dataset = build_dataset("shapes", 32, 32, pair_weights=weights)
-        assert (dataset.pair_p is None) == (keys == [] or len(keys) == 3)  # build_dataset passes the weights on
+        assert (dataset.pair_p is not None) == weighted  # build_dataset passes the weights on
         keys.append(fields_for_config(config, dataset))
     assert "pair_weights" not in str(keys[0]) and "pink circle" in str(keys[1])
     assert keys[2] == keys[1] and keys[3] == keys[0]  # one key per data drawn, whatever the spelling
