@@ -337,7 +337,7 @@ def fields_for_config(config, dataset) -> dict:
     if dc.new_shape_weight != 1.0:
         preprocessing["new_shape_weight"] = dc.new_shape_weight
     if dc.pair_weights:
-        preprocessing["pair_weights"] = dict(sorted(dc.pair_weights.items()))
+        preprocessing["pair_weights"] = dc.pair_weights  # normalised by the config
     return cache_fields(codec_name(dc.codec, dc.codec_dtype), encoder, torch.float32, dc.name, dc.width,
                         dc.height, range(count), preprocessing)
 

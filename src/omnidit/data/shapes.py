@@ -508,15 +508,14 @@ class ShapesDataset(Dataset):
         self.width, self.height, self.seed = int(width), int(height), int(seed)
         self.held_out = parse_held_out(held_out)
         self.allowed = drawn_pairs(self.held_out, new_shapes)
-        n_new = len(COLOURS) * len(new_shapes)
         # new_shape_weight: a new shape's (colour, shape) pair has that many times a known pair's weight, so that a
         # LoRA teaching it sees it more often than one object in five; 1 keeps the uniform draws exactly.
         weight = check_new_shape_weight(new_shape_weight, bool(new_shapes))
         # pair_weights: named pairs' weights multiplied further, e.g. {"pink cross": 3} for the colour that a new
         # shape is learnt worst in.
         factors = parse_pair_weights(pair_weights or {}, self.allowed)
-        weights = np.array([1.0] * (len(self.allowed) - n_new) + [weight] * n_new)
-        weights *= [factors.get(pair, 1.0) for pair in self.allowed]
+        weights = np.array([(weight if shape in new_shapes else 1.0) * factors.get((colour, shape), 1.0)
+                            for colour, shape in self.allowed])
         self.pair_p = None if (weights == 1.0).all() else weights / weights.sum()
         # Canonical order: the kind is drawn by index, so {"a": 1, "b": 2} and {"b": 2, "a": 1} must agree.
         self.kinds = {k: float(kinds[k]) for k in SCENE_KINDS if k in kinds}
