@@ -75,10 +75,7 @@ def wide_model(folder: Path, hidden: int) -> Path:
 
 def tensor_mib(model: torch.nn.Module) -> float:
     """The model's parameters and buffers in memory (int8 / packed int4 weights count at their size)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-
     total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    total += sum(m.weight().numel() for m in model.modules() if isinstance(m, DynamicInt8Linear))  # packed int8
     return total / 2**20
 
 

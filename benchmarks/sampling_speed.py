@@ -4,8 +4,10 @@ side by side with the peer, in one run, with a Pareto plot.
 **Peer: diffusers**, ``FluxTransformer2DModel`` holding the shipped model's weights (through
 ``omnidit.convert.flux``), at its best settings on this machine: its FirstBlockCache hook at three thresholds,
 TaylorSeer, and torchao's int8 dynamic quantization of the block linears, alone and with FirstBlockCache
-(``cache_vs_diffusers.py`` holds the adapter). Both sides run the same sampling loop (``Pipeline.generate``: 30
-Euler steps, guidance 4 with its two rows in one call, one candidate, no skip-layer guidance) on the shapes
+(``cache_vs_diffusers.py`` holds the adapter), and torchao's int8 with the blocks compiled (``torch.compile``, as
+omnidit's compiled rows), alone and with FirstBlockCache. Both sides run the same sampling loop
+(``Pipeline.generate``: 30 Euler steps, guidance 4 with its two rows in one call, one candidate, no skip-layer
+guidance) on the shapes
 suite's prompts and noise seeds, and both sides' images go the way a foreign system's do: written into an
 ``omnidit eval-prompts`` manifest folder and judged by ``evaluate_folder`` (the same detector as ``omnidit eval``).
 
@@ -76,6 +78,11 @@ OURS = [
     ("w8a8 + first_block 0.3 + taylor", "w8a8", {**FIRST_BLOCK_TAYLOR, "cache_threshold": 0.3}, True),
     ("compiled", "compiled", {}, False),
     ("compiled + first_block 0.12", "compiled", FIRST_BLOCK, False),
+    ("w8a8 compiled", "w8a8 compiled", {}, False),
+    ("w8a8 compiled + first_block 0.2 + taylor", "w8a8 compiled", {**FIRST_BLOCK_TAYLOR, "cache_threshold": 0.2},
+     False),
+    ("w8a8 compiled + first_block 0.3 + taylor", "w8a8 compiled", {**FIRST_BLOCK_TAYLOR, "cache_threshold": 0.3},
+     False),
     ("bf16", "bf16", {}, False),  # only with --bf16: emulated (slow) on CPUs without AVX-512 BF16
 ]
 # The same on the weights of the model's guidance-distilled twin (--speed fast's), where it has one: both sides
@@ -92,20 +99,28 @@ OURS_TWIN = [
     ("w8a8 + interval 3 + taylor", "w8a8", {**TAYLOR, "cache_interval": 3}, False),
     ("w8a8 + first_block 0.2 + taylor", "w8a8", {**FIRST_BLOCK_TAYLOR, "cache_threshold": 0.2}, False),
     ("w8a8 + first_block 0.3 + taylor", "w8a8", {**FIRST_BLOCK_TAYLOR, "cache_threshold": 0.3}, True),
+    ("w8a8 compiled", "w8a8 compiled", {}, False),
+    ("w8a8 compiled + interval 3 + taylor", "w8a8 compiled", {**TAYLOR, "cache_interval": 3}, False),
+    ("w8a8 compiled + first_block 0.3 + taylor", "w8a8 compiled", {**FIRST_BLOCK_TAYLOR, "cache_threshold": 0.3},
+     False),
 ]
-# (row, torchao int8 on the block linears, diffusers cache: None, ("first_block", threshold) or ("taylorseer",)),
-# on either weights
+# (row, torchao int8 on the block linears, its blocks compiled (torch.compile, as ours), diffusers cache: None,
+# ("first_block", threshold) or ("taylorseer",), in --quick), on either weights. torchao's int8 is meant to run
+# compiled (Inductor fuses its activation quantization), so its compiled rows are the peer's best.
 PEER = [
-    ("none", False, None, True),
-    ("FirstBlockCache 0.08", False, ("first_block", 0.08), False),
-    ("FirstBlockCache 0.12", False, ("first_block", 0.12), True),
-    ("FirstBlockCache 0.2", False, ("first_block", 0.2), False),
-    ("TaylorSeer", False, ("taylorseer",), True),
-    ("torchao int8", True, None, True),
-    ("torchao int8 + FirstBlockCache 0.12", True, ("first_block", 0.12), True),
-    ("FirstBlockCache 0.3", False, ("first_block", 0.3), False),
-    ("torchao int8 + FirstBlockCache 0.2", True, ("first_block", 0.2), False),
-    ("FirstBlockCache 0.4", False, ("first_block", 0.4), False),
+    ("none", False, False, None, True),
+    ("FirstBlockCache 0.08", False, False, ("first_block", 0.08), False),
+    ("FirstBlockCache 0.12", False, False, ("first_block", 0.12), True),
+    ("FirstBlockCache 0.2", False, False, ("first_block", 0.2), False),
+    ("TaylorSeer", False, False, ("taylorseer",), True),
+    ("torchao int8", True, False, None, True),
+    ("torchao int8 + FirstBlockCache 0.12", True, False, ("first_block", 0.12), True),
+    ("FirstBlockCache 0.3", False, False, ("first_block", 0.3), False),
+    ("torchao int8 + FirstBlockCache 0.2", True, False, ("first_block", 0.2), False),
+    ("FirstBlockCache 0.4", False, False, ("first_block", 0.4), False),
+    ("torchao int8 compiled", True, True, None, False),
+    ("torchao int8 compiled + FirstBlockCache 0.2", True, True, ("first_block", 0.2), False),
+    ("torchao int8 compiled + FirstBlockCache 0.3", True, True, ("first_block", 0.3), False),
 ]
 
 
@@ -126,21 +141,26 @@ def ours_pipeline(base: Pipeline, variant: str, in_place: bool = False) -> Pipel
     if variant == "float":
         return base
     model = base.model if in_place else copy.deepcopy(base.model)
-    if variant == "compiled":
+    scheme, _, compiled = variant.partition(" ")  # "w8a8", "compiled", "w8a8 compiled"...
+    if scheme != "compiled":
+        quantize_in_memory(model, scheme)
+    if "compiled" in (scheme, compiled):
         model.compile_blocks()
-    else:
-        quantize_in_memory(model, variant)
     return dataclasses.replace(base, model=model)
 
 
-def peer_pipeline(base: Pipeline, int8: bool) -> tuple[Pipeline, torch.nn.Module]:
-    """The base pipeline with the diffusers transformer (torchao int8 on its block linears when ``int8``)."""
+def peer_pipeline(base: Pipeline, int8: bool, compiled: bool = False) -> tuple[Pipeline, torch.nn.Module]:
+    """The base pipeline with the diffusers transformer (torchao int8 on its block linears when ``int8``; each
+    block compiled by ``torch.compile`` when ``compiled``, as ``MMDiT.compile_blocks`` does ours)."""
     from diffusers import FluxTransformer2DModel
 
     cfg = base.model.config
     peer = FluxTransformer2DModel(**omnidit_config_to_flux(cfg))
     peer.load_state_dict(omnidit_to_flux(base.model.state_dict(), cfg), strict=True)
     peer = torchao_int8(peer.eval()) if int8 else peer.eval()
+    if compiled:
+        for block in [*peer.transformer_blocks, *peer.single_transformer_blocks]:
+            block.compile()
     return dataclasses.replace(base, model=DiffusersVelocity(peer, cfg)), peer
 
 
@@ -178,7 +198,7 @@ def profile_row(row: Row, prompts: list[str], seeds: list[int], batch_size: int)
     work) and the eight most costly ops. The profiler's own overhead is in every op alike."""
     from torch.profiler import profile
 
-    row.render(prompts[:2], seeds[:2], batch_size)  # warm: one-time costs (prompt cache, kernel packing) stay out
+    row.render(prompts, seeds, batch_size)  # warm: one-time costs (prompts, kernel packing, compiling) stay out
     with profile() as prof:
         row.render(prompts, seeds, batch_size)
     ms = {label: 0.0 for label, _ in PROFILE_GROUPS} | {"rest": 0.0}
@@ -230,13 +250,13 @@ def build_rows(base: Pipeline, args: argparse.Namespace, only: tuple[str, str] |
                 rows.append(Row("omnidit", prefix + name, ours_pipeline(pipe, variant, in_place=only is not None),
                                 sampling))
     for prefix, pipe, _ in weights:
-        peers: dict[bool, tuple] = {}
-        for name, int8, cache, quick in PEER:
+        peers: dict[tuple, tuple] = {}
+        for name, int8, compiled, cache, quick in PEER:
             if not wanted("diffusers", prefix + name, quick):
                 continue
-            if int8 not in peers:
-                peers[int8] = peer_pipeline(pipe, int8)
-            peer_pipe, peer = peers[int8]
+            if (int8, compiled) not in peers:
+                peers[int8, compiled] = peer_pipeline(pipe, int8, compiled)
+            peer_pipe, peer = peers[int8, compiled]
             rows.append(Row("diffusers", prefix + name, peer_pipe, {}, peer, peer_cache_config(cache)))
     return rows
 
@@ -337,6 +357,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     import diffusers
 
+    # The compiled rows share their compiled blocks between thresholds (and the peer's between cache hooks):
+    # room for every form they compile, so that none falls back to eager unnoticed.
+    torch._dynamo.config.recompile_limit = 64
     args = parse_args(argv)
     if args.memory_of:
         return memory_main(args)
@@ -363,8 +386,10 @@ def main(argv: list[str] | None = None) -> None:
         order = [r for k in range(max(len(ours), len(theirs))) for r in ours[k:k + 1] + theirs[k:k + 1]]
         results = {(r.side, r.name): {"seconds": float("inf"), "latency": float("inf")} for r in rows}
         with torch.inference_mode():
-            for r in rows:  # warm-up: compilation, kernels, the text encoder's prompt cache
-                r.render(prompts[:2], seeds[:2], args.batch_size)
+            last = len(prompts) % args.batch_size or args.batch_size
+            for r in rows:  # warm-up: kernels, the text encoder's prompts, and compilation for each size timed
+                for count, batch in ((args.batch_size, args.batch_size), (last, last), (1, 1)):
+                    r.render(prompts[:count], seeds[:count], batch)
             for round_ in range(args.repeats):
                 for r in order:
                     res = results[r.side, r.name]

@@ -401,13 +401,13 @@ def test_a_fast_preset_samples_with_the_models_guidance_distilled_twin(digits_te
     pipe = load_pipeline("tiny", device="cpu")
     pipe.config.sample.candidates, pipe.config.sample.steps = 2, 3  # the model's settings carry over to the twin
     fast = quantize.speed_variant(pipe, "fast")
-    assert fast.model_dir == twin and fast.config.model.guidance_embed and quantize.quantizes_activations(fast.model)
+    assert fast.model_dir == twin and fast.config.model.guidance_embed and quantize.has_int8_layers(fast.model)
     assert (fast.config.sample.candidates, fast.config.sample.steps, fast.config.sample.cache) == (2, 3, "first_block")
     assert (fast.config.sample.cache_threshold, fast.config.sample.cache_forecast) == (0.2, "taylor")
     assert pipe.model_dir == teacher and not pipe.config.model.guidance_embed  # the served pipeline is untouched
     # The model itself, in int8 too, ranks the twin's candidates: one call per scoring time, none of the twin's.
-    assert not fast.scorer.config.guidance_embed and quantize.quantizes_activations(fast.scorer)
-    assert pipe.scorer is None and not quantize.quantizes_activations(pipe.model)
+    assert not fast.scorer.config.guidance_embed and quantize.has_int8_layers(fast.scorer)
+    assert pipe.scorer is None and not quantize.has_int8_layers(pipe.model)
     direct = load_pipeline(twin, device="cpu")
     quantize.quantize_in_memory(direct.model, "w8a8")
     ranked = dataclasses.replace(direct, scorer=quantize.quantize_in_memory(load_pipeline(teacher).model, "w8a8"))

@@ -9,7 +9,7 @@ from helpers import assert_shipped_folder, draw_single_objects
 
 from omnidit.checkpoint import shipped_model_dir
 from omnidit.pipeline import guided, load_pipeline
-from omnidit.quantize import apply_speed, quantizes_activations
+from omnidit.quantize import apply_speed, has_int8_layers
 
 MAX_SHIPPED_BYTES = 12 * 1024 * 1024
 
@@ -40,7 +40,7 @@ def test_the_fast_presets_of_shapes_sample_with_it():
     candidates = pipe.config.sample.candidates
     apply_speed(pipe, "fast")
     assert pipe.model_dir == shipped_model_dir("shapes-guided") and pipe.model.config.guidance_embed
-    assert quantizes_activations(pipe.model) and pipe.config.sample.candidates == candidates
+    assert has_int8_layers(pipe.model) and pipe.config.sample.candidates == candidates
     sample = pipe.config.sample
     assert not sample.skip_scale  # best of N, one pass a step
     assert (sample.cache, sample.cache_threshold, sample.cache_forecast) == ("first_block", 0.2, "taylor")

@@ -200,6 +200,25 @@ def test_gelu_tanh_at_inference_is_torchs_tanh_gelu_to_float32_rounding():
         assert torch.equal(gelu_tanh(half), torch.nn.functional.gelu(half, approximate="tanh"))
 
 
+def test_compiled_gelu_tanh_takes_the_exp_form_at_inference_and_torchs_kernel_under_autograd():
+    """Compiled at CPU float inference, the exp form matches torch's kernel to float32 rounding, far tails
+    included (exp overflows to inf there: the output is -0); under autograd it is torch's kernel, whose gradient
+    stays finite where the exp form's would be NaN."""
+    torch._dynamo.reset()
+    compiled = torch.compile(gelu_tanh)
+    x = torch.cat([torch.linspace(-30, 30, 241), torch.tensor([-1e4, 1e4])])
+    exact = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).double(), exact, rtol=2e-6, atol=2e-6)
+    leaf = x.clone().requires_grad_()
+    compiled(leaf).sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+    reference = x.clone().requires_grad_()
+    torch.nn.functional.gelu(reference, approximate="tanh").sum().backward()
+    torch.testing.assert_close(leaf.grad, reference.grad)
+    torch._dynamo.reset()
+
+
 def test_a_linear_rows_outputs_do_not_depend_on_how_many_rows_share_the_call():
     """At inference every row count gives each row the bits of a large product (small products take other BLAS
     kernels on x86, which round differently), so a sample's modulation or an image is the same alone or batched."""

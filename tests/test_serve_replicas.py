@@ -134,9 +134,6 @@ def test_the_worker_keeps_the_threads_the_loading_thread_gave_up():
     seen = []
 
     class ThreadsPipe:
-        def batch_invariant(self, **sampling) -> bool:
-            return True
-
         def generate(self, prompts, seed, on_step, **kwargs):
             seen.append(torch.get_num_threads())
             return [None] * len(prompts)

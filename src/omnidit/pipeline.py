@@ -196,16 +196,6 @@ class Pipeline:
             return cond
         return dataclasses.replace(cond, guidance=torch.full_like(cond.guidance, float(scales[0])))
 
-    def batch_invariant(self, **sampling) -> bool:
-        """Whether an output at these sampling settings (``SAMPLING_KEYS``, unset: the model's) is the same whatever
-        else shares its sampling call. Not with int8 activations (w8a8: one activation scale for the whole batch);
-        step caches decide row by row (omnidit.step_cache), so they are. The server draws such outputs one at a
-        time so that a seed gives one image."""
-        from omnidit.quantize import quantizes_activations
-
-        self.sampling_settings(**{k: sampling.get(k) for k in SAMPLING_KEYS})  # checked like a sampling call
-        return not quantizes_activations(self.model)
-
     def _cache_settings(self, steps: int, method: str | None, threshold: float | None, forecast: str | None,
                         interval: int | None) -> dict:
         """The step-cache keys of sampling_settings, checked (CacheSettings), with the threshold resolved."""

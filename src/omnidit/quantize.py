@@ -3,8 +3,9 @@
 Schemes (``omnidit quantize MODEL OUT --scheme ...``):
 
 - ``w8a8``: the transformer blocks' linear layers run as dynamic int8 (weights int8 per output channel,
-  activations quantized per call) through torch's x86 kernels (fbgemm / oneDNN with VNNI); CPUs only. The folder
-  stores each such weight as int8 with its float32 scale per row (``{layer}.weight`` and
+  activations quantized per token at each call, products summed in int32 by ``torch._int_mm``: VNNI on x86) with
+  Inductor fusing the quantization (``Int8Linear``); CPUs only. A token's output does not depend on its batch.
+  The folder stores each such weight as int8 with its float32 scale per row (``{layer}.weight`` and
   ``{layer}.weight_scale``); everything else stays float32. With ``smooth`` α (SmoothQuant's channel balancing,
   as ViDiT-Q uses for DiTs), a calibration run records each input channel's largest activation |X_j| and the
   layer is stored as W diag(s) with s_j = max|X_j|^α / max|W_j|^(1-α) (``{layer}.smooth``), its input divided
@@ -71,10 +72,15 @@ def row_scales(rows: Tensor, top: float) -> Tensor:
     return rows.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
 
 
+def int8_rows(rows: Tensor, scale: Tensor) -> Tensor:
+    """``rows`` (N, K) divided by their ``scale`` (N, 1), rounded to int8 in [-127, 127]."""
+    return torch.round(rows.float() / scale).clamp(-127, 127).to(torch.int8)
+
+
 def int8_per_row(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 per output row: (int8 values like weight, float32 scales (out,)); weight ~= values * scale."""
     scale = row_scales(weight, 127)
-    return torch.round(weight.float() / scale).clamp(-127, 127).to(torch.int8), scale[:, 0]
+    return int8_rows(weight, scale), scale[:, 0]
 
 
 FP8_MAX = 448.0  # float8 e4m3fn's largest finite value
@@ -274,7 +280,7 @@ def smoothing_factors(act_max: Tensor, weight: Tensor, alpha: float) -> Tensor:
 
 
 class SmoothedLinear(nn.Module):
-    """``layer`` (torch's int8 linear holding W diag(s)) with its input divided by ``smooth`` (s, (in,)) first:
+    """``layer`` (an ``Int8Linear`` holding W diag(s)) with its input divided by ``smooth`` (s, (in,)) first:
     x (..., in) -> (..., out)."""
 
     def __init__(self, layer: nn.Module, smooth: Tensor) -> None:
@@ -371,7 +377,7 @@ def load_quantized(directory: Path, config, scheme: str, device: torch.device) -
 
             add_layout_adapter(model, config.train.layout_boxes)
     if scheme == "w8a8" and torch.device(device).type != "cpu":
-        raise OmniditError("w8a8 runs on CPUs (torch's x86 int8 kernels)", hint="use --scheme bf16 on a GPU")
+        raise OmniditError("w8a8 runs on CPUs (int8 products on x86)", hint="use --scheme bf16 on a GPU")
     if scheme == "fp8":
         check_fp8_device(model, torch.device(device))
     linears = {} if scheme == "bf16" else _block_linears(model, modulation=scheme in WEIGHT_ONLY)
@@ -385,7 +391,7 @@ def load_quantized(directory: Path, config, scheme: str, device: torch.device) -
             raise OmniditError(f"{file}: '{name}' holds a {tuple(values.shape)} weight, the model in config.json "
                                f"expects {(meta.out_features, columns)}", hint="quantize the model again")
         if scheme == "w8a8":
-            layer = int8_linear(values, scale, bias)
+            layer = Int8Linear(values, scale, bias)
             layer = layer if smooth is None else SmoothedLinear(layer, smooth)
         elif scheme == "fp8":
             layer = Fp8Linear(values, scale, bias)
@@ -398,7 +404,7 @@ def load_quantized(directory: Path, config, scheme: str, device: torch.device) -
         model.autocast_dtype = torch.bfloat16
     check_state_matches(model, state, file, skip=tuple(linears))
     for key, value in state.items():  # the rest, every key checked just above; assigned, not copied into a float
-        path, _, attr = key.rpartition(".")  # build (torch's int8 layers' load hooks would want their own keys)
+        path, _, attr = key.rpartition(".")  # build (the model was built on the meta device)
         module = model.get_submodule(path)
         if attr in module._parameters:
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -415,9 +421,9 @@ def _take(state: dict[str, Tensor], key: str, source: Path) -> Tensor:
 
 
 def _to_int8(model: nn.Module, rows: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
-    """Swap each named linear of ``model`` for torch's int8 one holding its (int8 values, scales) and its bias."""
+    """Swap each named linear of ``model`` for an ``Int8Linear`` holding its (int8 values, scales) and its bias."""
     for name, (values, scale) in rows.items():
-        _swap_module(model, name, int8_linear(values, scale, model.get_submodule(name).bias))
+        _swap_module(model, name, Int8Linear(values, scale, model.get_submodule(name).bias))
     return model
 
 
@@ -427,26 +433,65 @@ def _swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
-def quantizes_activations(model: nn.Module) -> bool:
-    """Whether ``model`` has int8 layers that quantize their input (w8a8): torch's dynamic int8 Linear takes one
-    activation scale for the whole input, so an output then depends slightly on what else is in its batch (fp8's
-    ``Fp8Linear`` scales each token on its own, so it is not counted)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-
-    return any(isinstance(m, DynamicInt8Linear) for m in model.modules())
+def has_int8_layers(model: nn.Module) -> bool:
+    """Whether ``model`` computes some layers in int8 (w8a8)."""
+    return any(isinstance(m, Int8Linear) for m in model.modules())
 
 
-def int8_linear(values: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
-    """torch's dynamic int8 Linear holding exactly ``values`` (int8, (out, in)) times ``scale`` (out,)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+def int8_matmul(rows: Tensor, values: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``rows`` (M, in) float32 times the int8 weight ``values`` (out, in) with per-row ``scale`` (out,), plus
+    ``bias``: each row (token) is quantized to int8 on its own (``int8_per_row``'s rule), the product is summed
+    exactly in int32 (``torch._int_mm``: VNNI on x86) and both scales are applied to it. Integer sums are exact
+    and the scales per row, so a row's output does not depend on the other rows of the call. -> (M, out)."""
+    step = row_scales(rows, 127)  # (M, 1)
+    out = torch._int_mm(int8_rows(rows, step), values.t()).float() * (step * scale)
+    return out if bias is None else out + bias
 
-    with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        weight = torch._make_per_channel_quantized_tensor(values, scale.double(),
-                                                          torch.zeros(len(scale), dtype=torch.long), 0)
-        layer = DynamicInt8Linear(values.shape[1], values.shape[0], bias_=bias is not None, dtype=torch.qint8)
-        layer.set_weight_bias(weight, None if bias is None else bias.detach().float())
-    return layer
+
+_int8_kernel = None  # int8_matmul as it runs eagerly: compiled on first use (_int8_matmul_compiled)
+
+
+def _int8_matmul_compiled(rows: Tensor, values: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``int8_matmul`` compiled by Inductor once per process, every layer and row count sharing one graph
+    (dynamic shapes): eager, its quantize, product and scale steps are separate passes over memory and take
+    about twice as long as torch's fbgemm int8 linear; compiled, the quantization is one fused kernel and the
+    scales another, around the int32 product (2.7x faster than fbgemm on a (3072, 192) x (192, 768) product on
+    this CPU). Where Inductor cannot compile (no C++ compiler) it warns once and stays eager."""
+    global _int8_kernel
+    if _int8_kernel is None:
+        _int8_kernel = torch.compile(int8_matmul, dynamic=True)
+    try:
+        return _int8_kernel(rows, values, scale, bias)
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        cause = error.inner_exception
+        warnings.warn(f"int8 layers run uncompiled (slower): {type(cause).__name__}: {cause}", stacklevel=3)
+        _int8_kernel = int8_matmul
+        return int8_matmul(rows, values, scale, bias)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer computed in int8 (w8a8): the weight (out, in) stored as ``int8_per_row`` values and scales,
+    each call's input quantized per token (``int8_matmul``). Inside a compiled block the formula is traced with
+    the block, so Inductor fuses its quantization and scales with the ops around it; called eagerly it runs
+    compiled on its own. x: (..., in) -> (..., out) in x's dtype."""
+
+    def __init__(self, values: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = values.shape[1], values.shape[0]
+        self.register_buffer("values", values)
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective float32 weight (out, in)."""
+        return self.values.float() * self.scale[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        traced = torch.compiler.is_compiling() or not len(rows)  # no rows: nothing to compile for
+        out = (int8_matmul if traced else _int8_matmul_compiled)(rows, self.values, self.scale, self.bias)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 # ---- the --speed presets --------------------------------------------------------------------------------------
@@ -512,7 +557,7 @@ def quantize_in_memory(model: nn.Module, scheme: str) -> nn.Module:
         model.autocast_dtype = torch.bfloat16
         return model
     if next(model.parameters()).device.type != "cpu":
-        raise OmniditError("w8a8 runs on CPUs (torch's x86 int8 kernels)", hint="use bf16 on a GPU")
+        raise OmniditError("w8a8 runs on CPUs (int8 products on x86)", hint="use bf16 on a GPU")
     return _to_int8(model, {name: int8_per_row(layer.weight.detach()) for name, layer in _block_linears(model).items()})
 
 

@@ -14,11 +14,12 @@ from torch import Tensor, nn
 INVARIANT_ROWS = 16
 
 
-def cpu_float_inference(x: Tensor) -> bool:
-    """Whether ``x`` is computed on in eager CPU float32/64 inference: no autograd, compilation or autocast, whose
-    kernels or roundings differ. Where ``linear`` pads and ``gelu_tanh`` takes its faster form."""
+def cpu_float_inference(x: Tensor, compiled: bool = False) -> bool:
+    """Whether ``x`` is computed on in CPU float32/64 inference without autograd or autocast, whose kernels or
+    roundings differ: eager, or with ``compiled`` inside torch.compile's trace. Where ``linear`` pads (eager) and
+    ``gelu_tanh`` takes its faster form (both)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
+            and torch.compiler.is_compiling() == compiled and not torch.is_autocast_enabled("cpu"))
 
 
 def padded_rows(x: Tensor) -> Tensor:
@@ -127,17 +128,20 @@ _GELU_2C = 2 * math.sqrt(2 / math.pi)
 def gelu_tanh(x: Tensor) -> Tensor:
     """GELU's tanh approximation (Flux, SD3, DiT), like ``F.gelu(x, approximate="tanh")`` to float32 rounding.
 
-    At CPU float inference (``cpu_float_inference``) it is computed as x * sigmoid(2u), in one fresh buffer:
-    torch's vectorised tanh is slow on x86 CPUs, so its own kernel takes about twice as long there
-    (docs/benchmarks.md, "Where the time goes"). Under autograd, compilation (Inductor fuses the formula itself),
-    lower precision (whose intermediate roundings would add error) or on a GPU (one fused kernel against several)
-    it is torch's kernel. x: any shape, unchanged.
+    At CPU float inference, eager or compiled, it is computed as x * sigmoid(2u) = x / (1 + exp(-2u)): torch's
+    vectorised tanh is slow on x86 CPUs, eager and in Inductor's kernels alike, so its form takes two to four
+    times as long there (docs/benchmarks.md, "Where the time goes"). Eager it runs in one fresh buffer; compiled,
+    Inductor fuses the formula. Under autograd, lower precision (whose intermediate roundings would add error) or
+    on a GPU (one fused kernel against several) it is torch's kernel.
+    x: any shape, unchanged.
     """
-    if not cpu_float_inference(x):
-        return nn.functional.gelu(x, approximate="tanh")
-    u = x * x
-    u.mul_(0.044715 * _GELU_2C).add_(_GELU_2C).mul_(x)  # 2u
-    return u.sigmoid_().mul_(x)
+    if cpu_float_inference(x):
+        u = x * x
+        u.mul_(0.044715 * _GELU_2C).add_(_GELU_2C).mul_(x)  # 2u
+        return u.sigmoid_().mul_(x)
+    if cpu_float_inference(x, compiled=True):  # not under autograd: exp overflows below x ~ -10 (NaN gradients)
+        return x / (1 + torch.exp(-_GELU_2C * (x + 0.044715 * x * x * x)))
+    return nn.functional.gelu(x, approximate="tanh")
 
 
 class MLPEmbedder(nn.Module):

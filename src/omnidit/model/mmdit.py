@@ -439,7 +439,10 @@ class MMDiT(nn.Module):
         """``torch.compile`` each transformer block in place (regional compilation): the blocks of one kind share
         their code, so Dynamo compiles it once per kind and input form and reuses it for every block, and the
         compile time does not grow with depth. The step cache and skip-layer guidance stay in eager Python
-        around the blocks, so they neither break the graphs nor recompile them per step."""
+        around the blocks, so they neither break the graphs nor recompile them per step. A batch of another size
+        (the rows a step cache computes, another request) compiles once more, with the batch size dynamic (torch's
+        automatic dynamic shapes), and a single row once; after that no batch size compiles again. int8 layers
+        (``quantize.Int8Linear``) trace into the graphs, so Inductor fuses their quantization with the ops around."""
         for block in [*self.double_blocks, *self.single_blocks]:
             block.compile()
         self.compiled = True  # read by quantize.speed_variant: a copy of the model compiles its own blocks
@@ -500,11 +503,11 @@ class MMDiT(nn.Module):
         def generated(state: list[Tensor] | Tensor) -> Tensor:  # the generated tokens, (B, N, D)
             return state[:, :n_gen] if isinstance(state, Tensor) else torch.cat(state[:len(names)], dim=1)
 
-        def rest(first: list[Tensor] | Tensor, rows: Tensor | None, wanted: Tensor | None) -> Tensor:
-            """The generated tokens after the blocks past the first, for the batch rows ``wanted`` (None: all),
-            computed on ``rows`` only (None: on every row)."""
-            hidden = generated(run(first if rows is None else take_rows(first, rows, batch), 1, len(blocks), rows))
-            return hidden if rows is not None or wanted is None else hidden[wanted]
+        def rest(first: list[Tensor] | Tensor, rows: Tensor | None) -> Tensor:
+            """The generated tokens after the blocks past the first, computed on the batch rows ``rows`` only (a
+            (k,) index tensor; None: every row). Compiled blocks take any number of rows without compiling again
+            (``compile_blocks``)."""
+            return generated(run(first if rows is None else take_rows(first, rows, batch), 1, len(blocks), rows))
 
         cache = getattr(self, "step_cache", None)
         if cache is None or self.training or len(blocks) < 2:
@@ -513,11 +516,7 @@ class MMDiT(nn.Module):
             first = run(streams, 0, 1)
             key = (tuple(skip_single), batch, tuple(lengths.values()))
             t_now = float(torch.stack([ts.max() for ts in times.values()]).max())
-            # Compiled blocks run every row (a batch of the computing rows only would be a new shape to compile);
-            # the cache still keeps each row's own result.
-            subset = not getattr(self, "compiled", False)
-            hidden = cache.hidden(key, t_now, generated(streams), generated(first),
-                                  lambda rows: rest(first, rows if subset else None, rows),
+            hidden = cache.hidden(key, t_now, generated(streams), generated(first), lambda rows: rest(first, rows),
                                   lambda: self._modulated_input(streams, block_vec, joint_vec, n_gen))
         outs = hidden.split(list(lengths.values()), dim=1)
         result = {n: (self.final_layer if n == "img" else self.stream_out[n])(h, vecs[n])

@@ -233,13 +233,10 @@ class Batcher:
         start = time.monotonic()
         try:
             pipe = self._pipeline(first.model, first.speed)
-            if pipe.batch_invariant(**first.kwargs):
-                outputs, results, at = self._call(pipe, first, prompts, seeds, on_step), [], 0
-                for j in live:  # each job's rows of the one call
-                    results.append(outputs[at:at + len(j.seeds)])
-                    at += len(j.seeds)
-            else:  # an output would depend on its batch (int8 activations: one scale for the whole batch)
-                results = self._one_at_a_time(pipe, live, on_step)
+            outputs, results, at = self._call(pipe, first, prompts, seeds, on_step), [], 0
+            for j in live:  # each job's rows of the one call
+                results.append(outputs[at:at + len(j.seeds)])
+                at += len(j.seeds)
         except Cancelled:
             for j in live:
                 j.future.set_exception(Cancelled())
@@ -261,28 +258,4 @@ class Batcher:
         if self.stats.on_batch is not None:
             self.stats.on_batch(len(seeds), seconds)
         for j, result in zip(live, results):
-            if isinstance(result, Cancelled):  # it went away while the others were drawn
-                j.future.set_exception(result)
-            else:
-                j.future.set_result(result)
-
-    def _one_at_a_time(self, pipe, live: list[Job], on_step) -> list:
-        """Each job's outputs of ``live``, drawn one per sampling call, so that a seed gives one image at settings
-        where an output depends on its batch: per job what one batched call gives for it, or Cancelled() for a job
-        that went away meanwhile (its remaining outputs are not drawn). Progress counts every call's steps."""
-        first, total_outputs = live[0], sum(len(j.seeds) for j in live)
-        results, k = [], 0
-        for job in live:
-            parts = []
-            for seed in job.seeds:
-                if job.cancelled.is_set():
-                    break
-                step = lambda done, total, k=k: on_step(k * total + done, total_outputs * total)  # noqa: E731
-                parts.append(self._call(pipe, first, [job.prompt], [seed], step))
-                k += 1
-            if len(parts) < len(job.seeds):
-                results.append(Cancelled())
-                k += len(job.seeds) - len(parts)
-            else:  # images or clips (n, ...) like one call's, or a list of (video, audio) pairs
-                results.append(torch.cat(parts) if isinstance(parts[0], torch.Tensor) else sum(parts, []))
-        return results
+            j.future.set_result(result)
