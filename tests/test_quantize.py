@@ -176,7 +176,7 @@ def test_rotation_spreads_an_outlier_so_int4_error_falls():
 
 
 def test_smoothing_moves_activation_outliers_into_the_weights_so_int8_error_falls():
-    """A few input channels with activations 50x the rest set the per-call activation scale: unsmoothed, the
+    """A few input channels with activations 50x the rest set every token's activation scale: unsmoothed, the
     other channels round to few levels. Balancing the channels (alpha 0.5) must cut the output error >2-fold."""
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(64, 128, generator=g) * 0.05, torch.randn(32, 128, generator=g)

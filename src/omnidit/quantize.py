@@ -164,11 +164,9 @@ class WeightOnlyLinear(nn.Module):
         return linear(x, self.dequantized().to(x.dtype), bias)  # rows independent of their batch, as nn.Linear's
 
 
-class Fp8Linear(nn.Module):
-    """A linear layer computed in float8 e4m3: the weight (out, in) stored as ``fp8_per_row`` values and scales,
-    each call's input scaled per token to e4m3 and multiplied by ``torch._scaled_mm`` with both scales applied to
-    its float32 accumulators. x: (..., in) -> (..., out) in x's dtype. On CUDA the product comes out in bfloat16
-    (what ``_scaled_mm``'s per-row scaling gives there) and is cast back."""
+class RowScaledLinear(nn.Module):
+    """What the per-token compute layers share: the weight (out, in) stored as low-precision ``values`` with a
+    float32 ``scale`` per output row, and a float32 bias; subclasses compute the product."""
 
     def __init__(self, values: Tensor, scale: Tensor, bias: Tensor | None) -> None:
         super().__init__()
@@ -181,6 +179,13 @@ class Fp8Linear(nn.Module):
     def weight(self) -> Tensor:
         """The effective float32 weight (out, in)."""
         return self.values.float() * self.scale[:, None]
+
+
+class Fp8Linear(RowScaledLinear):
+    """A linear layer computed in float8 e4m3: the weight (out, in) stored as ``fp8_per_row`` values and scales,
+    each call's input scaled per token to e4m3 and multiplied by ``torch._scaled_mm`` with both scales applied to
+    its float32 accumulators. x: (..., in) -> (..., out) in x's dtype. On CUDA the product comes out in bfloat16
+    (what ``_scaled_mm``'s per-row scaling gives there) and is cast back."""
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).float()
@@ -469,23 +474,11 @@ def _int8_matmul_compiled(rows: Tensor, values: Tensor, scale: Tensor, bias: Ten
         return int8_matmul(rows, values, scale, bias)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(RowScaledLinear):
     """A linear layer computed in int8 (w8a8): the weight (out, in) stored as ``int8_per_row`` values and scales,
     each call's input quantized per token (``int8_matmul``). Inside a compiled block the formula is traced with
     the block, so Inductor fuses its quantization and scales with the ops around it; called eagerly it runs
     compiled on its own. x: (..., in) -> (..., out) in x's dtype."""
-
-    def __init__(self, values: Tensor, scale: Tensor, bias: Tensor | None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = values.shape[1], values.shape[0]
-        self.register_buffer("values", values)
-        self.register_buffer("scale", scale.float())
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
-
-    @property
-    def weight(self) -> Tensor:
-        """The effective float32 weight (out, in)."""
-        return self.values.float() * self.scale[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).float()
