@@ -2,7 +2,8 @@
 shipped model as float32, w8a8 (dynamic int8; also with SmoothQuant balancing at alpha 0.5), bf16 (bfloat16
 autocast), fp8 (float8 e4m3 products: a scheme for GPUs, computed without fp8 hardware on CPUs), and the
 weight-only w8, w4 and w4 with Hadamard rotation (w4-rot), plus the time of one sampling call of a wider random
-model of the same shape family, where the matrices are large enough for int8 kernels to pay.
+model of the same shape family, where the matrices are large enough for int8 kernels to pay, and of random models
+of named presets (``--preset S``).
 Per scheme also: the folder's size, the model's tensors in memory, and the blocks' linear weights' relative
 error (dequantized against float32).
 
@@ -11,6 +12,7 @@ error (dequantized against float32).
 
 Example:
     python benchmarks/quantize.py --limit 4
+    python benchmarks/quantize.py --wide 0 --preset S --schemes w8a8,bf16 --json benchmarks/results/quantize_S.json
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds, best kept (default 3)")
     p.add_argument("--wide", type=int, default=768, help="hidden size of the wider random model; 0 skips it "
                                                          "(default 768)")
+    p.add_argument("--preset", action="append", default=[], metavar="NAME",
+                   help="also time a random model of this preset (e.g. S) at 32x32, patch 4 (repeatable)")
     p.add_argument("--schemes", default=",".join(VARIANTS), help=f"which to run (default {','.join(VARIANTS)})")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/quantize.json"))
     return p.parse_args(argv)
@@ -64,9 +68,14 @@ def best_time(fn, repeats: int) -> float:
 
 def wide_model(folder: Path, hidden: int) -> Path:
     """A random model like the shipped one but ``hidden`` wide (heads of 64), as a model folder."""
-    config = config_from_dict({"model": {"preset": "tiny", "hidden_size": hidden, "num_heads": hidden // 64,
-                                         "axes_dim": [16, 24, 24], "depth": 2, "depth_single": 4, "patch_size": 4},
-                               "data": {"name": "shapes", "width": 32, "height": 32},
+    return random_model(folder, {"preset": "tiny", "hidden_size": hidden, "num_heads": hidden // 64,
+                                 "axes_dim": [16, 24, 24], "depth": 2, "depth_single": 4, "patch_size": 4})
+
+
+def random_model(folder: Path, section: dict) -> Path:
+    """A random model of the ``section`` model config (e.g. ``{"preset": "S"}``) on the shipped model's data
+    (32x32 shapes, its text encoder), as a model folder."""
+    config = config_from_dict({"model": section, "data": {"name": "shapes", "width": 32, "height": 32},
                                "sample": {"steps": 30, "cfg": 4.0}})
     torch.manual_seed(0)
     model = MMDiT(config.model)
@@ -102,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         models = [("shapes", args.model)]
         if args.wide:
             models.append((f"random width {args.wide}", wide_model(tmp / "wide", args.wide)))
+        for preset in args.preset:
+            models.append((f"random {preset}", random_model(tmp / f"preset-{preset}", {"preset": preset,
+                                                                                       "patch_size": 4})))
         chosen = [v.strip() for v in args.schemes.split(",") if v.strip()]
         for label, source in models:
             folders = {"fp32": source}

@@ -187,8 +187,7 @@ class Row:
 
 
 # Where a render's CPU time goes (--profile): torch profiler's self time per op, summed into these groups.
-PROFILE_GROUPS = (("matmuls", ("aten::addmm", "aten::mm", "aten::bmm", "aten::_int_mm", "quantized::linear_dynamic",
-                               "aten::_scaled_mm")),
+PROFILE_GROUPS = (("matmuls", ("aten::addmm", "aten::mm", "aten::bmm", "aten::_int_mm", "aten::_scaled_mm")),
                   ("attention", ("aten::_scaled_dot_product",)))
 
 
@@ -357,9 +356,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     import diffusers
 
-    # The compiled rows share their compiled blocks between thresholds (and the peer's between cache hooks):
-    # room for every form they compile, so that none falls back to eager unnoticed.
+    # The compiled rows share their compiled blocks between thresholds (and the peer's between cache hooks): room
+    # for every form they compile, and an error, not a silent fall back to eager, if that is not enough.
     torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     args = parse_args(argv)
     if args.memory_of:
         return memory_main(args)

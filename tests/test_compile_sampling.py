@@ -73,18 +73,20 @@ def test_compiled_int8_blocks_run_the_cached_rows_only_and_stop_compiling(tiny_r
         quantize_in_memory(pipe.model, "w8a8")
     compiled.model.compile_blocks()
     prompts, seeds = PROMPTS * 3, list(range(6))
-    compiled.generate(prompts, seed=seeds, steps=2, candidates=1)  # the full batch's graphs
-    full_batch_graphs = counters["stats"]["unique_graphs"]
-    for threshold in (0.1, 0.3):  # some calls run 8 or 11 of the 12 rows; at 0.3 some run one
-        settings = {"steps": 8, "candidates": 1, "cache": "first_block", "cache_threshold": threshold}
-        images = compiled.generate(prompts, seed=seeds, **settings)
-        assert counters["stats"]["unique_graphs"] > full_batch_graphs  # the blocks saw fewer rows than 12
-        rows = compiled.model.last_step_cache.computed_rows
-        assert any(1 < r < 12 for r in rows) if threshold == 0.1 else 1 in rows, rows
-        reference = eager.generate(prompts, seed=seeds, **settings)
-        assert eager.model.last_step_cache.computed_rows == rows
-        assert (images - reference).abs().max() < 0.02 and (images - reference).abs().mean() < 1e-3
-    with torch.compiler.set_stance("fail_on_recompile"):
-        compiled.generate(prompts, seed=list(range(6, 12)), steps=8, candidates=1, cache="first_block",
-                          cache_threshold=0.2)
+    # past dynamo's recompile limit the blocks would run eagerly without a word: an error here instead
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        compiled.generate(prompts, seed=seeds, steps=2, candidates=1)  # the full batch's graphs
+        full_batch_graphs = counters["stats"]["unique_graphs"]
+        for threshold in (0.1, 0.3):  # some calls run 8 or 11 of the 12 rows; at 0.3 some run one
+            settings = {"steps": 8, "candidates": 1, "cache": "first_block", "cache_threshold": threshold}
+            images = compiled.generate(prompts, seed=seeds, **settings)
+            assert counters["stats"]["unique_graphs"] > full_batch_graphs  # the blocks saw fewer rows than 12
+            rows = compiled.model.last_step_cache.computed_rows
+            assert any(1 < r < 12 for r in rows) if threshold == 0.1 else 1 in rows, rows
+            reference = eager.generate(prompts, seed=seeds, **settings)
+            assert eager.model.last_step_cache.computed_rows == rows
+            assert (images - reference).abs().max() < 0.02 and (images - reference).abs().mean() < 1e-3
+        with torch.compiler.set_stance("fail_on_recompile"):
+            compiled.generate(prompts, seed=list(range(6, 12)), steps=8, candidates=1, cache="first_block",
+                              cache_threshold=0.2)
     torch._dynamo.reset()

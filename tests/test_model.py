@@ -201,17 +201,25 @@ def test_gelu_tanh_at_inference_is_torchs_tanh_gelu_to_float32_rounding():
 
 
 def test_compiled_gelu_tanh_takes_the_exp_form_at_inference_and_torchs_kernel_under_autograd():
-    """Compiled at CPU float inference, the exp form matches torch's kernel to float32 rounding, far tails
-    included (exp overflows to inf there: the output is -0); under autograd it is torch's kernel, whose gradient
-    stays finite where the exp form's would be NaN."""
+    """Compiled at CPU float inference, the traced graph is the exp form (no gelu op) and matches torch's kernel to
+    float32 rounding, far tails included (exp overflows to inf there: the output is -0); under autograd the graph
+    is torch's gelu, whose gradient stays finite where the exp form's would be NaN."""
+    traced: list[set[str]] = []
+
+    def recording(graph, inputs):  # a backend that keeps each graph's ops and runs it as traced
+        traced.append({str(node.target) for node in graph.graph.nodes if node.op == "call_function"})
+        return graph.forward
+
     torch._dynamo.reset()
-    compiled = torch.compile(gelu_tanh)
+    compiled = torch.compile(gelu_tanh, backend=recording)
     x = torch.cat([torch.linspace(-30, 30, 241), torch.tensor([-1e4, 1e4])])
     exact = torch.nn.functional.gelu(x.double(), approximate="tanh")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x).double(), exact, rtol=2e-6, atol=2e-6)
+    assert any("exp" in op for op in traced[-1]) and not any("gelu" in op for op in traced[-1]), traced
     leaf = x.clone().requires_grad_()
     compiled(leaf).sum().backward()
+    assert any("gelu" in op for op in traced[-1]), traced
     assert torch.isfinite(leaf.grad).all()
     reference = x.clone().requires_grad_()
     torch.nn.functional.gelu(reference, approximate="tanh").sum().backward()

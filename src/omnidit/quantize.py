@@ -459,17 +459,19 @@ _int8_kernel = None  # int8_matmul as it runs eagerly: compiled on first use (_i
 def _int8_matmul_compiled(rows: Tensor, values: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """``int8_matmul`` compiled by Inductor once per process, every layer and row count sharing one graph
     (dynamic shapes): eager, its quantize, product and scale steps are separate passes over memory and take
-    about twice as long as torch's fbgemm int8 linear; compiled, the quantization is one fused kernel and the
-    scales another, around the int32 product (2.7x faster than fbgemm on a (3072, 192) x (192, 768) product on
-    this CPU). Where Inductor cannot compile (no C++ compiler) it warns once and stays eager."""
+    about twice as long as the fbgemm dynamic int8 Linear it replaced; compiled, the quantization is one fused
+    kernel and the scales another, around the int32 product (2.7x faster than fbgemm on a (3072, 192) x
+    (192, 768) product on this CPU). Where Dynamo does not run (an unsupported Python) it stays eager; where
+    Inductor cannot compile (no C++ compiler) it warns once and stays eager."""
     global _int8_kernel
     if _int8_kernel is None:
-        _int8_kernel = torch.compile(int8_matmul, dynamic=True)
+        supported = torch._dynamo.is_dynamo_supported()
+        _int8_kernel = torch.compile(int8_matmul, dynamic=True) if supported else int8_matmul
     try:
         return _int8_kernel(rows, values, scale, bias)
     except torch._dynamo.exc.BackendCompilerFailed as error:
         cause = error.inner_exception
-        warnings.warn(f"int8 layers run uncompiled (slower): {type(cause).__name__}: {cause}", stacklevel=3)
+        warnings.warn(f"int8 layers run uncompiled (slower): {type(cause).__name__}: {cause}", stacklevel=2)
         _int8_kernel = int8_matmul
         return int8_matmul(rows, values, scale, bias)
 

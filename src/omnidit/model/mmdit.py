@@ -505,7 +505,7 @@ class MMDiT(nn.Module):
 
         def rest(first: list[Tensor] | Tensor, rows: Tensor | None) -> Tensor:
             """The generated tokens after the blocks past the first, computed on the batch rows ``rows`` only (a
-            (k,) index tensor; None: every row). Compiled blocks take any number of rows without compiling again
+            (k,) index tensor; None: every row). Compiled blocks compile a bounded number of row counts
             (``compile_blocks``)."""
             return generated(run(first if rows is None else take_rows(first, rows, batch), 1, len(blocks), rows))
 

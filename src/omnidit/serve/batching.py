@@ -3,7 +3,8 @@ one sampling call.
 
 Requests never touch shared state: each ``Job`` carries its own prompt, seeds and settings, and the worker
 hands each its own slice of the batch. Image i of a request comes from seed SEED+i (``Pipeline.generate`` with
-one seed per image), so an image is the same whether it was batched with others or drawn alone.
+one seed per image), so an image is the same whether it was batched with others or drawn alone (eagerly: with
+``--compile`` another batch size runs another graph, whose roundings may differ).
 """
 
 from __future__ import annotations

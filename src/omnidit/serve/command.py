@@ -23,7 +23,8 @@ def add_serve_parser(sub) -> None:
         description="Serve one or more models over HTTP: POST /v1/images/generations (OpenAI's images API; "
                     "the official openai client works unchanged), POST /v1/videos/generations for video models, "
                     "GET /v1/models, /health, /metrics (Prometheus) and a web page at /. Concurrent requests "
-                    "with matching settings are drawn in one batch; an image is the same batched or alone. "
+                    "with matching settings are drawn in one batch; an image is the same batched or alone (without "
+                    "--compile). "
                     "Needs the serve extra: pip install -e '.[serve]'.")
     p.add_argument("--model", action="append", default=None, metavar="[NAME=]MODEL",
                    help="a shipped model's name (shapes, shapes-video) or a model folder, optionally named "
