@@ -3,7 +3,8 @@ after another, on loopback, each for a bounded time.
 
 The server runs in this process (uvicorn in a thread, the shipped shapes model unless --model) or is an
 already running one (--url). Each client posts ``POST /v1/images/generations`` requests back to back (one
-image each, seed = a counter, the model's default settings unless --steps) until --seconds have passed;
+image each, seed = a counter, the model's default settings unless --steps, or a preset with --speed) until
+--seconds have passed;
 requests that are in flight then finish and count. Reported per phase: requests/s, images/s, latency
 p50 / p95 / p99, the mean batch size (from the server's /metrics; with replicas, of whichever replica answers
 the scrape), errors, and the server process's resident memory sampled through the phase (in-process server
@@ -16,6 +17,8 @@ HTTP, at batch 1 and at --max-batch: the most that batching can give on this mac
 Examples:
     python benchmarks/serve_load.py --clients 8 --seconds 60 --ceiling --json benchmarks/results/serve_load.json
     python benchmarks/serve_load.py --clients 8 --seconds 300 --only-many   # the 5-minute memory run
+    python benchmarks/serve_load.py --clients 8 --seconds 60 --speed fast --ceiling \
+        --json benchmarks/results/serve_load_fast.json
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_phase(url: str, clients: int, seconds: float, steps: int | None, seed_base: int,
-              rss_every: float = 15.0, in_process: bool = True) -> dict:
+              rss_every: float = 15.0, in_process: bool = True, speed: str | None = None) -> dict:
     """One phase; the memory columns only when the server runs in this process (``in_process``)."""
     latencies: list[float] = []
     errors: list[str] = []
@@ -80,6 +83,8 @@ def run_phase(url: str, clients: int, seconds: float, steps: int | None, seed_ba
                 body = {"prompt": PROMPTS[seed % len(PROMPTS)], "seed": seed}
                 if steps:
                     body["steps"] = steps
+                if speed:
+                    body["speed"] = speed
                 start = time.monotonic()
                 try:
                     reply = session.post(f"{url}/v1/images/generations", json=body)
@@ -121,12 +126,16 @@ def run_phase(url: str, clients: int, seconds: float, steps: int | None, seed_ba
             "rss_mib_samples": rss_samples}
 
 
-def batching_ceiling(model: str, max_batch: int, steps: int | None, rounds: int = 3) -> dict:
+def batching_ceiling(model: str, max_batch: int, steps: int | None, rounds: int = 3,
+                     speed: str | None = None) -> dict:
     """The pipeline's images/s at batch 1 and at ``max_batch`` in this process (no HTTP, no queue), each the
-    best of ``rounds``: the most that dynamic batching can gain on this machine."""
+    best of ``rounds`` after a warm-up: the most that dynamic batching can gain on this machine."""
     from omnidit.pipeline import load_pipeline
+    from omnidit.quantize import speed_variant
 
     pipe = load_pipeline(model, device="cpu")
+    pipe = speed_variant(pipe, speed) if speed else pipe
+    pipe.generate(PROMPTS[:1], seed=[0], steps=steps)  # warm-up: prompt cache, kernels, int8 compilation
     best = {}
     for batch in (1, max_batch):
         times = []
@@ -146,6 +155,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients in the second phase (default: 8)")
     parser.add_argument("--seconds", type=float, default=60.0, help="duration of each phase (default: 60)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps per request (default: the model's)")
+    parser.add_argument("--speed", choices=("fast", "faster"), default=None,
+                        help="the speed preset every request asks for (default: none, the model's settings)")
     parser.add_argument("--max-batch", type=int, default=16, help="the in-process server's --max-batch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--replicas", type=int, default=None,
@@ -157,7 +168,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.ceiling_only:
-        print(json.dumps(batching_ceiling(args.model, args.max_batch, args.steps)))
+        print(json.dumps(batching_ceiling(args.model, args.max_batch, args.steps, speed=args.speed)))
         return
 
     import torch
@@ -190,11 +201,13 @@ def main() -> None:
         while not server.started:
             time.sleep(0.05)
         url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPTS[0], "steps": 2}, timeout=600)  # warm-up
+    warm = {"prompt": PROMPTS[0], "steps": 2} | ({"speed": args.speed} if args.speed else {})
+    httpx.post(f"{url}/v1/images/generations", json=warm, timeout=600)  # warm-up (and the preset's model copy)
 
     local = server is not None
-    one = None if args.only_many else run_phase(url, 1, args.seconds, args.steps, seed_base=0, in_process=local)
-    many = run_phase(url, args.clients, args.seconds, args.steps, seed_base=10**6, in_process=local)
+    one = None if args.only_many else run_phase(url, 1, args.seconds, args.steps, seed_base=0, in_process=local,
+                                                speed=args.speed)
+    many = run_phase(url, args.clients, args.seconds, args.steps, seed_base=10**6, in_process=local, speed=args.speed)
     ratio = many["images_per_s"] / one["images_per_s"] if one and one["images_per_s"] else float("nan")
     print(f"{'clients':>8} {'req/s':>7} {'img/s':>7} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'batch':>6} "
           f"{'errors':>6} {'RSS MiB start->end':>19}")
@@ -212,12 +225,13 @@ def main() -> None:
         # In a fresh process: torch threads used from two threads of one process slow each other (see
         # omnidit.serve.batching.reserve_torch_threads).
         command = [sys.executable, __file__, "--ceiling-only", "--model", args.model, "--max-batch",
-                   str(args.max_batch)] + (["--steps", str(args.steps)] if args.steps else [])
+                   str(args.max_batch)] + (["--steps", str(args.steps)] if args.steps else []) + \
+            (["--speed", args.speed] if args.speed else [])
         ceiling = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
         print(f"the pipeline alone, batch {args.max_batch} / batch 1: {ceiling['ratio']:.2f}x images/s "
               f"({ceiling['images_per_s_batch_1']:.2f} -> {ceiling[f'images_per_s_batch_{args.max_batch}']:.2f})")
     result = {"device": device_description(torch.device("cpu")), "torch_threads": threads,
-              "model": args.model, "steps": args.steps, "seconds_per_phase": args.seconds,
+              "model": args.model, "steps": args.steps, "speed": args.speed, "seconds_per_phase": args.seconds,
               "replicas": args.replicas, "one_client": one, "many_clients": many, "ratio_images_per_s": ratio,
               "batching_ceiling": ceiling,
               "command": "python " + " ".join(sys.argv)}
