@@ -285,6 +285,26 @@ def test_url_results_are_served_and_other_formats_encode(shapes):
         assert decode(jpeg.json()["data"][0]).format == "JPEG"
 
 
+def test_the_answers_are_encoded_on_one_torch_thread(shapes, monkeypatch):
+    # The encoding runs in an executor thread; with torch's default thread count there it would start a second
+    # OpenMP team beside the sampling worker's, which on 2 cores halved the worker's speed.
+    import torch
+
+    import omnidit.images
+
+    seen = []
+    to_pil = omnidit.images.to_pil
+
+    def recording(image):
+        seen.append(torch.get_num_threads())
+        return to_pil(image)
+
+    monkeypatch.setattr(omnidit.images, "to_pil", recording)
+    with TestClient(build_app({"shapes": shapes})) as client:
+        assert client.post("/v1/images/generations", json={"prompt": PROMPT, "n": 2, **FAST}).status_code == 200
+    assert seen == [1, 1]
+
+
 def test_negative_prompt_changes_the_image_and_is_recorded(shapes):
     with TestClient(build_app({"shapes": shapes})) as client:
         plain = client.post("/v1/images/generations", json={"prompt": PROMPT, "seed": 4, **FAST}).json()
