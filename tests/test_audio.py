@@ -11,7 +11,19 @@ import pytest
 import torch
 
 from omnidit.audio_io import load_wav, save_wav
-from omnidit.data.tones import DURATIONS, GLIDES, MIN_GAP, PITCHES, VOCABULARY, ToneDataset, render_tones, tone_caption
+from omnidit.data.tones import (
+    COUNTERFACTUAL_STREAM,
+    DURATIONS,
+    GLIDES,
+    MARGIN,
+    MIN_GAP,
+    PITCHES,
+    VOCABULARY,
+    ToneDataset,
+    counterfactual_tone_scene,
+    render_tones,
+    tone_caption,
+)
 from omnidit.errors import OmniditError
 from omnidit.evaluate.audio_judge import find_beeps, judge_tones, parse_tone_caption
 from omnidit.tokens import audio_patchify, audio_position_ids, audio_unpatchify, video_position_ids
@@ -64,6 +76,44 @@ def test_the_judge_is_right_on_600_ground_truth_clips():
     wrong = [(i, data[i]["caption"], judge_tones(data[i]["audio"], data[i]["caption"])[1]) for i in range(600)]
     wrong = [w for w in wrong if w[1] and w[2]]
     assert wrong == []
+
+
+def test_a_clips_partner_changes_one_fact_of_one_beep_and_the_judge_hears_it():
+    """ToneDataset.counterfactual: one beep dropped, or one beep's pitch, glide or length changed, every other
+    beep as it was; seeded by (seed, index) alone; the layout still fits, and the judge reads the partner right
+    against its own caption and wrong against the clip's."""
+    data = ToneDataset(seed=5)
+    changed = {"count": 0, "pitch": 0, "glide": 0, "duration": 0}
+    for i in range(120):
+        scene, item = data.scene(i), data.counterfactual(i)
+        partner = ToneDataset(seed=5).counterfactual(i)
+        assert torch.equal(item["audio"], partner["audio"]) and item["caption"] == partner["caption"]
+        assert judge_tones(item["audio"], item["caption"])[0]
+        assert not judge_tones(item["audio"], scene.caption)[0]
+        heard = find_beeps(item["audio"])
+        if len(heard) < len(scene.beeps):
+            changed["count"] += 1
+            assert len(heard) == len(scene.beeps) - 1
+            kept = [b for b in scene.beeps if any(abs(e.onset - b.onset) < 0.03 for e in heard)]
+            assert len(kept) == len(heard)  # the others stay where they were
+            continue
+        diffs = [(b.pitch != e.pitch) + (b.glide != e.glide) + (b.duration != e.duration)
+                 for b, e in zip(scene.beeps, heard)]
+        assert sorted(diffs) == [0] * (len(diffs) - 1) + [1]  # one beep, one fact
+        b, e = next((b, e) for b, e in zip(scene.beeps, heard) if b.pitch != e.pitch or b.glide != e.glide
+                    or b.duration != e.duration)
+        changed["pitch" if b.pitch != e.pitch else "glide" if b.glide != e.glide else "duration"] += 1
+        assert abs(e.onset - b.onset) < 0.03  # it stays where it was
+    assert min(changed.values()) >= 10, changed
+
+
+def test_a_longer_beep_in_a_partner_still_leaves_the_gap_and_the_margin():
+    data = ToneDataset(seed=6)
+    for i in range(300):
+        partner = counterfactual_tone_scene(data.scene(i), np.random.default_rng([6, i, COUNTERFACTUAL_STREAM]), 2.0)
+        ends = [b.onset + b.seconds for b in partner.beeps]
+        assert all(end + MIN_GAP <= nxt.onset + 1e-9 for end, nxt in zip(ends, partner.beeps[1:]))
+        assert ends[-1] <= 2.0 - MARGIN + 1e-9
 
 
 def _variant(scene, i, **change):

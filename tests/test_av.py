@@ -81,6 +81,72 @@ def test_sound_alone_trains_and_resumes_exactly_with_the_picture_frozen(make_tin
     assert not torch.equal(a["stream_in.audio.weight"], initial["stream_in.audio.weight"])
 
 
+def test_tones_pair_with_one_beep_changed_and_the_pairs_loss_changes_the_update(make_tiny_config, tmp_path):
+    """train.counterfactual_weight on sound (ToneDataset.counterfactual): the flow batches stay those of the run
+    without it (the pairs draw from their own generator), the pairs' loss is positive and moves the weights;
+    with a second data set mixed in it is a one-line error."""
+    from omnidit.train import Trainer
+
+    def trainer(out, **train_):
+        return Trainer(tones_config(make_tiny_config, out, given_p=0.0, stream_given_p=0.0,
+                                    stream_independent_p=0.0, **train_), progress=False)
+
+    base, paired = trainer(tmp_path / "a"), trainer(tmp_path / "b", counterfactual_weight=1.0)
+    assert base.train_step()[0] == paired.train_step()[0]  # the same weights, the same flow batch
+    for _ in range(2):
+        base.train_step(), paired.train_step()
+    assert base.counterfactual_loss is None and paired.counterfactual_loss > 0
+    assert torch.equal(base.generator.get_state(), paired.generator.get_state())  # the flow draws are the same
+    moved = [(p - q).abs().max() for p, q in zip(base.net.parameters(), paired.net.parameters())]
+    assert max(moved) > 1e-4
+    with pytest.raises(OmniditError, match="counterfactual_weight works on one data set"):
+        Trainer(tones_config(make_tiny_config, tmp_path / "c", mix_name="bounce", counterfactual_weight=1.0),
+                progress=False)
+
+
+def test_the_pairs_loss_of_one_stream_by_name_is_the_loss_of_its_tensor():
+    from omnidit.condition import Condition
+    from omnidit.flow import counterfactual_loss
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 5, generator=g)
+
+    def model(x, t, cond):  # depends on the caption through its pooled vector
+        return x @ weight + t.view(-1, 1, 1) * cond.pooled[:, None, :5]
+
+    x0, x0_cf, noise = (torch.randn(3, 4, 5, generator=g) for _ in range(3))
+    cond, cond_cf = (Condition(torch.zeros(3, 2, 8), torch.ones(3, 2, dtype=torch.bool),
+                               torch.randn(3, 8, generator=g)) for _ in range(2))
+    t = torch.tensor([0.9, 0.85, 0.95])
+    plain = counterfactual_loss(model, x0, x0_cf, cond, cond_cf, t, noise)
+    named = counterfactual_loss(lambda x, tt, c: {"audio": model(x["audio"], tt["audio"], c)}, {"audio": x0},
+                                {"audio": x0_cf}, cond, cond_cf, t, {"audio": noise})
+    assert plain > 0 and torch.allclose(plain, named)
+    # Two streams: the mean of each stream's loss
+    other = [torch.randn(3, 2, 5, generator=g) for _ in range(3)]
+    both = counterfactual_loss(lambda x, tt, c: {n: model(v, tt[n], c) for n, v in x.items()},
+                               {"audio": x0, "img": other[0]}, {"audio": x0_cf, "img": other[1]}, cond, cond_cf, t,
+                               {"audio": noise, "img": other[2]})
+    alone = counterfactual_loss(model, *other[:2], cond, cond_cf, t, other[2])
+    assert torch.allclose(both, (plain + alone) / 2)
+
+
+def test_sound_with_pairs_resumes_exactly(make_tiny_config, tmp_path):
+    from omnidit.train import train
+
+    def config(out_dir, **train_):
+        return tones_config(make_tiny_config, out_dir, given_p=0.0, stream_given_p=0.0, stream_independent_p=0.0,
+                            counterfactual_weight=1.0, **train_)
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(config(straight), progress=False)
+    train(config(split, steps=2), progress=False)
+    train(config(split), progress=False)
+    a = load_file(straight / "checkpoint-0000004" / "model.safetensors")
+    b = load_file(split / "checkpoint-0000004" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_checkpoint_before_the_first_mixed_batch_resumes_exactly(make_tiny_config, tmp_path):
     """Sound first, pictures from the second batch on (tones mixed with bounce clips): at step 1 the picture's
     weights have had no gradient and so no optimizer state, and the run still resumes exactly from there."""

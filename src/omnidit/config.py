@@ -183,7 +183,8 @@ class TrainConfig:
     eval_limit: int = 2  # prompts per category in the in-training evaluation
     eval_n_per_prompt: int = 2
     # Counterfactual pairs (docs/training.md): add this weight times flow.counterfactual_loss on the
-    # batch items whose data set has a counterfactual partner (shapes: relation scenes, the objects traded), at
+    # batch items whose data set has a counterfactual partner (shapes: relation scenes, the objects traded;
+    # shapes_video: single-object clips moving another way; tones: one beep dropped or changed), at
     # t ~ U[counterfactual_t_min, 1]. 0 = off.
     counterfactual_weight: float = 0.0
     counterfactual_t_min: float = 0.8

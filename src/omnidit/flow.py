@@ -215,13 +215,16 @@ def training_loss(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, 
     return velocity_errors(model, x0, cond, t, noise).mean()
 
 
-def counterfactual_loss(model: VelocityModel, x0: Tensor, x0_cf: Tensor, cond: Condition, cond_cf: Condition,
-                        t: Tensor, noise: Tensor) -> Tensor:
+def counterfactual_loss(model: VelocityModel, x0: Tensor | Mapping[str, Tensor], x0_cf: Tensor | Mapping[str, Tensor],
+                        cond: Condition, cond_cf: Condition, t: Tensor,
+                        noise: Tensor | Mapping[str, Tensor]) -> Tensor:
     """Mean squared error between the change of the predicted clean image when the caption changes and
     the change of the data: t [v(x_t, t, cond) - v(x_t, t, cond_cf)] vs x0_cf - x0.
 
     x0, x0_cf: (B, ...) an item and its counterfactual partner (the same item with one fact of its
-    caption changed, e.g. the relation reversed); t: (B,) times near 1; noise: like x0.
+    caption changed, e.g. the relation reversed); t: (B,) times near 1; noise: like x0. Several generated
+    streams: x0, x0_cf and noise are mappings {name: (B, N_s, D_s)}, every stream at the sample's t, and the
+    loss is the mean over the streams of each stream's error (as ``velocity_errors`` weighs them).
     The best velocity is (x_t - E[x0 | x_t, cond]) / t, so t times the change of the velocity is
     E[x0 | x_t, cond_cf] - E[x0 | x_t, cond]. Near t = 1 the flow target eps - x0 is nearly all noise, so
     the small part of it that depends on a fact like the relation's direction gives a weak gradient;
@@ -229,8 +232,19 @@ def counterfactual_loss(model: VelocityModel, x0: Tensor, x0_cf: Tensor, cond: C
     estimates that change without bias when the partner is distributed like the data under cond_cf.
     At smaller t, x_t already shows x0 and the estimate exaggerates the change: use it near t = 1 only.
     """
-    x_t = interpolate(x0, noise, t)
-    # One forward over both captions (one pass per backward keeps DDP and FSDP simple).
-    v, v_cf = model(torch.cat([x_t, x_t]), torch.cat([t, t]), Condition.cat([cond, cond_cf])).float().chunk(2)
+    both = Condition.cat([cond, cond_cf])  # one forward over both captions (one pass per backward: DDP, FSDP)
+    if not isinstance(x0, Mapping):
+        x_t = interpolate(x0, noise, t)
+        return _change_error(model(torch.cat([x_t, x_t]), torch.cat([t, t]), both), x0, x0_cf, t)
+    x_t = {n: interpolate(x0[n], noise[n], t) for n in x0}
+    tt = torch.cat([t, t])  # one tensor for every stream: the model then computes its time embedding once
+    v = model({n: torch.cat([x, x]) for n, x in x_t.items()}, {n: tt for n in x0}, both)
+    return torch.stack([_change_error(v[n], x0[n], x0_cf[n], t) for n in x0]).mean()
+
+
+def _change_error(v: Tensor, x0: Tensor, x0_cf: Tensor, t: Tensor) -> Tensor:
+    """v: (2B, ...) the velocities under both captions, stacked -> the mean squared error of t (v - v_cf)
+    against x0_cf - x0."""
+    v, v_cf = v.float().chunk(2)
     change = (v - v_cf) * t.float().view(-1, *([1] * (v.dim() - 1)))
     return (change - (x0_cf - x0).float()).pow(2).mean()

@@ -103,11 +103,13 @@ class Trainer:
                                hint=f"train on data with {unfed[0]} (e.g. data.name=bounce), or drop it from "
                                     "model.extra_streams")
         if self.multi:
-            for key, value in (("data.cache_dir", dc.cache_dir), ("train.region_p", tc.region_p),
-                               ("train.counterfactual_weight", tc.counterfactual_weight)):
+            for key, value in (("data.cache_dir", dc.cache_dir), ("train.region_p", tc.region_p)):
                 if value:
                     raise OmniditError(f"{key} works on one image data set, not with sound or data.mix_name",
                                        hint=f"drop {key}")
+            if tc.counterfactual_weight and self.mix_dataset is not None:
+                raise OmniditError("train.counterfactual_weight works on one data set, not with data.mix_name",
+                                   hint="drop data.mix_name or set train.counterfactual_weight=0")
             if tc.sample_every or tc.eval_every:
                 raise OmniditError("train.sample_every and train.eval_every draw images, not clips with sound",
                                    hint="set them to 0 and evaluate checkpoints with omnidit eval")
@@ -124,7 +126,8 @@ class Trainer:
             if not hasattr(self.dataset, "counterfactual"):
                 raise OmniditError(f"train.counterfactual_weight needs a data set with counterfactual pairs, and "
                                    f"'{dc.name}' has none",
-                                   hint="use data.name=shapes (relation scenes) or shapes_video (single-object clips)")
+                                   hint="use data.name=shapes (relation scenes), shapes_video (single-object "
+                                        "clips) or tones")
         self.text_encoder = None
         if config.text.encoder != "none" and self.cache is None:
             self.text_encoder = load_text_encoder(config.text.encoder, config.text.max_length, device=self.device)
@@ -222,13 +225,23 @@ class Trainer:
         self.model.set_requires_gradient_sync(False)  # FSDP2; re-enabled before the last micro-batch
         return contextlib.nullcontext()
 
+    def stream_batch_tokens(self, data: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Data by stream ({"img": clips, "audio": (b, 1, S)}) -> the model's tokens {name: (b, N_s, D_s)} on the
+        device, through the picture's and the sound's codecs."""
+        data = dict(data)
+        if "img" in data:
+            data["img"] = self.codec.encode(data["img"].to(self.device))
+        if "audio" in data:
+            data["audio"] = self.audio_codec.encode(data["audio"])
+        return stream_tokens({n: x.to(self.device) for n, x in data.items()}, self.config.model, self.audio_codec)
+
     def train_step(self) -> tuple[float, float]:
         """One optimisation step on the batch that belongs to ``self.step``.
 
         Returns (loss averaged over the global batch, gradient norm). A non-finite loss or gradient
         skips the update (the step still advances) and counts toward ``train.nan_patience``.
         """
-        tc, mc, world = self.config.train, self.config.model, self.world
+        tc, world = self.config.train, self.world
         batch, local = tc.batch_size, tc.batch_size // world.world_size
         if self.multi:
             source, position = self.source_at(self.step)
@@ -243,16 +256,18 @@ class Trainer:
             layout = self.layouts[id(source)]
             ids = layout.ids
             t, noise = stream_draws(self.config, layout, batch, self.generator, self.audio_codec)
+            if counterfactual:
+                g = self.counterfactual_generator
+                t_cf = tc.counterfactual_t_min + (1 - tc.counterfactual_t_min) * torch.rand(batch, generator=g)
+                noise_cf = {n: torch.randn(v.shape, generator=g)[mine] for n, v in noise.items()}
             data, captions, labels = batch_streams(source, idx[mine])
-            if "img" in data:
-                data["img"] = self.codec.encode(data["img"].to(self.device))
-            if "audio" in data:
-                data["audio"] = self.audio_codec.encode(data["audio"])
-            x0 = stream_tokens({n: x.to(self.device) for n, x in data.items()}, mc, self.audio_codec)  # (b, N_s, D_s)
+            x0 = self.stream_batch_tokens(data)  # {name: (b, N_s, D_s)}
             cond = self.condition(captions, labels)
+            pairs = counterfactual_pairs(source, idx[mine], x0, cond, labels, t_cf[mine], noise_cf,
+                                         self.stream_batch_tokens, self.condition, self.device) \
+                if counterfactual else None  # before the caption dropout: the pairs compare two real captions
             t = {n: v[mine].to(self.device) for n, v in t.items()}
             noise = {n: v[mine].to(self.device) for n, v in noise.items()}
-            pairs = None
         else:
             ids = self.ids
             boxes, phrases, empty = object_boxes(self.dataset, idx, self.generator, self.grid, tc.region_empty) \

@@ -13,8 +13,9 @@ from torch import Tensor
 
 from omnidit.condition import Condition
 from omnidit.config import Config
-from omnidit.data import counterfactual_batch
+from omnidit.data import counterfactual_batch, counterfactual_streams
 from omnidit.data.shapes import object_caption
+from omnidit.errors import OmniditError
 from omnidit.flow import (
     box_token_span,
     draw_given_regions,
@@ -108,19 +109,20 @@ def stream_draws(config: Config, layout: StreamLayout, batch: int, generator: to
 
 class CounterfactualPairs(NamedTuple):
     """Arguments of flow.counterfactual_loss for R rows and their partners, plus the weight ``scale``
-    (0 for a stand-in when the batch has no pairs). x0, x0_cf, noise: (R, N, D); t: (R,)."""
+    (0 for a stand-in when the batch has no pairs). x0, x0_cf, noise: (R, N, D), or {name: (R, N_s, D_s)} for
+    several streams; t: (R,)."""
 
-    x0: Tensor
-    x0_cf: Tensor
+    x0: Tensor | dict[str, Tensor]
+    x0_cf: Tensor | dict[str, Tensor]
     cond: Condition
     cond_cf: Condition
     t: Tensor
-    noise: Tensor
+    noise: Tensor | dict[str, Tensor]
     scale: float
 
 
-def counterfactual_pairs(dataset, indices: list[int], x0: Tensor, cond: Condition, labels: Tensor, t: Tensor,
-                         noise: Tensor, tokens: Callable[[Tensor], Tensor],
+def counterfactual_pairs(dataset, indices: list[int], x0: Tensor | dict[str, Tensor], cond: Condition,
+                         labels: Tensor, t: Tensor, noise: Tensor | dict[str, Tensor], tokens: Callable,
                          condition: Callable[[list[str], Tensor], Condition],
                          device: torch.device) -> CounterfactualPairs:
     """The rows of this batch (``indices`` of ``dataset``) that have a counterfactual partner, for
@@ -128,19 +130,32 @@ def counterfactual_pairs(dataset, indices: list[int], x0: Tensor, cond: Conditio
 
     x0: (b, N, D) and cond (the batch's encoded captions) on the device; t: (b,), noise: (b, N, D) on the CPU;
     ``tokens``: images or clips to the model's tokens, as x0's (the codec, then the patches); ``condition``:
-    captions and labels to a Condition. Only the partners' captions are encoded here. When no row has a partner,
-    a stand-in (row 0 paired with itself) with scale 0: every rank still runs the pass, so that the gradient
-    all-reduce sees the same passes everywhere.
+    captions and labels to a Condition. Several streams (sound): x0 and noise are {name: ...} and ``tokens``
+    takes the partners' data by stream ({"audio": (R, 1, S)}, say). Only the partners' captions are encoded here.
+    When no row has a partner, a stand-in (row 0 paired with itself) with scale 0: every rank still runs the
+    pass, so that the gradient all-reduce sees the same passes everywhere.
     """
-    rows, images_cf, captions_cf = counterfactual_batch(dataset, indices)
+    streams = isinstance(x0, dict)
+    rows, data_cf, captions_cf = (counterfactual_streams if streams else counterfactual_batch)(dataset, indices)
     at = torch.tensor(rows or [0])  # CPU indices: they index CPU and device tensors alike
+
+    def take(x: Tensor | dict[str, Tensor], to_device: bool = False):
+        if isinstance(x, dict):
+            return {n: take(v, to_device) for n, v in x.items()}
+        return x[at].to(device) if to_device else x[at]
+
     mine = cond.rows(at.to(device))
     if rows:
-        x0_cf = tokens(images_cf)
+        if streams and set(data_cf) != set(x0):
+            raise OmniditError(f"the counterfactual partners of '{type(dataset).__name__}' have the streams "
+                               f"{sorted(data_cf)}, its items {sorted(x0)}",
+                               hint="give every partner the streams of its item, or set "
+                                    "train.counterfactual_weight=0")
+        x0_cf = tokens(data_cf)
         cond_cf = condition(captions_cf, labels[at])
     else:
-        x0_cf, cond_cf = x0[at], mine
-    return CounterfactualPairs(x0[at], x0_cf, mine, cond_cf, t[at].to(device), noise[at].to(device),
+        x0_cf, cond_cf = take(x0), mine
+    return CounterfactualPairs(take(x0), x0_cf, mine, cond_cf, t[at].to(device), take(noise, True),
                                1.0 if rows else 0.0)
 
 

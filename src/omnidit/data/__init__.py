@@ -137,6 +137,12 @@ def batch_streams(ds: ImageDataset, indices: Iterable[int]) -> tuple[dict[str, T
     items = [ds[int(i)] for i in indices]
     if not items:
         raise ValueError("batch_from_indices needs at least one index")
+    return _collate_streams(items)
+
+
+def _collate_streams(items: Sequence[dict]) -> tuple[dict[str, Tensor], list[str], Tensor]:
+    """Items -> ({"img": (B, C, H, W) or (B, C, T, H, W), "audio": (B, 1, S)}, as the first item has them;
+    captions [B]; labels (B,) int64)."""
     data = {}
     if "audio" not in items[0] or "video" in items[0]:
         data["img"] = torch.stack([it["video"] if "video" in it else it["image"] for it in items])
@@ -146,18 +152,37 @@ def batch_streams(ds: ImageDataset, indices: Iterable[int]) -> tuple[dict[str, T
     return data, [it["caption"] for it in items], labels
 
 
-def counterfactual_batch(ds: ImageDataset, indices: Sequence[int]) -> tuple[list[int], Tensor | None, list[str]]:
-    """Counterfactual partners of ``ds[i]`` for ``indices`` (``ds.counterfactual(i)``: the same item
-    with one fact of the caption changed, e.g. a relation reversed or a clip's direction) -> (rows: positions in
-    ``indices`` that have one, images (R, C, H, W) or clips (R, C, T, H, W), or None when R = 0, captions [R])."""
-    rows, images, captions = [], [], []
+def _partners(ds: ImageDataset, indices: Iterable[int]) -> tuple[list[int], list[dict]]:
+    """(positions in ``indices`` whose item has a counterfactual partner, the partners ``ds.counterfactual(i)``)."""
+    rows, items = [], []
     for row, i in enumerate(indices):
         item = ds.counterfactual(int(i))
         if item is not None:
             rows.append(row)
-            images.append(item["video"] if "video" in item else item["image"])
-            captions.append(item["caption"])
-    return rows, (torch.stack(images) if images else None), captions
+            items.append(item)
+    return rows, items
+
+
+def counterfactual_batch(ds: ImageDataset, indices: Sequence[int]) -> tuple[list[int], Tensor | None, list[str]]:
+    """Counterfactual partners of ``ds[i]`` for ``indices`` (``ds.counterfactual(i)``: the same item
+    with one fact of the caption changed, e.g. a relation reversed or a clip's direction) -> (rows: positions in
+    ``indices`` that have one, images (R, C, H, W) or clips (R, C, T, H, W), or None when R = 0, captions [R])."""
+    rows, items = _partners(ds, indices)
+    if not items:
+        return rows, None, []
+    return rows, torch.stack([it["video"] if "video" in it else it["image"] for it in items]), \
+        [it["caption"] for it in items]
+
+
+def counterfactual_streams(ds: ImageDataset, indices: Sequence[int]
+                           ) -> tuple[list[int], dict[str, Tensor] | None, list[str]]:
+    """``counterfactual_batch`` collated by stream, as ``batch_streams`` does: (rows, {name: (R, ...)} or None
+    when R = 0, captions [R]); e.g. a tones clip with one beep dropped or changed."""
+    rows, items = _partners(ds, indices)
+    if not items:
+        return rows, None, []
+    data, captions, _ = _collate_streams(items)
+    return rows, data, captions
 
 
 __all__ = [
@@ -179,6 +204,7 @@ __all__ = [
     "batch_streams",
     "build_dataset",
     "counterfactual_batch",
+    "counterfactual_streams",
     "parse_held_out",
     "render_scene",
     "streams",

@@ -6,7 +6,8 @@ uniformly in log frequency); a glide moves the frequency by a factor GLIDE over 
 its class is read from its start. Short beeps last 0.10-0.14 s and long ones 0.32-0.40 s; beeps are at least
 MIN_GAP apart and MARGIN from the clip's ends, with 5 ms fades so that they start and stop without clicks.
 Everything is seeded: ``ToneDataset(seed=s)[i]`` is the same clip on any machine. ``omnidit.evaluate.audio_judge``
-reads every fact back exactly.
+reads every fact back exactly. ``ToneDataset.counterfactual(i)`` is clip i with one fact of one beep changed (the
+partner that train.counterfactual_weight contrasts it with).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ MIN_GAP = 0.08  # seconds of silence between beeps
 MARGIN = 0.05  # seconds of silence before the first beep and after the last
 MAX_BEEPS = 4
 MIN_SECONDS = 2 * MARGIN + MAX_BEEPS * DURATIONS["long"][1] + (MAX_BEEPS - 1) * MIN_GAP  # every layout fits
+COUNTERFACTUAL_STREAM = 7  # the rng stream (seed, index, 7) that draws a clip's counterfactual partner
 
 VOCABULARY = caption_words("a then beep", *PITCHES, *DURATIONS, "rising", "falling")
 
@@ -93,6 +95,37 @@ def make_tone_scene(rng: np.random.Generator, seconds: float) -> ToneScene:
     return ToneScene(tuple(beeps), tone_caption(beeps))
 
 
+def counterfactual_tone_scene(scene: ToneScene, rng: np.random.Generator, seconds: float) -> ToneScene:
+    """The partner of a clip with one fact of its caption changed, drawn from ``rng``: one beep dropped (clips
+    of two or more), or one beep's pitch (a new frequency in another band), glide or length (a new length in
+    the other range, where it still ends MIN_GAP before the next beep, or MARGIN before the clip's end) changed;
+    every other beep stays as it was, at its onset. The caption is the partner's own."""
+    beeps = list(scene.beeps)
+    choices = [("count", i) for i in range(len(beeps)) if len(beeps) > 1]
+    for i, b in enumerate(beeps):
+        choices += [("pitch", i), ("glide", i)]
+        room = (beeps[i + 1].onset - MIN_GAP if i + 1 < len(beeps) else seconds - MARGIN) - b.onset
+        other = "long" if b.duration == "short" else "short"
+        if DURATIONS[other][1] <= room:
+            choices.append(("duration", i))
+    fact, i = choices[int(rng.integers(len(choices)))]
+    b = beeps[i]
+    if fact == "count":
+        del beeps[i]
+    elif fact == "pitch":
+        pitch = str(rng.choice([p for p in PITCHES if p != b.pitch]))
+        low, high = PITCHES[pitch]
+        frequency = float(math.exp(rng.uniform(math.log(low), math.log(high))))
+        beeps[i] = Beep(pitch, b.duration, b.glide, frequency, b.onset, b.seconds)
+    elif fact == "glide":
+        glide = str(rng.choice([g for g in GLIDES if g != b.glide]))
+        beeps[i] = Beep(b.pitch, b.duration, glide, b.frequency, b.onset, b.seconds)
+    else:
+        duration = "long" if b.duration == "short" else "short"
+        beeps[i] = Beep(b.pitch, duration, b.glide, b.frequency, b.onset, float(rng.uniform(*DURATIONS[duration])))
+    return ToneScene(tuple(beeps), tone_caption(beeps))
+
+
 def render_beep(beep: Beep, sample_rate: int, out: np.ndarray, amplitude: float = AMPLITUDE) -> None:
     """Add ``beep`` into ``out`` (S,) float64 in place; a beep running past the end is cut there."""
     start, whole = int(round(beep.onset * sample_rate)), int(round(beep.seconds * sample_rate))
@@ -142,3 +175,12 @@ class ToneDataset(Dataset):
         scene = self.scene(index)
         audio = torch.from_numpy(render_tones(scene, self.seconds, self.sample_rate))[None]
         return {"audio": audio, "caption": scene.caption, "label": -1}
+
+    def counterfactual(self, index: int) -> dict:
+        """The clip at ``index`` with one fact of its caption changed (``counterfactual_tone_scene``, drawn from
+        (seed, index) alone); used by ``train.counterfactual_weight``: the loss then contrasts two captions that
+        differ in one beep, on the same layout."""
+        rng = np.random.default_rng([self.seed, int(index), COUNTERFACTUAL_STREAM])
+        partner = counterfactual_tone_scene(self.scene(index), rng, self.seconds)
+        audio = torch.from_numpy(render_tones(partner, self.seconds, self.sample_rate))[None]
+        return {"audio": audio, "caption": partner.caption, "label": -1}
