@@ -50,6 +50,26 @@ def test_reports_of_other_images_do_not_pair():
         paired_comparison(report([]), other)
 
 
+def test_reports_of_other_prompts_at_the_same_settings_do_not_pair():
+    """The audio suite's prompts depend on the captions a run drew: the same settings, other images. The reports'
+    images_digest tells them apart; reports without one are refused when their failures cannot pair."""
+    from omnidit.evaluate.runner import EvalReport, Judged
+
+    def made(prompts: list[str]) -> dict:
+        judged = [Judged(category="one_beep", prompt=p, image=None, passed=False, reason="0 beeps heard", seed=k)
+                  for k, p in enumerate(prompts)]
+        return EvalReport("audio", 0.0, {"one_beep": 0.0}, len(judged), settings={"seed": 0}, judged=judged).to_json()
+
+    same = made(["a low beep", "a high beep"])
+    assert paired_comparison(same, made(["a low beep", "a high beep"])).both == 2
+    with pytest.raises(OmniditError, match="prompts or noise seeds differ"):
+        paired_comparison(same, made(["a high beep", "a low beep"]))  # another order: other seeds
+    old_a = report([("counting", f"prompt {k}", k) for k in range(30)])
+    old_b = report([("counting", f"prompt {k}", k + 1) for k in range(30)])  # shifted seeds: 30 of 40 fail in each
+    with pytest.raises(OmniditError, match="never judged"):
+        paired_comparison(old_a, old_b)
+
+
 def test_cli_prints_the_split_and_refuses_bad_input_in_one_line(tmp_path, capsys):
     fails = [("counting", f"prompt {k}", k) for k in range(6)]
     (tmp_path / "a.json").write_text(json.dumps(report([])))

@@ -74,7 +74,16 @@ def paired_comparison(a: dict, b: dict) -> PairedComparison:
     if a["categories"].keys() != b["categories"].keys():
         raise OmniditError(f"the reports have different categories ({', '.join(a['categories'])} and "
                            f"{', '.join(b['categories'])})", hint="compare two runs of the same suite")
+    if a.get("images_digest", b.get("images_digest")) != b.get("images_digest", a.get("images_digest")):
+        raise OmniditError("the reports did not judge the same images: their prompts or noise seeds differ",
+                           hint="the audio suite sets apart the captions a run never drew, so its prompts depend on "
+                                "the model's training data: compare runs that drew the same captions")
     fail_a, fail_b = _failure_keys(a), _failure_keys(b)
+    n = a["n_images"]
+    if len(fail_a - fail_b) > n - len(fail_b) or len(fail_b - fail_a) > n - len(fail_a):
+        # Reports from before images_digest: more images fail only in one run than pass in the other.
+        raise OmniditError("the reports did not judge the same images: their failures name images the other "
+                           "report never judged", hint="evaluate both models on the same prompts and seeds")
     return PairedComparison(images=a["n_images"], overall=(a["overall"], b["overall"]),
                             failed=(len(fail_a), len(fail_b)), only_a=len(fail_a - fail_b),
                             only_b=len(fail_b - fail_a), both=len(fail_a & fail_b),

@@ -6,6 +6,7 @@ with each image's prompt read from the manifest that ``write_suite_prompts`` wri
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,14 @@ class Judged:
     file: str | None = None  # folder runs: the image file
 
 
+def images_digest(keys) -> str:
+    """Which images a report judged, in 16 hex digits: a hash of their sorted (category, prompt, noise seed,
+    file) keys. Two reports pair image by image (``omnidit compare``) only when it agrees: some suites' prompts
+    depend on the model (the audio suite sets apart the captions a run never drew), not only on the settings."""
+    text = json.dumps(sorted(keys, key=repr), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclass
 class EvalReport:
     suite: str
@@ -74,8 +83,13 @@ class EvalReport:
         if relation is not None:
             out["relation_accuracy"] = relation
         out.update(self.details)
+        out["images_digest"] = images_digest(self._key(j) for j in self.judged)
         out["failures"] = [self._failure(j) for j in self.judged if not j.passed]
         return out
+
+    @staticmethod
+    def _key(j: Judged) -> tuple:
+        return j.category, j.prompt, j.seed, j.file
 
     @staticmethod
     def _failure(j: Judged) -> dict:
