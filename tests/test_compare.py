@@ -64,10 +64,16 @@ def test_reports_of_other_prompts_at_the_same_settings_do_not_pair():
     assert paired_comparison(same, made(["a low beep", "a high beep"])).both == 2
     with pytest.raises(OmniditError, match="prompts or noise seeds differ"):
         paired_comparison(same, made(["a high beep", "a low beep"]))  # another order: other seeds
-    old_a = report([("counting", f"prompt {k}", k) for k in range(30)])
-    old_b = report([("counting", f"prompt {k}", k + 1) for k in range(30)])  # shifted seeds: 30 of 40 fail in each
-    with pytest.raises(OmniditError, match="never judged"):
+    older = {k: v for k, v in same.items() if k != "images_digest"}  # a report from before the digest
+    assert paired_comparison(older, same).both == paired_comparison(same, older).both == 2
+    old_a = report([("counting", f"prompt {k}", k) for k in range(3)])
+    old_b = report([("counting", f"prompt {k}", k + 1) for k in range(3)])  # seed 1 failed as prompt 1 and 0
+    with pytest.raises(OmniditError, match="failed under other prompts"):
         paired_comparison(old_a, old_b)
+    many = report([("counting", f"prompt {k}", k) for k in range(30)])
+    others = report([("colours", f"prompt {k}", k) for k in range(30)])  # 60 failed images among 40
+    with pytest.raises(OmniditError, match="more images than each judged"):
+        paired_comparison(many, others)
 
 
 def test_cli_prints_the_split_and_refuses_bad_input_in_one_line(tmp_path, capsys):

@@ -55,6 +55,17 @@ def _failure_keys(report: dict) -> set[tuple]:
     return {(f["category"], f["prompt"], f.get("seed"), f.get("file")) for f in report["failures"]}
 
 
+_SAME_IMAGES_HINT = "evaluate both with the same omnidit, suite, --seed, --limit and --n-per-prompt"
+_AUDIO_HINT = ("the audio suite sets apart the captions a run never drew, so its prompts depend on the model's "
+               "training data: compare runs that drew the same captions")
+
+
+def _failed_prompts(report: dict) -> dict[tuple, str]:
+    """{(category, noise seed, file): prompt} of the failed images that have a seed or a file."""
+    return {(f["category"], f.get("seed"), f.get("file")): f["prompt"] for f in report["failures"]
+            if f.get("seed") is not None or f.get("file") is not None}
+
+
 def paired_comparison(a: dict, b: dict) -> PairedComparison:
     """``a``, ``b``: two eval reports as ``omnidit eval --json`` writes them, of the same suite and images."""
     if a["suite"] != b["suite"]:
@@ -76,14 +87,17 @@ def paired_comparison(a: dict, b: dict) -> PairedComparison:
                            f"{', '.join(b['categories'])})", hint="compare two runs of the same suite")
     if a.get("images_digest", b.get("images_digest")) != b.get("images_digest", a.get("images_digest")):
         raise OmniditError("the reports did not judge the same images: their prompts or noise seeds differ",
-                           hint="the audio suite sets apart the captions a run never drew, so its prompts depend on "
-                                "the model's training data: compare runs that drew the same captions")
+                           hint=_AUDIO_HINT if a["suite"] == "audio" else _SAME_IMAGES_HINT)
+    # Reports from before images_digest: within a report one (category, noise seed or file) names one image, so
+    # the same one failing under two prompts proves other images.
+    prompts_a, prompts_b = _failed_prompts(a), _failed_prompts(b)
+    if any(prompts_a[k] != prompts_b[k] for k in prompts_a.keys() & prompts_b.keys()):
+        raise OmniditError("the reports did not judge the same images: the same noise seed failed under other "
+                           "prompts", hint=_AUDIO_HINT if a["suite"] == "audio" else _SAME_IMAGES_HINT)
     fail_a, fail_b = _failure_keys(a), _failure_keys(b)
-    n = a["n_images"]
-    if len(fail_a - fail_b) > n - len(fail_b) or len(fail_b - fail_a) > n - len(fail_a):
-        # Reports from before images_digest: more images fail only in one run than pass in the other.
-        raise OmniditError("the reports did not judge the same images: their failures name images the other "
-                           "report never judged", hint="evaluate both models on the same prompts and seeds")
+    if len(fail_a | fail_b) > a["n_images"]:
+        raise OmniditError("the reports did not judge the same images: together they fail more images than each "
+                           "judged", hint=_AUDIO_HINT if a["suite"] == "audio" else _SAME_IMAGES_HINT)
     return PairedComparison(images=a["n_images"], overall=(a["overall"], b["overall"]),
                             failed=(len(fail_a), len(fail_b)), only_a=len(fail_a - fail_b),
                             only_b=len(fail_b - fail_a), both=len(fail_a & fail_b),
