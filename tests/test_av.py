@@ -58,23 +58,17 @@ def test_sound_alone_trains_and_resumes_exactly_with_the_picture_frozen(make_tin
     """A model with a picture stream trained on tones alone (a text-to-sound model grown from a clip model): the
     picture's own weights get no gradient, so they are frozen (and stay as they were), and the run resumes
     exactly (their missing optimizer state once made the resume fail)."""
-    from omnidit.train import Trainer, train
+    from omnidit.train import Trainer
 
     def config(out_dir, **train_):
         return tones_config(make_tiny_config, out_dir, given_p=0.0, stream_given_p=0.0, stream_independent_p=0.0,
                             **train_)
 
-    straight, split = tmp_path / "straight", tmp_path / "split"
     trainer = Trainer(config(tmp_path / "x"), progress=False)
     frozen = {id(p) for p in trainer.net.stream_parameters("img")}
     assert frozen and all(not p.requires_grad for p in trainer.net.stream_parameters("img"))
     assert all(p.requires_grad for p in trainer.net.parameters() if id(p) not in frozen)
-    train(config(straight), progress=False)
-    train(config(split, steps=2), progress=False)
-    train(config(split), progress=False)
-    a = load_file(straight / "checkpoint-0000004" / "model.safetensors")
-    b = load_file(split / "checkpoint-0000004" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = _resumed_run_equals_straight(config, tmp_path)
     initial = trainer.net.state_dict()  # the same seed: the weights every run starts from
     for name in ("img_in.weight", "final_layer.linear.weight", "double_blocks.0.streams.img.qkv.weight"):
         assert torch.equal(a[name], initial[name])  # frozen from the start
@@ -132,11 +126,17 @@ def test_the_pairs_loss_of_one_stream_by_name_is_the_loss_of_its_tensor():
 
 
 def test_sound_with_pairs_resumes_exactly(make_tiny_config, tmp_path):
-    from omnidit.train import train
-
     def config(out_dir, **train_):
         return tones_config(make_tiny_config, out_dir, given_p=0.0, stream_given_p=0.0, stream_independent_p=0.0,
                             counterfactual_weight=1.0, **train_)
+
+    _resumed_run_equals_straight(config, tmp_path)
+
+
+def _resumed_run_equals_straight(config, tmp_path) -> dict:
+    """Train ``config(out_dir, **train)`` 4 steps straight and 2 + 2 with a restart; the step-4 weights must be
+    equal. Returns them."""
+    from omnidit.train import train
 
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(config(straight), progress=False)
@@ -145,6 +145,7 @@ def test_sound_with_pairs_resumes_exactly(make_tiny_config, tmp_path):
     a = load_file(straight / "checkpoint-0000004" / "model.safetensors")
     b = load_file(split / "checkpoint-0000004" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a
 
 
 def test_a_checkpoint_before_the_first_mixed_batch_resumes_exactly(make_tiny_config, tmp_path):
