@@ -85,19 +85,20 @@ def paired_comparison(a: dict, b: dict) -> PairedComparison:
     if a["categories"].keys() != b["categories"].keys():
         raise OmniditError(f"the reports have different categories ({', '.join(a['categories'])} and "
                            f"{', '.join(b['categories'])})", hint="compare two runs of the same suite")
-    if a.get("images_digest", b.get("images_digest")) != b.get("images_digest", a.get("images_digest")):
-        raise OmniditError("the reports did not judge the same images: their prompts or noise seeds differ",
-                           hint=_AUDIO_HINT if a["suite"] == "audio" else _SAME_IMAGES_HINT)
-    # Reports from before images_digest: within a report one (category, noise seed or file) names one image, so
-    # the same one failing under two prompts proves other images.
+    hint = _AUDIO_HINT if a["suite"] == "audio" else _SAME_IMAGES_HINT
+    digests = a.get("images_digest"), b.get("images_digest")  # absent in reports from before it was recorded
+    if None not in digests and digests[0] != digests[1]:
+        raise OmniditError("the reports did not judge the same images: their prompts or noise seeds differ", hint=hint)
+    # Older reports: within a report one (category, noise seed or file) names one image, so the same one failing
+    # under two prompts proves other images.
     prompts_a, prompts_b = _failed_prompts(a), _failed_prompts(b)
     if any(prompts_a[k] != prompts_b[k] for k in prompts_a.keys() & prompts_b.keys()):
         raise OmniditError("the reports did not judge the same images: the same noise seed failed under other "
-                           "prompts", hint=_AUDIO_HINT if a["suite"] == "audio" else _SAME_IMAGES_HINT)
+                           "prompts", hint=hint)
     fail_a, fail_b = _failure_keys(a), _failure_keys(b)
     if len(fail_a | fail_b) > a["n_images"]:
         raise OmniditError("the reports did not judge the same images: together they fail more images than each "
-                           "judged", hint=_AUDIO_HINT if a["suite"] == "audio" else _SAME_IMAGES_HINT)
+                           "judged", hint=hint)
     return PairedComparison(images=a["n_images"], overall=(a["overall"], b["overall"]),
                             failed=(len(fail_a), len(fail_b)), only_a=len(fail_a - fail_b),
                             only_b=len(fail_b - fail_a), both=len(fail_a & fail_b),
