@@ -228,6 +228,58 @@ def test_growing_a_video_model_a_sound_stream_keeps_its_weights(tiny_run, make_t
     assert source.model.extra_streams == {}
 
 
+def test_sound_tokens_grown_to_several_frames_start_as_the_old_tokens(av_run, make_tiny_config, tmp_path):
+    """init_from a model whose sound tokens are m times narrower: each new token embeds as the mean of its m old
+    ones and predicts the old output in each, so a clip whose m old tokens in each new one are alike gets the old
+    embeddings and outputs; every other weight is the source's."""
+    from omnidit.checkpoint import initial_weights
+    from omnidit.model.mmdit import MMDiT
+    from omnidit.tokens import audio_patchify, audio_unpatchify
+
+    m = 3
+    sections = {k: dict(v) for k, v in AV.items()}
+    sections["model"]["extra_streams"] = {"audio": 200 * m}
+    sections["train"]["init_from"] = str(av_run)
+    config = make_tiny_config(tmp_path / "wide", **sections)
+    _, state = initial_weights(av_run, config)
+    old = {k: v.float() for k, v in load_file(av_run / "checkpoint-0000004" / "ema.safetensors").items()}
+    wide = MMDiT(config.model)
+    wide.load_state_dict(state)  # strict: every key, every shape
+    narrow = MMDiT(av_config(make_tiny_config, tmp_path / "narrow").model)
+    narrow.load_state_dict(old)
+    assert all(torch.equal(state[k], old[k]) for k in old if "stream_in.audio" not in k and "stream_out.audio.linear"
+               not in k)
+
+    tokens = torch.randn(2, 4, 200)  # 4 old tokens: 200 samples each
+    alike = audio_patchify(audio_unpatchify(tokens.repeat_interleave(m, 1), 4 * m * 200, 200), 200 * m)
+    assert alike.shape == (2, 4, 600)
+    torch.testing.assert_close(wide.stream_in["audio"](alike), narrow.stream_in["audio"](tokens), atol=1e-5, rtol=0)
+
+    h, vec = torch.randn(2, 4, 32), torch.randn(2, 32)
+    out = audio_unpatchify(wide.stream_out["audio"](h, vec), 4 * m * 200, 200 * m)
+    expected = audio_unpatchify(narrow.stream_out["audio"](h, vec).repeat_interleave(m, 1), 4 * m * 200, 200)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+    # A codec of several channels (the spectrogram's 201 bins; 5 here, 2 frames per old token): the same.
+    from omnidit.checkpoint import widen_sound_tokens
+
+    w_in, w_out, b_out = torch.randn(8, 10), torch.randn(10, 8), torch.randn(10)
+    grown = widen_sound_tokens({"stream_in.audio.weight": w_in, "stream_out.audio.linear.weight": w_out,
+                                "stream_out.audio.linear.bias": b_out}, m, channels=5)
+    latent = torch.randn(1, 5, 2 * 4).reshape(1, 5, 4, 2).repeat_interleave(m, 2).flatten(2)  # (1, 5, 4 * m * 2)
+    small, big = audio_patchify(latent, 2)[:, ::m], audio_patchify(latent, 2 * m)
+    torch.testing.assert_close(big @ grown["stream_in.audio.weight"].T, small @ w_in.T, atol=1e-5, rtol=0)
+    h = torch.randn(1, 4, 8)
+    torch.testing.assert_close(
+        audio_unpatchify(h @ grown["stream_out.audio.linear.weight"].T + grown["stream_out.audio.linear.bias"],
+                         4 * m * 2, 2 * m),
+        audio_unpatchify((h @ w_out.T + b_out).repeat_interleave(m, 1), 4 * m * 2, 2), atol=1e-5, rtol=0)
+
+    sections["model"]["extra_streams"] = {"audio": 300}  # not a whole number of old tokens: refused
+    with pytest.raises(OmniditError, match="trained differently"):
+        initial_weights(av_run, make_tiny_config(tmp_path / "odd", **sections))
+
+
 @pytest.mark.parametrize("sections, message", [
     ({"model": {"extra_streams": {}}}, "no audio stream"),
     ({"data": {"mix_every": 0}}, "go together"),

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from omnidit import __version__
+from omnidit.codecs import load_audio_codec
 from omnidit.config import Config, config_from_dict, read_json
 from omnidit.errors import OmniditError
 from omnidit.model.layers import MLPEmbedder
@@ -337,9 +338,12 @@ def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, T
     new_guidance = config.model.guidance_embed and not source.model.guidance_embed
     if new_guidance:
         grow += ("guidance_embed",)
-    # A model may gain streams (a video model learning sound): the new streams' weights start fresh.
+    # A model may gain streams (a video model learning sound): the new streams' weights start fresh. Its sound
+    # tokens may also grow by a whole number of frames (widen_sound_tokens).
     new_streams = [n for n in config.model.extra_streams if n not in source.model.extra_streams]
-    if all(config.model.extra_streams.get(n) == d for n, d in source.model.extra_streams.items()):
+    wider = _sound_token_growth(source, config)
+    if all(config.model.extra_streams.get(n) == d or n == "audio" and wider > 1
+           for n, d in source.model.extra_streams.items()):
         grow += ("extra_streams",)
     diff = weight_differences(source, config, ignore=grow)
     if diff:
@@ -357,6 +361,8 @@ def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, T
         state = {**{k: v for k, v in fresh.items() if _stream_key(k, new_streams)}, **state}
         if deeper:
             state = deepen_state(state, source.model, config.model, fresh)
+    if wider > 1:
+        state = widen_sound_tokens(state, wider, load_audio_codec(config.data).channels)
     if new_guidance:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.train.seed)
@@ -366,6 +372,32 @@ def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, T
             nn.init.zeros_(embed.out_layer.bias)
         state.update({f"guidance_in.{k}": v.detach() for k, v in embed.state_dict().items()})
     return directory, state
+
+
+def _sound_token_growth(source: Config, config: Config) -> int:
+    """How many of ``source``'s sound tokens one of ``config``'s spans: m > 1 when config's audio tokens are m times
+    as wide with the same sound codec, else 1."""
+    old, new = source.model.extra_streams.get("audio"), config.model.extra_streams.get("audio")
+    same_codec = (source.data.audio_codec, source.data.audio_hop) == (config.data.audio_codec, config.data.audio_hop)
+    return new // old if old and new and new > old and new % old == 0 and same_codec else 1
+
+
+def widen_sound_tokens(state: dict[str, Tensor], m: int, channels: int) -> dict[str, Tensor]:
+    """Weights of ``state``'s audio stream for tokens m times as long (m consecutive old tokens in one), as
+    FlexiViT resizes a patch embedding: the input projection reads the mean of the m old tokens' embeddings
+    and the output layer writes its old prediction into each of them, so a clip whose m old tokens in each new
+    one are alike gets the old model's embeddings and outputs. Token features are (channels, frames), frames
+    fastest (``tokens.audio_patchify``), so the old (c, k) weights are repeated as (c, m, k)."""
+    def wide(weight: Tensor, dim: int) -> Tensor:  # the feature axis ``dim`` of (c * k) -> (c * m * k)
+        shape = weight.shape
+        split = weight.unflatten(dim, (channels, 1, shape[dim] // channels))
+        return split.expand(*split.shape[:dim + 1], m, *split.shape[dim + 2:]).flatten(dim, dim + 2).clone()
+
+    out = dict(state)
+    out["stream_in.audio.weight"] = wide(state["stream_in.audio.weight"], 1) / m
+    out["stream_out.audio.linear.weight"] = wide(state["stream_out.audio.linear.weight"], 0)
+    out["stream_out.audio.linear.bias"] = wide(state["stream_out.audio.linear.bias"], 0)
+    return out
 
 
 def _stream_key(key: str, names: Sequence[str]) -> bool:
