@@ -430,11 +430,16 @@ def test_a_fast_preset_samples_with_the_models_guidance_distilled_twin(digits_te
     assert quantize.fast_twin(pipe) is None and quantize.speed_variant(pipe, "fast").model_dir == teacher
 
 
-def test_a_new_guidance_input_starts_as_the_teachers_conditional_model(digits_teacher, tmp_path):
+@pytest.mark.parametrize("deeper", [[], ["model.depth=2", "model.depth_single=3"]])
+def test_a_new_guidance_input_starts_as_the_teachers_conditional_model(digits_teacher, tmp_path, deeper):
+    """The student (deeper than its teacher or not: the added blocks start as identities) begins as the
+    teacher's conditional model."""
     from omnidit.checkpoint import initial_weights
     from omnidit.distill_train import student_config
 
-    config = student_config(digits_teacher, tmp_path / "s", "guidance", STUDENT)
+    config = student_config(digits_teacher, tmp_path / "s", "guidance", [*STUDENT, *deeper])
+    assert config.train.init_grow == bool(deeper)
+    assert (config.model.depth, config.model.depth_single) == ((2, 3) if deeper else (1, 1))
     _, state = initial_weights(digits_teacher, config)
     student = MMDiT(config.model)
     student.load_state_dict(state)
@@ -445,6 +450,24 @@ def test_a_new_guidance_input_starts_as_the_teachers_conditional_model(digits_te
         assert torch.allclose(student(x, ids, torch.tensor([0.3, 0.8]), Condition(labels=cond.labels,
                                                                                   guidance=torch.tensor([2.0, 5.0]))),
                               teacher(x, ids, torch.tensor([0.3, 0.8]), cond), atol=1e-6)
+
+
+def test_a_deeper_student_distils_and_refines_against_the_original_teacher(digits_teacher, tmp_path):
+    """A student with more blocks than its teacher (progressive), then DMD from it against the original teacher,
+    whose fake denoiser starts as the teacher's weights grown to the student's depth."""
+    deeper = ["model.depth_single=3"]
+    pd = run_distill(digits_teacher, tmp_path / "pd", "progressive", "train.steps=2", "train.checkpoint_every=2",
+                     "distill.teacher_steps=4", "distill.student_steps=2", *deeper)
+    dmd = run_distill(digits_teacher, tmp_path / "dmd", "dmd", "train.steps=2", "train.checkpoint_every=2",
+                      f"train.init_from={pd}", "distill.student_steps=2", "distill.generator_every=1", *deeper)
+    for run in (pd, dmd):
+        model, config = load_model(run)
+        assert len(model.single_blocks) == 3 and config.model.depth_single == 3
+    assert load_model(digits_teacher)[1].model.depth_single == 1
+    from omnidit.pipeline import load_pipeline
+
+    images = load_pipeline(dmd, device="cpu").generate(["3"], seed=0)
+    assert images.shape == (1, 1, 16, 16) and torch.isfinite(images).all()
 
 
 def final_state(run: Path) -> dict[str, Tensor]:
@@ -516,7 +539,8 @@ def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teach
     (["NOT_A_MODEL", "--method", "guidance"], "NOT_A_MODEL: model folder not found"),
     (["EMPTY_FOLDER", "--method", "guidance"], "is not an omnidit model folder (no config.json"),
     (["TEACHER", "--method", "consistency"], "invalid choice: 'consistency'"),
-    (["TEACHER", "--method", "guidance", "model.depth=3"], "contradicts the teacher's (model.depth: 1 in the"),
+    (["TEACHER", "--method", "guidance", "model.mlp_ratio=2.0"], "contradicts the teacher's (model.mlp_ratio: 4.0 in"),
+    (["shapes", "--method", "guidance", "model.depth=1"], "more blocks than its teacher, not fewer: the teacher"),
     (["TEACHER", "--method", "guidance", "model.guidance_embed=false"], "it must stay true"),
     (["TEACHER", "--method", "progressive", "distill.teacher_steps=12"], "must be student_steps (4) times a power"),
     (["TEACHER", "--method", "progressive", "sample.steps=8"], "contradicts distill.student_steps=4"),

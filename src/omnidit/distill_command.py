@@ -24,7 +24,8 @@ def add_distill_parser(sub) -> None:
                    help="run several distillations in order, each in OUT/NAME (e.g. configs/recipes/turbo.json, "
                         "shapes-turbo's); overrides apply to every stage")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="override the student's config, e.g. train.steps=500 distill.student_steps=2")
+                   help="override the student's config, e.g. train.steps=500 distill.student_steps=2 "
+                        "(model.depth / model.depth_single: a student deeper than its teacher)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
 

@@ -1,6 +1,6 @@
 """``omnidit distill``: train a student toward a teacher, with the trainer's loop, checkpoints and exact resume.
 
-The student is an ordinary omnidit model: the teacher's architecture plus a guidance-scale input
+The student is an ordinary omnidit model: the teacher's architecture (or more blocks) plus a guidance-scale input
 (``model.guidance_embed``, Flux dev's), initialised from the teacher's weights, with a ``sample`` section that says
 how it samples (its steps, its guidance scale as an input, no unconditional pass, one candidate). Each method's loss
 lives in omnidit.distill; this module draws the batches, runs the teacher and keeps the extra state:
@@ -55,7 +55,8 @@ DEFAULT_TRAIN = {"steps": {"guidance": 1500, "progressive": 3000, "dmd": 3000, "
                  "batch_size": 32, "warmup_steps": 50, "ema_decay": 0.995, "cond_dropout": 0.0, "log_every": 25,
                  "checkpoint_every": 250, "keep_last": 2, "lr_schedule": "constant"}
 # Keys the student may not change: the weights only make sense with the teacher's.
-FIXED_MODEL_KEYS_HINT = "drop the model.* overrides: a student has the teacher's architecture"
+FIXED_MODEL_KEYS_HINT = ("drop the model.* overrides: a student has the teacher's architecture (more blocks "
+                         "allowed: model.depth, model.depth_single)")
 
 
 def student_config(teacher: str | Path, out_dir: str | Path, method: str, overrides: Sequence[str] = ()) -> Config:
@@ -83,15 +84,26 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
     keys = [parse_override(o)[0] for o in overrides]
     d = apply_overrides(d, list(overrides))
     config = config_from_dict(d)
-    changed = weight_differences(source, config, ignore=("guidance_embed",), there="in the teacher")
+    # A student may be deeper than its teacher: it starts as the teacher's blocks with identity blocks between
+    # them (checkpoint.deepen_state, train.init_grow), so it begins computing what the teacher's weights did.
+    teacher_depth, depth = (source.model.depth, source.model.depth_single), (config.model.depth,
+                                                                           config.model.depth_single)
+    if depth[0] < teacher_depth[0] or depth[1] < teacher_depth[1]:
+        raise OmniditError(f"a student may have more blocks than its teacher, not fewer: the teacher has "
+                           f"{teacher_depth[0]} double- and {teacher_depth[1]} single-stream blocks, the student "
+                           f"{depth[0]} and {depth[1]}",
+                           hint=f"make model.depth at least {teacher_depth[0]} and model.depth_single at least "
+                                f"{teacher_depth[1]}, or drop them")
+    config.train.init_grow = depth != teacher_depth
+    changed = weight_differences(source, config, ignore=("guidance_embed", "depth", "depth_single"),
+                                 there="in the teacher")
     if not config.model.guidance_embed:
         changed.append("model.guidance_embed: a student takes the guidance scale as an input, it must stay true")
     if changed:
         raise OmniditError(f"the student's config contradicts the teacher's ({'; '.join(changed)})",
                            hint=FIXED_MODEL_KEYS_HINT)
-    if config.train.lora_rank or config.train.init_grow:
-        raise OmniditError("distillation trains every weight of the student",
-                           hint="drop train.lora_rank and train.init_grow")
+    if config.train.lora_rank:
+        raise OmniditError("distillation trains every weight of the student", hint="drop train.lora_rank")
     if config.train.grad_accum != 1 or config.train.counterfactual_weight or config.train.given_p \
             or config.train.region_p or config.train.layout_boxes:
         raise OmniditError("distillation takes one batch per step, with no counterfactual pairs, given tokens or "
