@@ -269,6 +269,10 @@ def test_sound_tokens_grown_to_several_frames_start_as_the_old_tokens(av_run, ma
     latent = torch.randn(1, 5, 2 * 4).reshape(1, 5, 4, 2).repeat_interleave(m, 2).flatten(2)  # (1, 5, 4 * m * 2)
     small, big = audio_patchify(latent, 2)[:, ::m], audio_patchify(latent, 2 * m)
     torch.testing.assert_close(big @ grown["stream_in.audio.weight"].T, small @ w_in.T, atol=1e-5, rtol=0)
+    unlike = torch.randn(1, 5, 4 * m * 2)  # m different old tokens in each new one: the mean of their embeddings
+    embeddings = audio_patchify(unlike, 2) @ w_in.T  # (1, 4 * m, 8)
+    torch.testing.assert_close(audio_patchify(unlike, 2 * m) @ grown["stream_in.audio.weight"].T,
+                               embeddings.unflatten(1, (4, m)).mean(2), atol=1e-5, rtol=0)
     h = torch.randn(1, 4, 8)
     torch.testing.assert_close(
         audio_unpatchify(h @ grown["stream_out.audio.linear.weight"].T + grown["stream_out.audio.linear.bias"],
@@ -278,6 +282,10 @@ def test_sound_tokens_grown_to_several_frames_start_as_the_old_tokens(av_run, ma
     sections["model"]["extra_streams"] = {"audio": 300}  # not a whole number of old tokens: refused
     with pytest.raises(OmniditError, match="trained differently"):
         initial_weights(av_run, make_tiny_config(tmp_path / "odd", **sections))
+    sections["model"]["extra_streams"] = {"audio": 200}  # the same width in another latent space: refused
+    sections["data"]["audio_codec"] = "spectrogram"
+    with pytest.raises(OmniditError, match=r"data.audio_codec: waveform there, spectrogram \(hop 200\) here"):
+        initial_weights(av_run, make_tiny_config(tmp_path / "codec", **sections))
 
 
 @pytest.mark.parametrize("sections, message", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -513,6 +514,21 @@ def test_init_grow_adds_identity_blocks_and_keeps_the_function(tmp_path, make_ti
     shallower = make_tiny_config(tmp_path / "shallower", model={"depth": 1, "depth_single": 0},
                                  train={"steps": 1, "batch_size": 4, "init_from": str(tmp_path / "base"),
                                         "init_grow": True})
-    with pytest.raises(OmniditError, match="can only add blocks") as e:
+    with pytest.raises(OmniditError, match="blocks can only be added") as e:
         Trainer(shallower, progress=False).run()
     assert "train.init_grow" in e.value.hint
+
+
+def test_models_whose_blocks_differ_by_index_cannot_grow():
+    """A model without single-stream blocks (its last double block's text branch is pre-only) or with SD3.5's
+    dual-attention blocks has blocks that are not interchangeable: growing it is a clear error, not a misfit."""
+    from omnidit.checkpoint import check_growable
+    from omnidit.model.mmdit import MMDiTConfig
+
+    small = dict(hidden_size=32, num_heads=2, axes_dim=(4, 6, 6))
+    check_growable(MMDiTConfig(depth=1, depth_single=1, **small), MMDiTConfig(depth=2, depth_single=3, **small), "h")
+    for source in (MMDiTConfig(depth=2, depth_single=0, **small),
+                   MMDiTConfig(depth=2, depth_single=1, dual_attention_layers=(0,), **small)):
+        check_growable(source, source, "h")  # the same depth: nothing moves
+        with pytest.raises(OmniditError, match="cannot grow"):
+            check_growable(source, replace(source, depth=3), "h")

@@ -453,17 +453,20 @@ def test_a_new_guidance_input_starts_as_the_teachers_conditional_model(digits_te
 
 
 def test_a_deeper_student_distils_and_refines_against_the_original_teacher(digits_teacher, tmp_path):
-    """A student with more blocks than its teacher (progressive), then DMD from it against the original teacher,
-    whose fake denoiser starts as the teacher's weights grown to the student's depth."""
-    deeper = ["model.depth_single=3"]
-    pd = run_distill(digits_teacher, tmp_path / "pd", "progressive", "train.steps=2", "train.checkpoint_every=2",
-                     "distill.teacher_steps=4", "distill.student_steps=2", *deeper)
+    """A student with more blocks than its teacher (progressive, two stages: the second's teacher is the deep
+    student's EMA), then DMD from it against the original teacher: the DMD student keeps the depth of the folder
+    it starts from, and its fake denoiser starts as the teacher's weights grown to that depth."""
+    from omnidit.checkpoint import training_provenance
+
+    pd = run_distill(digits_teacher, tmp_path / "pd", "progressive", "train.steps=4", "train.checkpoint_every=2",
+                     "distill.teacher_steps=8", "distill.student_steps=2", "model.depth_single=3")
     dmd = run_distill(digits_teacher, tmp_path / "dmd", "dmd", "train.steps=2", "train.checkpoint_every=2",
-                      f"train.init_from={pd}", "distill.student_steps=2", "distill.generator_every=1", *deeper)
+                      f"train.init_from={pd}", "distill.student_steps=2", "distill.generator_every=1")
     for run in (pd, dmd):
         model, config = load_model(run)
         assert len(model.single_blocks) == 3 and config.model.depth_single == 3
     assert load_model(digits_teacher)[1].model.depth_single == 1
+    assert training_provenance(dmd)["init_from"]["folder"] == str(pd)
     from omnidit.pipeline import load_pipeline
 
     images = load_pipeline(dmd, device="cpu").generate(["3"], seed=0)
@@ -540,7 +543,7 @@ def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teach
     (["EMPTY_FOLDER", "--method", "guidance"], "is not an omnidit model folder (no config.json"),
     (["TEACHER", "--method", "consistency"], "invalid choice: 'consistency'"),
     (["TEACHER", "--method", "guidance", "model.mlp_ratio=2.0"], "contradicts the teacher's (model.mlp_ratio: 4.0 in"),
-    (["shapes", "--method", "guidance", "model.depth=1"], "more blocks than its teacher, not fewer: the teacher"),
+    (["shapes", "--method", "guidance", "model.depth=1"], "blocks can only be added: the source has 2 double-"),
     (["TEACHER", "--method", "guidance", "model.guidance_embed=false"], "it must stay true"),
     (["TEACHER", "--method", "progressive", "distill.teacher_steps=12"], "must be student_steps (4) times a power"),
     (["TEACHER", "--method", "progressive", "sample.steps=8"], "contradicts distill.student_steps=4"),

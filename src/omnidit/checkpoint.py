@@ -279,6 +279,20 @@ def check_state_matches(model: torch.nn.Module, state: dict[str, Tensor], source
                                f"{tuple(expected[k].shape)}")
 
 
+def check_growable(a: MMDiTConfig, b: MMDiTConfig, hint: str) -> None:
+    """Raise a clear error unless a model of config ``a`` can grow into ``b`` by ``deepen_state``: only added blocks,
+    and none where a block's own layout depends on its index (the last double block of a model without
+    single-stream blocks, whose text branch is pre-only; SD3.5's dual-attention blocks)."""
+    if b.depth < a.depth or b.depth_single < a.depth_single or (a.depth_single == 0 < b.depth_single):
+        raise OmniditError(
+            f"blocks can only be added: the source has {a.depth} double- and {a.depth_single} single-stream "
+            f"blocks, this config {b.depth} and {b.depth_single} (and a source needs at least one single-stream "
+            "block to grow more)", hint=hint)
+    if (a.depth, a.depth_single) != (b.depth, b.depth_single) and (a.dual_attention_layers or a.depth_single == 0):
+        raise OmniditError("this model cannot grow: its blocks differ by index (dual-attention layers, or a last "
+                           "double block whose text only gives keys and values)", hint=hint)
+
+
 def deepen_state(state: dict[str, Tensor], a: MMDiTConfig, b: MMDiTConfig,
                  fresh: dict[str, Tensor]) -> dict[str, Tensor]:
     """Weights for a model of config ``b`` made from ``state``, the weights of a model of config ``a``
@@ -288,13 +302,8 @@ def deepen_state(state: dict[str, Tensor], a: MMDiTConfig, b: MMDiTConfig,
     model computes exactly what the shallow one did until training opens their gates (a
     function-preserving growth, as in Net2Net, Chen et al. 2016). The other model settings must be equal
     (``initial_weights`` checks them)."""
-    if b.depth < a.depth or b.depth_single < a.depth_single or (a.depth_single == 0 < b.depth_single):
-        raise OmniditError(
-            f"train.init_grow can only add blocks: the source has {a.depth} double- and {a.depth_single} "
-            f"single-stream blocks, this config {b.depth} and {b.depth_single} (and a source needs at least one "
-            "single-stream block to grow more)",
-            hint="make this config's model.depth and model.depth_single at least the source's, or drop "
-                 "train.init_grow")
+    check_growable(a, b, hint="make this config's model.depth and model.depth_single at least the source's, "
+                              "or drop train.init_grow")
     moves = {}
     for name, n, m in (("double_blocks", a.depth, b.depth), ("single_blocks", a.depth_single, b.depth_single)):
         moves.update({f"{name}.{i}.": f"{name}.{i * m // n}." for i in range(n)})
@@ -311,10 +320,18 @@ def weight_differences(source: Config, config: Config, ignore: Sequence[str] = (
     encoder, text length or latent codec, as "key: A there, B here"."""
     diff = [f"model.{k}: {v} {there}, {getattr(config.model, k)} here"
             for k, v in vars(source.model).items() if getattr(config.model, k) != v and k not in ignore]
-    return diff + [f"{name}: {a} {there}, {b} here" for name, a, b in (
-        ("text.encoder", source.text.encoder, config.text.encoder),
-        ("text.max_length", source.text.max_length, config.text.max_length),
-        ("data.codec", source.data.codec, config.data.codec)) if a != b]
+    pairs = [("text.encoder", source.text.encoder, config.text.encoder),
+             ("text.max_length", source.text.max_length, config.text.max_length),
+             ("data.codec", source.data.codec, config.data.codec)]
+    if "audio" in source.model.extra_streams and "audio" in config.model.extra_streams:  # the sound's latent space
+        pairs.append(("data.audio_codec", _sound_codec(source), _sound_codec(config)))
+    return diff + [f"{name}: {a} {there}, {b} here" for name, a, b in pairs if a != b]
+
+
+def _sound_codec(config: Config) -> str:
+    """The sound codec of a config as a comparable name (the spectrogram's hop is part of it)."""
+    dc = config.data
+    return f"spectrogram (hop {dc.audio_hop})" if dc.audio_codec == "spectrogram" else dc.audio_codec
 
 
 def initial_weights(path: str | Path, config: Config) -> tuple[Path, dict[str, Tensor]]:
@@ -378,7 +395,7 @@ def _sound_token_growth(source: Config, config: Config) -> int:
     """How many of ``source``'s sound tokens one of ``config``'s spans: m > 1 when config's audio tokens are m times
     as wide with the same sound codec, else 1."""
     old, new = source.model.extra_streams.get("audio"), config.model.extra_streams.get("audio")
-    same_codec = (source.data.audio_codec, source.data.audio_hop) == (config.data.audio_codec, config.data.audio_hop)
+    same_codec = _sound_codec(source) == _sound_codec(config)
     return new // old if old and new and new > old and new % old == 0 and same_codec else 1
 
 

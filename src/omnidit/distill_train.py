@@ -63,7 +63,7 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
     """The config of a distillation run: the teacher's, with a guidance input, the distill section and a short
     train section (``DEFAULT_TRAIN``), then ``overrides`` (dotted keys). Every contradiction with the teacher is
     one clear error."""
-    from omnidit.checkpoint import read_config, resolve_model_dir, weight_differences
+    from omnidit.checkpoint import check_growable, read_config, resolve_model_dir, weight_differences
 
     try:
         directory = resolve_model_dir(teacher)
@@ -83,18 +83,23 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
     d["distill"] = {"method": method, "teacher": str(teacher)}
     keys = [parse_override(o)[0] for o in overrides]
     d = apply_overrides(d, list(overrides))
+    start = d["train"]["init_from"]
+    if start != str(teacher):  # a student that starts from another (deeper) student keeps its depth
+        try:
+            start_model = read_config(resolve_model_dir(start)).model
+        except OmniditError:  # a recipe's stage not trained yet; the run itself names a folder that is missing
+            start_model = None
+        for key in ("depth", "depth_single"):
+            if start_model is not None and f"model.{key}" not in keys:
+                d["model"][key] = getattr(start_model, key)
     config = config_from_dict(d)
-    # A student may be deeper than its teacher: it starts as the teacher's blocks with identity blocks between
+    # A student may be deeper than its teacher: it starts as the teacher's blocks with identity blocks after
     # them (checkpoint.deepen_state, train.init_grow), so it begins computing what the teacher's weights did.
-    teacher_depth, depth = (source.model.depth, source.model.depth_single), (config.model.depth,
-                                                                           config.model.depth_single)
-    if depth[0] < teacher_depth[0] or depth[1] < teacher_depth[1]:
-        raise OmniditError(f"a student may have more blocks than its teacher, not fewer: the teacher has "
-                           f"{teacher_depth[0]} double- and {teacher_depth[1]} single-stream blocks, the student "
-                           f"{depth[0]} and {depth[1]}",
-                           hint=f"make model.depth at least {teacher_depth[0]} and model.depth_single at least "
-                                f"{teacher_depth[1]}, or drop them")
-    config.train.init_grow = depth != teacher_depth
+    check_growable(source.model, config.model, hint=f"give the student at least the teacher's {source.model.depth} "
+                   f"double- and {source.model.depth_single} single-stream blocks (model.depth, model.depth_single), "
+                   "or drop them")
+    config.train.init_grow = (config.model.depth, config.model.depth_single) != (source.model.depth,
+                                                                                source.model.depth_single)
     changed = weight_differences(source, config, ignore=("guidance_embed", "depth", "depth_single"),
                                  there="in the teacher")
     if not config.model.guidance_embed:
