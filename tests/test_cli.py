@@ -17,6 +17,7 @@ from PIL import Image
 
 from omnidit.cli import build_parser, main
 from omnidit.config import all_keys
+from omnidit.errors import OmniditError
 
 
 def omnidit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -202,6 +203,9 @@ GENERATE_ERRORS = [
     (["a red circle", "--steps", "0"], ["--steps must be at least 1"]),
     (["a red circle", "-o", "{tmp}/out.jpg"], ["must end in .png"]),
     (["a red circle", "--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
+    (["a red circle", "--skip-interval", "0.9", "0.1"], ["--skip-interval 0.9 0.1: LO must be below HI"]),
+    (["a red circle", "--cache-threshold", "0.5"], ["no step cache is on", "--cache first_block"]),
+    (["a red circle", "--cache-interval", "3"], ["no step cache is on"]),
 ]
 
 
@@ -370,3 +374,66 @@ def test_a_reader_that_leaves_early_is_not_an_error():
     done = subprocess.run(f"{sys.executable} -m omnidit info | true", shell=True, capture_output=True, text=True,
                           timeout=120)
     assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
+
+
+def test_malformed_files_and_misplaced_flags_are_one_line(tiny_run, tmp_path, capsys):
+    """Inputs an audit of every command found crashing or silently ignored: JSON of the wrong shape, folders of
+    images with sampling flags or two sizes, output folders that are files or do not exist, a LoRA weight that is
+    not a number."""
+    import json
+
+    from omnidit.evaluate.shapes_suite import build_prompts, image_name, write_manifest
+
+    def error(*args, fragments=()):
+        code, _, err = run_main(capsys, *args)
+        assert_one_line_error(code, err, *fragments)
+
+    (tmp_path / "list.json").write_text("[1, 2]")
+    error("train", tmp_path / "list.json", "train.steps=5", fragments=["must hold a JSON object", "not list"])
+    (tmp_path / "null.json").write_text('{"train": null}')
+    error("train", tmp_path / "null.json", "train.steps=5", fragments=["'train' section is null"])
+    model = shutil.copytree(tiny_run / "checkpoint-0000020", tmp_path / "model")
+    (model / "config.json").write_text("null")
+    error("info", model, fragments=["config.json must hold a JSON object"])
+    error("generate", "a red circle", "--model", model, "-o", tmp_path / "x.png", fragments=["JSON object"])
+
+    report = {"suite": "shapes", "overall": 0.5, "categories": {"single_object": 0.5}, "n_images": 2,
+              "settings": {}, "failures": [{"category": "single_object", "prompt": "a red circle"}]}
+    (tmp_path / "a.json").write_text(json.dumps(report))
+    for key, value in (("failures", [1, 2]), ("failures", [{"prompt": "x"}]), ("settings", []),
+                       ("categories", []), ("overall", "high")):
+        (tmp_path / "b.json").write_text(json.dumps({**report, key: value}))
+        error("compare", tmp_path / "a.json", tmp_path / "b.json", fragments=[f"its '{key}' is malformed"])
+
+    folder = tmp_path / "folder"
+    write_manifest(build_prompts(per_category=1)[:2], 1, folder)
+    for i, size in enumerate((32, 48)):
+        Image.new("RGB", (size, size), "white").save(folder / image_name(i, 0))
+    error("eval", folder, "--steps", "5", "--cfg", "9", fragments=["--steps, --cfg say how to sample"])
+    error("eval", folder, "--no-fd", "--no-progress", fragments=[f"{image_name(1, 0)} is 48x48, the folder's first image 32x32"])
+
+    error("eval-prompts", tmp_path / "a.json", fragments=["is a file"])
+    error("eval-prompts", tmp_path / "no" / "such" / "prompts", fragments=["does not exist"])
+    assert not (tmp_path / "no").exists()
+    error("quantize", tiny_run, tmp_path / "no" / "q", "--scheme", "w8", fragments=["does not exist"])
+    error("quantize", tiny_run, tmp_path / "q", "--scheme", "w4", "--group-size", "0",
+          fragments=["--group-size must be a power of 2 (>= 2), got 0"])
+    assert not (tmp_path / "q").exists()
+    error("demo", "-o", tmp_path / "demo.jpg", fragments=["must end in .png"])
+    error("calibrate", tiny_run, "--seed", "-5", fragments=["--seed"])
+    (tmp_path / "lora.safetensors").write_bytes(b"")
+    error("generate", "a red circle", "--model", tiny_run, "--lora", f"{tmp_path / 'lora.safetensors'}:abc",
+          "-o", tmp_path / "x.png", fragments=["the weight 'abc' is not a number"])
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "demo.jpg").exists()
+
+
+def test_serve_model_and_lora_names_are_checked():
+    from omnidit.serve.command import parse_models, split_serve_lora
+
+    for value in ("=shapes", "mine=", " =shapes"):
+        with pytest.raises(OmniditError, match="empty on one side"):
+            parse_models([value])
+    assert parse_models(["mine=shapes"]) == {"mine": "shapes"}
+    with pytest.raises(OmniditError, match="no served model is named 'zz'"):
+        split_serve_lora(f"zz={__file__}", ["shapes"])
+    assert split_serve_lora(f"shapes={__file__}:0.5", ["shapes"]) == ("shapes", f"{__file__}:0.5")

@@ -22,7 +22,7 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("model", help="checkpoint or run folder, or a shipped model name (shapes, shapes-video, ...)")
     p.add_argument("--prompts", type=int, default=4, help="captions to sample (default 4, at most 64)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sample.steps)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed, 0 or more (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
 
@@ -49,6 +49,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     if args.steps is not None:
         check_number("--steps", args.steps, low=5, high=10_000, integer=True,
                      hint="calibration needs at least 5 steps; the model's default is fine")
+    check_number("--seed", args.seed, low=0, high=2**63 - 1, integer=True)
     pipe = load_pipeline(model_or_shipped(args.model), device=args.device)
     start = time.perf_counter()
     calibration = calibrate(pipe, calibration_prompts(pipe.config, args.prompts), seed=args.seed, steps=args.steps)

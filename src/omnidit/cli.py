@@ -8,6 +8,7 @@ User mistakes (missing files, bad sizes, unknown config keys, corrupt checkpoint
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -269,6 +270,12 @@ def cmd_precompute(args: argparse.Namespace) -> None:
     print(f"cached in {path}")
 
 
+# omnidit eval's flags that only apply when it samples a model (not when it scores a folder of images).
+FOLDER_IGNORED = ("n_per_prompt", "limit", "steps", "cfg", "sampler", "shift", "cfg_interval", "skip_scale",
+                  "skip_blocks", "skip_interval", "candidates", "speed", "compile", "cache", "cache_threshold",
+                  "cache_forecast", "cache_interval", "no_ema")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from omnidit.evaluate.runner import SUITES, evaluate_folder, evaluate_model
 
@@ -293,6 +300,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.suite in ("edit", "layout", "new_shape"):
             raise OmniditError(f"the {args.suite} suite draws its own scenes, so it needs a model, not a folder of "
                                "images", hint="pass a model folder or name")
+        # The folder's images are already made: flags that say how to make them would be silently ignored.
+        given = [f"--{name.replace('_', '-')}" for name in FOLDER_IGNORED
+                 if getattr(args, name, None) not in (None, False)] + (["--seed"] if args.seed != 0 else [])
+        if given:
+            raise OmniditError(f"{', '.join(given)} {'says' if len(given) == 1 else 'say'} how to sample, and a "
+                               "folder of images is scored as it is", hint=f"drop {', '.join(given)}")
         report = evaluate_folder(target, args.suite or "shapes", progress=not args.no_progress,
                                  frechet=not args.no_fd)
     else:
@@ -338,6 +351,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     check_counts(args.num_images, args.steps)
     check_number("-n", args.num_images, low=1, high=16, integer=True, hint="the demo draws six prompts a row each")
+    check_output_path("-o", args.output, "demo.png")  # before the sampling, not after it
+    if not args.output.lower().endswith(".png"):
+        raise OmniditError(f"-o must end in .png (the demo writes a PNG grid), got {args.output}",
+                           hint="e.g. -o demo.png")
     args.seed = resolve_seed(args.seed)
     path, seconds, drawn = run_demo(args.output, args.model, n_per_prompt=args.num_images, seed=args.seed,
                                     steps=args.steps, device=args.device, progress=not args.no_progress,
@@ -372,7 +389,12 @@ def cmd_eval_prompts(args: argparse.Namespace) -> None:
     if args.n_per_prompt < 1 or (args.limit is not None and args.limit < 1):
         raise OmniditError("--n-per-prompt and --limit must be at least 1")
     check_number("--n-per-prompt", args.n_per_prompt, low=1, high=MAX_PER_PROMPT, integer=True)
-    manifest, prompts = write_suite_prompts(args.out_dir, args.n_per_prompt, args.limit)
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise OmniditError(f"{out} is a file, and eval-prompts writes a folder", hint="name a folder (new or not)")
+    if not out.is_dir():
+        check_output_path("OUT_DIR", out)  # its parent folder exists: a typo creates nothing
+    manifest, prompts = write_suite_prompts(out, args.n_per_prompt, args.limit)
     print(f"wrote {manifest} and {prompts}")
 
 
@@ -401,11 +423,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     if Path(args.out).exists():
         raise OmniditError(f"{args.out} already exists", hint="pick a new folder name")
+    check_output_path("OUT", args.out, "quantized/shapes-w8")  # its parent folder exists
     if args.group_size is not None and args.scheme != "w4" and not args.rotate:
         raise OmniditError(f"--group-size applies to w4 and to --rotate, not to {args.scheme} alone",
                            hint="drop --group-size, or use --scheme w4")
+    group = 64 if args.group_size is None else args.group_size  # 0 is a mistake to report, not the default
     out = quantize_folder(model_or_shipped(args.model), args.out, args.scheme, use_ema=not args.no_ema,
-                          group=args.group_size or 64, rotate=args.rotate, smooth=args.smooth)
+                          group=group, rotate=args.rotate, smooth=args.smooth)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {out} ({args.scheme}, {size / 2**20:.1f} MiB)")
 
@@ -494,8 +518,16 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     tqdm.write(f"omnidit: warning: {message}", file=sys.stderr)
 
 
+# Loggers of optional packages that transformers imports when they are installed (torchao, from the bench extra):
+# they warn about kernels for other Pythons and GPUs, and deprecations in torch, on every command that loads the
+# text encoder, which has nothing to do with what the user asked. Errors still show.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _print_warning
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)

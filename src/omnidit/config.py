@@ -504,7 +504,10 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
         section, name = key.split(".")
         if section not in SECTIONS:
             raise _unknown_key(key)
-        d.setdefault(section, {})[name] = value
+        if not isinstance(d.setdefault(section, {}), dict):
+            raise OmniditError(f"the config's '{section}' section is {json.dumps(d[section])[:40]}, not a JSON object",
+                               hint=f'write it as "{section}": {{...}} (or leave it out for the defaults)')
+        d[section][name] = value
     return d
 
 
@@ -514,9 +517,14 @@ def read_json(path: str | Path, what: str = "config") -> dict:
     if not path.is_file():
         raise OmniditError(f"{what} file not found: {path}")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OmniditError(f"{what} file {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):  # every JSON file omnidit reads is an object of named fields
+        raise OmniditError(f"{what} file {path} must hold a JSON object ({{...}}), not {type(data).__name__}",
+                           hint="a config is a JSON object with sections " + ", ".join(SECTIONS)
+                           if what == "config" else None)
+    return data
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:

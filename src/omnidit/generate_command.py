@@ -256,8 +256,12 @@ def check_sampling_numbers(args: argparse.Namespace) -> None:
     if args.skip_scale is not None:
         check_number("--skip-scale", args.skip_scale, low=0, high=100)
     for flag in ("cfg_interval", "skip_interval"):
-        for value in getattr(args, flag) or ():
+        interval = getattr(args, flag) or ()
+        for value in interval:
             check_number(f"--{flag.replace('_', '-')}", value, low=0, high=1)
+        if interval and not interval[0] < interval[1]:
+            raise OmniditError(f"--{flag.replace('_', '-')} {interval[0]:g} {interval[1]:g}: LO must be below HI",
+                               hint="times run from 1 (noise) to 0 (data); e.g. 0.5 1.0")
 
 
 def _check_image_output(args: argparse.Namespace) -> None:

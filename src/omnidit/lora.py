@@ -266,7 +266,9 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
             weight = float(tail)
             path = head
         except ValueError:
-            pass
+            if Path(head).is_file() and not Path(spec).is_file():
+                raise OmniditError(f"--lora {spec}: the weight '{tail}' is not a number",
+                                   hint=f"e.g. --lora {head}:0.8") from None
     if not -10 <= weight <= 10:
         raise OmniditError(f"--lora {spec}: the weight {weight:g} lies outside [-10, 10]", hint="e.g. FILE:0.8")
     return path, weight

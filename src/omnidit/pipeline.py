@@ -209,6 +209,10 @@ class Pipeline:
                               ((s.cache_threshold or None) if own else None) if threshold is None else threshold,
                               s.cache_interval if interval is None else interval,
                               (s.cache_forecast if own else "copy") if forecast is None else forecast, steps)
+        if cache.method == "none" and any(v is not None for v in (threshold, interval, forecast)):
+            raise OmniditError("a step-cache setting (threshold, interval or forecast) was given, and no step cache "
+                               "is on", hint="choose one too (--cache first_block, teacache, magcache or interval) "
+                                             "or drop the setting")
         return {"cache": cache.method, "cache_threshold": cache.threshold, "cache_forecast": cache.forecast,
                 "cache_interval": cache.interval}
 

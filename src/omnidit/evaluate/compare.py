@@ -118,6 +118,18 @@ def read_report(path: str | Path) -> dict:
     if missing:
         raise OmniditError(f"{path} is not an eval report: it has no '{missing[0]}'",
                            hint="pass a file omnidit eval --json wrote")
+    failures = report["failures"]
+    wrong = next((key for key, ok in (
+        ("overall", isinstance(report["overall"], (int, float)) and not isinstance(report["overall"], bool)),
+        ("categories", isinstance(report["categories"], dict)
+         and all(isinstance(v, (int, float)) for v in report["categories"].values())),
+        ("n_images", isinstance(report["n_images"], int)),
+        ("settings", isinstance(report["settings"], dict)),
+        ("failures", isinstance(failures, list) and all(isinstance(f, dict) and {"category", "prompt"} <= set(f)
+                                                          for f in failures))) if not ok), None)
+    if wrong:
+        raise OmniditError(f"{path} is not an eval report: its '{wrong}' is malformed",
+                           hint="pass a file omnidit eval --json wrote, unedited")
     return report
 
 

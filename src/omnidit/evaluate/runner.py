@@ -314,6 +314,10 @@ def evaluate_folder(images_dir: str | Path, suite: str = "shapes", progress: boo
                 rgb = np.array(im.convert("RGB"))  # (H, W, 3) uint8
         except OSError as e:
             raise OmniditError(f"cannot read image {path}: {e}") from None
+        if judged and rgb.shape != judged[0].image.shape[1:] + (3,):  # one Fréchet set, one grid: one size
+            h, w = judged[0].image.shape[1:]
+            raise OmniditError(f"{path} is {rgb.shape[1]}x{rgb.shape[0]}, the folder's first image {w}x{h}",
+                               hint="render every image of the manifest at one size")
         image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
         judged.append(_judge_shapes(spec, rgb, image, file=file_name))
     if missing:

@@ -90,10 +90,13 @@ def parse_models(values: list[str] | None) -> dict[str, str]:
             pass
     models: dict[str, str] = {}
     for value in values:
-        name, _, path = value.partition("=") if "=" in value else (None, "", value)
-        name = name or (value if value in SHIPPED_MODELS else Path(value).resolve().name)
-        if not name or not path:
-            raise OmniditError(f"--model {value!r} is empty on one side of '='", hint="e.g. --model mine=runs/x")
+        if "=" in value:
+            name, _, path = value.partition("=")
+            if not name.strip() or not path.strip():
+                raise OmniditError(f"--model {value!r} is empty on one side of '='",
+                                   hint="e.g. --model mine=runs/x")
+        else:
+            name, path = (value if value in SHIPPED_MODELS else Path(value).resolve().name), value
         if name in models:
             raise OmniditError(f"two models are named '{name}'", hint="name them: --model a=PATH --model b=PATH")
         models[name] = path
@@ -114,7 +117,12 @@ def check_port_free(host: str, port: int) -> None:
 def split_serve_lora(spec: str, served: list[str]) -> tuple[str, str]:
     """--lora [NAME=]FILE[:WEIGHT] -> (served model's name, FILE[:WEIGHT]); NAME defaults to the first model."""
     name, sep, rest = spec.partition("=")
-    return (name, rest) if sep and name in served else (served[0], spec)
+    if sep and name in served:
+        return name, rest
+    if sep and not Path(spec).is_file() and Path(rest.rpartition(":")[0] or rest).is_file():
+        raise OmniditError(f"--lora {spec}: no served model is named '{name}'",
+                           hint=f"name one of {', '.join(served)}, or drop '{name}='")
+    return served[0], spec
 
 
 def apply_serve_loras(pipelines: dict, specs: list[str] | None) -> dict[str, list[str]]:
