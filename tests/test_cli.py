@@ -410,7 +410,8 @@ def test_malformed_files_and_misplaced_flags_are_one_line(tiny_run, tmp_path, ca
     for i, size in enumerate((32, 48)):
         Image.new("RGB", (size, size), "white").save(folder / image_name(i, 0))
     error("eval", folder, "--steps", "5", "--cfg", "9", fragments=["--steps, --cfg say how to sample"])
-    error("eval", folder, "--no-fd", "--no-progress", fragments=[f"{image_name(1, 0)} is 48x48, the folder's first image 32x32"])
+    error("eval", folder, "--no-fd", "--no-progress",
+          fragments=[f"{image_name(1, 0)} is 48x48, the folder's first image 32x32"])
 
     error("eval-prompts", tmp_path / "a.json", fragments=["is a file"])
     error("eval-prompts", tmp_path / "no" / "such" / "prompts", fragments=["does not exist"])
@@ -420,6 +421,9 @@ def test_malformed_files_and_misplaced_flags_are_one_line(tiny_run, tmp_path, ca
           fragments=["--group-size must be a power of 2 (>= 2), got 0"])
     assert not (tmp_path / "q").exists()
     error("demo", "-o", tmp_path / "demo.jpg", fragments=["must end in .png"])
+    error("convert", tiny_run, tmp_path / "a.json", fragments=["is a file"])
+    # A shipped model by name: found (the shapes model's 3 latent channels have no Flux layout, which it says).
+    error("convert", "shapes", tmp_path / "flux", fragments=["no diffusers transformer can hold this model"])
     error("calibrate", tiny_run, "--seed", "-5", fragments=["--seed"])
     (tmp_path / "lora.safetensors").write_bytes(b"")
     error("generate", "a red circle", "--model", tiny_run, "--lora", f"{tmp_path / 'lora.safetensors'}:abc",

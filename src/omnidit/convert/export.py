@@ -26,6 +26,7 @@ from torch import Tensor
 
 from omnidit.checkpoint import (
     list_checkpoints,
+    named_model_path,
     publish_folder,
     read_config,
     read_safetensors,
@@ -142,7 +143,9 @@ def choose_family(config: MMDiTConfig, family: str = "auto") -> str:
 
 
 def _require_new_folder(dst: Path) -> None:
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    if dst.exists() and not dst.is_dir():
+        raise OmniditError(f"destination {dst} is a file", hint="name a new folder")
+    if dst.exists() and any(dst.iterdir()):
         raise OmniditError(f"destination {dst} exists and is not empty", hint="choose a new folder")
 
 
@@ -209,7 +212,7 @@ def import_diffusers(src: str | Path, dst: str | Path, family: str = "auto") -> 
 
 def source_kind(src: str | Path) -> str:
     """'omnidit' for a checkpoint or run folder, 'diffusers' for a transformer (or pipeline) folder."""
-    src = Path(src)
+    src = named_model_path(src)  # a shipped model converts by name, as every command takes it
     if not src.exists():
         raise OmniditError(f"convert source not found: {src}",
                            hint="pass an omnidit checkpoint or run folder, or a diffusers transformer folder")
