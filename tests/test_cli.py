@@ -422,6 +422,10 @@ def test_malformed_files_and_misplaced_flags_are_one_line(tiny_run, tmp_path, ca
     assert not (tmp_path / "q").exists()
     error("demo", "-o", tmp_path / "demo.jpg", fragments=["must end in .png"])
     error("convert", tiny_run, tmp_path / "a.json", fragments=["is a file"])
+    Image.new("RGB", (16, 16), "white").save(tmp_path / "16.png")
+    error("inpaint", tmp_path / "16.png", "none", "a red circle", "--model", tiny_run, "--outpaint", "3", "0", "0",
+          "0", "-o", tmp_path / "x.png", fragments=["--outpaint 3 0 0 0 makes the 16x16 image 19x16",
+                                                   "multiple of 2 pixels"])
     # A shipped model by name: found (the shapes model's 3 latent channels have no Flux layout, which it says).
     error("convert", "shapes", tmp_path / "flux", fragments=["no diffusers transformer can hold this model"])
     error("calibrate", tiny_run, "--seed", "-5", fragments=["--seed"])
@@ -432,7 +436,7 @@ def test_malformed_files_and_misplaced_flags_are_one_line(tiny_run, tmp_path, ca
 
 
 def test_serve_model_and_lora_names_are_checked():
-    from omnidit.serve.command import parse_models, split_serve_lora
+    from omnidit.serve.command import check_port_free, parse_models, split_serve_lora
 
     for value in ("=shapes", "mine=", " =shapes"):
         with pytest.raises(OmniditError, match="empty on one side"):
@@ -441,3 +445,6 @@ def test_serve_model_and_lora_names_are_checked():
     with pytest.raises(OmniditError, match="no served model is named 'zz'"):
         split_serve_lora(f"zz={__file__}", ["shapes"])
     assert split_serve_lora(f"shapes={__file__}:0.5", ["shapes"]) == ("shapes", f"{__file__}:0.5")
+    with pytest.raises(OmniditError, match="--host 999.1.1.1 is not an address here") as e:
+        check_port_free("999.1.1.1", 18777)
+    assert "--host 127.0.0.1" in e.value.hint

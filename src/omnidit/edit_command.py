@@ -244,6 +244,13 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     image, fps = _read_image_or_clip(args.image, args.output, pipe)  # a clip: (1, 3, T, H, W) at its frame rate
     mask = read_mask(args.mask, image.shape[-1], image.shape[-2])
     if args.outpaint:
+        left, top, right, bottom = args.outpaint
+        cell = pipe.model.config.patch_size * (pipe.codec.downsample if pipe.codec is not None else 1)
+        width, height = image.shape[-1] + left + right, image.shape[-2] + top + bottom
+        if width % cell or height % cell:
+            raise OmniditError(f"--outpaint {left} {top} {right} {bottom} makes the {image.shape[-1]}x"
+                               f"{image.shape[-2]} image {width}x{height}, which this model's {cell}-pixel tokens "
+                               "do not divide", hint=f"grow each side by a multiple of {cell} pixels")
         canvas, mask = pad_for_outpainting(image[None], mask, args.outpaint)
         image = canvas[0]
     if args.move:  # the marked pixels pasted at their new place; the hole they leave is what gets generated

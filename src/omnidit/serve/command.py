@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import socket
 from pathlib import Path
@@ -109,9 +110,14 @@ def check_port_free(host: str, port: int) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
+        except socket.gaierror as error:  # the host, not the port
+            raise OmniditError(f"cannot listen on {host}:{port}: --host {host} is not an address here "
+                               f"({error.strerror})", hint="e.g. --host 127.0.0.1, or 0.0.0.0 for every interface") \
+                from None
         except OSError as error:
-            raise OmniditError(f"cannot listen on {host}:{port}: {error.strerror}",
-                               hint="choose another --port, or stop what uses it") from None
+            hint = ("choose another --port, or stop what uses it" if error.errno == errno.EADDRINUSE
+                    else "check --host (an address of this machine) and --port")
+            raise OmniditError(f"cannot listen on {host}:{port}: {error.strerror}", hint=hint) from None
 
 
 def split_serve_lora(spec: str, served: list[str]) -> tuple[str, str]:
