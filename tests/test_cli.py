@@ -396,6 +396,11 @@ def test_malformed_files_and_misplaced_flags_are_one_line(tiny_run, tmp_path, ca
     (model / "config.json").write_text("null")
     error("info", model, fragments=["config.json must hold a JSON object"])
     error("generate", "a red circle", "--model", model, "-o", tmp_path / "x.png", fragments=["JSON object"])
+    other = shutil.copytree(tiny_run / "checkpoint-0000020", tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["mlp_ratio"] = 2.0  # a config that does not describe its weights
+    (other / "config.json").write_text(json.dumps(config))
+    error("info", other, fragments=["the model expects"])
 
     report = {"suite": "shapes", "overall": 0.5, "categories": {"single_object": 0.5}, "n_images": 2,
               "settings": {}, "failures": [{"category": "single_object", "prompt": "a red circle"}]}

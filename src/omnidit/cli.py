@@ -436,6 +436,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from omnidit.checkpoint import (
+        check_state_matches,
         list_checkpoints,
         read_config,
         read_safetensors,
@@ -450,6 +451,13 @@ def cmd_info(args: argparse.Namespace) -> None:
     weights = read_safetensors(directory / "model.safetensors")
     n_params = sum(t.numel() for k, t in weights.items() if not k.endswith(".weight_scale"))
     scheme = read_scheme(directory)
+    if scheme is None and not (config.train.lora_rank or config.train.layout_boxes):
+        import torch
+
+        from omnidit.model.mmdit import MMDiT
+
+        with torch.device("meta"):  # shapes only: a config that does not describe its weights is an error here too
+            check_state_matches(MMDiT(config.model), weights, directory / "model.safetensors")
     history = training_provenance(directory)
     step, seen, source = history.get("step"), history.get("images_seen"), history.get("init_from")
     mc = config.model
