@@ -401,6 +401,8 @@ def test_malformed_files_and_misplaced_flags_are_one_line(tiny_run, tmp_path, ca
     config["model"]["mlp_ratio"] = 2.0  # a config that does not describe its weights
     (other / "config.json").write_text(json.dumps(config))
     error("info", other, fragments=["the model expects"])
+    (tmp_path / "run" / "checkpoint-0000100").mkdir(parents=True)
+    error("info", tmp_path / "run", fragments=["holds no complete checkpoint"])
 
     report = {"suite": "shapes", "overall": 0.5, "categories": {"single_object": 0.5}, "n_images": 2,
               "settings": {}, "failures": [{"category": "single_object", "prompt": "a red circle"}]}
