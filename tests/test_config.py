@@ -136,6 +136,7 @@ def test_skip_layer_guidance_needs_blocks_and_a_non_negative_scale():
     assert config_from_dict(apply_overrides({}, ok)).sample.skip_blocks == [2]
     message = error_of(lambda: config_from_dict(apply_overrides({}, ["model.depth_single=2", *ok[1:]])))
     assert "'sample.skip_blocks'" in message and "0 to 1" in message
+    assert "model.depth_single=2 (e.g. sample.skip_blocks=[1]" in message  # the hint names what fits the model
 
 
 def test_wrong_type_in_file_names_the_key(tmp_path):

@@ -376,9 +376,11 @@ class Config:
             self.sample.skip_blocks = check_skip_blocks(self.sample.skip_scale, self.sample.skip_blocks,
                                                         self.model.depth_single)
         except OmniditError as e:
+            n = self.model.depth_single
+            example = f"e.g. sample.skip_blocks=[{n - 1}], " if n else ""
             raise OmniditError(f"config key 'sample.skip_blocks': {e.message}",
-                               hint="name blocks below model.depth_single, e.g. sample.skip_blocks=[2], or set "
-                                    "sample.skip_scale=0") from None
+                               hint=f"name blocks below model.depth_single={n} ({example}check the model section), "
+                                    "or set sample.skip_scale=0") from None
 
     def to_dict(self) -> dict:
         return {s.name: _section_dict(getattr(self, s.name)) for s in dataclasses.fields(self)}
