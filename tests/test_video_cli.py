@@ -113,6 +113,11 @@ def test_a_given_image_of_another_size_is_refused(tmp_path, capsys, video_model)
                             tmp_path / "wide.png", "-o", tmp_path / "x.mp4", *GEN)
     assert_one_line_error(code, err, "is 24x16 but the clip is 16x16", "--size 24x16")
     assert not (tmp_path / "x.mp4").exists()
+    # inpaint with a video model changes a clip, and a still image is not one
+    code, _, err = run_main(capsys, "inpaint", tmp_path / "wide.png", "box:0,0,0.5,1", "a red circle", "--model",
+                            video_model, "-o", tmp_path / "x.mp4", "--no-progress")
+    assert_one_line_error(code, err, "is a PNG, and this video model changes clips", "--model shapes")
+    assert not (tmp_path / "x.mp4").exists()
 
 
 def test_image_models_refuse_video_flags_and_outputs(tmp_path, capsys):

@@ -162,6 +162,9 @@ def _read_image_or_clip(path: str, output: str, pipe):
 
     if pipe.config.data.frames > 1:
         check_clip_output(output, pipe.config.data.fps)  # the suffix, before anything is read
+        if str(path).lower().endswith(".png"):  # a still image, or our PNG frame strip: neither is a clip here
+            raise OmniditError(f"{path} is a PNG, and this video model changes clips",
+                               hint="pass an .mp4, .gif or .webp clip, or use an image model (--model shapes)")
         clip, fps, _ = load_video(path, max_frames=MAX_EXTEND_FRAMES)
         check_clip_output(output, fps)  # the output keeps the input's frame rate: e.g. no 60 fps GIF
         return clip[None], fps
