@@ -408,6 +408,7 @@ def test_malformed_files_and_misplaced_flags_are_one_line(tiny_run, tmp_path, ca
               "settings": {}, "failures": [{"category": "single_object", "prompt": "a red circle"}]}
     (tmp_path / "a.json").write_text(json.dumps(report))
     for key, value in (("failures", [1, 2]), ("failures", [{"prompt": "x"}]), ("settings", []),
+                       ("failures", [{"category": "single_object", "prompt": ["a", "list"]}]),
                        ("categories", []), ("overall", "high")):
         (tmp_path / "b.json").write_text(json.dumps({**report, key: value}))
         error("compare", tmp_path / "a.json", tmp_path / "b.json", fragments=[f"its '{key}' is malformed"])
@@ -416,7 +417,10 @@ def test_malformed_files_and_misplaced_flags_are_one_line(tiny_run, tmp_path, ca
     write_manifest(build_prompts(per_category=1)[:2], 1, folder)
     for i, size in enumerate((32, 48)):
         Image.new("RGB", (size, size), "white").save(folder / image_name(i, 0))
-    error("eval", folder, "--steps", "5", "--cfg", "9", fragments=["--steps, --cfg say how to sample"])
+    error("eval", folder, "--steps", "5", "--cfg", "0", fragments=["--steps, --cfg say how to sample"])
+    code, out, err = run_main(capsys, "eval", folder, "--seed", "-1")
+    assert_one_line_error(code, err, "--seed says how to sample")
+    assert out == ""  # no random seed drawn and printed for nothing
     error("eval", folder, "--no-fd", "--no-progress",
           fragments=[f"{image_name(1, 0)} is 48x48, the folder's first image 32x32"])
 
@@ -448,7 +452,9 @@ def test_serve_model_and_lora_names_are_checked():
     for value in ("=shapes", "mine=", " =shapes"):
         with pytest.raises(OmniditError, match="empty on one side"):
             parse_models([value])
-    assert parse_models(["mine=shapes"]) == {"mine": "shapes"}
+    assert parse_models(["mine=shapes", " two = shapes-video"]) == {"mine": "shapes", "two": "shapes-video"}
+    with pytest.raises(OmniditError, match="no folder name"):
+        parse_models(["/"])
     with pytest.raises(OmniditError, match="no served model is named 'zz'"):
         split_serve_lora(f"zz={__file__}", ["shapes"])
     assert split_serve_lora(f"shapes={__file__}:0.5", ["shapes"]) == ("shapes", f"{__file__}:0.5")

@@ -146,7 +146,8 @@ def resolve_model_dir(path: str | Path) -> Path:
     if checkpoints:
         return checkpoints[-1]
     if path.is_dir() and any(p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) for p in path.iterdir()):
-        raise OmniditError(f"{path} holds no complete checkpoint (its checkpoint-* folders have no config.json)",
+        raise OmniditError(f"{path} holds no complete checkpoint (its checkpoint-* folders are half-written or "
+                           "have no config.json)",
                            hint="resume the run to write one, or pass a complete checkpoint folder")
     raise OmniditError(f"{path} is not an omnidit model folder (no config.json and no checkpoint-* inside)",
                        hint="pass a folder written by 'omnidit train'")

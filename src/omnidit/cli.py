@@ -276,6 +276,11 @@ FOLDER_IGNORED = ("n_per_prompt", "limit", "steps", "cfg", "sampler", "shift", "
                   "cache_forecast", "cache_interval", "no_ema")
 
 
+def _is_image_folder(target: str | None) -> bool:
+    """Whether omnidit eval's target is a folder of images to score (it holds a manifest.json), not a model."""
+    return target is not None and (Path(target) / "manifest.json").is_file()
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from omnidit.evaluate.runner import SUITES, evaluate_folder, evaluate_model
 
@@ -286,7 +291,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         check_number("--n-per-prompt", args.n_per_prompt, low=1, high=MAX_PER_PROMPT, integer=True,
                      hint="every image is kept in memory for the Fréchet distance; run seeds apart and merge")
     check_number("--batch-size", args.batch_size, low=1, high=4096, integer=True)
-    args.seed = resolve_seed(args.seed)
+    seed_given = args.seed != 0
+    args.seed = resolve_seed(args.seed) if not _is_image_folder(args.target) else args.seed
     check_sampling_numbers(args)
     for flag, path, example in (("--json", args.json, "eval.json"), ("--grid", args.grid, "eval.png")):
         if path is not None:  # before the minutes of work, not after
@@ -294,7 +300,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.grid is not None and not args.grid.lower().endswith(".png"):
         raise OmniditError(f"--grid must end in .png, got {args.grid}", hint="e.g. --grid eval.png")
     target = Path(model_or_shipped(args.target))
-    if (target / "manifest.json").is_file():
+    if _is_image_folder(args.target):
         if args.lora:
             raise OmniditError("--lora applies to a model, not to a folder of images", hint="drop --lora")
         if args.suite in ("edit", "layout", "new_shape"):
@@ -302,7 +308,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                "images", hint="pass a model folder or name")
         # The folder's images are already made: flags that say how to make them would be silently ignored.
         given = [f"--{name.replace('_', '-')}" for name in FOLDER_IGNORED
-                 if getattr(args, name, None) not in (None, False)] + (["--seed"] if args.seed != 0 else [])
+                 if getattr(args, name, None) is not None and getattr(args, name) is not False]
+        given += ["--seed"] if seed_given else []
         if given:
             raise OmniditError(f"{', '.join(given)} {'says' if len(given) == 1 else 'say'} how to sample, and a "
                                "folder of images is scored as it is", hint=f"drop {', '.join(given)}")

@@ -174,8 +174,9 @@ class Pipeline:
             skip_blocks = check_skip_blocks(skip_scale, s.skip_blocks if skip_blocks is None else skip_blocks,
                                             self.model.config.depth_single)
         except OmniditError as e:
-            raise OmniditError(e.message, hint="e.g. --skip-scale 1 --skip-blocks 2, or --skip-scale 0 to turn it "
-                                               "off") from None
+            last = self.model.config.depth_single - 1
+            example = f"e.g. --skip-scale 1 --skip-blocks {last}, or " if last >= 0 else ""
+            raise OmniditError(e.message, hint=f"{example}--skip-scale 0 to turn it off") from None
         steps = s.steps if steps is None else check_number("steps", steps, low=1, high=10_000, integer=True)
         cfg = s.cfg if cfg is None else check_number("the guidance scale cfg", cfg, low=0, high=100)
         shift = s.shift if shift is None else check_number("shift", shift, low=0, low_open=True, high=100)

@@ -218,7 +218,7 @@ def source_kind(src: str | Path) -> str:
                            hint="pass an omnidit checkpoint or run folder, or a diffusers transformer folder")
     config = _transformer_folder(src) / "config.json"
     if src.is_dir() and config.is_file():
-        return "diffusers" if "_class_name" in read_json(config, "config") else "omnidit"
+        return "diffusers" if "_class_name" in read_json(config, "model config") else "omnidit"
     if list_checkpoints(src):
         return "omnidit"
     raise OmniditError(f"{src} is neither an omnidit checkpoint nor a diffusers transformer folder",

@@ -105,6 +105,13 @@ def paired_comparison(a: dict, b: dict) -> PairedComparison:
                             categories={c: (a["categories"][c], b["categories"][c]) for c in a["categories"]})
 
 
+def _is_failure(entry: object) -> bool:
+    """Whether a report's failure entry has what a comparison reads: category and prompt as text, seed and file
+    (each optional) as a number or text."""
+    return (isinstance(entry, dict) and isinstance(entry.get("category"), str) and isinstance(entry.get("prompt"), str)
+            and all(entry.get(k) is None or isinstance(entry[k], (int, str)) for k in ("seed", "file")))
+
+
 def read_report(path: str | Path) -> dict:
     """An eval report written by ``omnidit eval --json``, checked for the fields a comparison reads."""
     try:
@@ -125,8 +132,7 @@ def read_report(path: str | Path) -> dict:
          and all(isinstance(v, (int, float)) for v in report["categories"].values())),
         ("n_images", isinstance(report["n_images"], int)),
         ("settings", isinstance(report["settings"], dict)),
-        ("failures", isinstance(failures, list) and all(isinstance(f, dict) and {"category", "prompt"} <= set(f)
-                                                          for f in failures))) if not ok), None)
+        ("failures", isinstance(failures, list) and all(_is_failure(f) for f in failures))) if not ok), None)
     if wrong:
         raise OmniditError(f"{path} is not an eval report: its '{wrong}' is malformed",
                            hint="pass a file omnidit eval --json wrote, unedited")

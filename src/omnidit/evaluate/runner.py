@@ -294,6 +294,24 @@ def write_suite_prompts(out_dir: str | Path, n_per_prompt: int = 4, limit: int |
             write_prompt_list(specs, out_dir / "prompts.txt"))
 
 
+def _check_one_size(images_dir: Path, names: list[str]) -> None:
+    """An error naming the first image whose size differs from the first one's (one Fréchet set, one grid)."""
+    first = None
+    for name in names:
+        path = images_dir / name
+        if not path.is_file():
+            continue  # reported with the other missing files
+        try:
+            with Image.open(path) as im:
+                size = im.size
+        except OSError as e:
+            raise OmniditError(f"cannot read image {path}: {e}") from None
+        first = first or (path, size)
+        if size != first[1]:
+            raise OmniditError(f"{path} is {size[0]}x{size[1]}, the folder's first image {first[1][0]}x"
+                               f"{first[1][1]}", hint="render every image of the manifest at one size")
+
+
 def evaluate_folder(images_dir: str | Path, suite: str = "shapes", progress: bool = True,
                     frechet: bool = True) -> EvalReport:
     """Score images produced elsewhere: each file's prompt comes from ``images_dir/manifest.json``."""
@@ -303,6 +321,7 @@ def evaluate_folder(images_dir: str | Path, suite: str = "shapes", progress: boo
         raise OmniditError(f"folders can be scored with the shapes suite only, not '{suite}'")
     images_dir = Path(images_dir)
     entries = read_manifest(images_dir / "manifest.json")
+    _check_one_size(images_dir, [name for name, _ in entries])  # from the headers, before minutes of judging
     judged, missing = [], []
     for file_name, spec in tqdm(entries, desc="judging", disable=not progress, leave=False):
         path = images_dir / file_name
@@ -314,10 +333,6 @@ def evaluate_folder(images_dir: str | Path, suite: str = "shapes", progress: boo
                 rgb = np.array(im.convert("RGB"))  # (H, W, 3) uint8
         except OSError as e:
             raise OmniditError(f"cannot read image {path}: {e}") from None
-        if judged and rgb.shape != judged[0].image.shape[1:] + (3,):  # one Fréchet set, one grid: one size
-            h, w = judged[0].image.shape[1:]
-            raise OmniditError(f"{path} is {rgb.shape[1]}x{rgb.shape[0]}, the folder's first image {w}x{h}",
-                               hint="render every image of the manifest at one size")
         image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
         judged.append(_judge_shapes(spec, rgb, image, file=file_name))
     if missing:

@@ -91,13 +91,16 @@ def parse_models(values: list[str] | None) -> dict[str, str]:
             pass
     models: dict[str, str] = {}
     for value in values:
-        if "=" in value:
-            name, _, path = value.partition("=")
-            if not name.strip() or not path.strip():
+        if "=" in value and not Path(value).exists():  # NAME=PATH (a folder named runs/lr=1e-4 stays a path)
+            name, _, path = (part.strip() for part in value.partition("="))
+            if not name or not path:
                 raise OmniditError(f"--model {value!r} is empty on one side of '='",
                                    hint="e.g. --model mine=runs/x")
         else:
             name, path = (value if value in SHIPPED_MODELS else Path(value).resolve().name), value
+            if not name:
+                raise OmniditError(f"--model {value!r} has no folder name to serve it under",
+                                   hint="name it: --model mine=PATH")
         if name in models:
             raise OmniditError(f"two models are named '{name}'", hint="name them: --model a=PATH --model b=PATH")
         models[name] = path
