@@ -203,7 +203,7 @@ GENERATE_ERRORS = [
     (["a red circle", "--steps", "0"], ["--steps must be at least 1"]),
     (["a red circle", "-o", "{tmp}/out.jpg"], ["must end in .png"]),
     (["a red circle", "--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
-    (["a red circle", "--skip-interval", "0.9", "0.1"], ["--skip-interval 0.9 0.1: LO must be below HI"]),
+    (["a red circle", "--skip-interval", "0.9", "0.1"], ["--skip-interval 0.9 0.1: the interval needs LO < HI"]),
     (["a red circle", "--cache-threshold", "0.5"], ["no step cache is on", "--cache first_block"]),
     (["a red circle", "--cache-interval", "3"], ["no step cache is on"]),
 ]

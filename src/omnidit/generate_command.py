@@ -260,7 +260,8 @@ def check_sampling_numbers(args: argparse.Namespace) -> None:
         for value in interval:
             check_number(f"--{flag.replace('_', '-')}", value, low=0, high=1)
         if interval and not interval[0] < interval[1]:
-            raise OmniditError(f"--{flag.replace('_', '-')} {interval[0]:g} {interval[1]:g}: LO must be below HI",
+            raise OmniditError(f"--{flag.replace('_', '-')} {interval[0]:g} {interval[1]:g}: the interval needs "
+                               "LO < HI",
                                hint="times run from 1 (noise) to 0 (data); e.g. 0.5 1.0")
 
 
