@@ -113,6 +113,11 @@ def test_a_given_image_of_another_size_is_refused(tmp_path, capsys, video_model)
                             tmp_path / "wide.png", "-o", tmp_path / "x.mp4", *GEN)
     assert_one_line_error(code, err, "is 24x16 but the clip is 16x16", "--size 24x16")
     assert not (tmp_path / "x.mp4").exists()
+    # an image twice the clip's size in both sides (what generate --scale 2 writes) is averaged back down
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "scaled.png")
+    code, _, err = run_main(capsys, "generate", "a red circle", "--model", video_model, "--image",
+                            tmp_path / "scaled.png", "-o", tmp_path / "y.mp4", *GEN)
+    assert code == 0 and "is 32x32, 2 times the model's 16x16: averaged down by 2" in err, err
     # inpaint with a video model changes a clip, and a still image is not one
     code, _, err = run_main(capsys, "inpaint", tmp_path / "wide.png", "box:0,0,0.5,1", "a red circle", "--model",
                             video_model, "-o", tmp_path / "x.mp4", "--no-progress")

@@ -197,3 +197,17 @@ def test_reading_is_bounded_by_frames_and_size(tmp_path, suffix):
         load_video(path, max_frames=4)
     with pytest.raises(OmniditError, match=r"is 22x18 but the output is 32x32 \(hint: pass --size 22x18\)"):
         load_video(path, size=(32, 32))
+
+
+def test_a_scaled_clip_is_averaged_back_to_the_models_size(tmp_path):
+    """What generate --scale k writes (each pixel a k x k block) reads back at the model's size, with a note; the
+    GIF keeps its colours exactly enough that the blocks' means are the original pixels."""
+    clip = torch.rand(3, 4, 8, 6) * 2 - 1
+    path = save_video(clip, tmp_path / "big.gif", fps=8.0, scale=3)  # 18x24, as generate --scale 3 writes it
+    with pytest.warns(UserWarning, match=r"is 18x24, 3 times the model's 6x8: averaged down by 3"):
+        frames, _, _ = load_video(path, size=(6, 8))
+    assert frames.shape == (3, 4, 8, 6)
+    small, _, _ = load_video(save_video(clip, tmp_path / "small.gif", fps=8.0))
+    torch.testing.assert_close(frames, small, atol=2 / 127.5, rtol=0)
+    with pytest.raises(OmniditError, match="is 18x24 but the output is 7x8"):  # not a whole multiple: refused
+        load_video(path, size=(7, 8))

@@ -354,13 +354,16 @@ def tile_clips(clips):
 
 def _read_image(path: str, width: int, height: int):
     """An image file as (3, H, W) in [-1, 1], which must have the clip's size."""
-    from omnidit.images import read_rgb_tensor
+    import torch
 
-    image = read_rgb_tensor(path)
-    if tuple(image.shape[1:]) != (height, width):
-        raise OmniditError(f"the image {path} is {image.shape[2]}x{image.shape[1]} but the clip is {width}x{height}",
-                           hint=f"pass --size {image.shape[2]}x{image.shape[1]}, or an image of {width}x{height}")
-    return image
+    from omnidit.images import read_image_file
+    from omnidit.video_io import undo_scale
+
+    pixels = undo_scale(read_image_file(path), (width, height), f"the image {path}")  # a --scale k image: undone
+    if pixels.shape[:2] != (height, width):
+        raise OmniditError(f"the image {path} is {pixels.shape[1]}x{pixels.shape[0]} but the clip is {width}x{height}",
+                           hint=f"pass --size {pixels.shape[1]}x{pixels.shape[0]}, or an image of {width}x{height}")
+    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def extend_clip(pipe, prompts: list[str], clip, new_frames: int, fps: float, seed: int | list[int] = 0,
