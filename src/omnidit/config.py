@@ -517,7 +517,9 @@ def read_json(path: str | Path, what: str = "config") -> dict:
     """Read a JSON file with one-line errors for a missing or malformed file."""
     path = Path(path)
     if not path.is_file():
-        raise OmniditError(f"{what} file not found: {path}")
+        raise OmniditError(f"{what} file not found: {path}",
+                           hint="paths are relative to the current folder; the example configs are in the "
+                                "repository's configs/ folder" if what == "config" else None)
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
