@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a grid of example prompts (a row per prompt) with the shipped "
                                    "shapes model, or --model, and print where it was written. With the shipped "
                                    "video model installed, also a grid of clips (OUTPUT_video.png: a row of "
-                                   "frames per prompt); a video --model draws that grid alone.")
+                                   "frames per prompt), and with the shipped audio-video model a clip with sound "
+                                   "(OUTPUT_av.mp4); a video --model draws the grid of clips alone.")
     p.add_argument("-o", "--output", default="omnidit_demo.png", help="output PNG path (default: omnidit_demo.png)")
     p.add_argument("--model", default=None, help="a shipped model's name, checkpoint or run folder (default: the "
                                                   "shipped shapes model, then shapes-video if installed)")
