@@ -450,6 +450,7 @@ def test_init_from_loads_the_ema_weights_and_starts_fresh(tmp_path, make_tiny_co
     assert main(["info", str(exported)]) == 0
     out = capsys.readouterr().out
     assert f"fine-tuned from {tmp_path / 'base'}, step 3" in out and "images seen   16" in out
+    assert f"initialised from the weights in {tmp_path / 'base' / 'checkpoint-0000003'} at its step 3" in out
 
 
 def test_init_from_a_different_model_is_a_clear_error(tmp_path, make_tiny_config, restore_global_rng):

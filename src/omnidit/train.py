@@ -546,7 +546,10 @@ class Trainer:
         elif resumed is None and tc.init_from:
             source = self.initialise_from(tc.init_from)
             if main:
-                tqdm.write(f"initialised from the weights in {source} (fine-tuning from step 0)")
+                step = (self.init_source or {}).get("step")
+                at = f" at its step {step}" if step is not None else ""
+                tqdm.write(f"initialised from the weights in {source}{at}; this run counts its own steps from 0 "
+                           "(fresh optimizer and schedule)")
         elif resumed is not None and main:
             tqdm.write(f"resumed from {resumed} at step {self.step}")
             started = (self.init_source or {}).get("folder")
