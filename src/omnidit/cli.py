@@ -292,8 +292,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         check_number("--n-per-prompt", args.n_per_prompt, low=1, high=MAX_PER_PROMPT, integer=True,
                      hint="every image is kept in memory for the Fréchet distance; run seeds apart and merge")
     check_number("--batch-size", args.batch_size, low=1, high=4096, integer=True)
+    folder = _is_image_folder(args.target)
     seed_given = args.seed != 0
-    args.seed = resolve_seed(args.seed) if not _is_image_folder(args.target) else args.seed
+    if not folder:  # a folder's images are made: no seed to draw (and a given one is refused below)
+        args.seed = resolve_seed(args.seed)
     check_sampling_numbers(args)
     for flag, path, example in (("--json", args.json, "eval.json"), ("--grid", args.grid, "eval.png")):
         if path is not None:  # before the minutes of work, not after
@@ -301,7 +303,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.grid is not None and not args.grid.lower().endswith(".png"):
         raise OmniditError(f"--grid must end in .png, got {args.grid}", hint="e.g. --grid eval.png")
     target = Path(model_or_shipped(args.target))
-    if _is_image_folder(args.target):
+    if folder:
         if args.lora:
             raise OmniditError("--lora applies to a model, not to a folder of images", hint="drop --lora")
         if args.suite in ("edit", "layout", "new_shape"):

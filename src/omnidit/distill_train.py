@@ -89,9 +89,9 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
             start_model = read_config(resolve_model_dir(start)).model
         except OmniditError:  # a recipe's stage not trained yet; the run itself names a folder that is missing
             start_model = None
-        for key in ("depth", "depth_single"):
-            if start_model is not None and f"model.{key}" not in keys:
-                d["model"][key] = getattr(start_model, key)
+        if start_model is not None:
+            d["model"].update({k: getattr(start_model, k) for k in ("depth", "depth_single")
+                               if f"model.{k}" not in keys})
     config = config_from_dict(d)
     # A student may be deeper than its teacher: it starts as the teacher's blocks with identity blocks after
     # them (checkpoint.deepen_state, train.init_grow), so it begins computing what the teacher's weights did.

@@ -546,7 +546,7 @@ class Trainer:
         elif resumed is None and tc.init_from:
             source = self.initialise_from(tc.init_from)
             if main:
-                step = (self.init_source or {}).get("step")
+                step = self.init_source.get("step")  # set by initialise_from
                 at = f" at its step {step}" if step is not None else ""
                 tqdm.write(f"initialised from the weights in {source}{at}; this run counts its own steps from 0 "
                            "(fresh optimizer and schedule)")

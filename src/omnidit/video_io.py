@@ -326,16 +326,17 @@ def _write_strip(rgb: np.ndarray, path: Path, fps: float, document: str) -> None
     save_png(strip, path, {**metadata, VIDEO_KEY: json.dumps(info)})
 
 
-def undo_scale(pixels: np.ndarray, size: tuple[int, int], name: str) -> np.ndarray:
+def undo_scale(pixels: np.ndarray, size: tuple[int, int], name: str, note: bool = True) -> np.ndarray:
     """``pixels`` (H, W, 3) uint8 of ``size`` (width, height), or k times it in both sides (what ``--scale k``
-    writes), averaged back down by k (a note says so); any other size is returned as it is, for the caller to
-    refuse."""
+    writes), averaged back down by k (with a note naming ``name`` unless ``note`` is false); any other size is
+    returned as it is, for the caller to refuse."""
     h, w = pixels.shape[:2]
     k = w // size[0] if size[0] else 0
     if k < 2 or (w, h) != (k * size[0], k * size[1]):
         return pixels
-    warnings.warn(f"{name} is {w}x{h}, {k} times the model's {size[0]}x{size[1]}: averaged down by {k} "
-                  f"(the inverse of --scale {k})", stacklevel=2)
+    if note:
+        warnings.warn(f"{name} is {w}x{h}, {k} times the model's {size[0]}x{size[1]}: averaged down by {k} "
+                      f"(the inverse of --scale {k})", stacklevel=2)
     blocks = pixels.reshape(size[1], k, size[0], k, 3).astype(np.float32)
     return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
 
@@ -352,13 +353,8 @@ class _FrameCheck:
         if self.max_frames is not None and self.count > self.max_frames:
             raise OmniditError(f"{self.path} has more than {self.max_frames} frames",
                                hint=f"use a clip of at most {self.max_frames} frames")
-        if self.size is not None and (frame.shape[1], frame.shape[0]) != tuple(self.size):
-            if self.count == 1:
-                frame = undo_scale(frame, self.size, f"the clip {self.path}")
-            else:  # the first frame said whether the clip is a scaled one (quietly: one note per clip)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    frame = undo_scale(frame, self.size, "")
+        if self.size is not None and (frame.shape[1], frame.shape[0]) != tuple(self.size):  # one note per clip
+            frame = undo_scale(frame, self.size, f"the clip {self.path}", note=self.count == 1)
         if self.size is not None and (frame.shape[1], frame.shape[0]) != tuple(self.size):
             w, h = self.size
             raise OmniditError(f"the clip {self.path} is {frame.shape[1]}x{frame.shape[0]} but the output is {w}x{h}",
