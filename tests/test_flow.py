@@ -56,6 +56,31 @@ def test_training_loss_is_zero_for_the_oracle_and_positive_otherwise():
     assert torch.isclose(per_sample.mean(), zero)
 
 
+def test_weighted_errors_are_each_samples_weighted_mean_and_given_tokens_weigh_nothing():
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, 6, generator=g)
+    t = torch.rand(3, generator=g) * 0.9 + 0.05
+
+    def zero(xt, tt, c):  # the errors are then (eps - x0)^2
+        return torch.zeros_like(xt)
+
+    errors = (eps - x0).pow(2)
+    weights = torch.rand(3, 4, 6, generator=g) + 0.5
+    expected = (errors * weights).sum((1, 2)) / weights.sum((1, 2))
+    torch.testing.assert_close(velocity_errors(zero, x0, Condition(), t, eps, weights), expected)
+    torch.testing.assert_close(velocity_errors(zero, x0, Condition(), t, eps, torch.full_like(x0, 2.0)),
+                               velocity_errors(zero, x0, Condition(), t, eps))  # uniform weights: the plain mean
+    # Per-token times: tokens at t = 0 are left out whatever their weight.
+    tt = t[:, None].repeat(1, 4)
+    tt[:, :2] = 0
+    expected = (errors * weights)[:, 2:].sum((1, 2)) / weights[:, 2:].sum((1, 2))
+    torch.testing.assert_close(velocity_errors(zero, x0, Condition(), tt, eps, weights), expected)
+    assert velocity_errors(zero, x0, Condition(), t, eps, weights).sub(
+        velocity_errors(zero, x0, Condition(), t, eps)).abs().max() > 1e-3  # the weights do change the errors
+    with pytest.raises(ValueError, match="one stream"):
+        velocity_errors(lambda x, tt_, c: x, {"img": x0}, Condition(), {"img": t}, {"img": eps}, weights)
+
+
 def test_counterfactual_loss_against_closed_forms():
     g = torch.Generator().manual_seed(0)
     x0, x0_cf, eps = (torch.randn(3, 4, 5, generator=g) for _ in range(3))

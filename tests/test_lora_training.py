@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from omnidit.config import config_from_dict
 from omnidit.errors import OmniditError
+from omnidit.train_batches import object_loss_weights
 
 
 def _lora_config(out_dir, base, steps=4, **train):
@@ -77,6 +78,71 @@ def test_lora_targets_that_match_nothing_are_an_error(tmp_path, tiny_run):
 
     with pytest.raises(OmniditError, match="matches no linear layer"):
         train(_lora_config(tmp_path / "run", tiny_run / "checkpoint-0000020", lora_targets="nothing"), progress=False)
+
+
+def test_object_loss_weights_weigh_the_objects_and_the_pixels_next_to_them():
+    from omnidit.data.shapes import BACKGROUND, ShapesDataset, render_scene
+
+    dataset = ShapesDataset(32, 32, seed=5, new_shapes=["cross"])
+    for index in range(6):
+        image = torch.from_numpy(render_scene(dataset.scene(index), 32, 32))  # (H, W, 3)
+        mask = dataset.object_mask(index)
+        assert torch.equal(mask, (image != torch.tensor(BACKGROUND, dtype=torch.uint8)).any(-1)) and mask.any()
+        weights = object_loss_weights(dataset, [index], 4.0)[0]  # (3, H, W)
+        assert weights.shape == (3, 32, 32) and torch.equal(weights[0], weights[2])
+        assert (weights[0][mask] == 4).all()
+        near = torch.zeros(34, 34, dtype=torch.bool)  # every pixel within one pixel of an object's, by hand
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                near[dy:dy + 32, dx:dx + 32] |= mask
+        near = near[1:33, 1:33]
+        assert (weights[0][near] == 4).all() and (weights[0][~near] == 1).all()
+        assert near.sum() > mask.sum()
+
+
+def test_object_masks_of_some_shapes_are_the_pixels_those_objects_keep():
+    from omnidit.data.shapes import COLOURS, Scene, ShapeObject, ShapesDataset, object_mask, render_scene
+
+    # A red cross, then a blue square drawn over its right arm: the cross's mask is what stays red.
+    scene = Scene((ShapeObject("cross", "red", "large", (0.1, 0.1, 0.7, 0.7)),
+                   ShapeObject("square", "blue", "small", (0.5, 0.3, 0.8, 0.6))), "", "pair")
+    image = torch.from_numpy(render_scene(scene, 32, 32))
+    for shapes, colour in ((["cross"], "red"), (["square"], "blue")):
+        painted = (image == torch.tensor(COLOURS[colour], dtype=torch.uint8)).all(-1)
+        assert torch.equal(torch.from_numpy(object_mask(scene, 32, 32, shapes)), painted) and painted.any()
+    assert torch.equal(torch.from_numpy(object_mask(scene, 32, 32, ["circle"])), torch.zeros(32, 32, dtype=bool))
+    dataset = ShapesDataset(32, 32, seed=5, new_shapes=["cross"], new_shape_weight=3.0)
+    index = next(i for i in range(100) if {o.shape for o in dataset.scene(i).objects} > {"cross"})  # a cross and more
+    crosses = object_loss_weights(dataset, [index], 4.0, ["cross"])[0, 0]
+    every = object_loss_weights(dataset, [index], 4.0)[0, 0]
+    assert (crosses == 4).sum() < (every == 4).sum() and ((crosses == 4) <= (every == 4)).all()
+
+
+def test_object_loss_weight_trains_another_adapter_and_resumes_exactly(tmp_path, tiny_run, lora_run):
+    base = tiny_run / "checkpoint-0000020"
+
+    def config(run, steps):
+        return _lora_config(run, base, steps, object_loss_weight=4.0)
+
+    from omnidit.train import train
+
+    train(config(tmp_path / "straight", 4), progress=False)
+    weighted = load_file(str(tmp_path / "straight" / "checkpoint-0000004" / "model.safetensors"))
+    plain = load_file(str(lora_run / "checkpoint-0000004" / "model.safetensors"))
+    assert max((weighted[k] - plain[k]).abs().max() for k in plain) > 1e-4  # the same draws, another loss
+    assert_resume_matches(config, tmp_path / "straight", tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"train": {"object_loss_weight": 0}}, "must be > 0"),
+    ({"train": {"object_loss_weight": 4}, "data": {"name": "digits"}}, "needs data.name=shapes in pixels"),
+    ({"train": {"object_loss_weight": 4}, "data": {"cache_dir": "cache"}}, "needs data.name=shapes in pixels"),
+    ({"train": {"object_loss_weight": 4, "object_loss_shapes": ["cross"]}}, "must name shapes that the data draws"),
+    ({"train": {"object_loss_shapes": ["circle"]}}, "with train.object_loss_weight set"),
+])
+def test_object_loss_weight_mistakes_are_clear_errors(tmp_path, sections, message):
+    with pytest.raises(OmniditError, match=message):
+        config_from_dict(tiny_config_dict(tmp_path, **sections))
 
 
 def test_a_lora_run_on_two_processes_follows_the_single_process_one(tmp_path):

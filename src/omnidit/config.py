@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from omnidit.data.shapes import (
+    SHAPES,
     check_counterfactual_facts,
     check_new_shape_weight,
     check_new_shapes,
@@ -188,6 +189,11 @@ class TrainConfig:
     # t ~ U[counterfactual_t_min, 1]. 0 = off.
     counterfactual_weight: float = 0.0
     counterfactual_t_min: float = 0.8
+    # Shapes images in pixels: the flow loss weighs the pixels that an object covers, and those next to them, this
+    # many times a background pixel (each sample's mean becomes a weighted mean), so that a small object's shape
+    # counts for more than its share of the pixels (kohya's masked loss, with the data's own masks). 1 = off.
+    object_loss_weight: float = 1.0
+    object_loss_shapes: list[str] = field(default_factory=list)  # the shapes whose objects it weighs; [] = every one
     # Clips only: the probability that a training clip has some frames given as clean context (t = 0 on their
     # tokens, no loss there): the first frame, the first k or the first and last (flow.draw_given_tubelets). It
     # teaches image-to-video, extension and interpolation to the same model. 0 = off.
@@ -254,6 +260,9 @@ class TrainConfig:
                                hint="set train.init_from (e.g. shapes) and drop train.lora_rank, init_grow and fsdp")
         if self.lora_targets and not self.lora_rank:
             raise OmniditError("train.lora_targets is set but train.lora_rank is 0", hint="e.g. train.lora_rank=8")
+        if not self.object_loss_weight > 0:
+            raise OmniditError(f"train.object_loss_weight must be > 0, got {self.object_loss_weight}",
+                               hint="1 weighs objects as the background; e.g. train.object_loss_weight=4")
         if not self.counterfactual_weight >= 0:
             raise OmniditError(f"train.counterfactual_weight must be >= 0, got {self.counterfactual_weight}",
                                hint="0 turns the counterfactual pairs off; e.g. train.counterfactual_weight=2")
@@ -363,6 +372,18 @@ class Config:
             raise OmniditError("train.region_objects picks objects' boxes among train.region_p's regions, on shapes "
                                "data", hint="set train.region_p (e.g. 0.5) on data.name=shapes, or drop "
                                             "train.region_objects")
+        dc = self.data
+        if self.train.object_loss_weight != 1 and (dc.name != "shapes" or dc.codec != "identity" or dc.cache_dir
+                                                   or dc.mix_name):
+            raise OmniditError("train.object_loss_weight weighs the pixels of shapes' objects: it needs data.name="
+                               "shapes in pixels (data.codec=identity, no data.cache_dir or data.mix_name)",
+                               hint="drop train.object_loss_weight, or train on shapes images in pixels")
+        drawn = (*SHAPES, *dc.new_shapes)
+        unknown = [n for n in self.train.object_loss_shapes if n not in drawn]
+        if unknown or (self.train.object_loss_shapes and self.train.object_loss_weight == 1):
+            raise OmniditError(f"train.object_loss_shapes {self.train.object_loss_shapes} must name shapes that the "
+                               f"data draws ({', '.join(drawn)}), with train.object_loss_weight set",
+                               hint='e.g. train.object_loss_weight=4 \'train.object_loss_shapes=["cross"]\'')
         for key in ("region_caption", "region_empty"):
             if getattr(self.train, key) and not self.train.region_objects:
                 raise OmniditError(f"train.{key} works on the regions that are an object's box, and "

@@ -110,10 +110,11 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
     if config.train.lora_rank:
         raise OmniditError("distillation trains every weight of the student", hint="drop train.lora_rank")
     if config.train.grad_accum != 1 or config.train.counterfactual_weight or config.train.given_p \
-            or config.train.region_p or config.train.layout_boxes:
-        raise OmniditError("distillation takes one batch per step, with no counterfactual pairs, given tokens or "
-                           "layout", hint="drop train.grad_accum, counterfactual_weight, given_p, region_p and "
-                                          "layout_boxes (a smaller train.batch_size saves memory)")
+            or config.train.region_p or config.train.layout_boxes or config.train.object_loss_weight != 1:
+        raise OmniditError("distillation takes one batch per step, with no counterfactual pairs, given tokens, "
+                           "layout or loss weights", hint="drop train.grad_accum, counterfactual_weight, given_p, "
+                                                          "region_p, layout_boxes and object_loss_weight (a smaller "
+                                                          "train.batch_size saves memory)")
     if len(config.model.generated_streams) != 1:
         raise OmniditError("distillation works on models of one generated stream (images or silent clips) for now",
                            hint="distil an image or video model")

@@ -176,28 +176,40 @@ def condition_keep_mask(n: int, p: float, generator: torch.Generator | None = No
 
 
 def velocity_errors(model: VelocityModel, x0: Tensor | Mapping[str, Tensor], cond: Condition,
-                    t: Tensor | Mapping[str, Tensor], noise: Tensor | Mapping[str, Tensor]) -> Tensor:
+                    t: Tensor | Mapping[str, Tensor], noise: Tensor | Mapping[str, Tensor],
+                    weights: Tensor | None = None) -> Tensor:
     """(B,): each sample's mean squared error between the predicted and the true velocity.
 
     x0: (B, ...) clean data (tokens or pixels); t: (B,) times, or (B, N) per token for tokens x0 (B, N, D);
     noise: like x0. A token at t = 0 is given as clean context: x_t is the data itself, its velocity
     cannot be known, and it is left out of the mean (the sample's mean runs over its other tokens).
+    weights: None, or (B, ...) like x0 (one stream): each element's weight, the mean becoming a weighted mean.
 
     Several generated streams: x0, t and noise are mappings {name: ...} (the model takes and returns mappings);
     a sample's error is the mean over its streams of each stream's mean, streams it is wholly given left out,
     so a stream of few tokens (sound) weighs as much as one of many (video).
     """
     if not isinstance(x0, Mapping):
-        return _stream_errors(model(interpolate(x0, noise, t), t, cond), x0, noise, t)[0]
+        return _stream_errors(model(interpolate(x0, noise, t), t, cond), x0, noise, t, weights)[0]
+    if weights is not None:
+        raise ValueError("loss weights apply to one stream, not to a mapping of streams")
     v = model({n: interpolate(x0[n], noise[n], t[n]) for n in x0}, dict(t), cond)
     errors, generated = zip(*(_stream_errors(v[n], x0[n], noise[n], t[n]) for n in x0))
     weights = torch.stack(generated).to(errors[0].dtype)  # (S, B): 1 where the sample generates the stream
     return (torch.stack(errors) * weights).sum(0) / weights.sum(0).clamp(min=1)
 
 
-def _stream_errors(v: Tensor, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """((B,) mean squared velocity error over the generated tokens, (B,) bool: the sample has any)."""
+def _stream_errors(v: Tensor, x0: Tensor, noise: Tensor, t: Tensor,
+                   weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """((B,) mean squared velocity error over the generated tokens, weighted by ``weights`` (like x0) when given,
+    (B,) bool: the sample has any)."""
     errors = (v.float() - velocity_target(x0, noise).float()).pow(2)
+    if weights is not None:
+        errors, w = errors.flatten(1), weights.float().expand(v.shape).flatten(1)
+        if t.dim() == 2:  # given tokens weigh nothing
+            w = (w.unflatten(1, (t.shape[1], -1)) * (t > 0)[..., None].float()).flatten(1)
+        generated = (t > 0).any(1) if t.dim() == 2 else t.reshape(-1).expand(len(errors)) > 0
+        return (errors * w).sum(1) / w.sum(1).clamp(min=1e-12), generated
     if t.dim() < 2:
         return errors.flatten(1).mean(1), t.reshape(-1).expand(errors.shape[0]) > 0
     generated = (t > 0).to(errors.dtype)  # (B, N)
@@ -205,14 +217,16 @@ def _stream_errors(v: Tensor, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Ten
     return (per_token * generated).sum(1) / generated.sum(1).clamp(min=1), generated.sum(1) > 0
 
 
-def training_loss(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, noise: Tensor) -> Tensor:
+def training_loss(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, noise: Tensor,
+                  weights: Tensor | None = None) -> Tensor:
     """Mean squared error between the predicted and the true velocity, over the batch.
 
     x0: (B, ...) clean data (tokens or pixels); t: (B,) times, or (B, N) per token (given tokens at t = 0
-    carry no loss, see ``velocity_errors``); noise: like x0. Randomness is drawn by the caller so that it can
-    be seeded and resumed exactly.
+    carry no loss, see ``velocity_errors``); noise: like x0; weights: None or like x0, each sample's mean then
+    weighted (``object_loss_weights``). Randomness is drawn by the caller so that it can be seeded and resumed
+    exactly.
     """
-    return velocity_errors(model, x0, cond, t, noise).mean()
+    return velocity_errors(model, x0, cond, t, noise, weights).mean()
 
 
 def counterfactual_loss(model: VelocityModel, x0: Tensor | Mapping[str, Tensor], x0_cf: Tensor | Mapping[str, Tensor],

@@ -52,7 +52,14 @@ from omnidit.tokens import (
     video_patchify,
     video_position_ids,
 )
-from omnidit.train_batches import batch_indices, counterfactual_pairs, image_draws, object_boxes, stream_draws
+from omnidit.train_batches import (
+    batch_indices,
+    counterfactual_pairs,
+    image_draws,
+    object_boxes,
+    object_loss_weights,
+    stream_draws,
+)
 from omnidit.train_checks import check_compatible
 from omnidit.validate import check_memory
 
@@ -252,6 +259,7 @@ class Trainer:
         keep = condition_keep_mask(batch, tc.cond_dropout, self.generator)
         mine = slice(world.rank * local, (world.rank + 1) * local)
         counterfactual = tc.counterfactual_weight > 0
+        weights = None  # train.object_loss_weight's, like x0
         if self.multi:
             layout = self.layouts[id(source)]
             ids = layout.ids
@@ -281,6 +289,9 @@ class Trainer:
                 t_cf = tc.counterfactual_t_min + (1 - tc.counterfactual_t_min) * torch.rand(batch, generator=g)
                 noise_cf = torch.randn(noise.shape, generator=g)
             x0, cond, labels = self.image_batch(idx[mine])
+            if tc.object_loss_weight != 1:
+                weights = self._patches(object_loss_weights(self.dataset, idx[mine], tc.object_loss_weight,
+                                                            tc.object_loss_shapes))
             pairs = counterfactual_pairs(self.dataset, idx[mine], x0, cond, labels, t_cf[mine], noise_cf[mine],
                                          self.tokens, self.condition, self.device) \
                 if counterfactual else None  # before the caption dropout: the pairs compare two real captions
@@ -308,7 +319,7 @@ class Trainer:
                                                      enabled=self.amp_dtype is not None):
                 if part is not None:
                     loss = training_loss(velocity, _rows(x0, part), cond.rows(part), _rows(t, part),
-                                         _rows(noise, part))
+                                         _rows(noise, part), None if weights is None else weights[part])
                     objective = loss / tc.grad_accum
                     total += loss.detach() / tc.grad_accum
                 else:

@@ -159,6 +159,15 @@ def counterfactual_pairs(dataset, indices: list[int], x0: Tensor | dict[str, Ten
                                1.0 if rows else 0.0)
 
 
+def object_loss_weights(dataset, indices: Sequence[int], weight: float, shapes: Sequence[str] = ()) -> Tensor:
+    """(b, C, H, W): ``weight`` on the pixels that an object of these shapes items covers (an object of ``shapes``;
+    () = any) and on those next to them (the mask grown by one pixel, so that a stray pixel drawn beside an edge is
+    weighed as the edge), 1 elsewhere."""
+    masks = torch.stack([dataset.object_mask(i, shapes or None) for i in indices])[:, None].float()  # (b, 1, H, W)
+    near = torch.nn.functional.max_pool2d(masks, 3, stride=1, padding=1)
+    return (1 + (weight - 1) * near).expand(-1, dataset.channels, -1, -1)
+
+
 def object_boxes(dataset, indices: Sequence[int], generator: torch.Generator, grid: tuple[int, int] | None = None,
                  empty_p: float = 0.0) -> tuple[Tensor, list[str], Tensor]:
     """One object of each shapes scene, drawn from ``generator`` (train.region_objects): its box (len(indices), 4)

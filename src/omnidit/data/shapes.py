@@ -452,21 +452,35 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def _object_pixels(obj: ShapeObject, width: int, height: int) -> tuple[slice, slice, np.ndarray]:
+    """(rows, columns, mask): the window of pixels whose centres can fall inside ``obj``'s box, and which of them
+    the shape covers."""
+    x0, y0, x1, y1 = obj.box[0] * width, obj.box[1] * height, obj.box[2] * width, obj.box[3] * height
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, min(x1 - x0, y1 - y0) / 2
+    i0, i1 = max(int(np.floor(cy - r)), 0), min(int(np.ceil(cy + r)) + 1, height)
+    j0, j1 = max(int(np.floor(cx - r)), 0), min(int(np.ceil(cx + r)) + 1, width)
+    dy = (np.arange(i0, i1) + 0.5 - cy)[:, None]
+    dx = (np.arange(j0, j1) + 0.5 - cx)[None, :]
+    return slice(i0, i1), slice(j0, j1), _shape_mask(obj.shape, dx, dy, r)
+
+
 def render_scene(scene: Scene, width: int, height: int) -> np.ndarray:
     """Render ``scene`` to a uint8 array (height, width, 3) on a white background."""
     img = np.empty((height, width, 3), dtype=np.uint8)
     img[:] = BACKGROUND
     for obj in scene.objects:
-        x0, y0, x1, y1 = obj.box[0] * width, obj.box[1] * height, obj.box[2] * width, obj.box[3] * height
-        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, min(x1 - x0, y1 - y0) / 2
-        # Only the pixels whose centres can fall inside the box.
-        i0, i1 = max(int(np.floor(cy - r)), 0), min(int(np.ceil(cy + r)) + 1, height)
-        j0, j1 = max(int(np.floor(cx - r)), 0), min(int(np.ceil(cx + r)) + 1, width)
-        dy = (np.arange(i0, i1) + 0.5 - cy)[:, None]
-        dx = (np.arange(j0, j1) + 0.5 - cx)[None, :]
-        mask = _shape_mask(obj.shape, dx, dy, r)
-        img[i0:i1, j0:j1][mask] = COLOURS[obj.colour]
+        rows, cols, mask = _object_pixels(obj, width, height)
+        img[rows, cols][mask] = COLOURS[obj.colour]
     return img
+
+
+def object_mask(scene: Scene, width: int, height: int, shapes: Collection[str] | None = None) -> np.ndarray:
+    """(height, width) bool: the pixels that ``render_scene`` paints with an object of ``shapes`` (None: any)."""
+    mask = np.zeros((height, width), dtype=bool)
+    for obj in scene.objects:  # in drawing order: a later object covers an earlier one
+        rows, cols, covered = _object_pixels(obj, width, height)
+        mask[rows, cols][covered] = shapes is None or obj.shape in shapes
+    return mask
 
 
 def to_tensor(img: np.ndarray) -> Tensor:
@@ -531,6 +545,11 @@ class ShapesDataset(Dataset):
         scene = self.scene(index)
         image = to_tensor(render_scene(scene, self.width, self.height))  # (3, H, W)
         return {"image": image, "caption": scene.caption, "label": -1}
+
+    def object_mask(self, index: int, shapes: Collection[str] | None = None) -> Tensor:
+        """(H, W) bool: the pixels of item ``index`` that an object of ``shapes`` (None: any) covers
+        (``train.object_loss_weight``)."""
+        return torch.from_numpy(object_mask(self.scene(index), self.width, self.height, shapes))
 
     def counterfactual(self, index: int) -> dict | None:
         """The item at ``index`` with one fact of its caption changed (``counterfactual_scene`` with the
