@@ -137,8 +137,8 @@ def test_object_loss_weight_trains_another_adapter_and_resumes_exactly(tmp_path,
     ({"train": {"object_loss_weight": 0}}, "must be > 0"),
     ({"train": {"object_loss_weight": 4}, "data": {"name": "digits"}}, "needs data.name=shapes in pixels"),
     ({"train": {"object_loss_weight": 4}, "data": {"cache_dir": "cache"}}, "needs data.name=shapes in pixels"),
-    ({"train": {"object_loss_weight": 4, "object_loss_shapes": ["cross"]}}, "must name shapes that the data draws"),
-    ({"train": {"object_loss_shapes": ["circle"]}}, "with train.object_loss_weight set"),
+    ({"train": {"object_loss_weight": 4, "object_loss_shapes": ["cross"]}}, "names 'cross', which the data never"),
+    ({"train": {"object_loss_shapes": ["circle"]}}, "object_loss_weight is 1"),
 ])
 def test_object_loss_weight_mistakes_are_clear_errors(tmp_path, sections, message):
     with pytest.raises(OmniditError, match=message):

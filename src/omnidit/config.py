@@ -191,7 +191,8 @@ class TrainConfig:
     counterfactual_t_min: float = 0.8
     # Shapes images in pixels: the flow loss weighs the pixels that an object covers, and those next to them, this
     # many times a background pixel (each sample's mean becomes a weighted mean), so that a small object's shape
-    # counts for more than its share of the pixels (kohya's masked loss, with the data's own masks). 1 = off.
+    # counts for more than its share of the pixels (kohya's masked loss, with the data's own masks); the counterfactual
+    # pairs' loss keeps its plain mean. 1 = off.
     object_loss_weight: float = 1.0
     object_loss_shapes: list[str] = field(default_factory=list)  # the shapes whose objects it weighs; [] = every one
     # Clips only: the probability that a training clip has some frames given as clean context (t = 0 on their
@@ -380,10 +381,12 @@ class Config:
                                hint="drop train.object_loss_weight, or train on shapes images in pixels")
         drawn = (*SHAPES, *dc.new_shapes)
         unknown = [n for n in self.train.object_loss_shapes if n not in drawn]
-        if unknown or (self.train.object_loss_shapes and self.train.object_loss_weight == 1):
-            raise OmniditError(f"train.object_loss_shapes {self.train.object_loss_shapes} must name shapes that the "
-                               f"data draws ({', '.join(drawn)}), with train.object_loss_weight set",
-                               hint='e.g. train.object_loss_weight=4 \'train.object_loss_shapes=["cross"]\'')
+        if unknown:
+            raise OmniditError(f"train.object_loss_shapes names {unknown[0]!r}, which the data never draws",
+                               hint=f"choose from {', '.join(drawn)} (a new shape needs data.new_shapes)")
+        if self.train.object_loss_shapes and self.train.object_loss_weight == 1:
+            raise OmniditError("train.object_loss_shapes is set but train.object_loss_weight is 1 (off)",
+                               hint="e.g. train.object_loss_weight=4")
         for key in ("region_caption", "region_empty"):
             if getattr(self.train, key) and not self.train.region_objects:
                 raise OmniditError(f"train.{key} works on the regions that are an object's box, and "
