@@ -204,17 +204,17 @@ def _stream_errors(v: Tensor, x0: Tensor, noise: Tensor, t: Tensor,
     """((B,) mean squared velocity error over the generated tokens, weighted by ``weights`` (like x0) when given,
     (B,) bool: the sample has any)."""
     errors = (v.float() - velocity_target(x0, noise).float()).pow(2)
+    has_any = (t > 0).any(1) if t.dim() == 2 else t.reshape(-1).expand(errors.shape[0]) > 0
     if weights is not None:
-        errors, w = errors.flatten(1), weights.float().expand(v.shape).flatten(1)
+        w = weights.float().expand(errors.shape)
         if t.dim() == 2:  # given tokens weigh nothing
-            w = (w.unflatten(1, (t.shape[1], -1)) * (t > 0)[..., None].float()).flatten(1)
-        generated = (t > 0).any(1) if t.dim() == 2 else t.reshape(-1).expand(len(errors)) > 0
-        return (errors * w).sum(1) / w.sum(1).clamp(min=1e-12), generated
+            w = w * (t > 0)[..., None]
+        return (errors * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp(min=1e-12), has_any
     if t.dim() < 2:
-        return errors.flatten(1).mean(1), t.reshape(-1).expand(errors.shape[0]) > 0
+        return errors.flatten(1).mean(1), has_any
     generated = (t > 0).to(errors.dtype)  # (B, N)
     per_token = errors.flatten(2).mean(2)  # (B, N)
-    return (per_token * generated).sum(1) / generated.sum(1).clamp(min=1), generated.sum(1) > 0
+    return (per_token * generated).sum(1) / generated.sum(1).clamp(min=1), has_any
 
 
 def training_loss(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, noise: Tensor,
