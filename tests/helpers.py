@@ -11,6 +11,7 @@ from torch import nn
 
 from omnidit.condition import Condition
 from omnidit.model.mmdit import MMDiT, MMDiTConfig
+from omnidit.tokens import image_position_ids
 
 
 def tiny_config(**overrides) -> MMDiTConfig:
@@ -243,3 +244,18 @@ def video_clip_file(path: Path, prompt: str = "a red circle moving right", steps
 
     video = load_pipeline("shapes-video", device="cpu")
     return save_video(video.generate_video([prompt], seed=1, steps=steps)[0], path, fps)
+
+
+def fixed_inputs(config, batch: int = 2, seed: int = 0):
+    """A fixed (x, ids, t, cond) for the tiny 16x16 text model."""
+    g = torch.Generator().manual_seed(seed)
+    mc = config.model
+    grid = config.data.height // mc.patch_size, config.data.width // mc.patch_size
+    x = torch.randn(batch, grid[0] * grid[1], mc.token_dim, generator=g)
+    ids = image_position_ids(*grid, len(mc.axes_dim))
+    t = torch.rand(batch, generator=g)
+    mask = torch.ones(batch, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    cond = Condition(txt=torch.randn(batch, 5, mc.context_dim, generator=g), txt_mask=mask,
+                     pooled=torch.randn(batch, mc.pooled_dim, generator=g))
+    return x, ids, t, cond

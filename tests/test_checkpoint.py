@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, tiny_config_dict
+from helpers import fixed_inputs
 from safetensors.torch import load_file, save_file
 
 import omnidit.checkpoint as ckpt
@@ -26,25 +27,8 @@ from omnidit.checkpoint import (
     resolve_model_dir,
     save_checkpoint,
 )
-from omnidit.condition import Condition
 from omnidit.config import config_from_dict
 from omnidit.errors import OmniditError
-from omnidit.tokens import image_position_ids
-
-
-def fixed_inputs(config, batch: int = 2, seed: int = 0):
-    """A fixed (x, ids, t, cond) for the tiny 16x16 text model."""
-    g = torch.Generator().manual_seed(seed)
-    mc = config.model
-    grid = config.data.height // mc.patch_size, config.data.width // mc.patch_size
-    x = torch.randn(batch, grid[0] * grid[1], mc.token_dim, generator=g)
-    ids = image_position_ids(*grid, len(mc.axes_dim))
-    t = torch.rand(batch, generator=g)
-    mask = torch.ones(batch, 5, dtype=torch.bool)
-    mask[0, 3:] = False
-    cond = Condition(txt=torch.randn(batch, 5, mc.context_dim, generator=g), txt_mask=mask,
-                     pooled=torch.randn(batch, mc.pooled_dim, generator=g))
-    return x, ids, t, cond
 
 
 def assert_same_state(a: dict, b: dict) -> None:

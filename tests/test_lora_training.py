@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_config_dict
-from helpers import assert_resume_matches
+from helpers import assert_resume_matches, fixed_inputs, randomize
 from safetensors.torch import load_file
 
 from omnidit.config import config_from_dict
 from omnidit.errors import OmniditError
-from omnidit.train_batches import object_loss_weights
+from omnidit.train_batches import object_loss_weights, shows_shapes
 
 
 def _lora_config(out_dir, base, steps=4, **train):
@@ -133,14 +133,97 @@ def test_object_loss_weight_trains_another_adapter_and_resumes_exactly(tmp_path,
     assert_resume_matches(config, tmp_path / "straight", tmp_path / "resumed")
 
 
+def test_adapters_off_runs_the_base_and_restores_each_adapter_weight():
+    from omnidit.lora import adapters_off, add_lora, lora_layers
+    from omnidit.model import MMDiT
+
+    torch.manual_seed(0)
+    config = config_from_dict(tiny_config_dict("unused"))
+    model = randomize(MMDiT(config.model)).eval()  # not the zero init, whose output is zero
+    base = MMDiT(config.model).eval()
+    base.load_state_dict(model.state_dict())
+    add_lora(model, 2)
+    for layer in lora_layers(model).values():  # B away from zero, so that the adapter changes the output
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)
+    frozen = next(iter(lora_layers(model).values())).lora_A["default"].weight
+    frozen.requires_grad_(False)  # a weight frozen before stays frozen
+    inputs = fixed_inputs(config)
+    with torch.no_grad():
+        adapted = model(*inputs)
+        with adapters_off(model):
+            off = model(*inputs)
+        again = model(*inputs)
+    torch.testing.assert_close(off, base(*inputs), atol=1e-6, rtol=0)
+    assert (adapted - off).abs().max() > 1e-2
+    torch.testing.assert_close(again, adapted, atol=0, rtol=0)
+    flags = [p.requires_grad for layer in lora_layers(model).values() for n, p in layer.named_parameters()
+             if "lora_" in n]
+    assert not frozen.requires_grad and sum(flags) == len(flags) - 1
+
+
+def test_shows_shapes_finds_the_scenes_whose_caption_names_the_shape():
+    from omnidit.data.shapes import ShapesDataset
+
+    dataset = ShapesDataset(32, 32, seed=5, new_shapes=["cross"], new_shape_weight=3.0)
+    shows = shows_shapes(dataset, range(60), ["cross"]).tolist()
+    assert shows == ["cross" in dataset.scene(i).caption for i in range(60)]
+    assert 10 < sum(shows) < 50
+
+
+def _first_step(tmp_path, base, known: bool, monkeypatch, **train):
+    """The loss and gradient norm of a LoRA run's first step with train.prior_preservation, every scene taken as
+    showing no new shape (known) or as showing one."""
+    from omnidit import train as train_module
+
+    monkeypatch.setattr(train_module, "shows_shapes", lambda dataset, idx, shapes: torch.full((len(idx),), not known))
+    config = config_from_dict(tiny_config_dict(tmp_path, data={"new_shapes": ["cross"]}, train={
+        "steps": 1, "lr": 1e-2, "init_from": str(base), "lora_rank": 2, "warmup_steps": 0, **train}))
+    return train_module.Trainer(config, progress=False).train_step()
+
+
+def test_prior_preservation_regresses_known_scenes_on_the_base(tmp_path, tiny_run, monkeypatch):
+    base = tiny_run / "checkpoint-0000020"
+    # The adapter starts as the identity (B = 0): a scene without a new shape has nothing to learn (up to the
+    # rounding of a forward over fewer rows).
+    loss, norm = _first_step(tmp_path / "a", base, True, monkeypatch, prior_preservation=True)
+    assert loss < 1e-12 and norm < 1e-5
+    # A scene that shows one keeps the data's target: the same step as without the option.
+    with_new = _first_step(tmp_path / "b", base, False, monkeypatch, prior_preservation=True)
+    plain = _first_step(tmp_path / "c", base, False, monkeypatch)
+    assert with_new == plain and with_new[0] > 0.05
+
+
+def test_prior_preservation_trains_another_adapter_and_resumes_exactly(tmp_path, tiny_run):
+    base = tiny_run / "checkpoint-0000020"
+
+    def config(run, steps, **train):
+        return config_from_dict(tiny_config_dict(run, data={"new_shapes": ["cross"]}, train={
+            "steps": steps, "checkpoint_every": 2, "lr": 1e-2, "init_from": str(base), "lora_rank": 2,
+            "warmup_steps": 0, **train}))
+
+    from omnidit.train import train
+
+    train(config(tmp_path / "plain", 4), progress=False)
+    train(config(tmp_path / "straight", 4, prior_preservation=True), progress=False)
+    kept = load_file(str(tmp_path / "straight" / "checkpoint-0000004" / "model.safetensors"))
+    plain = load_file(str(tmp_path / "plain" / "checkpoint-0000004" / "model.safetensors"))
+    assert max((kept[k] - plain[k]).abs().max() for k in plain) > 1e-4  # the same draws, other targets
+    assert_resume_matches(lambda run, steps: config(run, steps, prior_preservation=True), tmp_path / "straight",
+                          tmp_path / "resumed")
+
+
 @pytest.mark.parametrize("sections, message", [
+    ({"train": {"prior_preservation": True}}, "needs train.lora_rank"),
+    ({"train": {"prior_preservation": True, "lora_rank": 2, "init_from": "shapes"}}, "data.new_shapes"),
+    ({"train": {"prior_preservation": True, "lora_rank": 2, "init_from": "shapes"},
+      "data": {"new_shapes": ["cross"], "mix_name": "digits", "mix_every": 4}}, "no data.mix_name"),
     ({"train": {"object_loss_weight": 0}}, "must be > 0"),
     ({"train": {"object_loss_weight": 4}, "data": {"name": "digits"}}, "needs data.name=shapes in pixels"),
     ({"train": {"object_loss_weight": 4}, "data": {"cache_dir": "cache"}}, "needs data.name=shapes in pixels"),
     ({"train": {"object_loss_weight": 4, "object_loss_shapes": ["cross"]}}, "names 'cross', which the data never"),
     ({"train": {"object_loss_shapes": ["circle"]}}, "object_loss_weight is 1"),
 ])
-def test_object_loss_weight_mistakes_are_clear_errors(tmp_path, sections, message):
+def test_object_loss_and_prior_preservation_mistakes_are_clear_errors(tmp_path, sections, message):
     with pytest.raises(OmniditError, match=message):
         config_from_dict(tiny_config_dict(tmp_path, **sections))
 

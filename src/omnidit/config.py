@@ -195,6 +195,11 @@ class TrainConfig:
     # pairs' loss keeps its plain mean. 1 = off.
     object_loss_weight: float = 1.0
     object_loss_shapes: list[str] = field(default_factory=list)  # the shapes whose objects it weighs; [] = every one
+    # LoRA on shapes data with data.new_shapes: the scenes that show no new shape regress on the base model's velocity
+    # (the adapters off, one more forward pass without gradients over those rows) instead of the data's, so that
+    # what the base already drew stays as it was while the new shape is learnt (DreamBooth's prior preservation,
+    # with the base's own prediction in place of images it drew). False = off.
+    prior_preservation: bool = False
     # Clips only: the probability that a training clip has some frames given as clean context (t = 0 on their
     # tokens, no loss there): the first frame, the first k or the first and last (flow.draw_given_tubelets). It
     # teaches image-to-video, extension and interpolation to the same model. 0 = off.
@@ -379,6 +384,12 @@ class Config:
             raise OmniditError("train.object_loss_weight weighs the pixels of shapes' objects: it needs data.name="
                                "shapes in pixels (data.codec=identity, no data.cache_dir or data.mix_name)",
                                hint="drop train.object_loss_weight, or train on shapes images in pixels")
+        if self.train.prior_preservation and (not self.train.lora_rank or dc.name != "shapes" or not dc.new_shapes
+                                              or dc.mix_name):
+            raise OmniditError("train.prior_preservation keeps a LoRA's base on the shapes scenes without a new shape: "
+                               "it needs train.lora_rank, data.name=shapes with data.new_shapes, no data.mix_name",
+                               hint='e.g. train.lora_rank=16 data.new_shapes=["cross"], or drop '
+                                    'train.prior_preservation')
         drawn = (*SHAPES, *dc.new_shapes)
         unknown = [n for n in self.train.object_loss_shapes if n not in drawn]
         if unknown:

@@ -177,33 +177,35 @@ def condition_keep_mask(n: int, p: float, generator: torch.Generator | None = No
 
 def velocity_errors(model: VelocityModel, x0: Tensor | Mapping[str, Tensor], cond: Condition,
                     t: Tensor | Mapping[str, Tensor], noise: Tensor | Mapping[str, Tensor],
-                    weights: Tensor | None = None) -> Tensor:
+                    weights: Tensor | None = None, target: Tensor | None = None) -> Tensor:
     """(B,): each sample's mean squared error between the predicted and the true velocity.
 
     x0: (B, ...) clean data (tokens or pixels); t: (B,) times, or (B, N) per token for tokens x0 (B, N, D);
     noise: like x0. A token at t = 0 is given as clean context: x_t is the data itself, its velocity
     cannot be known, and it is left out of the mean (the sample's mean runs over its other tokens).
     weights: None, or (B, ...) like x0 (one stream): each element's weight, the mean becoming a weighted mean.
+    target: None, or (B, ...) like x0 (one stream): the velocity to regress on in place of eps - x0 (a frozen
+    model's, train.prior_preservation).
 
     Several generated streams: x0, t and noise are mappings {name: ...} (the model takes and returns mappings);
     a sample's error is the mean over its streams of each stream's mean, streams it is wholly given left out,
     so a stream of few tokens (sound) weighs as much as one of many (video).
     """
     if not isinstance(x0, Mapping):
-        return _stream_errors(model(interpolate(x0, noise, t), t, cond), x0, noise, t, weights)[0]
-    if weights is not None:
-        raise ValueError("loss weights apply to one stream, not to a mapping of streams")
+        v = model(interpolate(x0, noise, t), t, cond)
+        return _stream_errors(v, velocity_target(x0, noise) if target is None else target, t, weights)[0]
+    if weights is not None or target is not None:
+        raise ValueError("loss weights and targets apply to one stream, not to a mapping of streams")
     v = model({n: interpolate(x0[n], noise[n], t[n]) for n in x0}, dict(t), cond)
-    errors, generated = zip(*(_stream_errors(v[n], x0[n], noise[n], t[n]) for n in x0))
+    errors, generated = zip(*(_stream_errors(v[n], velocity_target(x0[n], noise[n]), t[n]) for n in x0))
     weights = torch.stack(generated).to(errors[0].dtype)  # (S, B): 1 where the sample generates the stream
     return (torch.stack(errors) * weights).sum(0) / weights.sum(0).clamp(min=1)
 
 
-def _stream_errors(v: Tensor, x0: Tensor, noise: Tensor, t: Tensor,
-                   weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """((B,) mean squared velocity error over the generated tokens, weighted by ``weights`` (like x0) when given,
-    (B,) bool: the sample has any)."""
-    errors = (v.float() - velocity_target(x0, noise).float()).pow(2)
+def _stream_errors(v: Tensor, target: Tensor, t: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """((B,) mean squared error of the velocity v against ``target`` (both like x0) over the generated tokens,
+    weighted by ``weights`` (like x0) when given, (B,) bool: the sample has any)."""
+    errors = (v.float() - target.float()).pow(2)
     has_any = (t > 0).any(1) if t.dim() == 2 else t.reshape(-1).expand(errors.shape[0]) > 0
     if weights is not None:
         w = weights.float().expand(errors.shape)
@@ -218,15 +220,15 @@ def _stream_errors(v: Tensor, x0: Tensor, noise: Tensor, t: Tensor,
 
 
 def training_loss(model: VelocityModel, x0: Tensor, cond: Condition, t: Tensor, noise: Tensor,
-                  weights: Tensor | None = None) -> Tensor:
+                  weights: Tensor | None = None, target: Tensor | None = None) -> Tensor:
     """Mean squared error between the predicted and the true velocity, over the batch.
 
     x0: (B, ...) clean data (tokens or pixels); t: (B,) times, or (B, N) per token (given tokens at t = 0
     carry no loss, see ``velocity_errors``); noise: like x0; weights: None or like x0, each sample's mean then
-    weighted (``object_loss_weights``). Randomness is drawn by the caller so that it can be seeded and resumed
-    exactly.
+    weighted (``object_loss_weights``); target: None (eps - x0) or like x0, the velocity to regress on. Randomness
+    is drawn by the caller so that it can be seeded and resumed exactly.
     """
-    return velocity_errors(model, x0, cond, t, noise, weights).mean()
+    return velocity_errors(model, x0, cond, t, noise, weights, target).mean()
 
 
 def counterfactual_loss(model: VelocityModel, x0: Tensor | Mapping[str, Tensor], x0_cf: Tensor | Mapping[str, Tensor],

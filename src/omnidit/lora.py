@@ -19,6 +19,7 @@ matched and names the first that did not: never a silent no-op.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
@@ -110,6 +111,23 @@ def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
         for n in names:
             layer.set_scale(n, weights[n])  # scaling = weight * alpha / r
     model.lora_weights = dict(weights)
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Within the block ``model`` runs as its base: every LoRA adapter off (``train.prior_preservation``'s frozen
+    model, at no extra memory), then on again, each adapter weight's requires_grad as it was."""
+    layers = list(lora_layers(model).values())
+    flags = [(p, p.requires_grad) for layer in layers for n, p in layer.named_parameters() if ".lora_" in f".{n}"]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)  # peft turns requires_grad on for the active adapters: restored below
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def lora_state_dict(model: nn.Module, name: str = "default", layout: str = "peft") -> dict[str, Tensor]:

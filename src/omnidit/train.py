@@ -38,7 +38,8 @@ from omnidit.condition import Condition
 from omnidit.config import Config
 from omnidit.data import batch_from_indices, batch_streams, build_dataset, streams
 from omnidit.errors import OmniditError
-from omnidit.flow import condition_keep_mask, counterfactual_loss, training_loss
+from omnidit.flow import condition_keep_mask, counterfactual_loss, interpolate, training_loss, velocity_target
+from omnidit.lora import adapters_off
 from omnidit.model.mmdit import MMDiT
 from omnidit.optim import ema_decay_at, learning_rate, make_optimizer, parameter_groups, update_ema  # noqa: F401
 from omnidit.pipeline import Pipeline, resolve_device
@@ -58,6 +59,7 @@ from omnidit.train_batches import (
     image_draws,
     object_boxes,
     object_loss_weights,
+    shows_shapes,
     stream_draws,
 )
 from omnidit.train_checks import check_compatible
@@ -260,6 +262,7 @@ class Trainer:
         mine = slice(world.rank * local, (world.rank + 1) * local)
         counterfactual = tc.counterfactual_weight > 0
         weights = None  # train.object_loss_weight's, like x0
+        known = None  # train.prior_preservation's rows (b,) that show no new shape
         if self.multi:
             layout = self.layouts[id(source)]
             ids = layout.ids
@@ -292,6 +295,8 @@ class Trainer:
             if tc.object_loss_weight != 1:
                 weights = self._patches(object_loss_weights(self.dataset, idx[mine], tc.object_loss_weight,
                                                             tc.object_loss_shapes))
+            known = ~shows_shapes(self.dataset, idx[mine], self.config.data.new_shapes) \
+                if tc.prior_preservation else None
             pairs = counterfactual_pairs(self.dataset, idx[mine], x0, cond, labels, t_cf[mine], noise_cf[mine],
                                          self.tokens, self.condition, self.device) \
                 if counterfactual else None  # before the caption dropout: the pairs compare two real captions
@@ -301,6 +306,8 @@ class Trainer:
         cond = cond.where(keep[mine].to(self.device), self.null_cond)
 
         self.model.train()
+        # train.prior_preservation: the base's velocity is the target of the scenes without a new shape.
+        target = self.preserved_targets(x0, noise, t, cond, ids, known) if known is not None else None
 
         def velocity(x: Tensor, tt: Tensor, c: Condition) -> Tensor:
             return self.model(x, ids, tt, c)
@@ -319,7 +326,8 @@ class Trainer:
                                                      enabled=self.amp_dtype is not None):
                 if part is not None:
                     loss = training_loss(velocity, _rows(x0, part), cond.rows(part), _rows(t, part),
-                                         _rows(noise, part), None if weights is None else weights[part])
+                                         _rows(noise, part), None if weights is None else weights[part],
+                                         None if target is None else target[part])
                     objective = loss / tc.grad_accum
                     total += loss.detach() / tc.grad_accum
                 else:
@@ -348,6 +356,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss_value, norm_value
+
+    def preserved_targets(self, x0: Tensor, noise: Tensor, t: Tensor, cond: Condition, ids: Tensor,
+                          known: Tensor) -> Tensor:
+        """(b, N, D) velocity targets: eps - x0, except on the ``known`` (b,) rows, whose target is the velocity of
+        the base model (the LoRA adapters off) at the same x_t, t and condition (train.prior_preservation)."""
+        target = velocity_target(x0, noise)
+        rows = known.nonzero().flatten().to(self.device)
+        if len(rows):
+            with torch.no_grad(), adapters_off(D.unwrap(self.model)) as base, \
+                    torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+                v = base(interpolate(x0[rows], noise[rows], t[rows]), ids, t[rows], cond.rows(rows))
+            target[rows] = v.to(target.dtype)
+        return target
 
     def image_batch(self, indices: list[int]) -> tuple[Tensor, Condition, Tensor]:
         """The tokens (b, N, c*pt*p*p), condition and labels of these items of the image or clip data set (or of

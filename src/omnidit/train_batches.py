@@ -168,6 +168,12 @@ def object_loss_weights(dataset, indices: Sequence[int], weight: float, shapes: 
     return (1 + (weight - 1) * near).expand(-1, dataset.channels, -1, -1)
 
 
+def shows_shapes(dataset, indices: Sequence[int], shapes: Sequence[str]) -> Tensor:
+    """(len(indices),) bool: the items of a shapes data set whose scene has an object of one of ``shapes``."""
+    return torch.tensor([any(o.shape in shapes for o in dataset.scene(int(i)).objects) for i in indices],
+                        dtype=torch.bool)
+
+
 def object_boxes(dataset, indices: Sequence[int], generator: torch.Generator, grid: tuple[int, int] | None = None,
                  empty_p: float = 0.0) -> tuple[Tensor, list[str], Tensor]:
     """One object of each shapes scene, drawn from ``generator`` (train.region_objects): its box (len(indices), 4)
