@@ -81,6 +81,26 @@ def test_weighted_errors_are_each_samples_weighted_mean_and_given_tokens_weigh_n
         velocity_errors(lambda x, tt_, c: x, {"img": x0}, Condition(), {"img": t}, {"img": eps}, weights)
 
 
+def test_an_explicit_target_replaces_the_flow_target_and_keeps_weights_and_given_tokens():
+    g = torch.Generator().manual_seed(4)
+    x0, eps, target = (torch.randn(3, 4, 6, generator=g) for _ in range(3))
+    t = torch.rand(3, generator=g) * 0.9 + 0.05
+
+    def zero(xt, tt, c):  # the errors are then target^2
+        return torch.zeros_like(xt)
+
+    torch.testing.assert_close(velocity_errors(zero, x0, Condition(), t, eps, target=target),
+                               target.pow(2).mean((1, 2)))
+    assert velocity_errors(lambda xt, tt, c: target, x0, Condition(), t, eps, target=target).abs().max() == 0
+    weights = torch.rand(3, 4, 6, generator=g) + 0.5
+    tt = t[:, None].repeat(1, 4)
+    tt[:, :2] = 0  # given tokens still weigh nothing
+    expected = (target.pow(2) * weights)[:, 2:].sum((1, 2)) / weights[:, 2:].sum((1, 2))
+    torch.testing.assert_close(velocity_errors(zero, x0, Condition(), tt, eps, weights, target), expected)
+    with pytest.raises(ValueError, match="one stream"):
+        velocity_errors(zero, {"img": x0}, Condition(), {"img": t}, {"img": eps}, target=target)
+
+
 def test_counterfactual_loss_against_closed_forms():
     g = torch.Generator().manual_seed(0)
     x0, x0_cf, eps = (torch.randn(3, 4, 5, generator=g) for _ in range(3))

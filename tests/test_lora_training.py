@@ -15,10 +15,10 @@ from omnidit.errors import OmniditError
 from omnidit.train_batches import object_loss_weights, shows_shapes
 
 
-def _lora_config(out_dir, base, steps=4, **train):
-    return config_from_dict(tiny_config_dict(out_dir, train={"steps": steps, "checkpoint_every": 2, "lr": 1e-2,
-                                                             "init_from": str(base), "lora_rank": 2,
-                                                             "warmup_steps": 0, **train}))
+def _lora_config(out_dir, base, steps=4, data=None, **train):
+    return config_from_dict(tiny_config_dict(out_dir, data=data or {}, train={
+        "steps": steps, "checkpoint_every": 2, "lr": 1e-2, "init_from": str(base), "lora_rank": 2, "warmup_steps": 0,
+        **train}))
 
 
 @pytest.fixture(scope="module")
@@ -170,50 +170,70 @@ def test_shows_shapes_finds_the_scenes_whose_caption_names_the_shape():
     assert 10 < sum(shows) < 50
 
 
-def _first_step(tmp_path, base, known: bool, monkeypatch, **train):
-    """The loss and gradient norm of a LoRA run's first step with train.prior_preservation, every scene taken as
-    showing no new shape (known) or as showing one."""
+CROSS = {"new_shapes": ["cross"]}
+
+
+def _preserving_trainer(tmp_path, base, monkeypatch, known: bool | None = None, **train):
+    """A Trainer of a LoRA run on data with crosses; ``known``: every scene taken as showing no new shape (True)
+    or as showing one (False), None: as the data says."""
     from omnidit import train as train_module
 
-    monkeypatch.setattr(train_module, "shows_shapes", lambda dataset, idx, shapes: torch.full((len(idx),), not known))
-    config = config_from_dict(tiny_config_dict(tmp_path, data={"new_shapes": ["cross"]}, train={
-        "steps": 1, "lr": 1e-2, "init_from": str(base), "lora_rank": 2, "warmup_steps": 0, **train}))
-    return train_module.Trainer(config, progress=False).train_step()
+    if known is not None:
+        monkeypatch.setattr(train_module, "shows_shapes", lambda dataset, idx, shapes: torch.full((len(idx),),
+                                                                                                   not known))
+    return train_module.Trainer(_lora_config(tmp_path, base, 4, CROSS, **train), progress=False)
 
 
 def test_prior_preservation_regresses_known_scenes_on_the_base(tmp_path, tiny_run, monkeypatch):
     base = tiny_run / "checkpoint-0000020"
     # The adapter starts as the identity (B = 0): a scene without a new shape has nothing to learn (up to the
-    # rounding of a forward over fewer rows).
-    loss, norm = _first_step(tmp_path / "a", base, True, monkeypatch, prior_preservation=True)
+    # rounding of the separate forward passes), in each of the two micro-batches.
+    loss, norm = _preserving_trainer(tmp_path / "a", base, monkeypatch, True, prior_preservation=True,
+                                     grad_accum=2).train_step()
     assert loss < 1e-12 and norm < 1e-5
     # A scene that shows one keeps the data's target: the same step as without the option.
-    with_new = _first_step(tmp_path / "b", base, False, monkeypatch, prior_preservation=True)
-    plain = _first_step(tmp_path / "c", base, False, monkeypatch)
+    with_new = _preserving_trainer(tmp_path / "b", base, monkeypatch, False, prior_preservation=True).train_step()
+    plain = _preserving_trainer(tmp_path / "c", base, monkeypatch, False).train_step()
     assert with_new == plain and with_new[0] > 0.05
+
+
+def test_prior_preservation_targets_are_the_base_model_once_the_adapter_has_moved(tmp_path, tiny_run):
+    from omnidit.flow import interpolate
+    from omnidit.pipeline import load_pipeline
+
+    base = tiny_run / "checkpoint-0000020"
+    trainer = _preserving_trainer(tmp_path, base, None, prior_preservation=True)
+    for _ in range(2):
+        trainer.train_step()
+    x0, ids, t, cond = fixed_inputs(trainer.config)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    known = torch.tensor([True, False])
+    target = trainer.preserved_targets(x0, noise, t, cond, ids, known)
+    x_t = interpolate(x0, noise, t)
+    with torch.no_grad():
+        frozen = load_pipeline(base, device="cpu").model(x_t, ids, t, cond)
+        adapted = trainer.model(x_t, ids, t, cond)
+    torch.testing.assert_close(target[0], frozen[0], atol=1e-5, rtol=0)
+    assert (adapted[0] - frozen[0]).abs().max() > 1e-3  # the adapter has moved: the target is not its output
+    assert torch.equal(target[1], noise[1] - x0[1])
+    assert all(p.requires_grad for n, p in trainer.model.named_parameters() if ".lora_" in n)
 
 
 def test_prior_preservation_trains_another_adapter_and_resumes_exactly(tmp_path, tiny_run):
     base = tiny_run / "checkpoint-0000020"
-
-    def config(run, steps, **train):
-        return config_from_dict(tiny_config_dict(run, data={"new_shapes": ["cross"]}, train={
-            "steps": steps, "checkpoint_every": 2, "lr": 1e-2, "init_from": str(base), "lora_rank": 2,
-            "warmup_steps": 0, **train}))
-
     from omnidit.train import train
 
-    train(config(tmp_path / "plain", 4), progress=False)
-    train(config(tmp_path / "straight", 4, prior_preservation=True), progress=False)
+    train(_lora_config(tmp_path / "plain", base, 4, CROSS), progress=False)
+    train(_lora_config(tmp_path / "straight", base, 4, CROSS, prior_preservation=True), progress=False)
     kept = load_file(str(tmp_path / "straight" / "checkpoint-0000004" / "model.safetensors"))
     plain = load_file(str(tmp_path / "plain" / "checkpoint-0000004" / "model.safetensors"))
     assert max((kept[k] - plain[k]).abs().max() for k in plain) > 1e-4  # the same draws, other targets
-    assert_resume_matches(lambda run, steps: config(run, steps, prior_preservation=True), tmp_path / "straight",
-                          tmp_path / "resumed")
+    assert_resume_matches(lambda run, steps: _lora_config(run, base, steps, CROSS, prior_preservation=True),
+                          tmp_path / "straight", tmp_path / "resumed")
 
 
 @pytest.mark.parametrize("sections, message", [
-    ({"train": {"prior_preservation": True}}, "needs train.lora_rank"),
+    ({"train": {"prior_preservation": True}, "data": CROSS}, "needs train.lora_rank"),
     ({"train": {"prior_preservation": True, "lora_rank": 2, "init_from": "shapes"}}, "data.new_shapes"),
     ({"train": {"prior_preservation": True, "lora_rank": 2, "init_from": "shapes"},
       "data": {"new_shapes": ["cross"], "mix_name": "digits", "mix_every": 4}}, "no data.mix_name"),

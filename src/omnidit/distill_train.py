@@ -288,7 +288,7 @@ class Distiller(Trainer):
             update = self.step // dc.generator_every  # the generator's updates walk through the pairs in order
             pair = self._pair_batch(batch_indices(update, batch, len(self.pairs), self.config.data.seed + 1)[mine])
         self.model.train()
-        with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+        with self._autocast():
             loss, fake_loss = self._losses(batch, mine, x0, cond, scale, noise, pair)
         objective = loss if fake_loss is None else loss + fake_loss
         return self._update(loss, fake_loss, objective)

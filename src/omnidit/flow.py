@@ -178,7 +178,7 @@ def condition_keep_mask(n: int, p: float, generator: torch.Generator | None = No
 def velocity_errors(model: VelocityModel, x0: Tensor | Mapping[str, Tensor], cond: Condition,
                     t: Tensor | Mapping[str, Tensor], noise: Tensor | Mapping[str, Tensor],
                     weights: Tensor | None = None, target: Tensor | None = None) -> Tensor:
-    """(B,): each sample's mean squared error between the predicted and the true velocity.
+    """(B,): each sample's mean squared error between the predicted velocity and the true one (or ``target``).
 
     x0: (B, ...) clean data (tokens or pixels); t: (B,) times, or (B, N) per token for tokens x0 (B, N, D);
     noise: like x0. A token at t = 0 is given as clean context: x_t is the data itself, its velocity

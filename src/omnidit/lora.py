@@ -116,16 +116,17 @@ def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
 @contextlib.contextmanager
 def adapters_off(model: nn.Module):
     """Within the block ``model`` runs as its base: every LoRA adapter off (``train.prior_preservation``'s frozen
-    model, at no extra memory), then on again, each adapter weight's requires_grad as it was."""
+    model, at no extra memory), then each layer as it was, its adapter weights' requires_grad included."""
     layers = list(lora_layers(model).values())
     flags = [(p, p.requires_grad) for layer in layers for n, p in layer.named_parameters() if ".lora_" in f".{n}"]
-    for layer in layers:
-        layer.enable_adapters(False)
+    was_off = [layer.disable_adapters for layer in layers]
     try:
+        for layer in layers:
+            layer.enable_adapters(False)
         yield model
     finally:
-        for layer in layers:
-            layer.enable_adapters(True)  # peft turns requires_grad on for the active adapters: restored below
+        for layer, off in zip(layers, was_off):
+            layer.enable_adapters(not off)  # peft turns requires_grad on for the active adapters: restored below
         for p, flag in flags:
             p.requires_grad_(flag)
 

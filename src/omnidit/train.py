@@ -306,8 +306,6 @@ class Trainer:
         cond = cond.where(keep[mine].to(self.device), self.null_cond)
 
         self.model.train()
-        # train.prior_preservation: the base's velocity is the target of the scenes without a new shape.
-        target = self.preserved_targets(x0, noise, t, cond, ids, known) if known is not None else None
 
         def velocity(x: Tensor, tt: Tensor, c: Condition) -> Tensor:
             return self.model(x, ids, tt, c)
@@ -322,12 +320,13 @@ class Trainer:
             last = i == len(passes) - 1
             if last and world.distributed and not isinstance(self.model, nn.parallel.DistributedDataParallel):
                 self.model.set_requires_gradient_sync(True)
-            with self._no_sync(last), torch.autocast(self.device.type, self.amp_dtype,
-                                                     enabled=self.amp_dtype is not None):
+            with self._no_sync(last), self._autocast():
                 if part is not None:
+                    # train.prior_preservation: the base's velocity is the target of the scenes without a new shape.
+                    target = None if known is None else self.preserved_targets(
+                        x0[part], noise[part], t[part], cond.rows(part), ids, known[part])
                     loss = training_loss(velocity, _rows(x0, part), cond.rows(part), _rows(t, part),
-                                         _rows(noise, part), None if weights is None else weights[part],
-                                         None if target is None else target[part])
+                                         _rows(noise, part), None if weights is None else weights[part], target)
                     objective = loss / tc.grad_accum
                     total += loss.detach() / tc.grad_accum
                 else:
@@ -357,6 +356,10 @@ class Trainer:
         self.step += 1
         return loss_value, norm_value
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """The forward passes' precision: bf16 autocast where train.precision asks for it (autocast_dtype)."""
+        return torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None)
+
     def preserved_targets(self, x0: Tensor, noise: Tensor, t: Tensor, cond: Condition, ids: Tensor,
                           known: Tensor) -> Tensor:
         """(b, N, D) velocity targets: eps - x0, except on the ``known`` (b,) rows, whose target is the velocity of
@@ -364,8 +367,7 @@ class Trainer:
         target = velocity_target(x0, noise)
         rows = known.nonzero().flatten().to(self.device)
         if len(rows):
-            with torch.no_grad(), adapters_off(D.unwrap(self.model)) as base, \
-                    torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+            with torch.no_grad(), adapters_off(D.unwrap(self.model)) as base, self._autocast():
                 v = base(interpolate(x0[rows], noise[rows], t[rows]), ids, t[rows], cond.rows(rows))
             target[rows] = v.to(target.dtype)
         return target
