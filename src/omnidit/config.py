@@ -195,12 +195,10 @@ class TrainConfig:
     # pairs' loss keeps its plain mean. 1 = off.
     object_loss_weight: float = 1.0
     object_loss_shapes: list[str] = field(default_factory=list)  # the shapes whose objects it weighs; [] = every one
-    # LoRA on shapes data with data.new_shapes: the rows whose condition names no new shape (scenes that show none,
-    # and every row whose caption was dropped) regress on the base model's velocity (the adapters off, one more
-    # forward pass without gradients over those rows) instead of the data's, so that what the base drew stays as
-    # it was and the unconditional velocity, which guidance amplifies, stays the base's while the new shape is
-    # learnt (DreamBooth's prior preservation, with the base's own prediction in place of images it drew); not the
-    # counterfactual pairs' loss. False = off.
+    # LoRA on shapes data with data.new_shapes: the scenes that show no new shape regress on the base model's velocity
+    # (the adapters off, one more forward pass without gradients over those rows) instead of the data's, so that
+    # what the base already drew stays as it was while the new shape is learnt (DreamBooth's prior preservation,
+    # with the base's own prediction in place of images it drew); not the counterfactual pairs' loss. False = off.
     prior_preservation: bool = False
     # Clips only: the probability that a training clip has some frames given as clean context (t = 0 on their
     # tokens, no loss there): the first frame, the first k or the first and last (flow.draw_given_tubelets). It

@@ -262,7 +262,7 @@ class Trainer:
         mine = slice(world.rank * local, (world.rank + 1) * local)
         counterfactual = tc.counterfactual_weight > 0
         weights = None  # train.object_loss_weight's, like x0
-        known = None  # train.prior_preservation's rows (b,) that keep the base's velocity
+        known = None  # train.prior_preservation's rows (b,) that show no new shape
         if self.multi:
             layout = self.layouts[id(source)]
             ids = layout.ids
@@ -295,9 +295,7 @@ class Trainer:
             if tc.object_loss_weight != 1:
                 weights = self._patches(object_loss_weights(self.dataset, idx[mine], tc.object_loss_weight,
                                                             tc.object_loss_shapes))
-            # train.prior_preservation: the rows whose condition names no new shape, their scene's caption shows none
-            # or it was dropped (the unconditional velocity, which guidance amplifies, stays the base's)
-            known = ~shows_shapes(self.dataset, idx[mine], self.config.data.new_shapes) | ~keep[mine] \
+            known = ~shows_shapes(self.dataset, idx[mine], self.config.data.new_shapes) \
                 if tc.prior_preservation else None
             pairs = counterfactual_pairs(self.dataset, idx[mine], x0, cond, labels, t_cf[mine], noise_cf[mine],
                                          self.tokens, self.condition, self.device) \
@@ -324,7 +322,7 @@ class Trainer:
                 self.model.set_requires_gradient_sync(True)
             with self._no_sync(last), self._autocast():
                 if part is not None:
-                    # train.prior_preservation: the base's velocity is the target of the known rows.
+                    # train.prior_preservation: the base's velocity is the target of the scenes without a new shape.
                     target = None if known is None else self.preserved_targets(
                         x0[part], noise[part], t[part], cond.rows(part), ids, known[part])
                     loss = training_loss(velocity, _rows(x0, part), cond.rows(part), _rows(t, part),
