@@ -197,6 +197,22 @@ def test_prior_preservation_regresses_known_scenes_on_the_base(tmp_path, tiny_ru
     assert with_new == plain and with_new[0] > 0.05
 
 
+def test_prior_weight_multiplies_the_known_scenes_errors(tmp_path, tiny_run, monkeypatch):
+    from omnidit import train as train_module
+
+    base = tiny_run / "checkpoint-0000020"
+    losses = {}
+    for weight in (1.0, 5.0):
+        trainer = _preserving_trainer(tmp_path / str(weight), base, monkeypatch, False, prior_preservation=True,
+                                      prior_weight=weight)
+        for _ in range(2):  # scenes with a new shape: the adapter moves alike under both weights
+            trainer.train_step()
+        monkeypatch.setattr(train_module, "shows_shapes", lambda dataset, idx, shapes: torch.zeros(len(idx), dtype=torch.bool))
+        losses[weight] = trainer.train_step()[0]  # every scene known: its error against the base, weighted
+    assert losses[1.0] > 1e-9
+    assert losses[5.0] == pytest.approx(5 * losses[1.0], rel=1e-5)
+
+
 def test_prior_preservation_targets_are_the_base_model_once_the_adapter_has_moved(tmp_path, tiny_run):
     from omnidit.flow import interpolate
     from omnidit.pipeline import load_pipeline
@@ -237,6 +253,8 @@ def test_prior_preservation_trains_another_adapter_and_resumes_exactly(tmp_path,
     ({"train": {"prior_preservation": True, "lora_rank": 2, "init_from": "shapes"}}, "data.new_shapes"),
     ({"train": {"prior_preservation": True, "lora_rank": 2, "init_from": "shapes"},
       "data": {"new_shapes": ["cross"], "mix_name": "digits", "mix_every": 4}}, "no data.mix_name"),
+    ({"train": {"prior_weight": 0}}, "prior_weight must be > 0"),
+    ({"train": {"prior_weight": 4}}, "train.prior_preservation is off"),
     ({"train": {"object_loss_weight": 0}}, "must be > 0"),
     ({"train": {"object_loss_weight": 4}, "data": {"name": "digits"}}, "needs data.name=shapes in pixels"),
     ({"train": {"object_loss_weight": 4}, "data": {"cache_dir": "cache"}}, "needs data.name=shapes in pixels"),

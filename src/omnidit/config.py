@@ -200,6 +200,10 @@ class TrainConfig:
     # what the base already drew stays as it was while the new shape is learnt (DreamBooth's prior preservation,
     # with the base's own prediction in place of images it drew); not the counterfactual pairs' loss. False = off.
     prior_preservation: bool = False
+    # With prior_preservation: the weight of those scenes' errors against the base in the batch's loss (each sample's
+    # mean error times it, the batch's mean as before), so that drifting from the base on known scenes costs more
+    # than the new shape's rows gain; 1 = as the other rows.
+    prior_weight: float = 1.0
     # Clips only: the probability that a training clip has some frames given as clean context (t = 0 on their
     # tokens, no loss there): the first frame, the first k or the first and last (flow.draw_given_tubelets). It
     # teaches image-to-video, extension and interpolation to the same model. 0 = off.
@@ -269,6 +273,12 @@ class TrainConfig:
         if not self.object_loss_weight > 0:
             raise OmniditError(f"train.object_loss_weight must be > 0, got {self.object_loss_weight}",
                                hint="1 weighs objects as the background; e.g. train.object_loss_weight=4")
+        if not self.prior_weight > 0:
+            raise OmniditError(f"train.prior_weight must be > 0, got {self.prior_weight}",
+                               hint="1 weighs the known scenes as the others; e.g. train.prior_weight=10")
+        if self.prior_weight != 1 and not self.prior_preservation:
+            raise OmniditError("train.prior_weight weighs prior preservation's scenes, but train.prior_preservation "
+                               "is off", hint="add train.prior_preservation=true, or drop train.prior_weight")
         if not self.counterfactual_weight >= 0:
             raise OmniditError(f"train.counterfactual_weight must be >= 0, got {self.counterfactual_weight}",
                                hint="0 turns the counterfactual pairs off; e.g. train.counterfactual_weight=2")

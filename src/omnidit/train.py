@@ -38,7 +38,7 @@ from omnidit.condition import Condition
 from omnidit.config import Config
 from omnidit.data import batch_from_indices, batch_streams, build_dataset, streams
 from omnidit.errors import OmniditError
-from omnidit.flow import condition_keep_mask, counterfactual_loss, interpolate, training_loss, velocity_target
+from omnidit.flow import condition_keep_mask, counterfactual_loss, interpolate, velocity_errors, velocity_target
 from omnidit.lora import adapters_off
 from omnidit.model.mmdit import MMDiT
 from omnidit.optim import ema_decay_at, learning_rate, make_optimizer, parameter_groups, update_ema  # noqa: F401
@@ -325,8 +325,11 @@ class Trainer:
                     # train.prior_preservation: the base's velocity is the target of the scenes without a new shape.
                     target = None if known is None else self.preserved_targets(
                         x0[part], noise[part], t[part], cond.rows(part), ids, known[part])
-                    loss = training_loss(velocity, _rows(x0, part), cond.rows(part), _rows(t, part),
-                                         _rows(noise, part), None if weights is None else weights[part], target)
+                    errors = velocity_errors(velocity, _rows(x0, part), cond.rows(part), _rows(t, part),
+                                             _rows(noise, part), None if weights is None else weights[part], target)
+                    if known is not None and tc.prior_weight != 1:  # drifting from the base there costs more
+                        errors = errors * torch.where(known[part].to(errors.device), tc.prior_weight, 1.0)
+                    loss = errors.mean()
                     objective = loss / tc.grad_accum
                     total += loss.detach() / tc.grad_accum
                 else:
