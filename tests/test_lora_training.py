@@ -197,20 +197,24 @@ def test_prior_preservation_regresses_known_scenes_on_the_base(tmp_path, tiny_ru
     assert with_new == plain and with_new[0] > 0.05
 
 
-def test_prior_weight_multiplies_the_known_scenes_errors(tmp_path, tiny_run, monkeypatch):
+@pytest.mark.parametrize("dropout, factor", [(0.0, 5.0), (0.99999, 1.0)])
+def test_prior_weight_multiplies_the_known_scenes_errors_where_the_caption_is_kept(tmp_path, tiny_run, monkeypatch,
+                                                                                   dropout, factor):
     from omnidit import train as train_module
 
     base = tiny_run / "checkpoint-0000020"
     losses = {}
     for weight in (1.0, 5.0):
         trainer = _preserving_trainer(tmp_path / str(weight), base, monkeypatch, False, prior_preservation=True,
-                                      prior_weight=weight)
+                                      prior_weight=weight, cond_dropout=dropout)
         for _ in range(2):  # scenes with a new shape: the adapter moves alike under both weights
             trainer.train_step()
-        monkeypatch.setattr(train_module, "shows_shapes", lambda dataset, idx, shapes: torch.zeros(len(idx), dtype=torch.bool))
-        losses[weight] = trainer.train_step()[0]  # every scene known: its error against the base, weighted
+        monkeypatch.setattr(train_module, "shows_shapes",
+                            lambda dataset, idx, shapes: torch.zeros(len(idx), dtype=torch.bool))
+        losses[weight] = trainer.train_step()[0]  # every scene known: its error against the base
+    # Weighted when the caption is kept; a dropped caption's row (the unconditional velocity) keeps weight 1.
     assert losses[1.0] > 1e-9
-    assert losses[5.0] == pytest.approx(5 * losses[1.0], rel=1e-5)
+    assert losses[5.0] == pytest.approx(factor * losses[1.0], rel=1e-5)
 
 
 def test_prior_preservation_targets_are_the_base_model_once_the_adapter_has_moved(tmp_path, tiny_run):

@@ -200,9 +200,11 @@ class TrainConfig:
     # what the base already drew stays as it was while the new shape is learnt (DreamBooth's prior preservation,
     # with the base's own prediction in place of images it drew); not the counterfactual pairs' loss. False = off.
     prior_preservation: bool = False
-    # With prior_preservation: the weight of those scenes' errors against the base in the batch's loss (each sample's
-    # mean error times it, the batch's mean as before), so that drifting from the base on known scenes costs more
-    # than the new shape's rows gain; 1 = as the other rows.
+    # With prior_preservation: the weight of those scenes' errors against the base in the batch's loss where their
+    # caption was kept (each sample's mean error times it, the batch's mean as before), so that the conditional
+    # velocity's drift from the base on known scenes costs more than the new shape's rows gain; rows whose caption
+    # was dropped keep 1, so that the unconditional velocity, which guidance subtracts, may learn the new shape too.
+    # 1 = as the other rows.
     prior_weight: float = 1.0
     # Clips only: the probability that a training clip has some frames given as clean context (t = 0 on their
     # tokens, no loss there): the first frame, the first k or the first and last (flow.draw_given_tubelets). It

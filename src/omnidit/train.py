@@ -327,8 +327,10 @@ class Trainer:
                         x0[part], noise[part], t[part], cond.rows(part), ids, known[part])
                     errors = velocity_errors(velocity, _rows(x0, part), cond.rows(part), _rows(t, part),
                                              _rows(noise, part), None if weights is None else weights[part], target)
-                    if known is not None and tc.prior_weight != 1:  # drifting from the base there costs more
-                        errors = errors * torch.where(known[part].to(errors.device), tc.prior_weight, 1.0)
+                    if known is not None and tc.prior_weight != 1:  # drifting from the base there costs more,
+                        # where the caption was kept: the unconditional velocity stays free to learn the new shape
+                        heavy = (known & keep[mine])[part].to(errors.device)
+                        errors = errors * torch.where(heavy, tc.prior_weight, 1.0)
                     loss = errors.mean()
                     objective = loss / tc.grad_accum
                     total += loss.detach() / tc.grad_accum
