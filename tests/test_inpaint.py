@@ -412,9 +412,9 @@ def _record_results(monkeypatch, module, name: str) -> list:
 
 
 def _record_trained_conditions(monkeypatch, train_module) -> list:
-    """Wrap the trainer's ``training_loss`` so that every call's condition is appended to the returned list."""
-    real, conds = train_module.training_loss, []
-    monkeypatch.setattr(train_module, "training_loss",
+    """Wrap the trainer's ``velocity_errors`` so that every call's condition is appended to the returned list."""
+    real, conds = train_module.velocity_errors, []
+    monkeypatch.setattr(train_module, "velocity_errors",
                         lambda v, x0, cond, *a: conds.append(cond) or real(v, x0, cond, *a))
     return conds
 
