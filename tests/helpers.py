@@ -259,3 +259,10 @@ def fixed_inputs(config, batch: int = 2, seed: int = 0):
     cond = Condition(txt=torch.randn(batch, 5, mc.context_dim, generator=g), txt_mask=mask,
                      pooled=torch.randn(batch, mc.pooled_dim, generator=g))
     return x, ids, t, cond
+
+
+def record_results(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` so that every call's result is appended to the returned list."""
+    real, results = getattr(module, name), []
+    monkeypatch.setattr(module, name, lambda *a: results.append(real(*a)) or results[-1])
+    return results

@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import video_clip_file
+from helpers import record_results, video_clip_file
 from PIL import Image
 from test_cli import assert_one_line_error, run_main
 
@@ -404,13 +404,6 @@ def test_a_region_trained_model_inpaints_with_given_tokens_by_default(tmp_path, 
     assert resolve_mode("auto", load_pipeline(final, device="cpu").config) == "tokens"
 
 
-def _record_results(monkeypatch, module, name: str) -> list:
-    """Wrap ``module.name`` so that every call's result is appended to the returned list."""
-    real, results = getattr(module, name), []
-    monkeypatch.setattr(module, name, lambda *a: results.append(real(*a)) or results[-1])
-    return results
-
-
 def _record_trained_conditions(monkeypatch, train_module) -> list:
     """Wrap the trainer's ``velocity_errors`` so that every call's condition is appended to the returned list."""
     real, conds = train_module.velocity_errors, []
@@ -488,7 +481,7 @@ def test_empty_regions_keep_the_scenes_caption(make_tiny_config, tmp_path, monke
     config = make_tiny_config(tmp_path / "run", train={"region_p": 1.0, "region_objects": 1.0, "region_caption": 1.0,
                                                        "region_empty": 1.0, "cond_dropout": 0.0, "batch_size": 16})
     trainer = Trainer(config, progress=False)
-    drawn = _record_results(monkeypatch, train_module, "object_boxes")
+    drawn = record_results(monkeypatch, train_module, "object_boxes")
     conds = _record_trained_conditions(monkeypatch, train_module)
     trainer.train_step()
     ((_, phrases, empty),) = drawn
@@ -507,9 +500,9 @@ def test_region_caption_swaps_only_rows_whose_region_is_their_object(make_tiny_c
     config = make_tiny_config(tmp_path / "run", train={"region_p": 1.0, "region_objects": 0.5, "region_caption": 1.0,
                                                        "cond_dropout": 0.0, "batch_size": 16})
     trainer = Trainer(config, progress=False)
-    drawn = _record_results(monkeypatch, train_module, "image_draws")
+    drawn = record_results(monkeypatch, train_module, "image_draws")
     conds = _record_trained_conditions(monkeypatch, train_module)
-    boxes = _record_results(monkeypatch, train_module, "object_boxes")
+    boxes = record_results(monkeypatch, train_module, "object_boxes")
     trainer.train_step()
     phrases = [b[1] for b in boxes]
     on_box = drawn[0][2]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_config_dict
-from helpers import assert_resume_matches, fixed_inputs, randomize
+from helpers import assert_resume_matches, fixed_inputs, randomize, record_results
 from safetensors.torch import load_file
 
 from omnidit.config import config_from_dict
@@ -215,6 +215,32 @@ def test_prior_weight_multiplies_the_known_scenes_errors_where_the_caption_is_ke
     # Weighted when the caption is kept; a dropped caption's row (the unconditional velocity) keeps weight 1.
     assert losses[1.0] > 1e-9
     assert losses[5.0] == pytest.approx(factor * losses[1.0], rel=1e-5)
+
+
+def test_prior_weight_weighs_the_known_rows_with_kept_captions_in_each_micro_batch(tmp_path, tiny_run, monkeypatch):
+    from omnidit import train as train_module
+
+    base = tiny_run / "checkpoint-0000020"
+    trainer = _preserving_trainer(tmp_path, base, monkeypatch, False, prior_preservation=True, prior_weight=5.0,
+                                  grad_accum=2)
+    for _ in range(2):  # scenes with a new shape: the adapter moves away from the base
+        trainer.train_step()
+    batch = trainer.config.train.batch_size
+    known = torch.arange(batch) % 2 == 0
+    kept = torch.arange(batch) % 3 != 0
+    monkeypatch.setattr(train_module, "shows_shapes", lambda dataset, idx, shapes: ~known[:len(idx)])
+    monkeypatch.setattr(train_module, "condition_keep_mask", lambda n, p, generator: kept[:n])
+    errors = record_results(monkeypatch, train_module, "velocity_errors")
+    loss = trainer.train_step()[0]
+    heavy = (known & kept).chunk(2)
+    assert len(errors) == 2 and all(e.shape == h.shape for e, h in zip(errors, heavy))
+    expected = sum((e * torch.where(h, 5.0, 1.0)).mean() for e, h in zip(errors, heavy)) / 2
+    assert loss == pytest.approx(float(expected), rel=1e-6)
+    # The weight did act: the loss exceeds the plain mean by 4 times the heavy rows' share of it.
+    plain = float(sum(e.mean() for e in errors) / 2)
+    heavy_share = float(sum((e * h).mean() for e, h in zip(errors, heavy)) / 2)
+    assert heavy_share > 1e-6
+    assert loss - plain == pytest.approx(4 * heavy_share, rel=0.02)
 
 
 def test_prior_preservation_targets_are_the_base_model_once_the_adapter_has_moved(tmp_path, tiny_run):
