@@ -247,8 +247,8 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """One optimisation step on the batch that belongs to ``self.step``.
 
-        Returns (loss averaged over the global batch, each row's error times train.prior_weight where it
-        applies, gradient norm). A non-finite loss or gradient
+        Returns (loss, gradient norm): the loss averaged over the global batch, each row's error times
+        train.prior_weight where that applies. A non-finite loss or gradient
         skips the update (the step still advances) and counts toward ``train.nan_patience``.
         """
         tc, world = self.config.train, self.world
