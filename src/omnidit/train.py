@@ -305,6 +305,10 @@ class Trainer:
                 cond = self.condition(phrases[mine], labels).where(own[mine].to(self.device), cond)
             t, noise = t[mine].to(self.device), noise[mine].to(self.device)
         cond = cond.where(keep[mine].to(self.device), self.null_cond)
+        # train.prior_weight: drifting from the base on known scenes costs more where the caption was kept (the
+        # unconditional velocity stays free to learn the new shape); (b,) per-row factors of the errors, or None.
+        row_weights = torch.where(known & keep[mine], tc.prior_weight, 1.0).to(self.device) \
+            if known is not None and tc.prior_weight != 1 else None
 
         self.model.train()
 
@@ -328,10 +332,8 @@ class Trainer:
                         x0[part], noise[part], t[part], cond.rows(part), ids, known[part])
                     errors = velocity_errors(velocity, _rows(x0, part), cond.rows(part), _rows(t, part),
                                              _rows(noise, part), None if weights is None else weights[part], target)
-                    if known is not None and tc.prior_weight != 1:  # drifting from the base there costs more,
-                        # where the caption was kept: the unconditional velocity stays free to learn the new shape
-                        heavy = (known & keep[mine])[part].to(errors.device)
-                        errors = errors * torch.where(heavy, tc.prior_weight, 1.0)
+                    if row_weights is not None:
+                        errors = errors * row_weights[part]
                     loss = errors.mean()
                     objective = loss / tc.grad_accum
                     total += loss.detach() / tc.grad_accum
