@@ -340,3 +340,41 @@ def test_eval_and_serve_take_adapters(tmp_path, lora_run, tiny_run, capsys):
     tuned = load_pipeline(lora_run, device="cpu")
     torch.testing.assert_close(pipes["a"].generate(["a red circle"], seed=3),
                                tuned.generate(["a red circle"], seed=3), atol=1e-4, rtol=0)
+
+
+def _uncond_base_run(tmp_path, lora_run):
+    """A copy of the LoRA run's last checkpoint whose config asks for sample.uncond_base."""
+    import json
+    import shutil
+
+    folder = tmp_path / "uncond_base"
+    shutil.copytree(lora_run / "checkpoint-0000004", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["sample"]["uncond_base"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_uncond_base_guides_against_the_lora_runs_base(tmp_path, lora_run, tiny_run):
+    from omnidit.checkpoint import load_model
+    from omnidit.pipeline import load_pipeline
+
+    pipe = load_pipeline(_uncond_base_run(tmp_path, lora_run), device="cpu")
+    base, _ = load_model(tiny_run / "checkpoint-0000020", device="cpu")
+    assert pipe.uncond_model is not None
+    for name, value in base.state_dict().items():  # the base's weights, the adapter not folded in
+        torch.testing.assert_close(pipe.uncond_model.state_dict()[name], value, atol=0, rtol=0)
+    prompts, settings = ["a red circle", "two blue squares"], {"steps": 4, "cfg": 4.0}
+    against_base = pipe.generate(prompts, seed=[1, 2], **settings)
+    plain = load_pipeline(lora_run, device="cpu").generate(prompts, seed=[1, 2], **settings)
+    assert (against_base - plain).abs().mean() > 1e-3
+    pipe.uncond_model = pipe.model  # the run's own model in the unconditional branch: plain guidance again
+    torch.testing.assert_close(pipe.generate(prompts, seed=[1, 2], **settings), plain, atol=1e-5, rtol=0)
+    with pytest.raises(OmniditError, match="step caching follows one model"):
+        pipe.generate(prompts, seed=1, steps=4, cache="interval")
+
+
+def test_uncond_base_needs_a_lora_run(tmp_path):
+    with pytest.raises(OmniditError, match="this is not a LoRA run"):
+        config_from_dict(tiny_config_dict(tmp_path, sample={"uncond_base": True}))
+

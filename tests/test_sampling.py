@@ -186,6 +186,23 @@ def test_combine_replaces_the_guidance_rule_only_at_the_guided_steps():
     assert seen == [pytest.approx(0.45)]  # outside the guidance interval the rule is not asked
 
 
+def test_uncond_fn_draws_the_unconditional_velocity_from_another_model():
+    cond, null, x = _guidance_inputs(3)
+    calls = []
+
+    def base_model(x, t, c):  # another velocity field, standing in for a LoRA run's base (sample.uncond_base)
+        calls.append(x.shape[0])
+        return 0.3 * _toy_model(x, t, c) - 0.2
+
+    guided = classifier_free_guidance(_toy_model, cond, null, 4.0, interval=(0.2, 0.7), uncond_fn=base_model)
+    for t, inside in ((0.9, False), (0.45, True)):
+        t = torch.tensor(t)
+        v_c, v_b = _toy_model(x, t, cond), base_model(x, t, null.repeat(3))
+        calls.clear()
+        torch.testing.assert_close(guided(x, t), v_b + 4.0 * (v_c - v_b) if inside else v_c)
+        assert calls == ([3] if inside else [])  # the base runs on the null rows alone, where guidance runs
+
+
 @pytest.mark.parametrize("scale, blocks, depth_single, message", [
     (-1.0, [0], 2, "must be >= 0"), (1.0, [], 2, "needs single-stream blocks"),
     (1.0, [2], 2, r"blocks 0 to 1\), got \[2\]"), (1.0, [0], 0, "no single-stream blocks")])

@@ -142,6 +142,9 @@ def generate_av(pipeline, prompts: list[str], frames: int | None = None, fps: fl
     check_memory(batch * rows * sampling_bytes_per_sample(mc, tokens, config.text.max_length), pipeline.device,
                  f"sampling {batch} clip(s) with sound", hint="draw fewer at once or make them shorter")
 
+    if pipeline.uncond_model is not None and rows == 2:
+        raise OmniditError("sample.uncond_base is not supported for clips with sound yet",
+                           hint="set sample.uncond_base to false in the run's config.json")
     cond, null = pipeline.conditions(prompts, negative_prompt)
     given = pack({n: masks[n][..., None].expand(-1, -1, layout.features[n]) for n in names})[..., 0]  # (1, F)
     given = given if bool(given.any()) else None

@@ -453,6 +453,16 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
     return model.to(device).eval().requires_grad_(False), config
 
 
+def load_lora_base(path: str | Path, device: str | torch.device = "cpu") -> MMDiT:
+    """A LoRA run's base alone: train.init_from's weights as its training started from them, in eval mode
+    (sample.uncond_base's unconditional model)."""
+    directory = resolve_model_dir(path)
+    config = _shipped_base(read_config(directory), directory)
+    model = MMDiT(config.model)
+    load_adapter_base(model, config)
+    return model.to(device).eval().requires_grad_(False)
+
+
 def _shipped_base(config: Config, directory: Path) -> Config:
     """An adapter shipped in the package sits on the shipped model its train.init_from names, even where the
     working directory holds a folder of that name (which resolve_model_dir would take first)."""

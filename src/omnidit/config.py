@@ -315,6 +315,10 @@ class SampleConfig:
     cache_threshold: float = 0.0  # its skip threshold (0 = the method's default)
     cache_forecast: str = "copy"  # a skipped step reuses the last residual (copy) or extrapolates it (taylor)
     cache_interval: int = 2  # cache 'interval': compute every N-th step
+    # A LoRA run's guidance takes its unconditional velocity from the base (train.init_from's weights, the adapter
+    # off) instead of the adapted model, so that on prompts the adapter did not learn only the conditional change
+    # is left; one more model call per step (the two branches cannot share a batch).
+    uncond_base: bool = False
 
     def __post_init__(self) -> None:
         from omnidit.step_cache import FORECASTS, METHODS
@@ -419,6 +423,10 @@ class Config:
             raise OmniditError("train.region_caption swaps captions, which needs a text encoder and no layout boxes "
                                f"(text.encoder={self.text.encoder}, train.layout_boxes={self.train.layout_boxes})",
                                hint="drop train.region_caption, or use a text encoder without train.layout_boxes")
+        if self.sample.uncond_base and not self.train.lora_rank:
+            raise OmniditError("sample.uncond_base takes guidance's unconditional velocity from a LoRA run's base, "
+                               "and this is not a LoRA run (train.lora_rank is 0)",
+                               hint="drop sample.uncond_base, or set it on a run trained with train.lora_rank")
         try:  # the sample section's skip blocks must exist in the model section
             self.sample.skip_blocks = check_skip_blocks(self.sample.skip_scale, self.sample.skip_blocks,
                                                         self.model.depth_single)

@@ -106,7 +106,9 @@ def _velocity(pipe, prompts: list[str], cfg: float, ids: Tensor, bank: ValueBank
     if cfg == 1.0 or pipe.model.config.guidance_embed:  # a model that takes the scale as an input: one pass
         cond = cond.without_full_mask()
         return lambda x, t: model_fn(x, t, cond)
-    return classifier_free_guidance(model_fn, cond, null, cfg)
+    base = pipe.uncond_model  # sample.uncond_base: the LoRA run's base draws the unconditional velocity
+    uncond_fn = None if base is None else lambda x, t, c: base(x, ids, t, c)
+    return classifier_free_guidance(model_fn, cond, null, cfg, uncond_fn=uncond_fn)
 
 
 def _tokens_and_ids(pipe, media: Tensor, fps: float | None = None) -> tuple[Tensor, Tensor, tuple[int, int, int]]:

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import re
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +113,9 @@ class Pipeline:
     # The model that ranks best-of-N candidates (None: the model itself). A fast preset that samples with a model's
     # guidance-distilled twin keeps the model here: its conditional velocity ranks better than the twin's.
     scorer: MMDiT | None = None
+    # sample.uncond_base: the LoRA run's base (train.init_from's weights), which computes guidance's unconditional
+    # velocity in place of the model itself (None: the model does).
+    uncond_model: MMDiT | None = None
 
     @property
     def channels(self) -> int:
@@ -224,6 +227,17 @@ class Pipeline:
         cache = CacheSettings(settings["cache"], settings["cache_threshold"], settings["cache_interval"],
                               settings["cache_forecast"], settings["steps"])
         return using_step_cache(self.model, cache, self.calibration if cache.method != "none" else None)
+
+    def uncond_fn(self, ids: Tensor, time_mask: Tensor | None, settings: dict
+                  ) -> Callable[[Tensor, Tensor, Condition], Tensor] | None:
+        """Guidance's unconditional velocity from ``uncond_model`` (sample.uncond_base), or None: the model's own."""
+        base = self.uncond_model
+        if base is None:
+            return None
+        if settings["cache"] != "none":
+            raise OmniditError("step caching follows one model, and sample.uncond_base samples with two",
+                               hint="sample without a cache (--cache none), or set sample.uncond_base=false")
+        return lambda x, t, c: base(x, ids, token_times(t, time_mask), c)
 
     def candidate_scores(self, x: Tensor, ids: Tensor, cond: Condition) -> Tensor:
         """(B,) best-of-N scores of clean tokens x (B, N, D) at position ids under cond (lower is better): the
@@ -403,7 +417,8 @@ class Pipeline:
         else:
             cfg = 1.0 if mc.guidance_embed else cfg  # the scale is the model's input: no unconditional row
             velocity = classifier_free_guidance(model_fn, cond, null, cfg, settings["cfg_interval"], skip_fn,
-                                                settings["skip_scale"], settings["skip_interval"])
+                                                settings["skip_scale"], settings["skip_interval"],
+                                                uncond_fn=self.uncond_fn(ids, time_mask, settings))
         shape = (mc.in_channels, frames, height, width)
         if isinstance(seed, int):
             noise = torch.cat([initial_noise((len(prompts), *shape), s) for s in candidate_seeds(seed, n)])
@@ -493,4 +508,8 @@ def load_pipeline(model_dir: str | Path, device: str = "auto", use_ema: bool = T
     model, config = load_model(model_dir, use_ema=use_ema, device=dev)
     pipe = build_pipeline(model, config, dev)
     pipe.model_dir = resolve_model_dir(model_dir)
+    if config.sample.uncond_base:
+        from omnidit.checkpoint import load_lora_base
+
+        pipe.uncond_model = load_lora_base(pipe.model_dir, dev)
     return pipe

@@ -145,6 +145,7 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Ten
                              skip_fn: Callable[[Tensor, Tensor, Condition], Tensor] | None = None,
                              skip_scale: float = 0.0, skip_interval: Sequence[float] = (0.0, 1.0),
                              combine: Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor] | None = None,
+                             uncond_fn: Callable[[Tensor, Tensor, Condition], Tensor] | None = None,
                              ) -> VelocityFn:
     """v = v_uncond + scale * (v_cond - v_uncond), over all channels, in one batched call.
 
@@ -159,6 +160,9 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Ten
 
     ``combine(x, t, v_cond, v_uncond, scale) -> v`` replaces the guidance rule itself (default: the formula
     above), for trying other rules such as guidance rescale (scripts/guidance_variants.py).
+
+    ``uncond_fn(x, t, null_cond) -> v`` computes the unconditional velocity with another model than model_fn (a LoRA
+    run's base, ``sample.uncond_base``); the two branches are then two calls instead of one batched call.
     """
     if skip_scale and skip_fn is None:
         raise ValueError("skip-layer guidance needs skip_fn")
@@ -169,7 +173,7 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Ten
     if null_cond.batch_size != batch:
         null_cond = null_cond.repeat(batch)
     both = Condition.cat([cond, null_cond]).without_full_mask()
-    cond_only = cond.without_full_mask()
+    cond_only, null_only = cond.without_full_mask(), null_cond.without_full_mask()
     every_step = (lo, hi) == (0.0, 1.0)
     reads_t = not every_step or skip_limited  # only a limited interval reads t on the host (a device sync)
 
@@ -177,7 +181,10 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Condition], Ten
         now = float(t) if reads_t else None  # at most one read per step, shared by both intervals
         if not every_step and not lo <= now <= hi:
             return model_fn(x, t, cond_only)
-        v_cond, v_uncond = model_fn(torch.cat([x, x]), t, both).chunk(2)
+        if uncond_fn is None:
+            v_cond, v_uncond = model_fn(torch.cat([x, x]), t, both).chunk(2)
+        else:
+            v_cond, v_uncond = model_fn(x, t, cond_only), uncond_fn(x, t, null_only)
         v = v_uncond + scale * (v_cond - v_uncond) if combine is None else combine(x, t, v_cond, v_uncond, scale)
         if not skip_scale or skip_limited and not skip_lo <= now <= skip_hi:
             return v
