@@ -197,16 +197,19 @@ def test_prior_preservation_regresses_known_scenes_on_the_base(tmp_path, tiny_ru
     assert with_new == plain and with_new[0] > 0.05
 
 
-@pytest.mark.parametrize("dropout, factor", [(0.0, 5.0), (0.99999, 1.0)])
+@pytest.mark.parametrize("key, dropout, factor", [("prior_weight", 0.0, 5.0), ("prior_weight", 0.99999, 1.0),
+                                                  ("prior_weight_dropped", 0.99999, 5.0),
+                                                  ("prior_weight_dropped", 0.0, 1.0)])
 def test_prior_weight_multiplies_the_known_scenes_errors_where_the_caption_is_kept(tmp_path, tiny_run, monkeypatch,
-                                                                                   dropout, factor):
+                                                                                   key, dropout, factor):
+    # prior_weight_dropped does the same where the caption was dropped (the unconditional velocity).
     from omnidit import train as train_module
 
     base = tiny_run / "checkpoint-0000020"
     losses = {}
     for weight in (1.0, 5.0):
         trainer = _preserving_trainer(tmp_path / str(weight), base, monkeypatch, False, prior_preservation=True,
-                                      prior_weight=weight, cond_dropout=dropout)
+                                      cond_dropout=dropout, **{key: weight})
         for _ in range(2):  # scenes with a new shape: the adapter moves alike under both weights
             trainer.train_step()
         monkeypatch.setattr(train_module, "shows_shapes",
@@ -222,7 +225,7 @@ def test_prior_weight_weighs_the_known_rows_with_kept_captions_in_each_micro_bat
 
     base = tiny_run / "checkpoint-0000020"
     trainer = _preserving_trainer(tmp_path, base, monkeypatch, False, prior_preservation=True, prior_weight=5.0,
-                                  grad_accum=2)
+                                  prior_weight_dropped=2.0, grad_accum=2)
     for _ in range(2):  # scenes with a new shape: the adapter moves away from the base
         trainer.train_step()
     batch = trainer.config.train.batch_size
@@ -232,15 +235,18 @@ def test_prior_weight_weighs_the_known_rows_with_kept_captions_in_each_micro_bat
     monkeypatch.setattr(train_module, "condition_keep_mask", lambda n, p, generator: kept[:n])
     errors = record_results(monkeypatch, train_module, "velocity_errors")
     loss = trainer.train_step()[0]
-    heavy = (known & kept).chunk(2)
+    heavy, dropped = (known & kept).chunk(2), (known & ~kept).chunk(2)
     assert len(errors) == 2 and all(e.shape == h.shape for e, h in zip(errors, heavy))
-    expected = sum((e * torch.where(h, 5.0, 1.0)).mean() for e, h in zip(errors, heavy)) / 2
+    expected = sum((e * torch.where(h, 5.0, torch.where(d, 2.0, 1.0))).mean()
+                   for e, h, d in zip(errors, heavy, dropped)) / 2
     assert loss == pytest.approx(float(expected), rel=1e-6)
-    # The weight did act: the loss exceeds the plain mean by 4 times the heavy rows' share of it.
+    # The weights did act: the loss exceeds the plain mean by 4 times the kept known rows' share of it and once the
+    # dropped known rows' share.
     plain = float(sum(e.mean() for e in errors) / 2)
     heavy_share = float(sum((e * h).mean() for e, h in zip(errors, heavy)) / 2)
-    assert heavy_share > 1e-6
-    assert loss - plain == pytest.approx(4 * heavy_share, rel=0.02)
+    dropped_share = float(sum((e * d).mean() for e, d in zip(errors, dropped)) / 2)
+    assert heavy_share > 1e-6 and dropped_share > 1e-6
+    assert loss - plain == pytest.approx(4 * heavy_share + dropped_share, rel=0.02)
 
 
 def test_prior_preservation_targets_are_the_base_model_once_the_adapter_has_moved(tmp_path, tiny_run):
@@ -285,6 +291,8 @@ def test_prior_preservation_trains_another_adapter_and_resumes_exactly(tmp_path,
       "data": {"new_shapes": ["cross"], "mix_name": "digits", "mix_every": 4}}, "no data.mix_name"),
     ({"train": {"prior_weight": 0}}, "prior_weight must be > 0"),
     ({"train": {"prior_weight": 4}}, "train.prior_preservation is off"),
+    ({"train": {"prior_weight_dropped": -1}}, "prior_weight_dropped must be > 0"),
+    ({"train": {"prior_weight_dropped": 4}}, "prior_weight_dropped weighs prior preservation's scenes"),
     ({"train": {"object_loss_weight": 0}}, "must be > 0"),
     ({"train": {"object_loss_weight": 4}, "data": {"name": "digits"}}, "needs data.name=shapes in pixels"),
     ({"train": {"object_loss_weight": 4}, "data": {"cache_dir": "cache"}}, "needs data.name=shapes in pixels"),

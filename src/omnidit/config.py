@@ -206,6 +206,9 @@ class TrainConfig:
     # was dropped keep 1, so that the unconditional velocity, which guidance subtracts, may learn the new shape too.
     # 1 = as the other rows.
     prior_weight: float = 1.0
+    # With prior_preservation: the same for those scenes' rows whose caption was dropped (the unconditional velocity's
+    # drift from the base); 1 = as the other rows.
+    prior_weight_dropped: float = 1.0
     # Clips only: the probability that a training clip has some frames given as clean context (t = 0 on their
     # tokens, no loss there): the first frame, the first k or the first and last (flow.draw_given_tubelets). It
     # teaches image-to-video, extension and interpolation to the same model. 0 = off.
@@ -275,12 +278,14 @@ class TrainConfig:
         if not self.object_loss_weight > 0:
             raise OmniditError(f"train.object_loss_weight must be > 0, got {self.object_loss_weight}",
                                hint="1 weighs objects as the background; e.g. train.object_loss_weight=4")
-        if not self.prior_weight > 0:
-            raise OmniditError(f"train.prior_weight must be > 0, got {self.prior_weight}",
-                               hint="1 weighs the known scenes as the others; e.g. train.prior_weight=10")
-        if self.prior_weight != 1 and not self.prior_preservation:
-            raise OmniditError("train.prior_weight weighs prior preservation's scenes, but train.prior_preservation "
-                               "is off", hint="add train.prior_preservation=true, or drop train.prior_weight")
+        for key in ("prior_weight", "prior_weight_dropped"):
+            value = getattr(self, key)
+            if not value > 0:
+                raise OmniditError(f"train.{key} must be > 0, got {value}",
+                                   hint=f"1 weighs the known scenes as the others; e.g. train.{key}=10")
+            if value != 1 and not self.prior_preservation:
+                raise OmniditError(f"train.{key} weighs prior preservation's scenes, but train.prior_preservation "
+                                   "is off", hint=f"add train.prior_preservation=true, or drop train.{key}")
         if not self.counterfactual_weight >= 0:
             raise OmniditError(f"train.counterfactual_weight must be >= 0, got {self.counterfactual_weight}",
                                hint="0 turns the counterfactual pairs off; e.g. train.counterfactual_weight=2")

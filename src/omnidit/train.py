@@ -305,10 +305,13 @@ class Trainer:
                 cond = self.condition(phrases[mine], labels).where(own[mine].to(self.device), cond)
             t, noise = t[mine].to(self.device), noise[mine].to(self.device)
         cond = cond.where(keep[mine].to(self.device), self.null_cond)
-        # train.prior_weight: drifting from the base on known scenes costs more where the caption was kept (the
-        # unconditional velocity stays free to learn the new shape); (b,) per-row factors of the errors, or None.
-        row_weights = torch.where(known & keep[mine], tc.prior_weight, 1.0).to(self.device) \
-            if known is not None and tc.prior_weight != 1 else None
+        # train.prior_weight / prior_weight_dropped: drifting from the base on known scenes costs more where the
+        # caption was kept / dropped (by default the unconditional velocity stays free to learn the new shape); (b,)
+        # per-row factors of the errors, or None.
+        row_weights = None
+        if known is not None and (tc.prior_weight != 1 or tc.prior_weight_dropped != 1):
+            known_weights = torch.where(keep[mine], tc.prior_weight, tc.prior_weight_dropped)
+            row_weights = torch.where(known, known_weights, 1.0).to(self.device)
 
         self.model.train()
 
