@@ -380,9 +380,12 @@ def test_uncond_base_guides_against_the_lora_runs_base(tmp_path, lora_run, tiny_
     torch.testing.assert_close(pipe.generate(prompts, seed=[1, 2], **settings), plain, atol=1e-5, rtol=0)
     with pytest.raises(OmniditError, match="step caching follows one model"):
         pipe.generate(prompts, seed=1, steps=4, cache="interval")
+    from omnidit.editing import _velocity
+
+    with pytest.raises(OmniditError, match="editing does not follow sample.uncond_base"):
+        _velocity(pipe, prompts, 4.0, torch.zeros(1), None)
 
 
 def test_uncond_base_needs_a_lora_run(tmp_path):
     with pytest.raises(OmniditError, match="this is not a LoRA run"):
         config_from_dict(tiny_config_dict(tmp_path, sample={"uncond_base": True}))
-

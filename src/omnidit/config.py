@@ -322,7 +322,8 @@ class SampleConfig:
     cache_interval: int = 2  # cache 'interval': compute every N-th step
     # A LoRA run's guidance takes its unconditional velocity from the base (train.init_from's weights, the adapter
     # off) instead of the adapted model, so that on prompts the adapter did not learn only the conditional change
-    # is left; one more model call per step (the two branches cannot share a batch).
+    # is left; two calls of B rows per step instead of one of 2B, and the base's weights in memory beside the run's.
+    # Sampling only: evaluations during training guide with the run's own model.
     uncond_base: bool = False
 
     def __post_init__(self) -> None:

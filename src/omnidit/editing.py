@@ -106,9 +106,10 @@ def _velocity(pipe, prompts: list[str], cfg: float, ids: Tensor, bank: ValueBank
     if cfg == 1.0 or pipe.model.config.guidance_embed:  # a model that takes the scale as an input: one pass
         cond = cond.without_full_mask()
         return lambda x, t: model_fn(x, t, cond)
-    base = pipe.uncond_model  # sample.uncond_base: the LoRA run's base draws the unconditional velocity
-    uncond_fn = None if base is None else lambda x, t, c: base(x, ids, t, c)
-    return classifier_free_guidance(model_fn, cond, null, cfg, uncond_fn=uncond_fn)
+    if pipe.uncond_model is not None:  # the value bank's hooks sit on pipe.model alone
+        raise OmniditError("editing does not follow sample.uncond_base (guidance against a LoRA run's base) yet",
+                           hint="edit with a copy of the run whose config.json sets sample.uncond_base to false")
+    return classifier_free_guidance(model_fn, cond, null, cfg)
 
 
 def _tokens_and_ids(pipe, media: Tensor, fps: float | None = None) -> tuple[Tensor, Tensor, tuple[int, int, int]]:

@@ -236,7 +236,8 @@ class Pipeline:
             return None
         if settings["cache"] != "none":
             raise OmniditError("step caching follows one model, and sample.uncond_base samples with two",
-                               hint="sample without a cache (--cache none), or set sample.uncond_base=false")
+                               hint="sample without a cache (--cache none, and no --speed preset), or set "
+                                    "sample.uncond_base=false")
         return lambda x, t, c: base(x, ids, token_times(t, time_mask), c)
 
     def candidate_scores(self, x: Tensor, ids: Tensor, cond: Condition) -> Tensor:
