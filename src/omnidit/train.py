@@ -248,7 +248,7 @@ class Trainer:
         """One optimisation step on the batch that belongs to ``self.step``.
 
         Returns (loss, gradient norm): the loss averaged over the global batch, each row's error times
-        train.prior_weight where that applies. A non-finite loss or gradient
+        train.prior_weight / prior_weight_dropped where those apply. A non-finite loss or gradient
         skips the update (the step still advances) and counts toward ``train.nan_patience``.
         """
         tc, world = self.config.train, self.world
