@@ -237,7 +237,7 @@ def test_all_keys_cover_every_field():
 
 @pytest.mark.parametrize("name", ["recipes/shapes/shapes.json", "recipes/shapes/shapes_finetune.json",
                                   *(f"recipes/shapes/shapes_stage{n}.json" for n in range(3, 13)),
-                                  "digits.json", "shapes_tones.json", "inpaint_lora.json"])
+                                  "digits.json", "shapes_tones.json", "inpaint_lora.json", "lora_cross.json"])
 def test_shipped_configs_load(name):
     config = load_config(CONFIGS / name)
     assert config.train.steps > 0 and config.model.head_dim == sum(config.model.axes_dim)
