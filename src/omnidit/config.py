@@ -203,8 +203,8 @@ class TrainConfig:
     # With prior_preservation: the weight of those scenes' errors against the base in the batch's loss where their
     # caption was kept (each sample's mean error times it, the batch's mean as before), so that the conditional
     # velocity's drift from the base on known scenes costs more than the new shape's rows gain; rows whose caption
-    # was dropped keep 1 (train.prior_weight_dropped), so that the unconditional velocity, which guidance
-    # subtracts, may learn the new shape too. 1 = as the other rows.
+    # was dropped take train.prior_weight_dropped instead (default 1, so that the unconditional velocity, which
+    # guidance subtracts, may learn the new shape too). 1 = as the other rows.
     prior_weight: float = 1.0
     # With prior_preservation: the same for those scenes' rows whose caption was dropped (the unconditional velocity's
     # drift from the base); 1 = as the other rows.
