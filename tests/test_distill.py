@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,10 @@ from omnidit.checkpoint import list_checkpoints, load_model, read_safetensors
 from omnidit.condition import Condition
 from omnidit.distill import (
     dmd_generator_loss,
+    FeatureClassifier,
     fake_score_loss,
+    gan_classifier_loss,
+    gan_generator_loss,
     guidance_distillation_loss,
     guided_velocity,
     progressive_distillation_loss,
@@ -240,6 +244,99 @@ def test_dmd_one_step_generator_reaches_the_gaussian():
     assert abs(x.mean() - MEAN) < 0.03 and abs(x.std() - STD) < 0.03, (x.mean(), x.std())
 
 
+def test_gan_classifier_loss_is_least_at_the_log_density_ratio_and_2_log_2_where_data_agree():
+    # real N(0, 1), the student's N(1, 1): the best classifier is log p_real / p_fake = 0.5 - x.
+    g = torch.Generator().manual_seed(11)
+    real, fake = torch.randn(200_000, generator=g), 1 + torch.randn(200_000, generator=g)
+
+    def loss(w: float, c: float) -> float:
+        return float(gan_classifier_loss(w * real + c, w * fake + c))
+
+    best = loss(-1.0, 0.5)
+    for w, c in ((-0.7, 0.5), (-1.3, 0.5), (-1.0, 0.2), (-1.0, 0.8), (0.0, 0.0)):
+        assert loss(w, c) > best + 1e-3, (w, c)
+    assert loss(0.0, 0.0) == pytest.approx(2 * torch.log(torch.tensor(2.0)).item(), abs=1e-6)
+    same = torch.randn(200_000, generator=g)  # one distribution on both sides: no classifier beats D = 0
+    assert float(gan_classifier_loss(0.3 * same, 0.3 * torch.randn(200_000, generator=g))) > 2 * 0.6931 - 1e-3
+
+
+def test_gan_generator_loss_has_the_direct_gradient_and_none_on_the_classifier():
+    x0 = torch.randn(8, 4, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    noise = torch.randn(8, 4, 3, generator=torch.Generator().manual_seed(2))
+    t = torch.rand(8, generator=torch.Generator().manual_seed(3))
+    classifier = nn.Linear(3, 1)
+
+    def logits(x: Tensor, tt: Tensor) -> Tensor:
+        return classifier(x).squeeze(-1).mean(-1) * (1 + tt)
+
+    loss = gan_generator_loss(x0, logits, t, noise)
+    loss.backward()
+    assert classifier.weight.grad is None and classifier.bias.grad is None
+    direct_x0 = x0.detach().clone().requires_grad_(True)
+    direct = torch.nn.functional.softplus(-logits(interpolate(direct_x0, noise, t), t)).mean()
+    direct.backward()
+    assert float(loss.detach()) == pytest.approx(float(direct.detach()), rel=1e-6)
+    torch.testing.assert_close(x0.grad, direct_x0.grad)
+    with torch.no_grad():  # a step down the loss makes the samples look more real to the classifier
+        before, after = logits(interpolate(x0, noise, t), t), logits(interpolate(x0 - 0.1 * x0.grad / x0.grad.norm(),
+                                                                                 noise, t), t)
+    assert float(after.mean()) > float(before.mean())
+
+
+def test_a_gan_generator_and_classifier_reach_the_data_distribution():
+    # Generator x0 = b + s z against data N(MEAN, STD^2); the classifier sees noised samples at random t through
+    # the features (x_t, x_t^2, t x_t, t x_t^2, 1). Alternating updates, as distill.gan_weight trains them; the
+    # generator's parameters circle the answer, as a GAN's do, so their average over the second half is read (the
+    # student's EMA plays that part in omnidit distill).
+    b, s = torch.zeros((), requires_grad=True), torch.ones((), requires_grad=True)
+    w = torch.zeros(5, requires_grad=True)
+    gen_opt, cls_opt = torch.optim.Adam([b, s], lr=0.01, betas=(0.5, 0.9)), torch.optim.Adam([w], lr=0.05,
+                                                                                            betas=(0.5, 0.9))
+
+    def logits(x: Tensor, t: Tensor) -> Tensor:
+        tt = t.reshape(-1, 1, 1)
+        feats = torch.stack([x, x**2, tt * x, tt * x**2, torch.ones_like(x)], -1)
+        return (feats @ w).mean(dim=(1, 2))
+
+    history = []
+    for it in range(1500):
+        g = torch.Generator().manual_seed(it)
+        z, noise, data_noise = torch.randn(3, 256, 1, 1, generator=g).unbind(0)
+        data = MEAN + STD * torch.randn(256, 1, 1, generator=g)
+        t = 0.6 * torch.rand(256, generator=g)
+        x0 = b + s * z
+        cls_loss = gan_classifier_loss(logits(interpolate(data, data_noise, t), t),
+                                       logits(interpolate(x0.detach(), noise, t), t))
+        cls_opt.zero_grad()
+        cls_loss.backward()
+        cls_opt.step()
+        gen_opt.zero_grad()
+        gan_generator_loss(x0, logits, t, noise).backward()
+        gen_opt.step()
+        history.append((float(b.detach()), abs(float(s.detach()))))
+    mean, std = torch.tensor(history[750:]).mean(0).tolist()
+    assert abs(mean - MEAN) < 0.03 and abs(std - STD) < 0.03, (mean, std)
+
+
+def test_the_feature_classifier_starts_undecided_and_reads_the_models_last_hidden_states():
+    model = tiny_model(guidance=False)
+    classifier = FeatureClassifier(model.config.hidden_size)
+    classifier.attach(model)
+    assert any(k.startswith("gan_classifier.") for k in model.state_dict())
+    x = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))  # 4x4 one-channel images, patch 2
+    cond = Condition(labels=torch.tensor([0, 1, 2]))
+    ids = torch.zeros(1, 4, 3)
+    ids[0, :, 1], ids[0, :, 2] = torch.tensor([0.0, 0, 1, 1]), torch.tensor([0.0, 1, 0, 1])
+    model(x, ids, torch.full((3,), 0.5), cond)
+    assert classifier.logits.shape == (3,) and classifier.logits.abs().max() == 0  # zero last layer: logit 0
+    torch.nn.init.normal_(classifier.net[-1].weight, generator=torch.Generator().manual_seed(1))
+    model(x, ids, torch.full((3,), 0.5), cond)
+    first = classifier.logits.clone()
+    model(x[[1, 0, 2]], ids, torch.full((3,), 0.5), cond)  # per sample: its own tokens and condition
+    assert not torch.allclose(first, classifier.logits)
+    assert torch.allclose(first[2], classifier.logits[2], atol=1e-6)
+
+
 # ---- guidance distillation on a tiny model ---------------------------------------------------------
 def tiny_model(guidance: bool) -> MMDiT:
     cfg = MMDiTConfig(in_channels=1, patch_size=2, hidden_size=32, num_heads=2, depth=1, depth_single=1,
@@ -386,6 +483,23 @@ def test_dmds_regression_term_adds_its_weight_times_a_positive_loss_on_generator
     assert one[1] == plain[1] == three[1] == 0  # a fake-only step: the generator's loss is not computed
 
 
+def test_dmd2s_gan_term_adds_log_2_at_an_undecided_classifier_that_trains_inside_the_fake(digits_teacher, tmp_path):
+    # The classifier's last layer starts at zero: logit 0 for every sample, so the first (generator) step's loss
+    # gains exactly gan_weight * softplus(0) = gan_weight * log 2; the fake-only step after it is untouched.
+    def run(name: str, weight: float) -> tuple[list[float], Path]:
+        extra = ["train.steps=2", "distill.student_steps=2", "distill.generator_every=2", f"distill.gan_weight={weight}"]
+        final = run_distill(digits_teacher, tmp_path / name, "dmd", *extra)
+        rows = [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r], final
+
+    (plain, _), (gan, final) = run("plain", 0), run("gan", 0.5)
+    assert gan[0] - plain[0] == pytest.approx(0.5 * math.log(2), rel=1e-4)
+    assert gan[1] == plain[1] == 0
+    fake = {k: v for k, v in final_state(tmp_path / "gan").items() if k.startswith("state/fake/gan_classifier.")}
+    assert fake and any(v.abs().max() > 0 for k, v in fake.items() if k.endswith("net.3.weight"))  # it has trained
+    assert not any("gan_classifier" in k for k in read_safetensors(final / "model.safetensors"))  # the student's own
+
+
 def test_a_fast_preset_samples_with_the_models_guidance_distilled_twin(digits_teacher, tmp_path, monkeypatch):
     from omnidit import checkpoint, quantize
     from omnidit.errors import OmniditError
@@ -481,8 +595,9 @@ def final_state(run: Path) -> dict[str, Tensor]:
                if not k.startswith("rng/")}}
 
 
-def test_dmd_resumes_exactly_with_its_fake_denoiser(digits_teacher, tmp_path):
-    extra = ["distill.student_steps=2", "distill.generator_every=2", "train.checkpoint_every=3"]
+@pytest.mark.parametrize("gan", [[], ["distill.gan_weight=0.5"]])
+def test_dmd_resumes_exactly_with_its_fake_denoiser(digits_teacher, tmp_path, gan):
+    extra = ["distill.student_steps=2", "distill.generator_every=2", "train.checkpoint_every=3", *gan]
     run_distill(digits_teacher, tmp_path / "straight", "dmd", "train.steps=6", *extra)
     run_distill(digits_teacher, tmp_path / "halves", "dmd", "train.steps=3", *extra)
     run_distill(digits_teacher, tmp_path / "halves", "dmd", "train.steps=6", *extra)
@@ -550,6 +665,8 @@ def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teach
     (["TEACHER", "--method", "dmd", "distill.dmd_t_range=[0.5]"], "distill.dmd_t_range must be [LO, HI]"),
     (["TEACHER", "--method", "dmd", "train.grad_accum=2"], "distillation takes one batch per step"),
     (["TEACHER", "--method", "progressive", "distill.regression_weight=1"], "is DMD's regression term, not a"),
+    (["TEACHER", "--method", "regression", "distill.gan_weight=1"], "is DMD2's GAN term, not a setting of"),
+    (["TEACHER", "--method", "dmd", "distill.gan_weight=-1"], "'distill.gan_weight' must be >= 0"),
 ])
 def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_path, capsys, args, message):
     # In-process (test_cli.py's fresh-process test covers the command line's own start-up and exit code).
@@ -571,11 +688,14 @@ _SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize("method, parallel", [pytest.param("progressive", "ddp", marks=_SLOW),
                                               pytest.param("dmd", "ddp", marks=_SLOW),
+                                              pytest.param("dmd-gan", "ddp", marks=_SLOW),
                                               pytest.param("regression", "ddp", marks=_SLOW),
-                                              ("progressive", "fsdp"), ("dmd", "fsdp"), ("regression", "fsdp")])
+                                              ("progressive", "fsdp"), ("dmd", "fsdp"), ("dmd-gan", "fsdp"),
+                                              ("regression", "fsdp")])
 def test_two_processes_follow_the_single_process_distillation(digits_teacher, tmp_path, method, parallel):
     # progressive: a stage teacher from step 2 (a frozen copy of the EMA, sharded under FSDP); dmd: the fake
-    # denoiser and its optimizer; both saved as full state dicts and equal to one process's; regression: the pairs
+    # denoiser and its optimizer (dmd-gan: with DMD2's classifier inside it, the data's rows split between the
+    # processes like the samples'); both saved as full state dicts and equal to one process's; regression: the pairs
     # drawn by both processes (each its rows of a chunk) equal one process's. Under FSDP progressive and dmd run
     # the last step again from the checkpoint of step 3, so that the sharded stage teacher and fake load from it.
     import shutil
@@ -584,6 +704,8 @@ def test_two_processes_follow_the_single_process_distillation(digits_teacher, tm
 
     steps = ["train.steps=4", "train.checkpoint_every=3", "distill.teacher_steps=8", "distill.student_steps=2",
              "distill.generator_every=2", "distill.pairs=40", f"train.parallel={parallel}"]
+    if method == "dmd-gan":
+        method, steps = "dmd", [*steps, "distill.gan_weight=0.5"]
     single, double = tmp_path / "one", tmp_path / "two"
     subprocess.run(distill_cmd(digits_teacher, single, method, *steps), check=True, env=env(), capture_output=True,
                    timeout=300)

@@ -362,16 +362,23 @@ class DistillConfig:
     # dmd: DMD's regression term (Yin et al. 2024, eq. 9, lambda_reg): this weight times the regression loss on
     # distill.pairs teacher pairs (drawn into OUT/pairs as for regression) joins the generator's loss; 0 = off
     regression_weight: float = 0.0
+    # dmd: DMD2's GAN term (Yin et al. 2024b, §4.3): a classifier on the fake denoiser's last hidden states tells
+    # noised real data from the student's noised samples; gan_weight scales the generator's (non-saturating) loss,
+    # 0 = off (DMD2 used 3e-3 on ImageNet); gan_classifier_weight scales the classifier's loss, which joins the fake
+    # denoiser's (DMD2's 1e-2)
+    gan_weight: float = 0.0
+    gan_classifier_weight: float = 0.01
 
     def __post_init__(self) -> None:
         if self.method not in ("", *DISTILL_METHODS):
             raise OmniditError(f"unknown distillation method '{self.method}'",
                                hint=f"choose one of {', '.join(DISTILL_METHODS)}")
         _check_ranges("distill", self, positive=("student_steps", "teacher_steps", "fake_lr_ratio", "generator_every",
-                                                 "pairs"), non_negative=("regression_weight",))
-        if self.regression_weight and self.method != "dmd":
-            raise OmniditError(f"distill.regression_weight is DMD's regression term, not a setting of "
-                               f"'{self.method or 'training'}'", hint="use it with --method dmd, or drop it")
+                                                 "pairs"), non_negative=("regression_weight", "gan_weight", "gan_classifier_weight"))
+        for key, what in (("regression_weight", "DMD's regression term"), ("gan_weight", "DMD2's GAN term")):
+            if getattr(self, key) and self.method != "dmd":
+                raise OmniditError(f"distill.{key} is {what}, not a setting of '{self.method or 'training'}'",
+                                   hint="use it with --method dmd, or drop it")
         if self.guidance and (len(self.guidance) != 2 or not 0 <= self.guidance[0] <= self.guidance[1]):
             raise OmniditError(f"distill.guidance must be [LO, HI] with 0 <= LO <= HI, got {self.guidance}",
                                hint="e.g. distill.guidance=[1,6], or [4,4] for one scale")

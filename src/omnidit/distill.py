@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from omnidit.flow import interpolate, training_loss
 
@@ -110,3 +110,50 @@ def fake_score_loss(fake: Velocity, x0: Tensor, t: Tensor, noise: Tensor) -> Ten
     """The fake denoiser's objective in DMD (Yin et al. 2024, eq. 6; DMD2 §4.1): the ordinary flow-matching loss on
     the student's samples (detached), so that it tracks the distribution the student produces now."""
     return training_loss(lambda x, tt, _cond: fake(x, tt), x0.detach(), None, t, noise)
+
+
+def gan_classifier_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """The classifier's loss in DMD2's GAN term (Yin et al. 2024b, "Improved Distribution Matching Distillation for
+    Fast Image Synthesis", eq. 6, the non-saturating GAN of Goodfellow et al. 2014): E[softplus(-D(real))] +
+    E[softplus(D(fake))] over logits (B,) of noised real data and of the student's noised samples. Its minimum over
+    D is at D = log p_real / p_fake; where the two distributions agree it is 2 log 2, at D = 0."""
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+def gan_generator_loss(x0: Tensor, logits: Callable[[Tensor, Tensor], Tensor], t: Tensor, noise: Tensor) -> Tensor:
+    """The student's side of DMD2's GAN term (eq. 5): E[softplus(-D(x_t))], x_t = (1 - t) x0 + t noise.
+
+    x0: (B, N, D) the student's samples, with their graph; ``logits(x_t, t)`` -> (B,) the classifier's. The value
+    is that mean; its gradient reaches x0 only (exactly d/dx0 of the mean), never the classifier's weights, which
+    train on ``gan_classifier_loss`` alone: the gradient with respect to x_t is taken first with
+    torch.autograd.grad, and the loss is its surrogate <x0, (1 - t) grad>, as dmd_generator_loss's is."""
+    x_t = interpolate(x0.detach(), noise, t).requires_grad_(True)
+    with torch.enable_grad():
+        value = F.softplus(-logits(x_t, t).float()).mean()
+        (grad,) = torch.autograd.grad(value, x_t)
+    surrogate = (x0.float() * (_rows(1 - t, x0) * grad).float().detach()).sum()
+    return value.detach() + surrogate - surrogate.detach()
+
+
+class FeatureClassifier(nn.Module):
+    """DMD2's classification branch (§4.3): a per-token MLP on a denoiser's last hidden states (the input of its
+    output layer, (B, N, D)), averaged over the tokens into one logit per sample (B,). ``attach`` makes it a part
+    of the fake denoiser: it runs inside the fake's forward (so FSDP gathers its weights there), sees what the fake
+    sees (the caption, the time), and is saved, optimised and wrapped with the fake. The last layer starts at zero:
+    logit 0, the classifier that cannot tell."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim, elementwise_affine=False), nn.Linear(dim, dim), nn.SiLU(),
+                                 nn.Linear(dim, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+        self.logits: Tensor | None = None  # (B,) of the model's latest forward
+
+    def attach(self, model: nn.Module) -> None:
+        """Register on ``model`` (an MMDiT) as ``model.gan_classifier``, reading its final layer's input."""
+        model.gan_classifier = self
+        model.final_layer.register_forward_hook(self._read)
+
+    def _read(self, _module: nn.Module, inputs: tuple, _output: Tensor) -> None:
+        self.logits = self.net(inputs[0]).squeeze(-1).float().mean(dim=-1)

@@ -11,7 +11,9 @@ lives in omnidit.distill; this module draws the batches, runs the teacher and ke
   the student's EMA becomes the next stage's teacher (kept in the checkpoints for exact resume).
 - ``dmd``: distribution matching with a fake denoiser trained online on the student's samples (two time-scale
   updates: the generator steps every distill.generator_every-th step), with backward simulation for N steps;
-  with distill.regression_weight > 0 the generator's loss adds DMD's regression term on teacher pairs (below).
+  with distill.regression_weight > 0 the generator's loss adds DMD's regression term on teacher pairs (below), with
+  distill.gan_weight > 0 DMD2's GAN term: a classifier on the fake denoiser's features tells the data from the
+  student's samples.
 - ``regression``: distill.pairs teacher samples are drawn once, each from its own noise with the teacher's sampler
   (OUT/pairs, in chunks, so an interrupted run keeps what it made); the student's N Euler steps from a pair's
   noise must land on its sample.
@@ -32,9 +34,12 @@ from omnidit import distributed as D
 from omnidit.condition import Condition
 from omnidit.config import Config, apply_overrides, config_from_dict, parse_override
 from omnidit.distill import (
+    FeatureClassifier,
     Velocity,
     dmd_generator_loss,
     fake_score_loss,
+    gan_classifier_loss,
+    gan_generator_loss,
     guidance_distillation_loss,
     guided_velocity,
     progressive_distillation_loss,
@@ -164,11 +169,14 @@ class Distiller(Trainer):
         self.shift = config.sample.shift
         self.stage_teacher: MMDiT | None = None  # progressive: the teacher of the current stage after the first
         self.stage = 0
-        self.fake = self.fake_optimizer = None
+        self.fake = self.fake_optimizer = self.classifier = None
         if dc.method == "dmd":  # the fake denoiser starts as the teacher's weights (initialise_from)
             torch.manual_seed(config.train.seed + 1)
             fake = MMDiT(config.model)
             fake.load_state_dict(initial_weights(dc.teacher, config)[1])  # it starts as the teacher (resume overwrites)
+            if dc.gan_weight:  # DMD2's classifier: part of the fake (its weights, optimizer and checkpoints)
+                self.classifier = FeatureClassifier(config.model.hidden_size)
+                self.classifier.attach(fake)
             self.fake = D.wrap_model(fake.to(self.device), self.world, config.train.parallel)
             self.fake_optimizer = make_optimizer(self.fake, config.train.lr * dc.fake_lr_ratio,
                                                  config.train.weight_decay, self.device)
@@ -327,7 +335,7 @@ class Distiller(Trainer):
             loss = regression_loss(student, noise, x0, timestep_schedule(dc.student_steps, self.shift).to(x0.device))
             fake_loss = None
         else:
-            loss, fake_loss = self._dmd_losses(batch, mine, cond, scale, noise)
+            loss, fake_loss = self._dmd_losses(batch, mine, cond, scale, noise, x0)
             if pair is not None:  # DMD's eq. 9: L = L_DMD + lambda_reg * L_reg, on the generator's steps
                 target, pair_noise, pair_scale, pair_cond = pair
                 grid = timestep_schedule(dc.student_steps, self.shift).to(target.device)
@@ -367,10 +375,12 @@ class Distiller(Trainer):
         self.step += 1
         return values[0], values[1]
 
-    def _dmd_losses(self, batch: int, mine: slice, cond: Condition, scale: Tensor, noise: Tensor
+    def _dmd_losses(self, batch: int, mine: slice, cond: Condition, scale: Tensor, noise: Tensor, real: Tensor
                     ) -> tuple[Tensor, Tensor]:
         """(generator loss, fake denoiser loss) of one DMD step. The student's sample comes from backward
-        simulation (DMD2 §4.5): i steps of its own sampler without gradients, then its clean estimate at t_i."""
+        simulation (DMD2 §4.5): i steps of its own sampler without gradients, then its clean estimate at t_i.
+        ``real``: (B, N, D) the data of this batch's captions, which DMD2's classifier (distill.gan_weight) tells
+        from the student's samples."""
         dc, g = self.config.distill, self.generator
         n = dc.student_steps
         grid = timestep_schedule(n, self.shift).to(self.device)
@@ -394,11 +404,32 @@ class Distiller(Trainer):
             x0 = x - t_i.reshape(-1, 1, 1) * self.student_velocity(self.model, cond, scale)(x, t_i)
         fake = self.student_velocity(self.fake, cond, scale)
         if self.generator_updated:
-            real = self.teacher_velocity(self.teacher, cond, scale)
-            loss = dmd_generator_loss(x0, real, fake, t_score, score_noise)
+            loss = dmd_generator_loss(x0, self.teacher_velocity(self.teacher, cond, scale), fake, t_score,
+                                      score_noise)
+            if self.classifier is not None:
+                loss = loss + dc.gan_weight * gan_generator_loss(x0, self._logits(cond, scale), t_score, score_noise)
         else:
             loss = x0.sum() * 0.0  # logged as 0 on the fake-only steps
-        return loss, fake_score_loss(fake, x0, t_fake, fake_noise)
+        if self.classifier is None:
+            return loss, fake_score_loss(fake, x0, t_fake, fake_noise)
+        # The classifier reads the fake's features: the data's rows, noised as the samples are, ride in its forward.
+        real_t = interpolate(real, fake_noise, t_fake)
+        both = self.student_velocity(self.fake, Condition.cat([cond, cond]), torch.cat([scale, scale]))
+        fake_loss = fake_score_loss(lambda x, t: both(torch.cat([x, real_t]), torch.cat([t, t]))[:len(x)], x0,
+                                    t_fake, fake_noise)
+        sample_logits, real_logits = self.classifier.logits.chunk(2)
+        return loss, fake_loss + dc.gan_classifier_weight * gan_classifier_loss(real_logits, sample_logits)
+
+    def _logits(self, cond: Condition, scale: Tensor):
+        """The classifier's logits (B,) as a function of (x_t, t), through the fake's own module (not its DDP
+        wrapper: the generator's GAN gradient reaches the samples only, no weight of the fake)."""
+        fake = self.student_velocity(D.unwrap(self.fake), cond, scale)
+
+        def logits(x: Tensor, t: Tensor) -> Tensor:
+            fake(x, t)
+            return self.classifier.logits
+
+        return logits
 
     # ---- extra state: the stage teacher, the fake denoiser ---------------------------------------
     def extra_state(self) -> tuple[dict[str, Tensor], dict]:
