@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from omnidit.checkpoint import list_checkpoints, load_model, read_safetensors
 from omnidit.condition import Condition
 from omnidit.distill import (
-    dmd_generator_loss,
     FeatureClassifier,
+    dmd_generator_loss,
     fake_score_loss,
     gan_classifier_loss,
     gan_generator_loss,
@@ -487,7 +487,8 @@ def test_dmd2s_gan_term_adds_log_2_at_an_undecided_classifier_that_trains_inside
     # The classifier's last layer starts at zero: logit 0 for every sample, so the first (generator) step's loss
     # gains exactly gan_weight * softplus(0) = gan_weight * log 2; the fake-only step after it is untouched.
     def run(name: str, weight: float) -> tuple[list[float], Path]:
-        extra = ["train.steps=2", "distill.student_steps=2", "distill.generator_every=2", f"distill.gan_weight={weight}"]
+        extra = ["train.steps=2", "distill.student_steps=2", "distill.generator_every=2",
+                 f"distill.gan_weight={weight}"]
         final = run_distill(digits_teacher, tmp_path / name, "dmd", *extra)
         rows = [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in rows if "loss" in r], final
@@ -498,6 +499,53 @@ def test_dmd2s_gan_term_adds_log_2_at_an_undecided_classifier_that_trains_inside
     fake = {k: v for k, v in final_state(tmp_path / "gan").items() if k.startswith("state/fake/gan_classifier.")}
     assert fake and any(v.abs().max() > 0 for k, v in fake.items() if k.endswith("net.3.weight"))  # it has trained
     assert not any("gan_classifier" in k for k in read_safetensors(final / "model.safetensors"))  # the student's own
+
+
+def test_dmd2s_classifier_learns_to_rate_the_batchs_data_above_the_students_samples(digits_teacher, tmp_path,
+                                                                                   monkeypatch):
+    # The trainer feeds the classifier the data's rows and the samples' in one pass of the fake: were the two
+    # halves swapped, it would learn to rate the samples higher and the generator would be pushed off the data.
+    from omnidit import distill_train
+
+    gaps = []
+
+    def recorded(real_logits: Tensor, sample_logits: Tensor) -> Tensor:
+        gaps.append(float(real_logits.mean() - sample_logits.mean()))
+        return gan_classifier_loss(real_logits, sample_logits)
+
+    monkeypatch.setattr(distill_train, "gan_classifier_loss", recorded)
+    run_distill(digits_teacher, tmp_path / "gan", "dmd", "train.steps=12", "train.lr=1e-3", "train.warmup_steps=0",
+                "distill.student_steps=2", "distill.generator_every=2", "distill.gan_weight=0.1",
+                "distill.gan_classifier_weight=1")
+    assert len(gaps) == 12 and gaps[0] == 0  # the zero last layer: undecided at first
+    assert min(gaps[-4:]) > 0.05, gaps
+    rows = [json.loads(r) for r in (tmp_path / "gan" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]  # every log_every steps: the window's means
+    assert all({"fake_loss", "fake_grad_norm", "classifier_gap"} <= set(r) for r in logged)
+    assert logged[-1]["classifier_gap"] > 0.05
+
+
+def test_a_submodule_apart_gets_the_last_two_parameter_groups():
+    from omnidit.optim import parameter_groups
+
+    model = tiny_model(guidance=False)
+    classifier = FeatureClassifier(model.config.hidden_size)
+    classifier.attach(model)
+    groups = parameter_groups(model, 0.1, apart=classifier)
+    ids = [[id(p) for p in g["params"]] for g in groups]
+    assert len(groups) == 4 and sum(map(len, ids)) == len(list(model.parameters()))
+    assert set(ids[2] + ids[3]) == {id(p) for p in classifier.parameters()}
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1, 0.0]
+    assert len(parameter_groups(model, 0.1)) == 2
+
+
+def test_a_dmd_run_keeps_its_gan_term_on_or_off_when_it_resumes(digits_teacher, tmp_path):
+    from omnidit.errors import OmniditError
+
+    extra = ["distill.student_steps=2", "distill.generator_every=2", "train.checkpoint_every=2"]
+    run_distill(digits_teacher, tmp_path / "plain", "dmd", "train.steps=2", *extra)
+    with pytest.raises(OmniditError, match="started without DMD2's GAN term"):
+        run_distill(digits_teacher, tmp_path / "plain", "dmd", "train.steps=4", "distill.gan_weight=0.5", *extra)
 
 
 def test_a_fast_preset_samples_with_the_models_guidance_distilled_twin(digits_teacher, tmp_path, monkeypatch):
@@ -667,6 +715,8 @@ def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teach
     (["TEACHER", "--method", "progressive", "distill.regression_weight=1"], "is DMD's regression term, not a"),
     (["TEACHER", "--method", "regression", "distill.gan_weight=1"], "is DMD2's GAN term, not a setting of"),
     (["TEACHER", "--method", "dmd", "distill.gan_weight=-1"], "'distill.gan_weight' must be >= 0"),
+    (["TEACHER", "--method", "dmd", "distill.gan_weight=1", "distill.gan_classifier_weight=0"],
+     "needs a classifier that learns"),
 ])
 def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_path, capsys, args, message):
     # In-process (test_cli.py's fresh-process test covers the command line's own start-up and exit code).

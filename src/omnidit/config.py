@@ -368,17 +368,24 @@ class DistillConfig:
     # denoiser's (DMD2's 1e-2)
     gan_weight: float = 0.0
     gan_classifier_weight: float = 0.01
+    # dmd's GAN term: the classifier's learning rate over the fake denoiser's (DMD2 shares one; a short run on a
+    # CPU may need the classifier to learn faster than the denoiser it sits on)
+    gan_lr_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in ("", *DISTILL_METHODS):
             raise OmniditError(f"unknown distillation method '{self.method}'",
                                hint=f"choose one of {', '.join(DISTILL_METHODS)}")
         _check_ranges("distill", self, positive=("student_steps", "teacher_steps", "fake_lr_ratio", "generator_every",
-                                                 "pairs"), non_negative=("regression_weight", "gan_weight", "gan_classifier_weight"))
+                                                 "pairs", "gan_lr_ratio"),
+                      non_negative=("regression_weight", "gan_weight", "gan_classifier_weight"))
         for key, what in (("regression_weight", "DMD's regression term"), ("gan_weight", "DMD2's GAN term")):
             if getattr(self, key) and self.method != "dmd":
                 raise OmniditError(f"distill.{key} is {what}, not a setting of '{self.method or 'training'}'",
                                    hint="use it with --method dmd, or drop it")
+        if self.gan_weight and not self.gan_classifier_weight:
+            raise OmniditError("distill.gan_weight needs a classifier that learns: distill.gan_classifier_weight is 0",
+                               hint="give distill.gan_classifier_weight > 0 (default 0.01)")
         if self.guidance and (len(self.guidance) != 2 or not 0 <= self.guidance[0] <= self.guidance[1]):
             raise OmniditError(f"distill.guidance must be [LO, HI] with 0 <= LO <= HI, got {self.guidance}",
                                hint="e.g. distill.guidance=[1,6], or [4,4] for one scale")

@@ -114,14 +114,14 @@ def fake_score_loss(fake: Velocity, x0: Tensor, t: Tensor, noise: Tensor) -> Ten
 
 def gan_classifier_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """The classifier's loss in DMD2's GAN term (Yin et al. 2024b, "Improved Distribution Matching Distillation for
-    Fast Image Synthesis", eq. 6, the non-saturating GAN of Goodfellow et al. 2014): E[softplus(-D(real))] +
+    Fast Image Synthesis", §4.3; the non-saturating GAN of Goodfellow et al. 2014): E[softplus(-D(real))] +
     E[softplus(D(fake))] over logits (B,) of noised real data and of the student's noised samples. Its minimum over
     D is at D = log p_real / p_fake; where the two distributions agree it is 2 log 2, at D = 0."""
     return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
 
 
 def gan_generator_loss(x0: Tensor, logits: Callable[[Tensor, Tensor], Tensor], t: Tensor, noise: Tensor) -> Tensor:
-    """The student's side of DMD2's GAN term (eq. 5): E[softplus(-D(x_t))], x_t = (1 - t) x0 + t noise.
+    """The student's side of DMD2's GAN term (§4.3): E[softplus(-D(x_t))], x_t = (1 - t) x0 + t noise.
 
     x0: (B, N, D) the student's samples, with their graph; ``logits(x_t, t)`` -> (B,) the classifier's. The value
     is that mean; its gradient reaches x0 only (exactly d/dx0 of the mean), never the classifier's weights, which
@@ -148,12 +148,23 @@ class FeatureClassifier(nn.Module):
                                  nn.Linear(dim, 1))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
-        self.logits: Tensor | None = None  # (B,) of the model's latest forward
+        self.logits: Tensor | None = None  # (B,) of the model's latest forward with gradients enabled
+        self.hook = None
 
     def attach(self, model: nn.Module) -> None:
         """Register on ``model`` (an MMDiT) as ``model.gan_classifier``, reading its final layer's input."""
+        if self.hook is not None:
+            raise RuntimeError("this classifier is attached already")
         model.gan_classifier = self
-        model.final_layer.register_forward_hook(self._read)
+        self.hook = model.final_layer.register_forward_hook(self._read)
+
+    def take(self) -> Tensor:
+        """The logits (B,) of the latest forward, read once (a second read without a forward between is a bug)."""
+        logits, self.logits = self.logits, None
+        if logits is None:
+            raise RuntimeError("no logits: the model has not run with gradients enabled since they were last read")
+        return logits
 
     def _read(self, _module: nn.Module, inputs: tuple, _output: Tensor) -> None:
-        self.logits = self.net(inputs[0]).squeeze(-1).float().mean(dim=-1)
+        # The no-grad passes (DMD's scores) need no logits; the others do, even those differentiated to x only.
+        self.logits = self.net(inputs[0]).squeeze(-1).float().mean(dim=-1) if torch.is_grad_enabled() else None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -179,8 +179,9 @@ class Distiller(Trainer):
                 self.classifier.attach(fake)
             self.fake = D.wrap_model(fake.to(self.device), self.world, config.train.parallel)
             self.fake_optimizer = make_optimizer(self.fake, config.train.lr * dc.fake_lr_ratio,
-                                                 config.train.weight_decay, self.device)
+                                                 config.train.weight_decay, self.device, apart=self.classifier)
         self.generator_updated = True  # dmd: whether the last step updated the student (else the fake only)
+        self.classifier_gap = torch.zeros(())  # dmd's GAN term: mean logit of the data minus the samples', logged
         self.pairs = self.make_pairs(teacher_weights) if uses_pairs else None
         if dc.method == "regression":
             self.teacher = None  # the pairs hold all that regression needs of it
@@ -353,7 +354,11 @@ class Distiller(Trainer):
         if fake_loss is not None:
             fake_norm = D.clip_gradients(self.fake, max_norm)
             values += [D.all_reduce_mean(fake_loss.detach(), world), fake_norm.to(loss)]
+        if self.classifier is not None:  # this rank's rows: for the log only
+            values.append(self.classifier_gap.to(loss))
         values = torch.stack(values).tolist()  # one host sync per step
+        names = ("fake_loss", "fake_grad_norm", "classifier_gap")  # logged beside the student's loss
+        self.side_metrics = dict(zip(names, values[2:]))
         if all(math.isfinite(v) for v in values):
             lr = learning_rate(self.step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.lr_min_ratio,
                                tc.lr_decay_steps)
@@ -363,8 +368,8 @@ class Distiller(Trainer):
                 self.optimizer.step()
                 update_ema(self.ema, self.model, ema_decay_at(self.step, tc.ema_decay))
             if fake_loss is not None:
-                for group in self.fake_optimizer.param_groups:
-                    group["lr"] = lr * dc.fake_lr_ratio
+                for i, group in enumerate(self.fake_optimizer.param_groups):  # groups 2, 3: the classifier's
+                    group["lr"] = lr * dc.fake_lr_ratio * (dc.gan_lr_ratio if i >= 2 else 1.0)
                 self.fake_optimizer.step()
             self.bad_steps = 0
         else:
@@ -417,17 +422,19 @@ class Distiller(Trainer):
         both = self.student_velocity(self.fake, Condition.cat([cond, cond]), torch.cat([scale, scale]))
         fake_loss = fake_score_loss(lambda x, t: both(torch.cat([x, real_t]), torch.cat([t, t]))[:len(x)], x0,
                                     t_fake, fake_noise)
-        sample_logits, real_logits = self.classifier.logits.chunk(2)
+        sample_logits, real_logits = self.classifier.take().chunk(2)  # the rows' order: samples, then data
+        self.classifier_gap = (real_logits.mean() - sample_logits.mean()).detach()
         return loss, fake_loss + dc.gan_classifier_weight * gan_classifier_loss(real_logits, sample_logits)
 
-    def _logits(self, cond: Condition, scale: Tensor):
-        """The classifier's logits (B,) as a function of (x_t, t), through the fake's own module (not its DDP
-        wrapper: the generator's GAN gradient reaches the samples only, no weight of the fake)."""
+    def _logits(self, cond: Condition, scale: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+        """The classifier's logits (B,) as a function of (x_t, t). The pass runs through the fake's own module, not
+        its DDP wrapper: it is differentiated to x_t alone (gan_generator_loss), and a wrapped forward with
+        gradients on and no backward through its weights would leave DDP's reducer waiting for them."""
         fake = self.student_velocity(D.unwrap(self.fake), cond, scale)
 
         def logits(x: Tensor, t: Tensor) -> Tensor:
             fake(x, t)
-            return self.classifier.logits
+            return self.classifier.take()
 
         return logits
 
@@ -458,6 +465,12 @@ class Distiller(Trainer):
             D.load_full_state(self.stage_teacher, teacher)
         if self.fake is not None:
             fake = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("fake/")}
+            saved = any(k.startswith("gan_classifier.") for k in fake)
+            if saved != (self.classifier is not None):
+                raise OmniditError(f"this DMD run was {'started with' if saved else 'started without'} DMD2's GAN "
+                                   "term (distill.gan_weight); a run keeps it on or off to the end",
+                                   hint=f"resume it {'with' if saved else 'without'} distill.gan_weight, or start a "
+                                        "new run (train.init_from the student)")
             flat = {k[len("fake_"):]: v for k, v in tensors.items() if k.startswith("fake_optim/")}
             state = optimizer_state_from_flat(flat, meta["fake_optimizer"])
             if all(isinstance(k, int) for group in state["param_groups"] for k in group["params"]):

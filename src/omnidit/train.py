@@ -162,6 +162,7 @@ class Trainer:
         self.counterfactual_generator = torch.Generator().manual_seed(tc.seed + 1_000_003)
         self.step, self.bad_steps = 0, 0
         self.counterfactual_loss: float | None = None  # the last step's, when train.counterfactual_weight > 0
+        self.side_metrics: dict[str, float] = {}  # the last step's other values to log (a distillation's fake loss)
         f = self.codec.downsample * mc.patch_size
         self.grid = (dc.height // f, dc.width // f)  # the token grid (latent pixels / patch)
         self.ids = video_position_ids(dc.frames, *self.grid, dc.fps, mc.temporal_patch, len(mc.axes_dim),
@@ -609,7 +610,7 @@ class Trainer:
         board = _tensorboard(self.out_dir) if main and tc.tensorboard else None
         bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         window_start, window_losses, window_steps = time.perf_counter(), [], 0
-        window_cf: list[float] = []
+        window_side: dict[str, list[float]] = {}  # the counterfactual loss and side_metrics, averaged like the loss
         try:
             while self.step < tc.steps:
                 loss, grad_norm = self.train_step()
@@ -617,8 +618,11 @@ class Trainer:
                     self._report_bad_step(loss, grad_norm, log)
                 else:
                     window_losses.append(loss)
+                    side = dict(self.side_metrics)
                     if self.counterfactual_loss is not None:
-                        window_cf.append(self.counterfactual_loss)
+                        side["counterfactual_loss"] = self.counterfactual_loss
+                    for key, value in side.items():
+                        window_side.setdefault(key, []).append(value)
                 window_steps += 1
                 bar.update(1)
                 elapsed = time.perf_counter() - window_start
@@ -628,14 +632,13 @@ class Trainer:
                     record = {"step": self.step, "loss": sum(window_losses) / len(window_losses),
                               "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                               "images_per_s": round(images_per_s, 2), "time": round(time.time(), 1)}
-                    if window_cf:
-                        record["counterfactual_loss"] = sum(window_cf) / len(window_cf)
+                    record.update({key: sum(values) / len(values) for key, values in window_side.items()})
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     if board is not None:
                         for key in ("loss", "lr", "grad_norm", "images_per_s"):
                             board.add_scalar(f"train/{key}", record[key], self.step)
-                    window_start, window_losses, window_steps, window_cf = time.perf_counter(), [], 0, []
+                    window_start, window_losses, window_steps, window_side = time.perf_counter(), [], 0, {}
                 checkpoint_due = self.step % tc.checkpoint_every == 0 or self.step == tc.steps
                 if checkpoint_due:  # before the evaluation, so that a failing evaluation loses no training
                     self.save()
