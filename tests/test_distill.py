@@ -516,13 +516,13 @@ def test_dmd2s_classifier_learns_to_rate_the_batchs_data_above_the_students_samp
     monkeypatch.setattr(distill_train, "gan_classifier_loss", recorded)
     run_distill(digits_teacher, tmp_path / "gan", "dmd", "train.steps=12", "train.lr=1e-3", "train.warmup_steps=0",
                 "distill.student_steps=2", "distill.generator_every=2", "distill.gan_weight=0.1",
-                "distill.gan_classifier_weight=1")
+                "distill.gan_classifier_weight=1", "distill.gan_lr_ratio=10")
     assert len(gaps) == 12 and gaps[0] == 0  # the zero last layer: undecided at first
-    assert min(gaps[-4:]) > 0.05, gaps
+    assert min(gaps[-4:]) > 0.3, gaps
     rows = [json.loads(r) for r in (tmp_path / "gan" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "loss" in r]  # every log_every steps: the window's means
     assert all({"fake_loss", "fake_grad_norm", "classifier_gap"} <= set(r) for r in logged)
-    assert logged[-1]["classifier_gap"] > 0.05
+    assert logged[-1]["classifier_gap"] > 0.3
 
 
 def test_a_submodule_apart_gets_the_last_two_parameter_groups():
@@ -732,7 +732,7 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_pa
 
 
 # The DDP runs are in the slow target (pytest -m slow) to keep the default suite within CI's 10 minutes; the FSDP runs,
-# which shard every model of the run and resume from a checkpoint, stay in it.
+# which shard every model of the run and resume from a checkpoint, stay in it, but for DMD with its GAN term (slow).
 _SLOW = pytest.mark.slow
 
 
@@ -740,8 +740,8 @@ _SLOW = pytest.mark.slow
                                               pytest.param("dmd", "ddp", marks=_SLOW),
                                               pytest.param("dmd-gan", "ddp", marks=_SLOW),
                                               pytest.param("regression", "ddp", marks=_SLOW),
-                                              ("progressive", "fsdp"), ("dmd", "fsdp"), ("dmd-gan", "fsdp"),
-                                              ("regression", "fsdp")])
+                                              ("progressive", "fsdp"), ("dmd", "fsdp"),
+                                              pytest.param("dmd-gan", "fsdp", marks=_SLOW), ("regression", "fsdp")])
 def test_two_processes_follow_the_single_process_distillation(digits_teacher, tmp_path, method, parallel):
     # progressive: a stage teacher from step 2 (a frozen copy of the EMA, sharded under FSDP); dmd: the fake
     # denoiser and its optimizer (dmd-gan: with DMD2's classifier inside it, the data's rows split between the
