@@ -415,6 +415,11 @@ def distill_cmd(teacher: Path, out: Path, method: str, *overrides: str) -> list[
             *overrides, "--no-progress"]
 
 
+def logged_rows(run: Path) -> list[dict]:
+    """The run's metrics.jsonl, one dict per line."""
+    return [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def run_distill(teacher: Path, out: Path, method: str, *overrides: str) -> Path:
     from omnidit.distill_train import distill, student_config
 
@@ -473,7 +478,7 @@ def test_dmds_regression_term_adds_its_weight_times_a_positive_loss_on_generator
         extra = ["train.steps=2", "distill.student_steps=2", "distill.generator_every=2", "distill.pairs=40",
                  f"distill.regression_weight={weight}"]
         run_distill(digits_teacher, tmp_path / name, "dmd", *extra)
-        rows = [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        rows = logged_rows(tmp_path / name)
         return [r["loss"] for r in rows if "loss" in r]
 
     plain, one, three = losses("plain", 0), losses("one", 100), losses("three", 300)  # the tiny teacher's term is small
@@ -490,7 +495,7 @@ def test_dmd2s_gan_term_adds_log_2_at_an_undecided_classifier_that_trains_inside
         extra = ["train.steps=2", "distill.student_steps=2", "distill.generator_every=2",
                  f"distill.gan_weight={weight}"]
         final = run_distill(digits_teacher, tmp_path / name, "dmd", *extra)
-        rows = [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        rows = logged_rows(tmp_path / name)
         return [r["loss"] for r in rows if "loss" in r], final
 
     (plain, _), (gan, final) = run("plain", 0), run("gan", 0.5)
@@ -519,7 +524,7 @@ def test_dmd2s_classifier_learns_to_rate_the_batchs_data_above_the_students_samp
                 "distill.gan_classifier_weight=1", "distill.gan_lr_ratio=10")
     assert len(gaps) == 12 and gaps[0] == 0  # the zero last layer: undecided at first
     assert min(gaps[-4:]) > 0.3, gaps
-    rows = [json.loads(r) for r in (tmp_path / "gan" / "metrics.jsonl").read_text().splitlines()]
+    rows = logged_rows(tmp_path / "gan")
     logged = [r for r in rows if "loss" in r]  # every log_every steps: the window's means
     assert all({"fake_loss", "fake_grad_norm", "classifier_gap"} <= set(r) for r in logged)
     assert logged[-1]["classifier_gap"] > 0.3
