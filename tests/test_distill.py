@@ -449,6 +449,30 @@ def test_each_method_writes_an_ordinary_student_that_samples_without_guidance_pa
     assert len(losses) == 4
 
 
+@pytest.mark.parametrize("teacher_skip_scale", [None, 0.0, 2.0])
+def test_the_teachers_skip_layer_guidance_is_its_own_unless_the_run_sets_it(digits_teacher, tmp_path,
+                                                                            teacher_skip_scale):
+    # The digits teacher samples with skip-layer guidance 1.0 without block 0; distill.teacher_skip_scale replaces
+    # the scale (0: plain CFG), keeping the teacher's blocks, so the guided velocity is known in closed form.
+    from omnidit.distill_train import Distiller, student_config
+
+    extra = [] if teacher_skip_scale is None else [f"distill.teacher_skip_scale={teacher_skip_scale}"]
+    d = Distiller(student_config(digits_teacher, tmp_path / "s", "guidance", [*STUDENT, *extra]), progress=False)
+    expected = 1.0 if teacher_skip_scale is None else teacher_skip_scale
+    assert d.teacher_sample.skip_scale == expected and d.teacher_sample.skip_blocks == [0]
+    x0, cond, _ = d.image_batch([0, 1])
+    torch.manual_seed(0)
+    x, t, w = torch.randn_like(x0), torch.tensor([0.7, 0.9]), torch.tensor([3.0, 5.0])
+    with torch.no_grad():
+        got = d.teacher_velocity(d.teacher, cond, w)(x, t)
+        plain = dataclasses.replace(cond, guidance=None)
+        v_c = d.teacher(x, d.ids, t, plain)
+        v_u = d.teacher(x, d.ids, t, d.null_cond.repeat(2))
+        v_s = d.teacher(x, d.ids, t, plain, skip_single=[0])
+    want = v_u + w.reshape(-1, 1, 1) * (v_c - v_u) + expected * (v_c - v_s)  # both times inside skip_interval
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
 def test_regression_pairs_are_kept_and_refused_for_other_settings(digits_teacher, tmp_path):
     from omnidit.errors import OmniditError
 
@@ -722,6 +746,8 @@ def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teach
     (["TEACHER", "--method", "dmd", "distill.gan_weight=-1"], "'distill.gan_weight' must be >= 0"),
     (["TEACHER", "--method", "dmd", "distill.gan_weight=1", "distill.gan_classifier_weight=0"],
      "needs a classifier that learns"),
+    (["shapes-turbo", "--method", "progressive", "distill.teacher_skip_scale=1"],
+     "distill.teacher_skip_scale=1 needs the blocks the teacher skips"),
 ])
 def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_path, capsys, args, message):
     # In-process (test_cli.py's fresh-process test covers the command line's own start-up and exit code).

@@ -371,6 +371,10 @@ class DistillConfig:
     # dmd's GAN term: the classifier's learning rate over the fake denoiser's (DMD2 shares one; a short run on a
     # CPU may need the classifier to learn faster than the denoiser it sits on)
     gan_lr_ratio: float = 1.0
+    # The skip-layer guidance scale of the teacher's guided velocity (with its sample.skip_blocks and skip_interval):
+    # < 0 = the teacher's own sample.skip_scale, 0 = none, so that a student distilled before a teacher's sampling
+    # settings changed can be distilled again from the same teacher
+    teacher_skip_scale: float = -1.0
 
     def __post_init__(self) -> None:
         if self.method not in ("", *DISTILL_METHODS):

@@ -138,6 +138,10 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
             setattr(s, key, value)
     if "sample.cfg_interval" not in keys:
         s.cfg_interval = [0.0, 1.0]
+    if dc.teacher_skip_scale > 0 and not source.sample.skip_blocks:
+        raise OmniditError(f"distill.teacher_skip_scale={dc.teacher_skip_scale:g} needs the blocks the teacher skips, "
+                           "and its sample.skip_blocks is empty",
+                           hint="drop distill.teacher_skip_scale, or give the teacher sample.skip_blocks")
     if not dc.guidance:
         dc.guidance = [1.0, 1.5 * source.sample.cfg] if method == "guidance" else [source.sample.cfg] * 2
     if "sample.cfg" not in keys:
@@ -164,7 +168,8 @@ class Distiller(Trainer):
             teacher_weights = float(sum(p.double().sum() for p in self.teacher.parameters()))
         if config.train.parallel == "fsdp":  # frozen, but sharded like the student: its memory is spread too
             self.teacher = D.wrap_model(self.teacher.requires_grad_(False), self.world, "fsdp")
-        self.teacher_sample = teacher_config.sample
+        self.teacher_sample = teacher_config.sample if dc.teacher_skip_scale < 0 else \
+            replace(teacher_config.sample, skip_scale=dc.teacher_skip_scale)
         self.scales = tuple(float(g) for g in dc.guidance)
         self.shift = config.sample.shift
         self.stage_teacher: MMDiT | None = None  # progressive: the teacher of the current stage after the first
