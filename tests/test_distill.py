@@ -473,6 +473,15 @@ def test_the_teachers_skip_layer_guidance_is_its_own_unless_the_run_sets_it(digi
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
+def test_a_config_files_infinite_teacher_skip_scale_is_refused():
+    # JSON's Infinity reaches the config from a file, where the command line's parser cannot see it.
+    from omnidit.config import DistillConfig
+    from omnidit.errors import OmniditError
+
+    with pytest.raises(OmniditError, match="must be a finite number"):
+        DistillConfig(method="guidance", teacher="shapes", teacher_skip_scale=float("inf"))
+
+
 def test_regression_pairs_are_kept_and_refused_for_other_settings(digits_teacher, tmp_path):
     from omnidit.errors import OmniditError
 
@@ -747,7 +756,8 @@ def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teach
     (["TEACHER", "--method", "dmd", "distill.gan_weight=1", "distill.gan_classifier_weight=0"],
      "needs a classifier that learns"),
     (["shapes-turbo", "--method", "progressive", "distill.teacher_skip_scale=1"],
-     "distill.teacher_skip_scale=1 needs the blocks the teacher skips"),
+     "distill.teacher_skip_scale=1 needs a teacher with skip-layer guidance, and this one takes"),
+    (["TEACHER", "--method", "guidance", "distill.teacher_skip_scale=inf"], "expects float, got 'inf'"),
 ])
 def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_path, capsys, args, message):
     # In-process (test_cli.py's fresh-process test covers the command line's own start-up and exit code).

@@ -383,6 +383,9 @@ class DistillConfig:
         _check_ranges("distill", self, positive=("student_steps", "teacher_steps", "fake_lr_ratio", "generator_every",
                                                  "pairs", "gan_lr_ratio"),
                       non_negative=("regression_weight", "gan_weight", "gan_classifier_weight"))
+        if not math.isfinite(self.teacher_skip_scale):
+            raise OmniditError(f"distill.teacher_skip_scale must be a finite number, got {self.teacher_skip_scale}",
+                               hint="e.g. 0 for no skip-layer guidance in the teacher; drop it for the teacher's own")
         for key, what in (("regression_weight", "DMD's regression term"), ("gan_weight", "DMD2's GAN term")):
             if getattr(self, key) and self.method != "dmd":
                 raise OmniditError(f"distill.{key} is {what}, not a setting of '{self.method or 'training'}'",

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from omnidit import distributed as D
 from omnidit.condition import Condition
-from omnidit.config import Config, apply_overrides, config_from_dict, parse_override
+from omnidit.config import Config, DistillConfig, SampleConfig, apply_overrides, config_from_dict, parse_override
 from omnidit.distill import (
     FeatureClassifier,
     Velocity,
@@ -138,15 +138,26 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
             setattr(s, key, value)
     if "sample.cfg_interval" not in keys:
         s.cfg_interval = [0.0, 1.0]
-    if dc.teacher_skip_scale > 0 and not source.sample.skip_blocks:
-        raise OmniditError(f"distill.teacher_skip_scale={dc.teacher_skip_scale:g} needs the blocks the teacher skips, "
-                           "and its sample.skip_blocks is empty",
-                           hint="drop distill.teacher_skip_scale, or give the teacher sample.skip_blocks")
+    teacher_sampling(source, dc)  # checks distill.teacher_skip_scale before anything is written
     if not dc.guidance:
         dc.guidance = [1.0, 1.5 * source.sample.cfg] if method == "guidance" else [source.sample.cfg] * 2
     if "sample.cfg" not in keys:
         s.cfg = source.sample.cfg if dc.guidance[0] <= source.sample.cfg <= dc.guidance[1] else dc.guidance[1]
     return config
+
+
+def teacher_sampling(teacher: Config, dc: DistillConfig) -> SampleConfig:
+    """The sampling settings of the teacher's guided velocity: its own, with distill.teacher_skip_scale's scale
+    where that is >= 0 (one clear error where the teacher has no skip-layer guidance to scale)."""
+    if dc.teacher_skip_scale <= 0:
+        return teacher.sample if dc.teacher_skip_scale < 0 else replace(teacher.sample, skip_scale=0.0)
+    if teacher.model.guidance_embed or not teacher.sample.skip_blocks:
+        why = ("takes its guidance scale as an input (one pass, no skip-layer guidance)" if teacher.model.guidance_embed
+               else "skips no blocks (its sample.skip_blocks is empty)")
+        raise OmniditError(f"distill.teacher_skip_scale={dc.teacher_skip_scale:g} needs a teacher with skip-layer "
+                           f"guidance, and this one {why}",
+                           hint="drop distill.teacher_skip_scale, or give the teacher sample.skip_blocks")
+    return replace(teacher.sample, skip_scale=dc.teacher_skip_scale)
 
 
 class Distiller(Trainer):
@@ -168,8 +179,7 @@ class Distiller(Trainer):
             teacher_weights = float(sum(p.double().sum() for p in self.teacher.parameters()))
         if config.train.parallel == "fsdp":  # frozen, but sharded like the student: its memory is spread too
             self.teacher = D.wrap_model(self.teacher.requires_grad_(False), self.world, "fsdp")
-        self.teacher_sample = teacher_config.sample if dc.teacher_skip_scale < 0 else \
-            replace(teacher_config.sample, skip_scale=dc.teacher_skip_scale)
+        self.teacher_sample = teacher_sampling(teacher_config, dc)
         self.scales = tuple(float(g) for g in dc.guidance)
         self.shift = config.sample.shift
         self.stage_teacher: MMDiT | None = None  # progressive: the teacher of the current stage after the first
