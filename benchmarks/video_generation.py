@@ -3,7 +3,8 @@
 Builds ``MMDiT`` from the model section of configs/shapes_video.json (random weights: the speed does not
 depend on them), wraps it in ``omnidit.pipeline.Pipeline`` with that config and the MiniLM text encoder
 (``text.max_length`` 32), and times ``pipe.generate_video([prompt], frames=F, fps=8, steps=S, cfg=4)`` at
-32x32 (patch 4, temporal patch 1: 64 tokens per frame), next to ``pipe.generate([prompt], steps=S, cfg=4)``
+32x32 (patch 4, temporal patch 1: 64 tokens per frame; no skip-layer guidance, whatever the config's sample
+section says), next to ``pipe.generate([prompt], steps=S, cfg=4)``
 (the same model on one frame: the image model's 64-token path). Each round runs the image and every frame
 count once, in a rotating order, after one untimed warm-up round; per-round ratios to 8 frames and to the
 image are reported as medians with their interquartile range, since load from other jobs hits a whole
@@ -111,11 +112,14 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     n_txt, masked = text.txt.shape[1], text.txt_mask is not None
     per_frame = (config.data.height // mc.patch_size) * (config.data.width // mc.patch_size)
 
+    # One guided forward of batch 2 per step, whatever the config's sample section adds (skip-layer guidance since
+    # 2026-12-07): the figures in docs/benchmarks.md are of that.
     def image() -> None:
-        pipe.generate([PROMPT], steps=args.steps, cfg=CFG_SCALE, seed=0)
+        pipe.generate([PROMPT], steps=args.steps, cfg=CFG_SCALE, seed=0, skip_scale=0.0)
 
     def clip(frames: int) -> Callable[[], None]:
-        return lambda: pipe.generate_video([PROMPT], frames=frames, fps=FPS, steps=args.steps, cfg=CFG_SCALE, seed=0)
+        return lambda: pipe.generate_video([PROMPT], frames=frames, fps=FPS, steps=args.steps, cfg=CFG_SCALE, seed=0,
+                                           skip_scale=0.0)
 
     jobs: dict[str, tuple[int, Callable[[], None]]] = {"image": (1, image)}
     jobs.update({f"{f} frames": (f, clip(f)) for f in FRAMES})
