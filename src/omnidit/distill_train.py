@@ -149,9 +149,9 @@ def student_config(teacher: str | Path, out_dir: str | Path, method: str, overri
 def teacher_sampling(teacher: Config, dc: DistillConfig) -> SampleConfig:
     """The sampling settings of the teacher's guided velocity: its own, with distill.teacher_skip_scale's scale
     where that is >= 0 (one clear error where the teacher has no skip-layer guidance to scale)."""
-    if dc.teacher_skip_scale <= 0:
-        return teacher.sample if dc.teacher_skip_scale < 0 else replace(teacher.sample, skip_scale=0.0)
-    if teacher.model.guidance_embed or not teacher.sample.skip_blocks:
+    if dc.teacher_skip_scale < 0:
+        return teacher.sample
+    if dc.teacher_skip_scale > 0 and (teacher.model.guidance_embed or not teacher.sample.skip_blocks):
         why = ("takes its guidance scale as an input (one pass, no skip-layer guidance)" if teacher.model.guidance_embed
                else "skips no blocks (its sample.skip_blocks is empty)")
         raise OmniditError(f"distill.teacher_skip_scale={dc.teacher_skip_scale:g} needs a teacher with skip-layer "
