@@ -27,6 +27,9 @@ Example:
     python benchmarks/sampling_speed.py --limit 8 --repeats 2
     python benchmarks/sampling_speed.py --limit 16 --weights twin --no-memory --json twin.json --plot twin.png
     python benchmarks/sampling_speed.py --limit 16 --repeats 2 --profile   # and where each side's time goes
+    python benchmarks/sampling_speed.py --weights model --limit 32 --seed 2 --rows "w8a8 compiled" \
+        "torchao int8 compiled" --json seed2.json          # only these jobs (and each side's uncached one)
+    python benchmarks/sampling_speed.py --pool seed0.json seed2.json seed3.json   # several runs' rows pooled
 """
 
 from __future__ import annotations
@@ -260,6 +263,22 @@ def build_rows(base: Pipeline, args: argparse.Namespace, only: tuple[str, str] |
     return rows
 
 
+def check_rows(jobs: list[str] | None) -> None:
+    """--rows: every name must be a job of the tables (either side, either weights), checked before anything loads."""
+    names = {n for n, *_ in OURS + PEER} | {TWIN_PREFIX + n for n, *_ in OURS_TWIN + PEER}
+    unknown = [j for j in jobs or [] if j not in names]
+    if unknown:
+        raise SystemExit(f"--rows: no job is named {unknown[0]!r}; the jobs are: {', '.join(sorted(names))}")
+
+
+def selected_rows(rows: list[Row], jobs: list[str] | None) -> list[Row]:
+    """The rows named in ``jobs`` (--rows) and each weights' uncached "none" rows; all of them when ``jobs`` is
+    None."""
+    if jobs is None:
+        return rows
+    return [r for r in rows if r.name in jobs or r.name == weights_prefix(r.name) + "none"]
+
+
 def memory_main(args: argparse.Namespace) -> None:
     """--memory-of SIDE NAME: load that row alone, draw one batch, print the peak resident MiB. A twin row loads
     the model first, as --speed fast does, and then its twin."""
@@ -336,6 +355,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", choices=("model", "twin", "both"), default="both",
                    help="rows on the model's weights, its twin's or both (default both)")
     p.add_argument("--bf16", action="store_true", help="add the bf16 row (slow where the CPU lacks AVX-512 BF16)")
+    p.add_argument("--pool", nargs="+", type=Path, metavar="JSON", default=None,
+                   help="print the rows of finished runs (their --json, e.g. one per seed) pooled: each job's score "
+                        "over all their images and images/s over all their seconds, and the equal-quality picks")
+    p.add_argument("--rows", nargs="+", metavar="JOB", default=None,
+                   help="run only these jobs (the table's names, on both sides; each side's uncached 'none' row "
+                        "always runs, for the speedups and the equal-quality rule)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes (a minute or two)")
     p.add_argument("--profile", action="store_true",
                    help="profile each side's uncached row and its pick at equal quality (one batch each): where the "
@@ -373,12 +398,16 @@ def main(argv: list[str] | None = None) -> None:
         return pareto_plot(report["rows"], args.plot, plot_title(report))
     if args.profile_only:
         return profile_only(args)
+    if args.pool:
+        return pool_runs(args.pool)
+    check_rows(args.rows)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         base = calibrated_copy(args.model, Path(tmp) / "model")  # TeaCache's and MagCache's fit, as omnidit calibrate
         rows = build_rows(base, args)
         if not rows:
             raise SystemExit(f"{args.model} has no guidance-distilled twin: use --weights model or both")
+        rows = selected_rows(rows, args.rows)
         folder = Path(tmp) / "suite"
         prompts, seeds, files = suite_jobs(folder, args.limit, args.seed, base.config.data.held_out)
         ours = [r for r in rows if r.side == "omnidit"]
@@ -475,6 +504,31 @@ def profile_report(rows: list[Row], picks: dict[str, str], prompts: list[str], s
         print(f"{p['side']:<10} {p['job']:<48} " + " ".join(f"{p['ms_per_image'][g]:>9.1f}" for g in groups)
               + f" {p['total_ms_per_image']:>7.1f}  {top[0]} {top[1]:.1f}")
     return report
+
+
+def pool_runs(paths: list[Path]) -> None:
+    """--pool: the jobs that every run in ``paths`` has, each scored over all the runs' images (the runs' overalls
+    weighted by their image counts) at all their images over all their best seconds; then the equal-quality rule
+    on the pooled rows."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    jobs = [(r["side"], r["job"]) for r in reports[0]["rows"]]
+    jobs = [j for j in jobs if all(j in {(r["side"], r["job"]) for r in rep["rows"]} for rep in reports)]
+    total = sum(rep["images"] for rep in reports)
+    pooled = []
+    for side, job in jobs:
+        runs = [(rep["images"], next(r for r in rep["rows"] if (r["side"], r["job"]) == (side, job)))
+                for rep in reports]
+        pooled.append({"side": side, "job": job, "overall": sum(n * r["overall"] for n, r in runs) / total,
+                       "images_per_s": total / sum(r["seconds"] for _, r in runs),
+                       "per_run": [f"{r['overall']:.3f} / {r['images_per_s']:.2f}" for _, r in runs]})
+    seeds = ", ".join(str(rep["seed"]) for rep in reports)
+    print(f"{len(reports)} runs (seeds {seeds}), {total} images; per run: overall / images/s")
+    print(f"{'side':<10} {'job':<48} {'overall':>7} {'img/s':>6}  per run")
+    for r in pooled:
+        print(f"{r['side']:<10} {r['job']:<48} {r['overall']:>7.3f} {r['images_per_s']:>6.2f}  "
+              f"{'; '.join(r['per_run'])}")
+    for line in equal_quality(pooled, 0.01)["lines"]:
+        print(line)
 
 
 def equal_quality(rows: list[dict], tolerance: float) -> dict:
