@@ -27,7 +27,7 @@ Example:
     python benchmarks/sampling_speed.py --limit 8 --repeats 2
     python benchmarks/sampling_speed.py --limit 16 --weights twin --no-memory --json twin.json --plot twin.png
     python benchmarks/sampling_speed.py --limit 16 --repeats 2 --profile   # and where each side's time goes
-    python benchmarks/sampling_speed.py --weights model --limit 32 --seed 2 --rows "w8a8 compiled" \
+    python benchmarks/sampling_speed.py --weights model --limit 32 --seed 2 --rows "w8a8 compiled" \\
         "torchao int8 compiled" --json seed2.json          # only these jobs (and each side's uncached one)
     python benchmarks/sampling_speed.py --pool seed0.json seed2.json seed3.json   # several runs' rows pooled
 """
@@ -240,11 +240,20 @@ def weights_prefix(job: str) -> str:
 
 def build_rows(base: Pipeline, args: argparse.Namespace, only: tuple[str, str] | None = None) -> list[Row]:
     """The run's rows (or only the one named ``only``: (side, name)): the model's weights, then its twin's."""
-    weights = [("", base, OURS)] if args.weights in ("model", "both") else []
-    if args.model in FAST_TWINS and args.weights in ("twin", "both") and (only is None or
-                                                                          only[1].startswith(TWIN_PREFIX)):
+    named = getattr(args, "rows", None)  # --rows: these jobs, and the uncached rows of the weights they are on
+    on_twin = named is None or any(j.startswith(TWIN_PREFIX) for j in named)
+    on_model = named is None or any(not j.startswith(TWIN_PREFIX) for j in named)
+    weights = [("", base, OURS)] if args.weights in ("model", "both") and on_model else []
+    if args.model in FAST_TWINS and args.weights in ("twin", "both") and on_twin and (only is None or
+                                                                                     only[1].startswith(TWIN_PREFIX)):
         weights.append((TWIN_PREFIX, load_pipeline(FAST_TWINS[args.model]), OURS_TWIN))
-    wanted = lambda side, name, quick: (only == (side, name)) if only else (quick or not args.quick)  # noqa: E731
+    def wanted(side: str, name: str, quick: bool) -> bool:
+        if only:
+            return only == (side, name)
+        if named is not None:
+            return name in named or name == weights_prefix(name) + "none"
+        return quick or not args.quick
+
     rows = []
     for prefix, pipe, ours in weights:
         for name, variant, sampling, quick in ours:
@@ -271,12 +280,14 @@ def check_rows(jobs: list[str] | None) -> None:
         raise SystemExit(f"--rows: no job is named {unknown[0]!r}; the jobs are: {', '.join(sorted(names))}")
 
 
-def selected_rows(rows: list[Row], jobs: list[str] | None) -> list[Row]:
-    """The rows named in ``jobs`` (--rows) and each weights' uncached "none" rows; all of them when ``jobs`` is
-    None."""
-    if jobs is None:
-        return rows
-    return [r for r in rows if r.name in jobs or r.name == weights_prefix(r.name) + "none"]
+def check_built(rows: list[Row], jobs: list[str] | None) -> None:
+    """--rows: a named job that this run does not build (bf16 without --bf16, the twin's with --weights model or
+    for a model without one) stops the run before anything renders."""
+    built = {r.name for r in rows}
+    missing = [j for j in jobs or [] if j not in built]
+    if missing:
+        raise SystemExit(f"--rows: {missing[0]!r} is not built in this run (bf16 needs --bf16, the twin's jobs "
+                         "--weights twin or both and a model with a twin)")
 
 
 def memory_main(args: argparse.Namespace) -> None:
@@ -356,11 +367,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rows on the model's weights, its twin's or both (default both)")
     p.add_argument("--bf16", action="store_true", help="add the bf16 row (slow where the CPU lacks AVX-512 BF16)")
     p.add_argument("--pool", nargs="+", type=Path, metavar="JSON", default=None,
-                   help="print the rows of finished runs (their --json, e.g. one per seed) pooled: each job's score "
-                        "over all their images and images/s over all their seconds, and the equal-quality picks")
+                   help="print the rows of finished runs (their --json, one per seed, of the same model and weights) "
+                        "pooled: each job's score over all their images and images/s over all their seconds, and the "
+                        "equal-quality picks; jobs that not every run has are named and left out")
     p.add_argument("--rows", nargs="+", metavar="JOB", default=None,
-                   help="run only these jobs (the table's names, on both sides; each side's uncached 'none' row "
-                        "always runs, for the speedups and the equal-quality rule)")
+                   help="run only these jobs (names from either side's table; the uncached 'none' rows of each side "
+                        "on the named jobs' weights always run, for the speedups and the equal-quality rule)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes (a minute or two)")
     p.add_argument("--profile", action="store_true",
                    help="profile each side's uncached row and its pick at equal quality (one batch each): where the "
@@ -379,13 +391,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.pool:  # reads finished runs' JSON only
+        return pool_runs(args.pool)
     import diffusers
 
     # The compiled rows share their compiled blocks between thresholds (and the peer's between cache hooks): room
     # for every form they compile, and an error, not a silent fall back to eager, if that is not enough.
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    args = parse_args(argv)
     if args.memory_of:
         return memory_main(args)
     if args.memory_only:
@@ -398,16 +412,14 @@ def main(argv: list[str] | None = None) -> None:
         return pareto_plot(report["rows"], args.plot, plot_title(report))
     if args.profile_only:
         return profile_only(args)
-    if args.pool:
-        return pool_runs(args.pool)
     check_rows(args.rows)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         base = calibrated_copy(args.model, Path(tmp) / "model")  # TeaCache's and MagCache's fit, as omnidit calibrate
         rows = build_rows(base, args)
+        check_built(rows, args.rows)
         if not rows:
             raise SystemExit(f"{args.model} has no guidance-distilled twin: use --weights model or both")
-        rows = selected_rows(rows, args.rows)
         folder = Path(tmp) / "suite"
         prompts, seeds, files = suite_jobs(folder, args.limit, args.seed, base.config.data.held_out)
         ours = [r for r in rows if r.side == "omnidit"]
@@ -445,8 +457,9 @@ def main(argv: list[str] | None = None) -> None:
                     "seconds": res["seconds"], "images_per_s": count / res["seconds"],
                     "latency_s": res["latency"], "speedup": base_seconds / res["seconds"],
                     "peak_memory_mib": memory})
-    meta = run_meta("sampling_speed.py", argv, torch.device("cpu"), start, limit=args.limit, repeats=args.repeats,
-                    seed=args.seed, batch_size=args.batch_size, images=count, diffusers=diffusers.__version__)
+    meta = run_meta("sampling_speed.py", argv, torch.device("cpu"), start, model=args.model, weights=args.weights,
+                    limit=args.limit, repeats=args.repeats, seed=args.seed, batch_size=args.batch_size, images=count,
+                    diffusers=diffusers.__version__)
     print(f"\n{meta['device_name']}, torch {meta['torch']}, diffusers {diffusers.__version__}, {meta['threads']} "
           f"threads; shapes suite at --limit {args.limit} ({count} images, seed {args.seed}), 30 steps, guidance 4, "
           "one candidate, no skip-layer guidance; judged through eval-prompts manifests")
@@ -511,8 +524,21 @@ def pool_runs(paths: list[Path]) -> None:
     weighted by their image counts) at all their images over all their best seconds; then the equal-quality rule
     on the pooled rows."""
     reports = [json.loads(p.read_text()) for p in paths]
+    seeds = [rep["seed"] for rep in reports]
+    if len(set(seeds)) < len(seeds):
+        raise SystemExit(f"--pool: two runs of seed {next(s for s in seeds if seeds.count(s) > 1)}: each seed's "
+                         "images would count twice; give one run per seed")
+    for key in ("model", "weights", "limit"):  # model and weights are recorded since --pool exists
+        if len({str(rep.get(key)) for rep in reports}) > 1:
+            raise SystemExit(f"--pool: the runs differ in {key}; pool runs of one model, weights and --limit")
+    everywhere = lambda job: all(job in {(r["side"], r["job"]) for r in rep["rows"]} for rep in reports)  # noqa: E731
     jobs = [(r["side"], r["job"]) for r in reports[0]["rows"]]
-    jobs = [j for j in jobs if all(j in {(r["side"], r["job"]) for r in rep["rows"]} for rep in reports)]
+    dropped = sorted({(r["side"], r["job"]) for rep in reports for r in rep["rows"]} - set(filter(everywhere, jobs)))
+    jobs = [j for j in jobs if everywhere(j)]
+    if dropped:
+        print(f"left out, not in every run: {'; '.join(f'{side} {job}' for side, job in dropped)}")
+    if not all((side, "none") in jobs for side in ("omnidit", "diffusers")):
+        raise SystemExit("--pool: every run needs both sides' uncached 'none' rows on the model's weights")
     total = sum(rep["images"] for rep in reports)
     pooled = []
     for side, job in jobs:
@@ -521,8 +547,7 @@ def pool_runs(paths: list[Path]) -> None:
         pooled.append({"side": side, "job": job, "overall": sum(n * r["overall"] for n, r in runs) / total,
                        "images_per_s": total / sum(r["seconds"] for _, r in runs),
                        "per_run": [f"{r['overall']:.3f} / {r['images_per_s']:.2f}" for _, r in runs]})
-    seeds = ", ".join(str(rep["seed"]) for rep in reports)
-    print(f"{len(reports)} runs (seeds {seeds}), {total} images; per run: overall / images/s")
+    print(f"{len(reports)} runs (seeds {', '.join(map(str, seeds))}), {total} images; per run: overall / images/s")
     print(f"{'side':<10} {'job':<48} {'overall':>7} {'img/s':>6}  per run")
     for r in pooled:
         print(f"{r['side']:<10} {r['job']:<48} {r['overall']:>7.3f} {r['images_per_s']:>6.2f}  "
