@@ -537,8 +537,9 @@ def pool_runs(paths: list[Path]) -> None:
     jobs = [j for j in jobs if everywhere(j)]
     if dropped:
         print(f"left out, not in every run: {'; '.join(f'{side} {job}' for side, job in dropped)}")
-    if not all((side, "none") in jobs for side in ("omnidit", "diffusers")):
-        raise SystemExit("--pool: every run needs both sides' uncached 'none' rows on the model's weights")
+    prefixes = {weights_prefix(job) for _, job in jobs}
+    if not all((side, prefix + "none") in jobs for side in ("omnidit", "diffusers") for prefix in prefixes):
+        raise SystemExit("--pool: every run needs both sides' uncached 'none' rows on each weights it has")
     total = sum(rep["images"] for rep in reports)
     pooled = []
     for side, job in jobs:
