@@ -531,10 +531,10 @@ def pool_runs(paths: list[Path]) -> None:
     for key in ("model", "weights", "limit"):  # model and weights are recorded since --pool exists
         if len({str(rep.get(key)) for rep in reports}) > 1:
             raise SystemExit(f"--pool: the runs differ in {key}; pool runs of one model, weights and --limit")
-    everywhere = lambda job: all(job in {(r["side"], r["job"]) for r in rep["rows"]} for rep in reports)  # noqa: E731
-    jobs = [(r["side"], r["job"]) for r in reports[0]["rows"]]
-    dropped = sorted({(r["side"], r["job"]) for rep in reports for r in rep["rows"]} - set(filter(everywhere, jobs)))
-    jobs = [j for j in jobs if everywhere(j)]
+    by_job = [{(r["side"], r["job"]): r for r in rep["rows"]} for rep in reports]  # per run: (side, job) -> row
+    common = set.intersection(*(set(rows) for rows in by_job))
+    jobs = [j for j in by_job[0] if j in common]  # in the first run's order
+    dropped = sorted(set.union(*(set(rows) for rows in by_job)) - common)
     if dropped:
         print(f"left out, not in every run: {'; '.join(f'{side} {job}' for side, job in dropped)}")
     prefixes = {weights_prefix(job) for _, job in jobs}
@@ -543,8 +543,7 @@ def pool_runs(paths: list[Path]) -> None:
     total = sum(rep["images"] for rep in reports)
     pooled = []
     for side, job in jobs:
-        runs = [(rep["images"], next(r for r in rep["rows"] if (r["side"], r["job"]) == (side, job)))
-                for rep in reports]
+        runs = [(rep["images"], rows[side, job]) for rep, rows in zip(reports, by_job)]
         pooled.append({"side": side, "job": job, "overall": sum(n * r["overall"] for n, r in runs) / total,
                        "images_per_s": total / sum(r["seconds"] for _, r in runs),
                        "per_run": [f"{r['overall']:.3f} / {r['images_per_s']:.2f}" for _, r in runs]})
