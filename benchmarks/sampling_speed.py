@@ -82,6 +82,8 @@ OURS = [
     ("compiled", "compiled", {}, False),
     ("compiled + first_block 0.12", "compiled", FIRST_BLOCK, False),
     ("w8a8 compiled", "w8a8 compiled", {}, False),
+    ("w8a8 compiled + first_block 0.12 + taylor", "w8a8 compiled", {**FIRST_BLOCK_TAYLOR, "cache_threshold": 0.12},
+     False),
     ("w8a8 compiled + first_block 0.2 + taylor", "w8a8 compiled", {**FIRST_BLOCK_TAYLOR, "cache_threshold": 0.2},
      False),
     ("w8a8 compiled + first_block 0.3 + taylor", "w8a8 compiled", {**FIRST_BLOCK_TAYLOR, "cache_threshold": 0.3},
@@ -122,6 +124,7 @@ PEER = [
     ("torchao int8 + FirstBlockCache 0.2", True, False, ("first_block", 0.2), False),
     ("FirstBlockCache 0.4", False, False, ("first_block", 0.4), False),
     ("torchao int8 compiled", True, True, None, False),
+    ("torchao int8 compiled + FirstBlockCache 0.12", True, True, ("first_block", 0.12), False),
     ("torchao int8 compiled + FirstBlockCache 0.2", True, True, ("first_block", 0.2), False),
     ("torchao int8 compiled + FirstBlockCache 0.3", True, True, ("first_block", 0.3), False),
 ]
