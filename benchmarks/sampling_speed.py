@@ -28,7 +28,7 @@ Example:
     python benchmarks/sampling_speed.py --limit 16 --weights twin --no-memory --json twin.json --plot twin.png
     python benchmarks/sampling_speed.py --limit 16 --repeats 2 --profile   # and where each side's time goes
     python benchmarks/sampling_speed.py --weights model --limit 32 --seed 2 --rows "w8a8 compiled" \\
-        "torchao int8 compiled" --json seed2.json          # only these jobs (and each side's uncached one)
+        "torchao int8 compiled" --json seed2.json     # only these jobs (and each side's uncached one); seed2.png
     python benchmarks/sampling_speed.py --pool seed0.json seed2.json seed3.json   # several runs' rows pooled
 """
 
@@ -381,13 +381,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="profile each side's uncached row and its pick at equal quality (one batch each): where the "
                         "time goes, per image: matmuls, attention, the rest, and the costliest ops")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/sampling_speed.json"))
-    p.add_argument("--plot", type=Path, default=Path("docs/images/sampling_speed.png"))
+    p.add_argument("--plot", type=Path, default=None,
+                   help="the Pareto plot (default: docs/images/sampling_speed.png for a run of every row; with --rows, "
+                        "the --json path with .png, so that a partial run leaves the docs' plot alone)")
     p.add_argument("--memory-only", action="store_true", help="measure the peak memory of the rows already in "
                                                                  "--json again and write them back (nothing timed)")
     p.add_argument("--profile-only", action="store_true", help="profile the rows of the run already in --json "
                                                                   "(as --profile) and write them back (nothing timed)")
     p.add_argument("--memory-of", nargs=2, metavar=("SIDE", "ROW"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.plot is None:
+        args.plot = args.json.with_suffix(".png") if args.rows else Path("docs/images/sampling_speed.png")
     args.limit = args.limit or (2 if args.quick else 8)
     args.repeats = args.repeats or (1 if args.quick else 2)
     return args

@@ -722,6 +722,9 @@ def test_dmd_resumes_from_a_checkpoint_whose_fake_optimizer_is_keyed_by_index(di
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("state/fake_optim/"))
 
 
+# In the slow target (pytest -m slow; 24 s) to keep the default suite within CI's 10 minutes: a distillation is the
+# trainer's run, whose kill-during-a-save test (tests/test_distributed.py) stays in it.
+@pytest.mark.slow
 def test_progressive_distillation_resumes_bit_exactly_after_sigkill(digits_teacher, tmp_path):
     from tests.test_distributed import env, kill_during_save
 
@@ -772,8 +775,9 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(digits_teacher, tmp_pa
     assert not out.exists()
 
 
-# The DDP runs are in the slow target (pytest -m slow) to keep the default suite within CI's 10 minutes; the FSDP runs,
-# which shard every model of the run and resume from a checkpoint, stay in it, but for DMD with its GAN term (slow).
+# The DDP runs are in the slow target (pytest -m slow) to keep the default suite within CI's 10 minutes; of the FSDP
+# runs, which shard every model of the run and resume from a checkpoint, progressive's stays in it (its sharded stage
+# teacher), DMD's and regression's are slow too.
 _SLOW = pytest.mark.slow
 
 
@@ -781,8 +785,9 @@ _SLOW = pytest.mark.slow
                                               pytest.param("dmd", "ddp", marks=_SLOW),
                                               pytest.param("dmd-gan", "ddp", marks=_SLOW),
                                               pytest.param("regression", "ddp", marks=_SLOW),
-                                              ("progressive", "fsdp"), ("dmd", "fsdp"),
-                                              pytest.param("dmd-gan", "fsdp", marks=_SLOW), ("regression", "fsdp")])
+                                              ("progressive", "fsdp"), pytest.param("dmd", "fsdp", marks=_SLOW),
+                                              pytest.param("dmd-gan", "fsdp", marks=_SLOW),
+                                              pytest.param("regression", "fsdp", marks=_SLOW)])
 def test_two_processes_follow_the_single_process_distillation(digits_teacher, tmp_path, method, parallel):
     # progressive: a stage teacher from step 2 (a frozen copy of the EMA, sharded under FSDP); dmd: the fake
     # denoiser and its optimizer (dmd-gan: with DMD2's classifier inside it, the data's rows split between the

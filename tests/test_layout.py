@@ -156,6 +156,9 @@ def test_a_layout_run_resumes_exactly(tmp_path, tiny_run, layout_run):
     assert_resume_matches(lambda run, steps: _layout_config(run, base, steps), layout_run, tmp_path / "run")
 
 
+# In the slow target (pytest -m slow; 21 s) to keep the default suite within CI's 10 minutes: the trainer's own
+# two-process tests (tests/test_distributed.py) stay in it.
+@pytest.mark.slow
 def test_a_layout_run_on_two_processes_follows_the_single_process_one(tmp_path, tiny_run):
     import json
     import subprocess
