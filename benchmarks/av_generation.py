@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
             "frames": FRAMES, "fps": FPS, "seconds_of_clip": SECONDS, "sample_rate": config.data.sample_rate,
             "params": sum(p.numel() for p in model.parameters()), "config": str(args.config),
             "memory_source": {"cuda": "cuda_max_memory_allocated_growth", "cpu": "rss_peak_growth"}.get(device.type),
-            "command": "python benchmarks/av_generation.py " + " ".join(sys.argv[1:])}
+            "command": "python benchmarks/av_generation.py " + shlex.join(sys.argv[1:])}
     rows = []
     for name in names:
         ratio = [a / b for a, b in zip(times[name], times["video only"])]

@@ -20,7 +20,7 @@ for both sides: the twin takes the guidance scale as an input (as FLUX.1-dev doe
 reads the same way), so a step is one pass instead of guidance's two; at these plain settings ``fast`` is the twin
 at w8a8 and ``faster`` adds first-block caching. "At equal quality" compares the sides on the same weights.
 Writes a table, ``benchmarks/results/sampling_speed.json`` and the Pareto plot (score against images/s)
-``docs/images/sampling_speed.png``.
+``docs/images/sampling_speed.png`` (a run with ``--rows``, ``--quick`` or another ``--json``: its plot beside its JSON).
 
 Example:
     python benchmarks/sampling_speed.py --quick        # 2 prompts per category, one threshold per method
@@ -57,6 +57,7 @@ from cache_vs_diffusers import PLAIN, DiffusersVelocity, torchao_int8  # noqa: E
 from step_cache import calibrated_copy  # noqa: E402
 from train_throughput import _rss_bytes, run_meta, write_report  # noqa: E402
 
+DEFAULT_JSON = "benchmarks/results/sampling_speed.json"
 FIRST_BLOCK = {"cache": "first_block", "cache_threshold": 0.12}
 TAYLOR = {"cache": "interval", "cache_forecast": "taylor"}
 # first_block with TaylorSeer's forecast instead of a copy: at 0.3 it kept the uncached score on the validation seed
@@ -380,18 +381,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="profile each side's uncached row and its pick at equal quality (one batch each): where the "
                         "time goes, per image: matmuls, attention, the rest, and the costliest ops")
-    p.add_argument("--json", type=Path, default=Path("benchmarks/results/sampling_speed.json"))
+    p.add_argument("--json", type=Path, default=Path(DEFAULT_JSON))
     p.add_argument("--plot", type=Path, default=None,
-                   help="the Pareto plot (default: docs/images/sampling_speed.png for a run of every row; with --rows, "
-                        "the --json path with .png, so that a partial run leaves the docs' plot alone)")
+                   help="the Pareto plot (default: docs/images/sampling_speed.png when --json is its default and "
+                        "every row runs; otherwise the --json path with .png, so that other runs leave the docs' "
+                        "plot alone)")
     p.add_argument("--memory-only", action="store_true", help="measure the peak memory of the rows already in "
                                                                  "--json again and write them back (nothing timed)")
     p.add_argument("--profile-only", action="store_true", help="profile the rows of the run already in --json "
                                                                   "(as --profile) and write them back (nothing timed)")
     p.add_argument("--memory-of", nargs=2, metavar=("SIDE", "ROW"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.plot is None:
-        args.plot = args.json.with_suffix(".png") if args.rows else Path("docs/images/sampling_speed.png")
+    if args.plot is None:  # the docs' plot only for the docs' JSON; any other run's plot goes beside its JSON
+        docs_json = args.json == Path(DEFAULT_JSON) and not args.rows and not args.quick
+        args.plot = Path("docs/images/sampling_speed.png") if docs_json else args.json.with_suffix(".png")
     args.limit = args.limit or (2 if args.quick else 8)
     args.repeats = args.repeats or (1 if args.quick else 2)
     return args

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -234,7 +235,7 @@ def main() -> None:
               "model": args.model, "steps": args.steps, "speed": args.speed, "seconds_per_phase": args.seconds,
               "replicas": args.replicas, "one_client": one, "many_clients": many, "ratio_images_per_s": ratio,
               "batching_ceiling": ceiling,
-              "command": "python " + " ".join(sys.argv)}
+              "command": "python " + shlex.join(sys.argv)}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

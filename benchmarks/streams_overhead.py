@@ -35,6 +35,7 @@ import importlib
 import io
 import json
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -258,7 +259,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
             "device": device.type, "device_name": device_description(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup,
             "memory_source": memory_source,
-            "command": "python benchmarks/streams_overhead.py " + " ".join(sys.argv[1:])}
+            "command": "python benchmarks/streams_overhead.py " + shlex.join(sys.argv[1:])}
     rows = []
     for name in args.configs:
         setup = SETUPS[name]()

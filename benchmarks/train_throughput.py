@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import sys
 import time
@@ -109,7 +110,7 @@ def run_meta(script: str, argv: list[str] | None, device: torch.device, start: f
     """The header every benchmark's JSON carries: machine, torch, threads, its own fields, wall time, command."""
     return {"device_name": device_description(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(), **fields, "seconds": round(time.perf_counter() - start, 1),
-            "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)}
+            "command": f"python benchmarks/{script} " + shlex.join(sys.argv[1:] if argv is None else argv)}
 
 
 def write_report(path: Path, meta: dict, rows: list[dict]) -> None:
@@ -212,7 +213,7 @@ def run(args: argparse.Namespace) -> dict:
         "mfu": None if peak is None else mfu(achieved, peak),
         "peak_memory_bytes": peak_memory, "memory_source": memory_source,
         "estimated_memory_bytes": sum(estimate.values()), "final_loss": loss_value,
-        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/train_throughput.py " + shlex.join(sys.argv[1:]),
     }
 
 

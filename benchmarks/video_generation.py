@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
             "params": sum(p.numel() for p in model.parameters()), "hidden_size": mc.hidden_size,
             "num_heads": mc.num_heads, "depth": mc.depth, "depth_single": mc.depth_single,
             "memory_source": {"cuda": "cuda_max_memory_allocated_growth", "cpu": "rss_peak_growth"}.get(device.type),
-            "command": "python benchmarks/video_generation.py " + " ".join(sys.argv[1:])}
+            "command": "python benchmarks/video_generation.py " + shlex.join(sys.argv[1:])}
     rows = []
     for name in names:
         frames = jobs[name][0]

@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -318,7 +319,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "dtype": args.dtype, "compile": args.compile, "repeats": args.repeats, "warmup": args.warmup,
                 "threads": torch.get_num_threads(), "device_name": device_description(device),
                 "torch": torch.__version__, "diffusers": _diffusers_version(),
-                "command": "python benchmarks/vs_diffusers.py " + " ".join(sys.argv[1:]),
+                "command": "python benchmarks/vs_diffusers.py " + shlex.join(sys.argv[1:]),
             })
             print_rows(rows[-1:], header=False)
         del pair

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 
@@ -95,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{seed:<10}" + "".join(f"{passed[seed][c]:>15}/{cases[seed][c]:<2}" for c in categories))
     print(f"{'total':<10}" + "".join(f"{total[c]:>15}/{count[c]:<2}" for c in categories))
     if args.json:
-        command = ["python scripts/inpaint_validation.py", args.model, "--data-seed", *map(str, args.data_seed),
+        command = ["python", "scripts/inpaint_validation.py", args.model, "--data-seed", *map(str, args.data_seed),
                    "--prompt", args.prompt, "--limit", str(args.limit)]
         command += (["--cfg", str(args.cfg)] if args.cfg is not None else []) + (["--moves"] if args.moves else [])
         with open(args.json, "w") as f:
-            json.dump({"command": " ".join(command), "total": total, "cases": count,
+            json.dump({"command": shlex.join(command), "total": total, "cases": count,
                        "passed": {str(s): p for s, p in passed.items()}, "seconds": round(time.time() - start, 1),
                        "failures": report["failures"]}, f, indent=1)
             f.write("\n")

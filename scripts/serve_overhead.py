@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -31,9 +32,9 @@ PATHS = ("pipeline", "batcher", "http")
 
 def time_requests(path: str, model: str, requests: int, steps: int | None = None,
                   threads: int | None = None) -> list[float]:
-    """Seconds of each of ``requests`` single-image requests (prompt i % 4, seed i) along ``path``, after one
-    warm-up request per prompt at 2 steps. ``threads``: the sampling worker's torch threads (``batcher`` and
-    ``http``; the caller reserves them, as ``omnidit serve`` does)."""
+    """Seconds of each of ``requests`` single-image requests (prompt i % 4, seed i, the model's own settings unless
+    ``steps``) along ``path``, after one warm-up request per prompt at 2 steps. ``threads``: the sampling worker's
+    torch threads (``batcher`` and ``http``; the caller reserves them, as ``omnidit serve`` does)."""
     if path not in PATHS:
         raise SystemExit(f"serve_overhead: unknown path {path!r}; choose one of {', '.join(PATHS)}")
     from omnidit.pipeline import load_pipeline
@@ -56,8 +57,12 @@ def time_requests(path: str, model: str, requests: int, steps: int | None = None
 
         server = uvicorn.Server(uvicorn.Config(build_app({model: pipe}, threads=threads), host="127.0.0.1", port=0,
                                                log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
         while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise SystemExit("serve_overhead: the server did not start within 60 s")
             time.sleep(0.05)
         url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1/images/generations"
         client = httpx.Client(timeout=600)
@@ -77,6 +82,7 @@ def time_requests(path: str, model: str, requests: int, steps: int | None = None
         elif path == "http":
             client.close()
             server.should_exit = True
+            thread.join(10)
     return times
 
 
@@ -110,7 +116,10 @@ def main(argv: list[str] | None = None) -> None:
         for path in PATHS:
             command = [sys.executable, __file__, "--one", path, "--model", args.model, "--requests", str(args.requests)]
             command += ["--steps", str(args.steps)] if args.steps else []
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"serve_overhead: the {path} process failed:\n{done.stderr[-2000:]}")
+            out = done.stdout
             row = {"round": round_, "path": path, **summary(json.loads(out.strip().splitlines()[-1]))}
             rows.append(row)
             print(f"{round_:>5} {path:<9} {row['mean_s']:>7.3f} {row['median_s']:>8.3f} {row['best_s']:>7.3f}",
@@ -119,8 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     print("mean over rounds: " + ", ".join(f"{path} {s:.3f} s" for path, s in means.items())
           + f"; http / pipeline {means['http'] / means['pipeline']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "requests": args.requests, "rounds": args.rounds,
-                                         "steps": args.steps, "rows": rows, "mean_s": means}, indent=2) + "\n")
+        command = "python scripts/serve_overhead.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        report = {"command": command, "model": args.model, "requests": args.requests, "rounds": args.rounds,
+                  "steps": args.steps, "rows": rows, "mean_s": means}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def test_inpaint_validation_bad_input_is_one_line(av_run, capsys):
         assert err.startswith("inpaint_validation: error:") and err.count("\n") == 1, err
 
 
-def test_serve_overhead_times_a_request_along_each_path(tiny_run, capsys):
+def test_serve_overhead_times_a_request_along_each_path(tiny_run):
     so = load_script("serve_overhead")
     for path in so.PATHS:  # the pipeline, the server's batcher, and HTTP through the server's app
         times = so.time_requests(path, str(tiny_run), requests=2, steps=1)
