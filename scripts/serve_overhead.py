@@ -91,7 +91,7 @@ def summary(times: list[float]) -> dict:
             "times_s": times}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="shapes")
     p.add_argument("--requests", type=int, default=10, help="timed requests per path and round")
@@ -101,26 +101,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--one", choices=PATHS, help=argparse.SUPPRESS)  # the child process: one path, JSON on stdout
     args = p.parse_args(argv)
     if args.requests < 1 or args.rounds < 1:
-        raise SystemExit("serve_overhead: --requests and --rounds must be at least 1")
+        print("serve_overhead: error: --requests and --rounds must be at least 1", file=sys.stderr)
+        return 2
     if args.one:
-        threads = None
-        if args.one != "pipeline":
-            from omnidit.serve.batching import reserve_torch_threads
+        from omnidit.errors import OmniditError
+        from omnidit.serve.batching import reserve_torch_threads
 
-            threads = reserve_torch_threads()
-        print(json.dumps(time_requests(args.one, args.model, args.requests, args.steps, threads)))
-        return
+        threads = reserve_torch_threads() if args.one != "pipeline" else None
+        try:
+            print(json.dumps(time_requests(args.one, args.model, args.requests, args.steps, threads)))
+        except OmniditError as error:  # a model that does not load: one line, as the CLI says it
+            print(f"serve_overhead: error: {error}", file=sys.stderr)
+            return 2
+        return 0
     rows = []
-    print(f"{'round':>5} {'path':<9} {'mean s':>7} {'median s':>8} {'best s':>7}")
     for round_ in range(1, args.rounds + 1):
         for path in PATHS:
             command = [sys.executable, __file__, "--one", path, "--model", args.model, "--requests", str(args.requests)]
             command += ["--steps", str(args.steps)] if args.steps else []
             done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode == 2:  # bad input, said in one line
+                print(done.stderr.strip().splitlines()[-1], file=sys.stderr)
+                return 2
             if done.returncode:
-                raise SystemExit(f"serve_overhead: the {path} process failed:\n{done.stderr[-2000:]}")
+                print(f"serve_overhead: the {path} process failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                return 1
             out = done.stdout
             row = {"round": round_, "path": path, **summary(json.loads(out.strip().splitlines()[-1]))}
+            if not rows:  # the header once the first path has run, so that a bad --model prints its error alone
+                print(f"{'round':>5} {'path':<9} {'mean s':>7} {'median s':>8} {'best s':>7}")
             rows.append(row)
             print(f"{round_:>5} {path:<9} {row['mean_s']:>7.3f} {row['median_s']:>8.3f} {row['best_s']:>7.3f}",
                   flush=True)
@@ -132,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         report = {"command": command, "model": args.model, "requests": args.requests, "rounds": args.rounds,
                   "steps": args.steps, "rows": rows, "mean_s": means}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
