@@ -188,20 +188,16 @@ def main() -> None:
                        "127.0.0.1", port, args.replicas, block=False)
         url = f"http://127.0.0.1:{port}"
     elif url is None:
-        import uvicorn
-
         from omnidit.pipeline import load_pipeline
         from omnidit.serve.app import build_app
         from omnidit.serve.batching import reserve_torch_threads
+        from omnidit.serve.command import BackgroundServer
 
         threads = reserve_torch_threads()  # as omnidit serve does: the sampling worker gets them
         app = build_app({args.model: load_pipeline(args.model, device="cpu")}, max_batch=args.max_batch,
                         threads=threads)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
-        while not server.started:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        server = BackgroundServer(app).start()
+        url = server.url
     warm = {"prompt": PROMPTS[0], "steps": 2} | ({"speed": args.speed} if args.speed else {})
     httpx.post(f"{url}/v1/images/generations", json=warm, timeout=600)  # warm-up (and the preset's model copy)
 

@@ -21,7 +21,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -51,20 +50,12 @@ def time_requests(path: str, model: str, requests: int, steps: int | None = None
         call = lambda prompt, seed, extra: batcher.submit(Job(model, prompt, [seed], extra)).result()  # noqa: E731
     elif path == "http":
         import httpx
-        import uvicorn
 
         from omnidit.serve.app import build_app
+        from omnidit.serve.command import BackgroundServer
 
-        server = uvicorn.Server(uvicorn.Config(build_app({model: pipe}, threads=threads), host="127.0.0.1", port=0,
-                                               log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise SystemExit("serve_overhead: the server did not start within 60 s")
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1/images/generations"
+        server = BackgroundServer(build_app({model: pipe}, threads=threads)).start()
+        url = f"{server.url}/v1/images/generations"
         client = httpx.Client(timeout=600)
 
         def call(prompt: str, seed: int, extra: dict) -> None:
@@ -81,8 +72,7 @@ def time_requests(path: str, model: str, requests: int, steps: int | None = None
             batcher.stop()
         elif path == "http":
             client.close()
-            server.should_exit = True
-            thread.join(10)
+            server.stop()
     return times
 
 

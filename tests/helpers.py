@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -122,29 +121,11 @@ def assert_pipeline_parity(reference_cls, folder, load, guidance: float) -> None
     assert (generate(guidance=1.0) - images).abs().max() > 1e-4  # guidance reaches the result
 
 
-class Live:
-    """A real uvicorn server on a free loopback port, in a thread."""
+def Live(app):  # noqa: N802 - the tests' name for a real server in a thread
+    """A real uvicorn server on a free loopback port, in a thread (``omnidit.serve.command.BackgroundServer``)."""
+    from omnidit.serve.command import BackgroundServer
 
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Live:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+    return BackgroundServer(app, timeout=30)
 
 
 class ProgressListener:

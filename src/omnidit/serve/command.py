@@ -6,6 +6,8 @@ import argparse
 import errno
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -226,3 +228,37 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/ "
           f"({'API key required' if api_key else 'no API key'}); Ctrl-C stops", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+class BackgroundServer:
+    """An ASGI app under uvicorn on a free loopback port, in a daemon thread: for load tests, scripts and tests.
+    ``with BackgroundServer(app) as server: httpx.get(server.url + "/health")``; ``start()`` alone leaves it running
+    until ``stop()`` or the process ends."""
+
+    def __init__(self, app, timeout: float = 60.0) -> None:
+        import uvicorn
+
+        self.app, self.timeout = app, timeout
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = ""
+
+    def start(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + self.timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server did not start within {self.timeout:g} s")
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
