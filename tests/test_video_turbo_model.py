@@ -65,8 +65,7 @@ def test_info_and_generate_by_name(tmp_path, capsys):
 
 # The shipped student was distilled from `shapes-video` as it was from 2026-12-05 to 2026-12-07 (`git archive
 # 7f64f9e src/omnidit/video_model`); the fine-tuning at shift 6 that replaced it changed only these settings.
-TEACHER_THEN = {"data": {"seed": 13, "counterfactual_directions": "vertical"}, "train": {"t_shift": 2.0},
-                "sample": {"shift": 2.0}}
+TEACHER_THEN = ["data.seed=13", "data.counterfactual_directions=vertical", "train.t_shift=2.0", "sample.shift=2.0"]
 
 
 def test_the_recipe_gives_the_shipped_config(monkeypatch):
@@ -75,20 +74,15 @@ def test_the_recipe_gives_the_shipped_config(monkeypatch):
     from pathlib import Path
 
     from omnidit import checkpoint
+    from omnidit.config import apply_overrides, config_from_dict
     from omnidit.distill_train import read_recipe, student_config
 
     teacher_dir, read_config = checkpoint.shipped_model_dir("shapes-video"), checkpoint.read_config
-
-    def read_teacher_then(directory):
-        config = read_config(directory)
-        if Path(directory) == teacher_dir:
-            for section, values in TEACHER_THEN.items():
-                for key, value in values.items():
-                    assert getattr(getattr(config, section), key) != value  # today's teacher differs here
-                    setattr(getattr(config, section), key, value)
-        return config
-
-    monkeypatch.setattr(checkpoint, "read_config", read_teacher_then)
+    today = read_config(teacher_dir).to_dict()
+    then = apply_overrides(today, TEACHER_THEN)
+    assert all(then[s] != today[s] for s in ("data", "train", "sample"))  # today's teacher differs in each
+    monkeypatch.setattr(checkpoint, "read_config", lambda directory: config_from_dict(then)
+                        if Path(directory) == teacher_dir else read_config(directory))
     recipe = Path(__file__).parents[1] / "configs/recipes/video_turbo.json"
     folder, method, teacher, overrides = read_recipe(recipe, "shapes-video", "runs/video_turbo")[-1]
     assert folder == "runs/video_turbo/progressive"
