@@ -125,6 +125,22 @@ def test_clips_pair_with_their_direction_changed(tmp_path):
     assert max((p - q).abs().max() for p, q in zip(base.net.parameters(), paired.net.parameters())) > 1e-4
 
 
+def test_object_loss_weight_on_clips_changes_the_update(tmp_path):
+    """train.object_loss_weight on shapes_video: the clips' object pixels weigh more (a weighted mean per
+    sample), so the same seeded steps end at other weights."""
+    def trainer(out, weight):
+        return Trainer(config_from_dict({
+            "model": {"preset": "tiny", "hidden_size": 64, "num_heads": 2, "depth": 1, "depth_single": 1},
+            "data": {"name": "shapes_video", "width": 16, "height": 16, "frames": 4, "fps": 8.0},
+            "train": {"out_dir": str(out), "batch_size": 4, "lr": 2e-3, "warmup_steps": 0, "steps": 2,
+                      "tensorboard": False, "object_loss_weight": weight, "given_p": 0.5}}), progress=False)
+
+    base, weighted = trainer(tmp_path / "a", 1.0), trainer(tmp_path / "b", 4.0)
+    losses = [(base.train_step(), weighted.train_step()) for _ in range(2)]
+    assert all(a != b for a, b in losses)
+    assert max((p - q).abs().max() for p, q in zip(base.net.parameters(), weighted.net.parameters())) > 1e-4
+
+
 def test_counterfactual_weight_is_checked(tmp_path):
     with pytest.raises(OmniditError, match="counterfactual_weight"):
         TrainConfig(counterfactual_weight=-1)

@@ -422,11 +422,12 @@ class Config:
                                "data", hint="set train.region_p (e.g. 0.5) on data.name=shapes, or drop "
                                             "train.region_objects")
         dc = self.data
-        if self.train.object_loss_weight != 1 and (dc.name != "shapes" or dc.codec != "identity" or dc.cache_dir
-                                                   or dc.mix_name):
+        if self.train.object_loss_weight != 1 and (dc.name not in ("shapes", "shapes_video") or dc.codec != "identity"
+                                                   or dc.cache_dir or dc.mix_name):
             raise OmniditError("train.object_loss_weight weighs the pixels of shapes' objects: it needs data.name="
-                               "shapes in pixels (data.codec=identity, no data.cache_dir or data.mix_name)",
-                               hint="drop train.object_loss_weight, or train on shapes images in pixels")
+                               "shapes or shapes_video in pixels (data.codec=identity, no data.cache_dir or "
+                               "data.mix_name)", hint="drop train.object_loss_weight, or train on shapes images or "
+                                                      "clips in pixels")
         if self.train.prior_preservation and (not self.train.lora_rank or dc.name != "shapes" or not dc.new_shapes
                                               or dc.mix_name):
             raise OmniditError("train.prior_preservation keeps a LoRA's base on the shapes scenes without a new shape: "

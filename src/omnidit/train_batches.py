@@ -160,12 +160,15 @@ def counterfactual_pairs(dataset, indices: list[int], x0: Tensor | dict[str, Ten
 
 
 def object_loss_weights(dataset, indices: Sequence[int], weight: float, shapes: Sequence[str] = ()) -> Tensor:
-    """(b, C, H, W): ``weight`` on the pixels that an object of these shapes items covers (an object of ``shapes``;
-    () = any) and on those next to them (the mask grown by one pixel, so that a stray pixel drawn beside an edge is
-    weighed as the edge), 1 elsewhere."""
-    masks = torch.stack([dataset.object_mask(i, shapes or None) for i in indices])[:, None].float()  # (b, 1, H, W)
-    near = torch.nn.functional.max_pool2d(masks, 3, stride=1, padding=1)
-    return (1 + (weight - 1) * near).expand(-1, dataset.channels, -1, -1)
+    """(b, C, H, W) for images, (b, C, T, H, W) for clips: ``weight`` on the pixels that an object of these shapes
+    items covers (an object of ``shapes``; () = any) and on those next to them in the same frame (the mask grown by
+    one pixel, so that a stray pixel drawn beside an edge is weighed as the edge), 1 elsewhere."""
+    masks = torch.stack([dataset.object_mask(i, shapes or None) for i in indices])[:, None].float()
+    image = masks.dim() == 4  # (b, 1, H, W): weighed as a clip of one frame
+    masks = masks[:, :, None] if image else masks  # (b, 1, T, H, W)
+    near = torch.nn.functional.max_pool3d(masks, (1, 3, 3), stride=1, padding=(0, 1, 1))
+    weights = (1 + (weight - 1) * near).expand(-1, dataset.channels, -1, -1, -1)
+    return weights[:, :, 0] if image else weights
 
 
 def shows_shapes(dataset, indices: Sequence[int], shapes: Sequence[str]) -> Tensor:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -265,20 +265,37 @@ def snapshot(scene: VideoScene, time: float, width: int, height: int) -> Scene:
     return Scene(tuple(objects), scene.caption, scene.kind)
 
 
-def render_video(scene: VideoScene, frames: int, width: int, height: int, fps: float) -> np.ndarray:
-    """Render ``frames`` frames at ``fps`` -> uint8 (T, H, W, 3) on a white background.
-
-    Each object is drawn in all frames at once with the ``shapes`` renderer's mask, on pixel centres."""
+def object_masks(scene: VideoScene, frames: int, width: int, height: int, fps: float) -> list[np.ndarray]:
+    """Each object's pixels in every frame -> one (T, H, W) bool per object, in drawing order: the ``shapes``
+    renderer's mask on pixel centres, along the object's ``trajectory``."""
     unit = min(width, height)
-    video = np.empty((int(frames), height, width, 3), dtype=np.uint8)
-    video[:] = BACKGROUND
     centres = trajectory(scene, frames, fps, width, height)  # (N, T, 2)
     xs, ys = np.arange(width) + 0.5, np.arange(height) + 0.5
+    masks = []
     for obj, path in zip(scene.objects, centres):
         dx = xs[None, None, :] - path[:, None, None, 0]  # (T, 1, W)
         dy = ys[None, :, None] - path[:, None, None, 1]  # (T, H, 1)
-        video[_shape_mask(obj.shape, dx, dy, obj.side * unit / 2)] = COLOURS[obj.colour]
+        masks.append(np.broadcast_to(_shape_mask(obj.shape, dx, dy, obj.side * unit / 2), (int(frames), height,
+                                                                                            width)))
+    return masks
+
+
+def render_video(scene: VideoScene, frames: int, width: int, height: int, fps: float) -> np.ndarray:
+    """Render ``frames`` frames at ``fps`` -> uint8 (T, H, W, 3) on a white background (``object_masks``)."""
+    video = np.empty((int(frames), height, width, 3), dtype=np.uint8)
+    video[:] = BACKGROUND
+    for obj, mask in zip(scene.objects, object_masks(scene, frames, width, height, fps)):
+        video[mask] = COLOURS[obj.colour]
     return video
+
+
+def object_mask(scene: VideoScene, frames: int, width: int, height: int, fps: float,
+                shapes: Collection[str] | None = None) -> np.ndarray:
+    """(T, H, W) bool: the pixels that ``render_video`` paints with an object of ``shapes`` (None: any)."""
+    mask = np.zeros((int(frames), height, width), dtype=bool)
+    for obj, covered in zip(scene.objects, object_masks(scene, frames, width, height, fps)):
+        mask[covered] = shapes is None or obj.shape in shapes  # a later object covers an earlier one
+    return mask
 
 
 def video_tensor(video: np.ndarray) -> Tensor:
@@ -557,6 +574,12 @@ class ShapesVideoDataset(Dataset):
         scene = self.scene(index)
         video = render_video(scene, self.frames, self.width, self.height, self.fps)  # (T, H, W, 3)
         return {"video": video_tensor(video), "caption": scene.caption, "label": -1}
+
+    def object_mask(self, index: int, shapes: Collection[str] | None = None) -> Tensor:
+        """(T, H, W) bool: the pixels of clip ``index`` that an object of ``shapes`` (None: any) covers in each
+        frame (``train.object_loss_weight``)."""
+        mask = object_mask(self.scene(index), self.frames, self.width, self.height, self.fps, shapes)
+        return torch.from_numpy(mask)
 
     def counterfactual(self, index: int) -> dict | None:
         """The clip at ``index`` with its direction changed as ``counterfactual_directions`` allows
