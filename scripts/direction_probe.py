@@ -3,7 +3,7 @@ to the right", ...), drawn from the same seeds 0..N-1 for every direction, and t
 that the video suite's tracker reads from each clip. A model that ignores the caption's direction moves each
 seed's object the same way whatever the prompt: the columns of the table repeat.
 
-    python scripts/direction_probe.py MODEL [--n 8] [--cfg S] [--json PATH]
+    python scripts/direction_probe.py MODEL [--n 8] [--cfg S] [--negative "a red circle"] [--json PATH]
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--n", type=int, default=8, help="seeds per direction (default: 8)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--negative", default="",
+                        help="negative prompt, e.g. the object alone (\"a red circle\"), so that guidance pushes along "
+                             "the motion words only (default: none, the empty caption)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     pipe = load_pipeline(args.model, device="cpu")
@@ -42,7 +45,8 @@ def main() -> None:
     table = {}
     for direction in DIRECTIONS:
         prompt = f"a red circle moving {DIRECTION_PHRASES[direction][0]}"
-        clips = pipe.generate_video([prompt] * args.n, seed=list(range(args.n)), cfg=args.cfg)
+        clips = pipe.generate_video([prompt] * args.n, seed=list(range(args.n)), cfg=args.cfg,
+                                   negative_prompt=args.negative)
         table[direction] = [first_direction(c, fps) for c in clips]
         print(f"{direction:>22}: {sum(d == direction for d in table[direction])}/{args.n} right; "
               f"{', '.join(table[direction])}", flush=True)
@@ -50,8 +54,8 @@ def main() -> None:
     total = args.n * len(DIRECTIONS)
     print(f"right first direction: {right}/{total} ({right / total:.2f}; chance 0.125)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "right": right, "total": total,
-                                               "table": table}, indent=2))
+        Path(args.json).write_text(json.dumps({"model": args.model, "negative": args.negative, "right": right,
+                                               "total": total, "table": table}, indent=2))
 
 
 if __name__ == "__main__":

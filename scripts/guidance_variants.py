@@ -9,16 +9,18 @@ Each variant replaces v = v_uncond + cfg (v_cond - v_uncond) and keeps everythin
   of the guidance x0_cond - x0_uncond along x0_cond is kept ARG times (0 drops it), the rest in full;
 - cfg_zero: CFG-Zero*'s optimised scale (Fan et al. 2025), v_uncond scaled by <v_cond, v_uncond> /
   |v_uncond|^2 first (the paper's other part, a zero velocity for the first steps, is left out);
+- early ARG: guidance ARG at the high noise levels t >= --t-from (0.7), where a clip's layout and first motion
+  are set, and the model's own scale below (the opposite of a guidance interval, which drops guidance there);
 - plain: the library's guidance, for checking that this script reproduces ``omnidit eval``.
 
 The variant goes in through classifier_free_guidance's ``combine`` argument, so the guidance interval and
 skip-layer guidance work exactly as in the library.
 
-They did not beat plain guidance on the shipped model (docs/default_model.md, "Other forms of guidance"),
-so they stay here rather than in omnidit.sampling.
+They did not beat plain guidance on the shipped model (docs/default_model.md, "Other forms of guidance";
+docs/video_model.md for "early" on shapes-video), so they stay here rather than in omnidit.sampling.
 
-    python scripts/guidance_variants.py VARIANT [--arg A] [--model DIR] [--seed 1] [--json out.json]
-        [--skip-scale S --skip-blocks I ... --skip-interval LO HI]
+    python scripts/guidance_variants.py VARIANT [--arg A] [--t-from T] [--suite shapes|video] [--model DIR]
+        [--seed 1] [--limit N] [--json out.json] [--skip-scale S --skip-blocks I ... --skip-interval LO HI]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from omnidit.errors import OmniditError
 from omnidit.evaluate.runner import EvalReport, evaluate_model
 from omnidit.sampling import classifier_free_guidance
 
-VARIANTS = ("plain", "rescale", "apg", "cfg_zero")
+VARIANTS = ("plain", "rescale", "apg", "cfg_zero", "early")
 
 
 def _per_image(values: Tensor, like: Tensor) -> Tensor:
@@ -50,8 +52,10 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def combine(variant: str, arg: float, x: Tensor, t: float, v_cond: Tensor, v_uncond: Tensor,
-            scale: float) -> Tensor:
+            scale: float, t_from: float = 0.7) -> Tensor:
     """The guided velocity (B, N, D) from the conditional and unconditional ones at time t."""
+    if variant == "early":
+        variant, scale = "plain", arg if t >= t_from else scale
     if variant == "plain":
         return v_uncond + scale * (v_cond - v_uncond)
     if variant == "rescale":
@@ -70,29 +74,33 @@ def combine(variant: str, arg: float, x: Tensor, t: float, v_cond: Tensor, v_unc
     raise OmniditError(f"unknown guidance variant '{variant}'", hint=f"choose one of {', '.join(VARIANTS)}")
 
 
-def guidance_factory(variant: str, arg: float) -> Callable:
+def guidance_factory(variant: str, arg: float, t_from: float = 0.7) -> Callable:
     """omnidit.sampling.classifier_free_guidance with its guidance rule replaced by ``variant``: the same
     arguments, guidance interval and skip-layer guidance."""
 
     def rule(x: Tensor, t: Tensor, v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
-        return combine(variant, arg, x, float(t), v_cond, v_uncond, scale)
+        return combine(variant, arg, x, float(t), v_cond, v_uncond, scale, t_from)
 
     return functools.partial(classifier_free_guidance, combine=rule)
 
 
 def run(model: str, variant: str, arg: float, seed: int, n_per_prompt: int = 4, limit: int | None = None,
-        progress: bool = True, **sampling) -> EvalReport:
-    """The shapes suite (no Fréchet distance) with ``variant`` guidance; ``sampling``: Pipeline.generate's
+        progress: bool = True, suite: str = "shapes", t_from: float = 0.7, **sampling) -> EvalReport:
+    """The shapes or video suite (no Fréchet distance) with ``variant`` guidance; ``sampling``: Pipeline.generate's
     settings (skip_scale=..., ...), the model's config for those not given."""
+    if variant == "early" and not (arg > 0 and 0 <= t_from <= 1):
+        raise OmniditError(f"early needs a scale --arg > 0 and --t-from in [0, 1], got {arg} and {t_from}",
+                           hint="e.g. early --arg 8 --t-from 0.7")
     original = pipeline_module.classifier_free_guidance
-    pipeline_module.classifier_free_guidance = guidance_factory(variant, arg)
+    pipeline_module.classifier_free_guidance = guidance_factory(variant, arg, t_from)
     try:
         pipe = pipeline_module.load_pipeline(model, device="cpu")
-        report = evaluate_model(pipe, "shapes", n_per_prompt=n_per_prompt, seed=seed, limit=limit,
+        report = evaluate_model(pipe, suite, n_per_prompt=n_per_prompt, seed=seed, limit=limit,
                                 progress=progress, frechet=False, **sampling)
     finally:
         pipeline_module.classifier_free_guidance = original
-    report.settings["guidance"] = {"variant": variant, "arg": arg}
+    report.settings["guidance"] = {"variant": variant, "arg": arg, **({"t_from": t_from} if variant == "early"
+                                                                      else {})}
     return report
 
 
@@ -100,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variant", choices=VARIANTS)
     parser.add_argument("--arg", type=float, default=0.0, help="rescale: the mix (0.7 in the paper); apg: how "
-                        "much of the parallel part to keep (0); ignored otherwise")
+                        "much of the parallel part to keep (0); early: the scale at t >= --t-from; ignored otherwise")
+    parser.add_argument("--t-from", type=float, default=0.7, metavar="T",
+                        help="early: the time from which its scale applies, up to 1 (default: 0.7)")
+    parser.add_argument("--suite", choices=("shapes", "video"), default="shapes",
+                        help="the suite (default: shapes, 4 images per prompt; video: one clip per prompt)")
     parser.add_argument("--model", default=None, help="run or checkpoint folder (default: the shipped model)")
     parser.add_argument("--seed", type=int, default=1, help="noise seed (1: the validation run)")
     parser.add_argument("--limit", type=int, default=None, help="prompts per category (default: all)")
@@ -113,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="times at which it applies (default: the model's sample.skip_interval)")
     args = parser.parse_args(argv)
     try:
-        report = run(args.model or str(default_model_dir()), args.variant, args.arg, args.seed, limit=args.limit,
-                     skip_scale=args.skip_scale, skip_blocks=args.skip_blocks, skip_interval=args.skip_interval)
+        report = run(args.model or str(default_model_dir()), args.variant, args.arg, args.seed,
+                     n_per_prompt=4 if args.suite == "shapes" else 1, limit=args.limit, suite=args.suite,
+                     t_from=args.t_from, skip_scale=args.skip_scale, skip_blocks=args.skip_blocks,
+                     skip_interval=args.skip_interval)
     except OmniditError as e:
         print(f"guidance_variants: error: {e}", file=sys.stderr)
         return 2

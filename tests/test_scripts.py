@@ -86,6 +86,11 @@ def test_guidance_variants_combine():
     s = (fitted * v_uncond).flatten(1).sum(1) / (v_uncond * v_uncond).flatten(1).sum(1)
     assert torch.allclose(fitted, s.view(-1, 1, 1) * v_uncond, atol=1e-5)
     assert torch.allclose(((v_cond - fitted) * v_uncond).flatten(1).sum(1), torch.zeros(3), atol=1e-4)
+    # early: its own scale from t_from up to pure noise, the model's below
+    high = v_uncond + 8.0 * (v_cond - v_uncond)
+    assert torch.equal(gv.combine("early", 8.0, x, 0.7, v_cond, v_uncond, scale), high)
+    assert torch.equal(gv.combine("early", 8.0, x, 0.69, v_cond, v_uncond, scale), plain)
+    assert torch.equal(gv.combine("early", 8.0, x, 0.5, v_cond, v_uncond, scale, t_from=0.4), high)
 
 
 def test_guidance_variants_plain_reproduces_eval(tiny_run, tmp_path, capsys):
@@ -114,6 +119,25 @@ def test_guidance_variants_plain_reproduces_eval(tiny_run, tmp_path, capsys):
     assert gv.main(["plain", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("guidance_variants: error:") and err.count("\n") == 1, err
+    assert gv.main(["early", "--model", str(tiny_run), "--t-from", "1.5", "--arg", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("guidance_variants: error:") and err.count("\n") == 1, err
+
+
+def test_guidance_variants_run_the_video_suite(tmp_path):
+    from test_video_cli import _video_checkpoint
+
+    gv = load_script("guidance_variants")
+    model = str(_video_checkpoint(tmp_path / "model"))
+    common = {"seed": 1, "n_per_prompt": 1, "limit": 1, "progress": False, "suite": "video", "steps": 3}
+    early, plain = gv.run(model, "early", 8.0, **common), gv.run(model, "plain", 0.0, **common)
+    assert early.settings["guidance"] == {"variant": "early", "arg": 8.0, "t_from": 0.7}
+    assert early.suite == "video" and len(early.judged) == len(plain.judged) == 6  # one clip per category
+    assert any(not torch.equal(a.image, b.image) for a, b in zip(early.judged, plain.judged))
+    everywhere = gv.run(model, "early", 8.0, t_from=0.0, **common)  # every step: plain guidance at 8
+    assert all(torch.equal(a.image, b.image) for a, b in zip(everywhere.judged,
+                                                             gv.run(model, "plain", 0.0, cfg=8.0, **common).judged))
+    assert any(not torch.equal(a.image, b.image) for a, b in zip(everywhere.judged, early.judged))
 
 
 def test_self_verifiers_reports_each_rule_between_its_bounds(tiny_run, tmp_path, capsys):
