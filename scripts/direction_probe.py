@@ -36,8 +36,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8, help="seeds per direction (default: 8)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--negative", default="",
-                        help="negative prompt, e.g. the object alone (\"a red circle\"), so that guidance pushes along "
-                             "the motion words only (default: none, the empty caption)")
+                        help="negative prompt, e.g. the object alone (\"a red circle\"), meant to aim guidance at the "
+                             "motion words (it moved fewer clips the captioned way: docs/video_model.md); default: "
+                             "none, the empty caption")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     pipe = load_pipeline(args.model, device="cpu")

@@ -16,8 +16,9 @@ Each variant replaces v = v_uncond + cfg (v_cond - v_uncond) and keeps everythin
 The variant goes in through classifier_free_guidance's ``combine`` argument, so the guidance interval and
 skip-layer guidance work exactly as in the library.
 
-They did not beat plain guidance on the shipped model (docs/default_model.md, "Other forms of guidance";
-docs/video_model.md for "early" on shapes-video), so they stay here rather than in omnidit.sampling.
+They did not beat plain guidance on the shipped model (docs/default_model.md, "Other forms of guidance"), so
+they stay here rather than in omnidit.sampling. "early" on shapes-video: docs/video_model.md, "Guidance aimed at
+the motion".
 
     python scripts/guidance_variants.py VARIANT [--arg A] [--t-from T] [--suite shapes|video] [--model DIR]
         [--seed 1] [--limit N] [--json out.json] [--skip-scale S --skip-blocks I ... --skip-interval LO HI]
@@ -33,12 +34,13 @@ from collections.abc import Callable
 from torch import Tensor
 
 import omnidit.pipeline as pipeline_module
-from omnidit.checkpoint import default_model_dir
+from omnidit.checkpoint import default_model_dir, shipped_model_dir
 from omnidit.errors import OmniditError
 from omnidit.evaluate.runner import EvalReport, evaluate_model
 from omnidit.sampling import classifier_free_guidance
 
 VARIANTS = ("plain", "rescale", "apg", "cfg_zero", "early")
+T_FROM = 0.7  # early: the default time from which its scale applies
 
 
 def _per_image(values: Tensor, like: Tensor) -> Tensor:
@@ -52,10 +54,10 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def combine(variant: str, arg: float, x: Tensor, t: float, v_cond: Tensor, v_uncond: Tensor,
-            scale: float, t_from: float = 0.7) -> Tensor:
+            scale: float, t_from: float = T_FROM) -> Tensor:
     """The guided velocity (B, N, D) from the conditional and unconditional ones at time t."""
     if variant == "early":
-        variant, scale = "plain", arg if t >= t_from else scale
+        variant, scale = "plain", arg if t >= t_from - 1e-6 else scale  # t may be a float32's 0.69999...
     if variant == "plain":
         return v_uncond + scale * (v_cond - v_uncond)
     if variant == "rescale":
@@ -74,7 +76,7 @@ def combine(variant: str, arg: float, x: Tensor, t: float, v_cond: Tensor, v_unc
     raise OmniditError(f"unknown guidance variant '{variant}'", hint=f"choose one of {', '.join(VARIANTS)}")
 
 
-def guidance_factory(variant: str, arg: float, t_from: float = 0.7) -> Callable:
+def guidance_factory(variant: str, arg: float, t_from: float = T_FROM) -> Callable:
     """omnidit.sampling.classifier_free_guidance with its guidance rule replaced by ``variant``: the same
     arguments, guidance interval and skip-layer guidance."""
 
@@ -85,7 +87,7 @@ def guidance_factory(variant: str, arg: float, t_from: float = 0.7) -> Callable:
 
 
 def run(model: str, variant: str, arg: float, seed: int, n_per_prompt: int = 4, limit: int | None = None,
-        progress: bool = True, suite: str = "shapes", t_from: float = 0.7, **sampling) -> EvalReport:
+        progress: bool = True, suite: str = "shapes", t_from: float = T_FROM, **sampling) -> EvalReport:
     """The shapes or video suite (no Fréchet distance) with ``variant`` guidance; ``sampling``: Pipeline.generate's
     settings (skip_scale=..., ...), the model's config for those not given."""
     if variant == "early" and not (arg > 0 and 0 <= t_from <= 1):
@@ -109,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("variant", choices=VARIANTS)
     parser.add_argument("--arg", type=float, default=0.0, help="rescale: the mix (0.7 in the paper); apg: how "
                         "much of the parallel part to keep (0); early: the scale at t >= --t-from; ignored otherwise")
-    parser.add_argument("--t-from", type=float, default=0.7, metavar="T",
-                        help="early: the time from which its scale applies, up to 1 (default: 0.7)")
+    parser.add_argument("--t-from", type=float, default=T_FROM, metavar="T",
+                        help=f"early: the time from which its scale applies, up to 1 (default: {T_FROM})")
     parser.add_argument("--suite", choices=("shapes", "video"), default="shapes",
                         help="the suite (default: shapes, 4 images per prompt; video: one clip per prompt)")
-    parser.add_argument("--model", default=None, help="run or checkpoint folder (default: the shipped model)")
+    parser.add_argument("--model", default=None, help="run or checkpoint folder, or a shipped model's name (default: "
+                        "shapes for the shapes suite, shapes-video for the video suite)")
     parser.add_argument("--seed", type=int, default=1, help="noise seed (1: the validation run)")
     parser.add_argument("--limit", type=int, default=None, help="prompts per category (default: all)")
     parser.add_argument("--json", default=None, help="write the report here")
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="times at which it applies (default: the model's sample.skip_interval)")
     args = parser.parse_args(argv)
     try:
-        report = run(args.model or str(default_model_dir()), args.variant, args.arg, args.seed,
+        model = args.model or str(default_model_dir() if args.suite == "shapes" else shipped_model_dir("shapes-video"))
+        report = run(model, args.variant, args.arg, args.seed,
                      n_per_prompt=4 if args.suite == "shapes" else 1, limit=args.limit, suite=args.suite,
                      t_from=args.t_from, skip_scale=args.skip_scale, skip_blocks=args.skip_blocks,
                      skip_interval=args.skip_interval)

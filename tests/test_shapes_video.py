@@ -22,7 +22,7 @@ from omnidit.data.shapes_video import (
     VideoObject,
     VideoScene,
     make_video_scene,
-    object_mask,
+    object_masks,
     positions,
     render_video,
     snapshot,
@@ -82,27 +82,32 @@ def test_frames_are_the_shapes_renderer_at_each_instant(scenes):
             assert (video[k] != still).any(axis=-1).sum() <= 1  # float round-trip through boxes may flip an edge pixel
 
 
-def test_object_masks_are_the_painted_pixels_of_each_frame(scenes):
+def test_object_masks_are_the_painted_pixels_of_each_frame():
     """ShapesVideoDataset.object_mask (train.object_loss_weight on clips): per frame, the pixels that are not
-    background, or those of the named shapes; the loss weights grow each frame's mask, never across frames."""
+    background, or those of the objects of the named shapes; the loss weights grow each frame's mask, never
+    across frames."""
     from omnidit.data.shapes import BACKGROUND
     from omnidit.train_batches import object_loss_weights
 
     ds = ShapesVideoDataset(frames=8, seed=7)
     pairs = [i for i in range(40) if ds.scene(i).kind == "pair"][:3]
+    assert len(pairs) == 3
     for index in [0, 1, *pairs]:
-        video = torch.from_numpy(render_video(ds.scene(index), 8, 32, 32, 8.0))  # (T, H, W, 3)
+        scene = ds.scene(index)
+        video = torch.from_numpy(render_video(scene, 8, 32, 32, 8.0))  # (T, H, W, 3)
         mask = ds.object_mask(index)
         assert mask.shape == (8, 32, 32) and mask.any(dim=(1, 2)).all()
         assert torch.equal(mask, (video != torch.tensor(BACKGROUND, dtype=torch.uint8)).any(-1))
-        shape = ds.scene(index).objects[0].shape
-        painted = (video == torch.tensor(COLOURS[ds.scene(index).objects[0].colour], dtype=torch.uint8)).all(-1)
-        if len({o.shape for o in ds.scene(index).objects}) == len(ds.scene(index).objects):
-            own = torch.from_numpy(object_mask(ds.scene(index), 8, 32, 32, 8.0, [shape]))
-            assert torch.equal(own, painted & mask) and (own.sum() < mask.sum()) == (len(ds.scene(index).objects) > 1)
+        each = [torch.from_numpy(m) for m in object_masks(scene, 8, 32, 32, 8.0)]
+        for obj, own in zip(scene.objects, each):  # an object's mask is painted in its colour
+            assert (video[own] == torch.tensor(COLOURS[obj.colour], dtype=torch.uint8)).all()
+        shape = scene.objects[0].shape
+        of_shape = torch.stack([m for o, m in zip(scene.objects, each) if o.shape == shape]).any(0)
+        assert torch.equal(ds.object_mask(index, [shape]), of_shape)
+        assert (of_shape.sum() < mask.sum()) == any(o.shape != shape for o in scene.objects)
         weights = object_loss_weights(ds, [index], 4.0)[0]  # (3, T, H, W)
         assert weights.shape == (3, 8, 32, 32)
-        for k in (0, 7):
+        for k in range(8):
             near = torch.nn.functional.max_pool2d(mask[k][None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
             assert (weights[:, k][:, near] == 4).all() and (weights[:, k][:, ~near] == 1).all()
 

@@ -12,7 +12,7 @@ from omnidit.flow import training_loss
 from omnidit.model.mmdit import MMDiT
 from omnidit.tokens import image_position_ids, patchify
 from omnidit.train import Trainer, ema_decay_at, learning_rate, parameter_groups
-from omnidit.train_batches import batch_indices
+from omnidit.train_batches import batch_indices, object_loss_weights
 
 
 def test_thirty_steps_on_tiny_shapes_reduce_the_loss(tmp_path):
@@ -108,17 +108,20 @@ def test_counterfactual_pairs_add_a_loss_only_where_the_data_has_pairs(tmp_path)
     assert all(torch.equal(p, q) for p, q in zip(weights(base), weights(paired)))
 
 
+def _clip_trainer(out, **train) -> Trainer:
+    """A tiny video model's trainer on 16x16 shapes_video clips of 4 frames (given_p 0.5)."""
+    return Trainer(config_from_dict({
+        "model": {"preset": "tiny", "hidden_size": 64, "num_heads": 2, "depth": 1, "depth_single": 1},
+        "data": {"name": "shapes_video", "width": 16, "height": 16, "frames": 4, "fps": 8.0},
+        "train": {"out_dir": str(out), "batch_size": 4, "lr": 2e-3, "warmup_steps": 0, "steps": 3,
+                  "tensorboard": False, "given_p": 0.5, **train}}), progress=False)
+
+
 def test_clips_pair_with_their_direction_changed(tmp_path):
     """shapes_video: a single-object clip's partner moves another way (ShapesVideoDataset.counterfactual); the
     pairs' loss runs on the clips' tubelets and changes the update."""
-    def trainer(out, weight):
-        return Trainer(config_from_dict({
-            "model": {"preset": "tiny", "hidden_size": 64, "num_heads": 2, "depth": 1, "depth_single": 1},
-            "data": {"name": "shapes_video", "width": 16, "height": 16, "frames": 4, "fps": 8.0},
-            "train": {"out_dir": str(out), "batch_size": 4, "lr": 2e-3, "warmup_steps": 0, "steps": 3,
-                      "tensorboard": False, "counterfactual_weight": weight, "given_p": 0.5}}), progress=False)
-
-    base, paired = trainer(tmp_path / "a", 0.0), trainer(tmp_path / "b", 1.0)
+    base = _clip_trainer(tmp_path / "a", counterfactual_weight=0.0)
+    paired = _clip_trainer(tmp_path / "b", counterfactual_weight=1.0)
     for _ in range(3):
         base.train_step(), paired.train_step()
     assert base.counterfactual_loss is None and paired.counterfactual_loss > 0
@@ -128,14 +131,15 @@ def test_clips_pair_with_their_direction_changed(tmp_path):
 def test_object_loss_weight_on_clips_changes_the_update(tmp_path):
     """train.object_loss_weight on shapes_video: the clips' object pixels weigh more (a weighted mean per
     sample), so the same seeded steps end at other weights."""
-    def trainer(out, weight):
-        return Trainer(config_from_dict({
-            "model": {"preset": "tiny", "hidden_size": 64, "num_heads": 2, "depth": 1, "depth_single": 1},
-            "data": {"name": "shapes_video", "width": 16, "height": 16, "frames": 4, "fps": 8.0},
-            "train": {"out_dir": str(out), "batch_size": 4, "lr": 2e-3, "warmup_steps": 0, "steps": 2,
-                      "tensorboard": False, "object_loss_weight": weight, "given_p": 0.5}}), progress=False)
-
-    base, weighted = trainer(tmp_path / "a", 1.0), trainer(tmp_path / "b", 4.0)
+    base = _clip_trainer(tmp_path / "a")
+    weighted = _clip_trainer(tmp_path / "b", object_loss_weight=4.0)
+    # the weights line up with the clip's tokens: 4 exactly on the tokens' pixels that differ from the background
+    # or touch such a pixel in the same frame
+    data = weighted.dataset
+    clips = torch.stack([data[i]["video"] for i in (0, 1)])  # (2, 3, T, H, W)
+    drawn = (clips != 1).any(1, keepdim=True).float()  # the background is white: 1 in every channel
+    near = torch.nn.functional.max_pool3d(drawn, (1, 3, 3), stride=1, padding=(0, 1, 1)).expand_as(clips)
+    assert torch.equal(weighted._patches(object_loss_weights(data, [0, 1], 4.0)) == 4, weighted._patches(near) > 0)
     losses = [(base.train_step(), weighted.train_step()) for _ in range(2)]
     assert all(a != b for a, b in losses)
     assert max((p - q).abs().max() for p, q in zip(base.net.parameters(), weighted.net.parameters())) > 1e-4

@@ -189,7 +189,8 @@ class TrainConfig:
     # t ~ U[counterfactual_t_min, 1]. 0 = off.
     counterfactual_weight: float = 0.0
     counterfactual_t_min: float = 0.8
-    # Shapes images in pixels: the flow loss weighs the pixels that an object covers, and those next to them, this
+    # Shapes images or shapes_video clips in pixels: the flow loss weighs the pixels that an object covers, and those
+    # next to them (in the same frame), this
     # many times a background pixel (each sample's mean becomes a weighted mean), so that a small object's shape
     # counts for more than its share of the pixels (kohya's masked loss, with the data's own masks); the counterfactual
     # pairs' loss keeps its plain mean. 1 = off.

@@ -275,8 +275,7 @@ def object_masks(scene: VideoScene, frames: int, width: int, height: int, fps: f
     for obj, path in zip(scene.objects, centres):
         dx = xs[None, None, :] - path[:, None, None, 0]  # (T, 1, W)
         dy = ys[None, :, None] - path[:, None, None, 1]  # (T, H, 1)
-        masks.append(np.broadcast_to(_shape_mask(obj.shape, dx, dy, obj.side * unit / 2), (int(frames), height,
-                                                                                            width)))
+        masks.append(_shape_mask(obj.shape, dx, dy, obj.side * unit / 2))  # (T, H, W)
     return masks
 
 
