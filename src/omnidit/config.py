@@ -190,10 +190,9 @@ class TrainConfig:
     counterfactual_weight: float = 0.0
     counterfactual_t_min: float = 0.8
     # Shapes images or shapes_video clips in pixels: the flow loss weighs the pixels that an object covers, and those
-    # next to them (in the same frame), this
-    # many times a background pixel (each sample's mean becomes a weighted mean), so that a small object's shape
-    # counts for more than its share of the pixels (kohya's masked loss, with the data's own masks); the counterfactual
-    # pairs' loss keeps its plain mean. 1 = off.
+    # next to them (in the same frame), this many times a background pixel (each sample's mean becomes a weighted
+    # mean), so that a small object's shape counts for more than its share of the pixels (kohya's masked loss, with
+    # the data's own masks); the counterfactual pairs' loss keeps its plain mean. 1 = off.
     object_loss_weight: float = 1.0
     object_loss_shapes: list[str] = field(default_factory=list)  # the shapes whose objects it weighs; [] = every one
     # LoRA on shapes data with data.new_shapes: the scenes that show no new shape regress on the base model's velocity
