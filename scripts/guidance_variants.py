@@ -34,13 +34,14 @@ from collections.abc import Callable
 from torch import Tensor
 
 import omnidit.pipeline as pipeline_module
-from omnidit.checkpoint import default_model_dir, shipped_model_dir
+from omnidit.checkpoint import shipped_model_dir
 from omnidit.errors import OmniditError
 from omnidit.evaluate.runner import EvalReport, evaluate_model
 from omnidit.sampling import classifier_free_guidance
 
 VARIANTS = ("plain", "rescale", "apg", "cfg_zero", "early")
 T_FROM = 0.7  # early: the default time from which its scale applies
+SUITES = {"shapes": ("shapes", 4), "video": ("shapes-video", 1)}  # suite -> (default model, samples per prompt)
 
 
 def _per_image(values: Tensor, like: Tensor) -> Tensor:
@@ -101,8 +102,9 @@ def run(model: str, variant: str, arg: float, seed: int, n_per_prompt: int = 4, 
                                 progress=progress, frechet=False, **sampling)
     finally:
         pipeline_module.classifier_free_guidance = original
-    report.settings["guidance"] = {"variant": variant, "arg": arg, **({"t_from": t_from} if variant == "early"
-                                                                      else {})}
+    report.settings["guidance"] = {"variant": variant, "arg": arg}
+    if variant == "early":
+        report.settings["guidance"]["t_from"] = t_from
     return report
 
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                         "much of the parallel part to keep (0); early: the scale at t >= --t-from; ignored otherwise")
     parser.add_argument("--t-from", type=float, default=T_FROM, metavar="T",
                         help=f"early: the time from which its scale applies, up to 1 (default: {T_FROM})")
-    parser.add_argument("--suite", choices=("shapes", "video"), default="shapes",
+    parser.add_argument("--suite", choices=tuple(SUITES), default="shapes",
                         help="the suite (default: shapes, 4 images per prompt; video: one clip per prompt)")
     parser.add_argument("--model", default=None, help="run or checkpoint folder, or a shipped model's name (default: "
                         "shapes for the shapes suite, shapes-video for the video suite)")
@@ -128,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="times at which it applies (default: the model's sample.skip_interval)")
     args = parser.parse_args(argv)
     try:
-        model = args.model or str(default_model_dir() if args.suite == "shapes" else shipped_model_dir("shapes-video"))
-        report = run(model, args.variant, args.arg, args.seed,
-                     n_per_prompt=4 if args.suite == "shapes" else 1, limit=args.limit, suite=args.suite,
+        default_model, n_per_prompt = SUITES[args.suite]
+        report = run(args.model or str(shipped_model_dir(default_model)), args.variant, args.arg, args.seed,
+                     n_per_prompt=n_per_prompt, limit=args.limit, suite=args.suite,
                      t_from=args.t_from, skip_scale=args.skip_scale, skip_blocks=args.skip_blocks,
                      skip_interval=args.skip_interval)
     except OmniditError as e:
